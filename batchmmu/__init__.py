@@ -1,0 +1,60 @@
+"""batchmmu: a faithful, fast simulator of the Linux KVM x86 MMU for thousands of VMs at once."""
+
+from .constants import (
+    ACC_FETCH,
+    ACC_READ,
+    ACC_USER,
+    ACC_WRITE,
+    BACKINGS,
+    EMULATED,
+    FIXED,
+    GUEST_FAULT,
+    HIT,
+    MEM_LOG_DIRTY_PAGES,
+    MEM_READONLY,
+    MMIO,
+    OUTCOME_NAMES,
+    PFERR_FETCH,
+    PFERR_PK,
+    PFERR_PRESENT,
+    PFERR_RSVD,
+    PFERR_USER,
+    PFERR_WRITE,
+    SPURIOUS,
+    STAT_NAMES,
+)
+from .errors import BatchMMUError, HostMemoryExhausted
+from .host import AccessResult, Host
+from .units import parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACC_FETCH", "ACC_READ", "ACC_USER", "ACC_WRITE", "BACKINGS", "EMULATED", "FIXED", "GUEST_FAULT", "HIT",
+    "MEM_LOG_DIRTY_PAGES", "MEM_READONLY", "MMIO", "OUTCOME_NAMES", "PFERR_FETCH", "PFERR_PK", "PFERR_PRESENT",
+    "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "SPURIOUS", "STAT_NAMES", "AccessResult", "BatchMMUError",
+    "Host", "HostMemoryExhausted", "parse_size", "warmup", "run_scenario", "load_scenario", "list_scenarios",
+]
+
+
+def warmup():
+    """Compile (or load from numba's cache) every kernel on a tiny batch; returns seconds taken."""
+    import time
+    t = time.perf_counter()
+    h = Host(memory="64MiB", backing="thp")
+    for fmt in ("ept", "npt"):
+        vm = int(h.create_vms(1, memory="4MiB", tdp_format=fmt)[0])
+        h.access([vm, vm, vm], 0, [0, 0x1000, 1 << 30], [0, ACC_WRITE, 0])
+        h.access(vm, 0, 1 << 30, 0)
+        h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=MEM_LOG_DIRTY_PAGES)
+        h.access(vm, 0, 1 << 30, ACC_WRITE)
+        h.get_dirty_log(vm, 1)
+        h.set_memslot(vm, 1, 1 << 30, 0)
+    return time.perf_counter() - t
+
+
+def __getattr__(name):
+    if name in ("run_scenario", "load_scenario", "list_scenarios"):
+        from . import scenario
+        return getattr(scenario, name)
+    raise AttributeError(name)

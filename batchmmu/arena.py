@@ -1,0 +1,131 @@
+"""Allocation and growth of the flat arenas (kernels/state.py layouts).
+
+Kernels never allocate: Python tops the page arena's free stack up before a
+batch (KVM's ``mmu_topup_memory_caches``) and grows it when a kernel stops for
+lack of rows.  Pools (lpage_info, dirty bitmaps, host bitmaps, slot lists) grow
+by doubling; offsets into them stay valid across growth.
+"""
+
+import numpy as np
+
+from .kernels import state as S
+from .kernels.spte import SHADOW_NONPRESENT_VALUE
+
+ROW_BYTES = 512 * 8
+
+
+def _grow(arr, new_len, fill=0):
+    out = np.full((new_len,) + arr.shape[1:], fill, dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+class Pool:
+    """A growable flat array with a bump allocator."""
+
+    def __init__(self, dtype, cap=1024):
+        self.arr = np.zeros(cap, dtype=dtype)
+        self.used = 0
+
+    def alloc(self, n):
+        off = self.used
+        need = off + n
+        if need > self.arr.shape[0]:
+            cap = max(need, 2 * self.arr.shape[0])
+            self.arr = _grow(self.arr, cap)
+        self.used = need
+        return off
+
+    def alloc_many(self, n, count):
+        """``count`` regions of ``n`` each; returns their offsets."""
+        off = self.alloc(n * count)
+        return off + n * np.arange(count, dtype=np.int64)
+
+
+def new_page_arena(cap=64):
+    pa = S.PageArena(
+        spt=np.full((cap, 512), SHADOW_NONPRESENT_VALUE, dtype=np.int64),
+        sp_vm=np.full(cap, -1, np.int32),
+        sp_level=np.zeros(cap, np.int8),
+        sp_gfn=np.zeros(cap, np.int64),
+        sp_role=np.zeros(cap, np.int32),
+        sp_parent=np.full(cap, -1, np.int64),
+        sp_parent_index=np.zeros(cap, np.int16),
+        sp_flags=np.zeros(cap, np.int8),
+        free=np.arange(cap - 1, -1, -1, dtype=np.int64),
+        ctl=np.zeros(S.NCTL, np.int64),
+    )
+    pa.ctl[S.CTL_FREE_TOP] = cap
+    return pa
+
+
+def grow_page_arena(pa, min_free):
+    """Return a larger arena with at least ``min_free`` rows on the free stack."""
+    cap = pa.spt.shape[0]
+    top = int(pa.ctl[S.CTL_FREE_TOP])
+    if top >= min_free:
+        return pa
+    new_cap = max(2 * cap, cap + (min_free - top))
+    spt = np.empty((new_cap, 512), dtype=np.int64)
+    spt[:cap] = pa.spt
+    spt[cap:] = SHADOW_NONPRESENT_VALUE
+    free = np.empty(new_cap, np.int64)
+    # new rows go below the old free rows so the old ones are reused first
+    added = new_cap - cap
+    free[:added] = np.arange(new_cap - 1, cap - 1, -1, dtype=np.int64)
+    free[added:added + top] = pa.free[:top]
+    ctl = pa.ctl.copy()
+    ctl[S.CTL_FREE_TOP] = top + added
+    return S.PageArena(
+        spt=spt, sp_vm=_grow(pa.sp_vm, new_cap, -1), sp_level=_grow(pa.sp_level, new_cap),
+        sp_gfn=_grow(pa.sp_gfn, new_cap), sp_role=_grow(pa.sp_role, new_cap),
+        sp_parent=_grow(pa.sp_parent, new_cap, -1), sp_parent_index=_grow(pa.sp_parent_index, new_cap),
+        sp_flags=_grow(pa.sp_flags, new_cap), free=free, ctl=ctl,
+    )
+
+
+def new_vm_table(cap=16):
+    return S.VMTable(
+        root=np.full(cap, -1, np.int64), fmt=np.zeros(cap, np.int8), levels=np.zeros(cap, np.int8),
+        ad_disabled=np.zeros(cap, np.int8), max_gfn=np.zeros(cap, np.int64),
+        memslots_gen=np.zeros(cap, np.int64), slot_off=np.zeros(cap, np.int64),
+        slot_cnt=np.zeros(cap, np.int64), slot_last=np.full(cap, -1, np.int64),
+        host_bytes=np.zeros(cap, np.int64), stats=np.zeros((cap, S.NSTAT), np.int64),
+    )
+
+
+def grow_vm_table(vt, need):
+    cap = vt.root.shape[0]
+    if need <= cap:
+        return vt
+    new_cap = max(need, 2 * cap)
+    fills = {"root": -1, "slot_last": -1}
+    return S.VMTable(**{k: _grow(getattr(vt, k), new_cap, fills.get(k, 0)) for k in S.VMTable._fields})
+
+
+def new_slot_table(cap=16):
+    return S.SlotTable(
+        vm=np.full(cap, -1, np.int32), slot_id=np.full(cap, -1, np.int32), base_gfn=np.zeros(cap, np.int64),
+        npages=np.zeros(cap, np.int64), hva=np.zeros(cap, np.int64), flags=np.zeros(cap, np.int32),
+        backing=np.zeros(cap, np.int8), lpage_off=np.zeros((cap, 2), np.int64),
+        dirty_off=np.full(cap, -1, np.int64), host_off=np.zeros(cap, np.int64),
+        order=np.zeros(0, np.int64), lpage=np.zeros(0, np.int32), dirty=np.zeros(0, np.int64),
+        host=np.zeros(0, np.int64),
+    )
+
+
+def grow_slot_records(st, need):
+    cap = st.vm.shape[0]
+    if need <= cap:
+        return st
+    new_cap = max(need, 2 * cap)
+    fills = {"vm": -1, "slot_id": -1, "dirty_off": -1}
+    pooled = {"order", "lpage", "dirty", "host"}
+    return S.SlotTable(**{k: (getattr(st, k) if k in pooled else _grow(getattr(st, k), new_cap, fills.get(k, 0)))
+                          for k in S.SlotTable._fields})
+
+
+def lpage_entries(base_gfn, npages, level):
+    """Number of lpage_info entries of a slot at ``level`` (2 = 2M, 3 = 1G)."""
+    shift = 9 * (level - 1)
+    return ((base_gfn + npages - 1) >> shift) - (base_gfn >> shift) + 1

@@ -1,0 +1,603 @@
+"""The public Host: many VMs sharing one set of arenas and one host memory budget."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import memslot as ms
+from .arena import (
+    ROW_BYTES,
+    Pool,
+    grow_page_arena,
+    grow_slot_records,
+    grow_vm_table,
+    lpage_entries,
+    new_page_arena,
+    new_slot_table,
+    new_vm_table,
+)
+from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, EMULATED, MMIO
+from .errors import BatchMMUError, HostMemoryExhausted, bad, einval
+from .kernels import state as S
+from .kernels.fault import access_batch
+from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
+from .kernels.tdp import tdp_clear_dirty_pt_masked, tdp_mmu_zap_all, tdp_wrprot_gfn_range
+from .units import format_size, parse_size
+
+# Sizes KVM allocates, used by footprint() (x86-64, ~v6.10)
+SIZEOF_KVM_MMU_PAGE = 184        # struct kvm_mmu_page
+SIZEOF_LPAGE_INFO = 4            # struct kvm_lpage_info
+SIZEOF_MEMSLOT = 192             # struct kvm_memory_slot incl. arch part
+
+CR0_PG = 1 << 31
+
+
+class AccessResult(NamedTuple):
+    """Per-access results: ``outcome`` (bm.HIT ...) and the error code of the exit or #PF."""
+    outcome: np.ndarray
+    error_code: np.ndarray
+
+
+def _int_array(x, name, n=None):
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu" and not (a.dtype.kind == "b" and name == "kind"):
+        if a.size and a.dtype.kind == "f" and np.all(np.floor(a) == a):
+            a = a.astype(np.int64)
+        else:
+            raise bad(name, x if a.size < 8 else f"array of {a.dtype}", "must be integers")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise bad(name, int(a.max()), "does not fit in 64 bits")
+    a = np.atleast_1d(a.astype(np.int64, copy=False))
+    if a.ndim != 1:
+        raise bad(name, f"shape {a.shape}", "must be a scalar or a 1-D array")
+    return a
+
+
+class Host:
+    """One host: a memory budget, module parameters and any number of VMs.
+
+    ``memory``: host RAM that guest pages may take (bytes or "64GiB").
+    ``backing``: default backing of guest RAM: "4k", "thp", "hugetlb-2m", "hugetlb-1g".
+    Module parameters as in KVM: ``mmio_caching`` (kvm.mmio_caching), ``nx_huge_pages``
+    (kvm.nx_huge_pages, off as on CPUs without the iTLB multihit bug),
+    ``tdp_huge_page_level`` (3 = 1G pages allowed in TDP, 2 = 2M only).
+    """
+
+    def __init__(self, memory="64GiB", backing="thp", *, mmio_caching=True, nx_huge_pages=False,
+                 tdp_huge_page_level=3, eager_page_split=False):
+        self.memory = parse_size(memory, "memory")
+        if self.memory <= 0:
+            raise bad("memory", memory, "must be positive")
+        self.backing = ms.backing_code(backing)
+        if tdp_huge_page_level not in (1, 2, 3):
+            raise bad("tdp_huge_page_level", tdp_huge_page_level, "must be 1 (4K), 2 (2M) or 3 (1G)")
+        if eager_page_split:
+            raise bad("eager_page_split", eager_page_split,
+                      "eager splitting comes with dirty-logging support; huge pages split lazily on write")
+        self.cfg = np.zeros(S.NCFG, np.int64)
+        self.cfg[S.CFG_MMIO_CACHING] = int(bool(mmio_caching))
+        self.cfg[S.CFG_NX_HUGE_PAGES] = int(bool(nx_huge_pages))
+        self.cfg[S.CFG_TDP_MAX_LEVEL] = tdp_huge_page_level
+        self.host_ctl = np.zeros(S.NHOST, np.int64)
+        self.host_ctl[S.HOST_BUDGET_BYTES] = self.memory
+        self.pa = new_page_arena()
+        self.vt = new_vm_table()
+        self.st = new_slot_table()
+        self.nvm = 0
+        self.nrec = 0
+        self._lpage = Pool(np.int32)
+        self._dirty = Pool(np.int64)
+        self._hostbits = Pool(np.int64)
+        self._order = Pool(np.int64)
+        self._order_cap = np.zeros(16, np.int64)
+        self._vcpus = np.zeros(16, np.int64)
+        self._vcpu_off = np.zeros(16, np.int64)
+        self._maxphyaddr = np.zeros(16, np.int64)
+        self._regs = {k: np.zeros(0, np.int64) for k in ("cr0", "cr3", "cr4", "efer", "rflags", "pkru")}
+        self._slot_rec = {}        # (vm, slot) -> record
+        self._guest_mem = {}       # vm -> {gfn: uint64[512]}
+        self._sync_pools()
+
+    # ------------------------------------------------------------------ internals
+    def _sync_pools(self):
+        self.st = self.st._replace(lpage=self._lpage.arr, dirty=self._dirty.arr, host=self._hostbits.arr,
+                                   order=self._order.arr)
+
+    def _check_vm(self, vm, field="vm"):
+        if isinstance(vm, bool) or not isinstance(vm, (int, np.integer)):
+            raise bad(field, vm, "must be a VM id (integer)")
+        if not 0 <= vm < self.nvm:
+            raise bad(field, vm, f"no such VM (this host has {self.nvm})")
+        return int(vm)
+
+    def _bump_generation(self, vm):
+        # kvm_swap_active_memslots + kvm_arch_memslots_updated / kvm_mmu_invalidate_mmio_sptes
+        gen = int(self.vt.memslots_gen[vm]) + ms.GEN_STEP
+        if (gen & int(MMIO_SPTE_GEN_MASK)) & ~(ms.KVM_ADDRESS_SPACE_NUM - 1) == 0:
+            tdp_mmu_zap_all(self.pa, self.vt, vm)
+        self.vt.memslots_gen[vm] = gen
+
+    def _set_order(self, vm, recs):
+        """Store the VM's AS0 slot list sorted by base_gfn."""
+        recs = np.asarray(recs, np.int64)
+        recs = recs[np.argsort(self.st.base_gfn[recs], kind="stable")]
+        if recs.size > self._order_cap[vm]:
+            cap = max(int(recs.size), 2 * int(self._order_cap[vm]), 4)
+            self.vt.slot_off[vm] = self._order.alloc(cap)
+            self._order_cap[vm] = cap
+            self._sync_pools()
+        off = int(self.vt.slot_off[vm])
+        self.st.order[off:off + recs.size] = recs
+        self.vt.slot_cnt[vm] = recs.size
+        self.vt.slot_last[vm] = -1
+
+    def _order_list(self, vm):
+        off, cnt = int(self.vt.slot_off[vm]), int(self.vt.slot_cnt[vm])
+        return self.st.order[off:off + cnt].copy()
+
+    def _new_records(self, vms, slot, base_gfn, npages, hva, flags, backing):
+        """Create one memslot record per VM in ``vms`` (all alike but for the VM)."""
+        k = len(vms)
+        first = self.nrec
+        self.st = grow_slot_records(self.st, first + k)
+        r = slice(first, first + k)
+        st = self.st
+        st.vm[r] = vms
+        st.slot_id[r] = slot
+        st.base_gfn[r] = base_gfn
+        st.npages[r] = npages
+        st.hva[r] = hva
+        st.flags[r] = flags
+        st.backing[r] = backing
+        for li, level in enumerate((2, 3)):
+            n = lpage_entries(base_gfn, npages, level)
+            offs = self._lpage.alloc_many(n, k)
+            st.lpage_off[r, li] = offs
+            self._sync_pools()
+            tmpl = np.zeros(n, np.int32)
+            ms.seed_lpage_info(tmpl, 0, base_gfn, npages, hva, level)
+            if tmpl.any():
+                self.st.lpage[offs[0]:offs[0] + n * k] = np.tile(tmpl, k)
+        words = (npages + 63) // 64
+        st.host_off[r] = self._hostbits.alloc_many(words, k)
+        if flags & S.KVM_MEM_LOG_DIRTY_PAGES:
+            st.dirty_off[r] = self._dirty.alloc_many(2 * words, k)  # second half: GET/CLEAR scratch
+        else:
+            st.dirty_off[r] = -1
+        self._sync_pools()
+        self.nrec += k
+        for i, vm in enumerate(vms):
+            self._slot_rec[(int(vm), slot)] = first + i
+        return first
+
+    # ------------------------------------------------------------------ VMs
+    def create_vms(self, count, memory="1GiB", vcpus=1, mmu="tdp", *, tdp_format="ept", tdp_levels=4,
+                   maxphyaddr=46, backing=None, ept_ad=True):
+        """Create ``count`` VMs, each with ``vcpus`` vCPUs and slot 0 of ``memory`` at gpa 0.
+
+        Returns the new VM ids.  ``tdp_format`` "ept" (Intel) or "npt" (AMD); ``tdp_levels`` 4 or 5;
+        ``ept_ad=False`` runs EPT without accessed/dirty bits (access tracking).
+        """
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise bad("count", count, "must be a positive integer")
+        size = parse_size(memory, "memory")
+        if size <= 0 or size % ms.PAGE_SIZE:
+            raise bad("memory", memory, "must be a positive multiple of 4096")
+        if isinstance(vcpus, bool) or not isinstance(vcpus, (int, np.integer)) or not 1 <= vcpus <= 4096:
+            raise bad("vcpus", vcpus, "must be an integer in 1..4096")
+        if mmu != "tdp":
+            if mmu == "shadow":
+                raise bad("mmu", mmu, "the shadow MMU is not built yet; use mmu='tdp'")
+            raise bad("mmu", mmu, "must be 'tdp' or 'shadow'")
+        if tdp_format not in ("ept", "npt"):
+            raise bad("tdp_format", tdp_format, "must be 'ept' or 'npt'")
+        if tdp_levels not in (4, 5):
+            raise bad("tdp_levels", tdp_levels, "must be 4 or 5")
+        if isinstance(maxphyaddr, bool) or not isinstance(maxphyaddr, (int, np.integer)) \
+                or not 36 <= maxphyaddr <= 52:
+            raise bad("maxphyaddr", maxphyaddr, "must be an integer in 36..52")
+        if tdp_levels == 4 and maxphyaddr > 48:
+            raise bad("maxphyaddr", maxphyaddr, "4-level TDP maps at most 48 physical address bits")
+        if size > (1 << maxphyaddr):
+            raise bad("memory", memory, f"larger than the {maxphyaddr}-bit guest physical address space")
+        bcode = self.backing if backing is None else ms.backing_code(backing)
+        ms.check_backing_alignment(bcode, ms.HVA_BASE, size)
+        if not ept_ad and tdp_format == "npt":
+            raise bad("ept_ad", ept_ad, "NPT always has accessed/dirty bits")
+
+        first, k = self.nvm, int(count)
+        need = first + k
+        self.vt = grow_vm_table(self.vt, need)
+        for name in ("_order_cap", "_vcpus", "_vcpu_off", "_maxphyaddr"):
+            arr = getattr(self, name)
+            if arr.shape[0] < need:
+                setattr(self, name, np.concatenate([arr, np.zeros(max(need, 2 * arr.shape[0]) - arr.shape[0],
+                                                                  np.int64)]))
+        vms = np.arange(first, need, dtype=np.int64)
+        vt = self.vt
+        vt.root[vms] = -1
+        vt.fmt[vms] = FMT_EPT if tdp_format == "ept" else FMT_NPT
+        vt.levels[vms] = tdp_levels
+        vt.ad_disabled[vms] = 0 if ept_ad else 1
+        vt.max_gfn[vms] = (1 << (maxphyaddr - 12)) - 1
+        vt.memslots_gen[vms] = 0
+        vt.stats[vms] = 0
+        vt.host_bytes[vms] = 0
+        self._vcpus[vms] = vcpus
+        nv = self._regs["cr0"].size
+        self._vcpu_off[vms] = nv + vcpus * np.arange(k)
+        for key in self._regs:
+            self._regs[key] = np.concatenate([self._regs[key], np.zeros(vcpus * k, np.int64)])
+        self._regs["cr0"][nv:] = 0x60000010  # reset value: CD | NW | ET, paging off
+        self._regs["rflags"][nv:] = 0x2
+        self._maxphyaddr[vms] = maxphyaddr
+        self.nvm = need
+        # slot 0 at gpa 0: one KVM_SET_USER_MEMORY_REGION per VM
+        recs = self._new_records(vms, 0, 0, size >> 12, ms.HVA_BASE, 0, bcode)
+        offs = self._order.alloc_many(4, k)
+        self._sync_pools()
+        self._order_cap[vms] = 4
+        vt.slot_off[vms] = offs
+        self.st.order[offs] = recs + np.arange(k)
+        vt.slot_cnt[vms] = 1
+        vt.slot_last[vms] = -1
+        vt.memslots_gen[vms] += ms.GEN_STEP
+        return vms
+
+    def set_memslot(self, vm, slot, gpa, size, flags=0, hva=None, backing=None):
+        """KVM_SET_USER_MEMORY_REGION: create, delete (size 0), move, or change flags of a slot.
+
+        Errors are raised where KVM fails the ioctl, with KVM's errno in ``err.errno``;
+        nothing changes then.  A call that changes nothing succeeds.
+        """
+        vm = self._check_vm(vm)
+        size = parse_size(size, "size") if isinstance(size, str) else size
+        change, rec = ms.validate_region(self, vm, slot, gpa, size, flags, hva)
+        if change == "none":
+            return
+        if backing is not None and change != "create":
+            raise bad("backing", backing, "the backing of an existing slot cannot change")
+        st = self.st
+        as0 = (slot >> 16) == 0
+        if change == "create":
+            bcode = self.backing if backing is None else ms.backing_code(backing)
+            if hva is None:
+                hva = ms.HVA_BASE + gpa
+                if hva + size > ms.TASK_SIZE_MAX:
+                    raise einval("gpa", gpa, "no user address space left for a congruent hva")
+            ms.check_backing_alignment(bcode, hva, size)
+            rec = self._new_records(np.array([vm]), slot, gpa >> 12, size >> 12, hva, flags, bcode)
+            self._bump_generation(vm)
+            if as0:
+                self._set_order(vm, np.append(self._order_list(vm), rec))
+            return
+        if change in ("delete", "move"):
+            # kvm_invalidate_memslot: swap in an invalid copy, then kvm_arch_flush_shadow_memslot
+            self._bump_generation(vm)
+            tdp_mmu_zap_all(self.pa, self.vt, vm)
+            if change == "delete":
+                self._release_host_memory(vm, rec)
+                del self._slot_rec[(vm, slot)]
+                st.vm[rec] = -1
+                if as0:
+                    lst = self._order_list(vm)
+                    self._set_order(vm, lst[lst != rec])
+                self._bump_generation(vm)
+                return
+            old_flags = int(st.flags[rec])
+            st.base_gfn[rec] = gpa >> 12
+            for li, level in enumerate((2, 3)):  # kvm_alloc_memslot_metadata for the moved slot
+                n = lpage_entries(gpa >> 12, int(st.npages[rec]), level)
+                off = self._lpage.alloc(n)
+                self._sync_pools()
+                st = self.st
+                st.lpage_off[rec, li] = off
+                ms.seed_lpage_info(st.lpage, off, gpa >> 12, int(st.npages[rec]), int(st.hva[rec]), level)
+            self._apply_flags(vm, rec, old_flags, flags, zap_done=True)
+            if as0:
+                self._set_order(vm, self._order_list(vm))
+            self._bump_generation(vm)
+            return
+        old_flags = int(st.flags[rec])
+        self._bump_generation(vm)
+        self._apply_flags(vm, rec, old_flags, flags, zap_done=False)
+
+    def _apply_flags(self, vm, rec, old_flags, new_flags, zap_done):
+        """kvm_prepare_memory_region (dirty bitmap) + kvm_mmu_slot_apply_flags."""
+        st = self.st
+        st.flags[rec] = new_flags
+        toggled = (old_flags ^ new_flags) & S.KVM_MEM_LOG_DIRTY_PAGES
+        if not toggled:
+            return
+        words = (int(st.npages[rec]) + 63) // 64
+        if new_flags & S.KVM_MEM_LOG_DIRTY_PAGES:
+            st.dirty_off[rec] = self._dirty.alloc(2 * words)
+            self._sync_pools()
+            if not zap_done:
+                base, n = int(st.base_gfn[rec]), int(st.npages[rec])
+                tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, 1)
+                self._flush_remote_tlbs(vm)  # "unconditionally flush the TLBs after enabling"
+        else:
+            st.dirty_off[rec] = -1
+
+    def _flush_remote_tlbs(self, vm):
+        self.vt.stats[vm, S.ST_REMOTE_TLB_FLUSH_REQUESTS] += 1
+        self.vt.stats[vm, S.ST_REMOTE_TLB_FLUSH] += 1
+
+    def _release_host_memory(self, vm, rec):
+        st = self.st
+        words = (int(st.npages[rec]) + 63) // 64
+        off = int(st.host_off[rec])
+        bits = st.host[off:off + words]
+        resident = int(np.unpackbits(bits.view(np.uint8)).sum()) * 4096
+        bits[:] = 0
+        self.host_ctl[S.HOST_USED_BYTES] -= resident
+        self.vt.host_bytes[vm] -= resident
+
+    def memslots(self, vm):
+        """The VM's memslots as a list of dicts (slot, gpa, size, hva, flags, backing)."""
+        vm = self._check_vm(vm)
+        st = self.st
+        out = []
+        for (v, slot), rec in sorted(self._slot_rec.items()):
+            if v == vm:
+                out.append({"slot": slot, "gpa": int(st.base_gfn[rec]) << 12, "size": int(st.npages[rec]) << 12,
+                            "hva": int(st.hva[rec]), "flags": int(st.flags[rec]),
+                            "backing": S.BACKING_NAMES[st.backing[rec]]})
+        return out
+
+    def memslots_generation(self, vm):
+        return int(self.vt.memslots_gen[self._check_vm(vm)])
+
+    # ------------------------------------------------------------------ vCPUs
+    def _vcpu_index(self, vm, vcpu):
+        vm = self._check_vm(vm)
+        if isinstance(vcpu, bool) or not isinstance(vcpu, (int, np.integer)) or not 0 <= vcpu < self._vcpus[vm]:
+            raise bad("vcpu", vcpu, f"VM {vm} has {int(self._vcpus[vm])} vCPUs")
+        return int(self._vcpu_off[vm] + vcpu)
+
+    def set_vcpu_regs(self, vm, vcpu, cr0=None, cr3=None, cr4=None, efer=None, rflags=None, pkru=None):
+        """Set control registers of one vCPU (None leaves a register as it is)."""
+        i = self._vcpu_index(vm, vcpu)
+        for name, v in (("cr0", cr0), ("cr3", cr3), ("cr4", cr4), ("efer", efer), ("rflags", rflags),
+                        ("pkru", pkru)):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < 1 << 64:
+                raise bad(name, v, "must be an unsigned 64-bit integer")
+            if name == "cr0" and v & CR0_PG:
+                raise bad("cr0", v, "guest paging (CR0.PG=1) is not simulated yet; vCPUs run with paging off")
+            self._regs[name][i] = np.uint64(v).view(np.int64) if v >= 1 << 63 else v
+
+    def vcpu_regs(self, vm, vcpu):
+        i = self._vcpu_index(vm, vcpu)
+        return {k: int(np.int64(a[i]).view(np.uint64)) for k, a in self._regs.items()}
+
+    # ------------------------------------------------------------------ guest memory
+    def write_guest_memory(self, vm, gpa, words):
+        """Host-side write of u64 ``words`` at 8-byte aligned ``gpa`` (no MMU effects)."""
+        vm = self._check_vm(vm)
+        w = np.atleast_1d(np.asarray(words)).astype(np.uint64)
+        if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
+            raise bad("gpa", gpa, "must be a non-negative multiple of 8")
+        if gpa + 8 * w.size > (1 << int(self._maxphyaddr[vm])):
+            raise bad("gpa", gpa, "beyond the VM's physical address space")
+        mem = self._guest_mem.setdefault(vm, {})
+        for k in range(w.size):
+            a = gpa + 8 * k
+            page = mem.get(a >> 12)
+            if page is None:
+                page = mem[a >> 12] = np.zeros(512, np.uint64)
+            page[(a >> 3) & 511] = w[k]
+
+    def read_guest_memory(self, vm, gpa, n):
+        vm = self._check_vm(vm)
+        if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
+            raise bad("gpa", gpa, "must be a non-negative multiple of 8")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise bad("n", n, "must be a non-negative integer")
+        mem = self._guest_mem.get(vm, {})
+        out = np.zeros(n, np.uint64)
+        for k in range(n):
+            a = gpa + 8 * k
+            page = mem.get(a >> 12)
+            if page is not None:
+                out[k] = page[(a >> 3) & 511]
+        return out
+
+    # ------------------------------------------------------------------ accesses
+    def _events(self, vm, vcpu, addr, kind):
+        vm_a = _int_array(vm, "vm")
+        n = max(vm_a.size, np.size(vcpu), np.size(addr), np.size(kind))
+        arrs = []
+        for name, x in (("vm", vm_a), ("vcpu", vcpu), ("addr", addr), ("kind", kind)):
+            a = _int_array(x, name)
+            if a.size == 1 and n > 1:
+                a = np.full(n, a[0], np.int64)
+            elif a.size != n:
+                raise bad(name, f"length {a.size}", f"arrays must have equal lengths (or be scalars); expected {n}")
+            arrs.append(a)
+        vm_a, vcpu_a, addr_a, kind_a = arrs
+        if n == 0:
+            return vm_a, addr_a, kind_a
+        bad_vm = (vm_a < 0) | (vm_a >= self.nvm)
+        if bad_vm.any():
+            v = int(vm_a[bad_vm][0])
+            raise bad("vm", v, f"no such VM (this host has {self.nvm})")
+        nv = self._vcpus[vm_a]
+        bad_c = (vcpu_a < 0) | (vcpu_a >= nv)
+        if bad_c.any():
+            j = int(np.argmax(bad_c))
+            raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])} has {int(nv[j])} vCPUs")
+        lim = np.left_shift(np.int64(1), self._maxphyaddr[vm_a])
+        bad_a = (addr_a < 0) | (addr_a >= lim)
+        if bad_a.any():
+            j = int(np.argmax(bad_a))
+            raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space")
+        bad_k = (kind_a & ~ACC_VALID_MASK) != 0
+        bad_k |= (kind_a & ACC_WRITE != 0) & (kind_a & ACC_FETCH != 0)
+        if bad_k.any():
+            raise bad("kind", int(kind_a[np.argmax(bad_k)]),
+                      "use ACC_WRITE, ACC_USER, ACC_FETCH bits (write and fetch exclude each other)")
+        return vm_a, addr_a, kind_a
+
+    def access(self, vm, vcpu, addr, kind=0):
+        """Guest memory accesses, in order within each VM.  Scalars broadcast; returns AccessResult."""
+        vm_a, addr_a, kind_a = self._events(vm, vcpu, addr, kind)
+        return self._run_accesses(vm_a, addr_a, kind_a)
+
+    def _run_accesses(self, vm_a, addr_a, kind_a):
+        n = vm_a.size
+        out = np.zeros(n, np.int8)
+        err = np.zeros(n, np.int32)
+        i = 0
+        while i < n:
+            i, stop = access_batch(self.pa, self.vt, self.st, self.host_ctl, self.cfg, vm_a, addr_a, kind_a,
+                                   i, out, err)
+            if stop == S.STOP_NEED_PAGES:
+                self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
+            elif stop == S.STOP_HOST_OOM:
+                raise HostMemoryExhausted(
+                    f"memory={format_size(self.memory)}: host memory budget exhausted at event {i} "
+                    f"(VM {int(vm_a[i])}, gpa {int(addr_a[i]):#x}); {i} earlier events were applied. "
+                    "Give the Host more memory.", field="memory", value=self.memory)
+        return AccessResult(out, err)
+
+    def store(self, vm, vcpu, addr, value, kind=ACC_WRITE):
+        """Guest 8-byte stores of ``value`` at ``addr`` (may be unaligned; a store that crosses a
+        page is two accesses).  Stores KVM emulates as MMIO or to read-only memory leave memory as it was."""
+        vm_a, addr_a, kind_a = self._events(vm, vcpu, addr, np.asarray(kind) | ACC_WRITE)
+        val = np.atleast_1d(np.asarray(value)).astype(np.uint64)
+        if val.size == 1 and vm_a.size > 1:
+            val = np.full(vm_a.size, val[0], np.uint64)
+        if val.size != vm_a.size:
+            raise bad("value", f"length {val.size}", "must match the addresses")
+        res = self._run_accesses(vm_a, addr_a, kind_a)
+        cross = (addr_a & 4095) > 4088
+        res2 = None
+        if cross.any():
+            res2 = self._run_accesses(vm_a[cross], (addr_a[cross] | 4095) + 1, kind_a[cross])
+        ok = (res.outcome != MMIO) & (res.outcome != EMULATED)
+        for j in np.nonzero(ok)[0]:
+            self._write_bytes(int(vm_a[j]), int(addr_a[j]), int(val[j]))
+        if res2 is not None:
+            out = res.outcome.copy()
+            idx = np.nonzero(cross)[0]
+            out[idx] = np.maximum(out[idx], res2.outcome)
+            return AccessResult(out, res.error_code)
+        return res
+
+    def _write_bytes(self, vm, addr, value):
+        data = int(value).to_bytes(8, "little")
+        mem = self._guest_mem.setdefault(vm, {})
+        for b in range(8):
+            a = addr + b
+            page = mem.get(a >> 12)
+            if page is None:
+                page = mem[a >> 12] = np.zeros(512, np.uint64)
+            word = int(page[(a >> 3) & 511])
+            sh = 8 * (a & 7)
+            word = (word & ~(0xFF << sh)) | (data[b] << sh)
+            page[(a >> 3) & 511] = word
+
+    def invlpg(self, vm, vcpu, gva):
+        """INVLPG by the guest.  Under TDP it does not exit (no KVM work, no stat)."""
+        self._vcpu_index(vm, vcpu)
+
+    def flush_tlb(self, vm, vcpu):
+        """A guest TLB flush.  Under TDP it does not exit (no KVM work, no stat)."""
+        self._vcpu_index(vm, vcpu)
+
+    # ------------------------------------------------------------------ dirty log
+    def get_dirty_log(self, vm, slot):
+        """KVM_GET_DIRTY_LOG: the slot's bitmap words; clears it and write-protects the dirty pages."""
+        vm = self._check_vm(vm)
+        rec = self._slot_rec.get((vm, slot), -1)
+        if rec < 0:
+            raise einval("slot", slot, "no such memslot")
+        st = self.st
+        off = int(st.dirty_off[rec])
+        if off < 0:
+            raise BatchMMUError(f"slot={slot}: dirty logging is off for this slot (ENOENT)", field="slot",
+                                value=slot, errno=2)
+        words = (int(st.npages[rec]) + 63) // 64
+        bm = st.dirty[off:off + words].copy()
+        flush = False
+        for w in np.nonzero(bm)[0]:
+            flush = True
+            st.dirty[off + w] = 0
+            tdp_clear_dirty_pt_masked(self.pa, self.vt, vm, int(st.base_gfn[rec]) + 64 * int(w), int(bm[w]))
+        if flush:
+            self._flush_remote_tlbs(vm)
+        return bm.view(np.uint64)
+
+    # ------------------------------------------------------------------ reports
+    def stats(self, vm=None):
+        """Statistics with KVM's names: ``dict[str, int]`` for one VM, else arrays indexed by VM id."""
+        if vm is None:
+            s = self.vt.stats[:self.nvm]
+            return {name: s[:, k].copy() for k, name in enumerate(S.STAT_NAMES)}
+        vm = self._check_vm(vm)
+        return {name: int(self.vt.stats[vm, k]) for k, name in enumerate(S.STAT_NAMES)}
+
+    def footprint(self, vm=None):
+        """Bytes by category, as KVM would allocate them, plus the simulator's own arrays.
+
+        Categories: ``tdp_page_tables`` (4 KiB table pages, SecPageTables), ``mmu_page_headers``
+        (struct kvm_mmu_page), ``lpage_info``, ``dirty_bitmaps`` (two bitmaps per logged slot),
+        ``memslots``, ``rmaps`` (0: the TDP MMU keeps none), ``guest_memory`` (host RAM backing guest
+        pages); ``kvm_total`` sums the KVM categories; ``simulator_bytes`` is this process's arenas.
+        """
+        vms = np.arange(self.nvm) if vm is None else np.array([self._check_vm(vm)])
+        st = self.st
+        pages = int(self.vt.stats[vms, S.ST_MMU_PAGES].sum())
+        live = np.nonzero(np.isin(st.vm[:self.nrec], vms))[0]
+        npg = st.npages[live]
+        base = st.base_gfn[live]
+        lp = sum(int(((base + npg - 1) >> s).sum() - (base >> s).sum()) + live.size for s in (9, 18))
+        logged = live[st.dirty_off[live] >= 0]
+        dirty = int((2 * ((st.npages[logged] + 63) // 64) * 8).sum())
+        out = {
+            "tdp_page_tables": pages * ROW_BYTES,
+            "mmu_page_headers": pages * SIZEOF_KVM_MMU_PAGE,
+            "lpage_info": lp * SIZEOF_LPAGE_INFO,
+            "dirty_bitmaps": dirty,
+            "memslots": live.size * SIZEOF_MEMSLOT,
+            "rmaps": 0,
+            "guest_memory": int(self.vt.host_bytes[vms].sum()),
+        }
+        out["kvm_total"] = sum(v for k, v in out.items() if k != "guest_memory")
+        arrays = [*self.pa, *self.vt, *self.st]
+        sim = sum(a.nbytes for a in arrays)
+        out["simulator_bytes"] = int(sim if vm is None else sim * (len(vms) / max(1, self.nvm)))
+        return out
+
+    def host_memory(self):
+        """(used, budget) bytes of host memory."""
+        return int(self.host_ctl[S.HOST_USED_BYTES]), int(self.host_ctl[S.HOST_BUDGET_BYTES])
+
+    def spte_dump(self, vm):
+        """Every leaf and MMIO SPTE reachable from the VM's root: dict gfn -> (level, spte as uint64)."""
+        from .kernels.spte import is_last_spte, is_mmio_spte, is_shadow_present_pte, spte_to_child_row
+        vm = self._check_vm(vm)
+        out = {}
+        root = int(self.vt.root[vm])
+        if root < 0:
+            return out
+        fmt = int(self.vt.fmt[vm])
+        mmio_caching = bool(self.cfg[S.CFG_MMIO_CACHING])
+        stack = [(root, int(self.vt.levels[vm]), 0)]
+        spt = self.pa.spt
+        while stack:
+            row, level, gfn0 = stack.pop()
+            for i in range(512):
+                spte = int(spt[row, i])
+                gfn = gfn0 + (i << (9 * (level - 1)))
+                if is_shadow_present_pte(spte):
+                    if is_last_spte(spte, level):
+                        out[gfn] = (level, spte & 0xFFFFFFFFFFFFFFFF)
+                    else:
+                        stack.append((int(spte_to_child_row(spte)), level - 1, gfn))
+                elif is_mmio_spte(fmt, np.int64(spte), mmio_caching):
+                    out[gfn] = (level, spte & 0xFFFFFFFFFFFFFFFF)
+        return out

@@ -1,0 +1,1 @@
+"""numba kernels of batchmmu (imported as ``batchmmu.kernels``); never imports ``batchmmu``."""

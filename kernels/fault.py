@@ -1,0 +1,310 @@
+"""Guest accesses under TDP: the hardware walk and KVM's fault path (``kvm_mmu_page_fault``).
+
+``access_batch`` is the hot loop: one pass over a struct-of-arrays batch of accesses
+for many VMs, in order.  It stops early (and says why) when the page arena needs a
+top-up or the host memory budget is spent; Python fixes that and resumes at the
+event it stopped at, so nothing is applied twice or lost.
+"""
+
+import numpy as np
+from numba import njit
+
+from .memslot import (
+    gfn_to_hva,
+    gfn_to_memslot,
+    host_fault_in,
+    host_pfn_mapping_level,
+    kvm_mmu_max_mapping_level,
+    mark_page_dirty_in_slot,
+    slot_dirty_logging,
+    slot_readonly,
+)
+from .spte import (
+    EPT_SAVED_BITS_SHIFT,
+    FMT_EPT,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    MMIO_SPTE_GEN_MASK,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT_WRITABLE_MASK,
+    get_mmio_spte_generation,
+    hw_access_allowed,
+    hw_present,
+    hw_rsvd_fault,
+    is_access_track_spte,
+    is_large_pte,
+    is_mmio_spte,
+    is_mmu_writable_spte,
+    is_shadow_present_pte,
+    shadow_accessed_mask,
+    shadow_dirty_mask,
+    shadow_nx_mask,
+    shadow_x_mask,
+    spte_ad_enabled,
+    spte_to_child_row,
+)
+from .state import (
+    CFG_MMIO_CACHING,
+    CFG_NX_HUGE_PAGES,
+    CFG_TDP_MAX_LEVEL,
+    CTL_FREE_TOP,
+    HOST_BUDGET_BYTES,
+    HOST_USED_BYTES,
+    MAX_ROWS_PER_EVENT,
+    OUT_EMULATED,
+    OUT_FIXED,
+    OUT_HIT,
+    OUT_MMIO,
+    OUT_SPURIOUS,
+    ST_ACCESSES,
+    ST_PF_EMULATE,
+    ST_PF_FAST,
+    ST_PF_FIXED,
+    ST_PF_SPURIOUS,
+    ST_PF_TAKEN,
+    ST_WALK_REFS,
+    STOP_DONE,
+    STOP_HOST_OOM,
+    STOP_NEED_PAGES,
+)
+from .tdp import (
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_INVALID,
+    RET_PF_SPURIOUS,
+    kvm_tdp_mmu_map,
+    mmu_alloc_root,
+)
+
+# hardware walk results
+WALK_OK = 0
+WALK_VIOLATION = 1   # EPT violation / #NPF on a not-present or too-weak entry
+WALK_RSVD = 2        # EPT misconfiguration / #NPF with RSVD (MMIO SPTEs)
+
+
+@njit(inline="always", cache=True)
+def tdp_hw_walk(pa, fmt, root, levels, gfn, write, fetch, ad_enabled_vm):
+    """The processor's TDP walk for one gpa.  Returns (result, refs, row, idx, level, spte).
+
+    On success the accessed (and, for writes, dirty) bit of the leaf is set as the
+    hardware does when A/D bits are enabled; upper levels already have A set.
+    """
+    row = root
+    level = np.int64(levels)
+    refs = 0
+    while True:
+        idx = (gfn >> ((level - 1) * 9)) & 511
+        spte = pa.spt[row, idx]
+        refs += 1
+        if hw_rsvd_fault(fmt, spte):
+            return WALK_RSVD, refs, row, idx, level, spte
+        if not hw_present(fmt, spte):
+            return WALK_VIOLATION, refs, row, idx, level, spte
+        if level == 1 or is_large_pte(spte):
+            if not hw_access_allowed(fmt, spte, write, fetch):
+                return WALK_VIOLATION, refs, row, idx, level, spte
+            if ad_enabled_vm and spte_ad_enabled(spte):
+                want = shadow_accessed_mask(fmt)
+                if write:
+                    want |= shadow_dirty_mask(fmt)
+                if (spte & want) != want:
+                    pa.spt[row, idx] = spte | want
+            return WALK_OK, refs, row, idx, level, spte
+        row = spte_to_child_row(spte)
+        level -= 1
+
+
+@njit(inline="always", cache=True)
+def is_access_allowed(fmt, spte, write, fetch):
+    # is_access_allowed (mmu.c)
+    if fetch:
+        return (spte & (shadow_x_mask(fmt) | shadow_nx_mask(fmt))) == shadow_x_mask(fmt)
+    if write:
+        return (spte & PT_WRITABLE_MASK) != 0
+    return (spte & 1) != 0  # PT_PRESENT_MASK (EPT: R)
+
+
+@njit(inline="always", cache=True)
+def restore_acc_track_spte(spte):
+    saved = (spte >> EPT_SAVED_BITS_SHIFT) & 5  # R | X
+    spte &= ~(np.int64(5) << EPT_SAVED_BITS_SHIFT)
+    return spte | saved
+
+
+@njit(cache=True)
+def fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
+    """fast_page_fault (mmu.c), TDP MMU flavour.  Returns a RET_PF_* code."""
+    # page_fault_can_be_fast (the fault is never RSVD here)
+    if not present:
+        if ad_enabled_vm:
+            return RET_PF_INVALID
+    elif not write:
+        return RET_PF_INVALID
+    # kvm_tdp_mmu_fast_pf_get_last_sptep
+    row = vt.root[vm]
+    level = np.int64(vt.levels[vm])
+    while True:
+        idx = (gfn >> ((level - 1) * 9)) & 511
+        spte = pa.spt[row, idx]
+        if not is_shadow_present_pte(spte) or level == 1 or is_large_pte(spte):
+            break
+        row = spte_to_child_row(spte)
+        level -= 1
+    if not is_shadow_present_pte(spte):
+        return RET_PF_INVALID
+    if is_access_allowed(fmt, spte, write, fetch):
+        return RET_PF_SPURIOUS
+    new = spte
+    if not ad_enabled_vm and is_access_track_spte(fmt, spte):
+        new = restore_acc_track_spte(new)
+    if write and is_mmu_writable_spte(fmt, spte):
+        new |= PT_WRITABLE_MASK
+        if level > 1 and rec >= 0 and slot_dirty_logging(st, rec):
+            return RET_PF_INVALID
+    if new == spte or not is_access_allowed(fmt, new, write, fetch):
+        return RET_PF_INVALID
+    pa.spt[row, idx] = new  # fast_pf_fix_direct_spte: cmpxchg outside handle_changed_spte
+    if (new & PT_WRITABLE_MASK) and not (spte & PT_WRITABLE_MASK) and rec >= 0:
+        mark_page_dirty_in_slot(st, rec, gfn)
+    return RET_PF_FIXED
+
+
+@njit(inline="always", cache=True)
+def host_page_needs_budget(st, host, rec, gfn):
+    """True when faulting this gfn in would exceed the host memory budget."""
+    off = gfn - st.base_gfn[rec]
+    if st.host[st.host_off[rec] + (off >> 6)] & (np.int64(1) << (off & 63)):
+        return False
+    level = host_pfn_mapping_level(st, rec, gfn)
+    nbytes = np.int64(1) << (12 + 9 * (level - 1))
+    return host[HOST_USED_BYTES] + nbytes > host[HOST_BUDGET_BYTES]
+
+
+@njit(cache=True)
+def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rsvd, write, fetch):
+    """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
+    ad_enabled_vm = vt.ad_disabled[vm] == 0
+    if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
+        r = fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm)
+        if r != RET_PF_INVALID:
+            vt.stats[vm, ST_PF_FAST] += 1
+            return r
+    mmio_caching = cfg[CFG_MMIO_CACHING] != 0
+    nx_huge_pages = cfg[CFG_NX_HUGE_PAGES] != 0
+    # kvm_mmu_faultin_pfn
+    if rec < 0:
+        # kvm_handle_noslot_fault
+        if not mmio_caching or gfn > vt.max_gfn[vm]:
+            return RET_PF_EMULATE
+        return kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, 0, False, 1, 1, False,
+                               nx_huge_pages, mmio_caching, write)
+    if write and slot_readonly(st, rec):
+        return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
+    map_writable = not slot_readonly(st, rec)
+    host_fault_in(st, vt, host, rec, gfn, vm)
+    pfn4k = gfn_to_hva(st, rec, gfn) >> 12
+    # kvm_mmu_hugepage_adjust
+    huge_page_disallowed = fetch and nx_huge_pages
+    goal_level = 1
+    req_level = 1
+    if not slot_dirty_logging(st, rec):
+        max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
+        req_level = kvm_mmu_max_mapping_level(st, rec, gfn, max_level)
+        if req_level > 1 and not huge_page_disallowed:
+            goal_level = req_level
+    return kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
+                           huge_page_disallowed, nx_huge_pages, mmio_caching, write)
+
+
+@njit(cache=True)
+def handle_mmio_page_fault(pa, vt, vm, fmt, gfn, row, idx, spte, mmio_caching):
+    """handle_mmio_page_fault: True = emulate now, False = stale generation (slow path)."""
+    if not is_mmio_spte(fmt, spte, mmio_caching):
+        return False
+    gen = vt.memslots_gen[vm]
+    if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+        return False
+    return (gen & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
+
+
+@njit(cache=True)
+def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outcome, out_err):
+    """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*)."""
+    n = ev_vm.shape[0]
+    mmio_caching = cfg[CFG_MMIO_CACHING] != 0
+    for i in range(start, n):
+        if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
+            return i, STOP_NEED_PAGES
+        vm = ev_vm[i]
+        gpa = ev_addr[i]
+        kind = ev_kind[i]
+        write = (kind & PFERR_WRITE_MASK) != 0
+        fetch = (kind & PFERR_FETCH_MASK) != 0
+        fmt = vt.fmt[vm]
+        gfn = gpa >> 12
+        root = vt.root[vm]
+        if root < 0:
+            root = mmu_alloc_root(pa, vt, vm)  # kvm_mmu_load at vCPU entry
+        ad_enabled_vm = vt.ad_disabled[vm] == 0
+        res, refs, row, idx, level, spte = tdp_hw_walk(pa, fmt, root, vt.levels[vm], gfn, write,
+                                                       fetch, ad_enabled_vm)
+        if res == WALK_OK:
+            vt.stats[vm, ST_ACCESSES] += 1
+            vt.stats[vm, ST_WALK_REFS] += refs
+            out_outcome[i] = OUT_HIT
+            out_err[i] = 0
+            continue
+        # An exit: EPT violation / misconfig, or #NPF.  Build the error code.
+        err = 0
+        if res == WALK_RSVD:
+            err = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+        else:
+            if hw_present(fmt, spte):
+                err |= PFERR_PRESENT_MASK
+            if write:
+                err |= PFERR_WRITE_MASK
+            elif fetch:
+                err |= PFERR_FETCH_MASK
+            if fmt == FMT_EPT:
+                if not write and not fetch:
+                    err |= PFERR_USER_MASK  # EPT: ACC_READ reported as PFERR_USER
+            else:
+                err |= PFERR_USER_MASK  # NPT walks are user accesses
+        if res == WALK_RSVD and handle_mmio_page_fault(pa, vt, vm, fmt, gfn, row, idx, spte,
+                                                       mmio_caching):
+            vt.stats[vm, ST_ACCESSES] += 1
+            vt.stats[vm, ST_WALK_REFS] += refs
+            out_outcome[i] = OUT_MMIO
+            out_err[i] = err
+            continue
+        rec = gfn_to_memslot(vt, st, vm, gfn)
+        if rec >= 0 and not (write and slot_readonly(st, rec)) and host_page_needs_budget(st, host, rec,
+                                                                                           gfn):
+            return i, STOP_HOST_OOM
+        vt.stats[vm, ST_ACCESSES] += 1
+        vt.stats[vm, ST_WALK_REFS] += refs
+        vt.stats[vm, ST_PF_TAKEN] += 1
+        present = (err & PFERR_PRESENT_MASK) != 0 and res != WALK_RSVD
+        r = kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, res == WALK_RSVD,
+                                   write, fetch)
+        out_err[i] = err
+        if r == RET_PF_FIXED:
+            vt.stats[vm, ST_PF_FIXED] += 1
+            out_outcome[i] = OUT_FIXED
+        elif r == RET_PF_SPURIOUS:
+            vt.stats[vm, ST_PF_SPURIOUS] += 1
+            out_outcome[i] = OUT_SPURIOUS
+        else:
+            vt.stats[vm, ST_PF_EMULATE] += 1
+            out_outcome[i] = OUT_MMIO if rec < 0 else OUT_EMULATED
+            continue
+        # The guest re-executes the access; it now translates.
+        res, refs, row, idx, level, spte = tdp_hw_walk(pa, fmt, vt.root[vm], vt.levels[vm], gfn, write,
+                                                       fetch, ad_enabled_vm)
+        vt.stats[vm, ST_WALK_REFS] += refs
+    return n, STOP_DONE
+

@@ -1,0 +1,154 @@
+"""Memslot lookups inside kernels: gfn -> slot, lpage_info, host mapping level, host pages."""
+
+import numpy as np
+from numba import njit
+
+from .state import (
+    BACKING_4K,
+    BACKING_HUGETLB_1G,
+    BACKING_HUGETLB_2M,
+    HOST_BUDGET_BYTES,
+    HOST_USED_BYTES,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    ST_HOST_PAGES_FAULTED_IN,
+)
+
+_HPAGE_2M_PAGES = 512
+_HPAGE_1G_PAGES = 512 * 512
+
+
+@njit(inline="always", cache=True)
+def gfn_to_memslot(vt, st, vm, gfn):
+    """search_memslots with the last_used_slot cache: record index or -1 (no slot)."""
+    last = vt.slot_last[vm]
+    if last >= 0 and st.base_gfn[last] <= gfn < st.base_gfn[last] + st.npages[last]:
+        return last
+    lo = vt.slot_off[vm]
+    hi = lo + vt.slot_cnt[vm]
+    # rightmost slot with base_gfn <= gfn
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if st.base_gfn[st.order[mid]] <= gfn:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == vt.slot_off[vm]:
+        return -1
+    rec = st.order[lo - 1]
+    if gfn < st.base_gfn[rec] + st.npages[rec]:
+        vt.slot_last[vm] = rec
+        return rec
+    return -1
+
+
+@njit(inline="always", cache=True)
+def slot_dirty_logging(st, rec):
+    # kvm_slot_dirty_track_enabled
+    return (st.flags[rec] & KVM_MEM_LOG_DIRTY_PAGES) != 0
+
+
+@njit(inline="always", cache=True)
+def slot_readonly(st, rec):
+    return (st.flags[rec] & KVM_MEM_READONLY) != 0
+
+
+@njit(inline="always", cache=True)
+def lpage_disallowed(st, rec, gfn, level):
+    """lpage_info_slot(gfn, slot, level)->disallow_lpage != 0 (level 2 = 2M, 3 = 1G)."""
+    shift = (level - 1) * 9
+    idx = (gfn >> shift) - (st.base_gfn[rec] >> shift)
+    return st.lpage[st.lpage_off[rec, level - 2] + idx] != 0
+
+
+@njit(inline="always", cache=True)
+def gfn_to_hva(st, rec, gfn):
+    return st.hva[rec] + ((gfn - st.base_gfn[rec]) << 12)
+
+
+@njit(inline="always", cache=True)
+def host_pfn_mapping_level(st, rec, gfn):
+    """host_pfn_mapping_level: level of the host mapping that backs this gfn's hva."""
+    b = st.backing[rec]
+    if b == BACKING_4K:
+        return 1
+    if b == BACKING_HUGETLB_2M:
+        return 2
+    if b == BACKING_HUGETLB_1G:
+        return 3
+    # THP: a 2M host page exists where the aligned 2M hva range lies inside the mapping.
+    hva = gfn_to_hva(st, rec, gfn)
+    h2 = hva & ~np.int64((1 << 21) - 1)
+    end = st.hva[rec] + (st.npages[rec] << 12)
+    if h2 >= st.hva[rec] and h2 + (1 << 21) <= end:
+        return 2
+    return 1
+
+
+@njit(inline="always", cache=True)
+def kvm_mmu_max_mapping_level(st, rec, gfn, max_level):
+    # kvm_mmu_max_mapping_level (mmu.c): lpage_info walk, then the host mapping level
+    level = max_level
+    while level > 1:
+        if not lpage_disallowed(st, rec, gfn, level):
+            break
+        level -= 1
+    if level == 1:
+        return 1
+    host_level = host_pfn_mapping_level(st, rec, gfn)
+    return min(host_level, level)
+
+
+@njit(inline="always", cache=True)
+def host_fault_in(st, vt, host, rec, gfn, vm):
+    """Make the host page behind gfn resident (get_user_pages).  False: host budget exhausted."""
+    off = gfn - st.base_gfn[rec]
+    word = st.host_off[rec] + (off >> 6)
+    bit = np.int64(1) << (off & 63)
+    if st.host[word] & bit:
+        return True
+    level = host_pfn_mapping_level(st, rec, gfn)
+    if level == 1:
+        npg = 1
+    elif level == 2:
+        npg = _HPAGE_2M_PAGES
+    else:
+        npg = _HPAGE_1G_PAGES
+    nbytes = np.int64(npg) << 12
+    if host[HOST_USED_BYTES] + nbytes > host[HOST_BUDGET_BYTES]:
+        return False
+    host[HOST_USED_BYTES] += nbytes
+    vt.host_bytes[vm] += nbytes
+    vt.stats[vm, ST_HOST_PAGES_FAULTED_IN] += 1
+    if npg == 1:
+        st.host[word] |= bit
+    else:
+        # The huge host page covers gfns congruent with its aligned hva range.
+        hva = gfn_to_hva(st, rec, gfn)
+        first_hva = hva & ~np.int64((npg << 12) - 1)
+        first = (first_hva - st.hva[rec]) >> 12
+        set_bit_range(st.host, st.host_off[rec], first, npg)
+    return True
+
+
+@njit(inline="always", cache=True)
+def set_bit_range(words, base, first, n):
+    """Set bits first..first+n-1 of the bitmap that starts at words[base]."""
+    end = first + n
+    p = first
+    while p < end:
+        if (p & 63) == 0 and p + 64 <= end:
+            words[base + (p >> 6)] = np.int64(-1)
+            p += 64
+        else:
+            words[base + (p >> 6)] |= np.int64(1) << (p & 63)
+            p += 1
+
+
+@njit(inline="always", cache=True)
+def mark_page_dirty_in_slot(st, rec, gfn):
+    off = st.dirty_off[rec]
+    if off < 0:
+        return
+    rel = gfn - st.base_gfn[rec]
+    st.dirty[off + (rel >> 6)] |= np.int64(1) << (rel & 63)

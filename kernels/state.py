@@ -1,0 +1,121 @@
+"""Arena layouts: NamedTuple bundles of flat numpy arrays passed into kernels.
+
+One arena holds every VM of a shard.  Python allocates and grows the arrays
+(``batchmmu/arena.py``); kernels only index them.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+# --- statistics: KVM's names (per VM, summed over vCPUs) + simulator figures ----------
+STAT_NAMES = (
+    "pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits",
+    "mmu_shadow_zapped", "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_recycled",
+    "mmu_cache_miss", "mmu_unsync", "remote_tlb_flush", "remote_tlb_flush_requests",
+    "pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast", "pf_mmio_spte_created",
+    "pf_guest", "tlb_flush", "invlpg", "max_mmu_rmap_size",
+    "walk_refs", "mmu_pages", "rmap_entries", "accesses",
+    "host_pages_faulted_in",
+)
+for _i, _n in enumerate(STAT_NAMES):
+    globals()["ST_" + _n.upper()] = _i
+NSTAT = len(STAT_NAMES)
+# Gauges (instant values) as opposed to counters; sums over VMs are still meaningful.
+GAUGE_STATS = frozenset({"pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "mmu_unsync",
+                         "mmu_pages", "rmap_entries", "max_mmu_rmap_size"})
+
+# --- page arena control words --------------------------------------------------------
+CTL_FREE_TOP = 0     # number of rows on the free stack
+CTL_USED = 1         # rows in use
+CTL_HIGH = 2         # rows ever handed out (bump pointer)
+NCTL = 4
+
+# sp_flags bits
+SPF_NX_DISALLOWED = 1    # kvm_mmu_page.nx_huge_page_disallowed
+SPF_NX_TRACKED = 2       # on possible_nx_huge_pages (counted in nx_lpage_splits)
+
+# --- host control words ------------------------------------------------------------------
+HOST_USED_BYTES = 0
+HOST_BUDGET_BYTES = 1
+NHOST = 4
+
+# --- configuration words (module parameters) -------------------------------------------
+CFG_MMIO_CACHING = 0
+CFG_NX_HUGE_PAGES = 1
+CFG_TDP_MAX_LEVEL = 2      # max_huge_page_level for TDP (3 = 1G)
+NCFG = 8
+
+# --- backing kinds ----------------------------------------------------------------------
+BACKING_4K = 0
+BACKING_THP = 1
+BACKING_HUGETLB_2M = 2
+BACKING_HUGETLB_1G = 3
+BACKING_NAMES = ("4k", "thp", "hugetlb-2m", "hugetlb-1g")
+
+# memslot flags (KVM uapi)
+KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_MEM_READONLY = 2
+
+# --- outcomes and stop reasons ---------------------------------------------------------
+OUT_HIT = 0
+OUT_FIXED = 1
+OUT_SPURIOUS = 2
+OUT_MMIO = 3
+OUT_EMULATED = 4
+OUT_GUEST_FAULT = 5
+OUTCOME_NAMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT")
+
+STOP_DONE = 0
+STOP_NEED_PAGES = 1
+STOP_HOST_OOM = 2
+
+# Worst case of new table rows one event can take: a root + one per level below it.
+MAX_ROWS_PER_EVENT = 6
+
+
+class PageArena(NamedTuple):
+    """TDP page tables (rows of 512 SPTEs) and their ``kvm_mmu_page`` metadata."""
+    spt: np.ndarray            # int64[cap, 512]
+    sp_vm: np.ndarray          # int32[cap]
+    sp_level: np.ndarray       # int8[cap]
+    sp_gfn: np.ndarray         # int64[cap]   base gfn the table maps
+    sp_role: np.ndarray        # int32[cap]   kvm_mmu_page_role word
+    sp_parent: np.ndarray      # int64[cap]   row of the parent table, -1 for roots
+    sp_parent_index: np.ndarray  # int16[cap] index of our SPTE in the parent
+    sp_flags: np.ndarray       # int8[cap]
+    free: np.ndarray           # int64[cap]   stack of free rows
+    ctl: np.ndarray            # int64[NCTL]
+
+
+class VMTable(NamedTuple):
+    """Per-VM state, indexed by VM id."""
+    root: np.ndarray           # int64: root row, -1 until the first vCPU entry
+    fmt: np.ndarray            # int8:  FMT_EPT / FMT_NPT
+    levels: np.ndarray         # int8:  4 or 5
+    ad_disabled: np.ndarray    # int8:  EPT without A/D bits
+    max_gfn: np.ndarray        # int64: last gfn below MAXPHYADDR
+    memslots_gen: np.ndarray   # int64: memslots generation (address space 0)
+    slot_off: np.ndarray       # int64: start of this VM's sorted slot list in SlotTable.order
+    slot_cnt: np.ndarray       # int64: number of live AS0 slots
+    slot_last: np.ndarray      # int64: last_used_slot (record index) or -1
+    host_bytes: np.ndarray     # int64: host memory resident for this VM
+    stats: np.ndarray          # int64[nvm, NSTAT]
+
+
+class SlotTable(NamedTuple):
+    """Memslot records (one per KVM memslot) and their pooled per-page arrays."""
+    vm: np.ndarray             # int32[rcap]
+    slot_id: np.ndarray        # int32: (as_id << 16) | id
+    base_gfn: np.ndarray       # int64
+    npages: np.ndarray         # int64
+    hva: np.ndarray            # int64: userspace_addr
+    flags: np.ndarray          # int32: KVM_MEM_* flags
+    backing: np.ndarray        # int8:  BACKING_*
+    lpage_off: np.ndarray      # int64[rcap, 2]: offsets of lpage_info (2M, 1G) in ``lpage``
+    dirty_off: np.ndarray      # int64: offset of the dirty bitmap in ``dirty`` (-1: none)
+    host_off: np.ndarray       # int64: offset of the host-resident bitmap in ``host``
+    order: np.ndarray          # int64: per-VM lists of live AS0 records sorted by base_gfn
+    lpage: np.ndarray          # int32: lpage_info.disallow_lpage pool
+    dirty: np.ndarray          # int64: dirty bitmap pool (64 pages a word)
+    host: np.ndarray           # int64: host-resident bitmap pool (4K pages, 64 a word)

@@ -1,0 +1,319 @@
+"""The TDP MMU: table allocation, the one SPTE-change chokepoint, map, split and zap.
+
+Models ``arch/x86/kvm/mmu/tdp_mmu.c`` (and the parts of ``tdp_iter.c`` it needs) for a
+single-threaded world: no FROZEN_SPTE races, no RCU; the bookkeeping is KVM's.
+"""
+
+import numpy as np
+from numba import njit
+
+from .memslot import mark_page_dirty_in_slot, slot_dirty_logging
+from .spte import (
+    ACC_ALL,
+    ROLE_ACCESS_SHIFT,
+    ROLE_AD_DISABLED,
+    ROLE_CR0_WP,
+    ROLE_DIRECT,
+    ROLE_EFER_NX,
+    SHADOW_NONPRESENT_VALUE,
+    is_last_spte,
+    is_mmio_spte,
+    is_shadow_present_pte,
+    make_leaf_spte,
+    make_mmio_spte,
+    make_nonleaf_spte,
+    make_small_spte,
+    spte_to_child_row,
+    spte_to_pfn,
+)
+from .state import (
+    CTL_FREE_TOP,
+    CTL_USED,
+    SPF_NX_DISALLOWED,
+    SPF_NX_TRACKED,
+    ST_MMU_PAGES,
+    ST_NX_LPAGE_SPLITS,
+    ST_PAGES_4K,
+    ST_PF_MMIO_SPTE_CREATED,
+    ST_REMOTE_TLB_FLUSH,
+    ST_REMOTE_TLB_FLUSH_REQUESTS,
+)
+
+# RET_PF_* (mmu_internal.h)
+RET_PF_CONTINUE = 0
+RET_PF_RETRY = 1
+RET_PF_EMULATE = 2
+RET_PF_INVALID = 3
+RET_PF_FIXED = 4
+RET_PF_SPURIOUS = 5
+
+
+@njit(inline="always", cache=True)
+def kvm_update_page_stats(vt, vm, level, count):
+    vt.stats[vm, ST_PAGES_4K + level - 1] += count
+
+
+@njit(inline="always", cache=True)
+def kvm_flush_remote_tlbs(vt, vm):
+    # kvm_flush_remote_tlbs (kvm_main.c): every request counts; with no Hyper-V range
+    # flush the request is always issued, so remote_tlb_flush follows it.
+    vt.stats[vm, ST_REMOTE_TLB_FLUSH_REQUESTS] += 1
+    vt.stats[vm, ST_REMOTE_TLB_FLUSH] += 1
+
+
+@njit(inline="always", cache=True)
+def tdp_mmu_root_role(vt, vm):
+    # kvm_calc_tdp_mmu_root_page_role
+    role = np.int32(vt.levels[vm]) | ROLE_DIRECT | (ACC_ALL << ROLE_ACCESS_SHIFT) | ROLE_CR0_WP | ROLE_EFER_NX
+    if vt.ad_disabled[vm]:
+        role |= ROLE_AD_DISABLED
+    return role
+
+
+@njit(inline="always", cache=True)
+def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
+    """tdp_mmu_alloc_sp + tdp_mmu_init_sp: pop a row from the topped-up free stack."""
+    top = pa.ctl[CTL_FREE_TOP] - 1
+    row = pa.free[top]
+    pa.ctl[CTL_FREE_TOP] = top
+    pa.ctl[CTL_USED] += 1
+    pa.spt[row, :] = SHADOW_NONPRESENT_VALUE
+    pa.sp_vm[row] = vm
+    pa.sp_level[row] = level
+    pa.sp_gfn[row] = gfn
+    pa.sp_role[row] = (role & ~np.int32(0xF)) | level
+    pa.sp_parent[row] = parent
+    pa.sp_parent_index[row] = parent_index
+    pa.sp_flags[row] = 0
+    vt.stats[vm, ST_MMU_PAGES] += 1  # tdp_account_mmu_page
+    return row
+
+
+@njit(inline="always", cache=True)
+def tdp_mmu_free_sp(pa, vt, vm, row):
+    # tdp_unaccount_mmu_page + untrack_possible_nx_huge_page + tdp_mmu_free_sp
+    if pa.sp_flags[row] & SPF_NX_TRACKED:
+        vt.stats[vm, ST_NX_LPAGE_SPLITS] -= 1
+    pa.sp_flags[row] = 0
+    pa.sp_parent[row] = -1
+    pa.sp_vm[row] = -1
+    vt.stats[vm, ST_MMU_PAGES] -= 1
+    pa.ctl[CTL_USED] -= 1
+    top = pa.ctl[CTL_FREE_TOP]
+    pa.free[top] = row
+    pa.ctl[CTL_FREE_TOP] = top + 1
+
+
+@njit(cache=True)
+def mmu_alloc_root(pa, vt, vm):
+    # kvm_tdp_mmu_get_vcpu_root_hpa: roots are shared by all vCPUs of the VM
+    row = tdp_mmu_alloc_sp(pa, vt, vm, vt.levels[vm], 0, tdp_mmu_root_role(vt, vm), -1, 0)
+    vt.root[vm] = row
+    return row
+
+
+@njit(cache=True)
+def handle_removed_pt(pa, vt, vm, top_row, top_level):
+    """handle_removed_pt: every SPTE below a disconnected table goes, leaves are unaccounted.
+
+    Walks the subtree iteratively through parent pointers; frees every table.
+    """
+    row = top_row
+    level = top_level
+    idx = 0
+    while True:
+        if idx == 512:
+            parent = pa.sp_parent[row]
+            pidx = pa.sp_parent_index[row]
+            tdp_mmu_free_sp(pa, vt, vm, row)
+            if row == top_row:
+                return
+            row = parent
+            level += 1
+            idx = pidx + 1
+            continue
+        spte = pa.spt[row, idx]
+        if is_shadow_present_pte(spte):
+            if is_last_spte(spte, level):
+                kvm_update_page_stats(vt, vm, level, -1)
+            else:
+                row = spte_to_child_row(spte)
+                level -= 1
+                idx = 0
+                continue
+        idx += 1
+
+
+@njit(cache=True)
+def tdp_set_spte(pa, vt, vm, row, idx, level, new_spte):
+    """The chokepoint: every SPTE change goes here (tdp_mmu_set_spte + handle_changed_spte)."""
+    old_spte = pa.spt[row, idx]
+    pa.spt[row, idx] = new_spte
+    if old_spte == new_spte:
+        return old_spte
+    was_present = is_shadow_present_pte(old_spte)
+    is_present = is_shadow_present_pte(new_spte)
+    was_leaf = was_present and is_last_spte(old_spte, level)
+    is_leaf = is_present and is_last_spte(new_spte, level)
+    if was_leaf != is_leaf:
+        kvm_update_page_stats(vt, vm, level, 1 if is_leaf else -1)
+    if was_present and not was_leaf and (is_leaf or not is_present or
+                                         spte_to_pfn(old_spte) != spte_to_pfn(new_spte)):
+        handle_removed_pt(pa, vt, vm, spte_to_child_row(old_spte), level - 1)
+    return old_spte
+
+
+@njit(inline="always", cache=True)
+def tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child):
+    tdp_set_spte(pa, vt, vm, row, idx, level, make_nonleaf_spte(fmt, child, vt.ad_disabled[vm]))
+
+
+@njit(cache=True)
+def tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages):
+    """tdp_mmu_split_huge_page: fill the child with the huge SPTE's pieces, then link it."""
+    huge = pa.spt[row, idx]
+    role_access = (pa.sp_role[child] >> 8) & 7
+    for i in range(512):
+        pa.spt[child, i] = make_small_spte(fmt, huge, level - 1, i, nx_huge_pages, role_access)
+    tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child)
+    kvm_update_page_stats(vt, vm, level - 1, 512)
+
+
+@njit(cache=True)
+def disallowed_child(pa, spte):
+    return (pa.sp_flags[spte_to_child_row(spte)] & SPF_NX_DISALLOWED) != 0
+
+
+@njit(cache=True)
+def kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
+                    huge_page_disallowed, nx_huge_pages, mmio_caching, write):
+    """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.
+
+    ``pfn4k`` is the host pfn of the faulting 4K gfn; the goal level aligns it.
+    """
+    row = vt.root[vm]
+    level = np.int64(vt.levels[vm])
+    role = pa.sp_role[row]
+    while True:
+        shift = (level - 1) * 9
+        idx = (gfn >> shift) & 511
+        old = pa.spt[row, idx]
+        if nx_huge_pages and level > 1 and level == goal_level and is_shadow_present_pte(old) \
+                and not is_last_spte(old, level) and disallowed_child(pa, old):
+            goal_level -= 1  # disallowed_hugepage_adjust
+        if level == goal_level:
+            break
+        if is_shadow_present_pte(old) and not is_last_spte(old, level):
+            row = spte_to_child_row(old)
+            level -= 1
+            continue
+        child_gfn = (gfn >> shift) << shift
+        child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, child_gfn, role, row, idx)
+        if huge_page_disallowed:
+            pa.sp_flags[child] = SPF_NX_DISALLOWED
+        if is_shadow_present_pte(old):
+            tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages)
+        else:
+            tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child)
+        if huge_page_disallowed and req_level >= level:
+            # track_possible_nx_huge_page
+            pa.sp_flags[child] |= SPF_NX_TRACKED
+            vt.stats[vm, ST_NX_LPAGE_SPLITS] += 1
+        row = child
+        level -= 1
+
+    # tdp_mmu_map_handle_target_level
+    shift = (level - 1) * 9
+    idx = (gfn >> shift) & 511
+    old = pa.spt[row, idx]
+    iter_gfn = (gfn >> shift) << shift
+    if rec < 0:
+        new = make_mmio_spte(fmt, gfn, ACC_ALL, vt.memslots_gen[vm])
+    else:
+        pfn = (pfn4k >> shift) << shift
+        new = make_leaf_spte(fmt, level, ACC_ALL, pfn, map_writable, vt.ad_disabled[vm], nx_huge_pages)
+        if (new & 2) and slot_dirty_logging(st, rec):
+            mark_page_dirty_in_slot(st, rec, iter_gfn)  # make_spte: writable SPTE in a logged slot
+    ret = RET_PF_FIXED
+    if new == old:
+        ret = RET_PF_SPURIOUS
+    else:
+        tdp_set_spte(pa, vt, vm, row, idx, level, new)
+        if is_shadow_present_pte(old) and not is_last_spte(old, level):
+            kvm_flush_remote_tlbs(vt, vm)  # kvm_flush_remote_tlbs_gfn
+    if is_mmio_spte(fmt, new, mmio_caching):
+        vt.stats[vm, ST_PF_MMIO_SPTE_CREATED] += 1
+        ret = RET_PF_EMULATE
+    return ret
+
+
+@njit(cache=True)
+def tdp_mmu_zap_all(pa, vt, vm):
+    """kvm_mmu_zap_all_fast for the TDP MMU: invalidate the root and zap it (no flush).
+
+    The vCPUs load a fresh root at their next entry.
+    """
+    root = vt.root[vm]
+    if root < 0:
+        return
+    handle_removed_pt(pa, vt, vm, root, np.int64(vt.levels[vm]))
+    vt.root[vm] = -1
+
+
+@njit(cache=True)
+def zap_all_vms(pa, vt, vms):
+    """kvm_mmu_zap_all_fast for each VM in ``vms``."""
+    for k in range(vms.shape[0]):
+        tdp_mmu_zap_all(pa, vt, vms[k])
+
+
+@njit(cache=True)
+def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
+    """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  True if any changed."""
+    root = vt.root[vm]
+    if root < 0:
+        return False
+    changed = False
+    gfn = start
+    while gfn < end:
+        row = root
+        level = np.int64(vt.levels[vm])
+        while True:
+            shift = (level - 1) * 9
+            idx = (gfn >> shift) & 511
+            spte = pa.spt[row, idx]
+            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+                row = spte_to_child_row(spte)
+                level -= 1
+                continue
+            if is_shadow_present_pte(spte) and level >= min_level and (spte & 2):
+                tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~np.int64(2))
+                changed = True
+            gfn = ((gfn >> shift) + 1) << shift
+            break
+    return changed
+
+
+@njit(cache=True)
+def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask):
+    """clear_dirty_pt_masked with wrprot (no PML): write-protect the 4K SPTEs named by mask."""
+    root = vt.root[vm]
+    if root < 0:
+        return
+    for b in range(64):
+        if not (mask >> b) & 1:
+            continue
+        g = gfn + b
+        row = root
+        level = np.int64(vt.levels[vm])
+        while True:
+            idx = (g >> ((level - 1) * 9)) & 511
+            spte = pa.spt[row, idx]
+            if not is_shadow_present_pte(spte):
+                break
+            if is_last_spte(spte, level):
+                if level == 1 and (spte & 2):
+                    tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~np.int64(2))
+                break
+            row = spte_to_child_row(spte)
+            level -= 1
