@@ -19,6 +19,7 @@ from .arena import (
 from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, EMULATED, MMIO
 from .errors import BatchMMUError, HostMemoryExhausted, bad, einval
 from .kernels import state as S
+from .kernels.events import EV_BAD_ADDR, EV_BAD_KIND, EV_BAD_VCPU, EV_BAD_VM, validate_events
 from .kernels.fault import access_batch
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import tdp_clear_dirty_pt_masked, tdp_mmu_zap_all, tdp_wrprot_gfn_range
@@ -418,26 +419,16 @@ class Host:
                 raise bad(name, f"length {a.size}", f"arrays must have equal lengths (or be scalars); expected {n}")
             arrs.append(a)
         vm_a, vcpu_a, addr_a, kind_a = arrs
-        if n == 0:
-            return vm_a, addr_a, kind_a
-        bad_vm = (vm_a < 0) | (vm_a >= self.nvm)
-        if bad_vm.any():
-            v = int(vm_a[bad_vm][0])
-            raise bad("vm", v, f"no such VM (this host has {self.nvm})")
-        nv = self._vcpus[vm_a]
-        bad_c = (vcpu_a < 0) | (vcpu_a >= nv)
-        if bad_c.any():
-            j = int(np.argmax(bad_c))
-            raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])} has {int(nv[j])} vCPUs")
-        lim = np.left_shift(np.int64(1), self._maxphyaddr[vm_a])
-        bad_a = (addr_a < 0) | (addr_a >= lim)
-        if bad_a.any():
-            j = int(np.argmax(bad_a))
+        j, code = validate_events(vm_a, vcpu_a, addr_a, kind_a, self.nvm, self._vcpus, self._maxphyaddr,
+                                  ACC_VALID_MASK, ACC_WRITE, ACC_FETCH)
+        if code == EV_BAD_VM:
+            raise bad("vm", int(vm_a[j]), f"no such VM (this host has {self.nvm})")
+        if code == EV_BAD_VCPU:
+            raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])} has {int(self._vcpus[vm_a[j]])} vCPUs")
+        if code == EV_BAD_ADDR:
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space")
-        bad_k = (kind_a & ~ACC_VALID_MASK) != 0
-        bad_k |= (kind_a & ACC_WRITE != 0) & (kind_a & ACC_FETCH != 0)
-        if bad_k.any():
-            raise bad("kind", int(kind_a[np.argmax(bad_k)]),
+        if code == EV_BAD_KIND:
+            raise bad("kind", int(kind_a[j]),
                       "use ACC_WRITE, ACC_USER, ACC_FETCH bits (write and fetch exclude each other)")
         return vm_a, addr_a, kind_a
 

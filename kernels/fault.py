@@ -86,8 +86,8 @@ WALK_VIOLATION = 1   # EPT violation / #NPF on a not-present or too-weak entry
 WALK_RSVD = 2        # EPT misconfiguration / #NPF with RSVD (MMIO SPTEs)
 
 
-@njit(inline="always", cache=True)
-def tdp_hw_walk(pa, fmt, root, levels, gfn, write, fetch, ad_enabled_vm):
+@njit(inline="always", _nrt=False)
+def tdp_hw_walk(spt, fmt, root, levels, gfn, write, fetch, ad_enabled_vm):
     """The processor's TDP walk for one gpa.  Returns (result, refs, row, idx, level, spte).
 
     On success the accessed (and, for writes, dirty) bit of the leaf is set as the
@@ -98,7 +98,7 @@ def tdp_hw_walk(pa, fmt, root, levels, gfn, write, fetch, ad_enabled_vm):
     refs = 0
     while True:
         idx = (gfn >> ((level - 1) * 9)) & 511
-        spte = pa.spt[row, idx]
+        spte = spt[row, idx]
         refs += 1
         if hw_rsvd_fault(fmt, spte):
             return WALK_RSVD, refs, row, idx, level, spte
@@ -112,13 +112,13 @@ def tdp_hw_walk(pa, fmt, root, levels, gfn, write, fetch, ad_enabled_vm):
                 if write:
                     want |= shadow_dirty_mask(fmt)
                 if (spte & want) != want:
-                    pa.spt[row, idx] = spte | want
+                    spt[row, idx] = spte | want
             return WALK_OK, refs, row, idx, level, spte
         row = spte_to_child_row(spte)
         level -= 1
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_access_allowed(fmt, spte, write, fetch):
     # is_access_allowed (mmu.c)
     if fetch:
@@ -128,14 +128,14 @@ def is_access_allowed(fmt, spte, write, fetch):
     return (spte & 1) != 0  # PT_PRESENT_MASK (EPT: R)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def restore_acc_track_spte(spte):
     saved = (spte >> EPT_SAVED_BITS_SHIFT) & 5  # R | X
     spte &= ~(np.int64(5) << EPT_SAVED_BITS_SHIFT)
     return spte | saved
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
     """fast_page_fault (mmu.c), TDP MMU flavour.  Returns a RET_PF_* code."""
     # page_fault_can_be_fast (the fault is never RSVD here)
@@ -173,7 +173,7 @@ def fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_ena
     return RET_PF_FIXED
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def host_page_needs_budget(st, host, rec, gfn):
     """True when faulting this gfn in would exceed the host memory budget."""
     off = gfn - st.base_gfn[rec]
@@ -184,7 +184,7 @@ def host_page_needs_budget(st, host, rec, gfn):
     return host[HOST_USED_BYTES] + nbytes > host[HOST_BUDGET_BYTES]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rsvd, write, fetch):
     """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
     ad_enabled_vm = vt.ad_disabled[vm] == 0
@@ -220,7 +220,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rs
                            huge_page_disallowed, nx_huge_pages, mmio_caching, write)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def handle_mmio_page_fault(pa, vt, vm, fmt, gfn, row, idx, spte, mmio_caching):
     """handle_mmio_page_fault: True = emulate now, False = stale generation (slow path)."""
     if not is_mmio_spte(fmt, spte, mmio_caching):
@@ -231,30 +231,33 @@ def handle_mmio_page_fault(pa, vt, vm, fmt, gfn, row, idx, spte, mmio_caching):
     return (gen & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outcome, out_err):
     """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*)."""
     n = ev_vm.shape[0]
     mmio_caching = cfg[CFG_MMIO_CACHING] != 0
+    # Hot arrays as locals: helpers that take whole bundles pay reference counting per call.
+    spt, ctl, stats = pa.spt, pa.ctl, vt.stats
+    roots, fmts, levels, ad_disabled = vt.root, vt.fmt, vt.levels, vt.ad_disabled
     for i in range(start, n):
-        if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
+        if ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
             return i, STOP_NEED_PAGES
         vm = ev_vm[i]
         gpa = ev_addr[i]
         kind = ev_kind[i]
         write = (kind & PFERR_WRITE_MASK) != 0
         fetch = (kind & PFERR_FETCH_MASK) != 0
-        fmt = vt.fmt[vm]
+        fmt = fmts[vm]
         gfn = gpa >> 12
-        root = vt.root[vm]
+        root = roots[vm]
         if root < 0:
             root = mmu_alloc_root(pa, vt, vm)  # kvm_mmu_load at vCPU entry
-        ad_enabled_vm = vt.ad_disabled[vm] == 0
-        res, refs, row, idx, level, spte = tdp_hw_walk(pa, fmt, root, vt.levels[vm], gfn, write,
+        ad_enabled_vm = ad_disabled[vm] == 0
+        res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, root, levels[vm], gfn, write,
                                                        fetch, ad_enabled_vm)
         if res == WALK_OK:
-            vt.stats[vm, ST_ACCESSES] += 1
-            vt.stats[vm, ST_WALK_REFS] += refs
+            stats[vm, ST_ACCESSES] += 1
+            stats[vm, ST_WALK_REFS] += refs
             out_outcome[i] = OUT_HIT
             out_err[i] = 0
             continue
@@ -303,7 +306,7 @@ def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outc
             out_outcome[i] = OUT_MMIO if rec < 0 else OUT_EMULATED
             continue
         # The guest re-executes the access; it now translates.
-        res, refs, row, idx, level, spte = tdp_hw_walk(pa, fmt, vt.root[vm], vt.levels[vm], gfn, write,
+        res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, vt.root[vm], levels[vm], gfn, write,
                                                        fetch, ad_enabled_vm)
         vt.stats[vm, ST_WALK_REFS] += refs
     return n, STOP_DONE

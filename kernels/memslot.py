@@ -18,7 +18,7 @@ _HPAGE_2M_PAGES = 512
 _HPAGE_1G_PAGES = 512 * 512
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def gfn_to_memslot(vt, st, vm, gfn):
     """search_memslots with the last_used_slot cache: record index or -1 (no slot)."""
     last = vt.slot_last[vm]
@@ -42,18 +42,18 @@ def gfn_to_memslot(vt, st, vm, gfn):
     return -1
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def slot_dirty_logging(st, rec):
     # kvm_slot_dirty_track_enabled
     return (st.flags[rec] & KVM_MEM_LOG_DIRTY_PAGES) != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def slot_readonly(st, rec):
     return (st.flags[rec] & KVM_MEM_READONLY) != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def lpage_disallowed(st, rec, gfn, level):
     """lpage_info_slot(gfn, slot, level)->disallow_lpage != 0 (level 2 = 2M, 3 = 1G)."""
     shift = (level - 1) * 9
@@ -61,12 +61,12 @@ def lpage_disallowed(st, rec, gfn, level):
     return st.lpage[st.lpage_off[rec, level - 2] + idx] != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def gfn_to_hva(st, rec, gfn):
     return st.hva[rec] + ((gfn - st.base_gfn[rec]) << 12)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def host_pfn_mapping_level(st, rec, gfn):
     """host_pfn_mapping_level: level of the host mapping that backs this gfn's hva."""
     b = st.backing[rec]
@@ -85,7 +85,7 @@ def host_pfn_mapping_level(st, rec, gfn):
     return 1
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def kvm_mmu_max_mapping_level(st, rec, gfn, max_level):
     # kvm_mmu_max_mapping_level (mmu.c): lpage_info walk, then the host mapping level
     level = max_level
@@ -99,7 +99,7 @@ def kvm_mmu_max_mapping_level(st, rec, gfn, max_level):
     return min(host_level, level)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def host_fault_in(st, vt, host, rec, gfn, vm):
     """Make the host page behind gfn resident (get_user_pages).  False: host budget exhausted."""
     off = gfn - st.base_gfn[rec]
@@ -131,7 +131,7 @@ def host_fault_in(st, vt, host, rec, gfn, vm):
     return True
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def set_bit_range(words, base, first, n):
     """Set bits first..first+n-1 of the bitmap that starts at words[base]."""
     end = first + n
@@ -145,7 +145,7 @@ def set_bit_range(words, base, first, n):
             p += 1
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def mark_page_dirty_in_slot(st, rec, gfn):
     off = st.dirty_off[rec]
     if off < 0:

@@ -148,119 +148,119 @@ MMIO_GEN_MASKS = {"GEN_LOW": MMIO_SPTE_GEN_LOW_MASK, "GEN_HIGH": MMIO_SPTE_GEN_H
 
 
 # --- per-format mask selectors ---------------------------------------------------------
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_present_mask(fmt):
     # EPT with exec-only support: only SUPPRESS_VE; R comes from ACC_USER (shadow_user_mask).
     return EPT_SUPPRESS_VE if fmt == FMT_EPT else NPT_P
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_user_mask(fmt):
     return EPT_R if fmt == FMT_EPT else NPT_U
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_x_mask(fmt):
     return EPT_X if fmt == FMT_EPT else np.int64(0)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_nx_mask(fmt):
     return np.int64(0) if fmt == FMT_EPT else NPT_NX
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_accessed_mask(fmt):
     return EPT_A if fmt == FMT_EPT else NPT_A
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_dirty_mask(fmt):
     return EPT_D if fmt == FMT_EPT else NPT_D
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_host_writable_mask(fmt):
     return EPT_HOST_WRITABLE if fmt == FMT_EPT else NPT_HOST_WRITABLE
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_mmu_writable_mask(fmt):
     return EPT_MMU_WRITABLE if fmt == FMT_EPT else NPT_MMU_WRITABLE
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_memtype_mask(fmt):
     return EPT_MEMTYPE_WB if fmt == FMT_EPT else np.int64(0)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_mmio_value(fmt):
     return EPT_MMIO_VALUE if fmt == FMT_EPT else NPT_MMIO_VALUE
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_mmio_mask(fmt):
     return EPT_MMIO_MASK if fmt == FMT_EPT else NPT_MMIO_MASK
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def shadow_mmio_access_mask(fmt):
     return np.int64(0) if fmt == FMT_EPT else NPT_MMIO_ACCESS_MASK
 
 
 # --- predicates ------------------------------------------------------------------------
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_shadow_present_pte(spte):
     return (spte & SPTE_MMU_PRESENT_MASK) != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_large_pte(spte):
     return (spte & PT_PAGE_SIZE_MASK) != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_last_spte(spte, level):
     return level == PG_LEVEL_4K or is_large_pte(spte)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_writable_pte(spte):
     return (spte & PT_WRITABLE_MASK) != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_mmu_writable_spte(fmt, spte):
     return (spte & shadow_mmu_writable_mask(fmt)) != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_mmio_spte(fmt, spte, mmio_caching):
     return mmio_caching and (spte & shadow_mmio_mask(fmt)) == shadow_mmio_value(fmt)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def spte_ad_enabled(spte):
     return (spte & SPTE_TDP_AD_MASK) != SPTE_TDP_AD_DISABLED
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def is_access_track_spte(fmt, spte):
     return fmt == FMT_EPT and not spte_ad_enabled(spte) and (spte & EPT_RWX) == 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def spte_to_pfn(spte):
     return (spte >> PAGE_SHIFT) & PFN_MASK
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def spte_to_child_row(spte):
     return spte_to_pfn(spte) - PT_PFN_BASE
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def hw_present(fmt, spte):
     """What the hardware calls present (error-code P / EPT PROT bits)."""
     if fmt == FMT_EPT:
@@ -268,7 +268,7 @@ def hw_present(fmt, spte):
     return (spte & NPT_P) != 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def hw_access_allowed(fmt, spte, write, fetch):
     """Does this (leaf) TDP entry permit the access?  Upper levels are always RWX/U."""
     if fmt == FMT_EPT:
@@ -291,7 +291,7 @@ def hw_access_allowed(fmt, spte, write, fetch):
 _NPT_RSVD_51 = _bit(51)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def hw_rsvd_fault(fmt, spte):
     """EPT misconfiguration / NPT reserved-bit fault for this entry (MMIO SPTEs)."""
     if fmt == FMT_EPT:
@@ -300,27 +300,27 @@ def hw_rsvd_fault(fmt, spte):
 
 
 # --- MMIO SPTE generation (spte.h generation_mmio_spte_mask / get_mmio_spte_generation)
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def generation_mmio_spte_mask(gen):
     mask = (gen << MMIO_SPTE_GEN_LOW_START) & MMIO_SPTE_GEN_LOW_MASK
     mask |= (gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK
     return mask
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def get_mmio_spte_generation(spte):
     gen = (spte & MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START
     gen |= (spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT
     return gen
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def get_mmio_spte_gfn(spte):
     return (spte & _bits(12, 50)) >> PAGE_SHIFT
 
 
 # --- constructors (spte.c) -------------------------------------------------------------
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def make_mmio_spte(fmt, gfn, access, memslots_gen):
     # make_mmio_spte (spte.c); shadow_nonpresent_or_rsvd_mask = 0 (no L1TF mitigation)
     gen = memslots_gen & MMIO_SPTE_GEN_MASK
@@ -330,7 +330,7 @@ def make_mmio_spte(fmt, gfn, access, memslots_gen):
     return spte
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def make_nonleaf_spte(fmt, child_row, ad_disabled):
     # make_nonleaf_spte (spte.c): upper-level entries always grant full access
     spte = SPTE_MMU_PRESENT_MASK | ((PT_PFN_BASE + child_row) << PAGE_SHIFT)
@@ -342,7 +342,7 @@ def make_nonleaf_spte(fmt, child_row, ad_disabled):
     return spte
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def make_leaf_spte(fmt, level, pte_access, pfn, host_writable, ad_disabled, nx_huge_pages):
     """make_spte (spte.c) for a direct (TDP) page, not prefetch: returns the SPTE.
 
@@ -378,7 +378,7 @@ def make_leaf_spte(fmt, level, pte_access, pfn, host_writable, ad_disabled, nx_h
     return spte
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def make_small_spte(fmt, huge_spte, child_level, index, nx_huge_pages, role_access):
     # make_small_spte (spte.c, was make_huge_page_split_spte)
     child = huge_spte + np.int64(index * (1 << ((child_level - 1) * LEVEL_BITS))) * (1 << PAGE_SHIFT)

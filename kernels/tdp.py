@@ -48,12 +48,12 @@ RET_PF_FIXED = 4
 RET_PF_SPURIOUS = 5
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def kvm_update_page_stats(vt, vm, level, count):
     vt.stats[vm, ST_PAGES_4K + level - 1] += count
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def kvm_flush_remote_tlbs(vt, vm):
     # kvm_flush_remote_tlbs (kvm_main.c): every request counts; with no Hyper-V range
     # flush the request is always issued, so remote_tlb_flush follows it.
@@ -61,7 +61,7 @@ def kvm_flush_remote_tlbs(vt, vm):
     vt.stats[vm, ST_REMOTE_TLB_FLUSH] += 1
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def tdp_mmu_root_role(vt, vm):
     # kvm_calc_tdp_mmu_root_page_role
     role = np.int32(vt.levels[vm]) | ROLE_DIRECT | (ACC_ALL << ROLE_ACCESS_SHIFT) | ROLE_CR0_WP | ROLE_EFER_NX
@@ -70,7 +70,7 @@ def tdp_mmu_root_role(vt, vm):
     return role
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
     """tdp_mmu_alloc_sp + tdp_mmu_init_sp: pop a row from the topped-up free stack."""
     top = pa.ctl[CTL_FREE_TOP] - 1
@@ -89,7 +89,7 @@ def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
     return row
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def tdp_mmu_free_sp(pa, vt, vm, row):
     # tdp_unaccount_mmu_page + untrack_possible_nx_huge_page + tdp_mmu_free_sp
     if pa.sp_flags[row] & SPF_NX_TRACKED:
@@ -104,7 +104,7 @@ def tdp_mmu_free_sp(pa, vt, vm, row):
     pa.ctl[CTL_FREE_TOP] = top + 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def mmu_alloc_root(pa, vt, vm):
     # kvm_tdp_mmu_get_vcpu_root_hpa: roots are shared by all vCPUs of the VM
     row = tdp_mmu_alloc_sp(pa, vt, vm, vt.levels[vm], 0, tdp_mmu_root_role(vt, vm), -1, 0)
@@ -112,7 +112,7 @@ def mmu_alloc_root(pa, vt, vm):
     return row
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def handle_removed_pt(pa, vt, vm, top_row, top_level):
     """handle_removed_pt: every SPTE below a disconnected table goes, leaves are unaccounted.
 
@@ -144,7 +144,7 @@ def handle_removed_pt(pa, vt, vm, top_row, top_level):
         idx += 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tdp_set_spte(pa, vt, vm, row, idx, level, new_spte):
     """The chokepoint: every SPTE change goes here (tdp_mmu_set_spte + handle_changed_spte)."""
     old_spte = pa.spt[row, idx]
@@ -163,12 +163,12 @@ def tdp_set_spte(pa, vt, vm, row, idx, level, new_spte):
     return old_spte
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", _nrt=False)
 def tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child):
     tdp_set_spte(pa, vt, vm, row, idx, level, make_nonleaf_spte(fmt, child, vt.ad_disabled[vm]))
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages):
     """tdp_mmu_split_huge_page: fill the child with the huge SPTE's pieces, then link it."""
     huge = pa.spt[row, idx]
@@ -179,12 +179,12 @@ def tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pag
     kvm_update_page_stats(vt, vm, level - 1, 512)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def disallowed_child(pa, spte):
     return (pa.sp_flags[spte_to_child_row(spte)] & SPF_NX_DISALLOWED) != 0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
                     huge_page_disallowed, nx_huge_pages, mmio_caching, write):
     """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.
@@ -247,7 +247,7 @@ def kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_lev
     return ret
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tdp_mmu_zap_all(pa, vt, vm):
     """kvm_mmu_zap_all_fast for the TDP MMU: invalidate the root and zap it (no flush).
 
@@ -260,14 +260,14 @@ def tdp_mmu_zap_all(pa, vt, vm):
     vt.root[vm] = -1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def zap_all_vms(pa, vt, vms):
     """kvm_mmu_zap_all_fast for each VM in ``vms``."""
     for k in range(vms.shape[0]):
         tdp_mmu_zap_all(pa, vt, vms[k])
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  True if any changed."""
     root = vt.root[vm]
@@ -294,7 +294,7 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     return changed
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask):
     """clear_dirty_pt_masked with wrprot (no PML): write-protect the 4K SPTEs named by mask."""
     root = vt.root[vm]

@@ -1,0 +1,1 @@
+"""Bundled scenario files (TOML), read with importlib.resources."""
