@@ -1,5 +1,6 @@
 """The public Host: many VMs sharing one set of arenas and one host memory budget."""
 
+import errno
 from typing import NamedTuple
 
 import numpy as np
@@ -94,6 +95,7 @@ class Host:
         self._vcpus = np.zeros(16, np.int64)
         self._vcpu_off = np.zeros(16, np.int64)
         self._maxphyaddr = np.zeros(16, np.int64)
+        self._gen_as1 = np.zeros(16, np.int64)
         self._regs = {k: np.zeros(0, np.int64) for k in ("cr0", "cr3", "cr4", "efer", "rflags", "pkru")}
         self._slot_rec = {}        # (vm, slot) -> record
         self._guest_mem = {}       # vm -> {gfn: uint64[512]}
@@ -111,12 +113,16 @@ class Host:
             raise bad(field, vm, f"no such VM (this host has {self.nvm})")
         return int(vm)
 
-    def _bump_generation(self, vm):
-        # kvm_swap_active_memslots + kvm_arch_memslots_updated / kvm_mmu_invalidate_mmio_sptes
-        gen = int(self.vt.memslots_gen[vm]) + ms.GEN_STEP
+    def _bump_generation(self, vm, as_id=0):
+        # kvm_swap_active_memslots + kvm_arch_memslots_updated / kvm_mmu_invalidate_mmio_sptes.
+        # Each address space has its own generation (AS0 even, AS1 odd); vCPUs here run in AS0.
+        gen = (int(self.vt.memslots_gen[vm]) if as_id == 0 else int(self._gen_as1[vm])) + ms.GEN_STEP
         if (gen & int(MMIO_SPTE_GEN_MASK)) & ~(ms.KVM_ADDRESS_SPACE_NUM - 1) == 0:
             tdp_mmu_zap_all(self.pa, self.vt, vm)
-        self.vt.memslots_gen[vm] = gen
+        if as_id == 0:
+            self.vt.memslots_gen[vm] = gen
+        else:
+            self._gen_as1[vm] = gen
 
     def _set_order(self, vm, recs):
         """Store the VM's AS0 slot list sorted by base_gfn."""
@@ -209,7 +215,7 @@ class Host:
         first, k = self.nvm, int(count)
         need = first + k
         self.vt = grow_vm_table(self.vt, need)
-        for name in ("_order_cap", "_vcpus", "_vcpu_off", "_maxphyaddr"):
+        for name in ("_order_cap", "_vcpus", "_vcpu_off", "_maxphyaddr", "_gen_as1"):
             arr = getattr(self, name)
             if arr.shape[0] < need:
                 setattr(self, name, np.concatenate([arr, np.zeros(max(need, 2 * arr.shape[0]) - arr.shape[0],
@@ -222,6 +228,7 @@ class Host:
         vt.ad_disabled[vms] = 0 if ept_ad else 1
         vt.max_gfn[vms] = (1 << (maxphyaddr - 12)) - 1
         vt.memslots_gen[vms] = 0
+        self._gen_as1[vms] = 1  # kvm_create_vm: slots->generation = as_id
         vt.stats[vms] = 0
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
@@ -268,13 +275,13 @@ class Host:
                     raise einval("gpa", gpa, "no user address space left for a congruent hva")
             ms.check_backing_alignment(bcode, hva, size)
             rec = self._new_records(np.array([vm]), slot, gpa >> 12, size >> 12, hva, flags, bcode)
-            self._bump_generation(vm)
+            self._bump_generation(vm, slot >> 16)
             if as0:
                 self._set_order(vm, np.append(self._order_list(vm), rec))
             return
         if change in ("delete", "move"):
             # kvm_invalidate_memslot: swap in an invalid copy, then kvm_arch_flush_shadow_memslot
-            self._bump_generation(vm)
+            self._bump_generation(vm, slot >> 16)
             tdp_mmu_zap_all(self.pa, self.vt, vm)
             if change == "delete":
                 self._release_host_memory(vm, rec)
@@ -283,7 +290,7 @@ class Host:
                 if as0:
                     lst = self._order_list(vm)
                     self._set_order(vm, lst[lst != rec])
-                self._bump_generation(vm)
+                self._bump_generation(vm, slot >> 16)
                 return
             old_flags = int(st.flags[rec])
             st.base_gfn[rec] = gpa >> 12
@@ -297,10 +304,10 @@ class Host:
             self._apply_flags(vm, rec, old_flags, flags, zap_done=True)
             if as0:
                 self._set_order(vm, self._order_list(vm))
-            self._bump_generation(vm)
+            self._bump_generation(vm, slot >> 16)
             return
         old_flags = int(st.flags[rec])
-        self._bump_generation(vm)
+        self._bump_generation(vm, slot >> 16)
         self._apply_flags(vm, rec, old_flags, flags, zap_done=False)
 
     def _apply_flags(self, vm, rec, old_flags, new_flags, zap_done):
@@ -347,8 +354,12 @@ class Host:
                             "backing": S.BACKING_NAMES[st.backing[rec]]})
         return out
 
-    def memslots_generation(self, vm):
-        return int(self.vt.memslots_gen[self._check_vm(vm)])
+    def memslots_generation(self, vm, as_id=0):
+        """The memslots generation of address space ``as_id`` (bit 63 = update in progress)."""
+        vm = self._check_vm(vm)
+        if as_id not in (0, 1):
+            raise bad("as_id", as_id, "x86 has address spaces 0 and 1 (SMM)")
+        return int(self.vt.memslots_gen[vm] if as_id == 0 else self._gen_as1[vm])
 
     # ------------------------------------------------------------------ vCPUs
     def _vcpu_index(self, vm, vcpu):
@@ -503,14 +514,16 @@ class Host:
     def get_dirty_log(self, vm, slot):
         """KVM_GET_DIRTY_LOG: the slot's bitmap words; clears it and write-protects the dirty pages."""
         vm = self._check_vm(vm)
+        # kvm_get_dirty_log: bad ids are EINVAL; a missing slot or bitmap is ENOENT
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or slot < 0 \
+                or slot >> 16 >= ms.KVM_ADDRESS_SPACE_NUM or slot & 0xFFFF >= ms.KVM_USER_MEM_SLOTS:
+            raise einval("slot", slot, "not a memslot id")
         rec = self._slot_rec.get((vm, slot), -1)
-        if rec < 0:
-            raise einval("slot", slot, "no such memslot")
         st = self.st
-        off = int(st.dirty_off[rec])
+        off = int(st.dirty_off[rec]) if rec >= 0 else -1
         if off < 0:
-            raise BatchMMUError(f"slot={slot}: dirty logging is off for this slot (ENOENT)", field="slot",
-                                value=slot, errno=2)
+            raise BatchMMUError(f"slot={slot}: no such memslot, or dirty logging is off for it (ENOENT)",
+                                field="slot", value=slot, errno=errno.ENOENT)
         words = (int(st.npages[rec]) + 63) // 64
         bm = st.dirty[off:off + words].copy()
         flush = False

@@ -25,6 +25,7 @@ from .spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     MMIO_SPTE_GEN_MASK,
+    NPT_NX,
     PFERR_FETCH_MASK,
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
@@ -86,6 +87,18 @@ WALK_VIOLATION = 1   # EPT violation / #NPF on a not-present or too-weak entry
 WALK_RSVD = 2        # EPT misconfiguration / #NPF with RSVD (MMIO SPTEs)
 
 
+_EPT_DESC_MASK = np.int64(7 | (1 << 7))
+_NPT_DESC_MASK = np.int64(0x87 | (1 << 51)) | NPT_NX
+_NPT_DESC_WANT = np.int64(0x7)
+
+
+@njit(inline="always", _nrt=False)
+def _descend_test(fmt):
+    if fmt == FMT_EPT:
+        return _EPT_DESC_MASK, np.int64(7)
+    return _NPT_DESC_MASK, _NPT_DESC_WANT
+
+
 @njit(inline="always", _nrt=False)
 def tdp_hw_walk(spt, fmt, root, levels, gfn, write, fetch, ad_enabled_vm):
     """The processor's TDP walk for one gpa.  Returns (result, refs, row, idx, level, spte).
@@ -93,13 +106,22 @@ def tdp_hw_walk(spt, fmt, root, levels, gfn, write, fetch, ad_enabled_vm):
     On success the accessed (and, for writes, dirty) bit of the leaf is set as the
     hardware does when A/D bits are enabled; upper levels already have A set.
     """
-    row = root
-    level = np.int64(levels)
-    refs = 0
+    return tdp_hw_walk_from(spt, fmt, root, np.int64(levels), 0, gfn, write, fetch, ad_enabled_vm)
+
+
+@njit(inline="always", _nrt=False)
+def tdp_hw_walk_from(spt, fmt, row, level, refs, gfn, write, fetch, ad_enabled_vm):
+    """The same walk entered at table ``row`` of ``level`` with ``refs`` references already made."""
+    desc_mask, desc_want = _descend_test(fmt)
     while True:
         idx = (gfn >> ((level - 1) * 9)) & 511
         spte = spt[row, idx]
         refs += 1
+        if level > 1 and (spte & desc_mask) == desc_want:
+            # common case: a table entry granting everything (what make_nonleaf_spte builds)
+            row = spte_to_child_row(spte)
+            level -= 1
+            continue
         if hw_rsvd_fault(fmt, spte):
             return WALK_RSVD, refs, row, idx, level, spte
         if not hw_present(fmt, spte):
@@ -135,7 +157,7 @@ def restore_acc_track_spte(spte):
     return spte | saved
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
     """fast_page_fault (mmu.c), TDP MMU flavour.  Returns a RET_PF_* code."""
     # page_fault_can_be_fast (the fault is never RSVD here)
@@ -184,7 +206,7 @@ def host_page_needs_budget(st, host, rec, gfn):
     return host[HOST_USED_BYTES] + nbytes > host[HOST_BUDGET_BYTES]
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rsvd, write, fetch):
     """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
     ad_enabled_vm = vt.ad_disabled[vm] == 0
@@ -220,8 +242,8 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rs
                            huge_page_disallowed, nx_huge_pages, mmio_caching, write)
 
 
-@njit(cache=True, _nrt=False)
-def handle_mmio_page_fault(pa, vt, vm, fmt, gfn, row, idx, spte, mmio_caching):
+@njit(inline="always", _nrt=False)
+def handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
     """handle_mmio_page_fault: True = emulate now, False = stale generation (slow path)."""
     if not is_mmio_spte(fmt, spte, mmio_caching):
         return False
@@ -231,16 +253,81 @@ def handle_mmio_page_fault(pa, vt, vm, fmt, gfn, row, idx, spte, mmio_caching):
     return (gen & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
 
 
+@njit(inline="always", _nrt=False)
+def kvm_handle_exit(pa, vt, st, host, cfg, vm, fmt, gfn, write, fetch, res, refs, spte):
+    """One TDP exit (EPT violation / misconfiguration, #NPF): kvm_mmu_page_fault and the retry.
+
+    Returns (outcome, error code); outcome -1 means the host budget cannot back the page
+    and nothing was changed.
+    """
+    mmio_caching = cfg[CFG_MMIO_CACHING] != 0
+    err = 0
+    if res == WALK_RSVD:
+        err = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+    else:
+        if hw_present(fmt, spte):
+            err |= PFERR_PRESENT_MASK
+        if write:
+            err |= PFERR_WRITE_MASK
+        elif fetch:
+            err |= PFERR_FETCH_MASK
+        if fmt == FMT_EPT:
+            if not write and not fetch:
+                err |= PFERR_USER_MASK  # EPT: ACC_READ is reported as PFERR_USER
+        else:
+            err |= PFERR_USER_MASK  # NPT walks are user accesses
+    stats = vt.stats
+    if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
+        stats[vm, ST_ACCESSES] += 1
+        stats[vm, ST_WALK_REFS] += refs
+        return OUT_MMIO, err
+    rec = gfn_to_memslot(vt, st, vm, gfn)
+    if rec >= 0 and not (write and slot_readonly(st, rec)) and host_page_needs_budget(st, host, rec, gfn):
+        return -1, 0
+    stats[vm, ST_ACCESSES] += 1
+    stats[vm, ST_WALK_REFS] += refs
+    stats[vm, ST_PF_TAKEN] += 1
+    present = (err & PFERR_PRESENT_MASK) != 0 and res != WALK_RSVD
+    r = kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, res == WALK_RSVD,
+                               write, fetch)
+    if r == RET_PF_FIXED:
+        stats[vm, ST_PF_FIXED] += 1
+        outcome = OUT_FIXED
+    elif r == RET_PF_SPURIOUS:
+        stats[vm, ST_PF_SPURIOUS] += 1
+        outcome = OUT_SPURIOUS
+    else:
+        stats[vm, ST_PF_EMULATE] += 1
+        return (OUT_MMIO if rec < 0 else OUT_EMULATED), err
+    # The guest re-executes the access; it now translates.
+    res, refs2, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.root[vm], vt.levels[vm], gfn, write,
+                                                    fetch, vt.ad_disabled[vm] == 0)
+    stats[vm, ST_WALK_REFS] += refs2
+    return outcome, err
+
+
+@njit(inline="always", _nrt=False)
+def _flush_pending(stats, vm, n_acc, n_refs):
+    if vm >= 0:
+        stats[vm, ST_ACCESSES] += n_acc
+        stats[vm, ST_WALK_REFS] += n_refs
+
+
 @njit(cache=True, _nrt=False)
 def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outcome, out_err):
     """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*)."""
     n = ev_vm.shape[0]
-    mmio_caching = cfg[CFG_MMIO_CACHING] != 0
     # Hot arrays as locals: helpers that take whole bundles pay reference counting per call.
     spt, ctl, stats = pa.spt, pa.ctl, vt.stats
     roots, fmts, levels, ad_disabled = vt.root, vt.fmt, vt.levels, vt.ad_disabled
+    # HIT statistics of a run of events for one VM are summed locally and flushed on change.
+    pend_vm, pend_acc, pend_refs = -1, 0, 0
+    # The last walk's leaf table: a later walk of the same VM under the same upper entries
+    # starts there with the same reference count (exact while no SPTE changed: only HITs).
+    memo_vm, memo_key, memo_row, memo_level, memo_refs = -1, 0, 0, 1, 0
     for i in range(start, n):
         if ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
+            _flush_pending(stats, pend_vm, pend_acc, pend_refs)
             return i, STOP_NEED_PAGES
         vm = ev_vm[i]
         gpa = ev_addr[i]
@@ -249,65 +336,35 @@ def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outc
         fetch = (kind & PFERR_FETCH_MASK) != 0
         fmt = fmts[vm]
         gfn = gpa >> 12
-        root = roots[vm]
-        if root < 0:
-            root = mmu_alloc_root(pa, vt, vm)  # kvm_mmu_load at vCPU entry
         ad_enabled_vm = ad_disabled[vm] == 0
-        res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, root, levels[vm], gfn, write,
-                                                       fetch, ad_enabled_vm)
+        if vm == memo_vm and (gfn >> (9 * memo_level)) == memo_key:
+            res, refs, row, idx, level, spte = tdp_hw_walk_from(spt, fmt, memo_row, memo_level, memo_refs - 1,
+                                                                gfn, write, fetch, ad_enabled_vm)
+        else:
+            root = roots[vm]
+            if root < 0:
+                root = mmu_alloc_root(pa, vt, vm)  # kvm_mmu_load at vCPU entry
+            res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, root, levels[vm], gfn, write,
+                                                           fetch, ad_enabled_vm)
         if res == WALK_OK:
-            stats[vm, ST_ACCESSES] += 1
-            stats[vm, ST_WALK_REFS] += refs
+            memo_vm, memo_key, memo_row, memo_level, memo_refs = vm, gfn >> (9 * level), row, level, refs
+            if vm != pend_vm:
+                _flush_pending(stats, pend_vm, pend_acc, pend_refs)
+                pend_vm, pend_acc, pend_refs = vm, 0, 0
+            pend_acc += 1
+            pend_refs += refs
             out_outcome[i] = OUT_HIT
             out_err[i] = 0
             continue
-        # An exit: EPT violation / misconfig, or #NPF.  Build the error code.
-        err = 0
-        if res == WALK_RSVD:
-            err = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
-        else:
-            if hw_present(fmt, spte):
-                err |= PFERR_PRESENT_MASK
-            if write:
-                err |= PFERR_WRITE_MASK
-            elif fetch:
-                err |= PFERR_FETCH_MASK
-            if fmt == FMT_EPT:
-                if not write and not fetch:
-                    err |= PFERR_USER_MASK  # EPT: ACC_READ reported as PFERR_USER
-            else:
-                err |= PFERR_USER_MASK  # NPT walks are user accesses
-        if res == WALK_RSVD and handle_mmio_page_fault(pa, vt, vm, fmt, gfn, row, idx, spte,
-                                                       mmio_caching):
-            vt.stats[vm, ST_ACCESSES] += 1
-            vt.stats[vm, ST_WALK_REFS] += refs
-            out_outcome[i] = OUT_MMIO
-            out_err[i] = err
-            continue
-        rec = gfn_to_memslot(vt, st, vm, gfn)
-        if rec >= 0 and not (write and slot_readonly(st, rec)) and host_page_needs_budget(st, host, rec,
-                                                                                           gfn):
-            return i, STOP_HOST_OOM
-        vt.stats[vm, ST_ACCESSES] += 1
-        vt.stats[vm, ST_WALK_REFS] += refs
-        vt.stats[vm, ST_PF_TAKEN] += 1
-        present = (err & PFERR_PRESENT_MASK) != 0 and res != WALK_RSVD
-        r = kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, res == WALK_RSVD,
-                                   write, fetch)
+        _flush_pending(stats, pend_vm, pend_acc, pend_refs)
+        pend_vm, pend_acc, pend_refs = -1, 0, 0
+        memo_vm = -1
+        # An exit: EPT violation / misconfig, or #NPF.
+        outcome, err = kvm_handle_exit(pa, vt, st, host, cfg, vm, fmt, gfn, write, fetch, res, refs, spte)
+        if outcome < 0:
+            return i, STOP_HOST_OOM  # nothing applied for this event; pending stats flushed above
+        out_outcome[i] = outcome
         out_err[i] = err
-        if r == RET_PF_FIXED:
-            vt.stats[vm, ST_PF_FIXED] += 1
-            out_outcome[i] = OUT_FIXED
-        elif r == RET_PF_SPURIOUS:
-            vt.stats[vm, ST_PF_SPURIOUS] += 1
-            out_outcome[i] = OUT_SPURIOUS
-        else:
-            vt.stats[vm, ST_PF_EMULATE] += 1
-            out_outcome[i] = OUT_MMIO if rec < 0 else OUT_EMULATED
-            continue
-        # The guest re-executes the access; it now translates.
-        res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, vt.root[vm], levels[vm], gfn, write,
-                                                       fetch, ad_enabled_vm)
-        vt.stats[vm, ST_WALK_REFS] += refs
+    _flush_pending(stats, pend_vm, pend_acc, pend_refs)
     return n, STOP_DONE
 

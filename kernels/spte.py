@@ -314,9 +314,12 @@ def get_mmio_spte_generation(spte):
     return gen
 
 
+_MMIO_GFN_MASK = _bits(12, 50)
+
+
 @njit(inline="always", _nrt=False)
 def get_mmio_spte_gfn(spte):
-    return (spte & _bits(12, 50)) >> PAGE_SHIFT
+    return (spte & _MMIO_GFN_MASK) >> PAGE_SHIFT
 
 
 # --- constructors (spte.c) -------------------------------------------------------------
@@ -353,8 +356,8 @@ def make_leaf_spte(fmt, level, pte_access, pfn, host_writable, ad_disabled, nx_h
     if ad_disabled:
         spte |= SPTE_TDP_AD_DISABLED
     spte |= shadow_present_mask(fmt)
-    if not ad_disabled:
-        spte |= shadow_accessed_mask(fmt)
+    # Since v6.13 the accessed/dirty masks are set even on A/D-disabled SPTEs (the CPU ignores them).
+    spte |= shadow_accessed_mask(fmt)
     if level > PG_LEVEL_4K and (pte_access & ACC_EXEC_MASK) and nx_huge_pages:
         pte_access &= ~ACC_EXEC_MASK
     if pte_access & ACC_EXEC_MASK:
@@ -372,9 +375,7 @@ def make_leaf_spte(fmt, level, pte_access, pfn, host_writable, ad_disabled, nx_h
         pte_access &= ~ACC_WRITE_MASK
     spte |= pfn << PAGE_SHIFT
     if pte_access & ACC_WRITE_MASK:
-        spte |= PT_WRITABLE_MASK | shadow_mmu_writable_mask(fmt)
-        if not ad_disabled:
-            spte |= shadow_dirty_mask(fmt)  # spte_shadow_dirty_mask: D pre-set on writable SPTEs
+        spte |= PT_WRITABLE_MASK | shadow_mmu_writable_mask(fmt) | shadow_dirty_mask(fmt)  # D pre-set
     return spte
 
 

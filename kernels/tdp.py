@@ -144,7 +144,7 @@ def handle_removed_pt(pa, vt, vm, top_row, top_level):
         idx += 1
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def tdp_set_spte(pa, vt, vm, row, idx, level, new_spte):
     """The chokepoint: every SPTE change goes here (tdp_mmu_set_spte + handle_changed_spte)."""
     old_spte = pa.spt[row, idx]
@@ -179,12 +179,12 @@ def tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pag
     kvm_update_page_stats(vt, vm, level - 1, 512)
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def disallowed_child(pa, spte):
     return (pa.sp_flags[spte_to_child_row(spte)] & SPF_NX_DISALLOWED) != 0
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
                     huge_page_disallowed, nx_huge_pages, mmio_caching, write):
     """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.
