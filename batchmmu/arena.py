@@ -66,9 +66,8 @@ def grow_page_arena(pa, min_free):
     if top >= min_free:
         return pa
     new_cap = max(2 * cap, cap + (min_free - top))
-    spt = np.empty((new_cap, 512), dtype=np.int64)
+    spt = np.empty((new_cap, 512), dtype=np.int64)  # new rows are filled when handed out
     spt[:cap] = pa.spt
-    spt[cap:] = SHADOW_NONPRESENT_VALUE
     free = np.empty(new_cap, np.int64)
     # new rows go below the old free rows so the old ones are reused first
     added = new_cap - cap

@@ -77,7 +77,9 @@ def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
     row = pa.free[top]
     pa.ctl[CTL_FREE_TOP] = top
     pa.ctl[CTL_USED] += 1
-    pa.spt[row, :] = SHADOW_NONPRESENT_VALUE
+    spt = pa.spt
+    for k in range(512):
+        spt[row, k] = SHADOW_NONPRESENT_VALUE
     pa.sp_vm[row] = vm
     pa.sp_level[row] = level
     pa.sp_gfn[row] = gfn
