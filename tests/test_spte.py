@@ -224,10 +224,11 @@ def test_leaf_ept_ad_disabled_type_and_permissions():
 
 def test_leaf_ept_ad_disabled_exact_v6_18():
     # Recent kernels (the 6.18 oracle kernel; older ones set the masks to 0): kvm_mmu_set_ept_masks
-    # sets shadow_accessed_mask = bit 8 and shadow_dirty_mask = bit 9 even without EPT A/D (kvm_ad_enabled = false), and make_spte ORs
-    # them in unconditionally ("if (!prefetch || synchronizing) spte |= shadow_accessed_mask"; a
-    # writable SPTE gets "PT_WRITABLE_MASK | shadow_mmu_writable_mask | shadow_dirty_mask").  The CPU
-    # ignores bits 8/9 when EPTP A/D is off; the AD type field (bits 52-53 = 01) marks the SPTE.
+    # sets shadow_accessed_mask = bit 8 and shadow_dirty_mask = bit 9 even without EPT A/D
+    # (kvm_ad_enabled = false), and make_spte ORs them in unconditionally: "if (!prefetch ||
+    # synchronizing) spte |= shadow_accessed_mask"; a writable SPTE gets "PT_WRITABLE_MASK |
+    # shadow_mmu_writable_mask | shadow_dirty_mask".  The CPU ignores bits 8/9 when EPTP A/D is off;
+    # the AD type field (bits 52-53 = 01) marks the SPTE.
     expect = bits(11, 52, 63, 8, 2, 0) | MT_WB_IPAT | bits(57, 1, 58, 9) | (PFN_4K << 12)
     assert _leaf(S.FMT_EPT, 1, PFN_4K, ad_disabled=True) == expect
 
