@@ -49,6 +49,7 @@ def warmup():
         h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=MEM_LOG_DIRTY_PAGES)
         h.access(vm, 0, 1 << 30, ACC_WRITE)
         h.get_dirty_log(vm, 1)
+        h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=0)
         h.set_memslot(vm, 1, 1 << 30, 0)
     return time.perf_counter() - t
 

@@ -29,7 +29,7 @@ def cmd_run(args):
     if not args.quiet:
         print(f"kernels ready in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     rep = sc.run_scenario(args.scenario, workers=args.workers, backend=args.backend, seed=args.seed,
-                          sets=args.set, quiet=args.quiet, progress=True)
+                          sets=args.set, quiet=args.quiet, progress=True, ray_address=args.ray_address)
     if args.json:
         with open(args.json, "w") as f:
             f.write(rep.to_json())
@@ -53,6 +53,7 @@ def main(argv=None):
     r.add_argument("--workers", type=int, default=1)
     r.add_argument("--backend", choices=("serial", "process", "ray"), default="serial")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster (backend ray)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario parameter (repeatable)")
     r.add_argument("--json", metavar="PATH", help="write the full report as JSON")

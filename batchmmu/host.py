@@ -23,7 +23,12 @@ from .kernels import state as S
 from .kernels.events import EV_BAD_ADDR, EV_BAD_KIND, EV_BAD_VCPU, EV_BAD_VM, validate_events
 from .kernels.fault import access_batch
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
-from .kernels.tdp import tdp_clear_dirty_pt_masked, tdp_mmu_zap_all, tdp_wrprot_gfn_range
+from .kernels.tdp import (
+    tdp_clear_dirty_pt_masked,
+    tdp_mmu_zap_all,
+    tdp_recover_huge_pages,
+    tdp_wrprot_gfn_range,
+)
 from .units import format_size, parse_size
 
 # Sizes KVM allocates, used by footprint() (x86-64, ~v6.10)
@@ -318,15 +323,21 @@ class Host:
         if not toggled:
             return
         words = (int(st.npages[rec]) + 63) // 64
-        if new_flags & S.KVM_MEM_LOG_DIRTY_PAGES:
+        logging_on = bool(new_flags & S.KVM_MEM_LOG_DIRTY_PAGES)
+        if logging_on:
             st.dirty_off[rec] = self._dirty.alloc(2 * words)
             self._sync_pools()
-            if not zap_done:
-                base, n = int(st.base_gfn[rec]), int(st.npages[rec])
-                tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, 1)
-                self._flush_remote_tlbs(vm)  # "unconditionally flush the TLBs after enabling"
         else:
             st.dirty_off[rec] = -1
+        # kvm_mmu_slot_apply_flags: nothing more for moves or read-only slots
+        if zap_done or new_flags & S.KVM_MEM_READONLY:
+            return
+        if logging_on:
+            base, n = int(st.base_gfn[rec]), int(st.npages[rec])
+            tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, 1)
+            self._flush_remote_tlbs(vm)  # "unconditionally flush the TLBs after enabling"
+        elif tdp_recover_huge_pages(self.pa, self.vt, self.st, self.cfg, vm, rec):
+            self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
 
     def _flush_remote_tlbs(self, vm):
         self.vt.stats[vm, S.ST_REMOTE_TLB_FLUSH_REQUESTS] += 1

@@ -25,14 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .constants import ACC_WRITE, MEM_LOG_DIRTY_PAGES
 from .errors import BatchMMUError
-from .host import Host
 from .kernels.state import GAUGE_STATS, STAT_NAMES
 from .units import format_size, parse_size
 
-TEST_SLOT = 1
-CHUNK_EVENTS = 1 << 22
 _VAR = re.compile(r"^\$\{(\w+)\}$")
 
 
@@ -163,209 +159,155 @@ def _check_keys(section, d, text, origin):
 
 
 # ----------------------------------------------------------------------------- running
-class _Run:
-    def __init__(self, spec, text, origin, seed, quiet, progress):
-        self.origin, self.text = origin, text
-        self.params = spec.get("params", {})
-        r = _resolve({k: v for k, v in spec.items() if k != "params"}, self.params, "scenario")
-        for sec in ("host", "workload"):
-            _check_keys(sec, r.get(sec, {}), text, origin)
-        groups = r.get("vm_group", [])
-        if isinstance(groups, dict):
-            groups = [groups]
-        if not groups:
-            raise BatchMMUError(f"{origin}: needs at least one [[vm_group]]", field="vm_group", value=None)
-        for g in groups:
-            _check_keys("vm_group", g, text, origin)
-        phases = r.get("phase", [])
-        if not phases:
-            raise BatchMMUError(f"{origin}: needs at least one [[phase]]", field="phase", value=None)
-        for ph in phases:
-            _check_keys("phase", ph, text, origin)
-        self.name = r.get("name", Path(origin).stem)
-        self.host_kw, self.wl = dict(r.get("host", {})), dict(r.get("workload", {}))
-        self.groups, self.phases = groups, phases
-        self.rng = np.random.default_rng(seed)
-        self.quiet, self.progress = quiet, progress
-
-    def log(self, msg):
-        if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    def build(self):
-        wl = self.wl
-        self.bpv = parse_size(wl.get("bytes_per_vcpu", "1MiB"), "workload.bytes_per_vcpu")
-        self.stride = parse_size(wl.get("stride", 4096), "workload.stride")
-        if self.bpv <= 0 or self.bpv % 4096 or self.stride <= 0 or self.stride % 4096:
-            raise BatchMMUError("workload.bytes_per_vcpu and workload.stride must be positive multiples of 4096",
-                                field="workload.bytes_per_vcpu", value=self.bpv)
-        self.region = wl.get("region", "top")
-        if self.region not in ("top", "slot0"):
-            raise BatchMMUError(f"workload.region={self.region!r}: use 'top' or 'slot0'", field="workload.region",
-                                value=self.region)
-        self.pattern = wl.get("pattern", "sequential")
-        if self.pattern not in ("sequential", "random"):
-            raise BatchMMUError(f"workload.pattern={self.pattern!r}: use 'sequential' or 'random'",
-                                field="workload.pattern", value=self.pattern)
-        wp = wl.get("write_percent", 100)
-        if not isinstance(wp, int) or not 0 <= wp <= 100:
-            raise BatchMMUError(f"workload.write_percent={wp!r}: must be an integer 0..100",
-                                field="workload.write_percent", value=wp)
-        self.write_percent = wp
-        kw = dict(self.host_kw)
-        need = 0
-        for g in self.groups:
-            per_vm = g.get("vcpus", 1) * self.bpv
-            slot0 = parse_size(g.get("memory", "2MiB"), "vm_group.memory")
-            need += int(g.get("count", 1)) * (per_vm + (slot0 if self.region == "top" else 0))
-        if kw.get("memory", "auto") == "auto":
-            kw["memory"] = max(need, 1 << 30)
-        self.host = Host(**kw)
-        self.vm_vcpus = []
-        self.test_base = []   # per VM: gpa of the test region
-        for g in self.groups:
-            g = dict(g)
-            count = g.pop("count", 1)
-            vcpus = g.get("vcpus", 1)
-            if self.region == "slot0":
-                g["memory"] = max(parse_size(g.get("memory", 0), "vm_group.memory"), vcpus * self.bpv)
-            vms = self.host.create_vms(count, **g)
-            size = vcpus * self.bpv
-            for vm in vms:
-                vm = int(vm)
-                if self.region == "top":
-                    # memstress: test memory at the top of guest physical memory, aligned to the backing
-                    maxphy = g.get("maxphyaddr", 46)
-                    backing = wl.get("slot_backing", g.get("backing", self.host_kw.get("backing", "thp")))
-                    align = {"hugetlb-1g": 1 << 30}.get(backing, 1 << 21)
-                    gpa = ((1 << maxphy) - size) & ~(align - 1)
-                    self.host.set_memslot(vm, TEST_SLOT, gpa, size, backing=backing)
-                else:
-                    gpa = 0
-                self.vm_vcpus.append(vcpus)
-                self.test_base.append(gpa)
-        self.nvm = self.host.nvm
-
-    def _events(self, chunk_pages, pass_no):
-        """Yield (vm, vcpu, addr, kind) arrays: every vCPU touches its own partition once."""
-        pages = self.bpv // self.stride
-        vm_ids, vcpu_ids, bases = [], [], []
-        for vm in range(self.nvm):
-            for c in range(self.vm_vcpus[vm]):
-                vm_ids.append(vm)
-                vcpu_ids.append(c)
-                bases.append(self.test_base[vm] + c * self.bpv)
-        vm_ids, vcpu_ids, bases = (np.array(x, np.int64) for x in (vm_ids, vcpu_ids, bases))
-        nthreads = vm_ids.size
-        if self.pattern == "random":
-            order = np.stack([self.rng.permutation(pages) for _ in range(nthreads)])
-        else:
-            order = None
-        step = max(1, chunk_pages // max(1, nthreads))
-        for p0 in range(0, pages, step):
-            p1 = min(pages, p0 + step)
-            idx = np.arange(p0, p1, dtype=np.int64) if order is None else order[:, p0:p1]
-            if order is None:
-                offs = np.broadcast_to(idx, (nthreads, p1 - p0))
-            else:
-                offs = idx
-            # round-robin over vCPUs (threads run concurrently; partitions are disjoint)
-            addr = (bases[:, None] + offs * self.stride).T.ravel()
-            vm = np.broadcast_to(vm_ids, (p1 - p0, nthreads)).ravel()
-            vc = np.broadcast_to(vcpu_ids, (p1 - p0, nthreads)).ravel()
-            if self.write_percent >= 100:
-                kind = np.full(addr.size, ACC_WRITE, np.int64)
-            elif self.write_percent <= 0:
-                kind = np.zeros(addr.size, np.int64)
-            else:
-                kind = np.where(self.rng.integers(0, 100, addr.size) < self.write_percent, ACC_WRITE, 0)
-            yield vm, vc, addr, kind
-
-    def run_phase(self, ph):
+def resolve(data, text="", origin="<dict>"):
+    """Check a parsed scenario and resolve it into the plain spec every shard runs."""
+    params = data.get("params", {})
+    r = _resolve({k: v for k, v in data.items() if k != "params"}, params, "scenario")
+    for sec in ("host", "workload"):
+        _check_keys(sec, r.get(sec, {}), text, origin)
+    groups = r.get("vm_group", [])
+    if isinstance(groups, dict):
+        groups = [groups]
+    if not groups:
+        raise BatchMMUError(f"{origin}: needs at least one [[vm_group]]", field="vm_group", value=None)
+    for g in groups:
+        _check_keys("vm_group", g, text, origin)
+        c = g.get("count", 1)
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise BatchMMUError(f"vm_group.count={c!r}: must be a positive integer", field="vm_group.count", value=c)
+    phases = r.get("phase", [])
+    if not phases:
+        raise BatchMMUError(f"{origin}: needs at least one [[phase]]", field="phase", value=None)
+    for ph in phases:
+        _check_keys("phase", ph, text, origin)
         op = ph.get("op", "access")
-        name = ph.get("name", op)
-        t0 = time.perf_counter()
-        events = 0
-        extra = {}
-        if op == "access":
-            passes = int(ph.get("passes", 1))
-            total = passes * sum(self.vm_vcpus) * (self.bpv // self.stride)
-            bar = _Progress(name, total, self.progress and not self.quiet)
-            for p in range(passes):
-                for vm, vc, addr, kind in self._events(CHUNK_EVENTS, p):
-                    self.host.access(vm, vc, addr, kind)
-                    events += addr.size
-                    bar.update(events)
-            bar.close()
-        elif op == "dirty_log":
-            enable = bool(ph.get("enable", True))
-            for vm in range(self.nvm):
-                slot = TEST_SLOT if self.region == "top" else 0
-                info = [m for m in self.host.memslots(vm) if m["slot"] == slot][0]
-                flags = (info["flags"] | MEM_LOG_DIRTY_PAGES) if enable else (info["flags"] & ~MEM_LOG_DIRTY_PAGES)
-                self.host.set_memslot(vm, slot, info["gpa"], info["size"], flags)
-        elif op == "get_dirty_log":
-            dirty = 0
-            for vm in range(self.nvm):
-                bm = self.host.get_dirty_log(vm, TEST_SLOT if self.region == "top" else 0)
-                dirty += int(np.unpackbits(bm.view(np.uint8)).sum())
-            extra["dirty_pages"] = dirty
-        else:
+        if op not in ("access", "dirty_log", "get_dirty_log"):
             raise BatchMMUError(f"phase.op={op!r}: use access, dirty_log or get_dirty_log", field="phase.op",
                                 value=op)
-        dt = time.perf_counter() - t0
-        totals = {k: int(v.sum()) for k, v in self.host.stats().items()}
-        rec = {"name": name, "op": op, "seconds": round(dt, 6), "events": events,
-               "events_per_s": round(events / dt) if dt > 0 and events else 0, **extra, "stats": totals}
-        self.log(f"  phase {name:<14} {dt:8.3f} s  {events:>12,} events"
-                 + (f"  {events / dt / 1e6:8.2f} M/s" if events and dt > 0 else ""))
-        return rec
+    wl = dict(r.get("workload", {}))
+    bpv = parse_size(wl.get("bytes_per_vcpu", "1MiB"), "workload.bytes_per_vcpu")
+    stride = parse_size(wl.get("stride", 4096), "workload.stride")
+    if bpv <= 0 or bpv % 4096:
+        raise BatchMMUError(f"workload.bytes_per_vcpu={bpv!r}: must be a positive multiple of 4096",
+                            field="workload.bytes_per_vcpu", value=bpv)
+    if stride <= 0 or stride % 4096:
+        raise BatchMMUError(f"workload.stride={stride!r}: must be a positive multiple of 4096",
+                            field="workload.stride", value=stride)
+    region = wl.get("region", "top")
+    if region not in ("top", "slot0"):
+        raise BatchMMUError(f"workload.region={region!r}: use 'top' or 'slot0'", field="workload.region",
+                            value=region)
+    pattern = wl.get("pattern", "sequential")
+    if pattern not in ("sequential", "random"):
+        raise BatchMMUError(f"workload.pattern={pattern!r}: use 'sequential' or 'random'",
+                            field="workload.pattern", value=pattern)
+    wp = wl.get("write_percent", 100)
+    if isinstance(wp, bool) or not isinstance(wp, int) or not 0 <= wp <= 100:
+        raise BatchMMUError(f"workload.write_percent={wp!r}: must be an integer 0..100",
+                            field="workload.write_percent", value=wp)
+    host = dict(r.get("host", {}))
+    mem = host.pop("memory", "auto")
+    if mem == "auto":
+        need = 0
+        for g in groups:
+            slot0 = parse_size(g.get("memory", "2MiB"), "vm_group.memory")
+            need += int(g.get("count", 1)) * (int(g.get("vcpus", 1)) * bpv + (slot0 if region == "top" else 0))
+        mem = max(need, 1 << 30)
+    return {"name": r.get("name", Path(origin).stem), "params": params, "host": host,
+            "host_memory": parse_size(mem, "host.memory"), "groups": groups, "workload": wl,
+            "phases": phases, "bpv": bpv, "stride": stride, "region": region, "pattern": pattern,
+            "write_percent": wp}
 
 
 class _Progress:
-    def __init__(self, name, total, enabled):
-        self.name, self.total = name, max(1, total)
-        self.enabled = enabled and sys.stderr.isatty()
-        self.t0 = time.perf_counter()
+    def __init__(self, quiet):
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.name, self.total, self.done, self.t0 = "", 1, 0, time.perf_counter()
 
-    def update(self, done):
+    def start(self, name, total):
+        self.name, self.total, self.done, self.t0 = name, max(1, total), 0, time.perf_counter()
+
+    def __call__(self, n):
+        self.done += n
         if not self.enabled:
             return
-        frac = min(1.0, done / self.total)
-        rate = done / max(1e-9, time.perf_counter() - self.t0)
-        bar = "#" * int(30 * frac)
-        print(f"\r  {self.name:<14} [{bar:<30}] {100 * frac:5.1f}%  {rate / 1e6:7.2f} M ev/s", end="",
-              file=sys.stderr, flush=True)
+        frac = min(1.0, self.done / self.total)
+        rate = self.done / max(1e-9, time.perf_counter() - self.t0)
+        print(f"\r  {self.name:<14} [{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {rate / 1e6:7.2f} M ev/s",
+              end="", file=sys.stderr, flush=True)
 
     def close(self):
         if self.enabled:
             print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
 
 
-def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=True, progress=False):
-    """Run a scenario (bundled name, path, or an already-parsed dict) and return a Report."""
-    if backend != "serial" or workers != 1:
-        raise BatchMMUError(f"backend={backend!r} workers={workers!r}: only the serial backend with one worker "
-                            "exists so far", field="backend", value=backend)
+def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=True, progress=False,
+                 ray_address=None):
+    """Run a scenario (bundled name, path, or a parsed dict) on ``workers`` shards; returns a Report.
+
+    The same scenario and seed give identical totals and per-VM statistics for any worker count
+    and backend.
+    """
+    from .backends import BACKENDS, RayBackend
+    from .shard import split, total_events
+    if backend not in BACKENDS:
+        raise BatchMMUError(f"backend={backend!r}: use serial, process or ray", field="backend", value=backend)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise BatchMMUError(f"workers={workers!r}: must be a positive integer", field="workers", value=workers)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise BatchMMUError(f"seed={seed!r}: must be an integer", field="seed", value=seed)
     if isinstance(scenario, dict):
         data, text, origin = scenario, "", "<dict>"
     else:
         data, text, origin = load_scenario(scenario)
     data = apply_overrides(data, sets)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise BatchMMUError(f"seed={seed!r}: must be an integer", field="seed", value=seed)
-    run = _Run(data, text, origin, seed, quiet, progress)
+    spec = resolve(data, text, origin)
+    parts = split(spec, workers)
+    nvm = sum(len(p) for p in parts)
+    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    bar = _Progress(quiet or not progress)
     t0 = time.perf_counter()
-    run.build()
-    run.log(f"{run.name}: {run.nvm} VMs, {sum(run.vm_vcpus)} vCPUs, {format_size(run.bpv)} per vCPU "
-            f"(setup {time.perf_counter() - t0:.2f} s)")
-    phases = [run.run_phase(ph) for ph in run.phases]
-    stats = run.host.stats()
-    totals = {k: int(v.sum()) for k, v in stats.items()}
-    per_vm = {k: v.tolist() for k, v in stats.items()}
-    params = dict(run.params)
+    kw = {"address": ray_address} if backend == "ray" else {}
+    be = (RayBackend if backend == "ray" else BACKENDS[backend])(spec, seed, parts, bar, **kw)
+    try:
+        say(f"{spec['name']}: {nvm} VMs on {len(parts)} {backend} worker(s), "
+            f"{format_size(spec['bpv'])} per vCPU (setup {time.perf_counter() - t0:.2f} s)")
+        stats = np.zeros((nvm, len(STAT_NAMES)), np.int64)
+        phases = []
+        for k, ph in enumerate(spec["phases"]):
+            name = ph.get("name", ph.get("op", "access"))
+            bar.start(name, total_events(spec, k))
+            tp = time.perf_counter()
+            results = be.run_phase(k)
+            dt = time.perf_counter() - tp
+            bar.close()
+            used = sum(r["host_used"] for r in results)
+            if used > spec["host_memory"]:
+                raise BatchMMUError(f"host.memory={spec['host_memory']}: the VMs use {used} bytes of host memory "
+                                    f"after phase {name!r}; give the host more memory", field="host.memory",
+                                    value=spec["host_memory"])
+            for part, r in zip(parts, results, strict=True):
+                stats[part] = r["stats"]
+            events = sum(r["events"] for r in results)
+            rec = {"name": name, "op": ph.get("op", "access"), "seconds": round(dt, 6),
+                   "worker_seconds": [round(r["seconds"], 6) for r in results], "events": events,
+                   "events_per_s": round(events / dt) if dt > 0 and events else 0}
+            for r in results:
+                for key, v in r["extra"].items():
+                    rec[key] = rec.get(key, 0) + v
+            rec["stats"] = {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
+            phases.append(rec)
+            say(f"  phase {name:<14} {dt:8.3f} s  {events:>12,} events"
+                + (f"  {events / dt / 1e6:8.2f} M/s" if events and dt > 0 else ""))
+        fps = be.footprints()
+    finally:
+        be.close()
+    footprint = {k: sum(f[k] for f in fps) for k in fps[0]}
+    totals = {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
+    per_vm = {n: stats[:, i].tolist() for i, n in enumerate(STAT_NAMES)}
+    params = dict(spec["params"])
     params["seed"] = seed
-    return Report(run.name, params, totals, per_vm, phases, run.host.footprint())
+    return Report(spec["name"], params, totals, per_vm, phases, footprint)
 
 
 def summary(report):

@@ -262,20 +262,22 @@ def kvm_handle_exit(pa, vt, st, host, cfg, vm, fmt, gfn, write, fetch, res, refs
     """
     mmio_caching = cfg[CFG_MMIO_CACHING] != 0
     err = 0
-    if res == WALK_RSVD:
-        err = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+    if res == WALK_RSVD and fmt == FMT_EPT:
+        err = PFERR_RSVD_MASK  # handle_ept_misconfig passes PFERR_RSVD_MASK alone
     else:
-        if hw_present(fmt, spte):
-            err |= PFERR_PRESENT_MASK
+        if res == WALK_RSVD:
+            err = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+        elif hw_present(fmt, spte):
+            err = PFERR_PRESENT_MASK
         if write:
             err |= PFERR_WRITE_MASK
         elif fetch:
             err |= PFERR_FETCH_MASK
         if fmt == FMT_EPT:
             if not write and not fetch:
-                err |= PFERR_USER_MASK  # EPT: ACC_READ is reported as PFERR_USER
+                err |= PFERR_USER_MASK  # __vmx_handle_ept_violation: ACC_READ is reported as PFERR_USER
         else:
-            err |= PFERR_USER_MASK  # NPT walks are user accesses
+            err |= PFERR_USER_MASK  # #NPF: the nested walk is a user access
     stats = vt.stats
     if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
         stats[vm, ST_ACCESSES] += 1
@@ -287,7 +289,7 @@ def kvm_handle_exit(pa, vt, st, host, cfg, vm, fmt, gfn, write, fetch, res, refs
     stats[vm, ST_ACCESSES] += 1
     stats[vm, ST_WALK_REFS] += refs
     stats[vm, ST_PF_TAKEN] += 1
-    present = (err & PFERR_PRESENT_MASK) != 0 and res != WALK_RSVD
+    present = (err & PFERR_PRESENT_MASK) != 0
     r = kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, res == WALK_RSVD,
                                write, fetch)
     if r == RET_PF_FIXED:

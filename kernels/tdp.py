@@ -7,9 +7,11 @@ single-threaded world: no FROZEN_SPTE races, no RCU; the bookkeeping is KVM's.
 import numpy as np
 from numba import njit
 
-from .memslot import mark_page_dirty_in_slot, slot_dirty_logging
+from .memslot import kvm_mmu_max_mapping_level, mark_page_dirty_in_slot, slot_dirty_logging
 from .spte import (
     ACC_ALL,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    PT_PAGE_SIZE_MASK,
     ROLE_ACCESS_SHIFT,
     ROLE_AD_DISABLED,
     ROLE_CR0_WP,
@@ -23,10 +25,14 @@ from .spte import (
     make_mmio_spte,
     make_nonleaf_spte,
     make_small_spte,
+    shadow_nx_mask,
+    shadow_x_mask,
     spte_to_child_row,
     spte_to_pfn,
 )
 from .state import (
+    CFG_NX_HUGE_PAGES,
+    CFG_TDP_MAX_LEVEL,
     CTL_FREE_TOP,
     CTL_USED,
     SPF_NX_DISALLOWED,
@@ -319,3 +325,77 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask):
                 break
             row = spte_to_child_row(spte)
             level -= 1
+
+
+@njit(inline="always", _nrt=False)
+def make_huge_spte(fmt, small_spte, level, nx_huge_pages):
+    # make_huge_spte (spte.c): set PS, align the PFN, keep every other bit
+    huge = small_spte | PT_PAGE_SIZE_MASK
+    huge &= ~(np.int64((1 << (12 + 9 * (level - 1))) - 1) & ~np.int64(0xFFF))
+    if nx_huge_pages:
+        huge = (huge & ~shadow_x_mask(fmt)) | shadow_nx_mask(fmt)  # make_spte_nonexecutable
+    return huge
+
+
+@njit(inline="always", _nrt=False)
+def first_leaf_below(pa, row, level):
+    """tdp_root_for_each_leaf_pte: the first present leaf SPTE in the table ``row`` (pre-order)."""
+    spt = pa.spt
+    lvl = level
+    idx = 0
+    while True:
+        if idx == 512:
+            if lvl == level:
+                return np.int64(0), False
+            parent = pa.sp_parent[row]
+            idx = pa.sp_parent_index[row] + 1
+            row = parent
+            lvl += 1
+            continue
+        spte = spt[row, idx]
+        if is_shadow_present_pte(spte):
+            if is_last_spte(spte, lvl):
+                return spte, True
+            row = spte_to_child_row(spte)
+            lvl -= 1
+            idx = 0
+            continue
+        idx += 1
+
+
+@njit(cache=True, _nrt=False)
+def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
+    """kvm_tdp_mmu_recover_huge_pages (v6.13+): after dirty logging is disabled, replace tables
+    by huge SPTEs wherever the slot allows a huge mapping.  Returns True if it changed any (flush)."""
+    root = vt.root[vm]
+    if root < 0:
+        return False
+    fmt = vt.fmt[vm]
+    nx = cfg[CFG_NX_HUGE_PAGES] != 0
+    max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
+    start = st.base_gfn[rec]
+    end = start + st.npages[rec]
+    flush = False
+    gfn = start
+    while gfn < end:
+        row = root
+        level = np.int64(vt.levels[vm])
+        while True:
+            shift = (level - 1) * 9
+            idx = (gfn >> shift) & 511
+            spte = pa.spt[row, idx]
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                gfn = ((gfn >> shift) + 1) << shift
+                break
+            g = (gfn >> shift) << shift
+            if 2 <= level <= KVM_MAX_HUGEPAGE_LEVEL and start <= g < end \
+                    and kvm_mmu_max_mapping_level(st, rec, g, max_level) >= level:
+                leaf, found = first_leaf_below(pa, spte_to_child_row(spte), level - 1)
+                if found:
+                    tdp_set_spte(pa, vt, vm, row, idx, level, make_huge_spte(fmt, leaf, level, nx))
+                    flush = True
+                    gfn = ((gfn >> shift) + 1) << shift
+                    break
+            row = spte_to_child_row(spte)
+            level -= 1
+    return flush
