@@ -19,7 +19,12 @@ class BatchMMUError(ValueError):
 
 
 class HostMemoryExhausted(BatchMMUError):
-    """The host memory budget cannot back the next guest page."""
+    """The host memory budget cannot back the next guest page.
+
+    ``applied`` (bool array over the batch) marks the accesses that took effect before it.
+    """
+
+    applied = None
 
 
 def einval(field, value, why):
