@@ -59,13 +59,14 @@ def new_page_arena(cap=64):
     return pa
 
 
-def grow_page_arena(pa, min_free):
-    """Return a larger arena with at least ``min_free`` rows on the free stack."""
+def grow_page_arena(pa, min_free, exact=False):
+    """Return a larger arena with at least ``min_free`` rows on the free stack (doubling unless
+    ``exact``)."""
     cap = pa.spt.shape[0]
     top = int(pa.ctl[S.CTL_FREE_TOP])
     if top >= min_free:
         return pa
-    new_cap = max(2 * cap, cap + (min_free - top))
+    new_cap = cap + (min_free - top) if exact else max(2 * cap, cap + (min_free - top))
     spt = np.empty((new_cap, 512), dtype=np.int64)  # new rows are filled when handed out
     spt[:cap] = pa.spt
     free = np.empty(new_cap, np.int64)
@@ -128,3 +129,18 @@ def lpage_entries(base_gfn, npages, level):
     """Number of lpage_info entries of a slot at ``level`` (2 = 2M, 3 = 1G)."""
     shift = 9 * (level - 1)
     return ((base_gfn + npages - 1) >> shift) - (base_gfn >> shift) + 1
+
+
+def table_rows(pages, leaf_level, levels):
+    """Page-table pages a TDP tree needs to map ``pages`` contiguous 4K pages with leaves at
+    ``leaf_level`` (1 = 4K, 2 = 2M, 3 = 1G): one more per level for a misaligned start, plus the root."""
+    rows = 1
+    for level in range(leaf_level, levels):
+        span = 512 ** level  # 4K pages one table at this level covers
+        rows += -(-pages // span) + 1
+    return rows
+
+
+def bytes_per_row():
+    """Simulator bytes per page-table page: 512 SPTEs + metadata + the free-stack slot."""
+    return ROW_BYTES + 4 + 1 + 8 + 4 + 8 + 2 + 1 + 8

@@ -38,6 +38,19 @@ def cmd_run(args):
     return 0
 
 
+def cmd_report(args):
+    from . import report
+    results = [report.load(p) for p in args.results]
+    for i, d in enumerate(results):
+        if i:
+            print()
+        print(report.table(d))
+    if args.plot:
+        report.plot(results, args.plot)
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
 def cmd_list(args):
     from .scenario import list_scenarios
     for name, desc in list_scenarios():
@@ -59,6 +72,10 @@ def main(argv=None):
     r.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
     r.set_defaults(func=cmd_run)
+    rp = sub.add_parser("report", help="print (and plot) one or more --json results")
+    rp.add_argument("results", nargs="+", metavar="RESULT.json")
+    rp.add_argument("--plot", metavar="PATH", help="write the standard plots (PNG/PDF/SVG) here")
+    rp.set_defaults(func=cmd_report)
     ls = sub.add_parser("list", help="list bundled scenarios")
     ls.set_defaults(func=cmd_list)
     args = p.parse_args(argv)

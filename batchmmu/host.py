@@ -603,6 +603,14 @@ class Host:
         out["simulator_bytes"] = int(sim if vm is None else sim * (len(vms) / max(1, self.nvm)))
         return out
 
+    def reserve_tables(self, rows):
+        """Make room for ``rows`` more page-table pages now (one allocation instead of doublings)."""
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
+            raise bad("rows", rows, "must be a non-negative integer")
+        free = int(self.pa.ctl[S.CTL_FREE_TOP])
+        if rows + S.MAX_ROWS_PER_EVENT > free:
+            self.pa = grow_page_arena(self.pa, rows + S.MAX_ROWS_PER_EVENT, exact=True)
+
     def host_memory(self):
         """(used, budget) bytes of host memory."""
         return int(self.host_ctl[S.HOST_USED_BYTES]), int(self.host_ctl[S.HOST_BUDGET_BYTES])

@@ -241,6 +241,33 @@ class _Progress:
             print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
 
 
+def available_memory():
+    """Bytes this machine can still give (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(spec, parts, backend):
+    """Refuse a run whose arenas would not fit in this machine's memory, saying what it needs."""
+    from .shard import estimate_memory
+    need = sum(estimate_memory(spec, p) for p in parts)
+    if backend != "serial":
+        need += len(parts) * (200 << 20)  # a Python interpreter with numpy and numba per worker
+    have = available_memory()
+    if have is not None and need > have:
+        raise BatchMMUError(
+            f"this run needs about {format_size(need)} of memory for its arenas but the machine has "
+            f"{format_size(have)} available; use fewer or smaller VMs, or run on a larger machine "
+            "(--backend ray --ray-address ...)", field="memory", value=need)
+    return need
+
+
 def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=True, progress=False,
                  ray_address=None):
     """Run a scenario (bundled name, path, or a parsed dict) on ``workers`` shards; returns a Report.
@@ -264,6 +291,8 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
     spec = resolve(data, text, origin)
     parts = split(spec, workers)
     nvm = sum(len(p) for p in parts)
+    if backend != "ray" or ray_address is None:
+        check_memory(spec, parts, backend)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     bar = _Progress(quiet or not progress)
     t0 = time.perf_counter()

@@ -48,6 +48,29 @@ def split(spec, workers):
     return [sorted(p) for p in parts if p]
 
 
+_LEAF_LEVEL = {"4k": 1, "thp": 2, "hugetlb-2m": 2, "hugetlb-1g": 3}
+
+
+def vm_table_rows(spec, gi):
+    """Upper bound of page-table pages one VM of group ``gi`` builds (its test region fully mapped)."""
+    from .arena import table_rows
+    g = spec["groups"][gi]
+    backing = spec["workload"].get("slot_backing", g.get("backing", spec["host"].get("backing", "thp")))
+    pages = int(g.get("vcpus", 1)) * spec["bpv"] // 4096
+    return table_rows(pages, _LEAF_LEVEL.get(backing, 1), int(g.get("tdp_levels", 4)))
+
+
+def estimate_memory(spec, vm_ids):
+    """Bytes a shard of these VMs needs: page tables, metadata, bitmaps, one chunk of events."""
+    from .arena import bytes_per_row
+    vms = plan(spec)
+    rows = sum(vm_table_rows(spec, vms[v][0]) for v in vm_ids)
+    pages = sum(vms[v][1] * spec["bpv"] // 4096 for v in vm_ids)
+    per_vm = 2048  # VM table, stats, memslot records, slot lists
+    events = min(CHUNK_EVENTS, max(1, pages)) * 80  # vm, vcpu, addr, kind, sort copies, results
+    return rows * bytes_per_row() + pages // 8 + pages // 128 + len(vm_ids) * per_vm + events
+
+
 class Shard:
     """The VMs ``vm_ids`` (global ids, sorted) of a scenario on one Host."""
 
@@ -85,6 +108,8 @@ class Shard:
                 self.test_base[i:j] = gpa
             i = j
         self.slot = TEST_SLOT if region == "top" else 0
+        # size the page arena once for the whole run instead of doubling it on the way
+        self.host.reserve_tables(sum(vm_table_rows(spec, vms[v][0]) for v in vm_ids))
 
     # ------------------------------------------------------------------ events
     def _vm_events(self, lvm, pass_no, p0, p1):

@@ -77,3 +77,29 @@ def test_console_script_installed():
 @pytest.mark.nojit
 def test_warmup_runs():
     assert bm.warmup() > 0
+
+
+def test_report_table_and_plot(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["run", "demand_paging", "--set", "vms=2", "--set", "bytes_per_vcpu=1MiB", "--set", "passes=2",
+                 "--json", str(a), "--quiet"]) == 0
+    assert main(["run", "demand_paging", "--set", "vms=6", "--set", "bytes_per_vcpu=1MiB", "--json", str(b),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "populate" in out and "pf_fixed" in out and "1,024" in out  # 2 VMs x 2 vCPUs x 256 pages
+    pytest.importorskip("matplotlib", reason="plots need the plot extra")
+    png = tmp_path / "p.png"
+    assert main(["report", str(a), str(b), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    assert main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_memory_guard_refuses_runs_that_do_not_fit(capsys):
+    with pytest.raises(bm.BatchMMUError, match="needs about .* of memory"):
+        bm.run_scenario("demand_paging", sets=["vms=100000", "bytes_per_vcpu=1TiB"])
+    from batchmmu.arena import table_rows
+    # 256 MiB of 4K pages: 128 page tables (+1 for a misaligned start), 1+1 directories, 1+1 PDPTs, root
+    assert table_rows(65536, 1, 4) == 1 + 129 + 2 + 2
+    assert table_rows(65536, 2, 4) == 1 + 2 + 2
