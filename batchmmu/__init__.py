@@ -20,6 +20,7 @@ from .constants import (
     PFERR_RSVD,
     PFERR_USER,
     PFERR_WRITE,
+    RING_FULL,
     SPURIOUS,
     STAT_NAMES,
 )
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACC_FETCH", "ACC_READ", "ACC_USER", "ACC_WRITE", "BACKINGS", "EMULATED", "FIXED", "GUEST_FAULT", "HIT",
     "MEM_LOG_DIRTY_PAGES", "MEM_READONLY", "MMIO", "OUTCOME_NAMES", "PFERR_FETCH", "PFERR_PK", "PFERR_PRESENT",
-    "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "SPURIOUS", "STAT_NAMES", "AccessResult", "BatchMMUError",
+    "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "RING_FULL", "SPURIOUS", "STAT_NAMES", "AccessResult", "BatchMMUError",
     "Host", "HostMemoryExhausted", "parse_size", "warmup", "run_scenario", "load_scenario", "list_scenarios",
 ]
 

@@ -90,7 +90,8 @@ def new_vm_table(cap=16):
         ad_disabled=np.zeros(cap, np.int8), max_gfn=np.zeros(cap, np.int64),
         memslots_gen=np.zeros(cap, np.int64), slot_off=np.zeros(cap, np.int64),
         slot_cnt=np.zeros(cap, np.int64), slot_last=np.full(cap, -1, np.int64),
-        host_bytes=np.zeros(cap, np.int64), stats=np.zeros((cap, S.NSTAT), np.int64),
+        host_bytes=np.zeros(cap, np.int64), dirty_mode=np.zeros(cap, np.int8),
+        stats=np.zeros((cap, S.NSTAT), np.int64),
     )
 
 
@@ -144,3 +145,31 @@ def table_rows(pages, leaf_level, levels):
 def bytes_per_row():
     """Simulator bytes per page-table page: 512 SPTEs + metadata + the free-stack slot."""
     return ROW_BYTES + 4 + 1 + 8 + 4 + 8 + 2 + 1 + 8
+
+
+def new_vcpu_table(nvm_cap=16, nvcpu_cap=16, pml=False):
+    return S.VcpuTable(
+        vcpu_off=np.zeros(nvm_cap, np.int64), pml_count=np.zeros(nvcpu_cap, np.int64),
+        pml_buf=np.zeros((nvcpu_cap if pml else 0, S.PML_ENTITY_NUM), np.int64),
+        ring_size=np.zeros(nvcpu_cap, np.int64), ring_off=np.zeros(nvcpu_cap, np.int64),
+        ring_dirty=np.zeros(nvcpu_cap, np.int64), ring_reset=np.zeros(nvcpu_cap, np.int64),
+        ring_fetch=np.zeros(nvcpu_cap, np.int64), ring_slot=np.zeros(0, np.int32), ring_gfn=np.zeros(0, np.int64),
+        ring_flags=np.zeros(0, np.int8),
+    )
+
+
+def grow_vcpu_table(ct, nvm_need, nvcpu_need, pml):
+    """Room for ``nvm_need`` VMs and ``nvcpu_need`` vCPUs (ring pools are grown separately)."""
+    out = {}
+    for k in S.VcpuTable._fields:
+        a = getattr(ct, k)
+        if k == "vcpu_off":
+            out[k] = _grow(a, max(nvm_need, 2 * a.shape[0])) if nvm_need > a.shape[0] else a
+        elif k.startswith("ring_") and k in ("ring_slot", "ring_gfn", "ring_flags"):
+            out[k] = a
+        elif k == "pml_buf":
+            need = nvcpu_need if pml else 0
+            out[k] = _grow(a, max(need, 2 * a.shape[0])) if need > a.shape[0] else a
+        else:
+            out[k] = _grow(a, max(nvcpu_need, 2 * a.shape[0])) if nvcpu_need > a.shape[0] else a
+    return S.VcpuTable(**out)

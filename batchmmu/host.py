@@ -11,20 +11,30 @@ from .arena import (
     Pool,
     grow_page_arena,
     grow_slot_records,
+    grow_vcpu_table,
     grow_vm_table,
     lpage_entries,
     new_page_arena,
     new_slot_table,
+    new_vcpu_table,
     new_vm_table,
 )
-from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, EMULATED, MMIO
+from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, EMULATED, MMIO, RING_FULL
 from .errors import BatchMMUError, HostMemoryExhausted, bad, einval
 from .kernels import state as S
+from .kernels.dirty import (
+    clear_dirty_log_protect,
+    count_huge_leaves,
+    dirty_ring_reset,
+    get_dirty_log_protect,
+    pml_flush_vm,
+    tdp_clear_dirty_gfn_range,
+    tdp_try_split_huge_pages,
+)
 from .kernels.events import EV_BAD_ADDR, EV_BAD_KIND, EV_BAD_VCPU, EV_BAD_VM, validate_events
 from .kernels.fault import access_batch
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import (
-    tdp_clear_dirty_pt_masked,
     tdp_mmu_zap_all,
     tdp_recover_huge_pages,
     tdp_wrprot_gfn_range,
@@ -71,25 +81,26 @@ class Host:
     """
 
     def __init__(self, memory="64GiB", backing="thp", *, mmio_caching=True, nx_huge_pages=False,
-                 tdp_huge_page_level=3, eager_page_split=False):
+                 tdp_huge_page_level=3, eager_page_split=True, pml=False):
         self.memory = parse_size(memory, "memory")
         if self.memory <= 0:
             raise bad("memory", memory, "must be positive")
         self.backing = ms.backing_code(backing)
         if tdp_huge_page_level not in (1, 2, 3):
             raise bad("tdp_huge_page_level", tdp_huge_page_level, "must be 1 (4K), 2 (2M) or 3 (1G)")
-        if eager_page_split:
-            raise bad("eager_page_split", eager_page_split,
-                      "eager splitting comes with dirty-logging support; huge pages split lazily on write")
         self.cfg = np.zeros(S.NCFG, np.int64)
         self.cfg[S.CFG_MMIO_CACHING] = int(bool(mmio_caching))
         self.cfg[S.CFG_NX_HUGE_PAGES] = int(bool(nx_huge_pages))
         self.cfg[S.CFG_TDP_MAX_LEVEL] = tdp_huge_page_level
+        self.cfg[S.CFG_EAGER_SPLIT] = int(bool(eager_page_split))
+        self.cfg[S.CFG_PML] = int(bool(pml))
         self.host_ctl = np.zeros(S.NHOST, np.int64)
         self.host_ctl[S.HOST_BUDGET_BYTES] = self.memory
         self.pa = new_page_arena()
         self.vt = new_vm_table()
         self.st = new_slot_table()
+        self.ct = new_vcpu_table(pml=bool(pml))
+        self._ring = Pool(np.int64, 0)
         self.nvm = 0
         self.nrec = 0
         self._lpage = Pool(np.int32)
@@ -172,11 +183,11 @@ class Host:
                 self.st.lpage[offs[0]:offs[0] + n * k] = np.tile(tmpl, k)
         words = (npages + 63) // 64
         st.host_off[r] = self._hostbits.alloc_many(words, k)
-        if flags & S.KVM_MEM_LOG_DIRTY_PAGES:
-            st.dirty_off[r] = self._dirty.alloc_many(2 * words, k)  # second half: GET/CLEAR scratch
-        else:
-            st.dirty_off[r] = -1
+        st.dirty_off[r] = -1
         self._sync_pools()
+        if flags & S.KVM_MEM_LOG_DIRTY_PAGES:
+            for rec in range(first, first + k):
+                self._set_dirty_bitmap(rec, True)
         self.nrec += k
         for i, vm in enumerate(vms):
             self._slot_rec[(int(vm), slot)] = first + i
@@ -216,6 +227,8 @@ class Host:
         ms.check_backing_alignment(bcode, ms.HVA_BASE, size)
         if not ept_ad and tdp_format == "npt":
             raise bad("ept_ad", ept_ad, "NPT always has accessed/dirty bits")
+        if self.cfg[S.CFG_PML] and (tdp_format != "ept" or not ept_ad):
+            raise bad("tdp_format", tdp_format, "a Host(pml=True) is an Intel host: its VMs use EPT with A/D bits")
 
         first, k = self.nvm, int(count)
         need = first + k
@@ -239,6 +252,9 @@ class Host:
         self._vcpus[vms] = vcpus
         nv = self._regs["cr0"].size
         self._vcpu_off[vms] = nv + vcpus * np.arange(k)
+        self.ct = grow_vcpu_table(self.ct, need, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
+        self.ct.vcpu_off[vms] = self._vcpu_off[vms]
+        vt.dirty_mode[vms] = 0
         for key in self._regs:
             self._regs[key] = np.concatenate([self._regs[key], np.zeros(vcpus * k, np.int64)])
         self._regs["cr0"][nv:] = 0x60000010  # reset value: CD | NW | ET, paging off
@@ -283,6 +299,7 @@ class Host:
             self._bump_generation(vm, slot >> 16)
             if as0:
                 self._set_order(vm, np.append(self._order_list(vm), rec))
+            self._update_cpu_dirty_logging(vm)
             return
         if change in ("delete", "move"):
             # kvm_invalidate_memslot: swap in an invalid copy, then kvm_arch_flush_shadow_memslot
@@ -295,6 +312,7 @@ class Host:
                 if as0:
                     lst = self._order_list(vm)
                     self._set_order(vm, lst[lst != rec])
+                self._update_cpu_dirty_logging(vm)
                 self._bump_generation(vm, slot >> 16)
                 return
             old_flags = int(st.flags[rec])
@@ -322,22 +340,68 @@ class Host:
         toggled = (old_flags ^ new_flags) & S.KVM_MEM_LOG_DIRTY_PAGES
         if not toggled:
             return
-        words = (int(st.npages[rec]) + 63) // 64
         logging_on = bool(new_flags & S.KVM_MEM_LOG_DIRTY_PAGES)
-        if logging_on:
-            st.dirty_off[rec] = self._dirty.alloc(2 * words)
-            self._sync_pools()
-        else:
-            st.dirty_off[rec] = -1
+        if not logging_on:
+            self._sync_pml(vm)  # the CPU stops logging: what it logged reaches the bitmap first
+        self._set_dirty_bitmap(rec, logging_on)
+        self._update_cpu_dirty_logging(vm)
         # kvm_mmu_slot_apply_flags: nothing more for moves or read-only slots
         if zap_done or new_flags & S.KVM_MEM_READONLY:
             return
-        if logging_on:
-            base, n = int(st.base_gfn[rec]), int(st.npages[rec])
+        base, n = int(st.base_gfn[rec]), int(st.npages[rec])
+        if not logging_on:
+            if tdp_recover_huge_pages(self.pa, self.vt, self.st, self.cfg, vm, rec):
+                self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
+            return
+        if self._initially_set(vm):
+            return  # everything counts as dirty; pages are protected at CLEAR time
+        if self.cfg[S.CFG_EAGER_SPLIT]:
+            self._split_huge(vm, base, base + n)  # kvm_mmu_slot_try_split_huge_pages
+        if self.cfg[S.CFG_PML]:
+            tdp_clear_dirty_gfn_range(self.pa, self.vt, vm, base, base + n)  # kvm_mmu_slot_leaf_clear_dirty
+            tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, 2)
+        else:
             tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, 1)
-            self._flush_remote_tlbs(vm)  # "unconditionally flush the TLBs after enabling"
-        elif tdp_recover_huge_pages(self.pa, self.vt, self.st, self.cfg, vm, rec):
-            self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
+        self._flush_remote_tlbs(vm)  # "unconditionally flush the TLBs after enabling"
+
+    def _initially_set(self, vm):
+        want = S.DM_MANUAL_PROTECT | S.DM_INITIALLY_SET
+        return (int(self.vt.dirty_mode[vm]) & want) == want
+
+    def _set_dirty_bitmap(self, rec, on):
+        """kvm_alloc_dirty_bitmap / kvm_destroy_dirty_bitmap (all ones with INITIALLY_SET)."""
+        st = self.st
+        if not on:
+            st.dirty_off[rec] = -1
+            return
+        npages = int(st.npages[rec])
+        words = (npages + 63) // 64
+        st.dirty_off[rec] = off = self._dirty.alloc(2 * words)
+        self._sync_pools()
+        self.st.dirty[off:off + 2 * words] = 0
+        if self._initially_set(int(st.vm[rec])) and not int(self.vt.dirty_mode[int(st.vm[rec])]) & S.DM_RING:
+            self.st.dirty[off:off + words] = -1
+            if npages % 64:
+                self.st.dirty[off + words - 1] = (1 << (npages % 64)) - 1
+
+    def _update_cpu_dirty_logging(self, vm):
+        """kvm_mmu_update_cpu_dirty_logging: PML is on while any slot of the VM logs."""
+        if not self.cfg[S.CFG_PML]:
+            return
+        logging = any(int(self.st.flags[r]) & S.KVM_MEM_LOG_DIRTY_PAGES
+                      for (v, _), r in self._slot_rec.items() if v == vm)
+        mode = int(self.vt.dirty_mode[vm])
+        self.vt.dirty_mode[vm] = (mode | S.DM_PML_ACTIVE) if logging else (mode & ~S.DM_PML_ACTIVE)
+
+    def _split_huge(self, vm, start, end):
+        rows = count_huge_leaves(self.pa, self.vt, vm, start, end)
+        if rows:
+            self.reserve_tables(rows)
+            tdp_try_split_huge_pages(self.pa, self.vt, self.cfg, vm, start, end, 1)
+
+    def _sync_pml(self, vm):
+        if self.cfg[S.CFG_PML]:
+            pml_flush_vm(self.vt, self.st, self.ct, vm, int(self._vcpus[vm]))
 
     def _flush_remote_tlbs(self, vm):
         self.vt.stats[vm, S.ST_REMOTE_TLB_FLUSH_REQUESTS] += 1
@@ -452,14 +516,14 @@ class Host:
         if code == EV_BAD_KIND:
             raise bad("kind", int(kind_a[j]),
                       "use ACC_WRITE, ACC_USER, ACC_FETCH bits (write and fetch exclude each other)")
-        return vm_a, addr_a, kind_a
+        return vm_a, vcpu_a, addr_a, kind_a
 
     def access(self, vm, vcpu, addr, kind=0):
         """Guest memory accesses, in order within each VM.  Scalars broadcast; returns AccessResult."""
-        vm_a, addr_a, kind_a = self._events(vm, vcpu, addr, kind)
-        return self._run_accesses(vm_a, addr_a, kind_a)
+        vm_a, vcpu_a, addr_a, kind_a = self._events(vm, vcpu, addr, kind)
+        return self._run_accesses(vm_a, vcpu_a, addr_a, kind_a)
 
-    def _run_accesses(self, vm_a, addr_a, kind_a):
+    def _run_accesses(self, vm_a, vcpu_a, addr_a, kind_a):
         """Run a validated batch.  VMs are independent, so a batch that interleaves VMs runs
         grouped by VM (a stable sort: each VM's events keep their order) and the results go
         back to the caller's order; grouped batches keep each VM's tables in cache."""
@@ -467,13 +531,13 @@ class Host:
         perm = None
         if n > 1 and np.any(vm_a[1:] < vm_a[:-1]):
             perm = np.argsort(vm_a, kind="stable")
-            vm_a, addr_a, kind_a = vm_a[perm], addr_a[perm], kind_a[perm]
+            vm_a, vcpu_a, addr_a, kind_a = vm_a[perm], vcpu_a[perm], addr_a[perm], kind_a[perm]
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
         i = 0
         while i < n:
-            i, stop = access_batch(self.pa, self.vt, self.st, self.host_ctl, self.cfg, vm_a, addr_a, kind_a,
-                                   i, out, err)
+            i, stop = access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, vm_a, vcpu_a,
+                                   addr_a, kind_a, i, out, err)
             if stop == S.STOP_NEED_PAGES:
                 self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
             elif stop == S.STOP_HOST_OOM:
@@ -495,18 +559,18 @@ class Host:
     def store(self, vm, vcpu, addr, value, kind=ACC_WRITE):
         """Guest 8-byte stores of ``value`` at ``addr`` (may be unaligned; a store that crosses a
         page is two accesses).  Stores KVM emulates as MMIO or to read-only memory leave memory as it was."""
-        vm_a, addr_a, kind_a = self._events(vm, vcpu, addr, np.asarray(kind) | ACC_WRITE)
+        vm_a, vcpu_a, addr_a, kind_a = self._events(vm, vcpu, addr, np.asarray(kind) | ACC_WRITE)
         val = np.atleast_1d(np.asarray(value)).astype(np.uint64)
         if val.size == 1 and vm_a.size > 1:
             val = np.full(vm_a.size, val[0], np.uint64)
         if val.size != vm_a.size:
             raise bad("value", f"length {val.size}", "must match the addresses")
-        res = self._run_accesses(vm_a, addr_a, kind_a)
+        res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a)
         cross = (addr_a & 4095) > 4088
         res2 = None
         if cross.any():
-            res2 = self._run_accesses(vm_a[cross], (addr_a[cross] | 4095) + 1, kind_a[cross])
-        ok = (res.outcome != MMIO) & (res.outcome != EMULATED)
+            res2 = self._run_accesses(vm_a[cross], vcpu_a[cross], (addr_a[cross] | 4095) + 1, kind_a[cross])
+        ok = (res.outcome != MMIO) & (res.outcome != EMULATED) & (res.outcome != RING_FULL)
         for j in np.nonzero(ok)[0]:
             self._write_bytes(int(vm_a[j]), int(addr_a[j]), int(val[j]))
         if res2 is not None:
@@ -538,29 +602,136 @@ class Host:
         self._vcpu_index(vm, vcpu)
 
     # ------------------------------------------------------------------ dirty log
-    def get_dirty_log(self, vm, slot):
-        """KVM_GET_DIRTY_LOG: the slot's bitmap words; clears it and write-protects the dirty pages."""
-        vm = self._check_vm(vm)
-        # kvm_get_dirty_log: bad ids are EINVAL; a missing slot or bitmap is ENOENT
+    def _dirty_slot(self, vm, slot):
+        """The record of a slot with a dirty bitmap, with KVM's errors (kvm_get_dirty_log)."""
+        if int(self.vt.dirty_mode[vm]) & S.DM_RING:
+            raise BatchMMUError(f"vm={vm}: the VM uses the dirty ring, not bitmaps (ENXIO)", field="vm",
+                                value=vm, errno=errno.ENXIO)
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or slot < 0 \
                 or slot >> 16 >= ms.KVM_ADDRESS_SPACE_NUM or slot & 0xFFFF >= ms.KVM_USER_MEM_SLOTS:
             raise einval("slot", slot, "not a memslot id")
         rec = self._slot_rec.get((vm, slot), -1)
-        st = self.st
-        off = int(st.dirty_off[rec]) if rec >= 0 else -1
-        if off < 0:
+        if rec < 0 or int(self.st.dirty_off[rec]) < 0:
             raise BatchMMUError(f"slot={slot}: no such memslot, or dirty logging is off for it (ENOENT)",
                                 field="slot", value=slot, errno=errno.ENOENT)
+        return rec
+
+    def get_dirty_log(self, vm, slot):
+        """KVM_GET_DIRTY_LOG: the slot's bitmap (uint64 words).  Without manual protect it also
+        clears the bitmap and re-protects the pages it reports; with manual protect it only reads."""
+        vm = self._check_vm(vm)
+        rec = self._dirty_slot(vm, slot)
+        self._sync_pml(vm)  # kvm_arch_sync_dirty_log
+        st = self.st
         words = (int(st.npages[rec]) + 63) // 64
-        bm = st.dirty[off:off + words].copy()
-        flush = False
-        for w in np.nonzero(bm)[0]:
-            flush = True
-            st.dirty[off + w] = 0
-            tdp_clear_dirty_pt_masked(self.pa, self.vt, vm, int(st.base_gfn[rec]) + 64 * int(w), int(bm[w]))
-        if flush:
+        if int(self.vt.dirty_mode[vm]) & S.DM_MANUAL_PROTECT:
+            off = int(st.dirty_off[rec])
+            return st.dirty[off:off + words].copy().view(np.uint64)
+        out = np.zeros(words, np.int64)
+        if get_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, out):
+            self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
+        return out.view(np.uint64)
+
+    def enable_manual_dirty_log_protect(self, vm, initially_set=True):
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET only reads, CLEAR re-protects; with
+        ``initially_set`` a slot's bitmap starts all ones and enabling logging protects nothing."""
+        vm = self._check_vm(vm)
+        mode = int(self.vt.dirty_mode[vm]) | S.DM_MANUAL_PROTECT
+        mode = (mode | S.DM_INITIALLY_SET) if initially_set else (mode & ~S.DM_INITIALLY_SET)
+        self.vt.dirty_mode[vm] = mode
+
+    def clear_dirty_log(self, vm, slot, first_page, num_pages, bitmap):
+        """KVM_CLEAR_DIRTY_LOG: clear the given bits and re-protect those pages.  Returns the number
+        of pages whose bit was set (and so was cleared)."""
+        vm = self._check_vm(vm)
+        rec = self._dirty_slot(vm, slot)
+        npages = int(self.st.npages[rec])
+        for name, v in (("first_page", first_page), ("num_pages", num_pages)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise einval(name, v, "must be a non-negative integer")
+        if first_page % 64:
+            raise einval("first_page", first_page, "must be a multiple of 64")
+        if first_page > npages or num_pages > npages - first_page or \
+                (num_pages < npages - first_page and num_pages % 64):
+            raise einval("num_pages", num_pages, f"range [{first_page}, +{num_pages}) does not fit the slot's "
+                         f"{npages} pages in whole 64-page words")
+        words = (num_pages + 63) // 64
+        bm = np.atleast_1d(np.asarray(bitmap))
+        if bm.dtype.kind not in "iu" or bm.ndim != 1 or bm.size < words:
+            raise bad("bitmap", f"{bm.dtype} array of {bm.size}", f"needs at least {words} integer words")
+        bm = bm[:words].astype(np.uint64).view(np.int64)
+        self._sync_pml(vm)
+        if self._initially_set(vm) and self.cfg[S.CFG_EAGER_SPLIT]:
+            base = int(self.st.base_gfn[rec])
+            rows = count_huge_leaves(self.pa, self.vt, vm, base + first_page, base + first_page + num_pages)
+            if rows:
+                self.reserve_tables(rows)
+        cleared = int(clear_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, first_page, num_pages, bm))
+        if cleared:
+            self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
+        return cleared
+
+    # ------------------------------------------------------------------ dirty ring
+    def enable_dirty_ring(self, vm, entries):
+        """KVM_CAP_DIRTY_LOG_RING: a ring of ``entries`` (a power of two) per vCPU replaces the bitmaps.
+
+        KVM requires this before the vCPUs exist; here it must come before the VM's first access.
+        """
+        vm = self._check_vm(vm)
+        rsvd = S.KVM_DIRTY_RING_RSVD_ENTRIES + (S.PML_ENTITY_NUM if self.cfg[S.CFG_PML] else 0)
+        if isinstance(entries, bool) or not isinstance(entries, (int, np.integer)) or entries <= 0 \
+                or entries & (entries - 1) or entries <= rsvd or entries > 65536:
+            raise einval("entries", entries, f"must be a power of two in ({rsvd}, 65536]")
+        if int(self.vt.root[vm]) >= 0 or int(self.vt.dirty_mode[vm]) & S.DM_RING:
+            raise einval("vm", vm, "enable the dirty ring once, before the VM's first access")
+        nv = int(self._vcpus[vm])
+        off = self._ring.alloc(entries * nv)
+        total = self._ring.arr.shape[0]
+        ct = self.ct
+        if ct.ring_gfn.shape[0] < total:
+            from .arena import _grow
+            self.ct = ct = ct._replace(ring_gfn=_grow(ct.ring_gfn, total), ring_slot=_grow(ct.ring_slot, total),
+                                       ring_flags=_grow(ct.ring_flags, total))
+        g = int(ct.vcpu_off[vm])
+        ct.ring_size[g:g + nv] = entries
+        ct.ring_off[g:g + nv] = off + entries * np.arange(nv)
+        ct.ring_dirty[g:g + nv] = ct.ring_reset[g:g + nv] = ct.ring_fetch[g:g + nv] = 0
+        self.vt.dirty_mode[vm] = int(self.vt.dirty_mode[vm]) | S.DM_RING
+
+    def harvest_dirty_ring(self, vm, vcpu):
+        """Collect the vCPU's dirty entries as userspace does (and mark them for reset).
+        Returns an int64 array of shape (n, 2): [slot, offset]."""
+        g = self._vcpu_index(vm, vcpu)
+        ct = self.ct
+        size = int(ct.ring_size[g])
+        if not size:
+            raise einval("vm", vm, "this VM has no dirty ring")
+        out = []
+        while True:
+            idx = int(ct.ring_off[g]) + (int(ct.ring_fetch[g]) & (size - 1))
+            if not ct.ring_flags[idx] & S.KVM_DIRTY_GFN_F_DIRTY or ct.ring_fetch[g] >= ct.ring_dirty[g]:
+                break
+            out.append((int(ct.ring_slot[idx]), int(ct.ring_gfn[idx])))
+            ct.ring_flags[idx] = S.KVM_DIRTY_GFN_F_RESET
+            ct.ring_fetch[g] += 1
+        return np.array(out, np.int64).reshape(-1, 2)
+
+    def reset_dirty_rings(self, vm):
+        """KVM_RESET_DIRTY_RINGS: recycle harvested entries, re-protect their pages; returns the count."""
+        vm = self._check_vm(vm)
+        if not int(self.vt.dirty_mode[vm]) & S.DM_RING:
+            raise einval("vm", vm, "this VM has no dirty ring")
+        slot_recs = np.full(1 << 16, -1, np.int64)
+        for (v, sl), r in self._slot_rec.items():
+            if v == vm:
+                slot_recs[((sl >> 16) << 15) | (sl & 0x7FFF)] = r
+        total = 0
+        g0 = int(self.ct.vcpu_off[vm])
+        for c in range(int(self._vcpus[vm])):
+            total += int(dirty_ring_reset(self.pa, self.vt, self.st, self.cfg, self.ct, vm, g0 + c, slot_recs))
+        if total:
             self._flush_remote_tlbs(vm)
-        return bm.view(np.uint64)
+        return total
 
     # ------------------------------------------------------------------ reports
     def stats(self, vm=None):

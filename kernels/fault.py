@@ -9,13 +9,14 @@ event it stopped at, so nothing is applied twice or lost.
 import numpy as np
 from numba import njit
 
+from .dirty import pml_log
 from .memslot import (
     gfn_to_hva,
     gfn_to_memslot,
     host_fault_in,
     host_pfn_mapping_level,
     kvm_mmu_max_mapping_level,
-    mark_page_dirty_in_slot,
+    mark_page_dirty,
     slot_dirty_logging,
     slot_readonly,
 )
@@ -51,17 +52,24 @@ from .spte import (
 from .state import (
     CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
+    CFG_PML,
     CFG_TDP_MAX_LEVEL,
     CTL_FREE_TOP,
+    DM_PML_ACTIVE,
+    DM_RING,
     HOST_BUDGET_BYTES,
     HOST_USED_BYTES,
+    KVM_DIRTY_RING_RSVD_ENTRIES,
     MAX_ROWS_PER_EVENT,
     OUT_EMULATED,
     OUT_FIXED,
     OUT_HIT,
     OUT_MMIO,
+    OUT_RING_FULL,
     OUT_SPURIOUS,
+    PML_ENTITY_NUM,
     ST_ACCESSES,
+    ST_DIRTY_RING_FULL,
     ST_PF_EMULATE,
     ST_PF_FAST,
     ST_PF_FIXED,
@@ -158,7 +166,7 @@ def restore_acc_track_spte(spte):
 
 
 @njit(inline="always", _nrt=False)
-def fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
+def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
     """fast_page_fault (mmu.c), TDP MMU flavour.  Returns a RET_PF_* code."""
     # page_fault_can_be_fast (the fault is never RSVD here)
     if not present:
@@ -191,7 +199,7 @@ def fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_ena
         return RET_PF_INVALID
     pa.spt[row, idx] = new  # fast_pf_fix_direct_spte: cmpxchg outside handle_changed_spte
     if (new & PT_WRITABLE_MASK) and not (spte & PT_WRITABLE_MASK) and rec >= 0:
-        mark_page_dirty_in_slot(st, rec, gfn)
+        mark_page_dirty(st, ct, vcpu_g, rec, gfn)
     return RET_PF_FIXED
 
 
@@ -207,11 +215,11 @@ def host_page_needs_budget(st, host, rec, gfn):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rsvd, write, fetch):
+def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
     """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
     ad_enabled_vm = vt.ad_disabled[vm] == 0
     if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
-        r = fast_page_fault(pa, vt, st, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm)
+        r = fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm)
         if r != RET_PF_INVALID:
             vt.stats[vm, ST_PF_FAST] += 1
             return r
@@ -222,7 +230,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rs
         # kvm_handle_noslot_fault
         if not mmio_caching or gfn > vt.max_gfn[vm]:
             return RET_PF_EMULATE
-        return kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, 0, False, 1, 1, False,
+        return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, 0, False, 1, 1, False,
                                nx_huge_pages, mmio_caching, write)
     if write and slot_readonly(st, rec):
         return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
@@ -238,7 +246,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, rs
         req_level = kvm_mmu_max_mapping_level(st, rec, gfn, max_level)
         if req_level > 1 and not huge_page_disallowed:
             goal_level = req_level
-    return kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
+    return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
                            huge_page_disallowed, nx_huge_pages, mmio_caching, write)
 
 
@@ -254,7 +262,7 @@ def handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_handle_exit(pa, vt, st, host, cfg, vm, fmt, gfn, write, fetch, res, refs, spte):
+def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
     """One TDP exit (EPT violation / misconfiguration, #NPF): kvm_mmu_page_fault and the retry.
 
     Returns (outcome, error code); outcome -1 means the host budget cannot back the page
@@ -290,7 +298,7 @@ def kvm_handle_exit(pa, vt, st, host, cfg, vm, fmt, gfn, write, fetch, res, refs
     stats[vm, ST_WALK_REFS] += refs
     stats[vm, ST_PF_TAKEN] += 1
     present = (err & PFERR_PRESENT_MASK) != 0
-    r = kvm_tdp_mmu_page_fault(pa, vt, st, host, cfg, vm, fmt, gfn, rec, present, res == WALK_RSVD,
+    r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present, res == WALK_RSVD,
                                write, fetch)
     if r == RET_PF_FIXED:
         stats[vm, ST_PF_FIXED] += 1
@@ -316,12 +324,13 @@ def _flush_pending(stats, vm, n_acc, n_refs):
 
 
 @njit(cache=True, _nrt=False)
-def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outcome, out_err):
+def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, start, out_outcome, out_err):
     """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*)."""
     n = ev_vm.shape[0]
     # Hot arrays as locals: helpers that take whole bundles pay reference counting per call.
     spt, ctl, stats = pa.spt, pa.ctl, vt.stats
-    roots, fmts, levels, ad_disabled = vt.root, vt.fmt, vt.levels, vt.ad_disabled
+    roots, fmts, levels, ad_disabled, dirty_mode = vt.root, vt.fmt, vt.levels, vt.ad_disabled, vt.dirty_mode
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if cfg[CFG_PML] else 0)
     # HIT statistics of a run of events for one VM are summed locally and flushed on change.
     pend_vm, pend_acc, pend_refs = -1, 0, 0
     # The last walk's leaf table: a later walk of the same VM under the same upper entries
@@ -338,6 +347,17 @@ def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outc
         fetch = (kind & PFERR_FETCH_MASK) != 0
         fmt = fmts[vm]
         gfn = gpa >> 12
+        mode = dirty_mode[vm]
+        vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]
+        if mode & DM_RING:
+            size = ct.ring_size[vcpu_g]
+            if size > 0 and ct.ring_dirty[vcpu_g] - ct.ring_reset[vcpu_g] >= size - ring_rsvd:
+                # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
+                _flush_pending(stats, pend_vm, pend_acc, pend_refs)
+                pend_vm, pend_acc, pend_refs = -1, 0, 0
+                stats[vm, ST_DIRTY_RING_FULL] += 1
+                out_outcome[i] = OUT_RING_FULL
+                continue
         ad_enabled_vm = ad_disabled[vm] == 0
         if vm == memo_vm and (gfn >> (9 * memo_level)) == memo_key:
             res, refs, row, idx, level, spte = tdp_hw_walk_from(spt, fmt, memo_row, memo_level, memo_refs - 1,
@@ -357,16 +377,18 @@ def access_batch(pa, vt, st, host, cfg, ev_vm, ev_addr, ev_kind, start, out_outc
             pend_refs += refs
             out_outcome[i] = OUT_HIT
             out_err[i] = 0
+            if write and (mode & DM_PML_ACTIVE) and spte_ad_enabled(spte) and not (spte & shadow_dirty_mask(fmt)):
+                pml_log(vt, st, ct, vm, vcpu_g, gfn)  # the CPU set D: PML records the gpa
             continue
         _flush_pending(stats, pend_vm, pend_acc, pend_refs)
         pend_vm, pend_acc, pend_refs = -1, 0, 0
         memo_vm = -1
         # An exit: EPT violation / misconfig, or #NPF.
-        outcome, err = kvm_handle_exit(pa, vt, st, host, cfg, vm, fmt, gfn, write, fetch, res, refs, spte)
+        outcome, err = kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, refs,
+                                       spte)
         if outcome < 0:
             return i, STOP_HOST_OOM  # nothing applied for this event; pending stats flushed above
         out_outcome[i] = outcome
         out_err[i] = err
     _flush_pending(stats, pend_vm, pend_acc, pend_refs)
     return n, STOP_DONE
-

@@ -9,6 +9,7 @@ from .state import (
     BACKING_HUGETLB_2M,
     HOST_BUDGET_BYTES,
     HOST_USED_BYTES,
+    KVM_DIRTY_GFN_F_DIRTY,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     ST_HOST_PAGES_FAULTED_IN,
@@ -146,9 +147,19 @@ def set_bit_range(words, base, first, n):
 
 
 @njit(inline="always", _nrt=False)
-def mark_page_dirty_in_slot(st, rec, gfn):
+def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
+    """mark_page_dirty_in_slot: push to the running vCPU's dirty ring, else set the bitmap bit."""
+    rel = gfn - st.base_gfn[rec]
+    size = ct.ring_size[vcpu_g] if vcpu_g >= 0 else 0
+    if size > 0:
+        # kvm_dirty_ring_push: the ring never overruns (the soft limit stops the vCPU first)
+        idx = ct.ring_off[vcpu_g] + (ct.ring_dirty[vcpu_g] & (size - 1))
+        ct.ring_slot[idx] = st.slot_id[rec]
+        ct.ring_gfn[idx] = rel
+        ct.ring_flags[idx] = KVM_DIRTY_GFN_F_DIRTY
+        ct.ring_dirty[vcpu_g] += 1
+        return
     off = st.dirty_off[rec]
     if off < 0:
         return
-    rel = gfn - st.base_gfn[rec]
     st.dirty[off + (rel >> 6)] |= np.int64(1) << (rel & 63)

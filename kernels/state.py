@@ -16,7 +16,8 @@ STAT_NAMES = (
     "pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast", "pf_mmio_spte_created",
     "pf_guest", "tlb_flush", "invlpg", "max_mmu_rmap_size",
     "walk_refs", "mmu_pages", "rmap_entries", "accesses",
-    "host_pages_faulted_in",
+    "host_pages_faulted_in", "pages_write_protected", "pml_flushes", "pml_full_exits", "dirty_ring_full",
+    "pages_split",
 )
 for _i, _n in enumerate(STAT_NAMES):
     globals()["ST_" + _n.upper()] = _i
@@ -44,7 +45,15 @@ NHOST = 4
 CFG_MMIO_CACHING = 0
 CFG_NX_HUGE_PAGES = 1
 CFG_TDP_MAX_LEVEL = 2      # max_huge_page_level for TDP (3 = 1G)
+CFG_EAGER_SPLIT = 3        # kvm.eager_page_split
+CFG_PML = 4                # VMX page-modification logging (cpu_dirty_log_size = 512)
 NCFG = 8
+
+PML_ENTITY_NUM = 512
+KVM_DIRTY_RING_RSVD_ENTRIES = 64
+# dirty ring entry flags (kvm_dirty_gfn.flags)
+KVM_DIRTY_GFN_F_DIRTY = 1
+KVM_DIRTY_GFN_F_RESET = 2
 
 # --- backing kinds ----------------------------------------------------------------------
 BACKING_4K = 0
@@ -64,7 +73,8 @@ OUT_SPURIOUS = 2
 OUT_MMIO = 3
 OUT_EMULATED = 4
 OUT_GUEST_FAULT = 5
-OUTCOME_NAMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT")
+OUT_RING_FULL = 6
+OUTCOME_NAMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT", "RING_FULL")
 
 STOP_DONE = 0
 STOP_NEED_PAGES = 1
@@ -100,7 +110,29 @@ class VMTable(NamedTuple):
     slot_cnt: np.ndarray       # int64: number of live AS0 slots
     slot_last: np.ndarray      # int64: last_used_slot (record index) or -1
     host_bytes: np.ndarray     # int64: host memory resident for this VM
+    dirty_mode: np.ndarray     # int8: bit0 manual protect, bit1 initially set, bit2 dirty ring, bit3 PML on
     stats: np.ndarray          # int64[nvm, NSTAT]
+
+
+DM_MANUAL_PROTECT = 1
+DM_INITIALLY_SET = 2
+DM_RING = 4
+DM_PML_ACTIVE = 8          # some slot of the VM logs dirty pages and the CPU has PML
+
+
+class VcpuTable(NamedTuple):
+    """Per-vCPU state (global vCPU index = VMTable.vcpu_off[vm] + vcpu): PML buffer, dirty ring."""
+    vcpu_off: np.ndarray       # int64[nvm]: first global vCPU index of each VM
+    pml_count: np.ndarray      # int64[nvcpu]: entries in the PML buffer
+    pml_buf: np.ndarray        # int64[nvcpu or 0, 512]: logged gfns (4K)
+    ring_size: np.ndarray      # int64[nvcpu]: dirty ring entries (0 = no ring)
+    ring_off: np.ndarray       # int64[nvcpu]: first entry in the ring pool
+    ring_dirty: np.ndarray     # int64[nvcpu]: dirty_index (entries pushed)
+    ring_reset: np.ndarray     # int64[nvcpu]: reset_index
+    ring_fetch: np.ndarray     # int64[nvcpu]: userspace's fetch index (harvest)
+    ring_slot: np.ndarray      # int32[pool]: (as_id << 16) | slot id
+    ring_gfn: np.ndarray       # int64[pool]: offset in the slot
+    ring_flags: np.ndarray     # int8[pool]
 
 
 class SlotTable(NamedTuple):

@@ -7,7 +7,7 @@ single-threaded world: no FROZEN_SPTE races, no RCU; the bookkeeping is KVM's.
 import numpy as np
 from numba import njit
 
-from .memslot import kvm_mmu_max_mapping_level, mark_page_dirty_in_slot, slot_dirty_logging
+from .memslot import kvm_mmu_max_mapping_level, mark_page_dirty, slot_dirty_logging
 from .spte import (
     ACC_ALL,
     KVM_MAX_HUGEPAGE_LEVEL,
@@ -193,7 +193,7 @@ def disallowed_child(pa, spte):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
+def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
                     huge_page_disallowed, nx_huge_pages, mmio_caching, write):
     """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.
 
@@ -241,7 +241,7 @@ def kvm_tdp_mmu_map(pa, vt, st, vm, fmt, gfn, rec, pfn4k, map_writable, goal_lev
         pfn = (pfn4k >> shift) << shift
         new = make_leaf_spte(fmt, level, ACC_ALL, pfn, map_writable, vt.ad_disabled[vm], nx_huge_pages)
         if (new & 2) and slot_dirty_logging(st, rec):
-            mark_page_dirty_in_slot(st, rec, iter_gfn)  # make_spte: writable SPTE in a logged slot
+            mark_page_dirty(st, ct, vcpu_g, rec, iter_gfn)  # make_spte: writable SPTE in a logged slot
     ret = RET_PF_FIXED
     if new == old:
         ret = RET_PF_SPURIOUS
@@ -300,31 +300,6 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
             gfn = ((gfn >> shift) + 1) << shift
             break
     return changed
-
-
-@njit(cache=True, _nrt=False)
-def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask):
-    """clear_dirty_pt_masked with wrprot (no PML): write-protect the 4K SPTEs named by mask."""
-    root = vt.root[vm]
-    if root < 0:
-        return
-    for b in range(64):
-        if not (mask >> b) & 1:
-            continue
-        g = gfn + b
-        row = root
-        level = np.int64(vt.levels[vm])
-        while True:
-            idx = (g >> ((level - 1) * 9)) & 511
-            spte = pa.spt[row, idx]
-            if not is_shadow_present_pte(spte):
-                break
-            if is_last_spte(spte, level):
-                if level == 1 and (spte & 2):
-                    tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~np.int64(2))
-                break
-            row = spte_to_child_row(spte)
-            level -= 1
 
 
 @njit(inline="always", _nrt=False)

@@ -319,7 +319,7 @@ def test_enabling_dirty_logging_splits_a_huge_page_on_write():
     # kvm_mmu_slot_apply_flags (no PML, eager_page_split off): write-protect the slot at every level;
     # a write to the 2M page: fast path refuses (huge SPTE in a logged slot), the slow path maps 4K
     # by splitting the huge page in place, only the written page becomes writable and dirty
-    h = bm.Host(memory="8GiB", backing="thp")
+    h = bm.Host(memory="8GiB", backing="thp", eager_page_split=False)
     vm = _vm(h)
     h.set_memslot(vm, 1, GiB, 4 * MiB)
     one(h, vm, GiB + 0x1000, bm.ACC_WRITE)
@@ -337,6 +337,23 @@ def test_enabling_dirty_logging_splits_a_huge_page_on_write():
     assert words[0] == 1 << 5 and not any(words[1:])
     assert one(h, vm, GiB + 0x6000, bm.ACC_WRITE)[0] == bm.FIXED   # its neighbour is a split child: fast
     assert h.stats(vm)["pf_fast"] == before["pf_fast"] + 1
+
+
+def test_eager_page_split_on_enable():
+    # eager_page_split (the default): enabling logging splits the 2M page into 512 write-protected
+    # 4K SPTEs at once (+1 flush); a write then takes the fast path, the huge page never faults
+    h = bm.Host(memory="8GiB", backing="thp")
+    vm = _vm(h)
+    h.set_memslot(vm, 1, GiB, 4 * MiB)
+    one(h, vm, GiB + 0x1000, bm.ACC_WRITE)
+    base = h.stats(vm)
+    h.set_memslot(vm, 1, GiB, 4 * MiB, flags=bm.MEM_LOG_DIRTY_PAGES)
+    s = h.stats(vm)
+    assert (s["pages_2m"], s["pages_4k"], s["mmu_pages"] - base["mmu_pages"]) == (0, 512, 1)
+    assert s["remote_tlb_flush"] - base["remote_tlb_flush"] == 1
+    assert one(h, vm, GiB + 0x5000, bm.ACC_WRITE) == (bm.FIXED, P | W)
+    assert _delta(h.stats(vm), s, "pf_taken", "pf_fixed", "pf_fast") == (1, 1, 1)
+    assert [int(w) for w in h.get_dirty_log(vm, 1)][0] == 1 << 5
 
 
 def test_disabling_dirty_logging_brings_huge_pages_back():

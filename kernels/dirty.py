@@ -1,0 +1,320 @@
+"""Dirty tracking: marking pages dirty (bitmap or ring), PML, write-protection and clearing of
+dirty state, eager huge-page splitting, GET/CLEAR_DIRTY_LOG and dirty-ring reset.
+
+Models ``virt/kvm/kvm_main.c`` (mark_page_dirty_in_slot, kvm_get_dirty_log_protect,
+kvm_clear_dirty_log_protect), ``virt/kvm/dirty_ring.c``, ``arch/x86/kvm/mmu/mmu.c``
+(kvm_arch_mmu_enable_log_dirty_pt_masked) and ``tdp_mmu.c`` (clear_dirty_pt_masked,
+clear_dirty_gfn_range, write_protect_gfn, tdp_mmu_split_huge_pages_root).
+"""
+
+import numpy as np
+from numba import njit
+
+from .memslot import gfn_to_memslot, mark_page_dirty
+from .spte import (
+    PT_WRITABLE_MASK,
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    shadow_dirty_mask,
+    shadow_mmu_writable_mask,
+    spte_ad_enabled,
+    spte_to_child_row,
+)
+from .state import (
+    CFG_EAGER_SPLIT,
+    CFG_NX_HUGE_PAGES,
+    CFG_PML,
+    CTL_FREE_TOP,
+    DM_INITIALLY_SET,
+    DM_MANUAL_PROTECT,
+    KVM_DIRTY_GFN_F_RESET,
+    PML_ENTITY_NUM,
+    ST_PAGES_SPLIT,
+    ST_PAGES_WRITE_PROTECTED,
+    ST_PML_FLUSHES,
+    ST_PML_FULL_EXITS,
+)
+from .tdp import tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
+
+
+# ----------------------------------------------------------------------------- PML
+@njit(_nrt=False)
+def pml_flush(vt, st, ct, vm, vcpu_g):
+    """vmx_flush_pml_buffer: every logged gpa becomes a dirty page of its slot."""
+    n = ct.pml_count[vcpu_g]
+    if n == 0:
+        return
+    for k in range(n):
+        gfn = ct.pml_buf[vcpu_g, k]
+        rec = gfn_to_memslot(vt, st, vm, gfn)
+        if rec >= 0:
+            mark_page_dirty(st, ct, vcpu_g, rec, gfn)
+    ct.pml_count[vcpu_g] = 0
+    vt.stats[vm, ST_PML_FLUSHES] += 1
+
+
+@njit(inline="always", _nrt=False)
+def pml_log(vt, st, ct, vm, vcpu_g, gfn):
+    """The CPU logs a gpa whose EPT dirty flag it set; a full buffer exits first (PML full)."""
+    if ct.pml_count[vcpu_g] == PML_ENTITY_NUM:
+        vt.stats[vm, ST_PML_FULL_EXITS] += 1
+        pml_flush(vt, st, ct, vm, vcpu_g)
+    ct.pml_buf[vcpu_g, ct.pml_count[vcpu_g]] = gfn
+    ct.pml_count[vcpu_g] += 1
+
+
+@njit(_nrt=False)
+def pml_flush_vm(vt, st, ct, vm, nvcpus):
+    """kvm_arch_sync_dirty_log: kick every vCPU so its PML buffer reaches the log."""
+    for c in range(nvcpus):
+        pml_flush(vt, st, ct, vm, ct.vcpu_off[vm] + c)
+
+
+# ----------------------------------------------------------------------------- SPTE walks
+@njit(inline="always", _nrt=False)
+def _leaf_at(pa, vt, vm, gfn):
+    """(row, idx, level, spte) of the leaf (or the non-present entry) mapping gfn; row -1 if no root."""
+    row = vt.root[vm]
+    level = np.int64(vt.levels[vm])
+    if row < 0:
+        return np.int64(-1), np.int64(0), level, np.int64(0)
+    while True:
+        idx = (gfn >> ((level - 1) * 9)) & 511
+        spte = pa.spt[row, idx]
+        if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+            return row, idx, level, spte
+        row = spte_to_child_row(spte)
+        level -= 1
+
+
+@njit(_nrt=False)
+def count_huge_leaves(pa, vt, vm, start, end):
+    """Rows an eager split of [start, end) may need: 1 per 2M leaf, 513 per 1G leaf."""
+    root = vt.root[vm]
+    if root < 0:
+        return 0
+    rows = 0
+    gfn = start
+    while gfn < end:
+        row = root
+        level = np.int64(vt.levels[vm])
+        while True:
+            shift = (level - 1) * 9
+            spte = pa.spt[row, (gfn >> shift) & 511]
+            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+                row = spte_to_child_row(spte)
+                level -= 1
+                continue
+            if is_shadow_present_pte(spte) and level > 1:
+                rows += 1 if level == 2 else 513
+            gfn = ((gfn >> shift) + 1) << shift
+            break
+    return rows
+
+
+@njit(_nrt=False)
+def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
+    """tdp_mmu_split_huge_pages_root: split every huge leaf in [start, end) down to target_level,
+    pre-order (1G -> 2M -> 4K).  The caller has topped up the free rows (count_huge_leaves)."""
+    root = vt.root[vm]
+    if root < 0:
+        return
+    fmt = vt.fmt[vm]
+    nx = cfg[CFG_NX_HUGE_PAGES] != 0
+    gfn = start
+    while gfn < end:
+        row = root
+        level = np.int64(vt.levels[vm])
+        while True:
+            shift = (level - 1) * 9
+            idx = (gfn >> shift) & 511
+            spte = pa.spt[row, idx]
+            if is_shadow_present_pte(spte) and is_large_pte(spte) and level > target_level:
+                child_gfn = (gfn >> shift) << shift
+                child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, child_gfn, pa.sp_role[row], row, idx)
+                tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
+                vt.stats[vm, ST_PAGES_SPLIT] += 1
+                spte = pa.spt[row, idx]
+            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+                row = spte_to_child_row(spte)
+                level -= 1
+                continue
+            gfn = ((gfn >> shift) + 1) << shift
+            break
+
+
+@njit(_nrt=False)
+def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
+    """write_protect_gfn: clear W and MMU-writable on the leaf >= min_level mapping gfn."""
+    row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
+    if row < 0 or not is_shadow_present_pte(spte) or level < min_level:
+        return False
+    new = spte & ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(vt.fmt[vm]))
+    if new == spte:
+        return False
+    tdp_set_spte(pa, vt, vm, row, idx, level, new)
+    vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
+    return True
+
+
+@njit(_nrt=False)
+def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
+    """clear_dirty_pt_masked: for each 4K leaf in the mask clear W (write-protection) or, with PML,
+    the dirty bit (W for SPTEs without A/D)."""
+    fmt = vt.fmt[vm]
+    for b in range(64):
+        if not (mask >> b) & 1:
+            continue
+        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn + b)
+        if row < 0 or not is_shadow_present_pte(spte) or level != 1:
+            continue
+        dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else shadow_dirty_mask(fmt)
+        if spte & dbit:
+            tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~dbit)
+            vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
+
+
+@njit(_nrt=False)
+def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
+    """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D off on 4K leaves."""
+    fmt = vt.fmt[vm]
+    gfn = start
+    while gfn < end:
+        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
+        if row < 0:
+            return
+        if is_shadow_present_pte(spte) and level == 1:
+            dbit = shadow_dirty_mask(fmt) if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+            if spte & dbit:
+                tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~dbit)
+                vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
+        shift = (level - 1) * 9
+        gfn = ((gfn >> shift) + 1) << shift
+
+
+@njit(_nrt=False)
+def enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, gfn_offset, mask):
+    """kvm_arch_mmu_enable_log_dirty_pt_masked: re-arm dirty tracking for 64 pages at gfn_offset."""
+    base = st.base_gfn[rec] + gfn_offset
+    if (vt.dirty_mode[vm] & (DM_MANUAL_PROTECT | DM_INITIALLY_SET)) == DM_MANUAL_PROTECT | DM_INITIALLY_SET:
+        lo = 0
+        while not (mask >> lo) & 1:
+            lo += 1
+        hi = 63
+        while not (mask >> hi) & 1:
+            hi -= 1
+        start = base + lo
+        end = base + hi
+        if cfg[CFG_EAGER_SPLIT]:
+            tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end + 1, 1)
+        tdp_write_protect_gfn(pa, vt, vm, start, 2)
+        if (start >> 9) != (end >> 9):  # the mask straddles two 2M pages
+            tdp_write_protect_gfn(pa, vt, vm, end, 2)
+    tdp_clear_dirty_pt_masked(pa, vt, vm, base, mask, cfg[CFG_PML] == 0)
+
+
+# ----------------------------------------------------------------------------- the ioctls
+@njit(cache=True, _nrt=False)
+def get_dirty_log_protect(pa, vt, st, cfg, vm, rec, out):
+    """kvm_get_dirty_log_protect without manual protect: snapshot-and-clear each word, re-protect
+    the pages it names.  ``out`` receives the snapshot; returns True if any bit was set (flush)."""
+    off = st.dirty_off[rec]
+    words = (st.npages[rec] + 63) >> 6
+    flush = False
+    for w in range(words):
+        m = st.dirty[off + w]
+        out[w] = m
+        if m == 0:
+            continue
+        flush = True
+        st.dirty[off + w] = 0
+        enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, w * 64, m)
+    return flush
+
+
+@njit(cache=True, _nrt=False)
+def clear_dirty_log_protect(pa, vt, st, cfg, vm, rec, first_page, num_pages, bitmap):
+    """kvm_clear_dirty_log_protect after validation: clear the bits that were really set and
+    re-protect their pages.  Returns the number of pages cleared."""
+    off = st.dirty_off[rec]
+    cleared = 0
+    nwords = (num_pages + 63) >> 6
+    npages = st.npages[rec]
+    for k in range(nwords):
+        i = (first_page >> 6) + k
+        mask = bitmap[k]
+        if mask == 0:
+            continue
+        # bits beyond the slot are never set in the live bitmap, so & keeps them out
+        live = st.dirty[off + i]
+        mask &= live
+        if i * 64 + 64 > npages:
+            mask &= (np.int64(1) << (npages - i * 64)) - 1
+        if mask == 0:
+            continue
+        st.dirty[off + i] = live & ~mask
+        for b in range(64):
+            cleared += (mask >> b) & 1
+        enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, i * 64, mask)
+    return cleared
+
+
+@njit(cache=True, _nrt=False)
+def dirty_ring_reset(pa, vt, st, cfg, ct, vm, vcpu_g, slot_recs):
+    """kvm_dirty_ring_reset: recycle harvested entries, re-protect their pages in coalesced
+    64-page masks.  ``slot_recs[(as_id << 15) | id]`` maps a slot id to its record (-1: gone)."""
+    size = ct.ring_size[vcpu_g]
+    if size == 0:
+        return 0
+    count = 0
+    mask = np.int64(0)
+    cur_slot = -1
+    cur_off = np.int64(0)
+    while ct.ring_reset[vcpu_g] < ct.ring_dirty[vcpu_g]:
+        idx = ct.ring_off[vcpu_g] + (ct.ring_reset[vcpu_g] & (size - 1))
+        if not ct.ring_flags[idx] & KVM_DIRTY_GFN_F_RESET:
+            break
+        nslot = ct.ring_slot[idx]
+        noff = ct.ring_gfn[idx]
+        ct.ring_flags[idx] = 0
+        ct.ring_reset[vcpu_g] += 1
+        count += 1
+        if mask != 0:
+            if nslot == cur_slot:
+                delta = noff - cur_off
+                if 0 <= delta < 64:
+                    mask |= np.int64(1) << delta
+                    continue
+                if -64 < delta < 0:
+                    shifted = mask << (-delta)
+                    if (shifted >> (-delta)) & ((np.int64(1) << (64 + delta)) - 1) == mask:
+                        cur_off = noff
+                        mask = shifted | 1
+                        continue
+            _reset_dirty_gfn(pa, vt, st, cfg, vm, cur_slot, cur_off, mask, slot_recs)
+        cur_slot = nslot
+        cur_off = noff
+        mask = np.int64(1)
+    if mask != 0:
+        _reset_dirty_gfn(pa, vt, st, cfg, vm, cur_slot, cur_off, mask, slot_recs)
+    return count
+
+
+@njit(inline="always", _nrt=False)
+def _reset_dirty_gfn(pa, vt, st, cfg, vm, slot, offset, mask, slot_recs):
+    # kvm_reset_dirty_gfn: the slot may be gone or the offset out of range
+    key = ((slot >> 16) << 15) | (slot & 0x7FFF)
+    if key >= slot_recs.shape[0]:
+        return
+    rec = slot_recs[key]
+    if rec < 0 or offset >= st.npages[rec]:
+        return
+    if offset + 64 > st.npages[rec]:
+        mask &= (np.int64(1) << (st.npages[rec] - offset)) - 1
+    if mask != 0:
+        enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, offset, mask)
+
+
+def free_rows(pa):
+    return int(pa.ctl[CTL_FREE_TOP])
