@@ -35,7 +35,7 @@ from .state import (
     ST_PML_FLUSHES,
     ST_PML_FULL_EXITS,
 )
-from .tdp import tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
+from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
 
 
 # ----------------------------------------------------------------------------- PML
@@ -161,36 +161,62 @@ def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
 @njit(_nrt=False)
 def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     """clear_dirty_pt_masked: for each 4K leaf in the mask clear W (write-protection) or, with PML,
-    the dirty bit (W for SPTEs without A/D)."""
+    the dirty bit (W for SPTEs without A/D).  One walk per leaf table, then a scan of the mask."""
     fmt = vt.fmt[vm]
-    for b in range(64):
+    spt = pa.spt
+    dmask = shadow_dirty_mask(fmt)
+    count = 0
+    b = 0
+    while b < 64:
         if not (mask >> b) & 1:
+            b += 1
             continue
         row, idx, level, spte = _leaf_at(pa, vt, vm, gfn + b)
-        if row < 0 or not is_shadow_present_pte(spte) or level != 1:
+        if row < 0:
+            break
+        if level != 1:
+            b += 1  # not a 4K mapping (or none): nothing to do for this page
             continue
-        dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else shadow_dirty_mask(fmt)
-        if spte & dbit:
-            tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~dbit)
-            vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
+        # every page of the mask that shares this leaf table
+        while b < 64 and idx < 512:
+            if (mask >> b) & 1:
+                spte = spt[row, idx]
+                if is_shadow_present_pte(spte):
+                    dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
+                    if spte & dbit:
+                        tdp_clear_spte_bits(spt, row, idx, dbit)
+                        count += 1
+            b += 1
+            idx += 1
+    vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
 @njit(_nrt=False)
 def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D off on 4K leaves."""
     fmt = vt.fmt[vm]
+    spt = pa.spt
+    dmask = shadow_dirty_mask(fmt)
+    count = 0
     gfn = start
     while gfn < end:
         row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
         if row < 0:
-            return
-        if is_shadow_present_pte(spte) and level == 1:
-            dbit = shadow_dirty_mask(fmt) if spte_ad_enabled(spte) else PT_WRITABLE_MASK
-            if spte & dbit:
-                tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~dbit)
-                vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
+            break
         shift = (level - 1) * 9
-        gfn = ((gfn >> shift) + 1) << shift
+        if level != 1:
+            gfn = ((gfn >> shift) + 1) << shift
+            continue
+        while idx < 512 and gfn < end:
+            spte = spt[row, idx]
+            if is_shadow_present_pte(spte):
+                dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+                if spte & dbit:
+                    tdp_clear_spte_bits(spt, row, idx, dbit)
+                    count += 1
+            idx += 1
+            gfn += 1
+    vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
 @njit(_nrt=False)

@@ -12,6 +12,7 @@ from .spte import (
     ACC_ALL,
     KVM_MAX_HUGEPAGE_LEVEL,
     PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
     ROLE_ACCESS_SHIFT,
     ROLE_AD_DISABLED,
     ROLE_CR0_WP,
@@ -40,6 +41,7 @@ from .state import (
     ST_MMU_PAGES,
     ST_NX_LPAGE_SPLITS,
     ST_PAGES_4K,
+    ST_PAGES_WRITE_PROTECTED,
     ST_PF_MMIO_SPTE_CREATED,
     ST_REMOTE_TLB_FLUSH,
     ST_REMOTE_TLB_FLUSH_REQUESTS,
@@ -275,31 +277,49 @@ def zap_all_vms(pa, vt, vms):
         tdp_mmu_zap_all(pa, vt, vms[k])
 
 
+@njit(inline="always", _nrt=False)
+def tdp_clear_spte_bits(spt, row, idx, bits):
+    """tdp_mmu_clear_spte_bits: clear W or D of a leaf in place.  KVM does this without
+    handle_changed_spte: the SPTE stays a leaf with the same pfn, so no bookkeeping changes."""
+    spt[row, idx] &= ~bits
+
+
 @njit(cache=True, _nrt=False)
 def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
-    """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  True if any changed."""
+    """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  Returns the count.
+
+    Walks down once per table and then scans the table's entries in order.
+    """
     root = vt.root[vm]
     if root < 0:
-        return False
-    changed = False
+        return 0
+    spt = pa.spt
+    count = 0
     gfn = start
     while gfn < end:
         row = root
         level = np.int64(vt.levels[vm])
         while True:
-            shift = (level - 1) * 9
-            idx = (gfn >> shift) & 511
-            spte = pa.spt[row, idx]
+            spte = spt[row, (gfn >> ((level - 1) * 9)) & 511]
             if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
                 row = spte_to_child_row(spte)
                 level -= 1
                 continue
-            if is_shadow_present_pte(spte) and level >= min_level and (spte & 2):
-                tdp_set_spte(pa, vt, vm, row, idx, level, spte & ~np.int64(2))
-                changed = True
-            gfn = ((gfn >> shift) + 1) << shift
             break
-    return changed
+        shift = (level - 1) * 9
+        k = (gfn >> shift) & 511
+        while k < 512 and gfn < end:
+            spte = spt[row, k]
+            if is_shadow_present_pte(spte):
+                if not is_last_spte(spte, level):
+                    break  # a table below: walk down from the root again
+                if level >= min_level and (spte & PT_WRITABLE_MASK):
+                    tdp_clear_spte_bits(spt, row, k, PT_WRITABLE_MASK)
+                    count += 1
+            gfn = ((gfn >> shift) + 1) << shift
+            k += 1
+    vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
+    return count
 
 
 @njit(inline="always", _nrt=False)
