@@ -106,7 +106,10 @@ def count_huge_leaves(pa, vt, vm, start, end):
                 row = spte_to_child_row(spte)
                 level -= 1
                 continue
-            if is_shadow_present_pte(spte) and level > 1:
+            if level == 1:
+                gfn = ((gfn >> 9) + 1) << 9  # a 4K leaf table holds nothing to split
+                break
+            if is_shadow_present_pte(spte):
                 rows += 1 if level == 2 else 513
             gfn = ((gfn >> shift) + 1) << shift
             break

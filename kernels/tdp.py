@@ -308,6 +308,17 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
             break
         shift = (level - 1) * 9
         k = (gfn >> shift) & 511
+        if level == 1 and k == 0 and gfn + 512 <= end and min_level <= 1:
+            # a whole 4K leaf table: branch-free, 64 entries a word-pass (vectorised)
+            n = np.int64(0)
+            for j in range(512):
+                e = spt[row, j]
+                hit = (e >> 11) & (e >> 1) & 1  # MMU-present and writable
+                n += hit
+                spt[row, j] = e & ~(hit << 1)
+            count += n
+            gfn += 512
+            continue
         while k < 512 and gfn < end:
             spte = spt[row, k]
             if is_shadow_present_pte(spte):
