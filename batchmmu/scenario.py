@@ -6,11 +6,29 @@ any other value written as ``"${name}"`` takes the parameter's value.  Sections:
 ``[host]``         Host(...) keyword arguments (``memory`` may be ``"auto"``: what the VMs need).
 ``[[vm_group]]``   create_vms(...) arguments: count, memory (slot 0 at gpa 0), vcpus, tdp_format,
                    tdp_levels, maxphyaddr, backing, ept_ad.
-``[workload]``     the access stream each vCPU runs: ``pattern`` sequential | random, ``bytes_per_vcpu``,
-                   ``region`` "top" (memstress: a test memslot at the top of guest physical memory)
-                   or "slot0", ``slot_backing``, ``write_percent``, ``stride``.
-``[[phase]]``      ``name`` and ``op``: ``access`` (``passes`` over every vCPU's pages),
-                   ``dirty_log`` (``enable = true|false`` on the test slot), ``get_dirty_log``.
+``[workload]``     the test region and the guest that runs on it: ``bytes_per_vcpu``, ``region`` "top"
+                   (memstress: test memslots at the top of guest physical memory) or "slot0",
+                   ``region_bytes`` or ``region_pages`` (the whole region, instead of vCPUs x
+                   bytes_per_vcpu), ``slots``
+                   (test memslots 1..slots, equal parts), ``slot_backing``; the ``access`` op's
+                   ``pattern`` sequential | random | memstress, ``write_percent``, ``stride``; memstress
+                   (``batchmmu.memstress``): ``seed`` (guest seed; vCPU i seeds seed + i), ``random_access``,
+                   ``overlap``; VM capabilities ``manual_protect``, ``initially_set``, ``dirty_ring``
+                   (entries per vCPU, 0 = off); ``verify`` off | writes | exact (check every collection
+                   of the dirty log against the writes the guest made; fail on a lost write; "exact" also
+                   on a reported page that was not written).
+``[[phase]]``      ``name`` and ``op``: ``access`` (``passes`` over every vCPU's pages), ``populate``
+                   (a memstress pass, 100 % writes, sequential), ``dirty_pass`` (a memstress pass;
+                   ``write_percent`` / ``random_access`` override the workload's), ``random_writes``
+                   (dirty_log_test's guest, ``writes`` per vCPU), ``kvm_page_table`` (``stage`` create |
+                   update | adjust), ``enable_logging`` / ``disable_logging`` (every test slot; the old
+                   ``dirty_log`` with ``enable`` still works), ``get_dirty_log``, ``clear_dirty_log``
+                   (whole slots, with the bitmap of the last GET), ``harvest_dirty_ring`` (every vCPU's
+                   ring, then reset), ``collect_dirty_log`` (whatever the VM's mode needs: ring harvest,
+                   or GET and, with manual protect, CLEAR), ``stats`` (nothing: a stats snapshot).
+                   ``when`` / ``unless`` (a value, usually ``"${param}"``) keep or drop a phase;
+                   ``repeat = N`` (or ``iterations = N``) with sub-phases ``[[phase.phase]]`` runs them N
+                   times; ``{i}`` in their names is the iteration (1..N).
 """
 
 import copy
@@ -27,6 +45,7 @@ import numpy as np
 
 from .errors import BatchMMUError
 from .kernels.state import GAUGE_STATS, STAT_NAMES
+from .memstress import GUEST_RANDOM_SEED
 from .units import format_size, parse_size
 
 _VAR = re.compile(r"^\$\{(\w+)\}$")
@@ -139,12 +158,22 @@ def _resolve(obj, params, where):
 
 
 _KNOWN = {
-    "host": {"memory", "backing", "mmio_caching", "nx_huge_pages", "tdp_huge_page_level"},
+    "host": {"memory", "backing", "mmio_caching", "nx_huge_pages", "tdp_huge_page_level", "eager_page_split",
+             "pml"},
     "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
                  "ept_ad"},
-    "workload": {"pattern", "bytes_per_vcpu", "region", "slot_backing", "write_percent", "stride"},
-    "phase": {"name", "op", "passes", "enable"},
+    "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
+                 "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
+                 "dirty_ring", "verify"},
+    "phase": {"name", "op", "passes", "enable", "when", "unless", "repeat", "iterations", "phase",
+              "write_percent", "random_access", "writes", "stage"},
 }
+
+OPS = ("access", "populate", "dirty_pass", "random_writes", "kvm_page_table", "dirty_log", "enable_logging",
+       "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats")
+# ops that collect the dirty log (their phase records carry ``dirty_pages``)
+COLLECT_OPS = ("get_dirty_log", "harvest_dirty_ring", "collect_dirty_log")
+VERIFY_MODES = ("off", "writes", "exact")
 
 
 def _check_keys(section, d, text, origin):
@@ -156,6 +185,95 @@ def _check_keys(section, d, text, origin):
             at = f" (line {line})" if line else ""
             raise BatchMMUError(f"{origin}{at}: unknown key {section}.{k}; known: {', '.join(sorted(_KNOWN[section]))}",
                                 field=f"{section}.{k}", value=d[k])
+
+
+def truthy(v):
+    """A ``when`` / ``unless`` / flag value: false, 0, "", "false", "off", "no", "0" are false."""
+    if isinstance(v, str):
+        return v.strip().lower() not in ("", "false", "off", "no", "0", "none")
+    return bool(v)
+
+
+def _int(v, field, lo=None, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in {lo}..{hi}" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise BatchMMUError(f"{field}={v!r}: must be an integer{rng}", field=field, value=v)
+    return v
+
+
+def _bool(v, field):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "on", "off", "yes", "no"):
+        return v.strip().lower() in ("true", "on", "yes")
+    raise BatchMMUError(f"{field}={v!r}: must be true or false", field=field, value=v)
+
+
+def _flatten_phases(phases, text, origin, out, iteration=None, depth=0):
+    """Expand ``repeat`` blocks and drop phases whose ``when`` is false or ``unless`` is true."""
+    if depth > 4:
+        raise BatchMMUError(f"{origin}: phases nested too deeply", field="phase", value=None)
+    if isinstance(phases, dict):
+        phases = [phases]
+    for ph in phases:
+        _check_keys("phase", ph, text, origin)
+        ph = dict(ph)
+        if "when" in ph and not truthy(ph.pop("when")):
+            continue
+        if "unless" in ph and truthy(ph.pop("unless")):
+            continue
+        ph.pop("when", None)
+        ph.pop("unless", None)
+        if "repeat" in ph or "iterations" in ph:
+            if "repeat" in ph and "iterations" in ph:
+                raise BatchMMUError(f"{origin}: a phase has both repeat and iterations", field="phase.repeat",
+                                    value=ph["repeat"])
+            key = "repeat" if "repeat" in ph else "iterations"
+            n = _int(ph[key], f"phase.{key}", 0)
+            subs = ph.get("phase")
+            if not subs:
+                raise BatchMMUError(f"{origin}: phase.{key} needs sub-phases ([[phase.phase]])", field="phase.phase",
+                                    value=None)
+            other = set(ph) - {key, "phase", "name"}
+            if other:
+                raise BatchMMUError(f"{origin}: a {key} phase takes only name and [[phase.phase]] (not "
+                                    f"{', '.join(sorted(other))})", field=f"phase.{min(other)}", value=None)
+            for i in range(1, n + 1):
+                _flatten_phases(subs, text, origin, out, i, depth + 1)
+            continue
+        if "phase" in ph:
+            raise BatchMMUError(f"{origin}: sub-phases need repeat = N", field="phase.phase", value=None)
+        op = ph.get("op", "access")
+        if op not in OPS:
+            raise BatchMMUError(f"phase.op={op!r}: use one of {', '.join(OPS)}", field="phase.op", value=op)
+        ph["op"] = op
+        name = str(ph.get("name", op))
+        if iteration is not None:
+            name = name.replace("{i}", str(iteration)) if "{i}" in name else f"{name} {iteration}"
+            ph["iteration"] = iteration
+        ph["name"] = name
+        if "passes" in ph:
+            _int(ph["passes"], "phase.passes", 0)
+        if "write_percent" in ph:
+            _int(ph["write_percent"], "phase.write_percent", 0, 100)
+        if "random_access" in ph:
+            ph["random_access"] = _bool(ph["random_access"], "phase.random_access")
+        if op == "random_writes":
+            _int(ph.get("writes", 0x100), "phase.writes", 0)
+        if op == "kvm_page_table" and ph.get("stage") not in ("create", "update", "adjust"):
+            raise BatchMMUError(f"phase.stage={ph.get('stage')!r}: use create, update or adjust",
+                                field="phase.stage", value=ph.get("stage"))
+        out.append(ph)
+    return out
+
+
+def region_bytes(spec, g):
+    """Bytes of the test region of a VM of group ``g``."""
+    if spec["region_bytes"]:
+        return spec["region_bytes"]
+    return int(g.get("vcpus", 1)) * spec["bpv"]
 
 
 # ----------------------------------------------------------------------------- running
@@ -175,15 +293,10 @@ def resolve(data, text="", origin="<dict>"):
         c = g.get("count", 1)
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise BatchMMUError(f"vm_group.count={c!r}: must be a positive integer", field="vm_group.count", value=c)
-    phases = r.get("phase", [])
-    if not phases:
+    raw = r.get("phase", [])
+    if not raw:
         raise BatchMMUError(f"{origin}: needs at least one [[phase]]", field="phase", value=None)
-    for ph in phases:
-        _check_keys("phase", ph, text, origin)
-        op = ph.get("op", "access")
-        if op not in ("access", "dirty_log", "get_dirty_log"):
-            raise BatchMMUError(f"phase.op={op!r}: use access, dirty_log or get_dirty_log", field="phase.op",
-                                value=op)
+    phases = _flatten_phases(raw, text, origin, [])
     wl = dict(r.get("workload", {}))
     bpv = parse_size(wl.get("bytes_per_vcpu", "1MiB"), "workload.bytes_per_vcpu")
     stride = parse_size(wl.get("stride", 4096), "workload.stride")
@@ -193,30 +306,71 @@ def resolve(data, text="", origin="<dict>"):
     if stride <= 0 or stride % 4096:
         raise BatchMMUError(f"workload.stride={stride!r}: must be a positive multiple of 4096",
                             field="workload.stride", value=stride)
+    rbytes = parse_size(wl.get("region_bytes", 0), "workload.region_bytes")
+    if "region_pages" in wl:
+        if "region_bytes" in wl:
+            raise BatchMMUError("workload: give region_bytes or region_pages, not both",
+                                field="workload.region_pages", value=wl["region_pages"])
+        rbytes = 4096 * _int(wl["region_pages"], "workload.region_pages", 1)
+    if rbytes % 4096:
+        raise BatchMMUError(f"workload.region_bytes={rbytes!r}: must be a multiple of 4096",
+                            field="workload.region_bytes", value=rbytes)
     region = wl.get("region", "top")
     if region not in ("top", "slot0"):
         raise BatchMMUError(f"workload.region={region!r}: use 'top' or 'slot0'", field="workload.region",
                             value=region)
     pattern = wl.get("pattern", "sequential")
-    if pattern not in ("sequential", "random"):
-        raise BatchMMUError(f"workload.pattern={pattern!r}: use 'sequential' or 'random'",
+    if pattern not in ("sequential", "random", "memstress"):
+        raise BatchMMUError(f"workload.pattern={pattern!r}: use 'sequential', 'random' or 'memstress'",
                             field="workload.pattern", value=pattern)
-    wp = wl.get("write_percent", 100)
-    if isinstance(wp, bool) or not isinstance(wp, int) or not 0 <= wp <= 100:
-        raise BatchMMUError(f"workload.write_percent={wp!r}: must be an integer 0..100",
-                            field="workload.write_percent", value=wp)
+    wp = _int(wl.get("write_percent", 100), "workload.write_percent", 0, 100)
+    slots = _int(wl.get("slots", 1), "workload.slots", 1, 32000)
+    if region == "slot0" and slots != 1:
+        raise BatchMMUError(f"workload.slots={slots}: region 'slot0' is one slot", field="workload.slots",
+                            value=slots)
+    seed = wl.get("seed", GUEST_RANDOM_SEED)
+    if isinstance(seed, str):   # the selftests print it in hex: --set seed=0x6b8b4567
+        try:
+            seed = int(seed, 0)
+        except ValueError:
+            pass
+    seed = _int(seed, "workload.seed", 0, 0xFFFFFFFF)
+    verify = wl.get("verify", "off")
+    if isinstance(verify, bool):
+        verify = "writes" if verify else "off"
+    if verify not in VERIFY_MODES:
+        raise BatchMMUError(f"workload.verify={verify!r}: use off, writes or exact", field="workload.verify",
+                            value=verify)
+    mem_spec = {"bpv": bpv, "region_bytes": rbytes}
+    for g in groups:
+        rb = region_bytes(mem_spec, g)
+        if rb // 4096 % slots:
+            raise BatchMMUError(f"workload.slots={slots}: the test region's {rb // 4096} pages do not split evenly "
+                                "into that many slots", field="workload.slots", value=slots)
+    manual = _bool(wl.get("manual_protect", False), "workload.manual_protect")
+    ring = _int(wl.get("dirty_ring", 0), "workload.dirty_ring", 0)
+    if manual and ring:
+        raise BatchMMUError(f"workload.dirty_ring={ring}: a VM with dirty rings has no dirty bitmap to GET or CLEAR, "
+                            "and with manual protect + INITIALLY_SET KVM would not write-protect the slot when "
+                            "logging starts; set manual_protect=false", field="workload.dirty_ring", value=ring)
     host = dict(r.get("host", {}))
     mem = host.pop("memory", "auto")
     if mem == "auto":
         need = 0
         for g in groups:
             slot0 = parse_size(g.get("memory", "2MiB"), "vm_group.memory")
-            need += int(g.get("count", 1)) * (int(g.get("vcpus", 1)) * bpv + (slot0 if region == "top" else 0))
+            need += int(g.get("count", 1)) * (region_bytes(mem_spec, g) + (slot0 if region == "top" else 0))
         mem = max(need, 1 << 30)
     return {"name": r.get("name", Path(origin).stem), "params": params, "host": host,
             "host_memory": parse_size(mem, "host.memory"), "groups": groups, "workload": wl,
             "phases": phases, "bpv": bpv, "stride": stride, "region": region, "pattern": pattern,
-            "write_percent": wp}
+            "write_percent": wp, "region_bytes": rbytes, "slots": slots, "seed": seed,
+            "random_access": _bool(wl.get("random_access", False), "workload.random_access"),
+            "overlap": _bool(wl.get("overlap", False), "workload.overlap"),
+            "manual_protect": manual,
+            "initially_set": _bool(wl.get("initially_set", False), "workload.initially_set"),
+            "dirty_ring": ring,
+            "verify": verify}
 
 
 class _Progress:
@@ -304,7 +458,7 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
         stats = np.zeros((nvm, len(STAT_NAMES)), np.int64)
         phases = []
         for k, ph in enumerate(spec["phases"]):
-            name = ph.get("name", ph.get("op", "access"))
+            name = ph["name"]
             bar.start(name, total_events(spec, k))
             tp = time.perf_counter()
             results = be.run_phase(k)
@@ -318,16 +472,21 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
             for part, r in zip(parts, results, strict=True):
                 stats[part] = r["stats"]
             events = sum(r["events"] for r in results)
-            rec = {"name": name, "op": ph.get("op", "access"), "seconds": round(dt, 6),
+            rec = {"name": name, "op": ph["op"], "seconds": round(dt, 6),
                    "worker_seconds": [round(r["seconds"], 6) for r in results], "events": events,
                    "events_per_s": round(events / dt) if dt > 0 and events else 0}
+            if "iteration" in ph:
+                rec["iteration"] = ph["iteration"]
+            if ph["op"] in COLLECT_OPS:
+                rec["dirty_pages"] = 0
             for r in results:
                 for key, v in r["extra"].items():
                     rec[key] = rec.get(key, 0) + v
             rec["stats"] = {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
             phases.append(rec)
-            say(f"  phase {name:<14} {dt:8.3f} s  {events:>12,} events"
-                + (f"  {events / dt / 1e6:8.2f} M/s" if events and dt > 0 else ""))
+            say(_phase_line(rec))
+        for line in _iteration_totals(phases):
+            say(line)
         fps = be.footprints()
     finally:
         be.close()
@@ -335,8 +494,44 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
     totals = {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
     per_vm = {n: stats[:, i].tolist() for i, n in enumerate(STAT_NAMES)}
     params = dict(spec["params"])
-    params["seed"] = seed
+    # the run seed (--seed); a scenario parameter named "seed" (memstress's guest seed) keeps its name
+    params["run_seed" if "seed" in spec["params"] else "seed"] = seed
     return Report(spec["name"], params, totals, per_vm, phases, footprint)
+
+
+def _ts(sec):
+    """A duration the way the selftests print one (``%ld.%.9lds``)."""
+    ns = int(round(sec * 1e9))
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}s"
+
+
+_LINE_STATS = ("pf_fixed", "pf_fast", "pages_4k", "pages_2m", "pages_1g")
+
+
+def _phase_line(rec):
+    line = f"  {rec['name'] + ' time:':<36} {_ts(rec['seconds'])}"
+    if rec["events"]:
+        line += f"  {rec['events']:>12,} events"
+        if rec["seconds"] > 0:
+            line += f" {rec['events'] / rec['seconds'] / 1e6:8.2f} M/s"
+    for key in ("dirty_pages", "cleared_pages", "ring_entries", "ring_full_exits", "writes"):
+        if key in rec:
+            line += f"  {key}={rec[key]:,}"
+    line += "  [" + " ".join(f"{k}={rec['stats'][k]:,}" for k in _LINE_STATS) + "]"
+    return line
+
+
+def _iteration_totals(phases):
+    """dirty_log_perf_test's closing lines: GET / CLEAR time over the iterations."""
+    out = []
+    for op, what in (("get_dirty_log", "Get dirty log"), ("clear_dirty_log", "Clear dirty log"),
+                     ("harvest_dirty_ring", "Harvest dirty ring")):
+        recs = [p for p in phases if p["op"] == op and "iteration" in p]
+        if recs:
+            n = len({p["iteration"] for p in recs})
+            tot = sum(p["seconds"] for p in recs)
+            out.append(f"  {what} over {n} iterations took {_ts(tot)}. (Avg {_ts(tot / n)}/iteration)")
+    return out
 
 
 def summary(report):
