@@ -282,6 +282,7 @@ class Host:
         vm = self._check_vm(vm)
         size = parse_size(size, "size") if isinstance(size, str) else size
         change, rec = ms.validate_region(self, vm, slot, gpa, size, flags, hva)
+        self._sync_pml(vm)  # the vCPUs are out of the guest: their PML buffers were flushed
         if change == "none":
             return
         if backing is not None and change != "create":
@@ -347,6 +348,12 @@ class Host:
         self._update_cpu_dirty_logging(vm)
         # kvm_mmu_slot_apply_flags: nothing more for moves or read-only slots
         if zap_done or new_flags & S.KVM_MEM_READONLY:
+            return
+        if int(st.slot_id[rec]) >> 16:
+            # SMM address space: its roots (none here: vCPUs run in address space 0) are the
+            # only ones the split/protect/recover walks touch; the enable flush stays
+            if logging_on and not self._initially_set(vm):
+                self._flush_remote_tlbs(vm)
             return
         base, n = int(st.base_gfn[rec]), int(st.npages[rec])
         if not logging_on:
@@ -624,13 +631,23 @@ class Host:
         self._sync_pml(vm)  # kvm_arch_sync_dirty_log
         st = self.st
         words = (int(st.npages[rec]) + 63) // 64
+        off = int(st.dirty_off[rec])
         if int(self.vt.dirty_mode[vm]) & S.DM_MANUAL_PROTECT:
-            off = int(st.dirty_off[rec])
             return st.dirty[off:off + words].copy().view(np.uint64)
+        if int(st.slot_id[rec]) >> 16:  # SMM slot: no roots of its address space to re-protect
+            out = st.dirty[off:off + words].copy()
+            st.dirty[off:off + words] = 0
+            if out.any():
+                self._flush_remote_tlbs(vm)
+            return out.view(np.uint64)
         out = np.zeros(words, np.int64)
         if get_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, out):
             self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
         return out.view(np.uint64)
+
+    def kick_vcpus(self, vm):
+        """Every vCPU of the VM exits once (as at a userspace request): PML buffers reach the log."""
+        self._sync_pml(self._check_vm(vm))
 
     def enable_manual_dirty_log_protect(self, vm, initially_set=True):
         """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET only reads, CLEAR re-protects; with
@@ -661,6 +678,15 @@ class Host:
             raise bad("bitmap", f"{bm.dtype} array of {bm.size}", f"needs at least {words} integer words")
         bm = bm[:words].astype(np.uint64).view(np.int64)
         self._sync_pml(vm)
+        if int(self.st.slot_id[rec]) >> 16:  # SMM slot: clear the bits, nothing to re-protect
+            off = int(self.st.dirty_off[rec]) + first_page // 64
+            live = self.st.dirty[off:off + words]
+            mask = bm & live
+            live &= ~mask
+            cleared = int(np.unpackbits(mask.view(np.uint8)).sum())
+            if cleared:
+                self._flush_remote_tlbs(vm)
+            return cleared
         if self._initially_set(vm) and self.cfg[S.CFG_EAGER_SPLIT]:
             base = int(self.st.base_gfn[rec])
             rows = count_huge_leaves(self.pa, self.vt, vm, base + first_page, base + first_page + num_pages)
@@ -702,6 +728,7 @@ class Host:
         """Collect the vCPU's dirty entries as userspace does (and mark them for reset).
         Returns an int64 array of shape (n, 2): [slot, offset]."""
         g = self._vcpu_index(vm, vcpu)
+        self._sync_pml(int(vm))
         ct = self.ct
         size = int(ct.ring_size[g])
         if not size:

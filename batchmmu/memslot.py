@@ -100,14 +100,14 @@ def validate_region(host, vm, slot, gpa, size, flags, hva):
         else:
             return "none", rec
     if change in ("create", "move"):
-        if base_gfn + npages - 1 > host.vt.max_gfn[vm]:
-            raise einval("gpa", gpa, "slot ends beyond the VM's MAXPHYADDR")  # kvm_arch_prepare_memory_region
         if as_id == 0 and _overlaps(host, vm, base_gfn, npages, rec):
             raise BatchMMUError(f"gpa={gpa:#x} size={size:#x}: overlaps another memslot (EEXIST)",
                                 field="gpa", value=gpa, errno=errno.EEXIST)
         if as_id == 1 and _overlaps_as(host, vm, as_id, base_gfn, npages, rec):
             raise BatchMMUError(f"gpa={gpa:#x} size={size:#x}: overlaps another memslot (EEXIST)",
                                 field="gpa", value=gpa, errno=errno.EEXIST)
+        if base_gfn + npages - 1 > host.vt.max_gfn[vm]:
+            raise einval("gpa", gpa, "slot ends beyond the VM's MAXPHYADDR")  # kvm_arch_prepare_memory_region
     return change, rec
 
 

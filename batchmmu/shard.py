@@ -439,9 +439,7 @@ class Shard:
     def _vcpus_exited(self, lvm):
         """The VM's vCPUs are out of the guest (GUEST_SYNC, or stopped by the VMM): KVM flushes a vCPU's
         PML buffer on every VM exit (``__vmx_handle_exit``), so what the CPU logged reaches the rings."""
-        sync = getattr(self.host, "_sync_pml", None)
-        if sync is not None:
-            sync(lvm)
+        self.host.kick_vcpus(lvm)
 
     def _harvest(self, lvm, extra, stopped=False):
         """Harvest every vCPU's dirty ring of local VM ``lvm``, then KVM_RESET_DIRTY_RINGS.

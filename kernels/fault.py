@@ -9,7 +9,7 @@ event it stopped at, so nothing is applied twice or lost.
 import numpy as np
 from numba import njit
 
-from .dirty import pml_log
+from .dirty import pml_flush, pml_log
 from .memslot import (
     gfn_to_hva,
     gfn_to_memslot,
@@ -230,7 +230,8 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec,
         # kvm_handle_noslot_fault
         if not mmio_caching or gfn > vt.max_gfn[vm]:
             return RET_PF_EMULATE
-        return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, 0, False, 1, 1, False,
+        # kvm_mmu_hugepage_adjust set huge_page_disallowed before its no-slot early return
+        return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, 0, False, 1, 1, fetch and nx_huge_pages,
                                nx_huge_pages, mmio_caching, write)
     if write and slot_readonly(st, rec):
         return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
@@ -262,57 +263,79 @@ def handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
-    """One TDP exit (EPT violation / misconfiguration, #NPF): kvm_mmu_page_fault and the retry.
+def exit_error_code(fmt, res, spte, write, fetch):
+    """The error code KVM's fault handler receives for this exit."""
+    if res == WALK_RSVD and fmt == FMT_EPT:
+        return PFERR_RSVD_MASK  # handle_ept_misconfig passes PFERR_RSVD_MASK alone
+    err = 0
+    if res == WALK_RSVD:
+        err = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+    elif hw_present(fmt, spte):
+        err = PFERR_PRESENT_MASK
+    if write:
+        err |= PFERR_WRITE_MASK
+    elif fetch:
+        err |= PFERR_FETCH_MASK
+    if fmt == FMT_EPT:
+        if not write and not fetch:
+            err |= PFERR_USER_MASK  # __vmx_handle_ept_violation: ACC_READ is reported as PFERR_USER
+    else:
+        err |= PFERR_USER_MASK  # #NPF: the nested walk is a user access
+    return err
 
-    Returns (outcome, error code); outcome -1 means the host budget cannot back the page
-    and nothing was changed.
+
+MAX_EXITS_PER_ACCESS = 4
+
+
+@njit(inline="always", _nrt=False)
+def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
+    """TDP exits of one access (EPT violation / misconfiguration, #NPF): kvm_mmu_page_fault, then
+    the guest re-executes the access, which may exit again (a fault fixed for the access KVM saw
+    is not always enough for the access the guest made).
+
+    Returns (outcome, error code of the last exit); outcome -1 means the host budget cannot back
+    the page and nothing was changed.
     """
     mmio_caching = cfg[CFG_MMIO_CACHING] != 0
-    err = 0
-    if res == WALK_RSVD and fmt == FMT_EPT:
-        err = PFERR_RSVD_MASK  # handle_ept_misconfig passes PFERR_RSVD_MASK alone
-    else:
-        if res == WALK_RSVD:
-            err = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
-        elif hw_present(fmt, spte):
-            err = PFERR_PRESENT_MASK
-        if write:
-            err |= PFERR_WRITE_MASK
-        elif fetch:
-            err |= PFERR_FETCH_MASK
-        if fmt == FMT_EPT:
-            if not write and not fetch:
-                err |= PFERR_USER_MASK  # __vmx_handle_ept_violation: ACC_READ is reported as PFERR_USER
-        else:
-            err |= PFERR_USER_MASK  # #NPF: the nested walk is a user access
     stats = vt.stats
-    if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
-        stats[vm, ST_ACCESSES] += 1
+    if vt.dirty_mode[vm] & DM_PML_ACTIVE:
+        pml_flush(vt, st, ct, vm, vcpu_g)  # vmx_handle_exit flushes the PML buffer on every exit
+    outcome = OUT_FIXED
+    err = 0
+    for attempt in range(MAX_EXITS_PER_ACCESS):
+        err = exit_error_code(fmt, res, spte, write, fetch)
+        if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
+            if attempt == 0:
+                stats[vm, ST_ACCESSES] += 1
+            stats[vm, ST_WALK_REFS] += refs
+            return OUT_MMIO, err
+        rec = gfn_to_memslot(vt, st, vm, gfn)
+        if attempt == 0:
+            if rec >= 0 and not (write and slot_readonly(st, rec)) and host_page_needs_budget(st, host, rec, gfn):
+                return -1, 0
+            stats[vm, ST_ACCESSES] += 1
         stats[vm, ST_WALK_REFS] += refs
-        return OUT_MMIO, err
-    rec = gfn_to_memslot(vt, st, vm, gfn)
-    if rec >= 0 and not (write and slot_readonly(st, rec)) and host_page_needs_budget(st, host, rec, gfn):
-        return -1, 0
-    stats[vm, ST_ACCESSES] += 1
+        stats[vm, ST_PF_TAKEN] += 1
+        present = (err & PFERR_PRESENT_MASK) != 0
+        r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present,
+                                   (err & PFERR_RSVD_MASK) != 0, (err & PFERR_WRITE_MASK) != 0,
+                                   (err & PFERR_FETCH_MASK) != 0)
+        if r == RET_PF_FIXED:
+            stats[vm, ST_PF_FIXED] += 1
+            outcome = OUT_FIXED
+        elif r == RET_PF_SPURIOUS:
+            stats[vm, ST_PF_SPURIOUS] += 1
+            outcome = OUT_SPURIOUS
+        else:
+            stats[vm, ST_PF_EMULATE] += 1
+            return (OUT_MMIO if rec < 0 else OUT_EMULATED), err
+        # The guest re-executes the access.
+        res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.root[vm], vt.levels[vm], gfn, write,
+                                                       fetch, vt.ad_disabled[vm] == 0)
+        if res == WALK_OK:
+            stats[vm, ST_WALK_REFS] += refs
+            return outcome, err
     stats[vm, ST_WALK_REFS] += refs
-    stats[vm, ST_PF_TAKEN] += 1
-    present = (err & PFERR_PRESENT_MASK) != 0
-    r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present, res == WALK_RSVD,
-                               write, fetch)
-    if r == RET_PF_FIXED:
-        stats[vm, ST_PF_FIXED] += 1
-        outcome = OUT_FIXED
-    elif r == RET_PF_SPURIOUS:
-        stats[vm, ST_PF_SPURIOUS] += 1
-        outcome = OUT_SPURIOUS
-    else:
-        stats[vm, ST_PF_EMULATE] += 1
-        return (OUT_MMIO if rec < 0 else OUT_EMULATED), err
-    # The guest re-executes the access; it now translates.
-    res, refs2, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.root[vm], vt.levels[vm], gfn, write,
-                                                    fetch, vt.ad_disabled[vm] == 0)
-    stats[vm, ST_WALK_REFS] += refs2
     return outcome, err
 
 
@@ -356,6 +379,8 @@ def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, st
                 _flush_pending(stats, pend_vm, pend_acc, pend_refs)
                 pend_vm, pend_acc, pend_refs = -1, 0, 0
                 stats[vm, ST_DIRTY_RING_FULL] += 1
+                if mode & DM_PML_ACTIVE:
+                    pml_flush(vt, st, ct, vm, vcpu_g)  # an exit: the PML buffer is flushed
                 out_outcome[i] = OUT_RING_FULL
                 continue
         ad_enabled_vm = ad_disabled[vm] == 0
