@@ -42,16 +42,28 @@ def warmup():
     """Compile (or load from numba's cache) every kernel on a tiny batch; returns seconds taken."""
     import time
     t = time.perf_counter()
-    h = Host(memory="64MiB", backing="thp")
-    for fmt in ("ept", "npt"):
-        vm = int(h.create_vms(1, memory="4MiB", tdp_format=fmt)[0])
-        h.access([vm, vm, vm], 0, [0, 0x1000, 1 << 30], [0, ACC_WRITE, 0])
-        h.access(vm, 0, 1 << 30, 0)
-        h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=MEM_LOG_DIRTY_PAGES)
-        h.access(vm, 0, 1 << 30, ACC_WRITE)
-        h.get_dirty_log(vm, 1)
-        h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=0)
-        h.set_memslot(vm, 1, 1 << 30, 0)
+    for pml in (False, True):
+        h = Host(memory="64MiB", backing="thp", pml=pml)
+        for fmt in ("ept",) if pml else ("ept", "npt"):
+            vm = int(h.create_vms(1, memory="4MiB", vcpus=2, tdp_format=fmt)[0])
+            h.access([vm, vm, vm], 0, [0, 0x1000, 1 << 30], [0, ACC_WRITE, 0])
+            h.access(vm, 0, 1 << 30, 0)
+            h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=MEM_LOG_DIRTY_PAGES)
+            h.access(vm, 1, 1 << 30, ACC_WRITE)
+            h.get_dirty_log(vm, 1)
+            h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=0)
+            h.set_memslot(vm, 1, 1 << 30, 0)
+        vm = int(h.create_vms(1, memory="4MiB")[0])
+        h.enable_manual_dirty_log_protect(vm, initially_set=True)
+        h.access(vm, 0, 0, ACC_WRITE)
+        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+        h.clear_dirty_log(vm, 0, 0, 64, [-1])
+        vm = int(h.create_vms(1, memory="4MiB")[0])
+        h.enable_dirty_ring(vm, 1024)
+        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+        h.access(vm, 0, 0, ACC_WRITE)
+        h.harvest_dirty_ring(vm, 0)
+        h.reset_dirty_rings(vm)
     return time.perf_counter() - t
 
 

@@ -64,7 +64,7 @@ def pml_log(vt, st, ct, vm, vcpu_g, gfn):
     ct.pml_count[vcpu_g] += 1
 
 
-@njit(_nrt=False)
+@njit(cache=True, _nrt=False)
 def pml_flush_vm(vt, st, ct, vm, nvcpus):
     """kvm_arch_sync_dirty_log: kick every vCPU so its PML buffer reaches the log."""
     for c in range(nvcpus):
@@ -88,7 +88,7 @@ def _leaf_at(pa, vt, vm, gfn):
         level -= 1
 
 
-@njit(_nrt=False)
+@njit(cache=True, _nrt=False)
 def count_huge_leaves(pa, vt, vm, start, end):
     """Rows an eager split of [start, end) may need: 1 per 2M leaf, 513 per 1G leaf."""
     root = vt.root[vm]
@@ -116,7 +116,7 @@ def count_huge_leaves(pa, vt, vm, start, end):
     return rows
 
 
-@njit(_nrt=False)
+@njit(cache=True, _nrt=False)
 def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
     """tdp_mmu_split_huge_pages_root: split every huge leaf in [start, end) down to target_level,
     pre-order (1G -> 2M -> 4K).  The caller has topped up the free rows (count_huge_leaves)."""
@@ -194,7 +194,7 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
-@njit(_nrt=False)
+@njit(cache=True, _nrt=False)
 def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D off on 4K leaves."""
     fmt = vt.fmt[vm]
