@@ -125,14 +125,19 @@ class ProcessBackend:
                                         field="workers", value=i)
         return out
 
-    def run_phase(self, k):
+    def _send_all(self, msg):
         for c in self.conns:
-            c.send(("phase", k))
+            try:
+                c.send(msg)
+            except OSError:
+                pass  # a dead worker: _collect reports it with its exit code
+
+    def run_phase(self, k):
+        self._send_all(("phase", k))
         return self._collect()
 
     def footprints(self):
-        for c in self.conns:
-            c.send(("footprint", None))
+        self._send_all(("footprint", None))
         return self._collect()
 
     def crash_worker(self, i, code=3):

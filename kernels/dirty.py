@@ -13,13 +13,10 @@ from numba import njit
 from .memslot import gfn_to_memslot, mark_page_dirty
 from .spte import (
     PT_WRITABLE_MASK,
-    is_large_pte,
-    is_last_spte,
     is_shadow_present_pte,
     shadow_dirty_mask,
     shadow_mmu_writable_mask,
     spte_ad_enabled,
-    spte_to_child_row,
 )
 from .state import (
     CFG_EAGER_SPLIT,
@@ -36,6 +33,7 @@ from .state import (
     ST_PML_FULL_EXITS,
 )
 from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
+from .walk import next_gfn, walk_to_leaf
 
 
 # ----------------------------------------------------------------------------- PML
@@ -75,44 +73,23 @@ def pml_flush_vm(vt, st, ct, vm, nvcpus):
 @njit(inline="always", _nrt=False)
 def _leaf_at(pa, vt, vm, gfn):
     """(row, idx, level, spte) of the leaf (or the non-present entry) mapping gfn; row -1 if no root."""
-    row = vt.root[vm]
-    level = np.int64(vt.levels[vm])
-    if row < 0:
-        return np.int64(-1), np.int64(0), level, np.int64(0)
-    while True:
-        idx = (gfn >> ((level - 1) * 9)) & 511
-        spte = pa.spt[row, idx]
-        if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
-            return row, idx, level, spte
-        row = spte_to_child_row(spte)
-        level -= 1
+    if vt.root[vm] < 0:
+        return np.int64(-1), np.int64(0), np.int64(vt.levels[vm]), np.int64(0)
+    return walk_to_leaf(pa.spt, vt.root[vm], np.int64(vt.levels[vm]), gfn)
 
 
 @njit(cache=True, _nrt=False)
 def count_huge_leaves(pa, vt, vm, start, end):
     """Rows an eager split of [start, end) may need: 1 per 2M leaf, 513 per 1G leaf."""
-    root = vt.root[vm]
-    if root < 0:
-        return 0
     rows = 0
     gfn = start
     while gfn < end:
-        row = root
-        level = np.int64(vt.levels[vm])
-        while True:
-            shift = (level - 1) * 9
-            spte = pa.spt[row, (gfn >> shift) & 511]
-            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
-                row = spte_to_child_row(spte)
-                level -= 1
-                continue
-            if level == 1:
-                gfn = ((gfn >> 9) + 1) << 9  # a 4K leaf table holds nothing to split
-                break
-            if is_shadow_present_pte(spte):
-                rows += 1 if level == 2 else 513
-            gfn = ((gfn >> shift) + 1) << shift
+        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
+        if row < 0:
             break
+        if level > 1 and is_shadow_present_pte(spte):
+            rows += 1 if level == 2 else 513
+        gfn = next_gfn(gfn, level)
     return rows
 
 
@@ -120,31 +97,20 @@ def count_huge_leaves(pa, vt, vm, start, end):
 def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
     """tdp_mmu_split_huge_pages_root: split every huge leaf in [start, end) down to target_level,
     pre-order (1G -> 2M -> 4K).  The caller has topped up the free rows (count_huge_leaves)."""
-    root = vt.root[vm]
-    if root < 0:
-        return
     fmt = vt.fmt[vm]
     nx = cfg[CFG_NX_HUGE_PAGES] != 0
     gfn = start
     while gfn < end:
-        row = root
-        level = np.int64(vt.levels[vm])
-        while True:
+        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
+        if row < 0:
+            return
+        if is_shadow_present_pte(spte) and level > target_level:
             shift = (level - 1) * 9
-            idx = (gfn >> shift) & 511
-            spte = pa.spt[row, idx]
-            if is_shadow_present_pte(spte) and is_large_pte(spte) and level > target_level:
-                child_gfn = (gfn >> shift) << shift
-                child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, child_gfn, pa.sp_role[row], row, idx)
-                tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
-                vt.stats[vm, ST_PAGES_SPLIT] += 1
-                spte = pa.spt[row, idx]
-            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
-                row = spte_to_child_row(spte)
-                level -= 1
-                continue
-            gfn = ((gfn >> shift) + 1) << shift
-            break
+            child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, (gfn >> shift) << shift, pa.sp_role[row], row, idx)
+            tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
+            vt.stats[vm, ST_PAGES_SPLIT] += 1
+            continue  # walk again: the pieces may be huge too
+        gfn = next_gfn(gfn, level)
 
 
 @njit(_nrt=False)
@@ -206,9 +172,8 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
         row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
         if row < 0:
             break
-        shift = (level - 1) * 9
         if level != 1:
-            gfn = ((gfn >> shift) + 1) << shift
+            gfn = next_gfn(gfn, level)
             continue
         while idx < 512 and gfn < end:
             spte = spt[row, idx]

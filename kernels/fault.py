@@ -88,6 +88,7 @@ from .tdp import (
     kvm_tdp_mmu_map,
     mmu_alloc_root,
 )
+from .walk import walk_to_leaf
 
 # hardware walk results
 WALK_OK = 0
@@ -175,15 +176,7 @@ def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, f
     elif not write:
         return RET_PF_INVALID
     # kvm_tdp_mmu_fast_pf_get_last_sptep
-    row = vt.root[vm]
-    level = np.int64(vt.levels[vm])
-    while True:
-        idx = (gfn >> ((level - 1) * 9)) & 511
-        spte = pa.spt[row, idx]
-        if not is_shadow_present_pte(spte) or level == 1 or is_large_pte(spte):
-            break
-        row = spte_to_child_row(spte)
-        level -= 1
+    row, idx, level, spte = walk_to_leaf(pa.spt, vt.root[vm], np.int64(vt.levels[vm]), gfn)
     if not is_shadow_present_pte(spte):
         return RET_PF_INVALID
     if is_access_allowed(fmt, spte, write, fetch):

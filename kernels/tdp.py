@@ -46,6 +46,7 @@ from .state import (
     ST_REMOTE_TLB_FLUSH,
     ST_REMOTE_TLB_FLUSH_REQUESTS,
 )
+from .walk import walk_to_leaf
 
 # RET_PF_* (mmu_internal.h)
 RET_PF_CONTINUE = 0
@@ -297,15 +298,7 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     count = 0
     gfn = start
     while gfn < end:
-        row = root
-        level = np.int64(vt.levels[vm])
-        while True:
-            spte = spt[row, (gfn >> ((level - 1) * 9)) & 511]
-            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
-                row = spte_to_child_row(spte)
-                level -= 1
-                continue
-            break
+        row, k, level, spte = walk_to_leaf(spt, root, np.int64(vt.levels[vm]), gfn)
         shift = (level - 1) * 9
         k = (gfn >> shift) & 511
         if level == 1 and k == 0 and gfn + 512 <= end and min_level <= 1:
