@@ -31,7 +31,15 @@ from .kernels.dirty import (
     tdp_clear_dirty_gfn_range,
     tdp_try_split_huge_pages,
 )
-from .kernels.events import EV_BAD_ADDR, EV_BAD_KIND, EV_BAD_VCPU, EV_BAD_VM, validate_events
+from .kernels.events import (
+    EV_BAD_ADDR,
+    EV_BAD_KIND,
+    EV_BAD_VCPU,
+    EV_BAD_VM,
+    group_by_vm,
+    ungroup_results,
+    validate_events,
+)
 from .kernels.fault import access_batch
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import (
@@ -537,8 +545,9 @@ class Host:
         n = vm_a.size
         perm = None
         if n > 1 and np.any(vm_a[1:] < vm_a[:-1]):
-            perm = np.argsort(vm_a, kind="stable")
-            vm_a, vcpu_a, addr_a, kind_a = vm_a[perm], vcpu_a[perm], addr_a[perm], kind_a[perm]
+            grouped = [np.empty(n, np.int64) for _ in range(5)]
+            group_by_vm(vm_a, vcpu_a, addr_a, kind_a, self.nvm, np.empty(self.nvm + 1, np.int64), *grouped)
+            vm_a, vcpu_a, addr_a, kind_a, perm = grouped
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
         i = 0
@@ -559,7 +568,7 @@ class Host:
                 raise e
         if perm is not None:
             out_c, err_c = np.empty_like(out), np.empty_like(err)
-            out_c[perm], err_c[perm] = out, err
+            ungroup_results(perm, out, err, out_c, err_c)
             out, err = out_c, err_c
         return AccessResult(out, err)
 

@@ -35,7 +35,6 @@ from pathlib import Path
 import numba
 import numpy as np
 import probe
-import proto_sorted
 
 import batchmmu as bm
 
@@ -321,32 +320,7 @@ def profile_case(case, host, results, repeats, rng):
     check_outcomes(last, bm.FIXED, f"{case.name} first touch (arena pre-grown)")
     prof["first_touch_random_ns_per_fault"] = results["first_touch_random"]["median_s"] / vm_t.size * 1e9
     prof["first_touch_random_pregrown_ns_per_fault"] = med / vm_t.size * 1e9
-    if case.nvm > 1:
-        prof.update(profile_grouped(case, vm_t, addr_t, vm, addr, repeats))
     return prof
-
-
-def profile_grouped(case, vm_t, addr_t, vm_h, addr_h, repeats):
-    """Prototype ``proto_sorted.VMSortedHost``: the same random batches run grouped by VM."""
-    out = {}
-    ref_h = new_host(case)
-    ref_ft = ref_h.access(vm_t, 0, addr_t, bm.ACC_WRITE)
-    ref_hit = ref_h.access(vm_h, 0, addr_h, 0)
-    med, _, last = timed(lambda h: h.access(vm_t, 0, addr_t, bm.ACC_WRITE), repeats,
-                         setup=lambda: new_host(case, proto_sorted.VMSortedHost))
-    h = new_host(case, proto_sorted.VMSortedHost)
-    ft = h.access(vm_t, 0, addr_t, bm.ACC_WRITE)
-    med_h, _, _ = timed(lambda _: h.access(vm_h, 0, addr_h, 0), repeats)
-    hit = h.access(vm_h, 0, addr_h, 0)
-    same = (np.array_equal(ft.outcome, ref_ft.outcome) and np.array_equal(ft.error_code, ref_ft.error_code)
-            and np.array_equal(hit.outcome, ref_hit.outcome))
-    s1, s2 = h.stats(), ref_h.stats()
-    # the grouped host ran one more HIT batch (the timed ones); compare everything else
-    same = same and all(np.array_equal(s1[k], s2[k]) for k in s1 if k not in ("accesses", "walk_refs"))
-    out["grouped_by_vm_identical_results"] = bool(same)
-    out["first_touch_random_grouped_ns_per_fault"] = med / vm_t.size * 1e9
-    out["hit_random_grouped_ns_per_event"] = med_h / vm_h.size * 1e9
-    return out
 
 
 def warmup(cases):
@@ -466,11 +440,6 @@ def print_profile(profiles):
         if "first_touch_random_pregrown_ns_per_fault" in p:
             parts.append(f"first touch rand {p['first_touch_random_ns_per_fault']:.0f}, "
                          f"arena pre-grown {p['first_touch_random_pregrown_ns_per_fault']:.0f}")
-        if "first_touch_random_grouped_ns_per_fault" in p:
-            parts.append(f"grouped by VM (proto_sorted): first touch rand "
-                         f"{p['first_touch_random_grouped_ns_per_fault']:.0f}, hit rand "
-                         f"{p['hit_random_grouped_ns_per_event']:.1f}"
-                         + ("" if p["grouped_by_vm_identical_results"] else " RESULTS DIFFER"))
         pad = "\n  " + " " * 17
         print(f"  {name:<16} " + (";" + pad).join(parts))
 
