@@ -40,6 +40,8 @@ def _worker_main(conn, spec, seed, vm_ids, log_queue, index):
     root.setLevel(logging.INFO)
     wlog = logging.getLogger(f"batchmmu.worker{index}")
     try:
+        from . import warmup
+        warmup()  # load every cached kernel before the first phase is timed
         shard = Shard(spec, seed, vm_ids)
         wlog.debug("worker %d: %d VMs ready (pid %d)", index, len(vm_ids), os.getpid())
         conn.send(("ready", None))
