@@ -179,14 +179,17 @@ class RayBackend:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True)
-        actor = ray.remote(num_cpus=1)(_RayShard)
+        # one CPU per shard where the cluster has them; more shards than CPUs share (never wait forever)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        actor = ray.remote(num_cpus=min(1.0, cpus / len(parts)))(_RayShard)
         self.actors = [actor.remote(spec, seed, p) for p in parts]
-        self._get([a.ready.remote() for a in self.actors])
+        self._get([a.ready.remote() for a in self.actors], timeout=600)
 
-    def _get(self, refs):
+    def _get(self, refs, timeout=None):
         try:
-            return self.ray.get(refs)
-        except Exception as e:  # noqa: BLE001 - RayActorError, RayTaskError ...
+            return self.ray.get(refs, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - RayActorError, RayTaskError, GetTimeoutError ...
+            self.close()
             raise BatchMMUError(f"a Ray worker failed: {e}", field="workers", value=None) from None
 
     def run_phase(self, k):
@@ -203,6 +206,8 @@ class RayBackend:
 
 class _RayShard:
     def __init__(self, spec, seed, vm_ids):
+        from . import warmup
+        warmup()
         self.shard = Shard(spec, seed, vm_ids)
 
     def ready(self):

@@ -71,5 +71,6 @@ def test_process_worker_error_is_reported():
 def test_ray_backend_same_stats():
     pytest.importorskip("ray", reason="Ray is an optional extra (batchmmu[cluster])")
     a = bm.run_scenario(_mixed(), workers=2, seed=3, sets=SETS)
-    b = bm.run_scenario(_mixed(), workers=2, backend="ray", seed=3, sets=SETS)
-    assert a.totals == b.totals and a.per_vm == b.per_vm
+    for w in (1, 2, 3):
+        b = bm.run_scenario(_mixed(), workers=w, backend="ray", seed=3, sets=SETS)
+        assert a.totals == b.totals and a.per_vm == b.per_vm
