@@ -89,7 +89,7 @@ def count_huge_leaves(pa, vt, vm, start, end):
             break
         if level > 1 and is_shadow_present_pte(spte):
             rows += 1 if level == 2 else 513
-        gfn = next_gfn(gfn, level)
+        gfn = next_gfn(gfn, max(level, 2))  # a 4K leaf table holds nothing to split: skip it whole
     return rows
 
 
@@ -110,7 +110,7 @@ def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
             tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
             vt.stats[vm, ST_PAGES_SPLIT] += 1
             continue  # walk again: the pieces may be huge too
-        gfn = next_gfn(gfn, level)
+        gfn = next_gfn(gfn, max(level, 2) if target_level == 1 else level)
 
 
 @njit(_nrt=False)
