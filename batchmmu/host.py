@@ -783,8 +783,9 @@ class Host:
 
         Categories: ``tdp_page_tables`` (4 KiB table pages, SecPageTables), ``mmu_page_headers``
         (struct kvm_mmu_page), ``lpage_info``, ``dirty_bitmaps`` (two bitmaps per logged slot),
-        ``memslots``, ``rmaps`` (0: the TDP MMU keeps none), ``guest_memory`` (host RAM backing guest
-        pages); ``kvm_total`` sums the KVM categories; ``simulator_bytes`` is this process's arenas.
+        ``memslots``, ``rmaps`` (0: the TDP MMU keeps none), ``pml_buffers`` (a page per vCPU with
+        PML), ``dirty_rings`` (16 bytes per entry), ``guest_memory`` (host RAM backing guest pages);
+        ``kvm_total`` sums the KVM categories; ``simulator_bytes`` is this process's arenas.
         """
         vms = np.arange(self.nvm) if vm is None else np.array([self._check_vm(vm)])
         st = self.st
@@ -802,10 +803,17 @@ class Host:
             "dirty_bitmaps": dirty,
             "memslots": live.size * SIZEOF_MEMSLOT,
             "rmaps": 0,
+            "pml_buffers": 0,
+            "dirty_rings": 0,
             "guest_memory": int(self.vt.host_bytes[vms].sum()),
         }
+        vcpus = self._vcpus[vms]
+        if self.cfg[S.CFG_PML]:
+            out["pml_buffers"] = int(vcpus.sum()) * 4096  # one PML page per vCPU
+        g = self.ct.vcpu_off[vms]
+        out["dirty_rings"] = int(sum(int(self.ct.ring_size[o:o + c].sum()) for o, c in zip(g, vcpus, strict=True))) * 16
         out["kvm_total"] = sum(v for k, v in out.items() if k != "guest_memory")
-        arrays = [*self.pa, *self.vt, *self.st]
+        arrays = [*self.pa, *self.vt, *self.st, *self.ct]
         sim = sum(a.nbytes for a in arrays)
         out["simulator_bytes"] = int(sim if vm is None else sim * (len(vms) / max(1, self.nvm)))
         return out

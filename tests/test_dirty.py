@@ -200,3 +200,14 @@ def test_no_write_is_lost(mode, backing, eager, ops):
     if logging[0]:
         missing = pending - collect()
         assert not missing, f"lost writes {sorted(missing)[:8]}"
+
+
+@pytest.mark.nojit
+def test_footprint_counts_pml_pages_and_rings():
+    h = bm.Host(memory="1GiB", backing="4k", pml=True)
+    vm = int(h.create_vms(1, memory="4MiB", vcpus=3)[0])
+    h.enable_dirty_ring(vm, 1024)
+    fp = h.footprint()
+    assert fp["pml_buffers"] == 3 * 4096 and fp["dirty_rings"] == 3 * 1024 * 16
+    assert fp["kvm_total"] == sum(v for k, v in fp.items() if k not in ("guest_memory", "kvm_total",
+                                                                          "simulator_bytes"))
