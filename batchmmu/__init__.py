@@ -20,6 +20,7 @@ from .constants import (
     PFERR_RSVD,
     PFERR_USER,
     PFERR_WRITE,
+    RETRY,
     RING_FULL,
     SPURIOUS,
     STAT_NAMES,
@@ -33,8 +34,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ACC_FETCH", "ACC_READ", "ACC_USER", "ACC_WRITE", "BACKINGS", "EMULATED", "FIXED", "GUEST_FAULT", "HIT",
     "MEM_LOG_DIRTY_PAGES", "MEM_READONLY", "MMIO", "OUTCOME_NAMES", "PFERR_FETCH", "PFERR_PK", "PFERR_PRESENT",
-    "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "RING_FULL", "SPURIOUS", "STAT_NAMES", "AccessResult", "BatchMMUError",
-    "Host", "HostMemoryExhausted", "parse_size", "warmup", "run_scenario", "load_scenario", "list_scenarios",
+    "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "RETRY", "RING_FULL", "SPURIOUS", "STAT_NAMES", "AccessResult",
+    "BatchMMUError", "Host", "HostMemoryExhausted", "parse_size", "warmup", "run_scenario", "load_scenario",
+    "list_scenarios",
 ]
 
 
@@ -64,6 +66,8 @@ def warmup():
         h.access(vm, 0, 0, ACC_WRITE)
         h.harvest_dirty_ring(vm, 0)
         h.reset_dirty_rings(vm)
+        h.age_hva_range(vm, 1 << 40, (1 << 40) + (1 << 20))
+        h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (1 << 20))
     return time.perf_counter() - t
 
 

@@ -91,6 +91,7 @@ def new_vm_table(cap=16):
         memslots_gen=np.zeros(cap, np.int64), slot_off=np.zeros(cap, np.int64),
         slot_cnt=np.zeros(cap, np.int64), slot_last=np.full(cap, -1, np.int64),
         host_bytes=np.zeros(cap, np.int64), dirty_mode=np.zeros(cap, np.int8),
+        inval_count=np.zeros(cap, np.int64), inval_start=np.zeros(cap, np.int64), inval_end=np.zeros(cap, np.int64),
         stats=np.zeros((cap, S.NSTAT), np.int64),
     )
 

@@ -41,6 +41,7 @@ from .kernels.events import (
     validate_events,
 )
 from .kernels.fault import access_batch
+from .kernels.notifier import tdp_age_range, tdp_zap_leafs
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import (
     tdp_mmu_zap_all,
@@ -653,6 +654,89 @@ class Host:
         if get_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, out):
             self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
         return out.view(np.uint64)
+
+    # ------------------------------------------------------------------ MMU notifiers
+    def _hva_ranges(self, vm, start, end):
+        """(record, first gfn, end gfn) of every memslot of the VM whose hva range meets [start, end)."""
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise bad(name, v, "must be a non-negative integer hva")
+        if end <= start:
+            raise bad("end", end, f"must be above start={start:#x}")
+        st = self.st
+        out = []
+        for (v, _slot), rec in sorted(self._slot_rec.items()):
+            if v != vm:
+                continue
+            hva, npages, base = int(st.hva[rec]), int(st.npages[rec]), int(st.base_gfn[rec])
+            lo, hi = max(start, hva), min(end, hva + (npages << 12))
+            if lo < hi:
+                out.append((rec, base + ((lo - hva) >> 12), base + ((hi - hva + 4095) >> 12)))
+        return out
+
+    def invalidate_range_start(self, vm, start, end):
+        """mmu_notifier invalidate_range_start: zap every SPTE mapping [start, end) (hva) at every
+        level; until the matching end, faults on those gfns retry (outcome RETRY)."""
+        vm = self._check_vm(vm)
+        ranges = self._hva_ranges(vm, start, end)
+        vt = self.vt
+        zapped = 0
+        for rec, g0, g1 in ranges:
+            # kvm_mmu_invalidate_range_add: one merged gfn range per VM
+            if vt.inval_count[vm] == 0 or vt.inval_end[vm] <= vt.inval_start[vm]:
+                vt.inval_start[vm], vt.inval_end[vm] = g0, g1
+            else:
+                vt.inval_start[vm] = min(int(vt.inval_start[vm]), g0)
+                vt.inval_end[vm] = max(int(vt.inval_end[vm]), g1)
+            if int(self.st.slot_id[rec]) >> 16 == 0:
+                zapped += int(tdp_zap_leafs(self.pa, self.vt, vm, g0, g1))
+        vt.inval_count[vm] += 1
+        if zapped:
+            self._flush_remote_tlbs(vm)
+        return zapped
+
+    def invalidate_range_end(self, vm):
+        """mmu_notifier invalidate_range_end: faults on the range proceed again."""
+        vm = self._check_vm(vm)
+        if self.vt.inval_count[vm] <= 0:
+            raise bad("vm", vm, "no invalidation in progress")
+        self.vt.inval_count[vm] -= 1
+        if self.vt.inval_count[vm] == 0:
+            self.vt.inval_start[vm] = self.vt.inval_end[vm] = 0
+
+    def invalidate_hva_range(self, vm, start, end):
+        """invalidate_range_start + end: the host changed the mapping of [start, end); returns the
+        number of SPTEs zapped."""
+        n = self.invalidate_range_start(vm, start, end)
+        self.invalidate_range_end(vm)
+        return n
+
+    def _age(self, vm, start, end, clear):
+        vm = self._check_vm(vm)
+        young = np.zeros(-(-(end - start) // 4096) if end > start else 0, np.int8)
+        flush = False
+        for rec, g0, g1 in self._hva_ranges(vm, start, end):
+            if int(self.st.slot_id[rec]) >> 16:
+                continue
+            hva0 = int(self.st.hva[rec]) + ((g0 - int(self.st.base_gfn[rec])) << 12)
+            part = np.zeros(g1 - g0, np.int8)
+            flush |= bool(tdp_age_range(self.pa, self.vt, vm, g0, g1, clear, part))
+            off = (hva0 - start) >> 12
+            lo = max(0, -off)
+            young[off + lo:off + lo + part.size - lo] |= part[lo:]
+        return young.astype(bool), flush
+
+    def age_hva_range(self, vm, start, end):
+        """clear_flush_young: which 4K pages of [start, end) were accessed since the last aging; makes
+        them old (clears A, or access-tracks SPTEs without A/D) and flushes if any was young."""
+        young, flush = self._age(vm, start, end, True)
+        if flush:
+            self._flush_remote_tlbs(vm)
+        return young
+
+    def test_young(self, vm, start, end):
+        """test_young: like age_hva_range but changes nothing."""
+        return self._age(vm, start, end, False)[0]
 
     def kick_vcpus(self, vm):
         """Every vCPU of the VM exits once (as at a userspace request): PML buffers reach the log."""

@@ -65,6 +65,7 @@ from .state import (
     OUT_FIXED,
     OUT_HIT,
     OUT_MMIO,
+    OUT_RETRY,
     OUT_RING_FULL,
     OUT_SPURIOUS,
     PML_ENTITY_NUM,
@@ -73,6 +74,7 @@ from .state import (
     ST_PF_EMULATE,
     ST_PF_FAST,
     ST_PF_FIXED,
+    ST_PF_RETRY,
     ST_PF_SPURIOUS,
     ST_PF_TAKEN,
     ST_WALK_REFS,
@@ -84,6 +86,7 @@ from .tdp import (
     RET_PF_EMULATE,
     RET_PF_FIXED,
     RET_PF_INVALID,
+    RET_PF_RETRY,
     RET_PF_SPURIOUS,
     kvm_tdp_mmu_map,
     mmu_alloc_root,
@@ -183,7 +186,7 @@ def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, f
         return RET_PF_SPURIOUS
     new = spte
     if not ad_enabled_vm and is_access_track_spte(fmt, spte):
-        new = restore_acc_track_spte(new)
+        new = restore_acc_track_spte(new) | shadow_accessed_mask(fmt)  # v6.13+: mark it accessed
     if write and is_mmu_writable_spte(fmt, spte):
         new |= PT_WRITABLE_MASK
         if level > 1 and rec >= 0 and slot_dirty_logging(st, rec):
@@ -226,6 +229,8 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec,
         # kvm_mmu_hugepage_adjust set huge_page_disallowed before its no-slot early return
         return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, 0, False, 1, 1, fetch and nx_huge_pages,
                                nx_huge_pages, mmio_caching, write)
+    if vt.inval_count[vm] > 0 and vt.inval_start[vm] <= gfn < vt.inval_end[vm]:
+        return RET_PF_RETRY  # mmu_invalidate_retry_gfn_unsafe: an invalidation covers the gfn
     if write and slot_readonly(st, rec):
         return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
     map_writable = not slot_readonly(st, rec)
@@ -313,6 +318,9 @@ def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetc
         r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present,
                                    (err & PFERR_RSVD_MASK) != 0, (err & PFERR_WRITE_MASK) != 0,
                                    (err & PFERR_FETCH_MASK) != 0)
+        if r == RET_PF_RETRY:
+            stats[vm, ST_PF_RETRY] += 1  # the guest re-executes later; the access has not happened
+            return OUT_RETRY, err
         if r == RET_PF_FIXED:
             stats[vm, ST_PF_FIXED] += 1
             outcome = OUT_FIXED

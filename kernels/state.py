@@ -17,7 +17,7 @@ STAT_NAMES = (
     "pf_guest", "tlb_flush", "invlpg", "max_mmu_rmap_size",
     "walk_refs", "mmu_pages", "rmap_entries", "accesses",
     "host_pages_faulted_in", "pages_write_protected", "pml_flushes", "pml_full_exits", "dirty_ring_full",
-    "pages_split",
+    "pages_split", "pf_retry", "mmu_notifier_zapped", "pages_aged",
 )
 for _i, _n in enumerate(STAT_NAMES):
     globals()["ST_" + _n.upper()] = _i
@@ -74,7 +74,8 @@ OUT_MMIO = 3
 OUT_EMULATED = 4
 OUT_GUEST_FAULT = 5
 OUT_RING_FULL = 6
-OUTCOME_NAMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT", "RING_FULL")
+OUT_RETRY = 7
+OUTCOME_NAMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT", "RING_FULL", "RETRY")
 
 STOP_DONE = 0
 STOP_NEED_PAGES = 1
@@ -111,6 +112,9 @@ class VMTable(NamedTuple):
     slot_last: np.ndarray      # int64: last_used_slot (record index) or -1
     host_bytes: np.ndarray     # int64: host memory resident for this VM
     dirty_mode: np.ndarray     # int8: bit0 manual protect, bit1 initially set, bit2 dirty ring, bit3 PML on
+    inval_count: np.ndarray    # int64: mmu_invalidate_in_progress
+    inval_start: np.ndarray    # int64: mmu_invalidate_range_start (gfn)
+    inval_end: np.ndarray      # int64: mmu_invalidate_range_end (gfn, exclusive)
     stats: np.ndarray          # int64[nvm, NSTAT]
 
 
