@@ -118,7 +118,6 @@ class Host:
         self._order = Pool(np.int64)
         self._order_cap = np.zeros(16, np.int64)
         self._vcpus = np.zeros(16, np.int64)
-        self._vcpu_off = np.zeros(16, np.int64)
         self._maxphyaddr = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
         self._regs = {k: np.zeros(0, np.int64) for k in ("cr0", "cr3", "cr4", "efer", "rflags", "pkru")}
@@ -242,7 +241,7 @@ class Host:
         first, k = self.nvm, int(count)
         need = first + k
         self.vt = grow_vm_table(self.vt, need)
-        for name in ("_order_cap", "_vcpus", "_vcpu_off", "_maxphyaddr", "_gen_as1"):
+        for name in ("_order_cap", "_vcpus", "_maxphyaddr", "_gen_as1"):
             arr = getattr(self, name)
             if arr.shape[0] < need:
                 setattr(self, name, np.concatenate([arr, np.zeros(max(need, 2 * arr.shape[0]) - arr.shape[0],
@@ -260,9 +259,8 @@ class Host:
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
         nv = self._regs["cr0"].size
-        self._vcpu_off[vms] = nv + vcpus * np.arange(k)
         self.ct = grow_vcpu_table(self.ct, need, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
-        self.ct.vcpu_off[vms] = self._vcpu_off[vms]
+        self.ct.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
         vt.dirty_mode[vms] = 0
         for key in self._regs:
             self._regs[key] = np.concatenate([self._regs[key], np.zeros(vcpus * k, np.int64)])
@@ -457,7 +455,7 @@ class Host:
         vm = self._check_vm(vm)
         if isinstance(vcpu, bool) or not isinstance(vcpu, (int, np.integer)) or not 0 <= vcpu < self._vcpus[vm]:
             raise bad("vcpu", vcpu, f"VM {vm} has {int(self._vcpus[vm])} vCPUs")
-        return int(self._vcpu_off[vm] + vcpu)
+        return int(self.ct.vcpu_off[vm] + vcpu)
 
     def set_vcpu_regs(self, vm, vcpu, cr0=None, cr3=None, cr4=None, efer=None, rflags=None, pkru=None):
         """Set control registers of one vCPU (None leaves a register as it is)."""
