@@ -52,6 +52,7 @@ def new_page_arena(cap=64):
         sp_parent=np.full(cap, -1, np.int64),
         sp_parent_index=np.zeros(cap, np.int16),
         sp_flags=np.zeros(cap, np.int8),
+        sp_seq=np.zeros(cap, np.int64),
         free=np.arange(cap - 1, -1, -1, dtype=np.int64),
         ctl=np.zeros(S.NCTL, np.int64),
     )
@@ -80,7 +81,7 @@ def grow_page_arena(pa, min_free, exact=False):
         spt=spt, sp_vm=_grow(pa.sp_vm, new_cap, -1), sp_level=_grow(pa.sp_level, new_cap),
         sp_gfn=_grow(pa.sp_gfn, new_cap), sp_role=_grow(pa.sp_role, new_cap),
         sp_parent=_grow(pa.sp_parent, new_cap, -1), sp_parent_index=_grow(pa.sp_parent_index, new_cap),
-        sp_flags=_grow(pa.sp_flags, new_cap), free=free, ctl=ctl,
+        sp_flags=_grow(pa.sp_flags, new_cap), sp_seq=_grow(pa.sp_seq, new_cap), free=free, ctl=ctl,
     )
 
 

@@ -44,6 +44,7 @@ from .kernels.fault import access_batch
 from .kernels.notifier import tdp_age_range, tdp_zap_leafs
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import (
+    recover_nx_huge_pages,
     tdp_mmu_zap_all,
     tdp_recover_huge_pages,
     tdp_wrprot_gfn_range,
@@ -90,6 +91,7 @@ class Host:
     """
 
     def __init__(self, memory="64GiB", backing="thp", *, mmio_caching=True, nx_huge_pages=False,
+                 nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
                  tdp_huge_page_level=3, eager_page_split=True, pml=False):
         self.memory = parse_size(memory, "memory")
         if self.memory <= 0:
@@ -101,6 +103,14 @@ class Host:
         self.cfg[S.CFG_MMIO_CACHING] = int(bool(mmio_caching))
         self.cfg[S.CFG_NX_HUGE_PAGES] = int(bool(nx_huge_pages))
         self.cfg[S.CFG_TDP_MAX_LEVEL] = tdp_huge_page_level
+        for name, v in (("nx_huge_pages_recovery_ratio", nx_huge_pages_recovery_ratio),
+                        ("nx_huge_pages_recovery_period_ms", nx_huge_pages_recovery_period_ms)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise bad(name, v, "must be a non-negative integer")
+        self.nx_recovery_ratio = int(nx_huge_pages_recovery_ratio)
+        self.nx_recovery_period_ms = int(nx_huge_pages_recovery_period_ms)
+        self.time_ms = 0.0
+        self._nx_next_ms = None
         self.cfg[S.CFG_EAGER_SPLIT] = int(bool(eager_page_split))
         self.cfg[S.CFG_PML] = int(bool(pml))
         self.host_ctl = np.zeros(S.NHOST, np.int64)
@@ -735,6 +745,48 @@ class Host:
     def test_young(self, vm, start, end):
         """test_young: like age_hva_range but changes nothing."""
         return self._age(vm, start, end, False)[0]
+
+    # ------------------------------------------------------------------ periodic host work
+    def nx_recovery_period(self):
+        """get_nx_huge_page_recovery_timeout: the period of the NX recovery worker, or None (off)."""
+        if not self.cfg[S.CFG_NX_HUGE_PAGES] or not self.nx_recovery_ratio:
+            return None
+        return self.nx_recovery_period_ms or 3600000 / min(self.nx_recovery_ratio, 3600)
+
+    def advance_time(self, seconds):
+        """Let simulated time pass and run the host's periodic work that falls in it: the NX huge
+        page recovery worker (each VM's worker wakes every period and zaps
+        ceil(nx_lpage_splits / ratio) of its oldest split pages).  Returns recovery passes run."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.integer, np.floating)) \
+                or seconds < 0:
+            raise bad("seconds", seconds, "must be a non-negative number")
+        end = self.time_ms + 1000.0 * seconds
+        period = self.nx_recovery_period()
+        passes = 0
+        if period is not None:
+            if self._nx_next_ms is None:
+                self._nx_next_ms = self.time_ms + period
+            while self._nx_next_ms <= end:
+                self._recover_nx_huge_pages()
+                self._nx_next_ms += period
+                passes += 1
+        self.time_ms = end
+        return passes
+
+    def _recover_nx_huge_pages(self):
+        """kvm_recover_nx_huge_pages for every VM: the oldest DIV_ROUND_UP(splits, ratio) pages."""
+        pa = self.pa
+        tracked = np.nonzero(pa.sp_flags & S.SPF_NX_TRACKED)[0]
+        if tracked.size == 0:
+            return
+        owners = pa.sp_vm[tracked]
+        for vm in np.unique(owners):
+            rows = tracked[owners == vm]
+            rows = rows[np.argsort(pa.sp_seq[rows], kind="stable")]
+            splits = int(self.vt.stats[vm, S.ST_NX_LPAGE_SPLITS])
+            to_zap = -(-splits // self.nx_recovery_ratio)
+            if recover_nx_huge_pages(pa, self.vt, self.st, int(vm), rows[:to_zap]):
+                self._flush_remote_tlbs(int(vm))
 
     def kick_vcpus(self, vm):
         """Every vCPU of the VM exits once (as at a userspace request): PML buffers reach the log."""

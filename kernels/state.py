@@ -17,7 +17,7 @@ STAT_NAMES = (
     "pf_guest", "tlb_flush", "invlpg", "max_mmu_rmap_size",
     "walk_refs", "mmu_pages", "rmap_entries", "accesses",
     "host_pages_faulted_in", "pages_write_protected", "pml_flushes", "pml_full_exits", "dirty_ring_full",
-    "pages_split", "pf_retry", "mmu_notifier_zapped", "pages_aged",
+    "pages_split", "pf_retry", "mmu_notifier_zapped", "pages_aged", "nx_lpage_recovered",
 )
 for _i, _n in enumerate(STAT_NAMES):
     globals()["ST_" + _n.upper()] = _i
@@ -30,6 +30,7 @@ GAUGE_STATS = frozenset({"pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", 
 CTL_FREE_TOP = 0     # number of rows on the free stack
 CTL_USED = 1         # rows in use
 CTL_HIGH = 2         # rows ever handed out (bump pointer)
+CTL_NX_SEQ = 3       # next possible_nx_huge_pages sequence number
 NCTL = 4
 
 # sp_flags bits
@@ -95,6 +96,7 @@ class PageArena(NamedTuple):
     sp_parent: np.ndarray      # int64[cap]   row of the parent table, -1 for roots
     sp_parent_index: np.ndarray  # int16[cap] index of our SPTE in the parent
     sp_flags: np.ndarray       # int8[cap]
+    sp_seq: np.ndarray         # int64[cap]: order of arrival on possible_nx_huge_pages
     free: np.ndarray           # int64[cap]   stack of free rows
     ctl: np.ndarray            # int64[NCTL]
 

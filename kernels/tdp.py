@@ -7,7 +7,7 @@ single-threaded world: no FROZEN_SPTE races, no RCU; the bookkeeping is KVM's.
 import numpy as np
 from numba import njit
 
-from .memslot import kvm_mmu_max_mapping_level, mark_page_dirty, slot_dirty_logging
+from .memslot import gfn_to_memslot, kvm_mmu_max_mapping_level, mark_page_dirty, slot_dirty_logging
 from .spte import (
     ACC_ALL,
     KVM_MAX_HUGEPAGE_LEVEL,
@@ -35,10 +35,12 @@ from .state import (
     CFG_NX_HUGE_PAGES,
     CFG_TDP_MAX_LEVEL,
     CTL_FREE_TOP,
+    CTL_NX_SEQ,
     CTL_USED,
     SPF_NX_DISALLOWED,
     SPF_NX_TRACKED,
     ST_MMU_PAGES,
+    ST_NX_LPAGE_RECOVERED,
     ST_NX_LPAGE_SPLITS,
     ST_PAGES_4K,
     ST_PAGES_WRITE_PROTECTED,
@@ -227,8 +229,10 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
         else:
             tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child)
         if huge_page_disallowed and req_level >= level:
-            # track_possible_nx_huge_page
+            # track_possible_nx_huge_page: appended to the VM's list (oldest first)
             pa.sp_flags[child] |= SPF_NX_TRACKED
+            pa.sp_seq[child] = pa.ctl[CTL_NX_SEQ]
+            pa.ctl[CTL_NX_SEQ] += 1
             vt.stats[vm, ST_NX_LPAGE_SPLITS] += 1
         row = child
         level -= 1
@@ -398,3 +402,26 @@ def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
             row = spte_to_child_row(spte)
             level -= 1
     return flush
+
+
+@njit(cache=True, _nrt=False)
+def recover_nx_huge_pages(pa, vt, st, vm, rows):
+    """kvm_recover_nx_huge_pages for the oldest tracked pages ``rows`` of one VM: zap each (its parent
+    SPTE goes, so a huge page can come back), or only untrack it if its gfn's slot is dirty-logged.
+    Returns the number zapped (> 0: one flush)."""
+    zapped = 0
+    for k in range(rows.shape[0]):
+        row = rows[k]
+        if not pa.sp_flags[row] & SPF_NX_TRACKED:
+            continue
+        rec = gfn_to_memslot(vt, st, vm, pa.sp_gfn[row])
+        if rec >= 0 and slot_dirty_logging(st, rec):
+            pa.sp_flags[row] &= ~SPF_NX_TRACKED  # unaccount_nx_huge_page only
+            vt.stats[vm, ST_NX_LPAGE_SPLITS] -= 1
+            continue
+        parent = pa.sp_parent[row]
+        # kvm_tdp_mmu_zap_sp: the SPTE that points at the page becomes non-present
+        tdp_set_spte(pa, vt, vm, parent, pa.sp_parent_index[row], pa.sp_level[row] + 1, SHADOW_NONPRESENT_VALUE)
+        vt.stats[vm, ST_NX_LPAGE_RECOVERED] += 1
+        zapped += 1
+    return zapped

@@ -53,3 +53,29 @@ def test_aging_clears_accessed_and_access_tracks(ept_ad):
         # access-tracked SPTE: an EPT violation fixed by fast_page_fault restoring R/X
         assert r.outcome[0] == bm.FIXED and h.stats(vm)["pf_fast"] == s["pf_fast"] + 1
     assert h.test_young(vm, HVA, HVA + 8 * 4096).tolist() == [False, True] + [False] * 6
+
+
+def test_nx_huge_pages_selftest_sequence():
+    # x86/nx_huge_pages_test with nx_huge_pages=1, recovery ratio 1, period 100 ms: the stats the
+    # selftest asserts after each guest step (TDP: the guest maps 4K, KVM decides the level)
+    h = bm.Host(memory="4GiB", backing="4k", nx_huge_pages=True, nx_huge_pages_recovery_ratio=1,
+                nx_huge_pages_recovery_period_ms=100)
+    vm = int(h.create_vms(1, memory="2MiB")[0])
+    h.set_memslot(vm, 10, 4 * GiB, 6 * MiB, backing="hugetlb-2m")
+    hp = [4 * GiB + i * 2 * MiB for i in range(3)]
+
+    def step(addr, kind):
+        h.access(vm, 0, addr, kind)
+        s = h.stats(vm)
+        return s["pages_2m"], s["nx_lpage_splits"]
+
+    assert step(hp[0], 0) == (1, 0)                 # 1 read hpage1
+    assert step(hp[1], 0) == (2, 0)                 # 2 read hpage2
+    assert step(hp[0], bm.ACC_FETCH) == (1, 1)      # 3 execute hpage1: split, 4K exec mapping
+    assert step(hp[2], bm.ACC_FETCH) == (1, 2)      # 4 execute hpage3 (never touched)
+    assert step(hp[0], 0) == (1, 2)                 # 5 read hpage1: stays 4K (disallowed_hugepage_adjust)
+    assert h.advance_time(0.5) == 5                 # sleep 5 x period: the recovery worker runs
+    s = h.stats(vm)
+    assert (s["pages_2m"], s["nx_lpage_splits"], s["nx_lpage_recovered"]) == (1, 0, 2)
+    assert step(hp[2], 0) == (2, 0)                 # 6 read hpage3: a huge page again
+    assert bm.Host(nx_huge_pages=False).advance_time(100) == 0
