@@ -19,7 +19,7 @@ from .arena import (
     new_vcpu_table,
     new_vm_table,
 )
-from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, EMULATED, MMIO, RING_FULL
+from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, FIXED, HIT, SPURIOUS
 from .errors import BatchMMUError, HostMemoryExhausted, bad, einval
 from .kernels import state as S
 from .kernels.dirty import (
@@ -63,6 +63,20 @@ class AccessResult(NamedTuple):
     """Per-access results: ``outcome`` (bm.HIT ...) and the error code of the exit or #PF."""
     outcome: np.ndarray
     error_code: np.ndarray
+
+
+def _u64_array(x, name):
+    """u64 words from ints or arrays, exactly (a list mixing values above 2**63 must not become float)."""
+    a = np.asarray(x)
+    if a.dtype.kind in "iu":
+        return np.atleast_1d(a).astype(np.uint64)
+    try:
+        vals = [int(v) for v in np.atleast_1d(np.asarray(x, dtype=object)).ravel()]
+    except (TypeError, ValueError):
+        raise bad(name, x, "must be integers") from None
+    if any(v < -(1 << 63) or v >= 1 << 64 for v in vals):
+        raise bad(name, x, "does not fit in 64 bits")
+    return np.array([v & 0xFFFFFFFFFFFFFFFF for v in vals], np.uint64)
 
 
 def _int_array(x, name, n=None):
@@ -488,7 +502,7 @@ class Host:
     def write_guest_memory(self, vm, gpa, words):
         """Host-side write of u64 ``words`` at 8-byte aligned ``gpa`` (no MMU effects)."""
         vm = self._check_vm(vm)
-        w = np.atleast_1d(np.asarray(words)).astype(np.uint64)
+        w = _u64_array(words, "words")
         if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
             raise bad("gpa", gpa, "must be a non-negative multiple of 8")
         if gpa + 8 * w.size > (1 << int(self._maxphyaddr[vm])):
@@ -585,7 +599,7 @@ class Host:
         """Guest 8-byte stores of ``value`` at ``addr`` (may be unaligned; a store that crosses a
         page is two accesses).  Stores KVM emulates as MMIO or to read-only memory leave memory as it was."""
         vm_a, vcpu_a, addr_a, kind_a = self._events(vm, vcpu, addr, np.asarray(kind) | ACC_WRITE)
-        val = np.atleast_1d(np.asarray(value)).astype(np.uint64)
+        val = _u64_array(value, "value")
         if val.size == 1 and vm_a.size > 1:
             val = np.full(vm_a.size, val[0], np.uint64)
         if val.size != vm_a.size:
@@ -595,15 +609,21 @@ class Host:
         res2 = None
         if cross.any():
             res2 = self._run_accesses(vm_a[cross], vcpu_a[cross], (addr_a[cross] | 4095) + 1, kind_a[cross])
-        ok = (res.outcome != MMIO) & (res.outcome != EMULATED) & (res.outcome != RING_FULL)
+        done = (HIT, FIXED, SPURIOUS)
+        ok = np.isin(res.outcome, done)  # the store reached guest memory (not emulated/MMIO/stopped)
+        out, err = res.outcome, res.error_code
+        if res2 is not None:
+            # a page-crossing store completes only if both halves translate; else report the second's
+            idx = np.nonzero(cross)[0]
+            ok2 = np.isin(res2.outcome, done)
+            ok[idx] &= ok2
+            bad2 = idx[np.isin(res.outcome[idx], done) & ~ok2]
+            out, err = out.copy(), err.copy()
+            out[bad2] = res2.outcome[~ok2 & np.isin(res.outcome[idx], done)]
+            err[bad2] = res2.error_code[~ok2 & np.isin(res.outcome[idx], done)]
         for j in np.nonzero(ok)[0]:
             self._write_bytes(int(vm_a[j]), int(addr_a[j]), int(val[j]))
-        if res2 is not None:
-            out = res.outcome.copy()
-            idx = np.nonzero(cross)[0]
-            out[idx] = np.maximum(out[idx], res2.outcome)
-            return AccessResult(out, res.error_code)
-        return res
+        return AccessResult(out, err)
 
     def _write_bytes(self, vm, addr, value):
         data = int(value).to_bytes(8, "little")

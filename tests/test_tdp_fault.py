@@ -434,3 +434,21 @@ def test_interleaved_batch_equals_each_vm_alone():
     s = h1.stats()
     assert s["pf_mmio_spte_created"].sum() > 0 and s["pf_emulate"].sum() > s["pf_mmio_spte_created"].sum()
     assert s["pages_2m"].sum() > 0 and s["pages_4k"].sum() > 0
+
+
+@pytest.mark.nojit
+def test_store_writes_guest_memory_unless_emulated():
+    h = bm.Host(memory="1GiB", backing="4k")
+    vm = int(h.create_vms(1, memory="8KiB")[0])
+    h.set_memslot(vm, 1, 8192, 4096, flags=bm.MEM_READONLY)
+    r = h.store(vm, 0, [16, 8192, 4092], [0x1122334455667788, 7, 0xAABBCCDDEEFF0011], bm.ACC_WRITE)
+    # plain store; store to a read-only slot (emulated: memory unchanged); a store crossing into page 1
+    assert list(r.outcome) == [bm.FIXED, bm.EMULATED, bm.HIT]        # page 0 is mapped by then
+    assert int(h.read_guest_memory(vm, 16, 1)[0]) == 0x1122334455667788
+    assert int(h.read_guest_memory(vm, 8192, 1)[0]) == 0
+    lo, hi = (int(x) for x in h.read_guest_memory(vm, 4088, 2))
+    assert lo >> 32 == 0xEEFF0011 and hi & 0xFFFFFFFF == 0xAABBCCDD
+    # crossing from page 1 into the read-only page: the second half is emulated, nothing is written
+    r = h.store(vm, 0, 8188, 0x0102030405060708)
+    assert r.outcome[0] == bm.EMULATED
+    assert int(h.read_guest_memory(vm, 8184, 1)[0]) >> 32 == 0
