@@ -77,6 +77,35 @@ def case(name, nvm, vcpus, bpv, pml, repeats):
     return res
 
 
+def reference_rates(pages=4096, repeats=3):
+    """The same three operations on tests/reference/model.py's RefHost (1 VM, 4K, no PML): pages/s."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from tests.reference.model import RefHost
+    except ImportError:
+        return None
+    size = pages * 4096
+    out = {"enable_pages_per_s": [], "dirty_pass_per_s": [], "get_pages_per_s": []}
+    for _ in range(repeats):
+        h = RefHost(memory=4 * GiB, backing="4k")
+        vm = h.create_vms(1, memory=2 * MiB)[0]
+        h.set_memslot(vm, 1, 4 * GiB, size)
+        addrs = [4 * GiB + i * 4096 for i in range(pages)]
+        h.access([vm] * pages, 0, addrs, bm.ACC_WRITE)
+        t = time.perf_counter()
+        h.set_memslot(vm, 1, 4 * GiB, size, flags=bm.MEM_LOG_DIRTY_PAGES)
+        t1 = time.perf_counter()
+        h.access([vm] * pages, 0, addrs, bm.ACC_WRITE)
+        t2 = time.perf_counter()
+        h.get_dirty_log(vm, 1)
+        t3 = time.perf_counter()
+        out["enable_pages_per_s"].append(pages / (t1 - t))
+        out["dirty_pass_per_s"].append(pages / (t2 - t1))
+        out["get_pages_per_s"].append(pages / (t3 - t2))
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -98,6 +127,14 @@ def main():
         print(f"{r['case']:<32}{r['enable_pages_per_s'] / 1e6:>12.1f}{r['dirty_pass_per_s'] / 1e6:>16.1f}"
               f"{r['get_pages_per_s'] / 1e6:>10.1f}{r['get_clear_pages_per_s'] / 1e6:>15.1f}"
               f"{r['get_clear_1gib_ms']:>20.2f}")
+    ref = reference_rates()
+    if ref:
+        print(f"\nreference model (1 VM, 4096 pages): enable {ref['enable_pages_per_s'] / 1e6:.3f} M/s, "
+              f"dirty pass {ref['dirty_pass_per_s'] / 1e6:.3f} M/s, GET {ref['get_pages_per_s'] / 1e6:.3f} M/s")
+        r = rows[0]
+        print("ratio (first case / reference): " + ", ".join(
+            f"{k.split('_per_s')[0]} {r[k] / ref[k]:.0f}x" for k in ref))
+        rows.append({"case": "reference", **ref})
     Path(a.json).parent.mkdir(exist_ok=True)
     Path(a.json).write_text(json.dumps(rows, indent=1))
 
