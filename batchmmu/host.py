@@ -754,11 +754,12 @@ class Host:
             young[off + lo:off + lo + part.size - lo] |= part[lo:]
         return young.astype(bool), flush
 
-    def age_hva_range(self, vm, start, end):
+    def age_hva_range(self, vm, start, end, flush=True):
         """clear_flush_young: which 4K pages of [start, end) were accessed since the last aging; makes
-        them old (clears A, or access-tracks SPTEs without A/D) and flushes if any was young."""
-        young, flush = self._age(vm, start, end, True)
-        if flush:
+        them old (clears A, or access-tracks SPTEs without A/D) and flushes if any was young.
+        ``flush=False`` is clear_young (page_idle, MGLRU aging)."""
+        young, any_young = self._age(vm, start, end, True)
+        if flush and any_young:
             self._flush_remote_tlbs(vm)
         return young
 

@@ -26,6 +26,10 @@ any other value written as ``"${name}"`` takes the parameter's value.  Sections:
                    (whole slots, with the bitmap of the last GET), ``harvest_dirty_ring`` (every vCPU's
                    ring, then reset), ``collect_dirty_log`` (whatever the VM's mode needs: ring harvest,
                    or GET and, with manual protect, CLEAR), ``stats`` (nothing: a stats snapshot).
+                   ``touch`` (vCPU 0 of each VM accesses ``offsets`` of its test region, ``kind`` read |
+                   write | fetch), ``mark_idle`` / ``check_idle`` (page_idle: age the test memory without a
+                   flush / count pages still idle), ``advance_time`` (``seconds``: periodic host work such
+                   as NX huge page recovery);
                    ``when`` / ``unless`` (a value, usually ``"${param}"``) keep or drop a phase;
                    ``repeat = N`` (or ``iterations = N``) with sub-phases ``[[phase.phase]]`` runs them N
                    times; ``{i}`` in their names is the iteration (1..N).
@@ -159,18 +163,19 @@ def _resolve(obj, params, where):
 
 _KNOWN = {
     "host": {"memory", "backing", "mmio_caching", "nx_huge_pages", "tdp_huge_page_level", "eager_page_split",
-             "pml"},
+             "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms"},
     "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
                  "ept_ad"},
     "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
                  "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
                  "dirty_ring", "verify"},
     "phase": {"name", "op", "passes", "enable", "when", "unless", "repeat", "iterations", "phase",
-              "write_percent", "random_access", "writes", "stage"},
+              "write_percent", "random_access", "writes", "stage", "kind", "offsets", "seconds"},
 }
 
 OPS = ("access", "populate", "dirty_pass", "random_writes", "kvm_page_table", "dirty_log", "enable_logging",
-       "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats")
+       "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats",
+       "touch", "mark_idle", "check_idle", "advance_time")
 # ops that collect the dirty log (their phase records carry ``dirty_pages``)
 COLLECT_OPS = ("get_dirty_log", "harvest_dirty_ring", "collect_dirty_log")
 VERIFY_MODES = ("off", "writes", "exact")

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import constants as _constants
 from . import memstress as ms
-from .constants import ACC_WRITE, MEM_LOG_DIRTY_PAGES
+from .constants import ACC_FETCH, ACC_WRITE, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES
 from .errors import BatchMMUError
 from .host import Host
 from .units import parse_size
@@ -471,6 +471,39 @@ class Shard:
                 self._check_collected(lvm, s, bits[s * n:(s + 1) * n], extra, complete=not stopped)
             self.pending[self.roff[lvm]:self.roff[lvm + 1]] &= ~bits
 
+    def _test_ranges(self, lvm):
+        """(hva, size) of every test memslot of local VM ``lvm``."""
+        return [(m["hva"], m["size"]) for m in self.host.memslots(lvm) if m["slot"] in self.slot_ids]
+
+    def _touch(self, ph, extra):
+        """Accesses by vCPU 0 of every VM at ``offsets`` (bytes into its test region), of ``kind``."""
+        kinds = {"read": 0, "write": ACC_WRITE, "fetch": ACC_FETCH}
+        kind = ph.get("kind", "read")
+        if kind not in kinds:
+            raise BatchMMUError(f"phase.kind={kind!r}: use read, write or fetch", field="phase.kind", value=kind)
+        offs = np.asarray(ph.get("offsets", [0]), np.int64)
+        vm = np.repeat(np.arange(self.gids.size, dtype=np.int64), offs.size)
+        addr = np.repeat(self.test_base, offs.size) + np.tile(offs, self.gids.size)
+        r = self.host.access(vm, 0, addr, kinds[kind])
+        for code, name in enumerate(OUTCOME_NAMES):
+            if (r.outcome == code).any():
+                extra[name.lower()] = int((r.outcome == code).sum())
+        return addr.size
+
+    def _idle(self, mark, extra):
+        """page_idle: mark every test page idle (mmu_notifier clear_young, no flush) or count the
+        pages still idle (test_young)."""
+        young = pages = 0
+        for lvm in range(self.gids.size):
+            for hva, size in self._test_ranges(lvm):
+                y = self.host.age_hva_range(lvm, hva, hva + size, flush=False) if mark \
+                    else self.host.test_young(lvm, hva, hva + size)
+                young += int(y.sum())
+                pages += y.size
+        extra["young_pages"] = young
+        extra["idle_pages"] = pages - young
+        extra["pages"] = pages
+
     def _collect(self, extra):
         if self.spec.get("dirty_ring"):
             for lvm in range(self.gids.size):
@@ -511,6 +544,12 @@ class Shard:
                 self._harvest(lvm, extra)
         elif op == "collect_dirty_log":
             self._collect(extra)
+        elif op == "touch":
+            events += self._touch(ph, extra)
+        elif op in ("mark_idle", "check_idle"):
+            self._idle(op == "mark_idle", extra)
+        elif op == "advance_time":
+            extra["nx_recovery_passes"] = self.host.advance_time(float(ph.get("seconds", 0)))
         stats = self.host.vt.stats[:self.host.nvm].copy()
         return {"seconds": time.perf_counter() - t0, "events": events, "extra": extra, "stats": stats,
                 "host_used": self.host.host_memory()[0]}
