@@ -22,7 +22,7 @@ def cmd_run(args):
     from . import warmup
     cold = _numba_cache_cold()
     if not args.quiet:
-        print("compiling kernels (first run only, ~10-30 s) ..." if cold else "loading kernels ...",
+        print("compiling kernels (first run only, about a minute) ..." if cold else "loading kernels ...",
               file=sys.stderr, flush=True)
     t = time.perf_counter()
     warmup()
