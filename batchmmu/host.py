@@ -81,6 +81,8 @@ def _u64_array(x, name):
 
 def _int_array(x, name, n=None):
     a = np.asarray(x)
+    if a.size == 0 and a.ndim == 1:
+        return np.zeros(0, np.int64)  # an empty batch, whatever dtype numpy guessed for []
     if a.dtype.kind not in "iu" and not (a.dtype.kind == "b" and name == "kind"):
         if a.size and a.dtype.kind == "f" and np.all(np.floor(a) == a):
             a = a.astype(np.int64)
@@ -532,13 +534,14 @@ class Host:
 
     # ------------------------------------------------------------------ accesses
     def _events(self, vm, vcpu, addr, kind):
-        vm_a = _int_array(vm, "vm")
-        n = max(vm_a.size, np.size(vcpu), np.size(addr), np.size(kind))
+        args = (("vm", vm), ("vcpu", vcpu), ("addr", addr), ("kind", kind))
+        lengths = [np.size(x) for _, x in args if np.ndim(x) > 0]
+        n = max(lengths) if lengths else 1
         arrs = []
-        for name, x in (("vm", vm_a), ("vcpu", vcpu), ("addr", addr), ("kind", kind)):
+        for name, x in args:
             a = _int_array(x, name)
-            if a.size == 1 and n > 1:
-                a = np.full(n, a[0], np.int64)
+            if np.ndim(x) == 0 or (a.size == 1 and n > 1):
+                a = np.full(n, a[0], np.int64)  # a scalar applies to every event
             elif a.size != n:
                 raise bad(name, f"length {a.size}", f"arrays must have equal lengths (or be scalars); expected {n}")
             arrs.append(a)
@@ -598,7 +601,11 @@ class Host:
     def store(self, vm, vcpu, addr, value, kind=ACC_WRITE):
         """Guest 8-byte stores of ``value`` at ``addr`` (may be unaligned; a store that crosses a
         page is two accesses).  Stores KVM emulates as MMIO or to read-only memory leave memory as it was."""
-        vm_a, vcpu_a, addr_a, kind_a = self._events(vm, vcpu, addr, np.asarray(kind) | ACC_WRITE)
+        k = np.asarray(kind)
+        if k.size and k.dtype.kind not in "iu":
+            raise bad("kind", kind, "must be ACC_* integer flags")
+        kind = np.bitwise_or(k.astype(np.int64), ACC_WRITE)
+        vm_a, vcpu_a, addr_a, kind_a = self._events(vm, vcpu, addr, kind)
         val = _u64_array(value, "value")
         if val.size == 1 and vm_a.size > 1:
             val = np.full(vm_a.size, val[0], np.uint64)

@@ -141,3 +141,12 @@ def test_ten_thousand_vms_in_one_call():
     r = h.access([0, 5_000, 9_999], 0, 0x1000, 0)
     assert list(r.outcome) == [bm.FIXED] * 3
     assert int(h.stats()["pf_fixed"].sum()) == 3
+
+
+@pytest.mark.nojit
+def test_empty_batches_are_fine():
+    h = bm.Host(memory="1GiB")
+    h.create_vms(1, memory="4MiB")
+    for r in (h.access([], [], [], []), h.store([], [], [], [])):
+        assert r.outcome.size == 0 and r.error_code.size == 0
+    assert h.stats(0)["accesses"] == 0
