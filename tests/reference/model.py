@@ -60,7 +60,7 @@ ACC_EXEC, ACC_WRITE_M, ACC_USER_M, ACC_ALL = 1, 2, 4, 7       # mmu.h ACC_*
 ACC_WRITE, ACC_USER, ACC_FETCH = 0x2, 0x4, 0x10                # access kinds (PFERR-style)
 PFERR_P, PFERR_W, PFERR_U, PFERR_RSVD, PFERR_F = 1, 2, 4, 8, 16
 
-RET_PF_EMULATE, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS = 2, 3, 4, 5
+RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS = 1, 2, 3, 4, 5
 
 SPTE_MMU_PRESENT = _c(_S.SPTE_MMU_PRESENT_MASK)
 SPTE_AD_MASK = _c(_S.SPTE_TDP_AD_MASK)
@@ -88,6 +88,7 @@ STAT_NAMES = (
     "pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast", "pf_mmio_spte_created",
     "pf_guest", "tlb_flush", "invlpg", "max_mmu_rmap_size",
     "walk_refs", "mmu_pages", "rmap_entries", "accesses", "host_pages_faulted_in",
+    "pf_retry", "mmu_notifier_zapped", "pages_aged", "nx_lpage_recovered",
 )
 
 
@@ -111,7 +112,7 @@ NPT = Fmt("npt", present=_S.NPT_P, user=_S.NPT_U, x=0, nx=_S.NPT_NX, accessed=_S
           memtype=0, mmio_value=_S.NPT_MMIO_VALUE, mmio_mask=_S.NPT_MMIO_MASK,
           mmio_access=_S.NPT_MMIO_ACCESS_MASK, acc_track=0)
 
-OUTCOMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT")
+OUTCOMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT", "RING_FULL", "RETRY")
 
 
 class RefError(Exception):
@@ -150,14 +151,16 @@ def _is_int(x):
 class Table:
     """One TDP page table (struct kvm_mmu_page): the SPTEs of ``level`` for gfns from ``gfn``."""
 
-    __slots__ = ("level", "gfn", "entries", "nx_disallowed", "nx_tracked")
+    __slots__ = ("level", "gfn", "entries", "nx_disallowed", "nx_tracked", "parent", "pidx")
 
-    def __init__(self, level, gfn):
+    def __init__(self, level, gfn, parent=None, pidx=0):
         self.level = level
         self.gfn = gfn
         self.entries = {}
         self.nx_disallowed = False   # sp->nx_huge_page_disallowed
         self.nx_tracked = False      # on possible_nx_huge_pages (counted in nx_lpage_splits)
+        self.parent = parent         # sp->ptep: the table (and index) whose SPTE points here
+        self.pidx = pidx
 
 
 class Slot:
@@ -195,6 +198,9 @@ class VM:
         self.gen = [0, 1]                       # kvm_create_vm: slots->generation = as_id
         self.root = None
         self.stats = dict.fromkeys(STAT_NAMES, 0)
+        self.nx_pages = []                      # possible_nx_huge_pages, oldest first
+        self.inval_count = 0                    # mmu_invalidate_in_progress
+        self.inval_range = None                 # mmu_invalidate_range_{start,end}; None = INVALID_GPA
 
 
 # ---------------------------------------------------------------------------- the host
@@ -202,9 +208,17 @@ class RefHost:
     """Mirror of ``batchmmu.Host`` for the TDP MMU; same method names and arguments."""
 
     def __init__(self, memory=64 << 30, backing="thp", *, mmio_caching=True, nx_huge_pages=False,
+                 nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
                  tdp_huge_page_level=3, eager_page_split=True, pml=False):
         if not _is_int(memory) or memory <= 0:
             raise RefError(f"memory={memory!r}")
+        for x in (nx_huge_pages_recovery_ratio, nx_huge_pages_recovery_period_ms):
+            if not _is_int(x) or x < 0:
+                raise RefError("nx_huge_pages_recovery_ratio / _period_ms")
+        self.nx_recovery_ratio = nx_huge_pages_recovery_ratio
+        self.nx_recovery_period_ms = nx_huge_pages_recovery_period_ms
+        self.time_ms = 0.0
+        self._nx_next_ms = None
         if tdp_huge_page_level not in (1, 2, 3):
             raise RefError(f"tdp_huge_page_level={tdp_huge_page_level!r}")
         self.budget = memory
@@ -398,8 +412,15 @@ class RefHost:
                 v.stats[PAGES_STAT[t.level]] -= 1
         v.stats["mmu_pages"] -= 1
         if t.nx_tracked:
-            v.stats["nx_lpage_splits"] -= 1
+            self._untrack_nx(v, t)
         t.entries = {}
+
+    @staticmethod
+    def _untrack_nx(v, t):
+        """untrack_possible_nx_huge_page / unaccount_nx_huge_page."""
+        t.nx_tracked = False
+        v.nx_pages.remove(t)
+        v.stats["nx_lpage_splits"] -= 1
 
     def _flush_remote_tlbs(self, v):
         v.stats["remote_tlb_flush_requests"] += 1
@@ -576,6 +597,9 @@ class RefHost:
             v.stats["walk_refs"] += refs
             v.stats["pf_taken"] += 1
             r = self._page_fault(v, gfn, slot, err)
+            if r == RET_PF_RETRY:            # the guest re-executes later; the access has not happened
+                v.stats["pf_retry"] += 1
+                return "RETRY", err
             if r == RET_PF_EMULATE:
                 v.stats["pf_emulate"] += 1
                 return ("MMIO" if slot is None else "EMULATED"), err
@@ -596,6 +620,8 @@ class RefHost:
             if not self.mmio_caching or gfn > v.max_gfn:
                 return RET_PF_EMULATE
             return self._tdp_mmu_map(v, gfn, None, 0, False, exec_)
+        if v.inval_count and v.inval_range is not None and v.inval_range[0] <= gfn < v.inval_range[1]:
+            return RET_PF_RETRY               # mmu_invalidate_retry_gfn_unsafe (kvm_mmu_faultin_pfn)
         if write and slot.flags & MEM_READONLY:
             return RET_PF_EMULATE             # KVM_PFN_ERR_RO_FAULT
         self._host_fault_in(v, slot, gfn)
@@ -658,7 +684,7 @@ class RefHost:
             if isinstance(old, Table):
                 t = old
                 continue
-            child = Table(level - 1, gfn & ~(_pages(level) - 1))
+            child = Table(level - 1, gfn & ~(_pages(level) - 1), t, idx)
             child.nx_disallowed = huge_page_disallowed
             if self._present(old):               # tdp_mmu_split_huge_page: no flush
                 for i in range(512):
@@ -670,6 +696,7 @@ class RefHost:
             v.stats["mmu_pages"] += 1
             if huge_page_disallowed and req_level >= level:   # track_possible_nx_huge_page
                 child.nx_tracked = True
+                v.nx_pages.append(child)
                 v.stats["nx_lpage_splits"] += 1
             t = child
         base = gfn & ~(_pages(level) - 1)
@@ -724,7 +751,7 @@ class RefHost:
                 if g + span <= start or g >= end or level < 2:
                     continue
                 if self._present(e) and not isinstance(e, Table):   # a huge leaf
-                    child = Table(level - 1, g)
+                    child = Table(level - 1, g, t, idx)
                     for i in range(512):
                         child.entries[i] = self._make_small_spte(v, e, level - 1, i)
                     self._set_spte(v, t, idx, child)
@@ -869,6 +896,136 @@ class RefHost:
                 self._wrprot_range(v, s.base_gfn, s.base_gfn + s.npages)
             self._flush_remote_tlbs(v)           # unconditional kvm_flush_remote_tlbs_memslot
         elif s.as_id == 0 and self._recover_huge_pages(v, s):
+            self._flush_remote_tlbs(v)
+
+    # ------------------------------------------------------------------ MMU notifiers
+    def _hva_ranges(self, v, start, end):
+        """kvm_handle_hva_range: (slot, first gfn, end gfn) of every memslot (both address spaces,
+        by slot id) whose hva range meets [start, end); hva_to_gfn_memslot rounding."""
+        if not _is_int(start) or not _is_int(end) or start < 0 or end < 0 or end <= start:
+            raise RefError("start / end")
+        out = []
+        for sid in sorted(v.slots):
+            s = v.slots[sid]
+            lo, hi = max(start, s.hva), min(end, s.hva + (s.npages << PAGE_SHIFT))
+            if lo < hi:
+                out.append((s, s.base_gfn + ((lo - s.hva) >> PAGE_SHIFT),
+                            s.base_gfn + ((hi - s.hva + 4095) >> PAGE_SHIFT)))
+        return out
+
+    def invalidate_range_start(self, vm, start, end):
+        """kvm_mmu_notifier_invalidate_range_start: kvm_mmu_invalidate_begin, then for each memslot
+        kvm_mmu_unmap_gfn_range (kvm_mmu_invalidate_range_add + tdp_mmu_zap_leafs); one flush."""
+        v = self._vm(vm)
+        ranges = self._hva_ranges(v, start, end)
+        v.inval_count += 1
+        if v.inval_count == 1:
+            v.inval_range = None                 # mmu_invalidate_range_start = INVALID_GPA
+        zapped = 0
+        for s, g0, g1 in ranges:
+            if v.inval_range is None:
+                v.inval_range = (g0, g1)
+            else:
+                v.inval_range = (min(v.inval_range[0], g0), max(v.inval_range[1], g1))
+            if s.as_id == 0 and v.root is not None:   # only address space 0 has a root
+                for t, idx, _e in list(self._leaves(v.root, g0, g1)):
+                    self._set_spte(v, t, idx, None)
+                    zapped += 1
+        v.stats["mmu_notifier_zapped"] += zapped
+        if zapped:
+            self._flush_remote_tlbs(v)
+        return zapped
+
+    def invalidate_range_end(self, vm):
+        v = self._vm(vm)
+        if v.inval_count <= 0:
+            raise RefError("no invalidation in progress")
+        v.inval_count -= 1
+
+    def invalidate_hva_range(self, vm, start, end):
+        n = self.invalidate_range_start(vm, start, end)
+        self.invalidate_range_end(vm)
+        return n
+
+    def _is_accessed(self, v, spte):
+        """is_accessed_spte (spte.h)."""
+        if (spte & SPTE_AD_MASK) != SPTE_AD_DISABLED:
+            return bool(spte & v.fmt.accessed)
+        return not self._is_access_track(v, spte)
+
+    def _age(self, vm, start, end, clear):
+        """kvm_age_gfn / kvm_test_age_gfn per memslot; young[i] is the 4K page at start + i * 4K."""
+        v = self._vm(vm)
+        young = [False] * (-(-(end - start) // 4096) if _is_int(end) and _is_int(start) and end > start else 0)
+        any_young = False
+        for s, g0, g1 in self._hva_ranges(v, start, end):
+            if s.as_id or v.root is None:
+                continue
+            for t, idx, e in list(self._leaves(v.root, g0, g1)):
+                if not self._is_accessed(v, e):
+                    continue
+                any_young = True
+                base = t.gfn + idx * _pages(t.level)
+                for g in range(max(base, g0), min(base + _pages(t.level), g1)):
+                    i = (self._gfn_to_hva(s, g) - start) >> PAGE_SHIFT
+                    if 0 <= i < len(young):
+                        young[i] = True
+                if clear:                        # kvm_tdp_mmu_age_spte
+                    t.entries[idx] = self._mark_for_access_track(v, e)
+                    v.stats["pages_aged"] += 1
+        return young, any_young
+
+    def age_hva_range(self, vm, start, end, flush=True):
+        """clear_flush_young (flush=True) / clear_young (flush=False)."""
+        young, any_young = self._age(vm, start, end, True)
+        if flush and any_young:
+            self._flush_remote_tlbs(self.vms[vm])
+        return young
+
+    def test_young(self, vm, start, end):
+        return self._age(vm, start, end, False)[0]
+
+    # ------------------------------------------------------------------ NX huge page recovery
+    def nx_recovery_period(self):
+        """get_nx_huge_page_recovery_timeout in ms, or None (the worker is off)."""
+        if not self.nx_huge_pages or not self.nx_recovery_ratio:
+            return None
+        return self.nx_recovery_period_ms or 3600000 / min(self.nx_recovery_ratio, 3600)
+
+    def advance_time(self, seconds):
+        """Simulated time passes; each VM's NX recovery worker runs once per period that ends in it."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise RefError("seconds")
+        end = self.time_ms + 1000.0 * seconds
+        period = self.nx_recovery_period()
+        passes = 0
+        if period is not None:
+            if self._nx_next_ms is None:
+                self._nx_next_ms = self.time_ms + period
+            while self._nx_next_ms <= end:
+                for v in self.vms:
+                    self._recover_nx_huge_pages(v)
+                self._nx_next_ms += period
+                passes += 1
+        self.time_ms = end
+        return passes
+
+    def _recover_nx_huge_pages(self, v):
+        """kvm_recover_nx_huge_pages: DIV_ROUND_UP(splits, ratio) times, take the head (oldest) of
+        possible_nx_huge_pages; untrack it if its gfn's slot logs dirty pages, else zap it."""
+        to_zap = -(-v.stats["nx_lpage_splits"] // self.nx_recovery_ratio)
+        flush = False
+        while to_zap and v.nx_pages:
+            to_zap -= 1
+            sp = v.nx_pages[0]
+            s = self._gfn_to_slot(v, sp.gfn)
+            if s is not None and s.flags & MEM_LOG_DIRTY_PAGES:
+                self._untrack_nx(v, sp)
+                continue
+            self._set_spte(v, sp.parent, sp.pidx, None)   # kvm_tdp_mmu_zap_sp
+            v.stats["nx_lpage_recovered"] += 1
+            flush = True
+        if flush:
             self._flush_remote_tlbs(v)
 
     # ------------------------------------------------------------------ dirty log
