@@ -9,12 +9,8 @@ from .errors import BatchMMUError
 
 def _numba_cache_cold():
     """True if the kernels' on-disk numba cache is missing (first run compiles them)."""
-    from importlib import resources
-    d = resources.files("batchmmu.kernels") / "__pycache__"
-    try:
-        return not any(p.name.endswith(".nbi") for p in d.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return True
+    from .kernels import CACHE_DIR
+    return not any(CACHE_DIR.rglob("*.nbi")) if CACHE_DIR.exists() else True
 
 
 def cmd_run(args):

@@ -715,17 +715,20 @@ class Host:
         vm = self._check_vm(vm)
         ranges = self._hva_ranges(vm, start, end)
         vt = self.vt
+        # kvm_mmu_invalidate_begin: the first invalidation in progress starts an empty range
+        vt.inval_count[vm] += 1
+        if vt.inval_count[vm] == 1:
+            vt.inval_start[vm] = vt.inval_end[vm] = -1
         zapped = 0
         for rec, g0, g1 in ranges:
             # kvm_mmu_invalidate_range_add: one merged gfn range per VM
-            if vt.inval_count[vm] == 0 or vt.inval_end[vm] <= vt.inval_start[vm]:
+            if vt.inval_start[vm] < 0:
                 vt.inval_start[vm], vt.inval_end[vm] = g0, g1
             else:
                 vt.inval_start[vm] = min(int(vt.inval_start[vm]), g0)
                 vt.inval_end[vm] = max(int(vt.inval_end[vm]), g1)
             if int(self.st.slot_id[rec]) >> 16 == 0:
                 zapped += int(tdp_zap_leafs(self.pa, self.vt, vm, g0, g1))
-        vt.inval_count[vm] += 1
         if zapped:
             self._flush_remote_tlbs(vm)
         return zapped
@@ -813,7 +816,7 @@ class Host:
             rows = rows[np.argsort(pa.sp_seq[rows], kind="stable")]
             splits = int(self.vt.stats[vm, S.ST_NX_LPAGE_SPLITS])
             to_zap = -(-splits // self.nx_recovery_ratio)
-            if recover_nx_huge_pages(pa, self.vt, self.st, int(vm), rows[:to_zap]):
+            if recover_nx_huge_pages(pa, self.vt, self.st, int(vm), rows, to_zap):
                 self._flush_remote_tlbs(int(vm))
 
     def kick_vcpus(self, vm):

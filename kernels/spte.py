@@ -380,12 +380,24 @@ def make_leaf_spte(fmt, level, pte_access, pfn, host_writable, ad_disabled, nx_h
 
 
 @njit(inline="always", _nrt=False)
+def modify_spte_protections(fmt, spte, set_bits, clear_bits):
+    """modify_spte_protections (spte.c): change X/NX, keeping an access-tracked SPTE tracked."""
+    tracked = is_access_track_spte(fmt, spte)
+    if tracked:  # restore_acc_track_spte
+        spte = (spte & ~(np.int64(5) << EPT_SAVED_BITS_SHIFT)) | ((spte >> EPT_SAVED_BITS_SHIFT) & 5)
+    spte = (spte | set_bits) & ~clear_bits
+    if tracked:  # mark_spte_for_access_track
+        spte |= (spte & 5) << EPT_SAVED_BITS_SHIFT
+        spte &= ~(EPT_RWX | shadow_accessed_mask(fmt))
+    return spte
+
+
+@njit(inline="always", _nrt=False)
 def make_small_spte(fmt, huge_spte, child_level, index, nx_huge_pages, role_access):
     # make_small_spte (spte.c, was make_huge_page_split_spte)
     child = huge_spte + np.int64(index * (1 << ((child_level - 1) * LEVEL_BITS))) * (1 << PAGE_SHIFT)
     if child_level == PG_LEVEL_4K:
         child &= ~PT_PAGE_SIZE_MASK
         if (role_access & ACC_EXEC_MASK) and nx_huge_pages:
-            # make_spte_executable
-            child = (child & ~shadow_nx_mask(fmt)) | shadow_x_mask(fmt)
+            child = modify_spte_protections(fmt, child, shadow_x_mask(fmt), shadow_nx_mask(fmt))  # executable
     return child

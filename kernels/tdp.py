@@ -26,6 +26,7 @@ from .spte import (
     make_mmio_spte,
     make_nonleaf_spte,
     make_small_spte,
+    modify_spte_protections,
     shadow_nx_mask,
     shadow_x_mask,
     spte_to_child_row,
@@ -336,7 +337,7 @@ def make_huge_spte(fmt, small_spte, level, nx_huge_pages):
     huge = small_spte | PT_PAGE_SIZE_MASK
     huge &= ~(np.int64((1 << (12 + 9 * (level - 1))) - 1) & ~np.int64(0xFFF))
     if nx_huge_pages:
-        huge = (huge & ~shadow_x_mask(fmt)) | shadow_nx_mask(fmt)  # make_spte_nonexecutable
+        huge = modify_spte_protections(fmt, huge, shadow_nx_mask(fmt), shadow_x_mask(fmt))  # nonexecutable
     return huge
 
 
@@ -405,15 +406,20 @@ def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
 
 
 @njit(cache=True, _nrt=False)
-def recover_nx_huge_pages(pa, vt, st, vm, rows):
-    """kvm_recover_nx_huge_pages for the oldest tracked pages ``rows`` of one VM: zap each (its parent
-    SPTE goes, so a huge page can come back), or only untrack it if its gfn's slot is dirty-logged.
+def recover_nx_huge_pages(pa, vt, st, vm, rows, to_zap):
+    """kvm_recover_nx_huge_pages for one VM: ``to_zap`` times, the oldest page still on the list
+    (``rows``: its tracked pages, oldest first; a zap may free younger ones too) is zapped (its parent
+    SPTE goes, so a huge page can come back), or only untracked if its gfn's slot is dirty-logged.
     Returns the number zapped (> 0: one flush)."""
     zapped = 0
+    done = 0
     for k in range(rows.shape[0]):
+        if done == to_zap:
+            break
         row = rows[k]
         if not pa.sp_flags[row] & SPF_NX_TRACKED:
-            continue
+            continue  # freed by an earlier zap in this pass
+        done += 1
         rec = gfn_to_memslot(vt, st, vm, pa.sp_gfn[row])
         if rec >= 0 and slot_dirty_logging(st, rec):
             pa.sp_flags[row] &= ~SPF_NX_TRACKED  # unaccount_nx_huge_page only

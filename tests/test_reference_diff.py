@@ -754,10 +754,6 @@ def test_invalidate_retry(fmt):
 
 
 @pytest.mark.nojit
-@pytest.mark.xfail(strict=True, raises=Mismatch, reason=(
-    "batchmmu bug: Host.invalidate_range_start increments vt.inval_count only after its loop over the "
-    "memslots, so while the count is still 0 every slot's gfn range overwrites the previous one instead of "
-    "merging with it; only the last slot's range retries (gfn 1 faults FIXED instead of RETRY)"))
 def test_invalidate_range_spanning_two_slots():
     """One hva range mapped by two memslots (aliases): KVM's kvm_mmu_invalidate_range_add merges
     the gfn ranges of both slots (min start, max end) because kvm_mmu_invalidate_begin (on_lock)
@@ -773,10 +769,7 @@ def test_invalidate_range_spanning_two_slots():
 
 
 @pytest.mark.nojit
-@pytest.mark.parametrize("ratio", [1, 2, pytest.param(3, marks=pytest.mark.xfail(strict=True, raises=Mismatch, reason=(
-    "batchmmu bug: Host._recover_nx_huge_pages snapshots the oldest ceil(splits / ratio) tracked rows "
-    "before zapping; a row freed by zapping an older ancestor is skipped but still uses up to_zap, where "
-    "KVM takes the live list head each iteration (here it recovers 1 page instead of 2)")))])
+@pytest.mark.parametrize("ratio", [1, 2, 3])
 def test_nx_recovery_oldest_first(ratio):
     """With a 1 GiB host page, a fetch tracks a 2M-level table (req_level 1G) and a 4K-level one
     under it; kvm_recover_nx_huge_pages takes the head of possible_nx_huge_pages each time, so
@@ -790,12 +783,6 @@ def test_nx_recovery_oldest_first(ratio):
 
 
 @pytest.mark.nojit
-@pytest.mark.xfail(strict=True, raises=Mismatch, reason=(
-    "batchmmu bug: kernels/spte.py make_small_spte (make_spte_executable) and kernels/tdp.py "
-    "make_huge_spte (make_spte_nonexecutable) set/clear X directly; KVM's modify_spte_protections "
-    "restores an access-tracked SPTE first and marks it for access tracking again.  Splitting an aged "
-    "A/D-disabled EPT huge SPTE with nx_huge_pages gives exec-only 4K SPTEs (X=1, R=W=0, saved X "
-    "missing) instead of access-tracked ones with saved R|X"))
 def test_split_access_tracked_huge_spte():
     p = Pair(memory=8 * GiB, backing="thp", nx_huge_pages=True)
     vm = p.create_vms(1, memory=4 * MiB, ept_ad=False)[0]
