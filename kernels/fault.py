@@ -14,14 +14,13 @@ from .memslot import (
     gfn_to_hva,
     gfn_to_memslot,
     host_fault_in,
-    host_pfn_mapping_level,
+    host_page_pages,
     kvm_mmu_max_mapping_level,
     mark_page_dirty,
     slot_dirty_logging,
     slot_readonly,
 )
 from .spte import (
-    EPT_SAVED_BITS_SHIFT,
     FMT_EPT,
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
@@ -42,6 +41,7 @@ from .spte import (
     is_mmio_spte,
     is_mmu_writable_spte,
     is_shadow_present_pte,
+    restore_acc_track_spte,
     shadow_accessed_mask,
     shadow_dirty_mask,
     shadow_nx_mask,
@@ -163,13 +163,6 @@ def is_access_allowed(fmt, spte, write, fetch):
 
 
 @njit(inline="always", _nrt=False)
-def restore_acc_track_spte(spte):
-    saved = (spte >> EPT_SAVED_BITS_SHIFT) & 5  # R | X
-    spte &= ~(np.int64(5) << EPT_SAVED_BITS_SHIFT)
-    return spte | saved
-
-
-@njit(inline="always", _nrt=False)
 def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
     """fast_page_fault (mmu.c), TDP MMU flavour.  Returns a RET_PF_* code."""
     # page_fault_can_be_fast (the fault is never RSVD here)
@@ -202,12 +195,7 @@ def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, f
 @njit(inline="always", _nrt=False)
 def host_page_needs_budget(st, host, rec, gfn):
     """True when faulting this gfn in would exceed the host memory budget."""
-    off = gfn - st.base_gfn[rec]
-    if st.host[st.host_off[rec] + (off >> 6)] & (np.int64(1) << (off & 63)):
-        return False
-    level = host_pfn_mapping_level(st, rec, gfn)
-    nbytes = np.int64(1) << (12 + 9 * (level - 1))
-    return host[HOST_USED_BYTES] + nbytes > host[HOST_BUDGET_BYTES]
+    return host[HOST_USED_BYTES] + (host_page_pages(st, rec, gfn) << 12) > host[HOST_BUDGET_BYTES]
 
 
 @njit(inline="always", _nrt=False)

@@ -15,9 +15,6 @@ from .state import (
     ST_HOST_PAGES_FAULTED_IN,
 )
 
-_HPAGE_2M_PAGES = 512
-_HPAGE_1G_PAGES = 512 * 512
-
 
 @njit(inline="always", _nrt=False)
 def gfn_to_memslot(vt, st, vm, gfn):
@@ -101,28 +98,29 @@ def kvm_mmu_max_mapping_level(st, rec, gfn, max_level):
 
 
 @njit(inline="always", _nrt=False)
+def host_page_pages(st, rec, gfn):
+    """4K pages the host must allocate to back gfn: 0 if resident, else its host page's size."""
+    off = gfn - st.base_gfn[rec]
+    if st.host[st.host_off[rec] + (off >> 6)] & (np.int64(1) << (off & 63)):
+        return np.int64(0)
+    return np.int64(1) << (9 * (host_pfn_mapping_level(st, rec, gfn) - 1))
+
+
+@njit(inline="always", _nrt=False)
 def host_fault_in(st, vt, host, rec, gfn, vm):
     """Make the host page behind gfn resident (get_user_pages).  False: host budget exhausted."""
-    off = gfn - st.base_gfn[rec]
-    word = st.host_off[rec] + (off >> 6)
-    bit = np.int64(1) << (off & 63)
-    if st.host[word] & bit:
+    npg = host_page_pages(st, rec, gfn)
+    if npg == 0:
         return True
-    level = host_pfn_mapping_level(st, rec, gfn)
-    if level == 1:
-        npg = 1
-    elif level == 2:
-        npg = _HPAGE_2M_PAGES
-    else:
-        npg = _HPAGE_1G_PAGES
-    nbytes = np.int64(npg) << 12
+    nbytes = npg << 12
     if host[HOST_USED_BYTES] + nbytes > host[HOST_BUDGET_BYTES]:
         return False
     host[HOST_USED_BYTES] += nbytes
     vt.host_bytes[vm] += nbytes
     vt.stats[vm, ST_HOST_PAGES_FAULTED_IN] += 1
     if npg == 1:
-        st.host[word] |= bit
+        off = gfn - st.base_gfn[rec]
+        st.host[st.host_off[rec] + (off >> 6)] |= np.int64(1) << (off & 63)
     else:
         # The huge host page covers gfns congruent with its aligned hva range.
         hva = gfn_to_hva(st, rec, gfn)

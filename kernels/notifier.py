@@ -8,9 +8,9 @@ import numpy as np
 from numba import njit
 
 from .spte import (
-    EPT_SAVED_BITS_SHIFT,
     SHADOW_NONPRESENT_VALUE,
     is_shadow_present_pte,
+    mark_spte_for_access_track,
     shadow_accessed_mask,
     spte_ad_enabled,
 )
@@ -44,17 +44,6 @@ def is_accessed_spte(fmt, spte):
     if spte_ad_enabled(spte):
         return (spte & shadow_accessed_mask(fmt)) != 0
     return (spte & 7) != 0  # not access-tracked
-
-
-@njit(inline="always", _nrt=False)
-def mark_spte_for_access_track(fmt, spte):
-    # mark_spte_for_access_track (spte.c): clear A, or save R/X and clear RWX (and A)
-    if spte_ad_enabled(spte):
-        return spte & ~shadow_accessed_mask(fmt)
-    if (spte & 7) == 0:
-        return spte
-    spte |= (spte & 5) << EPT_SAVED_BITS_SHIFT
-    return spte & ~(np.int64(7) | shadow_accessed_mask(fmt))
 
 
 @njit(cache=True, _nrt=False)

@@ -380,15 +380,32 @@ def make_leaf_spte(fmt, level, pte_access, pfn, host_writable, ad_disabled, nx_h
 
 
 @njit(inline="always", _nrt=False)
+def restore_acc_track_spte(spte):
+    # restore_acc_track_spte (spte.h): put the saved R/X back
+    saved = (spte >> EPT_SAVED_BITS_SHIFT) & 5  # R | X
+    return (spte & ~(np.int64(5) << EPT_SAVED_BITS_SHIFT)) | saved
+
+
+@njit(inline="always", _nrt=False)
+def mark_spte_for_access_track(fmt, spte):
+    # mark_spte_for_access_track (spte.c): clear A, or save R/X and clear RWX (and A)
+    if spte_ad_enabled(spte):
+        return spte & ~shadow_accessed_mask(fmt)
+    if (spte & EPT_RWX) == 0:
+        return spte
+    spte |= (spte & 5) << EPT_SAVED_BITS_SHIFT
+    return spte & ~(EPT_RWX | shadow_accessed_mask(fmt))
+
+
+@njit(inline="always", _nrt=False)
 def modify_spte_protections(fmt, spte, set_bits, clear_bits):
     """modify_spte_protections (spte.c): change X/NX, keeping an access-tracked SPTE tracked."""
     tracked = is_access_track_spte(fmt, spte)
-    if tracked:  # restore_acc_track_spte
-        spte = (spte & ~(np.int64(5) << EPT_SAVED_BITS_SHIFT)) | ((spte >> EPT_SAVED_BITS_SHIFT) & 5)
+    if tracked:
+        spte = restore_acc_track_spte(spte)
     spte = (spte | set_bits) & ~clear_bits
-    if tracked:  # mark_spte_for_access_track
-        spte |= (spte & 5) << EPT_SAVED_BITS_SHIFT
-        spte &= ~(EPT_RWX | shadow_accessed_mask(fmt))
+    if tracked:
+        spte = mark_spte_for_access_track(fmt, spte)
     return spte
 
 
