@@ -113,8 +113,22 @@ def new_slot_table(cap=16):
         backing=np.zeros(cap, np.int8), lpage_off=np.zeros((cap, 2), np.int64),
         dirty_off=np.full(cap, -1, np.int64), host_off=np.zeros(cap, np.int64),
         order=np.zeros(0, np.int64), lpage=np.zeros(0, np.int32), dirty=np.zeros(0, np.int64),
-        host=np.zeros(0, np.int64),
+        host=np.zeros(0, np.int64), swap=np.zeros(0, np.int64), split=np.zeros(0, np.int64),
+        age=np.zeros(0, np.uint8),
     )
+
+
+def sync_host_pools(st, ages):
+    """Grow the swap and THP-split bitmaps (and, with ``ages``, the per-page reclaim ages) to match
+    the host-resident bitmap pool, whose offsets they share."""
+    n = st.host.shape[0]
+    out = {}
+    if st.swap.shape[0] < n:
+        out["swap"] = _grow(st.swap, n)
+        out["split"] = _grow(st.split, n)
+    if ages and st.age.shape[0] < 64 * n:
+        out["age"] = _grow(st.age, 64 * n)
+    return st._replace(**out) if out else st
 
 
 def grow_slot_records(st, need):
@@ -123,7 +137,7 @@ def grow_slot_records(st, need):
         return st
     new_cap = max(need, 2 * cap)
     fills = {"vm": -1, "slot_id": -1, "dirty_off": -1}
-    pooled = {"order", "lpage", "dirty", "host"}
+    pooled = {"order", "lpage", "dirty", "host", "swap", "split", "age"}
     return S.SlotTable(**{k: (getattr(st, k) if k in pooled else _grow(getattr(st, k), new_cap, fills.get(k, 0)))
                           for k in S.SlotTable._fields})
 

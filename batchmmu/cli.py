@@ -1,4 +1,4 @@
-"""The ``batchmmu`` command line: ``run``, ``list``."""
+"""The ``batchmmu`` command line: ``run``, ``report``, ``validate``, ``list``."""
 
 import argparse
 import sys
@@ -47,6 +47,35 @@ def cmd_report(args):
     return 0
 
 
+def cmd_validate(args):
+    from . import realkvm, validate
+    if args.calibrate:
+        pr = realkvm.probe_guest()
+        if not pr["guest"]:
+            print(f"batchmmu: validate: kernel side skipped: {pr['reason']}", file=sys.stderr)
+            return 0
+        cal = realkvm.calibrate()
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(validate.to_json(cal))
+        print(validate.format_calibration(cal))
+        return 0
+    if args.workload is None:
+        from .workload import list_workloads
+        names = ", ".join(n for n, _ in list_workloads())
+        raise BatchMMUError(f"workload=None: name a workload file, a bundled workload ({names}) or random:SEED",
+                            field="workload")
+    sides = "kernel" if args.kernel_only else "sim" if args.sim_only else "both"
+    rep = validate.validate(args.workload, sides=sides)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(validate.to_json(rep))
+    print(validate.format_report(rep, full=args.steps))
+    if rep["kernel_skipped"]:
+        print(f"batchmmu: validate: kernel side skipped: {rep['kernel_skipped']}", file=sys.stderr)
+    return validate.exit_code(rep)
+
+
 def cmd_list(args):
     from .scenario import list_scenarios
     for name, desc in list_scenarios():
@@ -72,6 +101,16 @@ def main(argv=None):
     rp.add_argument("results", nargs="+", metavar="RESULT.json")
     rp.add_argument("--plot", metavar="PATH", help="write the standard plots (PNG/PDF/SVG) here")
     rp.set_defaults(func=cmd_report)
+    v = sub.add_parser("validate", help="run a workload on this machine's KVM and on the simulator, compare")
+    v.add_argument("workload", nargs="?", help="bundled workload name, .toml/.json file, or random:SEED[:STEPS]")
+    v.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    only = v.add_mutually_exclusive_group()
+    only.add_argument("--sim-only", action="store_true", help="run the simulator side only")
+    only.add_argument("--kernel-only", action="store_true", help="run the kernel side only")
+    v.add_argument("--steps", action="store_true", help="list every compared stat of every step, zeros included")
+    v.add_argument("--calibrate", action="store_true", help="measure the kernel's µs per fault and per "
+                   "emulated instruction instead")
+    v.set_defaults(func=cmd_validate)
     ls = sub.add_parser("list", help="list bundled scenarios")
     ls.set_defaults(func=cmd_list)
     args = p.parse_args(argv)

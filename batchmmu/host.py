@@ -6,6 +6,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import memslot as ms
+from . import reclaim as _reclaim
 from .arena import (
     ROW_BYTES,
     Pool,
@@ -18,9 +19,11 @@ from .arena import (
     new_slot_table,
     new_vcpu_table,
     new_vm_table,
+    sync_host_pools,
 )
 from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, FIXED, HIT, SPURIOUS
 from .errors import BatchMMUError, HostMemoryExhausted, bad, einval
+from .kernels import shadow as SK
 from .kernels import state as S
 from .kernels.dirty import (
     clear_dirty_log_protect,
@@ -49,6 +52,7 @@ from .kernels.tdp import (
     tdp_recover_huge_pages,
     tdp_wrprot_gfn_range,
 )
+from .paging import GuestPaging
 from .units import format_size, parse_size
 
 # Sizes KVM allocates, used by footprint() (x86-64, ~v6.10)
@@ -56,7 +60,6 @@ SIZEOF_KVM_MMU_PAGE = 184        # struct kvm_mmu_page
 SIZEOF_LPAGE_INFO = 4            # struct kvm_lpage_info
 SIZEOF_MEMSLOT = 192             # struct kvm_memory_slot incl. arch part
 
-CR0_PG = 1 << 31
 
 
 class AccessResult(NamedTuple):
@@ -96,7 +99,7 @@ def _int_array(x, name, n=None):
     return a
 
 
-class Host:
+class Host(GuestPaging):
     """One host: a memory budget, module parameters and any number of VMs.
 
     ``memory``: host RAM that guest pages may take (bytes or "64GiB").
@@ -104,11 +107,16 @@ class Host:
     Module parameters as in KVM: ``mmio_caching`` (kvm.mmio_caching), ``nx_huge_pages``
     (kvm.nx_huge_pages, off as on CPUs without the iTLB multihit bug),
     ``tdp_huge_page_level`` (3 = 1G pages allowed in TDP, 2 = 2M only).
+    ``overcommit``: False (a fault that finds ``memory`` full raises HostMemoryExhausted), True
+    (it reclaims instead: see ``reclaim`` and docs/host_memory.md) or "epoch" (faults never fail;
+    the owner reclaims between epochs, as the scenario runner does across shards);
+    ``watermarks``: (low, high) fractions of ``memory`` for reclaim.
     """
 
     def __init__(self, memory="64GiB", backing="thp", *, mmio_caching=True, nx_huge_pages=False,
                  nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
-                 tdp_huge_page_level=3, eager_page_split=True, pml=False):
+                 tdp_huge_page_level=3, eager_page_split=True, pml=False, overcommit=False,
+                 watermarks=(0.90, 0.95)):
         self.memory = parse_size(memory, "memory")
         if self.memory <= 0:
             raise bad("memory", memory, "must be positive")
@@ -146,15 +154,16 @@ class Host:
         self._vcpus = np.zeros(16, np.int64)
         self._maxphyaddr = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
-        self._regs = {k: np.zeros(0, np.int64) for k in ("cr0", "cr3", "cr4", "efer", "rflags", "pkru")}
         self._slot_rec = {}        # (vm, slot) -> record
-        self._guest_mem = {}       # vm -> {gfn: uint64[512]}
+        self._paging_init()
+        _reclaim.configure(self, overcommit, watermarks)
         self._sync_pools()
 
     # ------------------------------------------------------------------ internals
     def _sync_pools(self):
         self.st = self.st._replace(lpage=self._lpage.arr, dirty=self._dirty.arr, host=self._hostbits.arr,
                                    order=self._order.arr)
+        self.st = sync_host_pools(self.st, self.overcommit is not None)
 
     def _check_vm(self, vm, field="vm"):
         if isinstance(vm, bool) or not isinstance(vm, (int, np.integer)):
@@ -225,6 +234,8 @@ class Host:
         self.nrec += k
         for i, vm in enumerate(vms):
             self._slot_rec[(int(vm), slot)] = first + i
+        self._paging_new_records(first, k)
+        _reclaim.note_aliases(self, first, k)
         return first
 
     # ------------------------------------------------------------------ VMs
@@ -242,9 +253,7 @@ class Host:
             raise bad("memory", memory, "must be a positive multiple of 4096")
         if isinstance(vcpus, bool) or not isinstance(vcpus, (int, np.integer)) or not 1 <= vcpus <= 4096:
             raise bad("vcpus", vcpus, "must be an integer in 1..4096")
-        if mmu != "tdp":
-            if mmu == "shadow":
-                raise bad("mmu", mmu, "the shadow MMU is not built yet; use mmu='tdp'")
+        if mmu not in ("tdp", "shadow"):
             raise bad("mmu", mmu, "must be 'tdp' or 'shadow'")
         if tdp_format not in ("ept", "npt"):
             raise bad("tdp_format", tdp_format, "must be 'ept' or 'npt'")
@@ -284,14 +293,10 @@ class Host:
         vt.stats[vms] = 0
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
-        nv = self._regs["cr0"].size
+        nv = self._paging_add_vms(vms, int(vcpus), mmu == "shadow")
         self.ct = grow_vcpu_table(self.ct, need, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
         self.ct.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
         vt.dirty_mode[vms] = 0
-        for key in self._regs:
-            self._regs[key] = np.concatenate([self._regs[key], np.zeros(vcpus * k, np.int64)])
-        self._regs["cr0"][nv:] = 0x60000010  # reset value: CD | NW | ET, paging off
-        self._regs["rflags"][nv:] = 0x2
         self._maxphyaddr[vms] = maxphyaddr
         self.nvm = need
         # slot 0 at gpa 0: one KVM_SET_USER_MEMORY_REGION per VM
@@ -338,7 +343,7 @@ class Host:
         if change in ("delete", "move"):
             # kvm_invalidate_memslot: swap in an invalid copy, then kvm_arch_flush_shadow_memslot
             self._bump_generation(vm, slot >> 16)
-            tdp_mmu_zap_all(self.pa, self.vt, vm)
+            self._zap_all(vm)
             if change == "delete":
                 self._release_host_memory(vm, rec)
                 del self._slot_rec[(vm, slot)]
@@ -358,6 +363,7 @@ class Host:
                 st = self.st
                 st.lpage_off[rec, li] = off
                 ms.seed_lpage_info(st.lpage, off, gpa >> 12, int(st.npages[rec]), int(st.hva[rec]), level)
+            self._paging_new_records(rec, 1)
             self._apply_flags(vm, rec, old_flags, flags, zap_done=True)
             if as0:
                 self._set_order(vm, self._order_list(vm))
@@ -389,6 +395,15 @@ class Host:
                 self._flush_remote_tlbs(vm)
             return
         base, n = int(st.base_gfn[rec]), int(st.npages[rec])
+        if self._mmu_kind[vm] == S.MMU_SHADOW:
+            m = self._mmu_bundle()
+            if not logging_on:
+                if SK.shadow_zap_collapsible(m, vm, rec):
+                    self._flush_remote_tlbs(vm)
+            elif not self._initially_set(vm):
+                SK.shadow_slot_wrprot(m, vm, rec, 1)  # kvm_mmu_slot_remove_write_access
+                self._flush_remote_tlbs(vm)
+            return
         if not logging_on:
             if tdp_recover_huge_pages(self.pa, self.vt, self.st, self.cfg, vm, rec):
                 self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
@@ -448,6 +463,8 @@ class Host:
         self.vt.stats[vm, S.ST_REMOTE_TLB_FLUSH] += 1
 
     def _release_host_memory(self, vm, rec):
+        if _reclaim.drop_alias(self, rec):
+            return  # another slot still maps these host pages
         st = self.st
         words = (int(st.npages[rec]) + 63) // 64
         off = int(st.host_off[rec])
@@ -456,6 +473,7 @@ class Host:
         bits[:] = 0
         self.host_ctl[S.HOST_USED_BYTES] -= resident
         self.vt.host_bytes[vm] -= resident
+        _reclaim.release_slot(self, vm, rec)
 
     def memslots(self, vm):
         """The VM's memslots as a list of dicts (slot, gpa, size, hva, flags, backing)."""
@@ -484,38 +502,41 @@ class Host:
         return int(self.ct.vcpu_off[vm] + vcpu)
 
     def set_vcpu_regs(self, vm, vcpu, cr0=None, cr3=None, cr4=None, efer=None, rflags=None, pkru=None):
-        """Set control registers of one vCPU (None leaves a register as it is)."""
+        """KVM_SET_SREGS/KVM_SET_REGS for one vCPU (None leaves a register as it is).  Under the shadow MMU
+        a change of CR0, CR3, CR4 or EFER resets the MMU context (every root of the vCPU is put)."""
         i = self._vcpu_index(vm, vcpu)
+        values = {}
         for name, v in (("cr0", cr0), ("cr3", cr3), ("cr4", cr4), ("efer", efer), ("rflags", rflags),
                         ("pkru", pkru)):
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < 1 << 64:
                 raise bad(name, v, "must be an unsigned 64-bit integer")
-            if name == "cr0" and v & CR0_PG:
-                raise bad("cr0", v, "guest paging (CR0.PG=1) is not simulated yet; vCPUs run with paging off")
-            self._regs[name][i] = np.uint64(v).view(np.int64) if v >= 1 << 63 else v
+            values[name] = int(v)
+        old = {k: int(getattr(self.vr, k)[i]) for k in values}
+        try:
+            self._set_paging_regs(int(vm), i, values)
+        except BatchMMUError:
+            for k, v in old.items():  # nothing changes on error
+                getattr(self.vr, k)[i] = v
+            raise
 
     def vcpu_regs(self, vm, vcpu):
         i = self._vcpu_index(vm, vcpu)
-        return {k: int(np.int64(a[i]).view(np.uint64)) for k, a in self._regs.items()}
+        return {k: int(np.int64(getattr(self.vr, k)[i]).view(np.uint64))
+                for k in ("cr0", "cr3", "cr4", "efer", "rflags", "pkru")}
 
     # ------------------------------------------------------------------ guest memory
     def write_guest_memory(self, vm, gpa, words):
-        """Host-side write of u64 ``words`` at 8-byte aligned ``gpa`` (no MMU effects)."""
+        """Host-side write of u64 ``words`` at 8-byte aligned ``gpa`` (no MMU effects, as userspace
+        writing through its mapping)."""
         vm = self._check_vm(vm)
         w = _u64_array(words, "words")
         if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
             raise bad("gpa", gpa, "must be a non-negative multiple of 8")
         if gpa + 8 * w.size > (1 << int(self._maxphyaddr[vm])):
             raise bad("gpa", gpa, "beyond the VM's physical address space")
-        mem = self._guest_mem.setdefault(vm, {})
-        for k in range(w.size):
-            a = gpa + 8 * k
-            page = mem.get(a >> 12)
-            if page is None:
-                page = mem[a >> 12] = np.zeros(512, np.uint64)
-            page[(a >> 3) & 511] = w[k]
+        self._gm_write_words(vm, int(gpa), w)
 
     def read_guest_memory(self, vm, gpa, n):
         vm = self._check_vm(vm)
@@ -523,14 +544,7 @@ class Host:
             raise bad("gpa", gpa, "must be a non-negative multiple of 8")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise bad("n", n, "must be a non-negative integer")
-        mem = self._guest_mem.get(vm, {})
-        out = np.zeros(n, np.uint64)
-        for k in range(n):
-            a = gpa + 8 * k
-            page = mem.get(a >> 12)
-            if page is not None:
-                out[k] = page[(a >> 3) & 511]
-        return out
+        return self._gm_read_words(vm, int(gpa), int(n))
 
     # ------------------------------------------------------------------ accesses
     def _events(self, vm, vcpu, addr, kind):
@@ -546,7 +560,9 @@ class Host:
                 raise bad(name, f"length {a.size}", f"arrays must have equal lengths (or be scalars); expected {n}")
             arrs.append(a)
         vm_a, vcpu_a, addr_a, kind_a = arrs
-        j, code = validate_events(vm_a, vcpu_a, addr_a, kind_a, self.nvm, self._vcpus, self._maxphyaddr,
+        # shadow-MMU VMs take gvas: any non-negative 63-bit value
+        limit = np.where(self._mmu_kind[:self._maxphyaddr.shape[0]] == S.MMU_SHADOW, 63, self._maxphyaddr)
+        j, code = validate_events(vm_a, vcpu_a, addr_a, kind_a, self.nvm, self._vcpus, limit,
                                   ACC_VALID_MASK, ACC_WRITE, ACC_FETCH)
         if code == EV_BAD_VM:
             raise bad("vm", int(vm_a[j]), f"no such VM (this host has {self.nvm})")
@@ -564,7 +580,28 @@ class Host:
         vm_a, vcpu_a, addr_a, kind_a = self._events(vm, vcpu, addr, kind)
         return self._run_accesses(vm_a, vcpu_a, addr_a, kind_a)
 
-    def _run_accesses(self, vm_a, vcpu_a, addr_a, kind_a):
+    def _run_accesses(self, vm_a, vcpu_a, addr_a, kind_a, value_a=None, size_a=None):
+        """Route a validated batch: shadow-MMU VMs to the shadow kernels, the rest to the TDP kernels."""
+        shadow = self._mmu_kind[vm_a] == S.MMU_SHADOW
+        if not shadow.any():
+            return self._run_tdp_accesses(vm_a, vcpu_a, addr_a, kind_a)
+        n = vm_a.size
+        if value_a is None:
+            value_a = np.zeros(n, np.int64)
+            size_a = np.zeros(n, np.int64)
+        out = np.zeros(n, np.int8)
+        err = np.zeros(n, np.int32)
+        idx = np.nonzero(shadow)[0]
+        o, e = self._run_shadow(vm_a[idx], vcpu_a[idx], np.zeros(idx.size, np.int64), addr_a[idx], kind_a[idx],
+                                value_a[idx], size_a[idx])
+        out[idx], err[idx] = o, e
+        rest = np.nonzero(~shadow)[0]
+        if rest.size:
+            r = self._run_tdp_accesses(vm_a[rest], vcpu_a[rest], addr_a[rest], kind_a[rest])
+            out[rest], err[rest] = r.outcome, r.error_code
+        return AccessResult(out, err)
+
+    def _run_tdp_accesses(self, vm_a, vcpu_a, addr_a, kind_a):
         """Run a validated batch.  VMs are independent, so a batch that interleaves VMs runs
         grouped by VM (a stable sort: each VM's events keep their order) and the results go
         back to the caller's order; grouped batches keep each VM's tables in cache."""
@@ -577,11 +614,15 @@ class Host:
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
         i = 0
+        oom_at = -1
         while i < n:
             i, stop = access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, vm_a, vcpu_a,
                                    addr_a, kind_a, i, out, err)
             if stop == S.STOP_NEED_PAGES:
                 self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
+            elif stop == S.STOP_HOST_OOM and i != oom_at and _reclaim.direct_reclaim(self, int(vm_a[i]),
+                                                                                     int(addr_a[i])):
+                oom_at = i  # overcommit: reclaimed; the event runs again
             elif stop == S.STOP_HOST_OOM:
                 applied = np.zeros(n, bool)
                 applied[perm[:i] if perm is not None else slice(0, i)] = True
@@ -611,6 +652,8 @@ class Host:
             val = np.full(vm_a.size, val[0], np.uint64)
         if val.size != vm_a.size:
             raise bad("value", f"length {val.size}", "must match the addresses")
+        if np.any(self._mmu_kind[vm_a] == S.MMU_SHADOW):
+            return self._shadow_store(vm_a, vcpu_a, addr_a, kind_a, val.view(np.int64))
         res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a)
         cross = (addr_a & 4095) > 4088
         res2 = None
@@ -632,26 +675,48 @@ class Host:
             self._write_bytes(int(vm_a[j]), int(addr_a[j]), int(val[j]))
         return AccessResult(out, err)
 
+    def _shadow_store(self, vm_a, vcpu_a, addr_a, kind_a, val):
+        """Stores under guest paging: the kernel writes guest memory once the store translates (or the
+        emulator writes it).  A page-crossing store is two stores; the second runs if the first landed."""
+        off = addr_a & 4095
+        first = np.minimum(8, 4096 - off)
+        res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a, val, first)
+        cross = np.nonzero((first < 8) & np.isin(res.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED)))[0]
+        if cross.size:
+            rest = (val[cross].view(np.uint64) >> (8 * first[cross]).astype(np.uint64)).view(np.int64)
+            r2 = self._run_accesses(vm_a[cross], vcpu_a[cross], addr_a[cross] + first[cross], kind_a[cross], rest,
+                                    8 - first[cross])
+            bad2 = ~np.isin(r2.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED))
+            res.outcome[cross[bad2]] = r2.outcome[bad2]
+            res.error_code[cross[bad2]] = r2.error_code[bad2]
+        return res
+
     def _write_bytes(self, vm, addr, value):
-        data = int(value).to_bytes(8, "little")
-        mem = self._guest_mem.setdefault(vm, {})
-        for b in range(8):
-            a = addr + b
-            page = mem.get(a >> 12)
-            if page is None:
-                page = mem[a >> 12] = np.zeros(512, np.uint64)
-            word = int(page[(a >> 3) & 511])
-            sh = 8 * (a & 7)
-            word = (word & ~(0xFF << sh)) | (data[b] << sh)
-            page[(a >> 3) & 511] = word
+        from .kernels.gmem import gm_write_bytes
+        self._gm_reserve(2)
+        gm = self.gm
+        v = np.uint64(value).view(np.int64)
+        n1 = min(8, 4096 - (addr & 4095))
+        gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, addr, v, n1)
+        if n1 < 8:
+            gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, addr + n1, np.int64(int(value) >> (8 * n1)), 8 - n1)
 
     def invlpg(self, vm, vcpu, gva):
-        """INVLPG by the guest.  Under TDP it does not exit (no KVM work, no stat)."""
-        self._vcpu_index(vm, vcpu)
+        """INVLPG by the guest: under shadow paging kvm_mmu_invlpg (sync of unsync SPTEs for the gva in
+        every cached root); under TDP it does not exit (no KVM work, no stat)."""
+        self._guest_op(vm, vcpu, SK.OP_INVLPG, gva)
 
     def flush_tlb(self, vm, vcpu):
-        """A guest TLB flush.  Under TDP it does not exit (no KVM work, no stat)."""
-        self._vcpu_index(vm, vcpu)
+        """A guest TLB flush: under shadow paging the current root is synced and unsync previous roots
+        are freed (kvm_vcpu_flush_tlb_guest); under TDP it does not exit."""
+        self._guest_op(vm, vcpu, SK.OP_FLUSH, 0)
+
+    def _zap_all(self, vm):
+        """kvm_arch_flush_shadow_memslot: the fast zap of every MMU page of the VM."""
+        if self._mmu_kind[vm] == S.MMU_SHADOW:
+            SK.shadow_zap_all_fast(self._mmu_bundle(), vm)
+        else:
+            tdp_mmu_zap_all(self.pa, self.vt, vm)
 
     # ------------------------------------------------------------------ dirty log
     def _dirty_slot(self, vm, slot):
@@ -686,6 +751,10 @@ class Host:
                 self._flush_remote_tlbs(vm)
             return out.view(np.uint64)
         out = np.zeros(words, np.int64)
+        if self._mmu_kind[vm] == S.MMU_SHADOW:
+            if SK.shadow_get_dirty_log(self._mmu_bundle(), vm, rec, out):
+                self._flush_remote_tlbs(vm)
+            return out.view(np.uint64)
         if get_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, out):
             self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
         return out.view(np.uint64)
@@ -866,7 +935,11 @@ class Host:
             rows = count_huge_leaves(self.pa, self.vt, vm, base + first_page, base + first_page + num_pages)
             if rows:
                 self.reserve_tables(rows)
-        cleared = int(clear_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, first_page, num_pages, bm))
+        if self._mmu_kind[vm] == S.MMU_SHADOW:
+            cleared = int(SK.shadow_clear_dirty_log(self._mmu_bundle(), vm, rec, first_page, num_pages, bm))
+        else:
+            cleared = int(clear_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, first_page,
+                                                  num_pages, bm))
         if cleared:
             self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
         return cleared
@@ -971,13 +1044,14 @@ class Host:
             "pml_buffers": 0,
             "dirty_rings": 0,
             "guest_memory": int(self.vt.host_bytes[vms].sum()),
+            "guest_swapped": 4096 * int(self.vt.stats[vms, S.ST_HOST_PAGES_SWAPPED].sum()),
         }
         vcpus = self._vcpus[vms]
         if self.cfg[S.CFG_PML]:
             out["pml_buffers"] = int(vcpus.sum()) * 4096  # one PML page per vCPU
         g = self.ct.vcpu_off[vms]
         out["dirty_rings"] = int(sum(int(self.ct.ring_size[o:o + c].sum()) for o, c in zip(g, vcpus, strict=True))) * 16
-        out["kvm_total"] = sum(v for k, v in out.items() if k != "guest_memory")
+        out["kvm_total"] = sum(v for k, v in out.items() if k not in ("guest_memory", "guest_swapped"))
         arrays = [*self.pa, *self.vt, *self.st, *self.ct]
         sim = sum(a.nbytes for a in arrays)
         out["simulator_bytes"] = int(sim if vm is None else sim * (len(vms) / max(1, self.nvm)))
@@ -993,7 +1067,41 @@ class Host:
 
     def host_memory(self):
         """(used, budget) bytes of host memory."""
-        return int(self.host_ctl[S.HOST_USED_BYTES]), int(self.host_ctl[S.HOST_BUDGET_BYTES])
+        return int(self.host_ctl[S.HOST_USED_BYTES]), self.memory
+
+    # ------------------------------------------------------------------ overcommit (batchmmu/reclaim.py)
+    def reclaim(self, force=False):
+        """kswapd: above the low watermark age every folio (clear_young through the MMU notifier);
+        above the high one (or ``force``) swap out the oldest pages of all VMs down to the low
+        watermark.  Returns {"scanned": pages aged, "reclaimed": pages swapped out}."""
+        return _reclaim.reclaim(self, force)
+
+    def reclaim_scan(self):
+        """The aging half of ``reclaim``: int64 (nvm, 256) evictable pages by age, per VM."""
+        return _reclaim.scan(self)
+
+    def reclaim_evict(self, threshold, at_threshold):
+        """The evicting half: every page older than ``threshold`` and ``at_threshold[vm]`` pages of
+        that age (see batchmmu.reclaim.plan_reclaim); returns pages swapped out per VM."""
+        return _reclaim.evict(self, threshold, at_threshold)
+
+    def discard_hva_range(self, vm, start, end):
+        """madvise(MADV_DONTNEED) of [start, end): SPTEs zapped through the MMU notifier, host pages
+        freed (a later access faults in a fresh page: no major fault).  Returns bytes freed."""
+        return _reclaim.discard(self, self._check_vm(vm), start, end)
+
+    def host_pages(self, vm, slot):
+        """The host side of a memslot's pages: bool arrays ``resident``, ``swapped``, ``split``."""
+        return _reclaim.page_state(self, self._check_vm(vm), slot)
+
+    def mmu_notifier_release(self, vm):
+        """mmu_notifier release (the VMM's mm goes away): kvm_flush_shadow_all zaps every SPTE and
+        table of the VM."""
+        self._zap_all(self._check_vm(vm))
+
+    def swapped_bytes(self):
+        """Bytes of guest memory in swap."""
+        return int(self.host_ctl[S.HOST_SWAPPED_BYTES])
 
     def spte_dump(self, vm):
         """Every leaf and MMIO SPTE reachable from the VM's root: dict gfn -> (level, spte as uint64)."""

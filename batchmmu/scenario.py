@@ -30,6 +30,12 @@ any other value written as ``"${name}"`` takes the parameter's value.  Sections:
                    write | fetch), ``mark_idle`` / ``check_idle`` (page_idle: age the test memory without a
                    flush / count pages still idle), ``advance_time`` (``seconds``: periodic host work such
                    as NX huge page recovery);
+                   ``epochs = N`` (access, populate, dirty_pass: each pass in N slices, the same slices
+                   of every VM; with ``[host] overcommit = true`` the host reclaims between epochs,
+                   ``watermarks = [low, high]``), ``groups`` (only the VMs of these vm_group indices);
+                   batchmmu.hostops: ``add_slots``, ``sweep``, ``toggle_cr0_wp``, ``delete_slots``,
+                   ``discard``, ``release`` (max_guest_memory), ``memslot_perf`` (``test``, ``loops``,
+                   ``slots``), ``memslot_stress`` (``ops``, ``passes``);
                    ``when`` / ``unless`` (a value, usually ``"${param}"``) keep or drop a phase;
                    ``repeat = N`` (or ``iterations = N``) with sub-phases ``[[phase.phase]]`` runs them N
                    times; ``{i}`` in their names is the iteration (1..N).
@@ -47,6 +53,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import hostops
 from .errors import BatchMMUError
 from .kernels.state import GAUGE_STATS, STAT_NAMES
 from .memstress import GUEST_RANDOM_SEED
@@ -163,19 +170,20 @@ def _resolve(obj, params, where):
 
 _KNOWN = {
     "host": {"memory", "backing", "mmio_caching", "nx_huge_pages", "tdp_huge_page_level", "eager_page_split",
-             "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms"},
+             "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms", "overcommit", "watermarks"},
     "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
                  "ept_ad"},
     "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
                  "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
                  "dirty_ring", "verify"},
     "phase": {"name", "op", "passes", "enable", "when", "unless", "repeat", "iterations", "phase",
-              "write_percent", "random_access", "writes", "stage", "kind", "offsets", "seconds"},
+              "write_percent", "random_access", "writes", "stage", "kind", "offsets", "seconds", "epochs",
+              "groups"} | hostops.KEYS,
 }
 
 OPS = ("access", "populate", "dirty_pass", "random_writes", "kvm_page_table", "dirty_log", "enable_logging",
        "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats",
-       "touch", "mark_idle", "check_idle", "advance_time")
+       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS
 # ops that collect the dirty log (their phase records carry ``dirty_pages``)
 COLLECT_OPS = ("get_dirty_log", "harvest_dirty_ring", "collect_dirty_log")
 VERIFY_MODES = ("off", "writes", "exact")
@@ -267,6 +275,12 @@ def _flatten_phases(phases, text, origin, out, iteration=None, depth=0):
             ph["random_access"] = _bool(ph["random_access"], "phase.random_access")
         if op == "random_writes":
             _int(ph.get("writes", 0x100), "phase.writes", 0)
+        if "epochs" in ph:
+            _int(ph["epochs"], "phase.epochs", 1)
+        if "groups" in ph and (not isinstance(ph["groups"], list)
+                               or not all(isinstance(g, int) and not isinstance(g, bool) for g in ph["groups"])):
+            raise BatchMMUError(f"phase.groups={ph['groups']!r}: must be a list of vm_group indices",
+                                field="phase.groups", value=ph["groups"])
         if op == "kvm_page_table" and ph.get("stage") not in ("create", "update", "adjust"):
             raise BatchMMUError(f"phase.stage={ph.get('stage')!r}: use create, update or adjust",
                                 field="phase.stage", value=ph.get("stage"))
@@ -435,6 +449,7 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
     and backend.
     """
     from .backends import BACKENDS, RayBackend
+    from .reclaim import run_phase
     from .shard import split, total_events
     if backend not in BACKENDS:
         raise BatchMMUError(f"backend={backend!r}: use serial, process or ray", field="backend", value=backend)
@@ -466,11 +481,11 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
             name = ph["name"]
             bar.start(name, total_events(spec, k))
             tp = time.perf_counter()
-            results = be.run_phase(k)
+            results, host_rec = run_phase(be, spec, parts, k)
             dt = time.perf_counter() - tp
             bar.close()
             used = sum(r["host_used"] for r in results)
-            if used > spec["host_memory"]:
+            if used > spec["host_memory"] and not spec["host"].get("overcommit"):
                 raise BatchMMUError(f"host.memory={spec['host_memory']}: the VMs use {used} bytes of host memory "
                                     f"after phase {name!r}; give the host more memory", field="host.memory",
                                     value=spec["host_memory"])
@@ -488,8 +503,11 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
                 for key, v in r["extra"].items():
                     rec[key] = rec.get(key, 0) + v
             rec["stats"] = {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
+            rec.update(host_rec)
             phases.append(rec)
             say(_phase_line(rec))
+            for line in hostops.report_lines(rec):
+                say(line)
         for line in _iteration_totals(phases):
             say(line)
         fps = be.footprints()

@@ -13,10 +13,12 @@ import time
 import numpy as np
 
 from . import constants as _constants
+from . import hostops
 from . import memstress as ms
 from .constants import ACC_FETCH, ACC_WRITE, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES
 from .errors import BatchMMUError
 from .host import Host
+from .reclaim import host_figures, shard_step
 from .units import parse_size
 
 TEST_SLOT = 1
@@ -115,6 +117,8 @@ class Shard:
         vms = plan(spec)
         host_kw = dict(spec["host"])
         host_kw["memory"] = spec["host_memory"]
+        if host_kw.get("overcommit"):
+            host_kw["overcommit"] = "epoch"  # the coordinator reclaims for all shards (batchmmu/reclaim.py)
         self.host = Host(**host_kw)
         n = len(vm_ids)
         self.vcpus = np.array([vms[v][1] for v in vm_ids], np.int64)
@@ -167,6 +171,9 @@ class Shard:
             self.pending = np.zeros(int(self.roff[-1]), bool)
             self.extra_ok = np.zeros(n, bool)
         self._phase_name = ""
+        self._epoch = None              # (j, n): run epoch j of the phase (its pass j // n, slice j % n)
+        self._groups = None             # the phase's vm group filter
+        self.group = np.array([vms[v][0] for v in vm_ids], np.int64)
         # size the page arena once for the whole run instead of doubling it on the way
         self.host.reserve_tables(sum(vm_table_rows(spec, vms[v][0]) for v in vm_ids))
 
@@ -261,13 +268,29 @@ class Shard:
         vcpu = np.broadcast_to(np.arange(v, dtype=np.int64), (p1 - p0, v)).ravel()
         return np.full(addr.size, lvm, np.int64), vcpu, addr, kinds.T.ravel()
 
+    def _slice(self, pages):
+        """The pages of a pass this epoch covers (all of them outside epochs)."""
+        if self._epoch is None:
+            return 0, pages
+        j, n = self._epoch
+        return pages * (j % n) // n, pages * (j % n + 1) // n
+
+    def _passes(self, passes):
+        return range(passes) if self._epoch is None else [self._epoch[0] // self._epoch[1]]
+
+    def _runs(self, lvm):
+        return self._groups is None or int(self.group[lvm]) in self._groups
+
     def events(self, pass_no):
         """The ``access`` op's pieces for sequential/random patterns: whole VMs at a time."""
         pages = self.spec["bpv"] // self.spec["stride"]
+        lo, hi = self._slice(pages)
         for lvm in range(self.gids.size):
+            if not self._runs(lvm):
+                continue
             step = max(1, CHUNK_EVENTS // int(self.vcpus[lvm]))
-            for p0 in range(0, pages, step):
-                yield self._vm_events(lvm, pass_no, p0, min(pages, p0 + step))
+            for p0 in range(lo, hi, step):
+                yield self._vm_events(lvm, pass_no, p0, min(hi, p0 + step))
 
     @staticmethod
     def _interleave(lvm, v, addr2d, kind2d):
@@ -282,6 +305,8 @@ class Shard:
         overlap = bool(spec.get("overlap"))
         memo = {}
         for lvm in range(self.gids.size):
+            if not self._runs(lvm):
+                continue
             v = int(self.vcpus[lvm])
             st = self.rng[lvm]
             pages = int(self.region_pages[lvm]) if overlap else spec["bpv"] // 4096
@@ -290,8 +315,9 @@ class Shard:
             else:
                 base = self.test_base[lvm] + np.arange(v, dtype=np.int64) * spec["bpv"]
             step = max(1, CHUNK_EVENTS // v)
-            for p0 in range(0, pages, step):
-                p1 = min(pages, p0 + step)
+            lo, hi = self._slice(pages)
+            for p0 in range(lo, hi, step):
+                p1 = min(hi, p0 + step)
                 key = (st.tobytes(), base.tobytes(), pages, p0, p1)
                 got = memo.get(key)
                 if got is None:
@@ -303,7 +329,8 @@ class Shard:
                         memo[key] = got
                 vcpu, addr, kind = got
                 yield np.full(addr.size, lvm, np.int64), vcpu, addr, kind
-            self.rng[lvm] = ms.lcg_advance(st, ms.draws_per_pass(pages, random_access))
+            if hi == pages:  # the pass is over (its last epoch)
+                self.rng[lvm] = ms.lcg_advance(st, ms.draws_per_pass(pages, random_access))
 
     def random_writer_events(self, writes):
         """dirty_log_test's guest: ``writes`` writes per vCPU to pages ``rng64() % pages``."""
@@ -515,19 +542,22 @@ class Shard:
 
     # ------------------------------------------------------------------ phases
     def run_phase(self, k, progress=None):
+        if isinstance(k, tuple):  # a host-wide step: an epoch of a phase, or reclaim
+            return shard_step(self, k, progress)
         ph = self.spec["phases"][k]
         op = ph.get("op", "access")
         self._phase_name = ph.get("name", op)
+        self._groups = set(ph["groups"]) if "groups" in ph else None
         t0 = time.perf_counter()
         events, extra = 0, {}
         wl = self.spec
         if op == "access" and wl["pattern"] != "memstress":
-            for p in range(int(ph.get("passes", 1))):
+            for p in self._passes(int(ph.get("passes", 1))):
                 events += self._drive(self.events(p), extra, progress)
         elif op in ("access", "dirty_pass", "populate"):
             wp = 100 if op == "populate" else int(ph.get("write_percent", wl["write_percent"]))
             ra = False if op == "populate" else bool(ph.get("random_access", wl.get("random_access", False)))
-            for _ in range(int(ph.get("passes", 1))):
+            for _ in self._passes(int(ph.get("passes", 1))):
                 events += self._drive(self.memstress_events(wp, ra), extra, progress)
         elif op == "random_writes":
             events += self._drive(self.random_writer_events(int(ph.get("writes", 0x100))), extra, progress)
@@ -548,11 +578,13 @@ class Shard:
             events += self._touch(ph, extra)
         elif op in ("mark_idle", "check_idle"):
             self._idle(op == "mark_idle", extra)
+        elif op in hostops.OPS:
+            events += hostops.run(self, ph, extra, progress)
         elif op == "advance_time":
             extra["nx_recovery_passes"] = self.host.advance_time(float(ph.get("seconds", 0)))
         stats = self.host.vt.stats[:self.host.nvm].copy()
         return {"seconds": time.perf_counter() - t0, "events": events, "extra": extra, "stats": stats,
-                "host_used": self.host.host_memory()[0]}
+                **host_figures(self.host)}
 
     def footprint(self):
         return self.host.footprint()

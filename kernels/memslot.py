@@ -8,11 +8,14 @@ from .state import (
     BACKING_HUGETLB_1G,
     BACKING_HUGETLB_2M,
     HOST_BUDGET_BYTES,
+    HOST_SWAPPED_BYTES,
     HOST_USED_BYTES,
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
+    ST_HOST_MAJOR_FAULTS,
     ST_HOST_PAGES_FAULTED_IN,
+    ST_HOST_PAGES_SWAPPED,
 )
 
 
@@ -79,6 +82,9 @@ def host_pfn_mapping_level(st, rec, gfn):
     h2 = hva & ~np.int64((1 << 21) - 1)
     end = st.hva[rec] + (st.npages[rec] << 12)
     if h2 >= st.hva[rec] and h2 + (1 << 21) <= end:
+        off = gfn - st.base_gfn[rec]
+        if st.split[st.host_off[rec] + (off >> 6)] & (np.int64(1) << (off & 63)):
+            return 1  # a THP split by reclaim or MADV_DONTNEED: 4K host pages (no khugepaged)
         return 2
     return 1
 
@@ -120,7 +126,14 @@ def host_fault_in(st, vt, host, rec, gfn, vm):
     vt.stats[vm, ST_HOST_PAGES_FAULTED_IN] += 1
     if npg == 1:
         off = gfn - st.base_gfn[rec]
-        st.host[st.host_off[rec] + (off >> 6)] |= np.int64(1) << (off & 63)
+        w = st.host_off[rec] + (off >> 6)
+        bit = np.int64(1) << (off & 63)
+        st.host[w] |= bit
+        if st.swap[w] & bit:  # swapped out by reclaim: a major fault reads it back
+            st.swap[w] &= ~bit
+            host[HOST_SWAPPED_BYTES] -= 4096
+            vt.stats[vm, ST_HOST_MAJOR_FAULTS] += 1
+            vt.stats[vm, ST_HOST_PAGES_SWAPPED] -= 1
     else:
         # The huge host page covers gfns congruent with its aligned hva range.
         hva = gfn_to_hva(st, rec, gfn)
@@ -161,3 +174,14 @@ def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
     if off < 0:
         return
     st.dirty[off + (rel >> 6)] |= np.int64(1) << (rel & 63)
+
+
+@njit(cache=True, _nrt=False)
+def host_touch_range(st, vt, host, rec, first_gfn, end_gfn, vm):
+    """Userspace touches guest memory through its mapping (memset, a write of page-table contents):
+    every host page behind [first_gfn, end_gfn) becomes resident.  Returns the gfn it stopped at
+    (end_gfn, or the first page the host budget cannot back)."""
+    for gfn in range(first_gfn, end_gfn):
+        if not host_fault_in(st, vt, host, rec, gfn, vm):
+            return gfn
+    return end_gfn

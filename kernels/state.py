@@ -18,13 +18,14 @@ STAT_NAMES = (
     "walk_refs", "mmu_pages", "rmap_entries", "accesses",
     "host_pages_faulted_in", "pages_write_protected", "pml_flushes", "pml_full_exits", "dirty_ring_full",
     "pages_split", "pf_retry", "mmu_notifier_zapped", "pages_aged", "nx_lpage_recovered",
+    "host_major_faults", "host_pages_reclaimed", "host_pages_swapped", "host_thp_splits",
 )
 for _i, _n in enumerate(STAT_NAMES):
     globals()["ST_" + _n.upper()] = _i
 NSTAT = len(STAT_NAMES)
 # Gauges (instant values) as opposed to counters; sums over VMs are still meaningful.
 GAUGE_STATS = frozenset({"pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "mmu_unsync",
-                         "mmu_pages", "rmap_entries", "max_mmu_rmap_size"})
+                         "mmu_pages", "rmap_entries", "max_mmu_rmap_size", "host_pages_swapped"})
 
 # --- page arena control words --------------------------------------------------------
 CTL_FREE_TOP = 0     # number of rows on the free stack
@@ -40,6 +41,7 @@ SPF_NX_TRACKED = 2       # on possible_nx_huge_pages (counted in nx_lpage_splits
 # --- host control words ------------------------------------------------------------------
 HOST_USED_BYTES = 0
 HOST_BUDGET_BYTES = 1
+HOST_SWAPPED_BYTES = 2   # guest pages reclaimed to swap (batchmmu/reclaim.py)
 NHOST = 4
 
 # --- configuration words (module parameters) -------------------------------------------
@@ -157,3 +159,97 @@ class SlotTable(NamedTuple):
     lpage: np.ndarray          # int32: lpage_info.disallow_lpage pool
     dirty: np.ndarray          # int64: dirty bitmap pool (64 pages a word)
     host: np.ndarray           # int64: host-resident bitmap pool (4K pages, 64 a word)
+    swap: np.ndarray           # int64: swapped-out bitmap pool, same offsets as ``host``
+    split: np.ndarray          # int64: THP split bitmap pool (4K pages of split THPs), same offsets
+    age: np.ndarray            # uint8: reclaim age per 4K page at 64 * host_off (empty without overcommit)
+
+
+# --- shadow MMU (kernels/shadow.py) -----------------------------------------------------
+KVM_MMU_HASH_SIZE = 4096       # 1 << KVM_MMU_HASH_SHIFT
+KVM_MMU_NUM_PREV_ROOTS = 3
+PTE_PREFETCH_NUM = 8
+SH_PL_FREE = 0                 # head of the free list of parent-pte links
+SH_PL_AVAIL = 1
+SH_RN_FREE = 2                 # head of the free list of rmap nodes
+SH_RN_AVAIL = 3
+NSHCTL = 8
+# worst case of links / rmap nodes one event can take (a fault: a parent link per level, 8 SPTEs)
+MAX_PL_PER_EVENT = 8
+MAX_RN_PER_EVENT = 16
+MAX_GM_PER_EVENT = 8           # guest-memory rows: a page-crossing store + walker A/D writes
+
+
+class ShadowState(NamedTuple):
+    """Shadow-MMU state (``mmu.c``): per page-table row metadata beyond PageArena, rmaps,
+    parent-pte lists, the per-VM hash and active list, write tracking."""
+    unsync: np.ndarray          # int8[cap]
+    unsync_children: np.ndarray  # int32[cap]
+    ubitmap: np.ndarray         # int64[cap, 8]: unsync_child_bitmap
+    root_count: np.ndarray      # int32[cap]
+    flood: np.ndarray           # int32[cap]: write_flooding_count
+    gen: np.ndarray             # int8[cap]: mmu_valid_gen
+    hnext: np.ndarray           # int64[cap]: next SP in the hash bucket
+    anext: np.ndarray           # int64[cap]: next (older) SP on active_mmu_pages
+    aprev: np.ndarray           # int64[cap]: previous (newer) SP
+    parent_head: np.ndarray     # int64[cap]: first parent-pte link (-1 none)
+    trans: np.ndarray           # int64[cap, 512]: shadowed_translation (gfn << 12 | access)
+    pl_sptep: np.ndarray        # int64[P]: parent-pte links (row * 512 + index)
+    pl_next: np.ndarray         # int64[P]
+    rn_sptep: np.ndarray        # int64[R]: rmap nodes
+    rn_next: np.ndarray         # int64[R]
+    rmap_head: np.ndarray       # int64[H]: per slot, level, gfn index: first rmap node (-1 empty)
+    rmap_cnt: np.ndarray        # int32[H]
+    wtrack: np.ndarray          # int32[W]: gfn_write_track per 4K gfn of each slot
+    rmap_off: np.ndarray        # int64[rcap, 3]: offset of a slot's rmap heads per level (-1 none)
+    wtrack_off: np.ndarray      # int64[rcap]
+    hash_off: np.ndarray        # int64[nvm]: offset of the VM's 4096 buckets (-1: not a shadow VM)
+    hash: np.ndarray            # int64[nshadow * 4096]
+    act_head: np.ndarray        # int64[nvm]: newest SP
+    act_tail: np.ndarray        # int64[nvm]: oldest SP
+    indirect: np.ndarray        # int64[nvm]: indirect_shadow_pages
+    valid_gen: np.ndarray       # int8[nvm]: kvm->arch.mmu_valid_gen
+    n_max: np.ndarray           # int64[nvm]: n_max_mmu_pages
+    ctl: np.ndarray             # int64[NSHCTL]
+    scratch: np.ndarray         # int64[256]: walker output and small stacks
+
+
+class VcpuRegs(NamedTuple):
+    """Per-vCPU paging registers and MMU roots (global vCPU index)."""
+    cr0: np.ndarray
+    cr3: np.ndarray
+    cr4: np.ndarray
+    efer: np.ndarray
+    rflags: np.ndarray
+    pkru: np.ndarray
+    pdptr: np.ndarray           # int64[nv, 4]: PDPTRs loaded at CR3 load (PAE)
+    root: np.ndarray            # int64[nv]: current root row (-1 invalid)
+    root_pgd: np.ndarray        # int64[nv]
+    prev_root: np.ndarray       # int64[nv, 3]
+    prev_pgd: np.ndarray        # int64[nv, 3]
+    pae_root: np.ndarray        # int64[nv, 4]: PAE roots (rows, -1 invalid)
+
+
+class GuestMem(NamedTuple):
+    """Guest memory contents (kernels/gmem.py)."""
+    key: np.ndarray             # int64[hcap]
+    row: np.ndarray             # int64[hcap]
+    page: np.ndarray            # int64[cap, 512]
+    ctl: np.ndarray             # int64[2]
+
+
+class MMU(NamedTuple):
+    """Everything the guest-paging kernels touch, in one argument."""
+    pa: PageArena
+    vt: VMTable
+    st: SlotTable
+    ct: VcpuTable
+    host: np.ndarray
+    cfg: np.ndarray
+    sh: ShadowState
+    gm: GuestMem
+    vr: VcpuRegs
+    mmu_kind: np.ndarray        # int8[nvm]: MMU_TDP / MMU_SHADOW
+
+
+MMU_TDP = 0
+MMU_SHADOW = 1

@@ -89,6 +89,7 @@ STAT_NAMES = (
     "pf_guest", "tlb_flush", "invlpg", "max_mmu_rmap_size",
     "walk_refs", "mmu_pages", "rmap_entries", "accesses", "host_pages_faulted_in",
     "pf_retry", "mmu_notifier_zapped", "pages_aged", "nx_lpage_recovered",
+    "host_major_faults", "host_pages_reclaimed", "host_pages_swapped", "host_thp_splits",
 )
 
 
@@ -166,7 +167,8 @@ class Table:
 class Slot:
     """struct kvm_memory_slot plus the simulated host mapping behind it."""
 
-    __slots__ = ("id", "base_gfn", "npages", "hva", "flags", "backing", "dirty", "resident")
+    __slots__ = ("id", "base_gfn", "npages", "hva", "flags", "backing", "dirty", "resident", "swapped", "split",
+                 "age")
 
     def __init__(self, sid, base_gfn, npages, hva, flags, backing):
         self.id = sid
@@ -177,6 +179,13 @@ class Slot:
         self.backing = backing
         self.dirty = set() if flags & MEM_LOG_DIRTY_PAGES else None   # relative gfns
         self.resident = {}        # first hva of a resident host page -> its bytes
+        self.swapped = set()      # hvas of 4K pages in swap
+        self.split = set()        # first hvas of THPs split by reclaim or MADV_DONTNEED
+        self.age = {}             # reclaim age of each 4K page (hva); a THP's pages share one
+
+    def share_host_pages(self, other):
+        """An alias (same hva range and backing in the same VM) maps the same host pages."""
+        self.resident, self.swapped, self.split, self.age = other.resident, other.swapped, other.split, other.age
 
     @property
     def as_id(self):
@@ -209,7 +218,8 @@ class RefHost:
 
     def __init__(self, memory=64 << 30, backing="thp", *, mmio_caching=True, nx_huge_pages=False,
                  nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
-                 tdp_huge_page_level=3, eager_page_split=True, pml=False):
+                 tdp_huge_page_level=3, eager_page_split=True, pml=False, overcommit=False,
+                 watermarks=(0.90, 0.95)):
         if not _is_int(memory) or memory <= 0:
             raise RefError(f"memory={memory!r}")
         for x in (nx_huge_pages_recovery_ratio, nx_huge_pages_recovery_period_ms):
@@ -223,6 +233,11 @@ class RefHost:
             raise RefError(f"tdp_huge_page_level={tdp_huge_page_level!r}")
         self.budget = memory
         self.used = 0
+        self.swapped = 0
+        self.overcommit = {True: "direct", False: None, None: None}.get(overcommit, overcommit)
+        if self.overcommit not in (None, "direct", "epoch"):
+            raise RefError(f"overcommit={overcommit!r}")
+        self.watermarks = tuple(float(w) for w in watermarks)
         self.backing = _backing(backing)
         self.mmio_caching = bool(mmio_caching)
         self.nx_huge_pages = bool(nx_huge_pages)
@@ -452,6 +467,8 @@ class RefHost:
         if s.backing == "4k":
             return 1
         h2 = self._gfn_to_hva(s, gfn) & ~((1 << 21) - 1)
+        if h2 in s.split:
+            return 1                         # split by reclaim / MADV_DONTNEED: 4K host pages
         return 2 if s.hva <= h2 and h2 + (1 << 21) <= s.hva + (s.npages << PAGE_SHIFT) else 1
 
     def _host_page(self, s, gfn):
@@ -460,14 +477,19 @@ class RefHost:
 
     def _host_needs_budget(self, s, gfn):
         first, size = self._host_page(s, gfn)
-        return first not in s.resident and self.used + size > self.budget
+        return first not in s.resident and self.used + size > self.budget and self.overcommit != "epoch"
 
     def _host_fault_in(self, v, s, gfn):
         first, size = self._host_page(s, gfn)
         if first in s.resident:
             return
-        assert self.used + size <= self.budget, "model: host OOM not caught before the event"
+        assert self.used + size <= self.budget or self.overcommit == "epoch", "model: host OOM not caught"
         s.resident[first] = size
+        if first in s.swapped:               # reclaimed to swap: a major fault reads it back
+            s.swapped.remove(first)
+            self.swapped -= 4096
+            v.stats["host_major_faults"] += 1
+            v.stats["host_pages_swapped"] -= 1
         self.used += size
         v.stats["host_pages_faulted_in"] += 1
 
@@ -555,8 +577,14 @@ class RefHost:
         outcomes, errs = [None] * n, [None] * n
         for j, i in enumerate(order):
             try:
-                outcomes[i], errs[i] = self._access_one(self.vms[vms[i]], addrs[i] >> PAGE_SHIFT,
-                                                        bool(kinds[i] & ACC_WRITE), bool(kinds[i] & ACC_FETCH))
+                try:
+                    outcomes[i], errs[i] = self._access_one(self.vms[vms[i]], addrs[i] >> PAGE_SHIFT,
+                                                            bool(kinds[i] & ACC_WRITE), bool(kinds[i] & ACC_FETCH))
+                except RefOOM:
+                    if self.overcommit != "direct" or not self._direct_reclaim(self.vms[vms[i]], addrs[i]):
+                        raise
+                    outcomes[i], errs[i] = self._access_one(self.vms[vms[i]], addrs[i] >> PAGE_SHIFT,
+                                                            bool(kinds[i] & ACC_WRITE), bool(kinds[i] & ACC_FETCH))
             except RefOOM:
                 done = set(order[:j])
                 raise RefOOM([k in done for k in range(n)]) from None
@@ -867,14 +895,22 @@ class RefHost:
                     raise _einval("no congruent hva")
             _check_backing_alignment(b, hva, size)
             self._bump_generation(v, as_id)
-            v.slots[slot] = Slot(slot, gpa >> PAGE_SHIFT, size >> PAGE_SHIFT, hva, flags, b)
+            new = Slot(slot, gpa >> PAGE_SHIFT, size >> PAGE_SHIFT, hva, flags, b)
+            alias = next((t for t in v.slots.values() if (t.hva, t.npages, t.backing) == (hva, new.npages, b)), None)
+            if alias is not None:
+                new.share_host_pages(alias)
+            v.slots[slot] = new
             return
         if change in ("delete", "move"):
             self._bump_generation(v, as_id)      # swap in the KVM_MEMSLOT_INVALID copy
             self._zap_all(v)                     # kvm_arch_flush_shadow_memslot (quirk: zap all)
             if change == "delete":
-                self.used -= sum(s.resident.values())   # the VMM unmaps the slot's memory
                 del v.slots[slot]
+                if not any(t.resident is s.resident for t in v.slots.values()):
+                    self.used -= sum(s.resident.values())   # the VMM unmaps the slot's memory
+                    self.swapped -= 4096 * len(s.swapped)
+                    v.stats["host_pages_swapped"] -= len(s.swapped)
+                    s.resident, s.swapped, s.split, s.age = {}, set(), set(), {}
             else:
                 s.base_gfn = gpa >> PAGE_SHIFT
                 self._prepare_dirty_bitmap(s, flags)
@@ -1028,6 +1064,167 @@ class RefHost:
         if flush:
             self._flush_remote_tlbs(v)
 
+    # ------------------------------------------------------------------ host memory overcommit
+    # The host's LRU, as docs/host_memory.md states it: a folio (a 4K page or a whole THP) is aged
+    # through clear_young (age 0 if any SPTE mapping it was accessed, else one older, at most 255);
+    # reclaim takes every page older than a global threshold age and a share of the pages at it;
+    # each victim folio is unmapped through the MMU notifier, a THP is split, pages go to swap.
+    def _lru_groups(self, v):
+        """The VM's slots one set of aliases at a time (by lowest slot id); hugetlbfs is unevictable."""
+        groups = {}
+        for sid in sorted(v.slots):
+            groups.setdefault(id(v.slots[sid].resident), []).append(v.slots[sid])
+        return [g for g in groups.values() if g[0].backing not in HUGETLB_BYTES]
+
+    def _age_gfns(self, v, g0, g1):
+        """kvm_tdp_mmu_age_gfn_range over [g0, g1): True if a leaf was accessed; all made old."""
+        young = False
+        for t, idx, e in list(self._leaves(v.root, g0, g1)) if v.root is not None else ():
+            if self._is_accessed(v, e):
+                young = True
+                t.entries[idx] = self._mark_for_access_track(v, e)
+                v.stats["pages_aged"] += 1
+        return young
+
+    def _require_overcommit(self):
+        if self.overcommit is None:
+            raise RefError("reclaim needs overcommit")
+
+    def reclaim_scan(self):
+        """Age every resident evictable folio; [vm][age] -> pages."""
+        self._require_overcommit()
+        hist = [[0] * 256 for _ in self.vms]
+        for vi, v in enumerate(self.vms):
+            for group in self._lru_groups(v):
+                s = group[0]
+                for first, size in sorted(s.resident.items()):
+                    young = False
+                    for a in group:
+                        if a.as_id == 0:
+                            g = a.base_gfn + ((first - a.hva) >> PAGE_SHIFT)
+                            young |= self._age_gfns(v, g, g + (size >> PAGE_SHIFT))
+                    age = 0 if young else min(255, s.age.get(first, 0) + 1)
+                    for q in range(0, size, 4096):
+                        s.age[first + q] = age
+                    hist[vi][age] += size >> PAGE_SHIFT
+        return hist
+
+    def _swap_out(self, v, group, first, size, take):
+        """try_to_unmap (the notifier in every alias, one flush), THP split, ``take`` pages to swap."""
+        zapped = 0
+        for a in group:
+            if a.as_id == 0 and v.root is not None:
+                g = a.base_gfn + ((first - a.hva) >> PAGE_SHIFT)
+                for t, idx, _e in list(self._leaves(v.root, g, g + (size >> PAGE_SHIFT))):
+                    self._set_spte(v, t, idx, None)
+                    zapped += 1
+        v.stats["mmu_notifier_zapped"] += zapped
+        if zapped:
+            self._flush_remote_tlbs(v)
+        s = group[0]
+        if size > 4096:
+            del s.resident[first]
+            for q in range(0, size, 4096):
+                s.resident[first + q] = 4096
+            s.split.add(first)
+            v.stats["host_thp_splits"] += 1
+        for q in range(take):
+            del s.resident[first + 4096 * q]
+            s.swapped.add(first + 4096 * q)
+        self.used -= 4096 * take
+        self.swapped += 4096 * take
+        v.stats["host_pages_reclaimed"] += take
+        v.stats["host_pages_swapped"] += take
+
+    def reclaim_evict(self, threshold, at_threshold):
+        """Pages older than ``threshold`` and at_threshold[vm] pages of that age, per VM in slot and
+        hva order; a THP straddling the count is split and only the pages needed go."""
+        self._require_overcommit()
+        out = []
+        for vi, v in enumerate(self.vms):
+            total = taken = 0
+            for group in self._lru_groups(v) if threshold < 256 else ():
+                s = group[0]
+                for first, size in sorted(s.resident.items()):
+                    age, take = s.age.get(first, 0), 0
+                    if age > threshold:
+                        take = size >> PAGE_SHIFT
+                    elif age == threshold and taken < at_threshold[vi]:
+                        take = min(size >> PAGE_SHIFT, at_threshold[vi] - taken)
+                        taken += take
+                    if take:
+                        self._swap_out(v, group, first, size, take)
+                        total += take
+            out.append(total)
+        return out
+
+    def reclaim(self, force=False, min_pages=0):
+        """kswapd: age above the low watermark; above the high one reclaim down to the low one."""
+        self._require_overcommit()
+        low, high = (int(w * self.budget) for w in self.watermarks)
+        out = {"scanned": 0, "reclaimed": 0}
+        if self.used <= low and not force and not min_pages:
+            return out
+        hist = self.reclaim_scan()
+        out["scanned"] = sum(map(sum, hist))
+        if self.used > high or force or min_pages:
+            t, at = plan_reclaim(hist, max(-(-(self.used - low) // 4096), min_pages))
+            out["reclaimed"] = sum(self.reclaim_evict(t, at))
+        return out
+
+    def _direct_reclaim(self, v, gpa):
+        """try_to_free_pages for a fault on gpa: down to the low watermark, and room for its page."""
+        s = self._gfn_to_slot(v, gpa >> PAGE_SHIFT)
+        need = self._host_page(s, gpa >> PAGE_SHIFT)[1] >> PAGE_SHIFT if s is not None else 1
+        free = (self.budget - self.used) >> PAGE_SHIFT
+        return self.reclaim(force=True, min_pages=max(0, need - free))["reclaimed"] > 0
+
+    def discard_hva_range(self, vm, start, end):
+        """MADV_DONTNEED: the notifier, then the host pages in [start, end) are freed (a THP partly
+        inside is split first; hugetlbfs pages only when wholly inside); swap entries dropped."""
+        v = self._vm(vm)
+        self.invalidate_hva_range(vm, start, end)
+        freed = 0
+        for s, g0, g1 in self._hva_ranges(v, start, end):
+            lo, hi = self._gfn_to_hva(s, g0), self._gfn_to_hva(s, g1)
+            for first, size in sorted(s.resident.items()):
+                if first + size <= lo or first >= hi:
+                    continue
+                if lo <= first and first + size <= hi:
+                    del s.resident[first]
+                    freed += size
+                elif s.backing == "thp":
+                    del s.resident[first]
+                    s.split.add(first)
+                    v.stats["host_thp_splits"] += 1
+                    for h in range(first, first + size, 4096):
+                        if lo <= h < hi:
+                            freed += 4096
+                        else:
+                            s.resident[h] = 4096
+            for h in [h for h in s.swapped if lo <= h < hi]:
+                s.swapped.remove(h)
+                self.swapped -= 4096
+                v.stats["host_pages_swapped"] -= 1
+        self.used -= freed
+        return freed
+
+    def mmu_notifier_release(self, vm):
+        self._zap_all(self._vm(vm))
+
+    def swapped_bytes(self):
+        return self.swapped
+
+    def host_pages(self, vm, slot):
+        """Per page of the slot: resident, swapped, split."""
+        s = self._vm(vm).slots[slot]
+        hvas = [s.hva + 4096 * i for i in range(s.npages)]
+        res = set()
+        for first, size in s.resident.items():
+            res.update(range(first, first + size, 4096))
+        return {"resident": [h in res for h in hvas], "swapped": [h in s.swapped for h in hvas],
+                "split": [(h & ~((1 << 21) - 1)) in s.split for h in hvas]}
+
     # ------------------------------------------------------------------ dirty log
     def get_dirty_log(self, vm, slot):
         """KVM_GET_DIRTY_LOG without manual protect: snapshot, clear, write-protect, flush."""
@@ -1053,6 +1250,27 @@ class RefHost:
         if any(words):
             self._flush_remote_tlbs(v)
         return words
+
+
+def plan_reclaim(hist, need):
+    """Which pages go (the rule of docs/host_memory.md): all pages older than the youngest age T
+    whose pages and older ones cover ``need``; of age T, each VM gives its proportional share,
+    rounded down, the leftover pages one each to the largest remainders (lower VM id first)."""
+    n = len(hist)
+    if need <= 0:
+        return 256, [0] * n
+    older = 0
+    for t in range(255, -1, -1):
+        here = sum(h[t] for h in hist)
+        if here and older + here >= need:
+            rest = need - older
+            share = [rest * h[t] // here for h in hist]
+            order = sorted(range(n), key=lambda v: (-(rest * hist[v][t] % here), v))
+            for v in order[:rest - sum(share)]:
+                share[v] += 1
+            return t, share
+        older += here
+    return 0, [h[0] for h in hist]
 
 
 def _backing(name):

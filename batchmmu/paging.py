@@ -1,0 +1,328 @@
+"""Guest paging on the Host: guest memory contents, vCPU paging registers and the shadow MMU's arenas.
+
+``GuestPaging`` is a mixin of ``batchmmu.host.Host``: it owns the guest-memory arena (kernels/gmem.py),
+the per-vCPU registers and roots (``VcpuRegs``) and the shadow-MMU state (``ShadowState``), tops them
+up before a batch and runs the shadow kernels (kernels/shadow.py).
+"""
+
+import numpy as np
+
+from .arena import Pool, _grow
+from .errors import bad
+from .kernels import shadow as K
+from .kernels import state as S
+from .kernels.gmem import GM_KEYS, GM_USED
+from .kernels.guest_walk import X86_CR0_PG, cpu_mode, mode_levels
+
+CR0_RESET = 0x60000010          # CD | NW | ET
+CR0_PE = 1
+X86_CR4_PKE = 1 << 22
+CANONICAL_BITS = {4: 48, 5: 57}
+
+
+def _new_shadow_state(rows, nvm):
+    return S.ShadowState(
+        unsync=np.zeros(rows, np.int8), unsync_children=np.zeros(rows, np.int32),
+        ubitmap=np.zeros((rows, 8), np.int64), root_count=np.zeros(rows, np.int32),
+        flood=np.zeros(rows, np.int32), gen=np.zeros(rows, np.int8), hnext=np.full(rows, -1, np.int64),
+        anext=np.full(rows, -1, np.int64), aprev=np.full(rows, -1, np.int64),
+        parent_head=np.full(rows, -1, np.int64), trans=np.zeros((rows, 512), np.int64),
+        pl_sptep=np.zeros(0, np.int64), pl_next=np.zeros(0, np.int64),
+        rn_sptep=np.zeros(0, np.int64), rn_next=np.zeros(0, np.int64),
+        rmap_head=np.zeros(0, np.int64), rmap_cnt=np.zeros(0, np.int32), wtrack=np.zeros(0, np.int32),
+        rmap_off=np.full((16, 3), -1, np.int64), wtrack_off=np.full(16, -1, np.int64),
+        hash_off=np.full(nvm, -1, np.int64), hash=np.zeros(0, np.int64),
+        act_head=np.full(nvm, -1, np.int64), act_tail=np.full(nvm, -1, np.int64),
+        indirect=np.zeros(nvm, np.int64), valid_gen=np.zeros(nvm, np.int8), n_max=np.zeros(nvm, np.int64),
+        ctl=np.zeros(S.NSHCTL, np.int64), scratch=np.full(K.SC_SIZE, -1, np.int64),
+    )
+
+
+def _new_vcpu_regs(n):
+    z = lambda: np.zeros(n, np.int64)  # noqa: E731
+    return S.VcpuRegs(cr0=np.full(n, CR0_RESET, np.int64), cr3=z(), cr4=z(), efer=z(), rflags=np.full(n, 2, np.int64),
+                      pkru=z(), pdptr=np.zeros((n, 4), np.int64), root=np.full(n, -1, np.int64), root_pgd=z(),
+                      prev_root=np.full((n, 3), -1, np.int64), prev_pgd=np.zeros((n, 3), np.int64),
+                      pae_root=np.full((n, 4), -1, np.int64))
+
+
+def _new_guest_mem(rows=16, hcap=64):
+    return S.GuestMem(key=np.full(hcap, -1, np.int64), row=np.zeros(hcap, np.int64),
+                      page=np.zeros((rows, 512), np.int64), ctl=np.zeros(2, np.int64))
+
+
+class GuestPaging:
+    """Mixin: guest memory, vCPU paging registers and the shadow MMU of a Host."""
+
+    def _paging_init(self):
+        self.gm = _new_guest_mem()
+        self.vr = _new_vcpu_regs(0)
+        self.sh = _new_shadow_state(0, 16)
+        self._mmu_kind = np.zeros(16, np.int8)
+        self._hash_pool = Pool(np.int64, 0)
+        self._rmap_pool = Pool(np.int64, 0)
+        self._rmapcnt_pool = Pool(np.int32, 0)
+        self._wtrack_pool = Pool(np.int32, 0)
+
+    # ------------------------------------------------------------------ arenas
+    def _paging_add_vms(self, vms, vcpus, shadow):
+        """Grow the per-VM and per-vCPU paging arrays for new VMs."""
+        need = int(vms[-1]) + 1
+        if self._mmu_kind.shape[0] < need:
+            self._mmu_kind = _grow(self._mmu_kind, max(need, 2 * self._mmu_kind.shape[0]))
+        self._mmu_kind[vms] = S.MMU_SHADOW if shadow else S.MMU_TDP
+        nv_old = self.vr.cr0.shape[0]
+        add = vcpus * len(vms)
+        regs = {}
+        fresh = _new_vcpu_regs(add)
+        for k in S.VcpuRegs._fields:
+            regs[k] = np.concatenate([getattr(self.vr, k), getattr(fresh, k)])
+        self.vr = S.VcpuRegs(**regs)
+        sh = self.sh
+        if sh.hash_off.shape[0] < need:
+            cap = max(need, 2 * sh.hash_off.shape[0])
+            fills = {"hash_off": -1, "act_head": -1, "act_tail": -1}
+            sh = sh._replace(**{k: _grow(getattr(sh, k), cap, fills.get(k, 0))
+                                for k in ("hash_off", "act_head", "act_tail", "indirect", "valid_gen", "n_max")})
+        if shadow:
+            offs = self._hash_pool.alloc_many(S.KVM_MMU_HASH_SIZE, len(vms))
+            self._hash_pool.arr[offs[0]:offs[0] + S.KVM_MMU_HASH_SIZE * len(vms)] = -1
+            sh = sh._replace(hash=self._hash_pool.arr)
+            sh.hash_off[vms] = offs
+        self.sh = sh
+        return nv_old
+
+    def _paging_new_records(self, first, k):
+        """Rmap heads and write-track counts for new memslot records of shadow VMs (kvm_alloc_memslot_metadata)."""
+        sh = self.sh
+        need = first + k
+        if sh.rmap_off.shape[0] < need:
+            cap = max(need, 2 * sh.rmap_off.shape[0])
+            sh = sh._replace(rmap_off=_grow(sh.rmap_off, cap, -1), wtrack_off=_grow(sh.wtrack_off, cap, -1))
+        st = self.st
+        for rec in range(first, need):
+            sh.rmap_off[rec] = -1
+            sh.wtrack_off[rec] = -1
+            vm = int(st.vm[rec])
+            if self._mmu_kind[vm] != S.MMU_SHADOW:
+                continue
+            base, n = int(st.base_gfn[rec]), int(st.npages[rec])
+            for level in (1, 2, 3):
+                shift = 9 * (level - 1)
+                cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
+                off = self._rmap_pool.alloc(cnt)
+                self._rmap_pool.arr[off:off + cnt] = -1
+                self._rmapcnt_pool.alloc(cnt)
+                sh.rmap_off[rec, level - 1] = off
+            sh.wtrack_off[rec] = self._wtrack_pool.alloc(n)
+            self._wtrack_pool.arr[sh.wtrack_off[rec]:sh.wtrack_off[rec] + n] = 0
+        self.sh = sh._replace(rmap_head=self._rmap_pool.arr, rmap_cnt=self._rmapcnt_pool.arr,
+                              wtrack=self._wtrack_pool.arr)
+
+    def _paging_topup(self):
+        """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""
+        if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
+            self.reserve_tables(4 * S.MAX_ROWS_PER_EVENT)
+        sh = self.sh
+        rows = self.pa.spt.shape[0]
+        if sh.unsync.shape[0] < rows:
+            fills = {"hnext": -1, "anext": -1, "aprev": -1, "parent_head": -1}
+            per_row = ("unsync", "unsync_children", "ubitmap", "root_count", "flood", "gen", "hnext", "anext",
+                       "aprev", "parent_head", "trans")
+            sh = sh._replace(**{k: _grow(getattr(sh, k), rows, fills.get(k, 0)) for k in per_row})
+        for _kind, arrs, free_i, avail_i, want in (("pl", ("pl_sptep", "pl_next"), S.SH_PL_FREE, S.SH_PL_AVAIL, 64),
+                                                  ("rn", ("rn_sptep", "rn_next"), S.SH_RN_FREE, S.SH_RN_AVAIL, 256)):
+            if sh.ctl[avail_i] >= want:
+                continue
+            old = getattr(sh, arrs[0]).shape[0]
+            new = max(2 * old, old + want)
+            a0 = _grow(getattr(sh, arrs[0]), new)
+            a1 = _grow(getattr(sh, arrs[1]), new)
+            # chain the new nodes in front of the free list
+            a1[old:new - 1] = np.arange(old + 1, new)
+            a1[new - 1] = sh.ctl[free_i] if sh.ctl[avail_i] > 0 else -1
+            sh.ctl[free_i] = old
+            sh.ctl[avail_i] += new - old
+            sh = sh._replace(**{arrs[0]: a0, arrs[1]: a1})
+        self.sh = sh
+        self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
+
+    def _gm_reserve(self, n):
+        gm = self.gm
+        used, keys = int(gm.ctl[GM_USED]), int(gm.ctl[GM_KEYS])
+        page = gm.page
+        if page.shape[0] - used < n:
+            page = _grow(page, max(2 * page.shape[0], used + n))
+        key, row = gm.key, gm.row
+        if 2 * (keys + n) > key.shape[0]:
+            cap = key.shape[0]
+            while 2 * (keys + n) > cap:
+                cap *= 2
+            key = np.full(cap, -1, np.int64)
+            row = np.zeros(cap, np.int64)
+            old = gm.key >= 0
+            from .kernels.gmem import gm_hash  # rehash (Python side, rare)
+            for k, r in zip(gm.key[old], gm.row[old], strict=True):
+                vm, gfn = int(k) >> 40, int(k) & ((1 << 40) - 1)
+                h = int(gm_hash(vm, gfn, cap - 1))
+                while key[h] != -1:
+                    h = (h + 1) & (cap - 1)
+                key[h] = k
+                row[h] = r
+        self.gm = S.GuestMem(key=key, row=row, page=page, ctl=gm.ctl)
+
+    def _mmu_bundle(self):
+        return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, self.sh, self.gm, self.vr,
+                     self._mmu_kind)
+
+    # ------------------------------------------------------------------ guest memory
+    def _gm_write_words(self, vm, gpa, words):
+        from .kernels.gmem import gm_get_or_add
+        w = words.view(np.int64)
+        a = gpa + 8 * np.arange(w.size, dtype=np.int64)
+        pages = np.unique(a >> 12)
+        self._gm_reserve(pages.size + 2)
+        gm = self.gm
+        for gfn in pages:
+            r = gm_get_or_add(gm.key, gm.row, gm.page, gm.ctl, vm, int(gfn))
+            sel = (a >> 12) == gfn
+            gm.page[r, (a[sel] >> 3) & 511] = w[sel]
+        self.touch_host_memory(vm, int(pages[0]) << 12, (int(pages[-1]) + 1 - int(pages[0])) << 12) \
+            if pages.size else None
+
+    def touch_host_memory(self, vm, gpa, size):
+        """Userspace touches the guest memory [gpa, gpa+size) through its mapping (a memset, as KVM's
+        selftests and VMMs do before running a guest): the host pages behind it become resident
+        (counted against the host budget); no MMU effect.  Gaps without a memslot are skipped."""
+        from .errors import HostMemoryExhausted
+        from .kernels.memslot import host_touch_range
+        vm = self._check_vm(vm)
+        for name, v in (("gpa", gpa), ("size", size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise bad(name, v, "must be a non-negative integer")
+        start, end = gpa >> 12, (gpa + size + 4095) >> 12
+        for (v, slot), rec in sorted(self._slot_rec.items()):
+            if v != vm or slot >> 16:
+                continue
+            base, n = int(self.st.base_gfn[rec]), int(self.st.npages[rec])
+            lo, hi = max(start, base), min(end, base + n)
+            if lo < hi:
+                got = host_touch_range(self.st, self.vt, self.host_ctl, rec, lo, hi, vm)
+                if got < hi:
+                    raise HostMemoryExhausted(f"memory: the host budget cannot back gpa {got << 12:#x} of VM {vm}",
+                                              field="memory", value=self.memory)
+
+    def _gm_read_words(self, vm, gpa, n):
+        from .kernels.gmem import gm_find
+        gm = self.gm
+        out = np.zeros(n, np.int64)
+        a = gpa + 8 * np.arange(n, dtype=np.int64)
+        for gfn in np.unique(a >> 12):
+            r = gm_find(gm.key, gm.row, vm, int(gfn))
+            if r >= 0:
+                sel = (a >> 12) == gfn
+                out[sel] = gm.page[r, (a[sel] >> 3) & 511]
+        return out.view(np.uint64)
+
+    # ------------------------------------------------------------------ vCPU registers
+    def _set_paging_regs(self, vm, i, values):
+        """KVM_SET_SREGS for the paging registers: an MMU context reset when one of them changed."""
+        vr = self.vr
+        changed = False
+        for name, v in values.items():
+            arr = getattr(vr, name)
+            new = np.uint64(v).view(np.int64) if v >= 1 << 63 else np.int64(v)
+            if arr[i] != new:
+                changed |= name in ("cr0", "cr3", "cr4", "efer")
+                arr[i] = new
+        mode = int(cpu_mode(vr.cr0[i], vr.cr4[i], vr.efer[i], vr.rflags[i]))
+        if int(vr.cr0[i]) & int(X86_CR0_PG):
+            if self._mmu_kind[vm] == S.MMU_TDP:
+                raise bad("cr0", int(vr.cr0[i]), "guest paging under mmu='tdp' (2D walks) is not simulated yet; "
+                          "use mmu='shadow'")
+            levels = int(mode_levels(np.int64(mode)))
+            if levels not in (4, 5):
+                raise bad("cr4", int(vr.cr4[i]), "the shadow MMU simulates 4- and 5-level guests (EFER.LMA=1) so "
+                          "far; 32-bit and PAE guests are not built yet")
+            if int(vr.cr4[i]) & X86_CR4_PKE:
+                raise bad("cr4", int(vr.cr4[i]), "KVM does not offer protection keys with shadow paging")
+        if changed and self._mmu_kind[vm] == S.MMU_SHADOW:
+            K.kvm_mmu_reset_context(self._mmu_bundle(), vm, i)
+
+    def _guest_paging_on(self, vm_a, vcpu_a):
+        vg = self.ct.vcpu_off[vm_a] + vcpu_a
+        return (self.vr.cr0[vg] & int(X86_CR0_PG)) != 0
+
+    # ------------------------------------------------------------------ shadow events
+    def _run_shadow(self, vm_a, vcpu_a, op_a, addr_a, kind_a, value_a, size_a):
+        n = vm_a.size
+        out = np.zeros(n, np.int8)
+        err = np.zeros(n, np.int32)
+        for name, arr in (("vm", vm_a),):
+            kinds = self._mmu_kind[arr]
+            if np.any(kinds != S.MMU_SHADOW):
+                raise bad(name, int(arr[np.nonzero(kinds != S.MMU_SHADOW)[0][0]]), "not a shadow-MMU VM")
+        pg = self._guest_paging_on(vm_a, vcpu_a)
+        if not pg.all():
+            j = int(np.nonzero(~pg)[0][0])
+            raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])}: shadow-MMU vCPUs must run with paging on "
+                      "(set CR0.PG, CR4.PAE, EFER.LME|LMA and CR3 with set_vcpu_regs); real mode is not simulated")
+        i = 0
+        while i < n:
+            self._paging_topup()
+            i, stop = K.shadow_event_batch(self._mmu_bundle(), vm_a, vcpu_a, op_a, addr_a, kind_a, value_a, size_a,
+                                           self._maxphyaddr, i, out, err)
+            if stop == S.STOP_NEED_PAGES:
+                continue
+            if stop == S.STOP_HOST_OOM:
+                from .errors import HostMemoryExhausted
+                from .units import format_size
+                applied = np.zeros(n, bool)
+                applied[:i] = True
+                e = HostMemoryExhausted(
+                    f"memory={format_size(self.memory)}: host memory budget exhausted at VM {int(vm_a[i])}, "
+                    f"gva {int(addr_a[i]):#x}; {i} of {n} events were applied. Give the Host more memory.",
+                    field="memory", value=self.memory)
+                e.applied = applied
+                raise e
+        return out, err
+
+    def _check_gva(self, vm_a, addr_a):
+        return addr_a  # any 64-bit value is a gva; non-canonical ones are not modelled (#GP)
+
+    def emulated_access(self, vm, vcpu, addr, kind=0, value=0, size=8):
+        """Memory operand of an instruction that KVM's emulator executes (CPL0 code under kvm_pvm,
+        MMIO, emulated writes to guest page tables): a software walk (A/D set), the access through the
+        memslots, and for a write ``kvm_mmu_track_write``.  Returns AccessResult."""
+        from .host import AccessResult
+        i = self._vcpu_index(vm, vcpu)
+        vm = int(vm)
+        if size not in (1, 2, 4, 8):
+            raise bad("size", size, "must be 1, 2, 4 or 8 bytes")
+        if isinstance(kind, bool) or not isinstance(kind, (int, np.integer)) or kind & ~0x16:
+            raise bad("kind", kind, "use ACC_WRITE, ACC_USER, ACC_FETCH bits")
+        del i
+        out, err = self._run_shadow(np.array([vm]), np.array([vcpu]), np.array([K.OP_EMULATED]), np.array([addr]),
+                                    np.array([kind]), np.array([np.uint64(value).view(np.int64)]),
+                                    np.array([size]))
+        return AccessResult(out, err)
+
+    def mov_cr3(self, vm, vcpu, cr3):
+        """The guest writes CR3 (MOV to CR3, no PCID): under shadow paging KVM switches roots (cached in
+        prev_roots), syncs and flushes; under TDP it does not exit."""
+        self._vcpu_index(vm, vcpu)
+        if isinstance(cr3, bool) or not isinstance(cr3, (int, np.integer)) or not 0 <= cr3 < 1 << 52:
+            raise bad("cr3", cr3, "must be a guest-physical address")
+        if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
+            self.vr.cr3[self._vcpu_index(vm, vcpu)] = cr3
+            return
+        self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([K.OP_MOV_CR3]), np.array([cr3]),
+                         np.array([0]), np.array([0]), np.array([0]))
+
+    def _guest_op(self, vm, vcpu, op, addr):
+        self._vcpu_index(vm, vcpu)
+        if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
+            return False
+        self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([op]), np.array([addr]), np.array([0]),
+                         np.array([0]), np.array([0]))
+        return True

@@ -1,0 +1,1 @@
+"""Bundled workloads for ``batchmmu validate`` (TOML), read with importlib.resources."""

@@ -1,0 +1,95 @@
+"""Reverse maps and parent-pte lists of the shadow MMU (``mmu.c`` pte_list_*, rmap_add/remove).
+
+Both are singly linked lists of SPTE pointers (``row * 512 + index``) in pooled node arrays with a
+free list; Python tops the pools up before a batch.  KVM keeps the same lists in ``pte_list_desc``
+blocks of 14; the count (``rmap_cnt``) is what its statistics and footprint depend on, and the
+footprint is computed from it (``batchmmu/host.py``).
+"""
+
+from numba import njit
+
+from .state import SH_PL_AVAIL, SH_PL_FREE, SH_RN_AVAIL, SH_RN_FREE
+
+
+@njit(inline="always", _nrt=False)
+def sptep_row(sptep):
+    return sptep >> 9
+
+
+@njit(inline="always", _nrt=False)
+def sptep_idx(sptep):
+    return sptep & 511
+
+
+@njit(inline="always", _nrt=False)
+def rmap_index(sh, st, rec, level, gfn):
+    """Index of the rmap head of ``gfn`` at ``level`` in slot ``rec`` (gfn_to_rmap)."""
+    shift = (level - 1) * 9
+    return sh.rmap_off[rec, level - 1] + (gfn >> shift) - (st.base_gfn[rec] >> shift)
+
+
+@njit(inline="always", _nrt=False)
+def pte_list_add(sh, h, sptep):
+    """pte_list_add: returns the number of SPTEs in the list before this one."""
+    n = sh.ctl[SH_RN_FREE]
+    sh.ctl[SH_RN_FREE] = sh.rn_next[n]
+    sh.ctl[SH_RN_AVAIL] -= 1
+    sh.rn_sptep[n] = sptep
+    sh.rn_next[n] = sh.rmap_head[h]
+    sh.rmap_head[h] = n
+    c = sh.rmap_cnt[h]
+    sh.rmap_cnt[h] = c + 1
+    return c
+
+
+@njit(inline="always", _nrt=False)
+def pte_list_remove(sh, h, sptep):
+    """pte_list_remove: unlink ``sptep`` from list ``h``."""
+    prev = -1
+    n = sh.rmap_head[h]
+    while n >= 0:
+        if sh.rn_sptep[n] == sptep:
+            nxt = sh.rn_next[n]
+            if prev < 0:
+                sh.rmap_head[h] = nxt
+            else:
+                sh.rn_next[prev] = nxt
+            sh.rn_next[n] = sh.ctl[SH_RN_FREE]
+            sh.ctl[SH_RN_FREE] = n
+            sh.ctl[SH_RN_AVAIL] += 1
+            sh.rmap_cnt[h] -= 1
+            return True
+        prev = n
+        n = sh.rn_next[n]
+    return False
+
+
+@njit(inline="always", _nrt=False)
+def parent_add(sh, row, sptep):
+    """mmu_page_add_parent_pte."""
+    n = sh.ctl[SH_PL_FREE]
+    sh.ctl[SH_PL_FREE] = sh.pl_next[n]
+    sh.ctl[SH_PL_AVAIL] -= 1
+    sh.pl_sptep[n] = sptep
+    sh.pl_next[n] = sh.parent_head[row]
+    sh.parent_head[row] = n
+
+
+@njit(inline="always", _nrt=False)
+def parent_remove(sh, row, sptep):
+    """mmu_page_remove_parent_pte."""
+    prev = -1
+    n = sh.parent_head[row]
+    while n >= 0:
+        if sh.pl_sptep[n] == sptep:
+            nxt = sh.pl_next[n]
+            if prev < 0:
+                sh.parent_head[row] = nxt
+            else:
+                sh.pl_next[prev] = nxt
+            sh.pl_next[n] = sh.ctl[SH_PL_FREE]
+            sh.ctl[SH_PL_FREE] = n
+            sh.ctl[SH_PL_AVAIL] += 1
+            return
+        prev = n
+        n = sh.pl_next[n]

@@ -1,0 +1,1650 @@
+"""The shadow MMU (``mmu.c`` + ``paging_tmpl.h`` PTTYPE 64): shadow pages keyed by (gfn, role) in a
+4096-bucket hash, parent-pte lists, rmaps, unsync and write tracking, emulated writes to guest page
+tables, CR3 switches with prev_roots, INVLPG.
+
+Guest page tables live in guest memory (kernels/gmem.py) and are walked by kernels/guest_walk.py.
+Shadow SPTEs use the legacy (NPT) layout with A/D bits.  Every function takes the ``MMU`` bundle
+``m`` (kernels/state.py).  Single-threaded: no mmu_lock, no races, so KVM's re-checks after taking
+the lock (``gpte_changed``, ``is_page_fault_stale``) never fire except for MMU-notifier invalidations.
+Modelled: 4- and 5-level guests (PAE and 32-bit guests are refused by batchmmu/host.py for now).
+"""
+
+import numpy as np
+from numba import njit
+
+from .gmem import gm_read64, gm_write_bytes
+from .guest_walk import (
+    MODE_AC,
+    MODE_SMAP,
+    MODE_SMEP,
+    MODE_WP,
+    PFERR_FETCH,
+    PFERR_MASK,
+    PFERR_PRESENT,
+    PFERR_USER,
+    PFERR_WRITE,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    WK_GFN,
+    WK_GPA,
+    WK_LEAF_LEVEL,
+    WK_PT_ACCESS,
+    WK_PTE_ACCESS,
+    WK_PTE_ACCESS_CLEAN,
+    WK_PTE_GPA,
+    WK_TABLE_GFN,
+    cpu_mode,
+    cpu_role_word,
+    gpte_rsvd_mask,
+    guest_set_ad,
+    guest_walk,
+    mode_levels,
+)
+from .memslot import (
+    gfn_to_hva,
+    gfn_to_memslot,
+    host_fault_in,
+    host_page_pages,
+    kvm_mmu_max_mapping_level,
+    mark_page_dirty,
+    slot_dirty_logging,
+    slot_readonly,
+)
+from .rmap import parent_add, parent_remove, pte_list_add, pte_list_remove, rmap_index, sptep_idx, sptep_row
+from .spte import (
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    FMT_NPT,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    NPT_A,
+    NPT_D,
+    NPT_HOST_WRITABLE,
+    NPT_MMU_WRITABLE,
+    NPT_NX,
+    NPT_P,
+    NPT_U,
+    PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
+    ROLE_ACCESS_SHIFT,
+    ROLE_DIRECT,
+    ROLE_EFER_NX,
+    ROLE_INVALID,
+    ROLE_PASSTHROUGH,
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_MMU_PRESENT_MASK,
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    make_nonleaf_spte,
+    spte_to_child_row,
+    spte_to_pfn,
+)
+from .state import (
+    CFG_NX_HUGE_PAGES,
+    CTL_FREE_TOP,
+    CTL_USED,
+    HOST_BUDGET_BYTES,
+    HOST_USED_BYTES,
+    KVM_MMU_HASH_SIZE,
+    KVM_MMU_NUM_PREV_ROOTS,
+    MAX_GM_PER_EVENT,
+    MAX_PL_PER_EVENT,
+    MAX_RN_PER_EVENT,
+    MAX_ROWS_PER_EVENT,
+    OUT_EMULATED,
+    OUT_FIXED,
+    OUT_GUEST_FAULT,
+    OUT_HIT,
+    OUT_MMIO,
+    OUT_RETRY,
+    OUT_SPURIOUS,
+    PTE_PREFETCH_NUM,
+    SH_PL_AVAIL,
+    SH_RN_AVAIL,
+    ST_ACCESSES,
+    ST_INVLPG,
+    ST_MAX_MMU_RMAP_SIZE,
+    ST_MMU_CACHE_MISS,
+    ST_MMU_FLOODED,
+    ST_MMU_PAGES,
+    ST_MMU_PDE_ZAPPED,
+    ST_MMU_PTE_WRITE,
+    ST_MMU_SHADOW_ZAPPED,
+    ST_MMU_UNSYNC,
+    ST_PAGES_4K,
+    ST_PF_EMULATE,
+    ST_PF_FIXED,
+    ST_PF_GUEST,
+    ST_PF_RETRY,
+    ST_PF_SPURIOUS,
+    ST_PF_TAKEN,
+    ST_REMOTE_TLB_FLUSH,
+    ST_REMOTE_TLB_FLUSH_REQUESTS,
+    ST_RMAP_ENTRIES,
+    ST_TLB_FLUSH,
+    ST_WALK_REFS,
+    STOP_DONE,
+    STOP_HOST_OOM,
+    STOP_NEED_PAGES,
+)
+
+# RET_PF_* (mmu_internal.h)
+RET_PF_CONTINUE = 0
+RET_PF_RETRY = 1
+RET_PF_EMULATE = 2
+RET_PF_FIXED = 4
+RET_PF_SPURIOUS = 5
+RET_PF_MMIO = 6  # simulator: an EMULATE for a gfn without a memslot
+RET_PF_OOM = 7   # simulator: the host memory budget cannot back the page (nothing changed)
+
+# event ops
+OP_ACCESS = 0        # native access (a store when ev_size > 0: ev_value written on success)
+OP_EMULATED = 1      # access by KVM's instruction emulator (write when kind has W)
+OP_INVLPG = 2
+OP_MOV_CR3 = 3       # guest MOV to CR3 (kvm_set_cr3)
+OP_FLUSH = 4         # guest TLB flush (kvm_vcpu_flush_tlb_guest)
+
+PT32E_ROOT_LEVEL = 3
+RMAP_RECYCLE_THRESHOLD = 1000
+KVM_PAGE_ARRAY_NR = 16
+
+# scratch layout (sh.scratch): walker output at 0, small arrays after it
+SC_WK = 0
+SC_PVEC_SP = 64      # 16 rows
+SC_PVEC_IDX = 80     # index of the entry in its parent
+SC_PVEC_PAR = 96     # pvec index of the parent entry (-1 root)
+SC_STACK = 112       # DFS stack: 16 (row, next bit) pairs
+SC_INVALID_HEAD = 160  # head of invalid_list (rows linked through sh.anext)
+SC_PREFETCH = 168    # 8 gptes of the prefetch group
+SC_MARK_STACK = 176  # stack of mark_parents_unsync (pages whose unsync_children went 0 -> 1)
+SC_MARK_STACK_LEN = 80
+SC_SIZE = 256
+
+MAX_EXITS = 4
+
+
+# ----------------------------------------------------------------------------- small helpers
+@njit(inline="always", _nrt=False)
+def role_level(role):
+    return role & 0xF
+
+
+@njit(inline="always", _nrt=False)
+def role_access(role):
+    return (role >> ROLE_ACCESS_SHIFT) & 7
+
+
+@njit(inline="always", _nrt=False)
+def sp_has_gptes(role):
+    return (role & ROLE_DIRECT) == 0 and (role & ROLE_PASSTHROUGH) == 0
+
+
+@njit(inline="always", _nrt=False)
+def sp_valid(m, vm, row):
+    # !is_obsolete_sp: not invalid and of the current generation
+    return (m.pa.sp_role[row] & ROLE_INVALID) == 0 and m.sh.gen[row] == m.sh.valid_gen[vm]
+
+
+@njit(inline="always", _nrt=False)
+def hash_bucket(gfn):
+    # kvm_page_table_hashfn: any good spread of gfns over 4096 buckets (collisions are not a stat here)
+    return (gfn ^ (gfn >> 12) ^ (gfn >> 24)) & (KVM_MMU_HASH_SIZE - 1)
+
+
+@njit(inline="always", _nrt=False)
+def flush_remote_tlbs(m, vm):
+    # kvm_flush_remote_tlbs
+    m.vt.stats[vm, ST_REMOTE_TLB_FLUSH_REQUESTS] += 1
+    m.vt.stats[vm, ST_REMOTE_TLB_FLUSH] += 1
+
+
+@njit(inline="always", _nrt=False)
+def sp_get_gfn(m, row, i):
+    # kvm_mmu_page_get_gfn
+    role = m.pa.sp_role[row]
+    if role & ROLE_PASSTHROUGH:
+        return m.pa.sp_gfn[row]
+    if role & ROLE_DIRECT:
+        return m.pa.sp_gfn[row] + (np.int64(i) << ((role_level(role) - 1) * 9))
+    return m.sh.trans[row, i] >> 12
+
+
+@njit(inline="always", _nrt=False)
+def sp_get_access(m, row, i):
+    role = m.pa.sp_role[row]
+    if sp_has_gptes(role):
+        return m.sh.trans[row, i] & 7
+    return role_access(role)
+
+
+@njit(inline="always", _nrt=False)
+def gfn_write_tracked(m, rec, gfn):
+    # kvm_gfn_is_write_tracked
+    if rec < 0 or m.sh.wtrack_off[rec] < 0:
+        return False
+    return m.sh.wtrack[m.sh.wtrack_off[rec] + gfn - m.st.base_gfn[rec]] > 0
+
+
+@njit(inline="always", _nrt=False)
+def update_disallow_lpage(m, rec, gfn, count):
+    # update_gfn_disallow_lpage_count: both 2M and 1G
+    for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        shift = (level - 1) * 9
+        idx = (gfn >> shift) - (m.st.base_gfn[rec] >> shift)
+        m.st.lpage[m.st.lpage_off[rec, level - 2] + idx] += count
+
+
+@njit(inline="always", _nrt=False)
+def is_writable_spte(spte):
+    return is_shadow_present_pte(spte) and (spte & PT_WRITABLE_MASK) != 0
+
+
+@njit(inline="always", _nrt=False)
+def is_mmu_writable(spte):
+    return (spte & NPT_MMU_WRITABLE) != 0
+
+
+# ----------------------------------------------------------------------------- rmaps, SPTE updates
+@njit(cache=True, _nrt=False)
+def rmap_add(m, vm, rec, row, idx, gfn, access):
+    # __rmap_add: record the translation, count the page, chain the SPTE
+    sh = m.sh
+    sh.trans[row, idx] = (gfn << 12) | access
+    level = role_level(m.pa.sp_role[row])
+    m.vt.stats[vm, ST_PAGES_4K + level - 1] += 1
+    m.vt.stats[vm, ST_RMAP_ENTRIES] += 1
+    h = rmap_index(sh, m.st, rec, level, gfn)
+    cnt = pte_list_add(sh, h, row * 512 + idx)
+    if cnt > m.vt.stats[vm, ST_MAX_MMU_RMAP_SIZE]:
+        m.vt.stats[vm, ST_MAX_MMU_RMAP_SIZE] = cnt
+    if cnt > RMAP_RECYCLE_THRESHOLD:
+        # kvm_zap_all_rmap_sptes + flush
+        n = sh.rmap_head[h]
+        while n >= 0:
+            sptep = sh.rn_sptep[n]
+            n = sh.rn_next[n]
+            drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
+        flush_remote_tlbs(m, vm)
+
+
+@njit(cache=True, _nrt=False)
+def drop_spte(m, vm, row, idx):
+    """drop_spte: clear a leaf SPTE, uncount it and take it off its rmap."""
+    old = m.pa.spt[row, idx]
+    m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
+    if not is_shadow_present_pte(old):
+        return old
+    level = role_level(m.pa.sp_role[row])
+    m.vt.stats[vm, ST_PAGES_4K + level - 1] -= 1
+    m.vt.stats[vm, ST_RMAP_ENTRIES] -= 1
+    gfn = sp_get_gfn(m, row, idx)
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec >= 0 and m.sh.rmap_off[rec, level - 1] >= 0:
+        pte_list_remove(m.sh, rmap_index(m.sh, m.st, rec, level, gfn), row * 512 + idx)
+    return old
+
+
+@njit(inline="always", _nrt=False)
+def mmu_spte_update(m, row, idx, new):
+    """mmu_spte_update: returns True when the change needs a TLB flush (MMU-writable dropped)."""
+    old = m.pa.spt[row, idx]
+    m.pa.spt[row, idx] = new
+    if not is_shadow_present_pte(old):
+        return False
+    return is_mmu_writable(old) and not is_mmu_writable(new)
+
+
+@njit(cache=True, _nrt=False)
+def drop_parent_pte(m, child, prow, pidx):
+    # drop_parent_pte: unlink and clear the parent SPTE
+    parent_remove(m.sh, child, prow * 512 + pidx)
+    m.pa.spt[prow, pidx] = SHADOW_NONPRESENT_VALUE
+
+
+@njit(cache=True, _nrt=False)
+def mmu_page_zap_pte(m, vm, row, idx):
+    """mmu_page_zap_pte: leaf -> drop; table -> unlink the child; MMIO -> clear."""
+    pte = m.pa.spt[row, idx]
+    if is_shadow_present_pte(pte):
+        if is_last_spte(pte, role_level(m.pa.sp_role[row])):
+            drop_spte(m, vm, row, idx)
+        else:
+            drop_parent_pte(m, spte_to_child_row(pte), row, idx)
+    elif pte != SHADOW_NONPRESENT_VALUE:
+        m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
+
+
+@njit(cache=True, _nrt=False)
+def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
+    """kvm_mmu_slot_gfn_write_protect over the rmaps: True if a flush is needed."""
+    sh = m.sh
+    flush = False
+    for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        if sh.rmap_off[rec, level - 1] < 0:
+            continue
+        n = sh.rmap_head[rmap_index(sh, m.st, rec, level, gfn)]
+        while n >= 0:
+            sptep = sh.rn_sptep[n]
+            n = sh.rn_next[n]
+            row = sptep_row(sptep)
+            idx = sptep_idx(sptep)
+            spte = m.pa.spt[row, idx]
+            # spte_write_protect
+            if not (spte & PT_WRITABLE_MASK) and not (pt_protect and is_mmu_writable(spte)):
+                continue
+            new = spte & ~PT_WRITABLE_MASK
+            if pt_protect:
+                new &= ~NPT_MMU_WRITABLE
+            flush |= mmu_spte_update(m, row, idx, new)
+    return flush
+
+
+# ----------------------------------------------------------------------------- shadow pages
+@njit(cache=True, _nrt=False)
+def account_shadowed(m, vm, row):
+    # account_shadowed: upper levels are write-tracked, last-level tables only write-protected
+    m.sh.indirect[vm] += 1
+    gfn = m.pa.sp_gfn[row]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec < 0:
+        return
+    if role_level(m.pa.sp_role[row]) > 1:
+        # __kvm_write_track_add_gfn
+        m.sh.wtrack[m.sh.wtrack_off[rec] + gfn - m.st.base_gfn[rec]] += 1
+        update_disallow_lpage(m, rec, gfn, 1)
+        if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
+            flush_remote_tlbs(m, vm)
+        return
+    update_disallow_lpage(m, rec, gfn, 1)
+    if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
+        flush_remote_tlbs(m, vm)  # kvm_flush_remote_tlbs_gfn
+
+
+@njit(cache=True, _nrt=False)
+def unaccount_shadowed(m, vm, row):
+    m.sh.indirect[vm] -= 1
+    gfn = m.pa.sp_gfn[row]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec < 0:
+        return
+    if role_level(m.pa.sp_role[row]) > 1:
+        m.sh.wtrack[m.sh.wtrack_off[rec] + gfn - m.st.base_gfn[rec]] -= 1
+    update_disallow_lpage(m, rec, gfn, -1)
+
+
+@njit(cache=True, _nrt=False)
+def alloc_shadow_page(m, vm, gfn, role):
+    """kvm_mmu_alloc_shadow_page: a row from the topped-up free stack, on the active list and hash."""
+    pa, sh = m.pa, m.sh
+    top = pa.ctl[CTL_FREE_TOP] - 1
+    row = pa.free[top]
+    pa.ctl[CTL_FREE_TOP] = top
+    pa.ctl[CTL_USED] += 1
+    for k in range(512):
+        pa.spt[row, k] = SHADOW_NONPRESENT_VALUE
+    pa.sp_vm[row] = vm
+    pa.sp_level[row] = role_level(role)
+    pa.sp_gfn[row] = gfn
+    pa.sp_role[row] = role
+    pa.sp_parent[row] = -1
+    pa.sp_flags[row] = 0
+    sh.unsync[row] = 0
+    sh.unsync_children[row] = 0
+    for k in range(8):
+        sh.ubitmap[row, k] = 0
+    sh.root_count[row] = 0
+    sh.flood[row] = 0
+    sh.gen[row] = sh.valid_gen[vm]
+    sh.parent_head[row] = -1
+    # list_add(&sp->link, &kvm->arch.active_mmu_pages): newest at the head
+    head = sh.act_head[vm]
+    sh.anext[row] = head
+    sh.aprev[row] = -1
+    if head >= 0:
+        sh.aprev[head] = row
+    else:
+        sh.act_tail[vm] = row
+    sh.act_head[vm] = row
+    b = sh.hash_off[vm] + hash_bucket(gfn)
+    sh.hnext[row] = sh.hash[b]
+    sh.hash[b] = row
+    m.vt.stats[vm, ST_MMU_PAGES] += 1
+    if sp_has_gptes(role):
+        account_shadowed(m, vm, row)
+    return row
+
+
+@njit(inline="always", _nrt=False)
+def active_list_del(m, vm, row):
+    sh = m.sh
+    nxt, prv = sh.anext[row], sh.aprev[row]
+    if prv >= 0:
+        sh.anext[prv] = nxt
+    else:
+        sh.act_head[vm] = nxt
+    if nxt >= 0:
+        sh.aprev[nxt] = prv
+    else:
+        sh.act_tail[vm] = prv
+    sh.anext[row] = -1
+    sh.aprev[row] = -1
+
+
+@njit(cache=True, _nrt=False)
+def free_shadow_page(m, vm, row):
+    """kvm_mmu_free_shadow_page: out of the hash, back on the free stack."""
+    pa, sh = m.pa, m.sh
+    b = sh.hash_off[vm] + hash_bucket(pa.sp_gfn[row])
+    cur = sh.hash[b]
+    if cur == row:
+        sh.hash[b] = sh.hnext[row]
+    else:
+        while cur >= 0:
+            if sh.hnext[cur] == row:
+                sh.hnext[cur] = sh.hnext[row]
+                break
+            cur = sh.hnext[cur]
+    pa.sp_vm[row] = -1
+    pa.ctl[CTL_USED] -= 1
+    top = pa.ctl[CTL_FREE_TOP]
+    pa.free[top] = row
+    pa.ctl[CTL_FREE_TOP] = top + 1
+
+
+@njit(cache=True, _nrt=False)
+def kvm_unlink_unsync_page(m, vm, row):
+    m.sh.unsync[row] = 0
+    m.vt.stats[vm, ST_MMU_UNSYNC] -= 1
+
+
+@njit(inline="always", _nrt=False)
+def clear_unsync_child_bit(m, row, idx):
+    w = idx >> 6
+    bit = np.int64(1) << np.int64(idx & 63)
+    if m.sh.ubitmap[row, w] & bit:
+        m.sh.ubitmap[row, w] &= ~bit
+        m.sh.unsync_children[row] -= 1
+
+
+@njit(cache=True, _nrt=False)
+def mark_parents_unsync(m, row):
+    """kvm_mmu_mark_parents_unsync: set the child bit in every parent, recursing on 0 -> 1."""
+    sh = m.sh
+    sc = sh.scratch
+    sc[SC_MARK_STACK] = row
+    sp_ = 1
+    while sp_ > 0:
+        sp_ -= 1
+        r = sc[SC_MARK_STACK + sp_]
+        n = sh.parent_head[r]
+        while n >= 0:
+            sptep = sh.pl_sptep[n]
+            n = sh.pl_next[n]
+            prow = sptep_row(sptep)
+            pidx = sptep_idx(sptep)
+            w = pidx >> 6
+            bit = np.int64(1) << np.int64(pidx & 63)
+            if sh.ubitmap[prow, w] & bit:
+                continue
+            sh.ubitmap[prow, w] |= bit
+            c = sh.unsync_children[prow]
+            sh.unsync_children[prow] = c + 1
+            if c == 0 and sp_ < SC_MARK_STACK_LEN:
+                sc[SC_MARK_STACK + sp_] = prow
+                sp_ += 1
+
+
+@njit(cache=True, _nrt=False)
+def mmu_unsync_walk(m, row):
+    """mmu_unsync_walk: collect up to 16 entries (``row`` first, then tables with unsync children and
+    unsync last-level pages, depth first) into the pvec.  Returns the number of entries."""
+    sh, pa = m.sh, m.pa
+    sc = sh.scratch
+    if sh.unsync_children[row] == 0:
+        return 0
+    nr = 0
+    sc[SC_PVEC_SP] = row
+    sc[SC_PVEC_IDX] = -1
+    sc[SC_PVEC_PAR] = -1
+    nr = 1
+    # explicit DFS: stack of (pvec index of the table being scanned, next bit)
+    depth = 0
+    sc[SC_STACK] = 0
+    sc[SC_STACK + 1] = 0
+    depth = 1
+    while depth > 0:
+        pv = sc[SC_STACK + 2 * (depth - 1)]
+        bit = sc[SC_STACK + 2 * (depth - 1) + 1]
+        sp = sc[SC_PVEC_SP + pv]
+        found = False
+        while bit < 512:
+            w = bit >> 6
+            if sh.ubitmap[sp, w] == 0:
+                bit = (w + 1) << 6
+                continue
+            if not (sh.ubitmap[sp, w] >> np.int64(bit & 63)) & 1:
+                bit += 1
+                continue
+            i = bit
+            bit += 1
+            ent = pa.spt[sp, i]
+            if not is_shadow_present_pte(ent) or is_large_pte(ent):
+                clear_unsync_child_bit(m, sp, i)
+                continue
+            child = spte_to_child_row(ent)
+            if sh.unsync_children[child] > 0:
+                sc[SC_PVEC_SP + nr] = child
+                sc[SC_PVEC_IDX + nr] = i
+                sc[SC_PVEC_PAR + nr] = pv
+                nr += 1
+                sc[SC_STACK + 2 * (depth - 1) + 1] = bit
+                sc[SC_STACK + 2 * depth] = nr - 1
+                sc[SC_STACK + 2 * depth + 1] = 0
+                depth += 1
+                found = True
+                break
+            elif sh.unsync[child]:
+                dup = False
+                for k in range(nr):
+                    if sc[SC_PVEC_SP + k] == child:
+                        dup = True
+                if not dup:
+                    sc[SC_PVEC_SP + nr] = child
+                    sc[SC_PVEC_IDX + nr] = i
+                    sc[SC_PVEC_PAR + nr] = pv
+                    nr += 1
+                if nr == KVM_PAGE_ARRAY_NR:
+                    return nr
+            else:
+                clear_unsync_child_bit(m, sp, i)
+            if nr == KVM_PAGE_ARRAY_NR:
+                return nr
+        if found:
+            if nr == KVM_PAGE_ARRAY_NR:
+                return nr
+            continue
+        # done with this table: a table whose children turned out all synced leaves its parent's bit
+        depth -= 1
+        if depth > 0 and sh.unsync_children[sp] == 0:
+            clear_unsync_child_bit(m, sc[SC_PVEC_SP + sc[SC_PVEC_PAR + pv]], sc[SC_PVEC_IDX + pv])
+    return nr
+
+
+@njit(cache=True, _nrt=False)
+def mmu_pages_clear_parents(m, pv):
+    """mmu_pages_clear_parents: clear the bit of ``pv`` in its parent, upwards while a parent runs out."""
+    sc = m.sh.scratch
+    while True:
+        par = sc[SC_PVEC_PAR + pv]
+        if par < 0:
+            return
+        psp = sc[SC_PVEC_SP + par]
+        clear_unsync_child_bit(m, psp, sc[SC_PVEC_IDX + pv])
+        if m.sh.unsync_children[psp] != 0:
+            return
+        pv = par
+
+
+@njit(cache=True, _nrt=False)
+def invalid_list_add(m, row):
+    sc = m.sh.scratch
+    m.sh.anext[row] = sc[SC_INVALID_HEAD]
+    sc[SC_INVALID_HEAD] = row
+
+
+@njit(cache=True, _nrt=False)
+def commit_zap_page(m, vm):
+    """kvm_mmu_commit_zap_page: one flush, then free every page on invalid_list."""
+    sc = m.sh.scratch
+    row = sc[SC_INVALID_HEAD]
+    if row < 0:
+        return False
+    flush_remote_tlbs(m, vm)
+    while row >= 0:
+        nxt = m.sh.anext[row]
+        free_shadow_page(m, vm, row)
+        row = nxt
+    sc[SC_INVALID_HEAD] = -1
+    return True
+
+
+@njit(cache=True, _nrt=False)
+def prepare_zap_one(m, vm, row):
+    """__kvm_mmu_prepare_zap_page minus the unsync children (done by prepare_zap_page)."""
+    pa, sh = m.pa, m.sh
+    m.vt.stats[vm, ST_MMU_SHADOW_ZAPPED] += 1
+    # kvm_mmu_page_unlink_children
+    for i in range(512):
+        if pa.spt[row, i] != SHADOW_NONPRESENT_VALUE:
+            mmu_page_zap_pte(m, vm, row, i)
+    # kvm_mmu_unlink_parents
+    n = sh.parent_head[row]
+    while n >= 0:
+        sptep = sh.pl_sptep[n]
+        nxt = sh.pl_next[n]
+        drop_parent_pte(m, row, sptep_row(sptep), sptep_idx(sptep))
+        n = nxt
+    role = pa.sp_role[row]
+    if not (role & ROLE_INVALID) and sp_has_gptes(role):
+        unaccount_shadowed(m, vm, row)
+    if sh.unsync[row]:
+        kvm_unlink_unsync_page(m, vm, row)
+    if sh.root_count[row] == 0:
+        if not (role & ROLE_INVALID):
+            active_list_del(m, vm, row)
+        m.vt.stats[vm, ST_MMU_PAGES] -= 1
+        invalid_list_add(m, row)
+    elif not (role & ROLE_INVALID):
+        active_list_del(m, vm, row)  # a pinned root stays allocated until its root_count drops
+    pa.sp_role[row] = role | ROLE_INVALID
+
+
+@njit(cache=True, _nrt=False)
+def prepare_zap_page(m, vm, row):
+    """kvm_mmu_prepare_zap_page: zap unsync children of an upper-level page, then the page."""
+    if role_level(m.pa.sp_role[row]) > 1:
+        # mmu_zap_unsync_children
+        while True:
+            nr = mmu_unsync_walk(m, row)
+            if nr == 0:
+                break
+            sc = m.sh.scratch
+            for k in range(nr):
+                sp = sc[SC_PVEC_SP + k]
+                if role_level(m.pa.sp_role[sp]) == 1:
+                    prepare_zap_one(m, vm, sp)
+                    mmu_pages_clear_parents(m, k)
+    prepare_zap_one(m, vm, row)
+
+
+# ----------------------------------------------------------------------------- sync
+@njit(cache=True, _nrt=False)
+def prefetch_invalid_gpte(m, vm, row, idx, gpte, mode, maxphyaddr):
+    """FNAME(prefetch_invalid_gpte): drop the SPTE when the gpte is not present, not accessed or reserved."""
+    if (gpte & 1) == 0 or (gpte & PT_ACCESSED_MASK) == 0 or (gpte & gpte_rsvd_mask(mode, maxphyaddr, 1, gpte)):
+        drop_spte(m, vm, row, idx)
+        return True
+    return False
+
+
+@njit(inline="always", _nrt=False)
+def gpte_access(gpte):
+    # FNAME(gpte_access) for 64-bit gptes
+    access = gpte & (ACC_WRITE_MASK | ACC_USER_MASK)
+    if gpte >= 0:  # NX (bit 63) clear
+        access |= ACC_EXEC_MASK
+    return access
+
+
+@njit(inline="always", _nrt=False)
+def protect_clean_gpte(access, gpte):
+    # FNAME(protect_clean_gpte): write access only once the guest's D bit is set
+    if not (gpte & PT_DIRTY_MASK):
+        access &= ~ACC_WRITE_MASK
+    return access
+
+
+@njit(cache=True, _nrt=False)
+def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
+    """FNAME(sync_spte): re-derive SPTE ``i`` of an unsync page from its gpte; 1 = flush, 0, -1 = zap."""
+    spte = m.pa.spt[row, i]
+    if not is_shadow_present_pte(spte):
+        return 0
+    gpte_gpa = (m.pa.sp_gfn[row] << 12) + 8 * i
+    gpte = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, gpte_gpa)
+    if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
+        return 1
+    gfn = (gpte & np.int64(0x000FFFFFFFFFF000)) >> 12
+    access = role_access(m.pa.sp_role[row]) & gpte_access(gpte)
+    access = protect_clean_gpte(access, gpte)
+    if gfn != sp_get_gfn(m, row, i):
+        drop_spte(m, vm, row, i)
+        return 1
+    if sp_get_access(m, row, i) == access:
+        return 0
+    m.sh.trans[row, i] = (gfn << 12) | access
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    new, wrprot = make_spte(m, vm, rec, row, access, gfn, spte_to_pfn(spte), spte, True, True,
+                            (spte & NPT_HOST_WRITABLE) != 0)
+    return 1 if mmu_spte_update(m, row, i, new) else 0
+
+
+@njit(cache=True, _nrt=False)
+def kvm_sync_page(m, vm, vg, row, mode, maxphyaddr):
+    """kvm_sync_page: sync every SPTE; on failure the page is zapped (onto invalid_list)."""
+    flush = 0
+    for i in range(512):
+        r = sync_spte(m, vm, vg, row, i, mode, maxphyaddr)
+        if r < 0:
+            prepare_zap_page(m, vm, row)
+            return -1
+        flush |= r
+    return flush
+
+
+@njit(cache=True, _nrt=False)
+def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
+    """mmu_sync_children: write-protect and sync every unsync page below ``parent``, 16 at a time."""
+    sc = m.sh.scratch
+    flush = False
+    while True:
+        nr = mmu_unsync_walk(m, parent)
+        if nr == 0:
+            break
+        protected = False
+        for k in range(nr):
+            sp = sc[SC_PVEC_SP + k]
+            if role_level(m.pa.sp_role[sp]) == 1:
+                rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.sp_gfn[sp])
+                if rec >= 0:
+                    protected |= rmap_write_protect_gfn(m, vm, rec, m.pa.sp_gfn[sp], 1, True)
+        if protected:
+            # kvm_mmu_remote_flush_or_zap(..., true)
+            if not commit_zap_page(m, vm):
+                flush_remote_tlbs(m, vm)
+            flush = False
+        for k in range(nr):
+            sp = sc[SC_PVEC_SP + k]
+            if role_level(m.pa.sp_role[sp]) == 1:
+                kvm_unlink_unsync_page(m, vm, sp)
+                if kvm_sync_page(m, vm, vg, sp, mode, maxphyaddr) > 0:
+                    flush = True
+                mmu_pages_clear_parents(m, k)
+    # kvm_mmu_remote_flush_or_zap
+    if not commit_zap_page(m, vm) and flush:
+        flush_remote_tlbs(m, vm)
+
+
+# ----------------------------------------------------------------------------- lookup / creation
+@njit(cache=True, _nrt=False)
+def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
+    """kvm_mmu_find_shadow_page: the valid page with this gfn and role, or -1 (mmu_cache_miss)."""
+    sh, pa = m.sh, m.pa
+    row = sh.hash[sh.hash_off[vm] + hash_bucket(gfn)]
+    found = -1
+    while row >= 0:
+        nxt = sh.hnext[row]
+        if sp_valid(m, vm, row) and pa.sp_gfn[row] == gfn:
+            if pa.sp_role[row] != role:
+                # the guest reuses an unsync page as an upper-level table: zap it
+                if role_level(role) > 1 and sh.unsync[row]:
+                    prepare_zap_page(m, vm, row)
+            else:
+                if (role & ROLE_DIRECT) == 0 and sh.unsync[row]:
+                    r = kvm_sync_page(m, vm, vg, row, mode, maxphyaddr)
+                    if r < 0:
+                        break
+                    if r > 0:
+                        flush_remote_tlbs(m, vm)
+                if (role & ROLE_DIRECT) == 0:
+                    sh.flood[row] = 0
+                found = row
+                break
+        row = nxt
+    if found < 0:
+        m.vt.stats[vm, ST_MMU_CACHE_MISS] += 1
+    commit_zap_page(m, vm)
+    return found
+
+
+@njit(cache=True, _nrt=False)
+def get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
+    # __kvm_mmu_get_shadow_page
+    row = find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
+    if row < 0:
+        row = alloc_shadow_page(m, vm, gfn, role)
+    return row
+
+
+@njit(cache=True, _nrt=False)
+def link_shadow_page(m, vm, prow, pidx, child):
+    """__link_shadow_page: drop a huge SPTE there, point the entry at ``child``, propagate unsync."""
+    old = m.pa.spt[prow, pidx]
+    if is_shadow_present_pte(old) and is_large_pte(old):
+        drop_spte(m, vm, prow, pidx)  # drop_large_spte
+        flush_remote_tlbs(m, vm)
+    m.pa.spt[prow, pidx] = make_nonleaf_spte(FMT_NPT, child, False)
+    parent_add(m.sh, child, prow * 512 + pidx)
+    if m.sh.unsync_children[child] or m.sh.unsync[child]:
+        # mark_unsync(sptep)
+        w = pidx >> 6
+        bit = np.int64(1) << np.int64(pidx & 63)
+        if not (m.sh.ubitmap[prow, w] & bit):
+            m.sh.ubitmap[prow, w] |= bit
+            c = m.sh.unsync_children[prow]
+            m.sh.unsync_children[prow] = c + 1
+            if c == 0:
+                mark_parents_unsync(m, prow)
+
+
+# ----------------------------------------------------------------------------- make_spte / set_spte
+@njit(cache=True, _nrt=False)
+def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
+    """mmu_try_to_unsync_pages: 0 = may be writable; 1 = must stay write-protected."""
+    if gfn_write_tracked(m, rec, gfn):
+        return 1
+    sh, pa = m.sh, m.pa
+    row = sh.hash[sh.hash_off[vm] + hash_bucket(gfn)]
+    while row >= 0:
+        if sp_valid(m, vm, row) and pa.sp_gfn[row] == gfn and sp_has_gptes(pa.sp_role[row]):
+            if synchronizing:
+                return 1
+            if not sh.unsync[row]:
+                if prefetch:
+                    return 1
+                # kvm_unsync_page
+                m.vt.stats[vm, ST_MMU_UNSYNC] += 1
+                sh.unsync[row] = 1
+                mark_parents_unsync(m, row)
+        row = sh.hnext[row]
+    return 0
+
+
+@njit(cache=True, _nrt=False)
+def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchronizing, host_writable):
+    """make_spte (spte.c) for a shadow page: (spte, wrprot)."""
+    level = role_level(m.pa.sp_role[row])
+    spte = SPTE_MMU_PRESENT_MASK | NPT_P
+    wrprot = False
+    if not prefetch or synchronizing:
+        spte |= NPT_A
+    if level > 1 and (pte_access & ACC_EXEC_MASK) and m.cfg[CFG_NX_HUGE_PAGES]:
+        pte_access &= ~ACC_EXEC_MASK
+    if not (pte_access & ACC_EXEC_MASK):
+        spte |= NPT_NX
+    if pte_access & ACC_USER_MASK:
+        spte |= NPT_U
+    if level > 1:
+        spte |= PT_PAGE_SIZE_MASK
+    if host_writable:
+        spte |= NPT_HOST_WRITABLE
+    else:
+        pte_access &= ~ACC_WRITE_MASK
+    spte |= pfn << 12
+    if pte_access & ACC_WRITE_MASK:
+        if (not is_last_spte(old_spte, level) or not is_writable_spte(old_spte)) and \
+                mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
+            wrprot = True
+        else:
+            spte |= PT_WRITABLE_MASK | NPT_MMU_WRITABLE | NPT_D
+    if prefetch and not synchronizing:
+        spte &= ~NPT_A  # mark_spte_for_access_track with A/D enabled
+    if (spte & PT_WRITABLE_MASK) and rec >= 0 and slot_dirty_logging(m.st, rec):
+        mark_page_dirty(m.st, m.ct, -1, rec, gfn)
+    return spte, wrprot
+
+
+@njit(cache=True, _nrt=False)
+def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fault, host_writable):
+    """mmu_set_spte: install a leaf SPTE; RET_PF_FIXED / SPURIOUS / EMULATE (write-protected write)."""
+    level = role_level(m.pa.sp_role[row])
+    ret = RET_PF_FIXED
+    flush = False
+    was_rmapped = False
+    prefetch = not is_fault
+    old = m.pa.spt[row, idx]
+    if is_shadow_present_pte(old):
+        if prefetch and is_last_spte(old, level) and spte_to_pfn(old) == pfn:
+            return RET_PF_SPURIOUS
+        if level > 1 and not is_large_pte(old):
+            drop_parent_pte(m, spte_to_child_row(old), row, idx)
+            flush = True
+        elif spte_to_pfn(old) != pfn:
+            drop_spte(m, vm, row, idx)
+            flush = True
+        else:
+            was_rmapped = True
+    old = m.pa.spt[row, idx]
+    spte, wrprot = make_spte(m, vm, rec, row, pte_access, gfn, pfn, old, prefetch, False, host_writable)
+    if old == spte:
+        ret = RET_PF_SPURIOUS
+    else:
+        flush |= mmu_spte_update(m, row, idx, spte)
+    if wrprot and write_fault:
+        ret = RET_PF_EMULATE  # RET_PF_WRITE_PROTECTED: the write is emulated
+    if flush:
+        flush_remote_tlbs(m, vm)  # kvm_flush_remote_tlbs_gfn
+    if not was_rmapped:
+        rmap_add(m, vm, rec, row, idx, gfn, pte_access)
+    else:
+        m.sh.trans[row, idx] = (gfn << 12) | pte_access  # kvm_mmu_page_set_access
+    return ret
+
+
+@njit(inline="always", _nrt=False)
+def host_page_resident(m, rec, gfn):
+    i = gfn - m.st.base_gfn[rec]
+    return (m.st.host[m.st.host_off[rec] + (i >> 6)] >> np.int64(i & 63)) & 1
+
+
+@njit(cache=True, _nrt=False)
+def prefetch_slot(m, vm, gfn, writable):
+    # gfn_to_memslot_dirty_bitmap(no_dirty_log=true)
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec < 0:
+        return -1
+    if writable and slot_dirty_logging(m.st, rec):
+        return -1
+    return rec
+
+
+@njit(cache=True, _nrt=False)
+def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
+    """FNAME(pte_prefetch): map the aligned group of 8 around a new 4K SPTE."""
+    if role_level(m.pa.sp_role[row]) > 1 or m.vt.inval_count[vm] > 0:
+        return
+    start = idx & ~(PTE_PREFETCH_NUM - 1)
+    if m.pa.sp_role[row] & ROLE_DIRECT:
+        # __direct_pte_prefetch: runs of non-present SPTEs, pages the host has mapped (gup-fast)
+        access = role_access(m.pa.sp_role[row])
+        i = start
+        while i < start + PTE_PREFETCH_NUM:
+            if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
+                i += 1
+                continue
+            j = i
+            while j < start + PTE_PREFETCH_NUM and j != idx and not is_shadow_present_pte(m.pa.spt[row, j]):
+                j += 1
+            gfn = sp_get_gfn(m, row, i)
+            rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
+            if rec < 0:
+                return
+            got = 0
+            for k in range(j - i):
+                g = gfn + k
+                if g >= m.st.base_gfn[rec] + m.st.npages[rec] or not host_page_resident(m, rec, g):
+                    break
+                got += 1
+            if got == 0:
+                return
+            for k in range(got):
+                mmu_set_spte(m, vm, rec, row, i + k, access, gfn + k, gfn_to_hva(m.st, rec, gfn + k) >> 12,
+                             False, False, True)
+            i = j
+        return
+    for i in range(start, start + PTE_PREFETCH_NUM):
+        if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
+            continue
+        # FNAME(prefetch_gpte)
+        gpte = m.sh.scratch[SC_PREFETCH + i - start]
+        if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
+            break
+        gfn = (gpte & np.int64(0x000FFFFFFFFFF000)) >> 12
+        access = protect_clean_gpte(role_access(m.pa.sp_role[row]) & gpte_access(gpte), gpte)
+        rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
+        if rec < 0 or not host_page_resident(m, rec, gfn):
+            break
+        mmu_set_spte(m, vm, rec, row, i, access, gfn, gfn_to_hva(m.st, rec, gfn) >> 12, False, False, True)
+
+
+# ----------------------------------------------------------------------------- roots
+@njit(inline="always", _nrt=False)
+def shadow_root_role(mode):
+    # kvm_calc_shadow_mmu_root_page_role: the cpu role, at least PAE-sized, EFER.NX forced on
+    role = cpu_role_word(mode)
+    lvl = role & 0xF
+    if lvl < PT32E_ROOT_LEVEL:
+        role = (role & ~np.int64(0xF)) | PT32E_ROOT_LEVEL
+    return np.int32(role | ROLE_EFER_NX)
+
+
+@njit(cache=True, _nrt=False)
+def free_root(m, vm, row):
+    # mmu_free_root_page
+    if row < 0:
+        return
+    m.sh.root_count[row] -= 1
+    if m.sh.root_count[row] == 0 and (m.pa.sp_role[row] & ROLE_INVALID):
+        prepare_zap_page(m, vm, row)
+        # a zapped invalid root is already off the active list; it was not counted in mmu_pages
+        # by prepare_zap_one (root_count was 0 only now), so it goes straight to invalid_list
+
+
+@njit(cache=True, _nrt=False)
+def free_roots(m, vm, vg, mask):
+    """kvm_mmu_free_roots: bit 0 current, bits 1..3 prev_roots."""
+    vr = m.vr
+    if mask & 1:
+        free_root(m, vm, vr.root[vg])
+        vr.root[vg] = -1
+        vr.root_pgd[vg] = 0
+    for i in range(KVM_MMU_NUM_PREV_ROOTS):
+        if mask & (2 << i):
+            free_root(m, vm, vr.prev_root[vg, i])
+            vr.prev_root[vg, i] = -1
+            vr.prev_pgd[vg, i] = 0
+    commit_zap_page(m, vm)
+
+
+@njit(cache=True, _nrt=False)
+def sync_roots(m, vm, vg, mode, maxphyaddr):
+    # kvm_mmu_sync_roots
+    root = m.vr.root[vg]
+    if root < 0:
+        return
+    if m.sh.unsync[root] or m.sh.unsync_children[root]:
+        mmu_sync_children(m, vm, vg, root, mode, maxphyaddr)
+
+
+@njit(cache=True, _nrt=False)
+def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
+    """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush."""
+    role = shadow_root_role(mode)
+    gfn = (m.vr.cr3[vg] & np.int64(0x000FFFFFFFFFF000)) >> 12
+    row = get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
+    m.sh.root_count[row] += 1
+    m.vr.root[vg] = row
+    m.vr.root_pgd[vg] = m.vr.cr3[vg]
+    sync_roots(m, vm, vg, mode, maxphyaddr)
+    m.vt.stats[vm, ST_TLB_FLUSH] += 1  # flush_tlb_current on a new root
+
+
+@njit(cache=True, _nrt=False)
+def free_obsolete_roots(m, vm, vg):
+    # kvm_mmu_free_obsolete_roots
+    mask = 0
+    if m.vr.root[vg] >= 0 and not sp_valid(m, vm, m.vr.root[vg]):
+        mask |= 1
+    for i in range(KVM_MMU_NUM_PREV_ROOTS):
+        r = m.vr.prev_root[vg, i]
+        if r >= 0 and not sp_valid(m, vm, r):
+            mask |= 2 << i
+    if mask:
+        free_roots(m, vm, vg, mask)
+
+
+@njit(inline="always", _nrt=False)
+def root_usable(m, row, pgd, want_pgd, role):
+    return row >= 0 and pgd == want_pgd and m.pa.sp_role[row] == role
+
+
+@njit(cache=True, _nrt=False)
+def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
+    """kvm_mmu_new_pgd / fast_pgd_switch: reuse the current root or one of 3 prev_roots."""
+    vr = m.vr
+    role = shadow_root_role(mode)
+    hit = False
+    if vr.root[vg] >= 0:
+        # cached_root_find_and_keep_current
+        if root_usable(m, vr.root[vg], vr.root_pgd[vg], new_pgd, role):
+            hit = True
+        else:
+            for i in range(KVM_MMU_NUM_PREV_ROOTS):
+                r, p = vr.root[vg], vr.root_pgd[vg]
+                vr.root[vg], vr.root_pgd[vg] = vr.prev_root[vg, i], vr.prev_pgd[vg, i]
+                vr.prev_root[vg, i], vr.prev_pgd[vg, i] = r, p
+                if root_usable(m, vr.root[vg], vr.root_pgd[vg], new_pgd, role):
+                    hit = True
+                    break
+            if not hit:
+                free_roots(m, vm, vg, 1)
+    else:
+        # cached_root_find_without_current
+        for i in range(KVM_MMU_NUM_PREV_ROOTS):
+            if root_usable(m, vr.prev_root[vg, i], vr.prev_pgd[vg, i], new_pgd, role):
+                vr.root[vg], vr.root_pgd[vg] = vr.prev_root[vg, i], vr.prev_pgd[vg, i]
+                for k in range(i, KVM_MMU_NUM_PREV_ROOTS - 1):
+                    vr.prev_root[vg, k], vr.prev_pgd[vg, k] = vr.prev_root[vg, k + 1], vr.prev_pgd[vg, k + 1]
+                vr.prev_root[vg, KVM_MMU_NUM_PREV_ROOTS - 1] = -1
+                vr.prev_pgd[vg, KVM_MMU_NUM_PREV_ROOTS - 1] = 0
+                hit = True
+                break
+    if hit:
+        m.sh.flood[vr.root[vg]] = 0
+
+
+@njit(cache=True, _nrt=False)
+def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
+    """kvm_set_cr3 (guest MOV to CR3, no PCID): switch roots if CR3 changed, then sync + flush."""
+    mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg])
+    if cr3 != m.vr.cr3[vg]:
+        kvm_mmu_new_pgd(m, vm, vg, cr3, mode)
+        m.vr.cr3[vg] = cr3
+    # kvm_invalidate_pcid -> KVM_REQ_MMU_SYNC + KVM_REQ_TLB_FLUSH_CURRENT, then vCPU entry
+    m.vt.stats[vm, ST_TLB_FLUSH] += 1
+    vcpu_enter(m, vm, vg, mode, maxphyaddr)
+
+
+@njit(cache=True, _nrt=False)
+def vcpu_enter(m, vm, vg, mode, maxphyaddr):
+    """The MMU part of vcpu_enter_guest: free obsolete roots, sync, (re)load the root."""
+    free_obsolete_roots(m, vm, vg)
+    if m.vr.root[vg] >= 0:
+        sync_roots(m, vm, vg, mode, maxphyaddr)
+    else:
+        kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
+
+
+@njit(cache=True, _nrt=False)
+def kvm_mmu_reset_context(m, vm, vg):
+    # kvm_mmu_reset_context -> kvm_mmu_unload: every root of the vCPU is put
+    free_roots(m, vm, vg, 0xF)
+
+
+# ----------------------------------------------------------------------------- walks
+@njit(cache=True, _nrt=False)
+def clear_flood_on_walk(m, vm, vg, gva):
+    """shadow_page_table_clear_flood: reset write_flooding_count of every page on the gva's walk."""
+    row = m.vr.root[vg]
+    if row < 0:
+        return
+    level = role_level(m.pa.sp_role[row])
+    while True:
+        m.sh.flood[row] = 0
+        idx = (gva >> (12 + 9 * (level - 1))) & 511
+        spte = m.pa.spt[row, idx]
+        if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+            return
+        row = spte_to_child_row(spte)
+        level -= 1
+
+
+@njit(inline="always", _nrt=False)
+def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
+    """The processor's walk of the shadow tables: (error code or 0, gpa, refs, row, idx).  Hardware
+    CR0.WP is always 1 under shadow paging; SMEP/SMAP are the guest's; A/D of the leaf get set."""
+    row = m.vr.root[vg]
+    level = role_level(m.pa.sp_role[row])
+    refs = 0
+    write = (pfec & PFERR_WRITE) != 0
+    user = (pfec & PFERR_USER) != 0
+    fetch = (pfec & PFERR_FETCH) != 0
+    while True:
+        idx = (gva >> (12 + 9 * (level - 1))) & 511
+        spte = m.pa.spt[row, idx]
+        refs += 1
+        if not (spte & NPT_P):
+            return pfec, 0, refs, row, idx
+        if level == 1 or (spte & PT_PAGE_SIZE_MASK):
+            if (write and not (spte & PT_WRITABLE_MASK)) or (user and not (spte & NPT_U)) or \
+                    (fetch and spte < 0):
+                return pfec | PFERR_PRESENT, 0, refs, row, idx
+            if not user and (spte & NPT_U):
+                from_smep = fetch and (mode & MODE_SMEP) != 0
+                from_smap = not fetch and (mode & MODE_SMAP) != 0 and (mode & MODE_AC) == 0
+                if from_smep or from_smap:
+                    return pfec | PFERR_PRESENT, 0, refs, row, idx
+            want = NPT_A | (NPT_D if write else np.int64(0))
+            if (spte & want) != want:
+                m.pa.spt[row, idx] = spte | want
+            size_mask = (np.int64(1) << np.int64(12 + 9 * (level - 1))) - 1
+            gpa = (sp_get_gfn(m, row, idx) << 12) | (gva & size_mask)
+            return 0, gpa, refs, row, idx
+        row = spte_to_child_row(spte)
+        level -= 1
+
+
+@njit(cache=True, _nrt=False)
+def track_write(m, vm, gpa, nbytes):
+    """kvm_mmu_track_write: an emulated write hit guest memory; zap what shadows the written gpte."""
+    if m.sh.indirect[vm] == 0:
+        return
+    gfn = gpa >> 12
+    # mmu_pte_write_fetch_gpte (64-bit gptes)
+    gentry = np.int64(0)
+    if nbytes == 4 or nbytes == 8:
+        gentry = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, gpa & ~7)
+        if nbytes == 4:
+            gentry = (gentry >> np.int64(32 if gpa & 4 else 0)) & np.int64(0xFFFFFFFF)
+    m.vt.stats[vm, ST_MMU_PTE_WRITE] += 1
+    sh, pa = m.sh, m.pa
+    flush = False
+    row = sh.hash[sh.hash_off[vm] + hash_bucket(gfn)]
+    while row >= 0:
+        nxt = sh.hnext[row]
+        role = pa.sp_role[row]
+        if sp_valid(m, vm, row) and pa.sp_gfn[row] == gfn and sp_has_gptes(role):
+            offset = gpa & 4095
+            # detect_write_misaligned (8-byte gptes)
+            misaligned = False
+            if not ((offset & 7) == 0 and nbytes == 1):
+                misaligned = ((offset ^ (offset + nbytes - 1)) & ~7) != 0 or nbytes < 4
+            flooded = False
+            if not misaligned and role_level(role) > 1:
+                # detect_write_flooding
+                sh.flood[row] += 1
+                flooded = sh.flood[row] >= 3
+            if misaligned or flooded:
+                prepare_zap_page(m, vm, row)
+                m.vt.stats[vm, ST_MMU_FLOODED] += 1
+            else:
+                i = offset >> 3  # get_written_sptes
+                entry = pa.spt[row, i]
+                mmu_page_zap_pte(m, vm, row, i)
+                if gentry != 0 and role_level(role) != 1:
+                    m.vt.stats[vm, ST_MMU_PDE_ZAPPED] += 1
+                if is_shadow_present_pte(entry):
+                    flush = True
+        row = nxt
+    # kvm_mmu_remote_flush_or_zap
+    if not commit_zap_page(m, vm) and flush:
+        flush_remote_tlbs(m, vm)
+
+
+@njit(cache=True, _nrt=False)
+def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr):
+    """kvm_mmu_invlpg -> kvm_mmu_invalidate_addr over the current and previous roots."""
+    for r in range(1 + KVM_MMU_NUM_PREV_ROOTS):
+        row = m.vr.root[vg] if r == 0 else m.vr.prev_root[vg, r - 1]
+        if row < 0:
+            continue
+        level = role_level(m.pa.sp_role[row])
+        while level >= 1:
+            idx = (gva >> (12 + 9 * (level - 1))) & 511
+            if m.sh.unsync[row]:
+                ret = sync_spte(m, vm, vg, row, idx, mode, maxphyaddr)
+                if ret < 0:
+                    mmu_page_zap_pte(m, vm, row, idx)
+                if ret:
+                    flush_remote_tlbs(m, vm)
+            if m.sh.unsync_children[row] == 0:
+                break
+            spte = m.pa.spt[row, idx]
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                break
+            row = spte_to_child_row(spte)
+            level -= 1
+    m.vt.stats[vm, ST_INVLPG] += 1
+
+
+# ----------------------------------------------------------------------------- the fault
+@njit(cache=True, _nrt=False)
+def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writable, mode, maxphyaddr):
+    """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
+    then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
+    pa, sh = m.pa, m.sh
+    row = m.vr.root[vg]
+    level = role_level(pa.sp_role[row])
+    gw_level = wk[WK_LEAF_LEVEL]
+    idx = 0
+    while True:
+        idx = (gva >> (12 + 9 * (level - 1))) & 511
+        sh.flood[row] = 0  # clear_sp_write_flooding_count
+        if level == gw_level:
+            break
+        spte = pa.spt[row, idx]
+        if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            row = spte_to_child_row(spte)  # kvm_mmu_get_child_sp -> -EEXIST
+            level -= 1
+            continue
+        table_gfn = wk[WK_TABLE_GFN + level - 1]
+        access = wk[WK_PT_ACCESS + level - 1]
+        # kvm_mmu_child_role
+        role = (pa.sp_role[row] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT) & ~np.int32(ROLE_DIRECT)
+                & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(access << ROLE_ACCESS_SHIFT)
+        child = get_shadow_page(m, vm, vg, table_gfn, role, mode, maxphyaddr)
+        if sh.unsync_children[child]:
+            mmu_sync_children(m, vm, vg, child, mode, maxphyaddr)
+        link_shadow_page(m, vm, row, idx, child)
+        row = child
+        level -= 1
+    # kvm_mmu_hugepage_adjust
+    goal_level = 1
+    if gw_level > 1 and rec >= 0 and not slot_dirty_logging(m.st, rec):
+        req = kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level)
+        huge_disallowed = False  # the NX huge page workaround is off on shadow hosts we model
+        if req > 1 and not huge_disallowed:
+            goal_level = req
+    direct_access = pte_access
+    while level > goal_level:
+        spte = pa.spt[row, idx]
+        # validate_direct_spte
+        if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            child = spte_to_child_row(spte)
+            if role_access(pa.sp_role[child]) != direct_access:
+                drop_parent_pte(m, child, row, idx)
+                flush_remote_tlbs(m, vm)
+        spte = pa.spt[row, idx]
+        if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            row = spte_to_child_row(spte)
+        else:
+            base = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
+            role = (pa.sp_role[row] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)) | np.int32(level - 1) \
+                | np.int32(direct_access << ROLE_ACCESS_SHIFT) | np.int32(ROLE_DIRECT)
+            child = get_shadow_page(m, vm, vg, base, role, mode, maxphyaddr)
+            link_shadow_page(m, vm, row, idx, child)
+            row = child
+        level -= 1
+        idx = (gva >> (12 + 9 * (level - 1))) & 511
+    base_gfn = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
+    pfn_al = pfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
+    ret = mmu_set_spte(m, vm, rec, row, idx, pte_access, base_gfn, pfn_al, True, write_fault, host_writable)
+    if ret == RET_PF_SPURIOUS:
+        return ret
+    pte_prefetch(m, vm, row, idx, mode, maxphyaddr, 0)
+    return ret
+
+
+@njit(cache=True, _nrt=False)
+def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
+    """kvm_mmu_do_page_fault -> FNAME(page_fault).  Returns (RET_PF_*, guest error code or 0)."""
+    wk = m.sh.scratch  # the walker output lives at SC_WK == 0
+    gm = m.gm
+    pfec = err & (PFERR_WRITE | PFERR_USER | PFERR_FETCH)
+    write = (err & PFERR_WRITE) != 0
+    present = (err & PFERR_PRESENT) != 0
+    gerr = guest_walk(gm.key, gm.row, gm.page, vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg], maxphyaddr,
+                      gva, pfec, wk)
+    if gerr != 0:
+        return RET_PF_RETRY, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault
+    gfn = wk[WK_GFN]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec >= 0 and not (write and slot_readonly(m.st, rec)) and \
+            m.host[HOST_USED_BYTES] + (host_page_pages(m.st, rec, gfn) << 12) > m.host[HOST_BUDGET_BYTES]:
+        return RET_PF_OOM, 0  # the host cannot back the page: stop before any change
+    set_ad_and_log(m, vm, wk, pfec)
+    # page_fault_handle_page_track
+    if present and write and gfn_write_tracked(m, rec, gfn):
+        clear_flood_on_walk(m, vm, vg, gva)
+        return RET_PF_EMULATE, 0
+    pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
+    # prefetch group of the leaf gpte, read now (FNAME(gpte_changed) at level 1)
+    if wk[WK_LEAF_LEVEL] == 1:
+        base = wk[WK_PTE_GPA + 1] & ~np.int64(63)
+        for k in range(PTE_PREFETCH_NUM):
+            m.sh.scratch[SC_PREFETCH + k] = gm_read64(gm.key, gm.row, gm.page, vm, base + 8 * k)
+    # kvm_faultin_pfn
+    if rec < 0:
+        return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
+    if m.vt.inval_count[vm] > 0 and m.vt.inval_start[vm] <= gfn < m.vt.inval_end[vm]:
+        return RET_PF_RETRY, 0
+    if write and slot_readonly(m.st, rec):
+        return RET_PF_EMULATE, 0
+    host_writable = not slot_readonly(m.st, rec)
+    host_fault_in(m.st, m.vt, m.host, rec, gfn, vm)
+    pfn = gfn_to_hva(m.st, rec, gfn) >> 12
+    # CR0.WP=0: a supervisor write through a read-only gpte maps the page writable for the kernel only
+    user = (err & PFERR_USER) != 0
+    if write and not (pte_access & ACC_WRITE_MASK) and not (mode & MODE_WP) and not user:
+        pte_access = (pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
+        if mode & MODE_SMEP:
+            pte_access &= ~ACC_EXEC_MASK
+    r = fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write, host_writable, mode, maxphyaddr)
+    return r, 0
+
+
+@njit(cache=True, _nrt=False)
+def set_ad_and_log(m, vm, wk, pfec):
+    """FNAME(update_accessed_dirty_bits): set guest A/D, and log the dirtied table pages."""
+    changed = guest_set_ad(m.gm.key, m.gm.row, m.gm.page, m.gm.ctl, vm, wk, pfec)
+    if changed == 0:
+        return
+    for level in range(1, 6):
+        if (changed >> level) & 1:
+            tg = wk[WK_PTE_GPA + level] >> 12
+            rec = gfn_to_memslot(m.vt, m.st, vm, tg)
+            if rec >= 0:
+                mark_page_dirty(m.st, m.ct, -1, rec, tg)
+
+
+@njit(cache=True, _nrt=False)
+def emulated_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
+    """An access by KVM's emulator: software walk (A/D set), memory through the memslots, and for a
+    write kvm_mmu_track_write.  Returns (outcome, error code)."""
+    gm = m.gm
+    wk = m.sh.scratch
+    if mode_levels(mode) == 0:
+        gpa = gva
+    else:
+        gerr = guest_walk(gm.key, gm.row, gm.page, vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg],
+                          maxphyaddr, gva, pfec, wk)
+        if gerr != 0:
+            m.vt.stats[vm, ST_PF_GUEST] += 1
+            return OUT_GUEST_FAULT, gerr & PFERR_MASK
+        set_ad_and_log(m, vm, wk, pfec)
+        gpa = wk[WK_GPA]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gpa >> 12)
+    if rec < 0:
+        return OUT_MMIO, 0
+    if pfec & PFERR_WRITE:
+        if slot_readonly(m.st, rec):
+            return OUT_EMULATED, 0
+        gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, value, nbytes)
+        mark_page_dirty(m.st, m.ct, -1, rec, gpa >> 12)
+        track_write(m, vm, gpa, nbytes)
+    return OUT_EMULATED, 0
+
+
+@njit(cache=True, _nrt=False)
+def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
+    """One native guest access (a store of ``value`` when nbytes > 0): (outcome, error code)."""
+    stats = m.vt.stats
+    stats[vm, ST_ACCESSES] += 1
+    outcome = OUT_HIT
+    err = np.int64(0)
+    for attempt in range(MAX_EXITS):
+        e, gpa, refs, row, idx = shadow_hw_walk(m, vm, vg, gva, pfec, mode)
+        stats[vm, ST_WALK_REFS] += refs
+        if e == 0:
+            if nbytes > 0:
+                gm_write_bytes(m.gm.key, m.gm.row, m.gm.page, m.gm.ctl, vm, gpa, value, nbytes)
+            return outcome, err
+        err = e
+        stats[vm, ST_PF_TAKEN] += 1
+        r, gerr = shadow_page_fault(m, vm, vg, gva, e, mode, maxphyaddr)
+        if r == RET_PF_OOM:
+            stats[vm, ST_PF_TAKEN] -= 1
+            stats[vm, ST_WALK_REFS] -= refs
+            if attempt == 0:
+                stats[vm, ST_ACCESSES] -= 1
+                return -1, err
+            return OUT_RETRY, err
+        if r == RET_PF_RETRY:
+            if gerr != 0:
+                stats[vm, ST_PF_GUEST] += 1
+                return OUT_GUEST_FAULT, gerr
+            stats[vm, ST_PF_RETRY] += 1
+            return OUT_RETRY, err
+        if r == RET_PF_FIXED:
+            stats[vm, ST_PF_FIXED] += 1
+            outcome = OUT_FIXED
+        elif r == RET_PF_SPURIOUS:
+            stats[vm, ST_PF_SPURIOUS] += 1
+            outcome = OUT_SPURIOUS
+        else:
+            stats[vm, ST_PF_EMULATE] += 1
+            o, ge = emulated_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr)
+            if r == RET_PF_MMIO:
+                return OUT_MMIO, err
+            return o if o == OUT_GUEST_FAULT else OUT_EMULATED, err
+    return outcome, err
+
+
+@njit(cache=True, _nrt=False)
+def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_size, maxphy, start,
+                       out_outcome, out_err):
+    """Run events ev[start:] of shadow-MMU VMs in order.  Returns (next_event, STOP_*)."""
+    n = ev_vm.shape[0]
+    sh = m.sh
+    for i in range(start, n):
+        if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or sh.ctl[SH_PL_AVAIL] < MAX_PL_PER_EVENT or \
+                sh.ctl[SH_RN_AVAIL] < MAX_RN_PER_EVENT or \
+                m.gm.page.shape[0] - m.gm.ctl[0] < MAX_GM_PER_EVENT or \
+                2 * (m.gm.ctl[1] + MAX_GM_PER_EVENT) > m.gm.key.shape[0]:
+            return i, STOP_NEED_PAGES
+        vm = ev_vm[i]
+        vg = m.ct.vcpu_off[vm] + ev_vcpu[i]
+        op = ev_op[i]
+        addr = ev_addr[i]
+        kind = ev_kind[i]
+        mp = maxphy[vm]
+        mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg])
+        if m.vr.root[vg] < 0 or not sp_valid(m, vm, m.vr.root[vg]):
+            vcpu_enter(m, vm, vg, mode, mp)
+        out_err[i] = 0
+        if op == OP_ACCESS:
+            o, e = shadow_access(m, vm, vg, addr, kind, ev_value[i], ev_size[i], mode, mp)
+            if o < 0:
+                return i, STOP_HOST_OOM
+            out_outcome[i] = o
+            out_err[i] = e
+        elif op == OP_EMULATED:
+            o, e = emulated_access(m, vm, vg, addr, kind, ev_value[i], ev_size[i], mode, mp)
+            out_outcome[i] = o
+            out_err[i] = e
+        elif op == OP_INVLPG:
+            invalidate_addr(m, vm, vg, addr, mode, mp)
+            out_outcome[i] = OUT_EMULATED
+        elif op == OP_MOV_CR3:
+            kvm_set_cr3(m, vm, vg, addr, mp)
+            out_outcome[i] = OUT_EMULATED
+        else:
+            # kvm_vcpu_flush_tlb_guest: sync the current root, free unsync prev roots
+            m.vt.stats[vm, ST_TLB_FLUSH] += 1
+            sync_roots(m, vm, vg, mode, mp)
+            mask = 0
+            for k in range(KVM_MMU_NUM_PREV_ROOTS):
+                r = m.vr.prev_root[vg, k]
+                if r >= 0 and (sh.unsync[r] or sh.unsync_children[r]):
+                    mask |= 2 << k
+            if mask:
+                free_roots(m, vm, vg, mask)
+            out_outcome[i] = OUT_EMULATED
+    return n, STOP_DONE
+
+
+# ----------------------------------------------------------------------------- memslot events
+@njit(cache=True, _nrt=False)
+def shadow_zap_all_fast(m, vm):
+    """kvm_mmu_zap_all_fast: new generation, zap every now-obsolete page (oldest first)."""
+    m.sh.valid_gen[vm] ^= 1
+    row = m.sh.act_tail[vm]
+    while row >= 0:
+        prv = m.sh.aprev[row]
+        if not (m.pa.sp_role[row] & ROLE_INVALID):
+            prepare_zap_page(m, vm, row)
+        row = prv if prv >= 0 and m.sh.gen[prv] != m.sh.valid_gen[vm] else -1
+        if row < 0:
+            row = m.sh.act_tail[vm]
+            if row >= 0 and m.sh.gen[row] == m.sh.valid_gen[vm]:
+                row = -1
+    commit_zap_page(m, vm)
+
+
+@njit(cache=True, _nrt=False)
+def shadow_slot_wrprot(m, vm, rec, min_level):
+    """slot_rmap_write_protect over a whole slot (kvm_mmu_slot_remove_write_access): True if changed."""
+    flush = False
+    for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        off = m.sh.rmap_off[rec, level - 1]
+        if off < 0:
+            continue
+        shift = (level - 1) * 9
+        n_heads = ((m.st.base_gfn[rec] + m.st.npages[rec] - 1) >> shift) - (m.st.base_gfn[rec] >> shift) + 1
+        for h in range(off, off + n_heads):
+            n = m.sh.rmap_head[h]
+            while n >= 0:
+                sptep = m.sh.rn_sptep[n]
+                n = m.sh.rn_next[n]
+                row = sptep_row(sptep)
+                idx = sptep_idx(sptep)
+                spte = m.pa.spt[row, idx]
+                if spte & PT_WRITABLE_MASK:
+                    m.pa.spt[row, idx] = spte & ~PT_WRITABLE_MASK
+                    flush = True
+    return flush
+
+
+@njit(cache=True, _nrt=False)
+def shadow_wrprot_masked(m, vm, rec, first, mask):
+    """kvm_mmu_write_protect_pt_masked: write-protect the 4K SPTEs of the gfns in a 64-page mask."""
+    for b in range(64):
+        if (mask >> np.int64(b)) & 1:
+            gfn = m.st.base_gfn[rec] + first + b
+            rmap_write_protect_gfn_level(m, rec, gfn, 1)
+
+
+@njit(cache=True, _nrt=False)
+def rmap_write_protect_gfn_level(m, rec, gfn, level):
+    # rmap_write_protect(pt_protect=false) on one rmap head
+    n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gfn)]
+    while n >= 0:
+        sptep = m.sh.rn_sptep[n]
+        n = m.sh.rn_next[n]
+        row = sptep_row(sptep)
+        idx = sptep_idx(sptep)
+        if m.pa.spt[row, idx] & PT_WRITABLE_MASK:
+            m.pa.spt[row, idx] &= ~PT_WRITABLE_MASK
+
+
+@njit(cache=True, _nrt=False)
+def shadow_get_dirty_log(m, vm, rec, out):
+    """kvm_get_dirty_log_protect without manual protect (rmap flavour): True if any bit was set."""
+    st = m.st
+    off = st.dirty_off[rec]
+    words = (st.npages[rec] + 63) >> 6
+    flush = False
+    for w in range(words):
+        mask = st.dirty[off + w]
+        out[w] = mask
+        if mask == 0:
+            continue
+        flush = True
+        st.dirty[off + w] = 0
+        shadow_wrprot_masked(m, vm, rec, w * 64, mask)
+    return flush
+
+
+@njit(cache=True, _nrt=False)
+def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
+    """kvm_clear_dirty_log_protect (rmap flavour): pages cleared."""
+    st = m.st
+    off = st.dirty_off[rec]
+    cleared = 0
+    npages = st.npages[rec]
+    for k in range((num_pages + 63) >> 6):
+        i = (first_page >> 6) + k
+        mask = bitmap[k] & st.dirty[off + i]
+        if i * 64 + 64 > npages:
+            mask &= (np.int64(1) << np.int64(npages - i * 64)) - 1
+        if mask == 0:
+            continue
+        st.dirty[off + i] &= ~mask
+        for b in range(64):
+            cleared += (mask >> np.int64(b)) & 1
+        shadow_wrprot_masked(m, vm, rec, i * 64, mask)
+    return cleared
+
+
+@njit(cache=True, _nrt=False)
+def shadow_zap_collapsible(m, vm, rec):
+    """kvm_mmu_zap_collapsible_sptes (rmap part): drop 4K SPTEs of direct pages that could be huge."""
+    flush = False
+    off = m.sh.rmap_off[rec, 0]
+    if off < 0:
+        return False
+    for h in range(off, off + m.st.npages[rec]):
+        n = m.sh.rmap_head[h]
+        while n >= 0:
+            sptep = m.sh.rn_sptep[n]
+            n = m.sh.rn_next[n]
+            row = sptep_row(sptep)
+            if (m.pa.sp_role[row] & ROLE_DIRECT) and \
+                    role_level(m.pa.sp_role[row]) < kvm_mmu_max_mapping_level(
+                        m.st, rec, m.st.base_gfn[rec] + h - off, KVM_MAX_HUGEPAGE_LEVEL):
+                drop_spte(m, vm, row, sptep_idx(sptep))
+                flush = True
+    return flush
+
+
+@njit(cache=True, _nrt=False)
+def shadow_zap_gfn_range(m, vm, rec, start, end):
+    """kvm_unmap_gfn_range over the rmaps (MMU notifier): every SPTE of [start, end) at every level."""
+    flush = False
+    for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        if m.sh.rmap_off[rec, level - 1] < 0:
+            continue
+        shift = (level - 1) * 9
+        g = (start >> shift) << shift
+        while g < end:
+            if g >= m.st.base_gfn[rec] or level > 1:
+                gg = max(g, m.st.base_gfn[rec])
+                n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+                while n >= 0:
+                    sptep = m.sh.rn_sptep[n]
+                    n = m.sh.rn_next[n]
+                    drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
+                    flush = True
+            g += np.int64(1) << np.int64(shift)
+    return flush
