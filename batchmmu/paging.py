@@ -236,22 +236,78 @@ class GuestPaging:
                 changed |= name in ("cr0", "cr3", "cr4", "efer")
                 arr[i] = new
         mode = int(cpu_mode(vr.cr0[i], vr.cr4[i], vr.efer[i], vr.rflags[i]))
-        if int(vr.cr0[i]) & int(X86_CR0_PG):
-            if self._mmu_kind[vm] == S.MMU_TDP:
-                raise bad("cr0", int(vr.cr0[i]), "guest paging under mmu='tdp' (2D walks) is not simulated yet; "
-                          "use mmu='shadow'")
-            levels = int(mode_levels(np.int64(mode)))
-            if levels not in (4, 5):
-                raise bad("cr4", int(vr.cr4[i]), "the shadow MMU simulates 4- and 5-level guests (EFER.LMA=1) so "
-                          "far; 32-bit and PAE guests are not built yet")
+        if int(vr.cr0[i]) & int(X86_CR0_PG) and self._mmu_kind[vm] == S.MMU_SHADOW:
+            # (under TDP the processor walks the guest tables: kernels/tdp2d.py; protection keys work)
             if int(vr.cr4[i]) & X86_CR4_PKE:
                 raise bad("cr4", int(vr.cr4[i]), "KVM does not offer protection keys with shadow paging")
+        if int(mode_levels(np.int64(mode))) == 3 and changed:
+            # load_pdptrs: the four PDPTEs at CR3 (32-byte aligned) are cached at the register load
+            vr.pdptr[i] = self._gm_read_words(vm, int(vr.cr3[i]) & 0xFFFFFFE0, 4).view(np.int64)
         if changed and self._mmu_kind[vm] == S.MMU_SHADOW:
             K.kvm_mmu_reset_context(self._mmu_bundle(), vm, i)
 
     def _guest_paging_on(self, vm_a, vcpu_a):
         vg = self.ct.vcpu_off[vm_a] + vcpu_a
         return (self.vr.cr0[vg] & int(X86_CR0_PG)) != 0
+
+    # ------------------------------------------------------------------ TDP with guest paging (2D walks)
+    def _gva_vms(self):
+        """Per VM (as long as ``_maxphyaddr``): True where access addresses may be gvas (a shadow VM, or a
+        VM with a vCPU that has CR0.PG set)."""
+        out = self._mmu_kind[:self._maxphyaddr.shape[0]] == S.MMU_SHADOW
+        pg = np.nonzero(self.vr.cr0 & int(X86_CR0_PG))[0]
+        if pg.size:
+            out[np.searchsorted(self.ct.vcpu_off[:self.nvm], pg, side="right") - 1] = True
+        return out
+
+    def _tdp2d_mask(self, vm_a, vcpu_a, shadow, stores=False):
+        """Events for kernels/tdp2d.py: every event of a TDP VM that has a paging vCPU in the batch (so a
+        VM's events keep their order), and with ``stores`` every TDP event (the kernel writes values)."""
+        if stores:
+            return ~shadow
+        pg = ~shadow & self._guest_paging_on(vm_a, vcpu_a)
+        if not pg.any():
+            return pg
+        return np.isin(vm_a, np.unique(vm_a[pg]))
+
+    def _run_tdp2d(self, vm_a, vcpu_a, addr_a, kind_a, value_a, size_a):
+        """Run TDP events through the 2D-walk kernel; ``size_a[i]`` > 0 makes event i a store."""
+        from . import reclaim as _reclaim
+        from .arena import grow_page_arena
+        from .errors import HostMemoryExhausted
+        from .kernels.tdp2d import SC_OOM_GPA, tdp2d_batch
+        from .units import format_size
+        n = vm_a.size
+        pg = self._guest_paging_on(vm_a, vcpu_a)
+        big = ~pg & ((addr_a >> self._maxphyaddr[vm_a]) != 0)
+        if big.any():
+            j = int(np.nonzero(big)[0][0])
+            raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
+                      "(the vCPU has paging off)")
+        out = np.zeros(n, np.int8)
+        err = np.zeros(n, np.int32)
+        i = 0
+        oom_at = -1
+        while i < n:
+            # top-up: table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores
+            if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
+                self.pa = grow_page_arena(self.pa, max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
+            self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
+            i, stop = tdp2d_batch(self._mmu_bundle(), vm_a, vcpu_a, addr_a, kind_a, value_a, size_a,
+                                  self._maxphyaddr, i, out, err)
+            if stop == S.STOP_HOST_OOM and i != oom_at and \
+                    _reclaim.direct_reclaim(self, int(vm_a[i]), int(self.sh.scratch[SC_OOM_GPA])):
+                oom_at = i  # overcommit: reclaimed; the event runs again
+            elif stop == S.STOP_HOST_OOM:
+                applied = np.zeros(n, bool)
+                applied[:i] = True
+                e = HostMemoryExhausted(
+                    f"memory={format_size(self.memory)}: host memory budget exhausted at VM {int(vm_a[i])}, "
+                    f"address {int(addr_a[i]):#x}; {i} of {n} events were applied. Give the Host more memory.",
+                    field="memory", value=self.memory)
+                e.applied = applied
+                raise e
+        return out, err
 
     # ------------------------------------------------------------------ shadow events
     def _run_shadow(self, vm_a, vcpu_a, op_a, addr_a, kind_a, value_a, size_a):

@@ -12,9 +12,11 @@ Modelled: 4- and 5-level guests (PAE and 32-bit guests are refused by batchmmu/h
 import numpy as np
 from numba import njit
 
-from .gmem import gm_read64, gm_write_bytes
+from .gmem import gm_read32, gm_read64, gm_write_bytes
 from .guest_walk import (
     MODE_AC,
+    MODE_PAE,
+    MODE_PSE36_KVM,
     MODE_SMAP,
     MODE_SMEP,
     MODE_WP,
@@ -69,6 +71,7 @@ from .spte import (
     ROLE_ACCESS_SHIFT,
     ROLE_DIRECT,
     ROLE_EFER_NX,
+    ROLE_HAS_4_BYTE_GPTE,
     ROLE_INVALID,
     ROLE_PASSTHROUGH,
     SHADOW_NONPRESENT_VALUE,
@@ -146,6 +149,8 @@ OP_MOV_CR3 = 3       # guest MOV to CR3 (kvm_set_cr3)
 OP_FLUSH = 4         # guest TLB flush (kvm_vcpu_flush_tlb_guest)
 
 PT32E_ROOT_LEVEL = 3
+PAE_ROOT = -2        # vr.root value while the vCPU runs on its 4 PAE roots (32-bit and PAE guests)
+GFN_MASK_64 = np.int64(0x000FFFFFFFFFF000)
 RMAP_RECYCLE_THRESHOLD = 1000
 KVM_PAGE_ARRAY_NR = 16
 
@@ -216,6 +221,36 @@ def sp_get_access(m, row, i):
     if sp_has_gptes(role):
         return m.sh.trans[row, i] & 7
     return role_access(role)
+
+
+@njit(inline="always", _nrt=False)
+def role_quadrant(role):
+    return (role >> 5) & 3
+
+
+@njit(inline="always", _nrt=False)
+def sp_gpte(m, vm, row, i):
+    """The guest pte that SPTE ``i`` of a last-level indirect page shadows (FNAME(get_level1_sp_gpa))."""
+    role = m.pa.sp_role[row]
+    base = m.pa.sp_gfn[row] << 12
+    if role & ROLE_HAS_4_BYTE_GPTE:
+        return gm_read32(m.gm.key, m.gm.row, m.gm.page, vm, base + role_quadrant(role) * 2048 + 4 * i)
+    return gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, base + 8 * i)
+
+
+@njit(inline="always", _nrt=False)
+def walk_start(m, vg, gva):
+    """shadow_walk_init: (row, level) of the first shadow page a walk for ``gva`` visits; PAE roots are
+    picked by gva bits 31:30.  (-1, 0): nothing there."""
+    row = m.vr.root[vg]
+    if row == PAE_ROOT:
+        row = m.vr.pae_root[vg, (gva >> 30) & 3]
+        if row < 0:
+            return -1, 0
+        return row, 2
+    if row < 0:
+        return -1, 0
+    return row, role_level(m.pa.sp_role[row])
 
 
 @njit(inline="always", _nrt=False)
@@ -691,11 +726,10 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     spte = m.pa.spt[row, i]
     if not is_shadow_present_pte(spte):
         return 0
-    gpte_gpa = (m.pa.sp_gfn[row] << 12) + 8 * i
-    gpte = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, gpte_gpa)
+    gpte = sp_gpte(m, vm, row, i)
     if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
         return 1
-    gfn = (gpte & np.int64(0x000FFFFFFFFFF000)) >> 12
+    gfn = (gpte & GFN_MASK_64) >> 12
     access = role_access(m.pa.sp_role[row]) & gpte_access(gpte)
     access = protect_clean_gpte(access, gpte)
     if gfn != sp_get_gfn(m, row, i):
@@ -970,7 +1004,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
         gpte = m.sh.scratch[SC_PREFETCH + i - start]
         if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
             break
-        gfn = (gpte & np.int64(0x000FFFFFFFFFF000)) >> 12
+        gfn = (gpte & GFN_MASK_64) >> 12
         access = protect_clean_gpte(role_access(m.pa.sp_role[row]) & gpte_access(gpte), gpte)
         rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
         if rec < 0 or not host_page_resident(m, rec, gfn):
@@ -1006,7 +1040,12 @@ def free_roots(m, vm, vg, mask):
     """kvm_mmu_free_roots: bit 0 current, bits 1..3 prev_roots."""
     vr = m.vr
     if mask & 1:
-        free_root(m, vm, vr.root[vg])
+        if vr.root[vg] == PAE_ROOT:
+            for i in range(4):
+                free_root(m, vm, vr.pae_root[vg, i])
+                vr.pae_root[vg, i] = -1
+        else:
+            free_root(m, vm, vr.root[vg])
         vr.root[vg] = -1
         vr.root_pgd[vg] = 0
     for i in range(KVM_MMU_NUM_PREV_ROOTS):
@@ -1021,6 +1060,12 @@ def free_roots(m, vm, vg, mask):
 def sync_roots(m, vm, vg, mode, maxphyaddr):
     # kvm_mmu_sync_roots
     root = m.vr.root[vg]
+    if root == PAE_ROOT:
+        for i in range(4):
+            r = m.vr.pae_root[vg, i]
+            if r >= 0:
+                mmu_sync_children(m, vm, vg, r, mode, maxphyaddr)
+        return
     if root < 0:
         return
     if m.sh.unsync[root] or m.sh.unsync_children[root]:
@@ -1031,10 +1076,30 @@ def sync_roots(m, vm, vg, mode, maxphyaddr):
 def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush."""
     role = shadow_root_role(mode)
-    gfn = (m.vr.cr3[vg] & np.int64(0x000FFFFFFFFFF000)) >> 12
-    row = get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
-    m.sh.root_count[row] += 1
-    m.vr.root[vg] = row
+    levels = mode_levels(mode)
+    if levels >= 4:
+        gfn = (m.vr.cr3[vg] & GFN_MASK_64) >> 12
+        row = get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
+        m.sh.root_count[row] += 1
+        m.vr.root[vg] = row
+    else:
+        # mmu_alloc_shadow_roots for 32-bit and PAE guests: four level-2 roots behind pae_root
+        for i in range(4):
+            if levels == 3:
+                pdpte = m.vr.pdptr[vg, i]
+                if not (pdpte & 1):
+                    m.vr.pae_root[vg, i] = -1
+                    continue
+                gfn = (pdpte & GFN_MASK_64) >> 12
+                quadrant = 0
+            else:
+                gfn = (m.vr.cr3[vg] & np.int64(0xFFFFF000)) >> 12
+                quadrant = i
+            r = (role & ~np.int32(0xF) & ~np.int32(3 << 5)) | np.int32(2) | np.int32(quadrant << 5)
+            row = get_shadow_page(m, vm, vg, gfn, r, mode, maxphyaddr)
+            m.sh.root_count[row] += 1
+            m.vr.pae_root[vg, i] = row
+        m.vr.root[vg] = PAE_ROOT
     m.vr.root_pgd[vg] = m.vr.cr3[vg]
     sync_roots(m, vm, vg, mode, maxphyaddr)
     m.vt.stats[vm, ST_TLB_FLUSH] += 1  # flush_tlb_current on a new root
@@ -1046,6 +1111,11 @@ def free_obsolete_roots(m, vm, vg):
     mask = 0
     if m.vr.root[vg] >= 0 and not sp_valid(m, vm, m.vr.root[vg]):
         mask |= 1
+    if m.vr.root[vg] == PAE_ROOT:
+        for i in range(4):
+            r = m.vr.pae_root[vg, i]
+            if r >= 0 and not sp_valid(m, vm, r):
+                mask |= 1
     for i in range(KVM_MMU_NUM_PREV_ROOTS):
         r = m.vr.prev_root[vg, i]
         if r >= 0 and not sp_valid(m, vm, r):
@@ -1065,6 +1135,8 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
     vr = m.vr
     role = shadow_root_role(mode)
     hit = False
+    if vr.root[vg] == PAE_ROOT:
+        free_roots(m, vm, vg, 1)  # special (PAE) roots are never cached
     if vr.root[vg] >= 0:
         # cached_root_find_and_keep_current
         if root_usable(m, vr.root[vg], vr.root_pgd[vg], new_pgd, role):
@@ -1097,7 +1169,18 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
 @njit(cache=True, _nrt=False)
 def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
     """kvm_set_cr3 (guest MOV to CR3, no PCID): switch roots if CR3 changed, then sync + flush."""
-    mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg])
+    mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg]) | MODE_PSE36_KVM
+    if mode_levels(mode) == 3:
+        # load_pdptrs: always reloaded for PAE paging; new values drop the current (PAE) roots
+        base = cr3 & np.int64(0xFFFFFFE0)
+        changed = False
+        for i in range(4):
+            v = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, base + 8 * i)
+            if v != m.vr.pdptr[vg, i]:
+                changed = True
+            m.vr.pdptr[vg, i] = v
+        if changed:
+            free_roots(m, vm, vg, 1)
     if cr3 != m.vr.cr3[vg]:
         kvm_mmu_new_pgd(m, vm, vg, cr3, mode)
         m.vr.cr3[vg] = cr3
@@ -1126,10 +1209,9 @@ def kvm_mmu_reset_context(m, vm, vg):
 @njit(cache=True, _nrt=False)
 def clear_flood_on_walk(m, vm, vg, gva):
     """shadow_page_table_clear_flood: reset write_flooding_count of every page on the gva's walk."""
-    row = m.vr.root[vg]
+    row, level = walk_start(m, vg, gva)
     if row < 0:
         return
-    level = role_level(m.pa.sp_role[row])
     while True:
         m.sh.flood[row] = 0
         idx = (gva >> (12 + 9 * (level - 1))) & 511
@@ -1144,9 +1226,10 @@ def clear_flood_on_walk(m, vm, vg, gva):
 def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
     """The processor's walk of the shadow tables: (error code or 0, gpa, refs, row, idx).  Hardware
     CR0.WP is always 1 under shadow paging; SMEP/SMAP are the guest's; A/D of the leaf get set."""
-    row = m.vr.root[vg]
-    level = role_level(m.pa.sp_role[row])
+    row, level = walk_start(m, vg, gva)
     refs = 0
+    if row < 0:
+        return pfec, 0, refs, -1, 0
     write = (pfec & PFERR_WRITE) != 0
     user = (pfec & PFERR_USER) != 0
     fetch = (pfec & PFERR_FETCH) != 0
@@ -1176,17 +1259,20 @@ def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
 
 
 @njit(cache=True, _nrt=False)
-def track_write(m, vm, gpa, nbytes):
+def track_write(m, vm, gpa, nbytes, mode):
     """kvm_mmu_track_write: an emulated write hit guest memory; zap what shadows the written gpte."""
     if m.sh.indirect[vm] == 0:
         return
     gfn = gpa >> 12
-    # mmu_pte_write_fetch_gpte (64-bit gptes)
+    # mmu_pte_write_fetch_gpte: with CR4.PAE a 4-byte write is taken as the whole 8-byte gpte
+    if (mode & MODE_PAE) and nbytes == 4:
+        gpa &= ~np.int64(7)
+        nbytes = 8
     gentry = np.int64(0)
-    if nbytes == 4 or nbytes == 8:
-        gentry = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, gpa & ~7)
-        if nbytes == 4:
-            gentry = (gentry >> np.int64(32 if gpa & 4 else 0)) & np.int64(0xFFFFFFFF)
+    if nbytes == 8:
+        gentry = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, gpa)
+    elif nbytes == 4:
+        gentry = gm_read32(m.gm.key, m.gm.row, m.gm.page, vm, gpa)
     m.vt.stats[vm, ST_MMU_PTE_WRITE] += 1
     sh, pa = m.sh, m.pa
     flush = False
@@ -1196,10 +1282,11 @@ def track_write(m, vm, gpa, nbytes):
         role = pa.sp_role[row]
         if sp_valid(m, vm, row) and pa.sp_gfn[row] == gfn and sp_has_gptes(role):
             offset = gpa & 4095
-            # detect_write_misaligned (8-byte gptes)
+            psz = 4 if role & ROLE_HAS_4_BYTE_GPTE else 8
+            # detect_write_misaligned
             misaligned = False
-            if not ((offset & 7) == 0 and nbytes == 1):
-                misaligned = ((offset ^ (offset + nbytes - 1)) & ~7) != 0 or nbytes < 4
+            if not ((offset & (psz - 1)) == 0 and nbytes == 1):
+                misaligned = ((offset ^ (offset + nbytes - 1)) & ~(psz - 1)) != 0 or nbytes < 4
             flooded = False
             if not misaligned and role_level(role) > 1:
                 # detect_write_flooding
@@ -1209,13 +1296,26 @@ def track_write(m, vm, gpa, nbytes):
                 prepare_zap_page(m, vm, row)
                 m.vt.stats[vm, ST_MMU_FLOODED] += 1
             else:
-                i = offset >> 3  # get_written_sptes
-                entry = pa.spt[row, i]
-                mmu_page_zap_pte(m, vm, row, i)
-                if gentry != 0 and role_level(role) != 1:
-                    m.vt.stats[vm, ST_MMU_PDE_ZAPPED] += 1
-                if is_shadow_present_pte(entry):
-                    flush = True
+                # get_written_sptes: 4-byte gptes cover half an SPTE page (level 2: two SPTEs each)
+                page_offset = offset
+                nspte = 1
+                skip = False
+                if role & ROLE_HAS_4_BYTE_GPTE:
+                    page_offset <<= 1
+                    if role_level(role) == 2:
+                        page_offset = (page_offset & ~7) << 1
+                        nspte = 2
+                    skip = (page_offset >> 12) != role_quadrant(role)
+                    page_offset &= 4095
+                if not skip:
+                    for k in range(nspte):
+                        i = (page_offset >> 3) + k
+                        entry = pa.spt[row, i]
+                        mmu_page_zap_pte(m, vm, row, i)
+                        if gentry != 0 and role_level(role) != 1:
+                            m.vt.stats[vm, ST_MMU_PDE_ZAPPED] += 1
+                        if is_shadow_present_pte(entry):
+                            flush = True
         row = nxt
     # kvm_mmu_remote_flush_or_zap
     if not commit_zap_page(m, vm) and flush:
@@ -1226,10 +1326,13 @@ def track_write(m, vm, gpa, nbytes):
 def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr):
     """kvm_mmu_invlpg -> kvm_mmu_invalidate_addr over the current and previous roots."""
     for r in range(1 + KVM_MMU_NUM_PREV_ROOTS):
-        row = m.vr.root[vg] if r == 0 else m.vr.prev_root[vg, r - 1]
+        if r == 0:
+            row, level = walk_start(m, vg, gva)
+        else:
+            row = m.vr.prev_root[vg, r - 1]
+            level = role_level(m.pa.sp_role[row]) if row >= 0 else 0
         if row < 0:
             continue
-        level = role_level(m.pa.sp_role[row])
         while level >= 1:
             idx = (gva >> (12 + 9 * (level - 1))) & 511
             if m.sh.unsync[row]:
@@ -1254,8 +1357,9 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
     pa, sh = m.pa, m.sh
-    row = m.vr.root[vg]
-    level = role_level(pa.sp_role[row])
+    row, level = walk_start(m, vg, gva)
+    if row < 0:
+        return RET_PF_RETRY  # a PAE root for a non-present PDPTE: the guest walk refused it already
     gw_level = wk[WK_LEAF_LEVEL]
     idx = 0
     while True:
@@ -1273,6 +1377,8 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
         # kvm_mmu_child_role
         role = (pa.sp_role[row] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT) & ~np.int32(ROLE_DIRECT)
                 & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(access << ROLE_ACCESS_SHIFT)
+        if role & ROLE_HAS_4_BYTE_GPTE:
+            role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
         child = get_shadow_page(m, vm, vg, table_gfn, role, mode, maxphyaddr)
         if sh.unsync_children[child]:
             mmu_sync_children(m, vm, vg, child, mode, maxphyaddr)
@@ -1302,6 +1408,8 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
             base = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
             role = (pa.sp_role[row] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)) | np.int32(level - 1) \
                 | np.int32(direct_access << ROLE_ACCESS_SHIFT) | np.int32(ROLE_DIRECT)
+            if role & ROLE_HAS_4_BYTE_GPTE:
+                role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
             child = get_shadow_page(m, vm, vg, base, role, mode, maxphyaddr)
             link_shadow_page(m, vm, row, idx, child)
             row = child
@@ -1341,9 +1449,14 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
     # prefetch group of the leaf gpte, read now (FNAME(gpte_changed) at level 1)
     if wk[WK_LEAF_LEVEL] == 1:
-        base = wk[WK_PTE_GPA + 1] & ~np.int64(63)
-        for k in range(PTE_PREFETCH_NUM):
-            m.sh.scratch[SC_PREFETCH + k] = gm_read64(gm.key, gm.row, gm.page, vm, base + 8 * k)
+        if mode_levels(mode) == 2:
+            base = wk[WK_PTE_GPA + 1] & ~np.int64(31)
+            for k in range(PTE_PREFETCH_NUM):
+                m.sh.scratch[SC_PREFETCH + k] = gm_read32(gm.key, gm.row, gm.page, vm, base + 4 * k)
+        else:
+            base = wk[WK_PTE_GPA + 1] & ~np.int64(63)
+            for k in range(PTE_PREFETCH_NUM):
+                m.sh.scratch[SC_PREFETCH + k] = gm_read64(gm.key, gm.row, gm.page, vm, base + 8 * k)
     # kvm_faultin_pfn
     if rec < 0:
         return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
@@ -1402,7 +1515,7 @@ def emulated_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
             return OUT_EMULATED, 0
         gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, value, nbytes)
         mark_page_dirty(m.st, m.ct, -1, rec, gpa >> 12)
-        track_write(m, vm, gpa, nbytes)
+        track_write(m, vm, gpa, nbytes, mode)
     return OUT_EMULATED, 0
 
 
@@ -1451,6 +1564,18 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     return outcome, err
 
 
+@njit(inline="always", _nrt=False)
+def root_needs_reload(m, vm, vg):
+    r = m.vr.root[vg]
+    if r == PAE_ROOT:
+        for i in range(4):
+            p = m.vr.pae_root[vg, i]
+            if p >= 0 and not sp_valid(m, vm, p):
+                return True
+        return False
+    return r < 0 or not sp_valid(m, vm, r)
+
+
 @njit(cache=True, _nrt=False)
 def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_size, maxphy, start,
                        out_outcome, out_err):
@@ -1469,8 +1594,8 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
         addr = ev_addr[i]
         kind = ev_kind[i]
         mp = maxphy[vm]
-        mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg])
-        if m.vr.root[vg] < 0 or not sp_valid(m, vm, m.vr.root[vg]):
+        mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg]) | MODE_PSE36_KVM
+        if root_needs_reload(m, vm, vg):
             vcpu_enter(m, vm, vg, mode, mp)
         out_err[i] = 0
         if op == OP_ACCESS:

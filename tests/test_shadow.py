@@ -270,11 +270,74 @@ def test_slot_delete_zaps_every_shadow_page():
     assert host.stats(vm)["mmu_pages"] == 5
 
 
-def test_shadow_needs_long_mode_paging():
+def test_shadow_needs_paging_and_no_pkeys():
     host = bm.Host(memory="1GiB")
     vm = int(host.create_vms(1, memory="16MiB", mmu="shadow")[0])
     with pytest.raises(bm.BatchMMUError, match="vcpu"):
         host.access(vm, 0, 0x1000)
     with pytest.raises(bm.BatchMMUError, match="cr4"):
-        host.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=0x20, efer=0, cr3=0x10000)
+        host.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=0x20 | (1 << 22), efer=0xD01, cr3=0x10000)
     assert host.vcpu_regs(vm, 0)["cr0"] == 0x60000010  # nothing changed on error
+
+
+def build32(pae):
+    """A 32-bit (or PAE) guest: identity map of 64 MiB with 4K pages, tables at 0x10000.."""
+    host = bm.Host(memory="1GiB", backing="4k", mmio_caching=False)
+    vm = int(host.create_vms(1, memory=MEM, mmu="shadow")[0])
+    if pae:
+        host.write_guest_memory(vm, 0x10000, [0x11000 | P] + [0] * 3)  # PDPT: first GiB only
+        host.write_guest_memory(vm, 0x11000, [(0x12000 + i * 0x1000) | P | W | U | A for i in range(32)])
+        for t in range(32):
+            host.write_guest_memory(vm, 0x12000 + t * 0x1000, [((t * 512 + i) << 12) | P | W | U | A | D
+                                                               for i in range(512)])
+        cr4, pd_entry_span = 0x20, 2 << 20
+    else:
+        words = [(0x11000 + i * 0x1000) | P | W | U | A for i in range(16)]  # 4-byte PDEs, 4 MiB each
+        host.write_guest_memory(vm, 0x10000, [w | (words[2 * k + 1] << 32) for k, w in enumerate(words[::2])])
+        for t in range(16):
+            ptes = [((t * 1024 + i) << 12) | P | W | U | A | D for i in range(1024)]
+            host.write_guest_memory(vm, 0x11000 + t * 0x1000, [ptes[2 * k] | (ptes[2 * k + 1] << 32)
+                                                               for k in range(512)])
+        cr4, pd_entry_span = 0, 4 << 20
+    host.touch_host_memory(vm, 0, MEM)
+    host.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=cr4, efer=0, cr3=0x10000)
+    return host, vm, pd_entry_span
+
+
+@pytest.mark.parametrize("pae", [False, True])
+def test_32bit_and_pae_guests(pae):
+    host, vm, span = build32(pae)
+    d = Delta(host, vm)
+    pages = [(DATA >> 12) + i for i in range(1000)]
+    r = run3(host, vm, [p << 12 for p in pages])
+    assert (r.outcome != bm.GUEST_FAULT).all()
+    got = d()
+    assert got["pf_fixed"] == groups_of_8(pages) + 1 and got["pages_4k"] == 8 * got["pf_fixed"]
+    # roots: 4 PAE roots (PAE: one per present PDPTE); one last-level shadow page per 2 MiB touched
+    # (a 4 KiB 32-bit table is shadowed by two pages, one per quadrant)
+    roots = 4 if not pae else 1
+    assert got["mmu_cache_miss"] == roots + 1 + len({p >> 9 for p in pages})
+    # a native write to a guest last-level table unsyncs it; INVLPG drops the stale SPTE
+    pte_gpa = (0x11000 + (DATA >> 22) * 0x1000) if not pae else (0x12000 + (DATA >> 21) * 0x1000)
+    host.access(vm, 0, CODE, bm.ACC_FETCH | bm.ACC_USER)
+    r = host.store(vm, 0, pte_gpa, ((DATA + (32 << 20)) | P | W | U | A | D) if pae else
+                   (((DATA + (32 << 20)) | P | W | U | A | D) | ((DATA + 0x1000 | P | W | U | A | D) << 32)),
+                   bm.ACC_USER)
+    assert r.outcome[0] == bm.FIXED
+    # every shadow page of that table goes unsync: a 32-bit table touched in both halves has two
+    shadows = 1 if pae else len({p >> 9 for p in pages if p >> 10 == DATA >> 22})
+    assert d()["mmu_unsync"] == shadows
+    host.invlpg(vm, 0, DATA)
+    got = d()
+    assert got["pages_4k"] == -1 and got["invlpg"] == 1
+    # CR3 reload: sync, and PAE roots are not cached (found again in the hash: no cache miss)
+    host.mov_cr3(vm, 0, 0x10000)
+    got = d()
+    assert got["mmu_unsync"] == -shadows and "mmu_cache_miss" not in got
+    # an emulated 4-byte write into a guest upper-level table zaps the SPTE(s) it shadows
+    pde_gpa = 0x10000 + 4 * (DATA >> 22) if not pae else 0x11000 + 8 * (DATA >> 21)
+    host.emulated_access(vm, 0, pde_gpa, bm.ACC_WRITE, 0, size=4)
+    assert d()["mmu_pte_write"] == 1
+    # the shadow entry is gone with the guest's: the next access is the guest's own #PF, not a stale hit
+    r = host.access(vm, 0, DATA + 0x1000, bm.ACC_USER)
+    assert r.outcome[0] == bm.GUEST_FAULT and r.error_code[0] == bm.PFERR_USER
