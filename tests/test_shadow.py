@@ -11,6 +11,8 @@ import pytest
 
 import batchmmu as bm
 
+pytestmark = pytest.mark.nojit  # fast enough in pure Python too (NUMBA_DISABLE_JIT=1)
+
 P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 CODE, DATA = 0x100000, 0x400000
 PML4, PDPT, PD, PT0 = 0x10000, 0x11000, 0x12000, 0x13000
