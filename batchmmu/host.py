@@ -59,6 +59,7 @@ from .units import format_size, parse_size
 SIZEOF_KVM_MMU_PAGE = 184        # struct kvm_mmu_page
 SIZEOF_LPAGE_INFO = 4            # struct kvm_lpage_info
 SIZEOF_MEMSLOT = 192             # struct kvm_memory_slot incl. arch part
+SIZEOF_PTE_LIST_DESC = 128       # struct pte_list_desc: next, counts, 14 pointers
 
 
 
@@ -309,6 +310,9 @@ class Host(GuestPaging):
         vt.slot_cnt[vms] = 1
         vt.slot_last[vms] = -1
         vt.memslots_gen[vms] += ms.GEN_STEP
+        if mmu == "shadow":
+            for v in vms:
+                self._default_mmu_pages(int(v))
         return vms
 
     def set_memslot(self, vm, slot, gpa, size, flags=0, hva=None, backing=None):
@@ -339,6 +343,7 @@ class Host(GuestPaging):
             if as0:
                 self._set_order(vm, np.append(self._order_list(vm), rec))
             self._update_cpu_dirty_logging(vm)
+            self._default_mmu_pages(vm)
             return
         if change in ("delete", "move"):
             # kvm_invalidate_memslot: swap in an invalid copy, then kvm_arch_flush_shadow_memslot
@@ -353,6 +358,7 @@ class Host(GuestPaging):
                     self._set_order(vm, lst[lst != rec])
                 self._update_cpu_dirty_logging(vm)
                 self._bump_generation(vm, slot >> 16)
+                self._default_mmu_pages(vm)
                 return
             old_flags = int(st.flags[rec])
             st.base_gfn[rec] = gpa >> 12
@@ -561,7 +567,7 @@ class Host(GuestPaging):
             arrs.append(a)
         vm_a, vcpu_a, addr_a, kind_a = arrs
         # shadow-MMU VMs take gvas: any non-negative 63-bit value
-        limit = np.where(self._mmu_kind[:self._maxphyaddr.shape[0]] == S.MMU_SHADOW, 63, self._maxphyaddr)
+        limit = np.where(self._gva_vms(), 63, self._maxphyaddr)  # paging vCPUs of TDP VMs take gvas too
         j, code = validate_events(vm_a, vcpu_a, addr_a, kind_a, self.nvm, self._vcpus, limit,
                                   ACC_VALID_MASK, ACC_WRITE, ACC_FETCH)
         if code == EV_BAD_VM:
@@ -583,7 +589,8 @@ class Host(GuestPaging):
     def _run_accesses(self, vm_a, vcpu_a, addr_a, kind_a, value_a=None, size_a=None):
         """Route a validated batch: shadow-MMU VMs to the shadow kernels, the rest to the TDP kernels."""
         shadow = self._mmu_kind[vm_a] == S.MMU_SHADOW
-        if not shadow.any():
+        twod = self._tdp2d_mask(vm_a, vcpu_a, shadow, stores=value_a is not None)  # TDP with guest paging
+        if not shadow.any() and not twod.any():
             return self._run_tdp_accesses(vm_a, vcpu_a, addr_a, kind_a)
         n = vm_a.size
         if value_a is None:
@@ -592,10 +599,15 @@ class Host(GuestPaging):
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
         idx = np.nonzero(shadow)[0]
-        o, e = self._run_shadow(vm_a[idx], vcpu_a[idx], np.zeros(idx.size, np.int64), addr_a[idx], kind_a[idx],
-                                value_a[idx], size_a[idx])
-        out[idx], err[idx] = o, e
-        rest = np.nonzero(~shadow)[0]
+        if idx.size:
+            o, e = self._run_shadow(vm_a[idx], vcpu_a[idx], np.zeros(idx.size, np.int64), addr_a[idx],
+                                    kind_a[idx], value_a[idx], size_a[idx])
+            out[idx], err[idx] = o, e
+        idx = np.nonzero(twod)[0]
+        if idx.size:
+            out[idx], err[idx] = self._run_tdp2d(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx], value_a[idx],
+                                                 size_a[idx])
+        rest = np.nonzero(~shadow & ~twod)[0]
         if rest.size:
             r = self._run_tdp_accesses(vm_a[rest], vcpu_a[rest], addr_a[rest], kind_a[rest])
             out[rest], err[rest] = r.outcome, r.error_code
@@ -652,7 +664,7 @@ class Host(GuestPaging):
             val = np.full(vm_a.size, val[0], np.uint64)
         if val.size != vm_a.size:
             raise bad("value", f"length {val.size}", "must match the addresses")
-        if np.any(self._mmu_kind[vm_a] == S.MMU_SHADOW):
+        if np.any(self._mmu_kind[vm_a] == S.MMU_SHADOW) or self._guest_paging_on(vm_a, vcpu_a).any():
             return self._shadow_store(vm_a, vcpu_a, addr_a, kind_a, val.view(np.int64))
         res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a)
         cross = (addr_a & 4095) > 4088
@@ -797,7 +809,12 @@ class Host(GuestPaging):
                 vt.inval_start[vm] = min(int(vt.inval_start[vm]), g0)
                 vt.inval_end[vm] = max(int(vt.inval_end[vm]), g1)
             if int(self.st.slot_id[rec]) >> 16 == 0:
-                zapped += int(tdp_zap_leafs(self.pa, self.vt, vm, g0, g1))
+                if self._mmu_kind[vm] == S.MMU_SHADOW:
+                    before = int(self.vt.stats[vm, S.ST_RMAP_ENTRIES])
+                    SK.shadow_zap_gfn_range(self._mmu_bundle(), vm, rec, g0, g1)  # kvm_unmap_gfn_range
+                    zapped += before - int(self.vt.stats[vm, S.ST_RMAP_ENTRIES])
+                else:
+                    zapped += int(tdp_zap_leafs(self.pa, self.vt, vm, g0, g1))
         if zapped:
             self._flush_remote_tlbs(vm)
         return zapped
@@ -827,7 +844,10 @@ class Host(GuestPaging):
                 continue
             hva0 = int(self.st.hva[rec]) + ((g0 - int(self.st.base_gfn[rec])) << 12)
             part = np.zeros(g1 - g0, np.int8)
-            flush |= bool(tdp_age_range(self.pa, self.vt, vm, g0, g1, clear, part))
+            if self._mmu_kind[vm] == S.MMU_SHADOW:
+                flush |= bool(SK.shadow_age_gfn_range(self._mmu_bundle(), vm, rec, g0, g1, clear, part))
+            else:
+                flush |= bool(tdp_age_range(self.pa, self.vt, vm, g0, g1, clear, part))
             off = (hva0 - start) >> 12
             lo = max(0, -off)
             young[off + lo:off + lo + part.size - lo] |= part[lo:]
@@ -1019,15 +1039,28 @@ class Host(GuestPaging):
     def footprint(self, vm=None):
         """Bytes by category, as KVM would allocate them, plus the simulator's own arrays.
 
-        Categories: ``tdp_page_tables`` (4 KiB table pages, SecPageTables), ``mmu_page_headers``
-        (struct kvm_mmu_page), ``lpage_info``, ``dirty_bitmaps`` (two bitmaps per logged slot),
-        ``memslots``, ``rmaps`` (0: the TDP MMU keeps none), ``pml_buffers`` (a page per vCPU with
+        Categories: ``tdp_page_tables`` and ``shadow_page_tables`` (4 KiB table pages, SecPageTables),
+        ``mmu_page_headers`` (struct kvm_mmu_page), ``shadowed_translation`` (a 4 KiB array per shadow
+        page with gptes), ``rmaps`` (8-byte heads per slot page at 4K/2M/1G; the TDP MMU keeps none),
+        ``pte_list_descs`` (rmap and parent-pte chains of 2+ entries, 14 per descriptor), ``write_track``
+        (2 bytes per slot page), ``lpage_info``, ``dirty_bitmaps`` (two bitmaps per logged slot),
+        ``memslots``, ``pml_buffers`` (a page per vCPU with
         PML), ``dirty_rings`` (16 bytes per entry), ``guest_memory`` (host RAM backing guest pages);
         ``kvm_total`` sums the KVM categories; ``simulator_bytes`` is this process's arenas.
         """
         vms = np.arange(self.nvm) if vm is None else np.array([self._check_vm(vm)])
         st = self.st
+        shadow_vms = vms[self._mmu_kind[vms] == S.MMU_SHADOW]
         pages = int(self.vt.stats[vms, S.ST_MMU_PAGES].sum())
+        spages = int(self.vt.stats[shadow_vms, S.ST_MMU_PAGES].sum())
+        counts = np.zeros(5, np.int64)
+        if shadow_vms.size:
+            self._paging_topup()
+            m = self._mmu_bundle()
+            one = np.zeros(5, np.int64)
+            for v in shadow_vms:
+                SK.shadow_footprint_counts(m, int(v), one)
+                counts += one
         live = np.nonzero(np.isin(st.vm[:self.nrec], vms))[0]
         npg = st.npages[live]
         base = st.base_gfn[live]
@@ -1035,12 +1068,16 @@ class Host(GuestPaging):
         logged = live[st.dirty_off[live] >= 0]
         dirty = int((2 * ((st.npages[logged] + 63) // 64) * 8).sum())
         out = {
-            "tdp_page_tables": pages * ROW_BYTES,
+            "tdp_page_tables": (pages - spages) * ROW_BYTES,
+            "shadow_page_tables": spages * ROW_BYTES,
             "mmu_page_headers": pages * SIZEOF_KVM_MMU_PAGE,
+            "shadowed_translation": int(counts[0]) * ROW_BYTES,
+            "pte_list_descs": int(counts[1] + counts[2]) * SIZEOF_PTE_LIST_DESC,
+            "write_track": int(counts[4]) * 2,
             "lpage_info": lp * SIZEOF_LPAGE_INFO,
             "dirty_bitmaps": dirty,
             "memslots": live.size * SIZEOF_MEMSLOT,
-            "rmaps": 0,
+            "rmaps": int(counts[3]) * 8,
             "pml_buffers": 0,
             "dirty_rings": 0,
             "guest_memory": int(self.vt.host_bytes[vms].sum()),
@@ -1052,7 +1089,7 @@ class Host(GuestPaging):
         g = self.ct.vcpu_off[vms]
         out["dirty_rings"] = int(sum(int(self.ct.ring_size[o:o + c].sum()) for o, c in zip(g, vcpus, strict=True))) * 16
         out["kvm_total"] = sum(v for k, v in out.items() if k not in ("guest_memory", "guest_swapped"))
-        arrays = [*self.pa, *self.vt, *self.st, *self.ct]
+        arrays = [*self.pa, *self.vt, *self.st, *self.ct, *self.sh, *self.gm, *self.vr]
         sim = sum(a.nbytes for a in arrays)
         out["simulator_bytes"] = int(sim if vm is None else sim * (len(vms) / max(1, self.nvm)))
         return out

@@ -63,6 +63,8 @@ class GuestPaging:
         self._rmap_pool = Pool(np.int64, 0)
         self._rmapcnt_pool = Pool(np.int32, 0)
         self._wtrack_pool = Pool(np.int32, 0)
+        self._nr_requested = {}    # vm -> KVM_SET_NR_MMU_PAGES value
+        self._vm_order = []        # kvm vm_list order for the shrinker (scanned VMs move to the tail)
 
     # ------------------------------------------------------------------ arenas
     def _paging_add_vms(self, vms, vcpus, shadow):
@@ -170,6 +172,55 @@ class GuestPaging:
                 key[h] = k
                 row[h] = r
         self.gm = S.GuestMem(key=key, row=row, page=page, ctl=gm.ctl)
+
+    # ------------------------------------------------------------------ page budget and shrinker
+    def _default_mmu_pages(self, vm):
+        """kvm_arch_commit_memory_region: n_max = max(memslot pages / 50, 64) unless userspace set it."""
+        if self._mmu_kind[vm] != S.MMU_SHADOW or self._nr_requested.get(vm):
+            return
+        pages = sum(int(self.st.npages[r]) for (v, _), r in self._slot_rec.items() if v == vm)
+        K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, max(pages // 50, 64))
+
+    def set_nr_mmu_pages(self, vm, n):
+        """KVM_SET_NR_MMU_PAGES: the VM's shadow-page budget (zaps the oldest pages if above it)."""
+        vm = self._check_vm(vm)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 64:
+            raise bad("n", n, "must be an integer >= 64 (KVM_MIN_ALLOC_MMU_PAGES)")
+        self._nr_requested[vm] = int(n)
+        if self._mmu_kind[vm] == S.MMU_SHADOW:
+            K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, int(n))
+
+    def shrink_count(self):
+        """mmu_shrink_count: shadow pages in use over all VMs (TDP MMU pages are not counted)."""
+        shadow = np.nonzero(self._mmu_kind[:self.nvm] == S.MMU_SHADOW)[0]
+        return int(self.vt.stats[shadow, S.ST_MMU_PAGES].sum())
+
+    def shrink(self, nr_to_scan, mode="zap"):
+        """The MMU shrinker.  ``mode="zap"`` (KVM up to v6.9, mmu_shrink_scan): the first VM on
+        vm_list that has shadow pages loses up to ``nr_to_scan`` of its oldest ones (mmu_recycled) and
+        moves to the tail of the list; at most ``nr_to_scan`` VMs are looked at.  ``mode="caches"``
+        (v6.10+): only the vCPUs' memory caches are freed; they are not modelled, so nothing changes.
+        Returns the number of pages freed."""
+        if isinstance(nr_to_scan, bool) or not isinstance(nr_to_scan, (int, np.integer)) or nr_to_scan < 1:
+            raise bad("nr_to_scan", nr_to_scan, "must be a positive integer")
+        if mode not in ("zap", "caches"):
+            raise bad("mode", mode, "must be 'zap' or 'caches'")
+        if mode == "caches":
+            return 0
+        order = self._vm_list()
+        for k, vm in enumerate(order[:nr_to_scan]):
+            if self._mmu_kind[vm] != S.MMU_SHADOW or self.vt.stats[vm, S.ST_MMU_PAGES] == 0:
+                continue
+            freed = int(K.zap_oldest_mmu_pages(self._mmu_bundle(), vm, int(nr_to_scan)))
+            self._vm_order = [v for v in order if v != vm] + [vm]  # list_move_tail
+            del k
+            return freed
+        return 0
+
+    def _vm_list(self):
+        order = [v for v in getattr(self, "_vm_order", []) if v < self.nvm]
+        seen = set(order)
+        return order + [v for v in range(self.nvm) if v not in seen]
 
     def _mmu_bundle(self):
         return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, self.sh, self.gm, self.vr,

@@ -113,6 +113,7 @@ from .state import (
     ST_MMU_PAGES,
     ST_MMU_PDE_ZAPPED,
     ST_MMU_PTE_WRITE,
+    ST_MMU_RECYCLED,
     ST_MMU_SHADOW_ZAPPED,
     ST_MMU_UNSYNC,
     ST_PAGES_4K,
@@ -1077,6 +1078,7 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush."""
     role = shadow_root_role(mode)
     levels = mode_levels(mode)
+    make_mmu_pages_available(m, vm)
     if levels >= 4:
         gfn = (m.vr.cr3[vg] & GFN_MASK_64) >> 12
         row = get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
@@ -1473,6 +1475,8 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
         pte_access = (pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
         if mode & MODE_SMEP:
             pte_access &= ~ACC_EXEC_MASK
+    if not make_mmu_pages_available(m, vm):
+        return RET_PF_RETRY, 0  # -ENOSPC: every page is a pinned root
     r = fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write, host_writable, mode, maxphyaddr)
     return r, 0
 
@@ -1773,3 +1777,126 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
                     flush = True
             g += np.int64(1) << np.int64(shift)
     return flush
+
+
+# ----------------------------------------------------------------------------- page budget, shrinker
+@njit(cache=True, _nrt=False)
+def zap_oldest_mmu_pages(m, vm, nr_to_zap):
+    """kvm_mmu_zap_oldest_mmu_pages: zap from the oldest end of active_mmu_pages, skipping pinned roots."""
+    sh = m.sh
+    total = 0
+    restart = True
+    while restart:
+        restart = False
+        row = sh.act_tail[vm]
+        while row >= 0:
+            prv = sh.aprev[row]
+            if sh.root_count[row] > 0:
+                row = prv
+                continue
+            used_before = m.vt.stats[vm, ST_MMU_PAGES]
+            prepare_zap_page(m, vm, row)
+            nr = used_before - m.vt.stats[vm, ST_MMU_PAGES]  # unsync children zapped + the page itself
+            total += nr
+            if total >= nr_to_zap:
+                break
+            if nr > 1:
+                restart = True  # children were zapped: the list changed under the iterator
+                break
+            row = prv
+    commit_zap_page(m, vm)
+    m.vt.stats[vm, ST_MMU_RECYCLED] += total
+    return total
+
+
+@njit(cache=True, _nrt=False)
+def make_mmu_pages_available(m, vm):
+    """make_mmu_pages_available: keep KVM_MIN_FREE_MMU_PAGES (5) below n_max, refilling 25 at a time.
+    Returns False (-ENOSPC) if not even one page is available afterwards."""
+    used = m.vt.stats[vm, ST_MMU_PAGES]
+    avail = m.sh.n_max[vm] - used if m.sh.n_max[vm] > used else 0
+    if avail >= 5:
+        return True
+    zap_oldest_mmu_pages(m, vm, 25 - avail)
+    used = m.vt.stats[vm, ST_MMU_PAGES]
+    return m.sh.n_max[vm] > used
+
+
+@njit(cache=True, _nrt=False)
+def kvm_mmu_change_mmu_pages(m, vm, goal):
+    # kvm_mmu_change_mmu_pages
+    used = m.vt.stats[vm, ST_MMU_PAGES]
+    if used > goal:
+        zap_oldest_mmu_pages(m, vm, used - goal)
+        goal = m.vt.stats[vm, ST_MMU_PAGES]
+    m.sh.n_max[vm] = goal
+
+
+# ----------------------------------------------------------------------------- notifiers
+@njit(cache=True, _nrt=False)
+def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
+    """kvm_age_gfn / kvm_test_age_gfn over the rmaps (A/D enabled: clear the accessed bit).
+    ``young[gfn - start]`` is set for each accessed 4K page.  Returns True if any was young."""
+    any_young = False
+    for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        if m.sh.rmap_off[rec, level - 1] < 0:
+            continue
+        shift = (level - 1) * 9
+        g = (start >> shift) << shift
+        while g < end:
+            gg = max(g, m.st.base_gfn[rec])
+            n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+            hit = False
+            while n >= 0:
+                sptep = m.sh.rn_sptep[n]
+                n = m.sh.rn_next[n]
+                row = sptep_row(sptep)
+                idx = sptep_idx(sptep)
+                spte = m.pa.spt[row, idx]
+                if spte & NPT_A:
+                    hit = True
+                    if clear:
+                        m.pa.spt[row, idx] = spte & ~NPT_A  # mmu_spte_age
+            if hit:
+                any_young = True
+                lo = max(g, start)
+                hi = min(g + (np.int64(1) << np.int64(shift)), end)
+                for k in range(lo, hi):
+                    young[k - start] = 1
+            g += np.int64(1) << np.int64(shift)
+    return any_young
+
+
+# ----------------------------------------------------------------------------- footprint
+@njit(cache=True, _nrt=False)
+def shadow_footprint_counts(m, vm, out):
+    """Objects KVM allocates for a shadow VM: out[0] pages with gptes (shadowed_translation arrays),
+    out[1] pte_list_desc blocks of rmaps, out[2] of parent lists, out[3] rmap heads, out[4] write-track
+    entries (only the slots of ``vm``)."""
+    for k in range(5):
+        out[k] = 0
+    for row in range(m.pa.sp_vm.shape[0]):
+        if m.pa.sp_vm[row] != vm or row >= m.sh.parent_head.shape[0]:
+            continue
+        if sp_has_gptes(m.pa.sp_role[row]):
+            out[0] += 1
+        c = 0
+        n = m.sh.parent_head[row]
+        while n >= 0:
+            c += 1
+            n = m.sh.pl_next[n]
+        if c >= 2:
+            out[2] += (c + 13) // 14  # PTE_LIST_EXT = 14 pointers per descriptor
+    for rec in range(m.sh.rmap_off.shape[0]):
+        if rec >= m.st.vm.shape[0] or m.st.vm[rec] != vm or m.sh.rmap_off[rec, 0] < 0:
+            continue
+        for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            shift = (level - 1) * 9
+            nh = ((m.st.base_gfn[rec] + m.st.npages[rec] - 1) >> shift) - (m.st.base_gfn[rec] >> shift) + 1
+            out[3] += nh
+            off = m.sh.rmap_off[rec, level - 1]
+            for h in range(off, off + nh):
+                c = m.sh.rmap_cnt[h]
+                if c >= 2:
+                    out[1] += (c + 13) // 14
+        out[4] += m.st.npages[rec]

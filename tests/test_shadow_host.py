@@ -1,0 +1,130 @@
+"""Host-side work on shadow-MMU VMs: the shadow-page budget (n_max_mmu_pages, mmu_recycled), the
+shrinker, MMU-notifier invalidation and aging through the rmaps, and the footprint categories."""
+
+import numpy as np
+import pytest
+
+import batchmmu as bm
+from tests.test_shadow import A, CODE, D, P, PS, U, W, run3
+
+pytestmark = pytest.mark.nojit
+
+
+def guest(host, mem, ad=True):
+    """A long-mode guest mapping ``mem`` bytes 1:1 with 4K pages; tables from 0x10000."""
+    vm = int(host.create_vms(1, memory=mem, mmu="shadow")[0])
+    npt = mem >> 21
+    flags = P | W | U | (A | D if ad else 0)
+    host.write_guest_memory(vm, 0x10000, [0x11000 | P | W | U | A])
+    host.write_guest_memory(vm, 0x11000, [(0x12000 + k * 0x1000) | P | W | U | A for k in range(max(1, npt // 512))])
+    pts = 0x1000000  # page tables at 16 MiB, out of the way
+    for k in range(max(1, npt // 512)):
+        host.write_guest_memory(vm, 0x12000 + k * 0x1000,
+                                [(pts + (k * 512 + i) * 0x1000) | P | W | U | A for i in range(min(512, npt))])
+    words = ((np.arange(npt * 512, dtype=np.uint64) << np.uint64(12)) | np.uint64(flags))
+    host.write_guest_memory(vm, pts, words)
+    host.touch_host_memory(vm, 0, mem)
+    host.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=0x20, efer=0xD01, cr3=0x10000)
+    return vm
+
+
+def test_default_budget_and_recycling():
+    host = bm.Host(memory="2GiB", backing="4k")
+    vm = guest(host, 512 << 20)
+    # n_max = max(pages / 50, 64): 131072 / 50
+    assert host.footprint(vm)["shadow_page_tables"] == 0
+    host.set_nr_mmu_pages(vm, 64)
+    # one read in each of 200 2 MiB regions: 200 last-level shadow pages are needed, 64 allowed
+    gvas = (32 << 20) + (np.arange(200) << 21)
+    r = run3(host, vm, gvas)
+    assert (r.outcome == bm.FIXED).all()
+    s = host.stats(vm)
+    assert s["mmu_pages"] <= 64
+    assert s["mmu_recycled"] > 0
+    # every page created is either still there or was recycled
+    assert s["mmu_cache_miss"] - s["mmu_recycled"] == s["mmu_pages"]
+    # recycled pages took their SPTEs with them
+    assert s["pages_4k"] < 8 * 201
+    # the translation is rebuilt on demand
+    r = run3(host, vm, gvas[:5])
+    assert (r.outcome != bm.GUEST_FAULT).all()
+
+
+def test_budget_shrinks_when_set_below_use():
+    host = bm.Host(memory="2GiB", backing="4k")
+    vm = guest(host, 512 << 20)
+    run3(host, vm, (32 << 20) + (np.arange(150) << 21))
+    used = host.stats(vm)["mmu_pages"]
+    assert used > 100
+    host.set_nr_mmu_pages(vm, 100)  # kvm_mmu_change_mmu_pages zaps the oldest down to the goal
+    s = host.stats(vm)
+    assert s["mmu_pages"] == 100 and s["mmu_recycled"] == used - 100
+    with pytest.raises(bm.BatchMMUError, match="n"):
+        host.set_nr_mmu_pages(vm, 10)
+
+
+def test_shrinker_takes_one_vm_per_scan_and_rotates():
+    host = bm.Host(memory="4GiB", backing="4k")
+    a = guest(host, 256 << 20)
+    b = guest(host, 256 << 20)
+    for vm in (a, b):
+        run3(host, vm, (32 << 20) + (np.arange(40) << 21))
+    before = {vm: host.stats(vm)["mmu_pages"] for vm in (a, b)}
+    assert host.shrink_count() == sum(before.values())
+    assert host.shrink(10) == 10
+    assert host.stats(a)["mmu_pages"] == before[a] - 10 and host.stats(b)["mmu_pages"] == before[b]
+    assert host.shrink(10) == 10  # VM a went to the tail of vm_list
+    assert host.stats(b)["mmu_pages"] == before[b] - 10
+    assert host.stats(a)["mmu_recycled"] == 10 and host.stats(b)["mmu_recycled"] == 10
+    assert host.shrink(5, mode="caches") == 0
+    assert host.shrink_count() == sum(before.values()) - 20
+
+
+def test_invalidate_and_age_through_rmaps():
+    host = bm.Host(memory="2GiB", backing="4k")
+    vm = guest(host, 64 << 20)
+    hva0 = host.memslots(vm)[0]["hva"]
+    data = 32 << 20
+    run3(host, vm, data + 4096 * np.arange(64))
+    young = host.test_young(vm, hva0 + data, hva0 + data + (64 << 12))
+    assert young.all()
+    assert host.age_hva_range(vm, hva0 + data, hva0 + data + (64 << 12)).all()
+    assert not host.test_young(vm, hva0 + data, hva0 + data + (64 << 12)).any()
+    run3(host, vm, data + 4096 * np.arange(0, 64, 2))
+    young = host.test_young(vm, hva0 + data, hva0 + data + (64 << 12))
+    assert young[::2].all() and not young[1::2].any()
+    before = host.stats(vm)["pages_4k"]
+    zapped = host.invalidate_hva_range(vm, hva0 + data, hva0 + data + (16 << 12))
+    assert zapped == 16 and host.stats(vm)["pages_4k"] == before - 16
+    r = run3(host, vm, data + 4096 * np.arange(16))
+    assert (r.outcome == bm.FIXED).sum() == 2  # two prefetch groups of 8 refault
+
+
+def test_footprint_categories_of_a_shadow_vm():
+    host = bm.Host(memory="2GiB", backing="4k")
+    vm = guest(host, 64 << 20)
+    run3(host, vm, (32 << 20) + 4096 * np.arange(1000))
+    f = host.footprint(vm)
+    s = host.stats(vm)
+    assert f["shadow_page_tables"] == 4096 * s["mmu_pages"] and f["tdp_page_tables"] == 0
+    assert f["shadowed_translation"] == 4096 * s["mmu_pages"]  # every page has gptes here
+    pages = (64 << 20) >> 12
+    assert f["rmaps"] == 8 * (pages + pages // 512 + 1)      # heads at 4K, 2M, 1G
+    assert f["write_track"] == 2 * pages
+    assert f["kvm_total"] > f["shadow_page_tables"]
+
+
+def test_huge_guest_pages_map_2m_with_thp_except_over_shadowed_tables():
+    host = bm.Host(memory="2GiB", backing="thp")
+    vm = int(host.create_vms(1, memory=64 << 20, mmu="shadow")[0])
+    host.write_guest_memory(vm, 0x10000, [0x11000 | P | W | U | A])
+    host.write_guest_memory(vm, 0x11000, [0x12000 | P | W | U | A])
+    host.write_guest_memory(vm, 0x12000, [(i << 21) | P | W | U | A | D | PS for i in range(32)])
+    host.touch_host_memory(vm, 0, 64 << 20)
+    host.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=0x20, efer=0xD01, cr3=0x10000)
+    host.access(vm, 0, 32 << 20, bm.ACC_USER)
+    assert host.stats(vm)["pages_2m"] == 1
+    # the first 2 MiB hold the guest's page tables: shadowed gfns disallow a huge mapping there
+    host.access(vm, 0, CODE, bm.ACC_FETCH | bm.ACC_USER)
+    s = host.stats(vm)
+    assert s["pages_2m"] == 1 and s["pages_4k"] >= 1
