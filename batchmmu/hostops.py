@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 
-from . import memstress as ms
 from .constants import ACC_WRITE, MMIO
 from .errors import BatchMMUError
 from .kernels.reclaim import madvise_dontneed
@@ -74,6 +73,7 @@ def add_slots(shard, ph, extra, progress):
             h.set_memslot(lvm, slot, gpa, size, hva=HVA_BASE + start if alias else None, backing=backing)
             slot += 1
         shard.added[lvm] = (1, slot, start, start + (slot - 1) * size, size)
+    extra["vcpus"] = int(shard.vcpus.sum())
     extra["slots_added"] = sum(s - 1 for _, s, _, _, _ in shard.added.values())
     extra["guest_gib"] = sum((e - s) >> 30 for _, _, s, e, _ in shard.added.values())
     return 0
@@ -212,9 +212,12 @@ def memslot_perf(shard, ph, extra, progress):
                             field="phase.slots", value=cap)
     nslots = (KVM_USER_MEM_SLOTS if cap == -1 else min(cap, KVM_USER_MEM_SLOTS)) - 1
     lay = _Layout(VAL_WRITES[test] // 4096, nslots)
-    extra.update({"test_" + test: 1, "nslots": nslots, "pages_per_slot": lay.pps, "extra_pages_last": lay.rem})
+    first = int(shard.gids[0]) == 0       # the layout is reported once, by the shard with VM 0
+    if first:
+        extra.update({"test_" + test: 1, "nslots": nslots, "pages_per_slot": lay.pps, "extra_pages_last": lay.rem})
     if lay.pps == 0:
-        extra["max_slots"] = lay.max_slots()
+        if first:
+            extra["max_slots"] = lay.max_slots()
         return 0
     h = shard.host
     events = 0
@@ -230,7 +233,8 @@ def memslot_perf(shard, ph, extra, progress):
         extra["slot_setup_seconds"] = extra.get("slot_setup_seconds", 0.0) + time.perf_counter() - t0
         recs = np.array(recs, np.int64)
         if test == "move_active" and lay.slot_pages(nslots - 1) * 4096 < MOVE_SIZE // 2:
-            extra["max_slots"] = 0      # "Memslot count may be too high for this test"
+            if first:
+                extra["max_slots"] = 0  # "Memslot count may be too high for this test"
         else:
             t0 = time.perf_counter()
             for _ in range(loops):
@@ -355,7 +359,8 @@ def report_lines(rec):
     out = []
     op = rec.get("op")
     if op == "add_slots":
-        out.append(f"  Running with {rec.get('guest_gib', 0)}gb of guest memory ({rec.get('slots_added', 0)} slots)")
+        out.append(f"  Running with {rec.get('guest_gib', 0)}gb of guest memory and {rec.get('vcpus', 0)} vCPUs "
+                   f"({rec.get('slots_added', 0)} slots)")
     elif op == "memslot_perf":
         test = next((k[5:] for k in rec if k.startswith("test_")), "")
         out.append(f"  Testing {TEST_NAMES.get(test, test)} performance with {rec.get('nslots', 0)} slots: "
@@ -370,9 +375,22 @@ def report_lines(rec):
                        f"{_ts(rec.get('loop_seconds', 0))} all iterations")
             out.append(f"  Done {rec['loops']} iterations, avg {_ts(rec['loop_seconds'] / rec['loops'])} each"
                        + (f" ({rec['mmio_exits']} MMIO exits)" if rec.get("mmio_exits") else ""))
+    elif op == "memslot_stress":
+        out.append(f"  {rec.get('memslot_ops', 0)} times slot {STRESS_SLOT} added and deleted while the vCPUs wrote")
     host = rec.get("host")
     if host:
         out.append(f"  host: resident {host['host_resident'] >> 20} MiB, swapped {host['host_swapped'] >> 20} MiB, "
                    f"page tables {host['page_table_bytes'] >> 10} KiB, major faults {host['host_major_faults']:,}, "
                    f"reclaimed {host['host_pages_reclaimed']:,} pages, THP splits {host['host_thp_splits']:,}")
     return out
+
+
+def closing_lines(phases):
+    """max_guest_memory_test's ``run1 = ..., reset = ..., run2 = ...`` after a sweep, a CR0.WP toggle
+    and a sweep."""
+    ops = [p["op"] for p in phases]
+    for i in range(len(ops) - 2):
+        if ops[i:i + 3] == ["sweep", "toggle_cr0_wp", "sweep"]:
+            a, b, c = (phases[i + k]["seconds"] for k in range(3))
+            return [f"  run1 = {_ts(a)}, reset = {_ts(b)}, run2 = {_ts(c)}"]
+    return []

@@ -328,7 +328,7 @@ def run_phase(be, spec, parts, k):
     if n > 1 and ph["op"] not in EPOCH_OPS:
         raise BatchMMUError(f"phase.epochs={n}: only {', '.join(EPOCH_OPS)} phases run in epochs",
                             field="phase.epochs", value=n)
-    passes = int(ph.get("passes", 1)) if ph["op"] != "populate" or "passes" in ph else 1
+    passes = int(ph.get("passes", 1))
     steps = [k] if n == 1 else [("epoch", k, j, n) for j in range(passes * n)]
     merged, timeline = None, []
     for j, step in enumerate(steps):

@@ -90,3 +90,61 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def timeline(d):
+    """The host-memory figures after every epoch of every phase (scenarios with an overcommitted
+    host): list of dicts with ``phase`` and ``step`` (0, 1, ... across the run) added."""
+    out = []
+    for p in d["phases"]:
+        for e in p.get("epochs") or ([p["host"]] if p.get("host") else []):
+            out.append(dict(e, phase=p["name"], step=len(out)))
+    return out
+
+
+def plot_host_memory(d, path):
+    """Footprint over time (resident, swapped, page tables) and refaults / reclaim per epoch."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BatchMMUError("--plot needs matplotlib: pip install 'batchmmu[plot]'", field="plot",
+                            value=path) from None
+    tl = timeline(d)
+    if not tl:
+        return plot([d], path)
+    x = [e["step"] for e in tl]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    mib = 1 << 20
+    ax1.plot(x, [e["host_resident"] / mib for e in tl], label="guest memory resident")
+    ax1.plot(x, [e["host_swapped"] / mib for e in tl], label="guest memory swapped")
+    ax1.set_ylabel("MiB")
+    ax1b = ax1.twinx()
+    ax1b.plot(x, [e["page_table_bytes"] / mib for e in tl], "k--", label="MMU page tables")
+    ax1b.set_ylabel("page tables, MiB")
+    ax1.legend(loc="upper left", fontsize=8)
+    ax1b.legend(loc="upper right", fontsize=8)
+    ax1.set_title(f"{d['scenario']}: host memory after each epoch")
+
+    def per_step(key):
+        prev, out = 0, []
+        for e in tl:
+            out.append(e[key] - prev)
+            prev = e[key]
+        return out
+
+    ax2.bar(x, per_step("host_major_faults"), label="major faults (refaults from swap)")
+    ax2.plot(x, per_step("host_pages_reclaimed"), "r.-", label="pages reclaimed")
+    ax2.plot(x, per_step("mmu_notifier_zapped"), "g.:", label="SPTEs zapped by the notifier")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("per epoch")
+    ax2.legend(fontsize=8)
+    names = [(e["step"], e["phase"]) for i, e in enumerate(tl) if i == 0 or tl[i - 1]["phase"] != e["phase"]]
+    for step, name in names:
+        for ax in (ax1, ax2):
+            ax.axvline(step - 0.5, color="grey", lw=0.5)
+        ax1.annotate(name, (step, 0.02), xycoords=("data", "axes fraction"), fontsize=7, va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
