@@ -282,7 +282,7 @@ def is_mmu_writable(spte):
 
 
 # ----------------------------------------------------------------------------- rmaps, SPTE updates
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def rmap_add(m, vm, rec, row, idx, gfn, access):
     # __rmap_add: record the translation, count the page, chain the SPTE
     sh = m.sh
@@ -695,7 +695,7 @@ def prepare_zap_page(m, vm, row):
 
 
 # ----------------------------------------------------------------------------- sync
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def prefetch_invalid_gpte(m, vm, row, idx, gpte, mode, maxphyaddr):
     """FNAME(prefetch_invalid_gpte): drop the SPTE when the gpte is not present, not accessed or reserved."""
     if (gpte & 1) == 0 or (gpte & PT_ACCESSED_MASK) == 0 or (gpte & gpte_rsvd_mask(mode, maxphyaddr, 1, gpte)):
@@ -854,7 +854,7 @@ def link_shadow_page(m, vm, prow, pidx, child):
 
 
 # ----------------------------------------------------------------------------- make_spte / set_spte
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
     """mmu_try_to_unsync_pages: 0 = may be writable; 1 = must stay write-protected."""
     if gfn_write_tracked(m, rec, gfn):
@@ -876,7 +876,7 @@ def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
     return 0
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchronizing, host_writable):
     """make_spte (spte.c) for a shadow page: (spte, wrprot)."""
     level = role_level(m.pa.sp_role[row])
@@ -953,7 +953,7 @@ def host_page_resident(m, rec, gfn):
     return (m.st.host[m.st.host_off[rec] + (i >> 6)] >> np.int64(i & 63)) & 1
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def prefetch_slot(m, vm, gfn, writable):
     # gfn_to_memslot_dirty_bitmap(no_dirty_log=true)
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
@@ -1481,7 +1481,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     return r, 0
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def set_ad_and_log(m, vm, wk, pfec):
     """FNAME(update_accessed_dirty_bits): set guest A/D, and log the dirtied table pages."""
     changed = guest_set_ad(m.gm.key, m.gm.row, m.gm.page, m.gm.ctl, vm, wk, pfec)
@@ -1603,6 +1603,14 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             vcpu_enter(m, vm, vg, mode, mp)
         out_err[i] = 0
         if op == OP_ACCESS:
+            if ev_size[i] == 0:
+                # the common case, a translation the shadow tables already hold: no call
+                e, gpa, refs, row, idx = shadow_hw_walk(m, vm, vg, addr, kind, mode)
+                if e == 0:
+                    m.vt.stats[vm, ST_ACCESSES] += 1
+                    m.vt.stats[vm, ST_WALK_REFS] += refs
+                    out_outcome[i] = OUT_HIT
+                    continue
             o, e = shadow_access(m, vm, vg, addr, kind, ev_value[i], ev_size[i], mode, mp)
             if o < 0:
                 return i, STOP_HOST_OOM
@@ -1809,7 +1817,7 @@ def zap_oldest_mmu_pages(m, vm, nr_to_zap):
     return total
 
 
-@njit(cache=True, _nrt=False)
+@njit(inline="always", _nrt=False)
 def make_mmu_pages_available(m, vm):
     """make_mmu_pages_available: keep KVM_MIN_FREE_MMU_PAGES (5) below n_max, refilling 25 at a time.
     Returns False (-ENOSPC) if not even one page is available afterwards."""
