@@ -29,8 +29,13 @@ def cmd_run(args):
     if args.json:
         with open(args.json, "w") as f:
             f.write(rep.to_json())
+    if args.plot:
+        from . import report
+        report.plot_host_memory(rep._asdict(), args.plot)
     if not args.quiet:
         print(sc.summary(rep))
+        if args.plot:
+            print(f"plot written to {args.plot}")
     return 0
 
 
@@ -66,6 +71,8 @@ def cmd_validate(args):
         raise BatchMMUError(f"workload=None: name a workload file, a bundled workload ({names}) or random:SEED",
                             field="workload")
     sides = "kernel" if args.kernel_only else "sim" if args.sim_only else "both"
+    if sides != "kernel" and _numba_cache_cold():
+        print("compiling kernels (first run only, about a minute) ...", file=sys.stderr, flush=True)
     rep = validate.validate(args.workload, sides=sides)
     if args.json:
         with open(args.json, "w") as f:
@@ -95,6 +102,7 @@ def main(argv=None):
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario parameter (repeatable)")
     r.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    r.add_argument("--plot", metavar="PATH", help="write a plot (footprint and refaults over time with overcommit)")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("report", help="print (and plot) one or more --json results")

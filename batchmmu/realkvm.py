@@ -215,6 +215,7 @@ class KvmVm:
         self.fds = []
         self.mem_addr = None
         self.cpl = None
+        self.rflags = gi.RFLAGS
         self.slot_flags = 0
         try:
             self.kvm = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
@@ -347,7 +348,7 @@ class KvmVm:
         guest's ``out 0x80``.  Returns the seconds spent in KVM_RUN."""
         self.write_bytes(gi.CODE_GPA, code)
         self.set_cpl(cpl)
-        r = K.Regs(rip=gi.CODE_GPA, rflags=getattr(self, "rflags", gi.RFLAGS))
+        r = K.Regs(rip=gi.CODE_GPA, rflags=self.rflags)
         for k, v in regs.items():
             setattr(r, k, v & 0xFFFFFFFFFFFFFFFF)
         _ioctl(self.vcpu, K.KVM_SET_REGS, r, "KVM_SET_REGS")
@@ -523,9 +524,10 @@ def calibrate(repeats=5, pages=10000, insns=8000, dev="/dev/kvm"):
     runs = {"read_fault": [], "write_fault": [], "emulated_insn": []}
     end = gi.DATA_GPA + pages * gi.PAGE
     loop = {"rax": gi.DATA_GPA, "rcx": end, "rdx": gi.PAGE}
+    image = img.initial_writes()
     for _ in range(repeats):
         with KvmVm(img.memory, dev=dev) as vm:
-            for gpa, words in img.initial_writes():
+            for gpa, words in image:
                 vm.write(gpa, words)
             vm.set_control_regs(**img.regs())
             vm.run(gi.touch_program(False), {"rax": gi.CODE_GPA, "rcx": gi.CODE_GPA + 1, "rdx": 1})  # code page
@@ -541,6 +543,10 @@ def calibrate(repeats=5, pages=10000, insns=8000, dev="/dev/kvm"):
             n = vm.stats()["insn_emulation"] - s0["insn_emulation"]
             runs["emulated_insn"].append(1e6 * t / max(n, 1))
     out = {f"us_per_{k}": statistics.median(v) for k, v in runs.items()}
-    out.update(runs=runs, pages=pages, repeats=repeats, kernel=os.uname().release,
-               nested="kvm_pvm" in open("/proc/modules").read() if os.path.exists("/proc/modules") else None)
+    out.update(runs=runs, pages=pages, repeats=repeats, kernel=os.uname().release, vendor_module=vendor_module())
     return out
+
+
+def vendor_module():
+    """The loaded KVM vendor module (kvm_intel, kvm_amd, kvm_pvm), or None."""
+    return next((m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.isdir(f"/sys/module/{m}")), None)

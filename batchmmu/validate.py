@@ -8,7 +8,6 @@ only displayed.
 """
 
 import json
-import os
 import platform
 
 import numpy as np
@@ -54,6 +53,8 @@ class SimSide:
             self.vm = int(self.host.create_vms(1, memory=self.memory, vcpus=1, mmu="shadow")[0])
             if cfg["manual_protect"]:
                 self.host.enable_manual_dirty_log_protect(self.vm, initially_set=cfg["initially_set"])
+            # the kernel side writes every page before the guest runs: all host pages are resident
+            self.host.touch_host_memory(self.vm, 0, self.memory)
             for gpa, words in compiled.initial_writes:
                 self.host.write_guest_memory(self.vm, gpa, words)
             self.host.set_vcpu_regs(self.vm, 0, **compiled.initial_regs)
@@ -173,8 +174,7 @@ def environment():
     """What ran: kernel release, kvm module parameters, batchmmu version."""
     from . import __version__
     return {"kernel": platform.release(), "kvm_params": realkvm.module_params(), "batchmmu": __version__,
-            "vendor_module": next((m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.isdir(f"/sys/module/{m}")),
-                                  None)}
+            "vendor_module": realkvm.vendor_module()}
 
 
 def validate(workload, sides="both", dev="/dev/kvm", params=None):
@@ -194,12 +194,16 @@ def validate(workload, sides="both", dev="/dev/kvm", params=None):
         if not pr["guest"]:
             rep["kernel_skipped"] = pr["reason"] or "no usable /dev/kvm"
         else:
-            side = realkvm.KernelSide(compiled, dev=dev)
             try:
-                rep["kernel"] = run_side(side, compiled)
-                rep["kernel"]["info"] = side.info
-            finally:
-                side.close()
+                side = realkvm.KernelSide(compiled, dev=dev)
+            except (OSError, realkvm.GuestError) as e:
+                rep["kernel"] = {"steps": [], "error": {"step": "setup", "message": f"{type(e).__name__}: {e}"}}
+            else:
+                try:
+                    rep["kernel"] = run_side(side, compiled)
+                    rep["kernel"]["info"] = side.info
+                finally:
+                    side.close()
     if sides in ("both", "sim"):
         try:
             side = SimSide(compiled, params=params)
@@ -315,7 +319,8 @@ def to_json(rep):
 
 def format_calibration(cal):
     return "\n".join([
-        f"kernel {cal['kernel']}: {cal['repeats']} fresh VMs, {cal['pages']} pages each (median)",
+        f"kernel {cal['kernel']} ({cal['vendor_module']}): {cal['repeats']} fresh VMs, {cal['pages']} pages each "
+        "(median)",
         f"  read fault (A/D clear, 1 SPTE)     {cal['us_per_read_fault']:8.2f} us",
         f"  write fault after read (make W)    {cal['us_per_write_fault']:8.2f} us",
         f"  emulated instruction (CPL0 loop)   {cal['us_per_emulated_insn']:8.2f} us",

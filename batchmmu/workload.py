@@ -313,7 +313,7 @@ def touch_addresses(start, count, stride):
     return start + stride * np.arange(count, dtype=np.int64)
 
 
-def _touch(step, memory):
+def _touch(step):
     start, count, stride, write, cpl = (step[k] for k in ("start", "count", "stride", "write", "cpl"))
     addrs = touch_addresses(start, count, stride)
     regs = {"rax": start, "rcx": start + count * stride, "rdx": stride}
@@ -364,7 +364,7 @@ class _Planner:
         if op == "touch":
             last = s["start"] + (s["count"] - 1) * s["stride"]
             self.check_range(where, "start", last, 8)
-            return [_touch(s, img.memory)]
+            return [_touch(s)]
         if op == "store":
             if "gva" in s:
                 target, level = s["gva"], 1

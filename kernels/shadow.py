@@ -1497,8 +1497,22 @@ def set_ad_and_log(m, vm, wk, pfec):
 
 @njit(cache=True, _nrt=False)
 def emulated_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
-    """An access by KVM's emulator: software walk (A/D set), memory through the memslots, and for a
-    write kvm_mmu_track_write.  Returns (outcome, error code)."""
+    """An access by KVM's emulator (emulator_read_write): an access that crosses a page is done one
+    page at a time, each part translated and (for a write) tracked on its own.  (outcome, error code)."""
+    first = nbytes
+    if (gva & 4095) + nbytes > 4096:
+        first = 4096 - (gva & 4095)
+    o, e = emulated_onepage(m, vm, vg, gva, pfec, value, first, mode, maxphyaddr)
+    if first == nbytes or o != OUT_EMULATED:
+        return o, e
+    return emulated_onepage(m, vm, vg, gva + first, pfec, value >> np.int64(8 * first), nbytes - first, mode,
+                            maxphyaddr)
+
+
+@njit(cache=True, _nrt=False)
+def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
+    """emulator_read_write_onepage: software walk (A/D set), memory through the memslots, and for a
+    write kvm_mmu_track_write."""
     gm = m.gm
     wk = m.sh.scratch
     if mode_levels(mode) == 0:
