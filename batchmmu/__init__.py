@@ -72,6 +72,15 @@ def warmup():
     vm = int(h.create_vms(1, memory="4MiB")[0])
     h.access(vm, 0, [0, 1 << 21], [ACC_FETCH, 0])
     h.advance_time(60)
+    h = Host(memory="4MiB", backing="thp", overcommit=True)   # reclaim, refaults, MADV_DONTNEED
+    vm = int(h.create_vms(1, memory="8MiB")[0])
+    h.access(vm, 0, [0, 1 << 21, 2 << 21, 4096], [ACC_WRITE, ACC_WRITE, ACC_WRITE, 0])
+    h.discard_hva_range(vm, 1 << 40, (1 << 40) + 4096)
+    import numpy as np
+
+    from .hostops import madvise_dontneed
+    madvise_dontneed(h.pa, h.vt, h.st, h.host_ctl, vm, np.zeros(1, np.int64), np.zeros(1, np.int64),
+                     np.ones(1, np.int64))
     return time.perf_counter() - t
 
 

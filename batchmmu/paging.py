@@ -421,7 +421,11 @@ class GuestPaging:
         if isinstance(cr3, bool) or not isinstance(cr3, (int, np.integer)) or not 0 <= cr3 < 1 << 52:
             raise bad("cr3", cr3, "must be a guest-physical address")
         if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
-            self.vr.cr3[self._vcpu_index(vm, vcpu)] = cr3
+            i = self._vcpu_index(vm, vcpu)
+            self.vr.cr3[i] = cr3
+            if int(mode_levels(cpu_mode(self.vr.cr0[i], self.vr.cr4[i], self.vr.efer[i], self.vr.rflags[i]))) == 3:
+                # PAE: the processor loads the four PDPTEs at MOV CR3 (no exit under TDP)
+                self.vr.pdptr[i] = self._gm_read_words(int(vm), int(cr3) & 0xFFFFFFE0, 4).view(np.int64)
             return
         self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([K.OP_MOV_CR3]), np.array([cr3]),
                          np.array([0]), np.array([0]), np.array([0]))

@@ -38,7 +38,9 @@ any other value written as ``"${name}"`` takes the parameter's value.  Sections:
                    ``slots``), ``memslot_stress`` (``ops``, ``passes``);
                    ``when`` / ``unless`` (a value, usually ``"${param}"``) keep or drop a phase;
                    ``repeat = N`` (or ``iterations = N``) with sub-phases ``[[phase.phase]]`` runs them N
-                   times; ``{i}`` in their names is the iteration (1..N).
+                   times; ``{i}`` in their names is the iteration (1..N);
+                   ``guest_os`` (batchmmu.guestos: ``stage`` boot | run | exit, ``slices``, ``forks``; the guest
+                   OS's settings in a ``[guest_os]`` section; prints the shadow/TDP comparison).
 """
 
 import copy
@@ -53,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import hostops
+from . import guestos, hostops
 from .errors import BatchMMUError
 from .kernels.state import GAUGE_STATS, STAT_NAMES
 from .memstress import GUEST_RANDOM_SEED
@@ -178,12 +180,13 @@ _KNOWN = {
                  "dirty_ring", "verify"},
     "phase": {"name", "op", "passes", "enable", "when", "unless", "repeat", "iterations", "phase",
               "write_percent", "random_access", "writes", "stage", "kind", "offsets", "seconds", "epochs",
-              "groups"} | hostops.KEYS,
+              "groups"} | hostops.KEYS | guestos.PHASE_KEYS,
+    "guest_os": set(guestos.DEFAULTS),
 }
 
 OPS = ("access", "populate", "dirty_pass", "random_writes", "kvm_page_table", "dirty_log", "enable_logging",
        "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats",
-       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS
+       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS + guestos.OPS
 # ops that collect the dirty log (their phase records carry ``dirty_pages``)
 COLLECT_OPS = ("get_dirty_log", "harvest_dirty_ring", "collect_dirty_log")
 VERIFY_MODES = ("off", "writes", "exact")
@@ -277,6 +280,9 @@ def _flatten_phases(phases, text, origin, out, iteration=None, depth=0):
             _int(ph.get("writes", 0x100), "phase.writes", 0)
         if "epochs" in ph:
             _int(ph["epochs"], "phase.epochs", 1)
+            if op not in ("access", "populate", "dirty_pass"):
+                raise BatchMMUError(f"phase.epochs: {op} phases do not run in epochs (access, populate, dirty_pass do)",
+                                    field="phase.epochs", value=ph["epochs"])
         if "groups" in ph and (not isinstance(ph["groups"], list)
                                or not all(isinstance(g, int) and not isinstance(g, bool) for g in ph["groups"])):
             raise BatchMMUError(f"phase.groups={ph['groups']!r}: must be a list of vm_group indices",
@@ -300,7 +306,7 @@ def resolve(data, text="", origin="<dict>"):
     """Check a parsed scenario and resolve it into the plain spec every shard runs."""
     params = data.get("params", {})
     r = _resolve({k: v for k, v in data.items() if k != "params"}, params, "scenario")
-    for sec in ("host", "workload"):
+    for sec in ("host", "workload", "guest_os"):
         _check_keys(sec, r.get(sec, {}), text, origin)
     groups = r.get("vm_group", [])
     if isinstance(groups, dict):
@@ -389,7 +395,7 @@ def resolve(data, text="", origin="<dict>"):
             "manual_protect": manual,
             "initially_set": _bool(wl.get("initially_set", False), "workload.initially_set"),
             "dirty_ring": ring,
-            "verify": verify}
+            "verify": verify, "guest_os": guestos.resolve(r.get("guest_os", {}))}
 
 
 class _Progress:
@@ -506,9 +512,9 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
             rec.update(host_rec)
             phases.append(rec)
             say(_phase_line(rec))
-            for line in hostops.report_lines(rec):
+            for line in hostops.report_lines(rec) + guestos.report_lines(rec):
                 say(line)
-        for line in _iteration_totals(phases):
+        for line in _iteration_totals(phases) + hostops.closing_lines(phases):
             say(line)
         fps = be.footprints()
     finally:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import constants as _constants
-from . import hostops
+from . import guestos, hostops
 from . import memstress as ms
 from .constants import ACC_FETCH, ACC_WRITE, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES
 from .errors import BatchMMUError
@@ -578,6 +578,8 @@ class Shard:
             events += self._touch(ph, extra)
         elif op in ("mark_idle", "check_idle"):
             self._idle(op == "mark_idle", extra)
+        elif op in guestos.OPS:
+            events += guestos.run(self, ph, extra, progress)
         elif op in hostops.OPS:
             events += hostops.run(self, ph, extra, progress)
         elif op == "advance_time":

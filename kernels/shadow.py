@@ -141,6 +141,8 @@ RET_PF_FIXED = 4
 RET_PF_SPURIOUS = 5
 RET_PF_MMIO = 6  # simulator: an EMULATE for a gfn without a memslot
 RET_PF_OOM = 7   # simulator: the host memory budget cannot back the page (nothing changed)
+RET_PF_GUEST = 8  # simulator: the guest walk refused the access (#PF injected; its code may be 0)
+HW_FAULT = np.int64(1) << np.int64(40)  # shadow_hw_walk: set with the error code when the walk faults
 
 # event ops
 OP_ACCESS = 0        # native access (a store when ev_size > 0: ev_value written on success)
@@ -1231,7 +1233,7 @@ def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
     row, level = walk_start(m, vg, gva)
     refs = 0
     if row < 0:
-        return pfec, 0, refs, -1, 0
+        return pfec | HW_FAULT, 0, refs, -1, 0
     write = (pfec & PFERR_WRITE) != 0
     user = (pfec & PFERR_USER) != 0
     fetch = (pfec & PFERR_FETCH) != 0
@@ -1240,16 +1242,16 @@ def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
         spte = m.pa.spt[row, idx]
         refs += 1
         if not (spte & NPT_P):
-            return pfec, 0, refs, row, idx
+            return pfec | HW_FAULT, 0, refs, row, idx
         if level == 1 or (spte & PT_PAGE_SIZE_MASK):
             if (write and not (spte & PT_WRITABLE_MASK)) or (user and not (spte & NPT_U)) or \
                     (fetch and spte < 0):
-                return pfec | PFERR_PRESENT, 0, refs, row, idx
+                return pfec | PFERR_PRESENT | HW_FAULT, 0, refs, row, idx
             if not user and (spte & NPT_U):
                 from_smep = fetch and (mode & MODE_SMEP) != 0
                 from_smap = not fetch and (mode & MODE_SMAP) != 0 and (mode & MODE_AC) == 0
                 if from_smep or from_smap:
-                    return pfec | PFERR_PRESENT, 0, refs, row, idx
+                    return pfec | PFERR_PRESENT | HW_FAULT, 0, refs, row, idx
             want = NPT_A | (NPT_D if write else np.int64(0))
             if (spte & want) != want:
                 m.pa.spt[row, idx] = spte | want
@@ -1437,7 +1439,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     gerr = guest_walk(gm.key, gm.row, gm.page, vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg], maxphyaddr,
                       gva, pfec, wk)
     if gerr != 0:
-        return RET_PF_RETRY, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault
+        return RET_PF_GUEST, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault, then RET_PF_RETRY
     gfn = wk[WK_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec >= 0 and not (write and slot_readonly(m.st, rec)) and \
@@ -1551,6 +1553,7 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
             if nbytes > 0:
                 gm_write_bytes(m.gm.key, m.gm.row, m.gm.page, m.gm.ctl, vm, gpa, value, nbytes)
             return outcome, err
+        e &= ~HW_FAULT
         err = e
         stats[vm, ST_PF_TAKEN] += 1
         r, gerr = shadow_page_fault(m, vm, vg, gva, e, mode, maxphyaddr)
@@ -1561,10 +1564,10 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
                 stats[vm, ST_ACCESSES] -= 1
                 return -1, err
             return OUT_RETRY, err
+        if r == RET_PF_GUEST:
+            stats[vm, ST_PF_GUEST] += 1
+            return OUT_GUEST_FAULT, gerr
         if r == RET_PF_RETRY:
-            if gerr != 0:
-                stats[vm, ST_PF_GUEST] += 1
-                return OUT_GUEST_FAULT, gerr
             stats[vm, ST_PF_RETRY] += 1
             return OUT_RETRY, err
         if r == RET_PF_FIXED:
