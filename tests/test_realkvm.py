@@ -231,14 +231,9 @@ def test_bundled_workloads_match_the_simulator(name):
     assert rep["status"] == "ok", _first_difference(rep)
 
 
-# Known simulator differences the random differential finds (strict: remove the mark once fixed)
-PD_ZAP = pytest.mark.xfail(strict=True, reason="a flooded (or misaligned) write that zaps a PD shadow page also zaps "
-                           "an unsync PT in the simulator (KVM: mmu_shadow_zapped 1, the PT keeps its SPTEs)")
-
-
 @needs_guest
 @pytest.mark.realkvm
-@pytest.mark.parametrize("seed", [0, 1, 2, pytest.param(3, marks=PD_ZAP)])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_random_differential(seed):
     rep = V.validate(f"random:{seed}:100")
     if rep["sim_skipped"]:

@@ -343,3 +343,21 @@ def test_32bit_and_pae_guests(pae):
     # the shadow entry is gone with the guest's: the next access is the guest's own #PF, not a stale hit
     r = host.access(vm, 0, DATA + 0x1000, bm.ACC_USER)
     assert r.outcome[0] == bm.GUEST_FAULT and r.error_code[0] == bm.PFERR_USER
+
+
+def test_zapping_a_table_leaves_its_unsync_children_alone():
+    # what the kernel does (tests/test_realkvm.py, workload random:3): the unsync child is only unlinked
+    host, vm = build(ad=True)
+    d = Delta(host, vm)
+    run3(host, vm, DATA + 4096 * np.arange(16))
+    host.access(vm, 0, CODE, bm.ACC_FETCH | bm.ACC_USER)
+    host.store(vm, 0, PT0 + 2 * 0x1000, (DATA + (4 << 20)) | P | W | U | A | D, bm.ACC_USER)
+    assert d()["mmu_unsync"] == 1
+    host.emulated_access(vm, 0, PD + 8 * 24 + 4, bm.ACC_WRITE, 0)  # misaligned: the PD page is zapped
+    got = d()
+    assert got["mmu_shadow_zapped"] == 1 and got["mmu_flooded"] == 1
+    assert "mmu_unsync" not in got and "pages_4k" not in got
+    # the next fault rebuilds the PD and finds the (still unsync) table in the hash
+    run3(host, vm, [DATA + 0x1000])
+    got = d()
+    assert got["mmu_cache_miss"] == 1 and "mmu_unsync" not in got
