@@ -322,7 +322,15 @@ def _touch(step):
     if cpl == 0:
         ev = [_fetch(0)] + [("emulated_access", int(a), kind, int(a) if write else 0, 8) for a in addrs]
         return GuestRun(0, prog, regs, tuple(ev), loads=not write)
-    # native: one access per page (an 8-byte access that crosses a page touches both); repeats of
+    code = np.array([gi.CODE_GPA], np.int64)
+    fetch_kind = np.array([ACC_FETCH | ACC_USER], np.int64)
+    if write:
+        # mov [rax], rax: every store writes its own address (a store across a page is split by host.store)
+        addrs = addrs.astype(np.int64)
+        return GuestRun(3, prog, regs, (("access", code, fetch_kind),
+                                        ("store", addrs, addrs, np.full(addrs.size, kind, np.int64)),
+                                        ("access", code, fetch_kind)), loads=False)
+    # native loads: one access per page (an 8-byte access that crosses a page touches both); repeats of
     # the page just touched are hits and are left out
     split = (addrs & 4095) > 4088
     if split.any():

@@ -67,15 +67,11 @@ from .state import (
     OUT_MMIO,
     OUT_RETRY,
     OUT_RING_FULL,
-    OUT_SPURIOUS,
     PML_ENTITY_NUM,
     ST_ACCESSES,
     ST_DIRTY_RING_FULL,
-    ST_PF_EMULATE,
     ST_PF_FAST,
-    ST_PF_FIXED,
     ST_PF_RETRY,
-    ST_PF_SPURIOUS,
     ST_PF_TAKEN,
     ST_WALK_REFS,
     STOP_DONE,
@@ -88,6 +84,7 @@ from .tdp import (
     RET_PF_INVALID,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
+    account_pf_result,
     kvm_tdp_mmu_map,
     mmu_alloc_root,
 )
@@ -309,14 +306,8 @@ def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetc
         if r == RET_PF_RETRY:
             stats[vm, ST_PF_RETRY] += 1  # the guest re-executes later; the access has not happened
             return OUT_RETRY, err
-        if r == RET_PF_FIXED:
-            stats[vm, ST_PF_FIXED] += 1
-            outcome = OUT_FIXED
-        elif r == RET_PF_SPURIOUS:
-            stats[vm, ST_PF_SPURIOUS] += 1
-            outcome = OUT_SPURIOUS
-        else:
-            stats[vm, ST_PF_EMULATE] += 1
+        outcome = account_pf_result(stats, vm, r)
+        if outcome == OUT_EMULATED:
             return (OUT_MMIO if rec < 0 else OUT_EMULATED), err
         # The guest re-executes the access.
         res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.root[vm], vt.levels[vm], gfn, write,

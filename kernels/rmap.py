@@ -43,24 +43,32 @@ def pte_list_add(sh, h, sptep):
 
 
 @njit(inline="always", _nrt=False)
-def pte_list_remove(sh, h, sptep):
-    """pte_list_remove: unlink ``sptep`` from list ``h``."""
+def _list_remove(heads, h, val, nxt, ctl, free_i, avail_i, sptep):
+    """Unlink the node holding ``sptep`` from the list starting at ``heads[h]``; the node goes back on
+    the free list ``ctl[free_i]``.  Returns True if it was there."""
     prev = -1
-    n = sh.rmap_head[h]
+    n = heads[h]
     while n >= 0:
-        if sh.rn_sptep[n] == sptep:
-            nxt = sh.rn_next[n]
+        if val[n] == sptep:
             if prev < 0:
-                sh.rmap_head[h] = nxt
+                heads[h] = nxt[n]
             else:
-                sh.rn_next[prev] = nxt
-            sh.rn_next[n] = sh.ctl[SH_RN_FREE]
-            sh.ctl[SH_RN_FREE] = n
-            sh.ctl[SH_RN_AVAIL] += 1
-            sh.rmap_cnt[h] -= 1
+                nxt[prev] = nxt[n]
+            nxt[n] = ctl[free_i]
+            ctl[free_i] = n
+            ctl[avail_i] += 1
             return True
         prev = n
-        n = sh.rn_next[n]
+        n = nxt[n]
+    return False
+
+
+@njit(inline="always", _nrt=False)
+def pte_list_remove(sh, h, sptep):
+    """pte_list_remove: unlink ``sptep`` from rmap ``h``."""
+    if _list_remove(sh.rmap_head, h, sh.rn_sptep, sh.rn_next, sh.ctl, SH_RN_FREE, SH_RN_AVAIL, sptep):
+        sh.rmap_cnt[h] -= 1
+        return True
     return False
 
 
@@ -78,18 +86,4 @@ def parent_add(sh, row, sptep):
 @njit(inline="always", _nrt=False)
 def parent_remove(sh, row, sptep):
     """mmu_page_remove_parent_pte."""
-    prev = -1
-    n = sh.parent_head[row]
-    while n >= 0:
-        if sh.pl_sptep[n] == sptep:
-            nxt = sh.pl_next[n]
-            if prev < 0:
-                sh.parent_head[row] = nxt
-            else:
-                sh.pl_next[prev] = nxt
-            sh.pl_next[n] = sh.ctl[SH_PL_FREE]
-            sh.ctl[SH_PL_FREE] = n
-            sh.ctl[SH_PL_AVAIL] += 1
-            return
-        prev = n
-        n = sh.pl_next[n]
+    _list_remove(sh.parent_head, row, sh.pl_sptep, sh.pl_next, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)

@@ -96,12 +96,10 @@ from .state import (
     MAX_RN_PER_EVENT,
     MAX_ROWS_PER_EVENT,
     OUT_EMULATED,
-    OUT_FIXED,
     OUT_GUEST_FAULT,
     OUT_HIT,
     OUT_MMIO,
     OUT_RETRY,
-    OUT_SPURIOUS,
     PTE_PREFETCH_NUM,
     SH_PL_AVAIL,
     SH_RN_AVAIL,
@@ -117,11 +115,8 @@ from .state import (
     ST_MMU_SHADOW_ZAPPED,
     ST_MMU_UNSYNC,
     ST_PAGES_4K,
-    ST_PF_EMULATE,
-    ST_PF_FIXED,
     ST_PF_GUEST,
     ST_PF_RETRY,
-    ST_PF_SPURIOUS,
     ST_PF_TAKEN,
     ST_REMOTE_TLB_FLUSH,
     ST_REMOTE_TLB_FLUSH_REQUESTS,
@@ -132,6 +127,7 @@ from .state import (
     STOP_HOST_OOM,
     STOP_NEED_PAGES,
 )
+from .tdp import account_pf_result
 
 # RET_PF_* (mmu_internal.h)
 RET_PF_CONTINUE = 0
@@ -1188,7 +1184,7 @@ def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
 def vcpu_enter(m, vm, vg, mode, maxphyaddr):
     """The MMU part of vcpu_enter_guest: free obsolete roots, sync, (re)load the root."""
     free_obsolete_roots(m, vm, vg)
-    if m.vr.root[vg] >= 0:
+    if m.vr.root[vg] != -1:  # a root or the PAE roots: kvm_mmu_reload loads only when there is none
         sync_roots(m, vm, vg, mode, maxphyaddr)
     else:
         kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
@@ -1318,9 +1314,9 @@ def track_write(m, vm, gpa, nbytes, mode):
 
 
 @njit(cache=True, _nrt=False)
-def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr):
-    """kvm_mmu_invlpg -> kvm_mmu_invalidate_addr over the current and previous roots."""
-    for r in range(1 + KVM_MMU_NUM_PREV_ROOTS):
+def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
+    """kvm_mmu_invalidate_addr over the current root (and the previous roots when ``all_roots``)."""
+    for r in range(1 + (KVM_MMU_NUM_PREV_ROOTS if all_roots else 0)):
         if r == 0:
             row, level = walk_start(m, vg, gva)
         else:
@@ -1343,7 +1339,6 @@ def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr):
                 break
             row = spte_to_child_row(spte)
             level -= 1
-    m.vt.stats[vm, ST_INVLPG] += 1
 
 
 # ----------------------------------------------------------------------------- the fault
@@ -1524,6 +1519,11 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     if pfec & PFERR_WRITE:
         if slot_readonly(m.st, rec):
             return OUT_EMULATED, 0
+        if nbytes == 0:
+            # an access given without a value: the operand is the 8 bytes already there
+            gpa &= ~np.int64(7)
+            nbytes = 8
+            value = gm_read64(gm.key, gm.row, gm.page, vm, gpa)
         gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, value, nbytes)
         mark_page_dirty(m.st, m.ct, -1, rec, gpa >> 12)
         track_write(m, vm, gpa, nbytes, mode)
@@ -1556,19 +1556,16 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
                 return -1, err
             return OUT_RETRY, err
         if r == RET_PF_GUEST:
+            # kvm_inject_emulated_page_fault: a protection fault first drops a stale SPTE (current root)
+            if gerr & PFERR_PRESENT:
+                invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, False)
             stats[vm, ST_PF_GUEST] += 1
             return OUT_GUEST_FAULT, gerr
         if r == RET_PF_RETRY:
             stats[vm, ST_PF_RETRY] += 1
             return OUT_RETRY, err
-        if r == RET_PF_FIXED:
-            stats[vm, ST_PF_FIXED] += 1
-            outcome = OUT_FIXED
-        elif r == RET_PF_SPURIOUS:
-            stats[vm, ST_PF_SPURIOUS] += 1
-            outcome = OUT_SPURIOUS
-        else:
-            stats[vm, ST_PF_EMULATE] += 1
+        outcome = account_pf_result(stats, vm, r)
+        if outcome == OUT_EMULATED:
             o, ge = emulated_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr)
             if r == RET_PF_MMIO:
                 return OUT_MMIO, err
@@ -1629,7 +1626,8 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             out_outcome[i] = o
             out_err[i] = e
         elif op == OP_INVLPG:
-            invalidate_addr(m, vm, vg, addr, mode, mp)
+            invalidate_addr(m, vm, vg, addr, mode, mp, True)  # kvm_mmu_invlpg: every root
+            m.vt.stats[vm, ST_INVLPG] += 1
             out_outcome[i] = OUT_EMULATED
         elif op == OP_MOV_CR3:
             kvm_set_cr3(m, vm, vg, addr, mp)

@@ -38,6 +38,9 @@ from .state import (
     CTL_FREE_TOP,
     CTL_NX_SEQ,
     CTL_USED,
+    OUT_EMULATED,
+    OUT_FIXED,
+    OUT_SPURIOUS,
     SPF_NX_DISALLOWED,
     SPF_NX_TRACKED,
     ST_MMU_PAGES,
@@ -45,7 +48,10 @@ from .state import (
     ST_NX_LPAGE_SPLITS,
     ST_PAGES_4K,
     ST_PAGES_WRITE_PROTECTED,
+    ST_PF_EMULATE,
+    ST_PF_FIXED,
     ST_PF_MMIO_SPTE_CREATED,
+    ST_PF_SPURIOUS,
     ST_REMOTE_TLB_FLUSH,
     ST_REMOTE_TLB_FLUSH_REQUESTS,
 )
@@ -58,6 +64,20 @@ RET_PF_EMULATE = 2
 RET_PF_INVALID = 3
 RET_PF_FIXED = 4
 RET_PF_SPURIOUS = 5
+
+
+@njit(inline="always", _nrt=False)
+def account_pf_result(stats, vm, r):
+    """kvm_mmu_do_page_fault's statistics for a handled fault (RET_PF_FIXED / SPURIOUS / anything else is
+    an emulation): pf_fixed, pf_spurious or pf_emulate.  Returns the access's outcome so far."""
+    if r == RET_PF_FIXED:
+        stats[vm, ST_PF_FIXED] += 1
+        return OUT_FIXED
+    if r == RET_PF_SPURIOUS:
+        stats[vm, ST_PF_SPURIOUS] += 1
+        return OUT_SPURIOUS
+    stats[vm, ST_PF_EMULATE] += 1
+    return OUT_EMULATED
 
 
 @njit(inline="always", _nrt=False)

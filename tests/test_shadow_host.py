@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import batchmmu as bm
-from tests.test_shadow import A, CODE, D, P, PS, U, W, run3
+from tests.test_shadow import CODE, PS, A, D, P, U, W, run3
 
 pytestmark = pytest.mark.nojit
 

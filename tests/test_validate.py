@@ -200,6 +200,18 @@ class FakeHost:
                 self.counters["pf_fixed"] += 1
         return SimpleNamespace(outcome=np.zeros(gvas.size, np.int8), error_code=np.zeros(gvas.size, np.int32))
 
+    def store(self, vm, vcpu, gvas, values, kinds):
+        plain = lambda x: np.asarray(x).tolist()  # noqa: E731  (scalars stay scalars)
+        self.calls.append(("store", vm, vcpu, plain(gvas), plain(values), plain(kinds)))
+        gvas = np.atleast_1d(np.asarray(gvas))
+        for g in gvas.tolist():
+            for page in {g >> 12, (g + 7) >> 12}:
+                if page not in self.seen:
+                    self.seen.add(page)
+                    self.counters["pf_taken"] += 1
+                    self.counters["pf_fixed"] += 1
+        return SimpleNamespace(outcome=np.zeros(gvas.size, np.int8), error_code=np.zeros(gvas.size, np.int32))
+
     def emulated_access(self, vm, vcpu, gva, kind, value=0, size=8):
         self.calls.append(("emulated_access", vm, vcpu, gva, kind, value, size))
         if kind & bm.ACC_WRITE:
@@ -237,15 +249,28 @@ def test_setup_builds_the_image_and_registers_on_the_host():
 
 
 def test_cpl3_touch_is_a_code_fetch_the_data_pages_and_the_out_fetch():
-    w = wl([{"op": "touch", "start": 0x400ffc, "count": 3, "stride": 0x800, "write": True}])
+    w = wl([{"op": "touch", "start": 0x400ffc, "count": 3, "stride": 0x800}])
     fake, side, c, init = sim(w)
     res = V.run_side(side, c)
     (name, vm, vcpu, gvas, kinds), = fake.calls[init:]
     assert (name, vm, vcpu) == ("access", 7, 0)
     # 0x400ffc and 0x401ffc cross into the next page; 0x4017fc and 0x401ffc repeat page 0x401: left out
     assert gvas == [gi.CODE_GPA, 0x400ffc, 0x401000, 0x402000, gi.CODE_GPA]
-    fetch, wr = bm.ACC_FETCH | bm.ACC_USER, bm.ACC_WRITE | bm.ACC_USER
-    assert kinds == [fetch, wr, wr, wr, fetch]
+    fetch, rd = bm.ACC_FETCH | bm.ACC_USER, bm.ACC_USER
+    assert kinds == [fetch, rd, rd, rd, fetch]
+    assert res["error"] is None and res["steps"][0]["stats"]["pf_taken"] == 4
+
+
+def test_cpl3_write_touch_stores_each_address_into_itself():
+    # the loop is mov [rax], rax: the simulator stores the same values, so guest memory matches too
+    w = wl([{"op": "touch", "start": 0x400ffc, "count": 3, "stride": 0x800, "write": True}])
+    fake, side, c, init = sim(w)
+    res = V.run_side(side, c)
+    fetch = bm.ACC_FETCH | bm.ACC_USER
+    first, store, last = fake.calls[init:]
+    assert first == ("access", 7, 0, [gi.CODE_GPA], [fetch]) and last == first
+    addrs = [0x400ffc, 0x4017fc, 0x401ffc]
+    assert store == ("store", 7, 0, addrs, addrs, [bm.ACC_WRITE | bm.ACC_USER] * 3)
     assert res["error"] is None and res["steps"][0]["stats"]["pf_taken"] == 4
 
 
