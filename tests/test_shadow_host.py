@@ -3,9 +3,9 @@ shrinker, MMU-notifier invalidation and aging through the rmaps, and the footpri
 
 import numpy as np
 import pytest
+from test_shadow import CODE, PS, A, D, P, U, W, run3
 
 import batchmmu as bm
-from tests.test_shadow import CODE, PS, A, D, P, U, W, run3
 
 pytestmark = pytest.mark.nojit
 
