@@ -638,18 +638,23 @@ class Host(GuestPaging):
             elif stop == S.STOP_HOST_OOM:
                 applied = np.zeros(n, bool)
                 applied[perm[:i] if perm is not None else slice(0, i)] = True
-                e = HostMemoryExhausted(
-                    f"memory={format_size(self.memory)}: host memory budget exhausted at VM {int(vm_a[i])}, "
-                    f"gpa {int(addr_a[i]):#x}; {i} of {n} events were applied (err.applied says which: "
-                    "each VM's events run in order, VM by VM). Give the Host more memory.",
-                    field="memory", value=self.memory)
-                e.applied = applied
-                raise e
+                raise self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", applied,
+                                             " (err.applied says which: each VM's events run in order, VM by VM)")
         if perm is not None:
             out_c, err_c = np.empty_like(out), np.empty_like(err)
             ungroup_results(perm, out, err, out_c, err_c)
             out, err = out_c, err_c
         return AccessResult(out, err)
+
+    def _budget_exhausted(self, vm, where, applied, how=""):
+        """The HostMemoryExhausted a batch raises when the host budget cannot back an event's page;
+        ``applied`` marks the events that ran."""
+        e = HostMemoryExhausted(
+            f"memory={format_size(self.memory)}: host memory budget exhausted at VM {vm}, {where}; "
+            f"{int(applied.sum())} of {applied.size} events were applied{how}. Give the Host more memory.",
+            field="memory", value=self.memory)
+        e.applied = applied
+        return e
 
     def store(self, vm, vcpu, addr, value, kind=ACC_WRITE):
         """Guest 8-byte stores of ``value`` at ``addr`` (may be unaligned; a store that crosses a

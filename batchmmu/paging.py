@@ -163,12 +163,9 @@ class GuestPaging:
             key = np.full(cap, -1, np.int64)
             row = np.zeros(cap, np.int64)
             old = gm.key >= 0
-            from .kernels.gmem import gm_hash  # rehash (Python side, rare)
+            from .kernels.gmem import GM_VM_SHIFT, gm_slot  # rehash (Python side, rare)
             for k, r in zip(gm.key[old], gm.row[old], strict=True):
-                vm, gfn = int(k) >> 40, int(k) & ((1 << 40) - 1)
-                h = int(gm_hash(vm, gfn, cap - 1))
-                while key[h] != -1:
-                    h = (h + 1) & (cap - 1)
+                h = int(gm_slot(key, int(k) >> GM_VM_SHIFT, int(k) & ((1 << GM_VM_SHIFT) - 1)))
                 key[h] = k
                 row[h] = r
         self.gm = S.GuestMem(key=key, row=row, page=page, ctl=gm.ctl)
@@ -325,9 +322,7 @@ class GuestPaging:
         """Run TDP events through the 2D-walk kernel; ``size_a[i]`` > 0 makes event i a store."""
         from . import reclaim as _reclaim
         from .arena import grow_page_arena
-        from .errors import HostMemoryExhausted
         from .kernels.tdp2d import SC_OOM_GPA, tdp2d_batch
-        from .units import format_size
         n = vm_a.size
         pg = self._guest_paging_on(vm_a, vcpu_a)
         big = ~pg & ((addr_a >> self._maxphyaddr[vm_a]) != 0)
@@ -350,14 +345,7 @@ class GuestPaging:
                     _reclaim.direct_reclaim(self, int(vm_a[i]), int(self.sh.scratch[SC_OOM_GPA])):
                 oom_at = i  # overcommit: reclaimed; the event runs again
             elif stop == S.STOP_HOST_OOM:
-                applied = np.zeros(n, bool)
-                applied[:i] = True
-                e = HostMemoryExhausted(
-                    f"memory={format_size(self.memory)}: host memory budget exhausted at VM {int(vm_a[i])}, "
-                    f"address {int(addr_a[i]):#x}; {i} of {n} events were applied. Give the Host more memory.",
-                    field="memory", value=self.memory)
-                e.applied = applied
-                raise e
+                raise self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}", np.arange(n) < i)
         return out, err
 
     # ------------------------------------------------------------------ shadow events
@@ -365,10 +353,9 @@ class GuestPaging:
         n = vm_a.size
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
-        for name, arr in (("vm", vm_a),):
-            kinds = self._mmu_kind[arr]
-            if np.any(kinds != S.MMU_SHADOW):
-                raise bad(name, int(arr[np.nonzero(kinds != S.MMU_SHADOW)[0][0]]), "not a shadow-MMU VM")
+        other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
+        if other.size:
+            raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
         pg = self._guest_paging_on(vm_a, vcpu_a)
         if not pg.all():
             j = int(np.nonzero(~pg)[0][0])
@@ -382,20 +369,8 @@ class GuestPaging:
             if stop == S.STOP_NEED_PAGES:
                 continue
             if stop == S.STOP_HOST_OOM:
-                from .errors import HostMemoryExhausted
-                from .units import format_size
-                applied = np.zeros(n, bool)
-                applied[:i] = True
-                e = HostMemoryExhausted(
-                    f"memory={format_size(self.memory)}: host memory budget exhausted at VM {int(vm_a[i])}, "
-                    f"gva {int(addr_a[i]):#x}; {i} of {n} events were applied. Give the Host more memory.",
-                    field="memory", value=self.memory)
-                e.applied = applied
-                raise e
+                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(addr_a[i]):#x}", np.arange(n) < i)
         return out, err
-
-    def _check_gva(self, vm_a, addr_a):
-        return addr_a  # any 64-bit value is a gva; non-canonical ones are not modelled (#GP)
 
     def emulated_access(self, vm, vcpu, addr, kind=0, value=0, size=8):
         """Memory operand of an instruction that KVM's emulator executes (CPL0 code under kvm_pvm,

@@ -25,40 +25,37 @@ def gm_hash(vm, gfn, mask):
 
 
 @njit(inline="always", _nrt=False)
-def gm_find(key, row, vm, gfn):
-    """Row holding page ``gfn`` of ``vm``, or -1 (the page reads as zeros)."""
+def gm_slot(key, vm, gfn):
+    """Key-table slot of page ``gfn`` of ``vm``: where its key is, or the empty slot where it would go."""
     mask = key.shape[0] - 1
     want = (vm << GM_VM_SHIFT) | gfn
     h = gm_hash(vm, gfn, mask)
-    while True:
-        k = key[h]
-        if k == want:
-            return row[h]
-        if k == -1:
-            return -1
+    while key[h] != want and key[h] != -1:
         h = (h + 1) & mask
+    return h
+
+
+@njit(inline="always", _nrt=False)
+def gm_find(key, row, vm, gfn):
+    """Row holding page ``gfn`` of ``vm``, or -1 (the page reads as zeros)."""
+    h = gm_slot(key, vm, gfn)
+    return row[h] if key[h] != -1 else -1
 
 
 @njit(inline="always", _nrt=False)
 def gm_get_or_add(key, row, page, ctl, vm, gfn):
     """Row of page ``gfn`` of ``vm``, adding a zeroed row if it has none (capacity topped up by Python)."""
-    mask = key.shape[0] - 1
-    want = (vm << GM_VM_SHIFT) | gfn
-    h = gm_hash(vm, gfn, mask)
-    while True:
-        k = key[h]
-        if k == want:
-            return row[h]
-        if k == -1:
-            r = ctl[GM_USED]
-            ctl[GM_USED] = r + 1
-            ctl[GM_KEYS] += 1
-            for i in range(512):
-                page[r, i] = 0
-            key[h] = want
-            row[h] = r
-            return r
-        h = (h + 1) & mask
+    h = gm_slot(key, vm, gfn)
+    if key[h] != -1:
+        return row[h]
+    r = ctl[GM_USED]
+    ctl[GM_USED] = r + 1
+    ctl[GM_KEYS] += 1
+    for i in range(512):
+        page[r, i] = 0
+    key[h] = (vm << GM_VM_SHIFT) | gfn
+    row[h] = r
+    return r
 
 
 @njit(inline="always", _nrt=False)

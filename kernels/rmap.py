@@ -29,14 +29,21 @@ def rmap_index(sh, st, rec, level, gfn):
 
 
 @njit(inline="always", _nrt=False)
+def _list_add(heads, h, val, nxt, ctl, free_i, avail_i, sptep):
+    """Push ``sptep`` on the list starting at ``heads[h]``, taking a node from the free list ``ctl[free_i]``
+    (topped up by Python before the batch)."""
+    n = ctl[free_i]
+    ctl[free_i] = nxt[n]
+    ctl[avail_i] -= 1
+    val[n] = sptep
+    nxt[n] = heads[h]
+    heads[h] = n
+
+
+@njit(inline="always", _nrt=False)
 def pte_list_add(sh, h, sptep):
     """pte_list_add: returns the number of SPTEs in the list before this one."""
-    n = sh.ctl[SH_RN_FREE]
-    sh.ctl[SH_RN_FREE] = sh.rn_next[n]
-    sh.ctl[SH_RN_AVAIL] -= 1
-    sh.rn_sptep[n] = sptep
-    sh.rn_next[n] = sh.rmap_head[h]
-    sh.rmap_head[h] = n
+    _list_add(sh.rmap_head, h, sh.rn_sptep, sh.rn_next, sh.ctl, SH_RN_FREE, SH_RN_AVAIL, sptep)
     c = sh.rmap_cnt[h]
     sh.rmap_cnt[h] = c + 1
     return c
@@ -75,12 +82,7 @@ def pte_list_remove(sh, h, sptep):
 @njit(inline="always", _nrt=False)
 def parent_add(sh, row, sptep):
     """mmu_page_add_parent_pte."""
-    n = sh.ctl[SH_PL_FREE]
-    sh.ctl[SH_PL_FREE] = sh.pl_next[n]
-    sh.ctl[SH_PL_AVAIL] -= 1
-    sh.pl_sptep[n] = sptep
-    sh.pl_next[n] = sh.parent_head[row]
-    sh.parent_head[row] = n
+    _list_add(sh.parent_head, row, sh.pl_sptep, sh.pl_next, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
 
 
 @njit(inline="always", _nrt=False)
