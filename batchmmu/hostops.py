@@ -231,6 +231,8 @@ def memslot_perf(shard, ph, extra, progress):
             recs.append(h._slot_rec[(lvm, s + 1)])
             gpa += n * 4096
         extra["slot_setup_seconds"] = extra.get("slot_setup_seconds", 0.0) + time.perf_counter() - t0
+        if progress is not None:    # one step for the slots, one per loop (scenario.phase_work)
+            progress(1)
         recs = np.array(recs, np.int64)
         if test == "move_active" and lay.slot_pages(nslots - 1) * 4096 < MOVE_SIZE // 2:
             if first:
@@ -239,6 +241,8 @@ def memslot_perf(shard, ph, extra, progress):
             t0 = time.perf_counter()
             for _ in range(loops):
                 events += _LOOPS[test](shard, lvm, lay, recs, extra)
+                if progress is not None:
+                    progress(1)
             extra["loop_seconds"] = extra.get("loop_seconds", 0.0) + time.perf_counter() - t0
             extra["loops"] = extra.get("loops", 0) + loops
         for s in range(nslots, 0, -1):   # kvm_vm_free

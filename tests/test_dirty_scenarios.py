@@ -100,7 +100,7 @@ def test_dirty_log_perf_runs_and_reports_per_phase(tmp_path, capsys):
         assert ("dirty_pages" in p) == (p["op"] == "get_dirty_log")
     assert [p["dirty_pages"] for p in d["phases"] if p["op"] == "get_dirty_log"] == [pages, pages]
     assert [p["cleared_pages"] for p in d["phases"] if p["op"] == "clear_dirty_log"] == [pages, pages]
-    assert d["params"]["seed"] == 1 and d["params"]["run_seed"] == 0
+    assert d["params"]["seed"] == 1 == d["provenance"]["seed"] == d["resolved"]["workload"]["seed"]
 
 
 @pytest.mark.parametrize("manual", [True, False])
