@@ -4,6 +4,7 @@ docs/scenarios.md) on shards of VMs, phase by phase, into a Report that says exa
 import json
 import os
 import platform
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -237,9 +238,10 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
 
 def _out_of_memory(spec, phase, e):
     """HostMemoryExhausted from a run, said in the words of the scenario's settings."""
-    why = str(e).split(". ")[0]
-    return BatchMMUError(f"host.memory={format_size(spec['host_memory'])}: the host ran out of memory in phase "
-                         f"{phase!r} ({why}); give it more with --set host.memory=SIZE, or let it reclaim with "
+    m = re.search(r"exhausted at ([^;.]+)", str(e))
+    at = f" at {m.group(1)}" if m else ""
+    return BatchMMUError(f"host.memory={format_size(spec['host_memory'])}: the host ran out of memory{at} in phase "
+                         f"{phase!r}; give it more with --set host.memory=SIZE, or let it reclaim with "
                          "--set host.overcommit=true", field="host.memory", value=spec["host_memory"])
 
 
