@@ -475,8 +475,7 @@ def prepare(scenario, sets=(), seed=None):
     The seed story: ``seed`` is a parameter of every scenario (default 0 unless its [params] gives one);
     ``seed=`` here is ``--seed``, the same as ``--set seed=``.  It seeds random access orders (per seed, VM,
     vCPU and pass) and the guest-OS model; the memstress guest's LCG (vCPU i starts at seed + i) takes it
-    through ``workload.seed = "${seed}"``, and a seed given explicitly also seeds the memstress guest of a
-    scenario whose workload names no seed (otherwise that guest starts from the selftests' 0x6b8b4567)."""
+    through ``workload.seed = "${seed}"`` (without one: the selftests' 0x6b8b4567)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BatchMMUError(f"seed={seed!r}: must be an integer", field="seed", value=seed)
     if isinstance(scenario, dict):
@@ -488,10 +487,6 @@ def prepare(scenario, sets=(), seed=None):
     params = data["params"]
     if "seed" in params:
         params["seed"] = _int_text(params["seed"])
-    explicit = seed is not None or "seed" in keys
-    wl = data.get("workload")
-    if explicit and (wl is None or (isinstance(wl, dict) and "seed" not in wl)):
-        data.setdefault("workload", {})["seed"] = "${seed}"
     run_seed = params.get("seed", 0)
     if isinstance(run_seed, bool) or not isinstance(run_seed, int):
         raise BatchMMUError(f"seed={run_seed!r}: must be an integer", field="seed", value=run_seed)

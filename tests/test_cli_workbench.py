@@ -75,11 +75,12 @@ def test_phase_delta_is_the_difference_of_cumulative_stats(tmp_path):
 def test_one_seed():
     a = prepare("demand_paging", ["seed=5"])
     b = prepare("demand_paging", [], seed=5)
-    assert a.seed == b.seed == 5 and a.spec == b.spec and a.spec["seed"] == 5   # memstress guest seeded too
+    assert a.seed == b.seed == 5 and a.spec == b.spec and a.data == b.data
     assert prepare("demand_paging").seed == 0
     assert prepare("demand_paging").spec["seed"] == 0x6b8b4567                     # the selftests' default
     d = prepare("dirty_log_perf")                                                  # declares seed = 1
-    assert d.seed == 1 == d.spec["seed"]
+    assert d.seed == 1 == d.spec["seed"]                                           # and gives it to its guest
+    assert prepare("dirty_log_perf", seed=9).spec["seed"] == 9
     e = prepare("dirty_log", ["seed=0x10"])
     assert e.seed == 16 == e.spec["seed"]
     with pytest.raises(bm.BatchMMUError, match="give the seed once"):
