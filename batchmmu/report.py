@@ -137,9 +137,9 @@ def _fmt(v):
     return f"{v:,.1f}" if isinstance(v, float) and not v.is_integer() else f"{int(v):,}"
 
 
-def _compare_block(title, a, b, show_all):
-    out = [title, f"  {'statistic':<28}{'before':>16}{'after':>16}{'delta':>16}{'ratio':>9}"]
-    for s in STAT_NAMES:
+def _compare_block(title, a, b, show_all, keys=STAT_NAMES, what="statistic"):
+    out = [title, f"  {what:<28}{'before':>16}{'after':>16}{'delta':>16}{'ratio':>9}"]
+    for s in keys:
         x, y = a.get(s, 0), b.get(s, 0)
         if x == y and not (show_all and (x or y)):
             continue
@@ -183,6 +183,8 @@ def compare(results, names=None, show_all=False, phases=False):
         for unit in ma:
             if unit in mb:
                 out += _compare_block(f" {unit}:", ma[unit], mb[unit], show_all)
+        cats = list(dict.fromkeys([*a["footprint"], *b["footprint"]]))
+        out += _compare_block(" footprint:", a["footprint"], b["footprint"], show_all, cats, "bytes")
         if phases:
             for i, p in enumerate(a["phases"]):
                 j = next((j for j, q in enumerate(b["phases"]) if q["name"] == p["name"]), None)
@@ -213,11 +215,11 @@ def _phase_bars(ax, d, title):
         ax.bar([i + k * width for i in range(len(names))], [max(0, x.get(s, 0)) for x in deltas], width, label=s)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=7)
     ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(0, max([1] + [x.get(s, 0) for x in deltas for s in shown]) * 3)
+    ax.set_ylim(0, max([1] + [x.get(s, 0) for x in deltas for s in shown]) * 100)   # room for the legend
     ax.set_ylabel("change during the phase (count)")
     ax.set_title(title, fontsize=9)
     if shown:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=min(4, len(shown)), loc="upper center")
 
 
 def _page_tables(ax, d):
@@ -249,9 +251,29 @@ def _totals(ax, results, names):
                label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(stats))], stats, rotation=30, ha="right", fontsize=7)
     ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(0, max([1] + [d["totals"].get(s, 0) for d in results for s in stats]) * 3)
+    ax.set_ylim(0, max([1] + [d["totals"].get(s, 0) for d in results for s in stats]) * 100)
     ax.set_ylabel("whole run (count; gauges: level at the end)")
     ax.set_title("results side by side", fontsize=9)
+    ax.legend(fontsize=7, ncol=min(4, len(results)), loc="upper center")
+
+
+_PT_CATEGORIES = ("tdp_page_tables", "shadow_page_tables", "mmu_page_headers", "rmaps", "pte_list_descs")
+
+
+def _footprint_per_vm(ax, results, names):
+    """KVM's MMU memory per VM of every result, stacked by footprint category."""
+    cats = [c for c in _PT_CATEGORIES if any(d["footprint"].get(c, 0) for d in results)]
+    bottom = [0.0] * len(results)
+    for c in cats:
+        kib = [d["footprint"].get(c, 0) / 1024 / max(1, _nvm(d)) for d in results]
+        ax.bar(range(len(results)), kib, 0.6, bottom=bottom, label=c)
+        bottom = [b + k for b, k in zip(bottom, kib, strict=True)]
+    for i, b in enumerate(bottom):
+        ax.annotate(f"{b:,.1f} KiB", (i, b), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(results)), names, fontsize=8)
+    ax.set_ylim(0, max([1.0] + bottom) * 1.25)
+    ax.set_ylabel("KiB per VM (mean)")
+    ax.set_title("KVM's MMU memory per VM, by footprint category", fontsize=9)
     ax.legend(fontsize=7)
 
 
@@ -267,7 +289,7 @@ def plot(results, path, names=None):
         _page_tables(axes[r][1], d)
     if len(results) > 1:
         _totals(axes[-1][0], results, names)
-        axes[-1][1].axis("off")
+        _footprint_per_vm(axes[-1][1], results, names)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

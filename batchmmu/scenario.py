@@ -289,7 +289,7 @@ def _phase_line(rec):
     changed = [k for k in _LINE_FIRST if d.get(k)] + [k for k in STAT_NAMES if d[k] and k not in _LINE_FIRST
                                                        and k != "accesses"]
     if changed:
-        line += "  [" + " ".join(f"{k}{d[k]:+,}" for k in changed[:_LINE_MAX]) \
+        line += "  [" + " ".join(f"{k}={d[k]:+,}" for k in changed[:_LINE_MAX]) \
             + (f" +{len(changed) - _LINE_MAX} more" if len(changed) > _LINE_MAX else "") + "]"
     if rec.get("skipped"):
         line += f"  SKIPPED: {rec['skipped']}"

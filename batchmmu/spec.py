@@ -316,6 +316,7 @@ def region_bytes(spec, g):
 
 # ----------------------------------------------------------------------------- running
 _BACKINGS = ("4k", "thp", "hugetlb-2m", "hugetlb-1g")   # kernels/state.py BACKING_NAMES (checked by a test)
+_HUGETLB = {"hugetlb-2m": 2 << 20, "hugetlb-1g": 1 << 30}
 _GROUP_CHOICES = {"mmu": ("tdp", "shadow"), "tdp_format": ("ept", "npt"), "tdp_levels": (4, 5),
                   "backing": _BACKINGS}
 
@@ -416,6 +417,15 @@ def resolve(data, text="", origin="<dict>", used=None):
         if key in d and d[key] not in _BACKINGS:
             raise BatchMMUError(f"{sec}.{key}={d[key]!r}: use one of {', '.join(_BACKINGS)}", field=f"{sec}.{key}",
                                 value=d[key])
+    for g in groups:   # hugetlb memslots are whole huge pages (the Host refuses others, after the compile)
+        backing = wl.get("slot_backing", g.get("backing", host.get("backing", "thp")))
+        per = region_bytes(mem_spec, g) // slots
+        if region == "top" and per % _HUGETLB.get(backing, 1):
+            field = "workload.slot_backing" if "slot_backing" in wl else "vm_group.backing" if "backing" in g \
+                else "host.backing"
+            raise BatchMMUError(f"{field}={backing!r}: each test memslot ({format_size(per)}) must be a whole "
+                                f"number of {format_size(_HUGETLB[backing])} pages; raise the test region "
+                                "(bytes_per_vcpu)", field=field, value=backing)
     mem = host.pop("memory", "auto")
     if mem == "auto":
         need = 0

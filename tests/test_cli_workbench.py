@@ -127,6 +127,7 @@ def test_input_checked_before_any_kernel_loads(tmp_path):
         ["run", "demand_paging", "--set", "vms=0"],                      # bad value (named as typed)
         ["run", "demand_paging", "--set", "vm_group.colour=red"],        # unknown section key
         ["run", "demand_paging", "--set", "backing=5k"],
+        ["run", "demand_paging", "--set", "backing=hugetlb-1g"],           # 32 MiB slots of 1 GiB pages
         ["run", "demand_paging", "--json", str(tmp_path / "missing" / "out.json")],
         ["run", "demand_paging", "--json", str(ro / "out.json")] if not _root() else ["run", "nope"],
         ["run", "overcommit", "--plot", str(tmp_path / "mem.jpeg")],     # bad plot extension
@@ -143,8 +144,9 @@ def test_input_checked_before_any_kernel_loads(tmp_path):
         assert rc == 2 and loaded == [], line
         assert seconds < 1.0, (seconds, line)
     for needle, line in zip(["demand_pagng", "is a directory", "vmz", "vms=0", "vm_group.colour", "backing='5k'",
-                             "does not exist", "not writable" if not _root() else "nope", ".png",
-                             "needs about", "--workers 0"], errs, strict=True):
+                             "whole number of 1 GiB pages", "does not exist",
+                             "not writable" if not _root() else "nope", ".png", "needs about", "--workers 0"],
+                            errs, strict=True):
         assert needle in line, (needle, line)
 
 
