@@ -129,8 +129,11 @@ def phase_work(spec, k):
     """(total, unit) of the work phase ``k`` does, for its progress bar (0: unknown)."""
     from .shard import total_events
     ph = spec["phases"][k]
-    if ph["op"] == "memslot_perf":
-        return sum(int(g.get("count", 1)) for g in spec["groups"]) * (int(ph.get("loops", 10)) + 1), "steps"
+    if ph["op"] == "memslot_perf":   # a step per memslot set up and per loop, in every VM
+        cap = int(ph.get("slots", -1))
+        nslots = (hostops.KVM_USER_MEM_SLOTS if cap == -1 else min(cap, hostops.KVM_USER_MEM_SLOTS)) - 1
+        return sum(int(g.get("count", 1)) for g in spec["groups"]) * (nslots + int(ph.get("loops", 10))), \
+            "slots + loops"
     return total_events(spec, k), "accesses"
 
 

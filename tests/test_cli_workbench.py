@@ -319,7 +319,7 @@ def test_memslot_perf_defaults_run_the_map_test(monkeypatch):
     rep = bm.run_scenario(data)
     for p in rep.phases:
         assert "max_slots" not in p and "skipped" not in p and p["loops"] == 1 and p["events"] > 0, p["name"]
-        assert seen[p["name"]] == [2, "steps", 2]            # slot setup + one loop: progress by work done
+        assert seen[p["name"]] == [4096, "slots + loops", 4096]   # 4095 slots + 1 loop: progress by work done
 
 
 def test_memslot_perf_skip_is_an_error(tmp_path, capsys):
