@@ -281,6 +281,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("batchmmu: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:    # output piped into head and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BatchMMUError as e:
         print(f"batchmmu: error: {e}", file=sys.stderr)
         return 2

@@ -212,10 +212,12 @@ def _phase_bars(ax, d, title):
     names = [p["name"] for p in d["phases"]]
     width = 0.8 / max(1, len(shown))
     for k, s in enumerate(shown):
-        ax.bar([i + k * width for i in range(len(names))], [max(0, x.get(s, 0)) for x in deltas], width, label=s)
+        ax.bar([i + k * width for i in range(len(names))], [x.get(s, 0) for x in deltas], width, label=s)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=7)
     ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(0, max([1] + [x.get(s, 0) for x in deltas for s in shown]) * 100)   # room for the legend
+    vals = [x.get(s, 0) for x in deltas for s in shown] or [0]
+    ax.set_ylim(min(0, min(vals) * 3), max(1, max(vals)) * 100)     # gauges can fall; room for the legend
+    ax.axhline(0, color="black", lw=0.5)
     ax.set_ylabel("change during the phase (count)")
     ax.set_title(title, fontsize=9)
     if shown:
@@ -223,19 +225,17 @@ def _phase_bars(ax, d, title):
 
 
 def _page_tables(ax, d):
-    """MMU page-table bytes per VM (mmu_pages x 4 KiB: TDP tables or shadow pages), one colour per group."""
+    """MMU page-table bytes per VM (mmu_pages x 4 KiB: TDP tables or shadow pages), one colour per group,
+    on common bins from 0 (identical values give one bar, not a histogram on an offset axis)."""
     col = d["per_vm"].get("mmu_pages", [])
+    top = 4 * max(col or [0]) * 1.25 or 1.0
+    bins = [top * i / 40 for i in range(41)]
     for g in groups(d):
         kib = [4 * v for v in col[g["first"]:g["first"] + g["count"]]]
-        if not kib:
-            continue
-        label = f"{g['label']} ({len(kib)} VMs)"
-        if min(kib) == max(kib):      # identical values: one bar, not a histogram on an offset axis
-            ax.bar([kib[0]], [len(kib)], width=max(1.0, kib[0] * 0.04), label=f"{label}: all {kib[0]:,} KiB")
-        else:
-            ax.hist(kib, bins=min(40, max(5, len(kib) // 4)), alpha=0.7, label=label)
-    lo, hi = ax.get_xlim()
-    ax.set_xlim(min(0, lo), hi * 1.1)
+        if kib:
+            same = f": all {kib[0]:,} KiB" if min(kib) == max(kib) else f": {min(kib):,}-{max(kib):,} KiB"
+            ax.hist(kib, bins=bins, alpha=0.75, label=f"{g['label']} ({len(kib)} VMs){same}")
+    ax.set_xlim(0, top)
     ax.ticklabel_format(axis="x", style="plain", useOffset=False)
     ax.set_xlabel("MMU page tables per VM, KiB (mmu_pages x 4 KiB; TDP tables or shadow pages)")
     ax.set_ylabel("VMs")
