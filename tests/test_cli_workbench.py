@@ -396,3 +396,42 @@ def test_readme_and_docs_are_self_contained():
     glossary = readme[readme.index("## Glossary"):]
     for term in ("gauge", "counter", "events", "simulator_bytes", "cumulative", "delta"):
         assert f"**{term}**" in glossary, term
+
+
+def test_real_ctrl_c_with_process_workers(tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does): the workers leave it to the
+    parent, which stops with one line, status 130 and the finished phases in <json>.partial."""
+    import os
+    import signal
+    out = tmp_path / "r.json"
+    argv = ["run", "dirty_log_perf", "--set", "bytes_per_vcpu=64MiB", "--set", "iterations=200", "--workers", "2",
+            "--backend", "process", "--json", str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "batchmmu.cli", *argv], stderr=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if "Iteration 1 dirty memory time" in line:
+                break
+        os.killpg(p.pid, signal.SIGINT)
+        _, rest = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err = "".join(lines) + rest
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.match(r"batchmmu: interrupted after \d+ of \d+ phases; the finished phases are in .*r\.json\.partial$",
+                    last), last
+    d = json.loads((tmp_path / "r.json.partial").read_text())
+    assert [q["name"] for q in d["phases"]][:2] == ["Populate memory", "Enabling dirty logging"]
+    assert not out.exists()
+
+
+@pytest.mark.nojit
+def test_spec_backings_are_the_kernels():
+    from batchmmu import spec
+    from batchmmu.kernels.state import BACKING_NAMES
+    assert spec._BACKINGS == BACKING_NAMES
