@@ -432,6 +432,7 @@ def test_real_ctrl_c_with_process_workers(tmp_path):
 
 @pytest.mark.nojit
 def test_spec_backings_are_the_kernels():
-    from batchmmu import spec
     from batchmmu.kernels.state import BACKING_NAMES
+
+    from batchmmu import spec
     assert spec._BACKINGS == BACKING_NAMES
