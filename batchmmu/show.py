@@ -1,7 +1,15 @@
 """``batchmmu show`` / ``run --dry-run`` / ``list``: what a scenario is and what a run of it would do,
 from the scenario alone (no kernel is loaded)."""
 
-from .spec import group_labels, list_scenarios, load_scenario, param_docs, shadowed_params, test_region_label
+from .spec import (
+    _ACCESS_OPS,
+    group_labels,
+    list_scenarios,
+    load_scenario,
+    param_docs,
+    shadowed_params,
+    test_region_label,
+)
 from .units import format_size
 
 SEED_DOC = "the run's seed: random access orders, the guest-OS model, the memstress guest (--seed)"
@@ -52,7 +60,9 @@ def describe(prep, estimate=None, available=None, run=None):
         lines.append(f"  {label:<8} VMs {first}..{first + n - 1} ({n}), {int(g.get('vcpus', 1))} vCPU(s) each, "
                      f"mmu={g.get('mmu', 'tdp')}" + (f", {rest}" if rest else ""))
         first += n
-    lines.append(f"  test region: {test_region_label(sp)}, pattern {sp['pattern']}, workload seed {sp['seed']:#x}")
+    guest = f", pattern {sp['pattern']}, memstress guest seed {sp['seed']:#x}" \
+        if any(ph["op"] in _ACCESS_OPS for ph in sp["phases"]) else ""
+    lines.append(f"  test region: {test_region_label(sp)}{guest}")
     host = ", ".join(f"{k}={_value(v)}" for k, v in sp["host"].items())
     lines.append(f"  host: memory {format_size(sp['host_memory'])}" + (f", {host}" if host else ""))
     lines += ["", f"phases ({len(sp['phases'])}):"]
