@@ -50,6 +50,11 @@ def table(d):
     parts = ", ".join(f"{g['count']} {g['label']}" for g in gs)
     head = f"{d['scenario']}: {nvm} VMs" + (f" ({parts})" if len(gs) > 1 else "")
     out = [head + "; " + ", ".join(f"{k}={v}" for k, v in d["params"].items())]
+    pv = d.get("provenance")
+    if pv:
+        out.append(f"batchmmu {pv['version']} (kernels {pv['source_hash']}), seed {pv['seed']}, {pv['workers']} "
+                   f"{pv['backend']} worker(s), {pv['cpu']} ({pv['cores']} cores), {pv['timestamp']}, "
+                   f"{pv['wall_seconds']:.2f} s wall")
     deltas = [_delta(d, i) for i in range(len(d["phases"]))]
     shown = [s for s in PHASE_STATS if any(x.get(s, 0) for x in deltas)]
     w = [max(12, len(s) + 2) for s in shown]
@@ -81,7 +86,9 @@ def table(d):
 def rows(d, kind="per_vm", name=None):
     """Tidy rows (dicts) of one result: ``per_vm`` (one per VM: vm, group, every statistic) or ``phases``
     (one per phase: name, op, seconds, events, every statistic after it and ``delta_`` its change)."""
-    base = {"result": name or d["scenario"], "scenario": d["scenario"]}
+    pv = d.get("provenance") or {}
+    base = {"result": name or d["scenario"], "scenario": d["scenario"], "seed": d["params"].get("seed"),
+            "source_hash": pv.get("source_hash")}
     if kind == "per_vm":
         label = []
         for g in groups(d):
