@@ -40,8 +40,9 @@ def test_section_override_is_in_the_output(tmp_path, capsys):
     assert "[replaced by vm_group.vcpus=1]" in capsys.readouterr().out
 
 
-def test_json_has_resolved_provenance_delta_and_groups(tmp_path):
+def test_json_has_resolved_provenance_delta_and_groups(tmp_path, capsys):
     d = _run_json(tmp_path, "demand_paging", *SMALL, "--set", "passes=2", "--seed", "7")
+    assert capsys.readouterr() == ("", "")                 # --quiet: silent
     assert list(d)[:9] == ["scenario", "params", "resolved", "provenance", "totals", "per_vm", "vm_groups",
                            "phases", "footprint"]
     prov = d["provenance"]
