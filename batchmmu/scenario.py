@@ -27,9 +27,9 @@ from .spec import (  # noqa: F401 - the scenario API, re-exported
     param_docs,
     prepare,
     region_bytes,
+    region_label,
     resolve,
     resolved_view,
-    test_region_label,
     truthy,
     vm_groups,
 )
@@ -186,7 +186,7 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
     be = None
     try:
         be = (RayBackend if backend == "ray" else BACKENDS[backend])(spec, prep.seed, parts, bar, **kw)
-        say(f"{spec['name']}: {_vms_label(spec)} on {len(parts)} {backend} worker(s), {test_region_label(spec)} "
+        say(f"{spec['name']}: {_vms_label(spec)} on {len(parts)} {backend} worker(s), {region_label(spec)} "
             f"(setup {time.perf_counter() - t0:.2f} s)")
         for k, ph in enumerate(spec["phases"]):
             name = ph["name"]

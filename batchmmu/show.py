@@ -7,8 +7,8 @@ from .spec import (
     list_scenarios,
     load_scenario,
     param_docs,
+    region_label,
     shadowed_params,
-    test_region_label,
 )
 from .units import format_size
 
@@ -62,7 +62,7 @@ def describe(prep, estimate=None, available=None, run=None):
         first += n
     guest = f", pattern {sp['pattern']}, memstress guest seed {sp['seed']:#x}" \
         if any(ph["op"] in _ACCESS_OPS for ph in sp["phases"]) else ""
-    lines.append(f"  test region: {test_region_label(sp)}{guest}")
+    lines.append(f"  test region: {region_label(sp)}{guest}")
     host = ", ".join(f"{k}={_value(v)}" for k, v in sp["host"].items())
     lines.append(f"  host: memory {format_size(sp['host_memory'])}" + (f", {host}" if host else ""))
     lines += ["", f"phases ({len(sp['phases'])}):"]

@@ -498,8 +498,8 @@ def prepare(scenario, sets=(), seed=None):
     if "seed" in params:
         params["seed"] = _int_text(params["seed"])
     run_seed = params.get("seed", 0)
-    if isinstance(run_seed, bool) or not isinstance(run_seed, int):
-        raise BatchMMUError(f"seed={run_seed!r}: must be an integer", field="seed", value=run_seed)
+    if isinstance(run_seed, bool) or not isinstance(run_seed, int) or run_seed < 0:
+        raise BatchMMUError(f"seed={run_seed!r}: must be a non-negative integer", field="seed", value=run_seed)
     used = {}
     try:
         spec = resolve(data, text, origin, used)
@@ -527,7 +527,7 @@ def vm_groups(spec):
     return out
 
 
-def test_region_label(spec):
+def region_label(spec):
     """What each VM's guest touches, in words (the header of a run)."""
     if spec["region_bytes"]:
         return f"{format_size(spec['region_bytes'])} test region per VM"

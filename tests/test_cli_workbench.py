@@ -88,6 +88,8 @@ def test_one_seed():
         prepare("demand_paging", ["seed=5"], seed=6)
     with pytest.raises(bm.BatchMMUError, match="seed='x'"):
         prepare("demand_paging", ["seed=x"])
+    with pytest.raises(bm.BatchMMUError, match="seed=-1: must be a non-negative integer"):
+        prepare("demand_paging", seed=-1)
 
 
 def test_seed_changes_memstress_results():
@@ -210,13 +212,13 @@ def test_host_memory_exhausted_names_the_setting(capsys):
 @pytest.mark.nojit
 def test_headers_describe_the_scenario():
     from batchmmu.scenario import _vms_label
-    from batchmmu.spec import test_region_label
+    from batchmmu.spec import region_label
     g = prepare("guest_os", ["vms=2"]).spec
     assert _vms_label(g) == "4 VMs (2 tdp + 2 shadow), 1 vCPU(s) each"
-    assert test_region_label(g) == "256 MiB test region per VM"
-    assert test_region_label(prepare("memslot_perf").spec) == "no memstress test region"
-    assert test_region_label(prepare("dirty_log").spec).endswith("test region per VM")
-    assert test_region_label(prepare("demand_paging").spec) == "16 MiB per vCPU"
+    assert region_label(g) == "256 MiB test region per VM"
+    assert region_label(prepare("memslot_perf").spec) == "no memstress test region"
+    assert region_label(prepare("dirty_log").spec).endswith("test region per VM")
+    assert region_label(prepare("demand_paging").spec) == "16 MiB per vCPU"
 
 
 TWO_GROUPS = """
