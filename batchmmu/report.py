@@ -327,6 +327,9 @@ def plot_host_memory(d, path):
     ax1b = ax1.twinx()
     ax1b.plot(x, [e["page_table_bytes"] / mib for e in tl], "k--", label="MMU page tables")
     ax1b.set_ylabel("page tables, MiB")
+    for ax in (ax1, ax1b):      # headroom for the legends above the lines
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi + (hi - lo) * 0.35)
     ax1.legend(loc="upper left", fontsize=8)
     ax1b.legend(loc="upper right", fontsize=8)
     ax1.set_title(f"{d['scenario']}: host memory after each epoch")
@@ -343,7 +346,9 @@ def plot_host_memory(d, path):
     ax2.plot(x, per_step("mmu_notifier_zapped"), "g.:", label="SPTEs zapped by the notifier")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("per epoch")
-    ax2.legend(fontsize=8)
+    lo, hi = ax2.get_ylim()
+    ax2.set_ylim(lo, hi + (hi - lo) * 0.35)
+    ax2.legend(fontsize=8, loc="upper right")
     names = [(e["step"], e["phase"]) for i, e in enumerate(tl) if i == 0 or tl[i - 1]["phase"] != e["phase"]]
     for step, name in names:
         for ax in (ax1, ax2):
