@@ -7,11 +7,17 @@ import logging
 import logging.handlers
 import multiprocessing as mp
 import os
+import re
+import signal
+import time
 import traceback
 from multiprocessing.connection import wait
 
+from . import errors
 from .errors import BatchMMUError
 from .shard import Shard
+
+STOPPED_GRACE_S = 3.0    # a worker stopped (SIGSTOP, a debugger) this long fails the run
 
 log = logging.getLogger("batchmmu")
 
@@ -24,7 +30,13 @@ class SerialBackend:
         self.progress = progress
 
     def run_phase(self, k):
-        return [s.run_phase(k, self.progress) for s in self.shards]
+        out = []
+        for s in self.shards:
+            try:
+                out.append(s.run_phase(k, self.progress))
+            except BatchMMUError as e:
+                raise globalize(e, s.gids) from None
+        return out
 
     def footprints(self):
         return [s.footprint() for s in self.shards]
@@ -34,7 +46,45 @@ class SerialBackend:
 
 
 # ----------------------------------------------------------------------------- process
+def globalize(e, gids):
+    """The same error with the shard-local VM ids in its message (``VM 3``, ``vm=3``) replaced by the
+    run's global ids."""
+    def sub(m):
+        v = int(m.group(2))
+        return m.group(1) + (str(int(gids[v])) if 0 <= v < len(gids) else m.group(2))
+    msg = re.sub(r"(\bVM |\bvm=)(\d+)\b", sub, str(e))
+    out = type(e)(msg, field=e.field, value=e.value, errno=e.errno)
+    if getattr(e, "applied", None) is not None:
+        out.applied = e.applied
+    return out
+
+
+def _error_payload(exc):
+    """What a worker sends back for an exception: (class name, message, traceback)."""
+    return type(exc).__name__, str(exc), traceback.format_exc()
+
+
+def _raise_worker_error(i, payload):
+    """The parent's error for worker ``i``'s (class, message, traceback): a BatchMMUError (or
+    HostMemoryExhausted) keeps its message; anything else is a bug and keeps its traceback."""
+    kind, msg, tb = payload
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, BatchMMUError):
+        raise cls(msg, field="workers", value=i)
+    raise BatchMMUError(f"worker {i} failed:\n{tb}", field="workers", value=i)
+
+
+def process_state(pid):
+    """The state letter of a process from /proc (R, S, D, T stopped, t traced, Z ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _worker_main(conn, spec, seed, vm_ids, log_queue, index):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle (it stops us)
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
     root.setLevel(logging.INFO)
@@ -56,9 +106,11 @@ def _worker_main(conn, spec, seed, vm_ids, log_queue, index):
                 os._exit(arg)
             else:
                 break
-    except Exception:  # noqa: BLE001 - everything goes back to the parent
+    except Exception as e:  # noqa: BLE001 - everything goes back to the parent
+        if isinstance(e, BatchMMUError):
+            e = globalize(e, vm_ids)
         try:
-            conn.send(("error", traceback.format_exc()))
+            conn.send(("error", _error_payload(e)))
         except OSError:
             pass
 
@@ -94,9 +146,11 @@ class ProcessBackend:
         """Wait for one message of kind ``want`` from every worker; fail fast on errors and deaths."""
         out = [None] * len(self.procs)
         pending = set(range(len(self.procs)))
+        stopped = {}
         while pending:
             objs = [self.conns[i] for i in pending] + [self.procs[i].sentinel for i in pending]
-            wait(objs, timeout=1.0)
+            wait(objs, timeout=0.5)
+            self._check_stopped(pending, stopped)
             for i in sorted(pending):
                 conn, proc = self.conns[i], self.procs[i]
                 eof = False
@@ -113,7 +167,7 @@ class ProcessBackend:
                             self.progress(payload)
                     elif kind == "error":
                         self.close()
-                        raise BatchMMUError(f"worker {i} failed:\n{payload}", field="workers", value=i)
+                        _raise_worker_error(i, payload)
                     else:
                         out[i] = payload
                         pending.discard(i)
@@ -126,6 +180,21 @@ class ProcessBackend:
                     raise BatchMMUError(f"worker {i} died with exit code {code}{why}; the run is incomplete",
                                         field="workers", value=i)
         return out
+
+    def _check_stopped(self, pending, since):
+        """A worker that stays stopped (SIGSTOP, SIGTSTP, a debugger) would make the run wait forever:
+        fail with its pid once it has been stopped for STOPPED_GRACE_S."""
+        now = time.monotonic()
+        for i in pending:
+            pid = self.procs[i].pid
+            if process_state(pid) in ("T", "t"):
+                if now - since.setdefault(i, now) >= STOPPED_GRACE_S:
+                    self.close()
+                    raise BatchMMUError(f"worker {i} (pid {pid}) is stopped (SIGSTOP or a debugger?) and has not "
+                                        f"run for {STOPPED_GRACE_S:.0f} s; the run is incomplete",
+                                        field="workers", value=i)
+            else:
+                since.pop(i, None)
 
     def _send_all(self, msg):
         for c in self.conns:
@@ -153,9 +222,12 @@ class ProcessBackend:
             except OSError:
                 pass
         for p in self.procs:
-            p.join(timeout=2)
+            p.join(timeout=0 if process_state(p.pid) in ("T", "t") else 2)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=2)
+            if p.is_alive():    # stopped: only SIGKILL reaches it
+                p.kill()
                 p.join(timeout=2)
         for c in self.conns:
             c.close()
@@ -214,7 +286,10 @@ class _RayShard:
         return True
 
     def run_phase(self, k):
-        return self.shard.run_phase(k)
+        try:
+            return self.shard.run_phase(k)
+        except BatchMMUError as e:
+            raise globalize(e, self.shard.gids) from None
 
     def footprint(self):
         return self.shard.footprint()

@@ -230,7 +230,11 @@ def memslot_perf(shard, ph, extra, progress):
             h.set_memslot(lvm, s + 1, gpa, n * 4096, backing="4k")
             recs.append(h._slot_rec[(lvm, s + 1)])
             gpa += n * 4096
+            if progress is not None and s % 1024 == 1023:   # a step per slot and per loop (phase_work)
+                progress(1024)
         extra["slot_setup_seconds"] = extra.get("slot_setup_seconds", 0.0) + time.perf_counter() - t0
+        if progress is not None:
+            progress(nslots % 1024)
         recs = np.array(recs, np.int64)
         if test == "move_active" and lay.slot_pages(nslots - 1) * 4096 < MOVE_SIZE // 2:
             if first:
@@ -239,6 +243,8 @@ def memslot_perf(shard, ph, extra, progress):
             t0 = time.perf_counter()
             for _ in range(loops):
                 events += _LOOPS[test](shard, lvm, lay, recs, extra)
+                if progress is not None:
+                    progress(1)
             extra["loop_seconds"] = extra.get("loop_seconds", 0.0) + time.perf_counter() - t0
             extra["loops"] = extra.get("loops", 0) + loops
         for s in range(nslots, 0, -1):   # kvm_vm_free

@@ -1,423 +1,76 @@
-"""Scenario files (TOML) and the runner behind ``batchmmu run``.
+"""The runner behind ``batchmmu run``: a scenario (``batchmmu.spec``; the file format is in
+docs/scenarios.md) on shards of VMs, phase by phase, into a Report that says exactly what ran."""
 
-A scenario names its parameters in ``[params]`` (overridable with ``--set name=value``);
-any other value written as ``"${name}"`` takes the parameter's value.  Sections:
-
-``[host]``         Host(...) keyword arguments (``memory`` may be ``"auto"``: what the VMs need).
-``[[vm_group]]``   create_vms(...) arguments: count, memory (slot 0 at gpa 0), vcpus, tdp_format,
-                   tdp_levels, maxphyaddr, backing, ept_ad.
-``[workload]``     the test region and the guest that runs on it: ``bytes_per_vcpu``, ``region`` "top"
-                   (memstress: test memslots at the top of guest physical memory) or "slot0",
-                   ``region_bytes`` or ``region_pages`` (the whole region, instead of vCPUs x
-                   bytes_per_vcpu), ``slots``
-                   (test memslots 1..slots, equal parts), ``slot_backing``; the ``access`` op's
-                   ``pattern`` sequential | random | memstress, ``write_percent``, ``stride``; memstress
-                   (``batchmmu.memstress``): ``seed`` (guest seed; vCPU i seeds seed + i), ``random_access``,
-                   ``overlap``; VM capabilities ``manual_protect``, ``initially_set``, ``dirty_ring``
-                   (entries per vCPU, 0 = off); ``verify`` off | writes | exact (check every collection
-                   of the dirty log against the writes the guest made; fail on a lost write; "exact" also
-                   on a reported page that was not written).
-``[[phase]]``      ``name`` and ``op``: ``access`` (``passes`` over every vCPU's pages), ``populate``
-                   (a memstress pass, 100 % writes, sequential), ``dirty_pass`` (a memstress pass;
-                   ``write_percent`` / ``random_access`` override the workload's), ``random_writes``
-                   (dirty_log_test's guest, ``writes`` per vCPU), ``kvm_page_table`` (``stage`` create |
-                   update | adjust), ``enable_logging`` / ``disable_logging`` (every test slot; the old
-                   ``dirty_log`` with ``enable`` still works), ``get_dirty_log``, ``clear_dirty_log``
-                   (whole slots, with the bitmap of the last GET), ``harvest_dirty_ring`` (every vCPU's
-                   ring, then reset), ``collect_dirty_log`` (whatever the VM's mode needs: ring harvest,
-                   or GET and, with manual protect, CLEAR), ``stats`` (nothing: a stats snapshot).
-                   ``touch`` (vCPU 0 of each VM accesses ``offsets`` of its test region, ``kind`` read |
-                   write | fetch), ``mark_idle`` / ``check_idle`` (page_idle: age the test memory without a
-                   flush / count pages still idle), ``advance_time`` (``seconds``: periodic host work such
-                   as NX huge page recovery);
-                   ``epochs = N`` (access, populate, dirty_pass: each pass in N slices, the same slices
-                   of every VM; with ``[host] overcommit = true`` the host reclaims between epochs,
-                   ``watermarks = [low, high]``), ``groups`` (only the VMs of these vm_group indices);
-                   batchmmu.hostops: ``add_slots``, ``sweep``, ``toggle_cr0_wp``, ``delete_slots``,
-                   ``discard``, ``release`` (max_guest_memory), ``memslot_perf`` (``test``, ``loops``,
-                   ``slots``), ``memslot_stress`` (``ops``, ``passes``);
-                   ``when`` / ``unless`` (a value, usually ``"${param}"``) keep or drop a phase;
-                   ``repeat = N`` (or ``iterations = N``) with sub-phases ``[[phase.phase]]`` runs them N
-                   times; ``{i}`` in their names is the iteration (1..N);
-                   ``guest_os`` (batchmmu.guestos: ``stage`` boot | run | exit, ``slices``, ``forks``; the guest
-                   OS's settings in a ``[guest_os]`` section; prints the shadow/TDP comparison).
-"""
-
-import copy
 import json
+import os
+import platform
 import re
 import sys
 import time
-import tomllib
-from importlib import resources
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import numpy as np
 
 from . import guestos, hostops
-from .errors import BatchMMUError
+from .errors import BatchMMUError, HostMemoryExhausted
 from .kernels.state import GAUGE_STATS, STAT_NAMES
-from .memstress import GUEST_RANDOM_SEED
-from .units import format_size, parse_size
+from .progress import PhaseProgress
+from .spec import (  # noqa: F401 - the scenario API, re-exported
+    COLLECT_OPS,
+    OPS,
+    VERIFY_MODES,
+    Prepared,
+    apply_overrides,
+    list_scenarios,
+    load_scenario,
+    param_docs,
+    prepare,
+    region_bytes,
+    region_label,
+    resolve,
+    resolved_view,
+    truthy,
+    vm_groups,
+)
+from .units import format_size
 
-_VAR = re.compile(r"^\$\{(\w+)\}$")
+# phase-record keys that every shard reports alike (a count per VM or per host, not a sum over shards)
+SHARED_EXTRAS = ("memslot_ops", "nx_recovery_passes")
+LEGEND = {"phases.stats": "cumulative: every statistic after the phase (since the VMs were created)",
+          "phases.delta": "the change during the phase (for a gauge, the change of its level)",
+          "gauges": sorted(GAUGE_STATS)}
 
 
 class Report(NamedTuple):
     """The result of a run: what ``--json`` writes."""
     scenario: str
     params: dict
+    resolved: dict
+    provenance: dict
     totals: dict
     per_vm: dict
+    vm_groups: list
     phases: list
     footprint: dict
+    legend: dict = LEGEND
 
     def to_json(self):
         return json.dumps(self._asdict(), indent=1)
 
-
-# ----------------------------------------------------------------------------- loading
-def list_scenarios():
-    """Bundled scenarios: list of (name, description)."""
-    out = []
-    for f in sorted(resources.files("batchmmu.scenarios").iterdir(), key=lambda p: p.name):
-        if f.name.endswith(".toml"):
-            data = tomllib.loads(f.read_text())
-            out.append((f.name[:-5], data.get("description", "")))
-    return out
+    def to_dataframe(self, kind="per_vm"):
+        """A pandas DataFrame (extra ``batchmmu[analysis]``): ``per_vm`` (a row per VM, with its group) or
+        ``phases`` (a row per phase, cumulative and ``delta_`` columns)."""
+        from .report import to_dataframe
+        return to_dataframe(self._asdict(), kind)
 
 
-def _find_line(text, key):
-    for i, line in enumerate(text.splitlines(), 1):
-        if re.match(rf"\s*{re.escape(key)}\s*=", line):
-            return i
-    return None
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``partial`` is the Report of the phases that finished (or None)."""
 
-
-def load_scenario(name_or_path):
-    """Parse a bundled scenario (by name) or a TOML file.  Returns (dict, source text, origin)."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        if not p.exists():
-            raise BatchMMUError(f"scenario={name_or_path!r}: no such file", field="scenario", value=name_or_path)
-        text, origin = p.read_text(), str(p)
-    else:
-        f = resources.files("batchmmu.scenarios") / f"{name_or_path}.toml"
-        if not f.is_file():
-            names = ", ".join(n for n, _ in list_scenarios())
-            raise BatchMMUError(f"scenario={name_or_path!r}: no bundled scenario of that name ({names})",
-                                field="scenario", value=name_or_path)
-        text, origin = f.read_text(), f"bundled:{name_or_path}"
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise BatchMMUError(f"{origin}: {e}", field="scenario", value=origin) from None
-    return data, text, origin
-
-
-def _coerce(value):
-    """Type a --set value: int, float, bool, or string."""
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(value)
-        except ValueError:
-            pass
-    return value
-
-
-def apply_overrides(data, sets):
-    """``name=value`` sets a [params] entry; ``section.key=value`` sets a key directly."""
-    data = copy.deepcopy(data)
-    params = data.setdefault("params", {})
-    for s in sets:
-        if "=" not in s:
-            raise BatchMMUError(f"--set {s!r}: expected name=value", field="set", value=s)
-        key, value = s.split("=", 1)
-        key = key.strip()
-        if "." in key:
-            sec, k = key.split(".", 1)
-            target = data.get(sec)
-            if isinstance(target, list):
-                for t in target:
-                    t[k] = _coerce(value)
-            elif isinstance(target, dict):
-                target[k] = _coerce(value)
-            else:
-                raise BatchMMUError(f"--set {s!r}: no section [{sec}] in this scenario", field="set", value=s)
-        else:
-            if key not in params:
-                raise BatchMMUError(f"--set {s!r}: unknown parameter {key!r} (known: {', '.join(params)})",
-                                    field="set", value=s)
-            params[key] = _coerce(value)
-    return data
-
-
-def _resolve(obj, params, where):
-    if isinstance(obj, dict):
-        return {k: _resolve(v, params, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_resolve(v, params, where) for v in obj]
-    if isinstance(obj, str):
-        m = _VAR.match(obj)
-        if m:
-            if m.group(1) not in params:
-                raise BatchMMUError(f"{where}={obj!r}: unknown parameter {m.group(1)!r}", field=where, value=obj)
-            return params[m.group(1)]
-    return obj
-
-
-_KNOWN = {
-    "host": {"memory", "backing", "mmio_caching", "nx_huge_pages", "tdp_huge_page_level", "eager_page_split",
-             "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms", "overcommit", "watermarks"},
-    "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
-                 "ept_ad"},
-    "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
-                 "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
-                 "dirty_ring", "verify"},
-    "phase": {"name", "op", "passes", "enable", "when", "unless", "repeat", "iterations", "phase",
-              "write_percent", "random_access", "writes", "stage", "kind", "offsets", "seconds", "epochs",
-              "groups"} | hostops.KEYS | guestos.PHASE_KEYS,
-    "guest_os": set(guestos.DEFAULTS),
-}
-
-OPS = ("access", "populate", "dirty_pass", "random_writes", "kvm_page_table", "dirty_log", "enable_logging",
-       "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats",
-       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS + guestos.OPS
-# ops that collect the dirty log (their phase records carry ``dirty_pages``)
-COLLECT_OPS = ("get_dirty_log", "harvest_dirty_ring", "collect_dirty_log")
-VERIFY_MODES = ("off", "writes", "exact")
-
-
-def _check_keys(section, d, text, origin):
-    if not isinstance(d, dict):
-        raise BatchMMUError(f"{origin}: [{section}] must be a table", field=section, value=d)
-    for k in d:
-        if k not in _KNOWN[section]:
-            line = _find_line(text, k)
-            at = f" (line {line})" if line else ""
-            raise BatchMMUError(f"{origin}{at}: unknown key {section}.{k}; known: {', '.join(sorted(_KNOWN[section]))}",
-                                field=f"{section}.{k}", value=d[k])
-
-
-def truthy(v):
-    """A ``when`` / ``unless`` / flag value: false, 0, "", "false", "off", "no", "0" are false."""
-    if isinstance(v, str):
-        return v.strip().lower() not in ("", "false", "off", "no", "0", "none")
-    return bool(v)
-
-
-def _int(v, field, lo=None, hi=None):
-    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f" in {lo}..{hi}" if hi is not None else (f" >= {lo}" if lo is not None else "")
-        raise BatchMMUError(f"{field}={v!r}: must be an integer{rng}", field=field, value=v)
-    return v
-
-
-def _bool(v, field):
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false", "on", "off", "yes", "no"):
-        return v.strip().lower() in ("true", "on", "yes")
-    raise BatchMMUError(f"{field}={v!r}: must be true or false", field=field, value=v)
-
-
-def _flatten_phases(phases, text, origin, out, iteration=None, depth=0):
-    """Expand ``repeat`` blocks and drop phases whose ``when`` is false or ``unless`` is true."""
-    if depth > 4:
-        raise BatchMMUError(f"{origin}: phases nested too deeply", field="phase", value=None)
-    if isinstance(phases, dict):
-        phases = [phases]
-    for ph in phases:
-        _check_keys("phase", ph, text, origin)
-        ph = dict(ph)
-        if "when" in ph and not truthy(ph.pop("when")):
-            continue
-        if "unless" in ph and truthy(ph.pop("unless")):
-            continue
-        ph.pop("when", None)
-        ph.pop("unless", None)
-        if "repeat" in ph or "iterations" in ph:
-            if "repeat" in ph and "iterations" in ph:
-                raise BatchMMUError(f"{origin}: a phase has both repeat and iterations", field="phase.repeat",
-                                    value=ph["repeat"])
-            key = "repeat" if "repeat" in ph else "iterations"
-            n = _int(ph[key], f"phase.{key}", 0)
-            subs = ph.get("phase")
-            if not subs:
-                raise BatchMMUError(f"{origin}: phase.{key} needs sub-phases ([[phase.phase]])", field="phase.phase",
-                                    value=None)
-            other = set(ph) - {key, "phase", "name"}
-            if other:
-                raise BatchMMUError(f"{origin}: a {key} phase takes only name and [[phase.phase]] (not "
-                                    f"{', '.join(sorted(other))})", field=f"phase.{min(other)}", value=None)
-            for i in range(1, n + 1):
-                _flatten_phases(subs, text, origin, out, i, depth + 1)
-            continue
-        if "phase" in ph:
-            raise BatchMMUError(f"{origin}: sub-phases need repeat = N", field="phase.phase", value=None)
-        op = ph.get("op", "access")
-        if op not in OPS:
-            raise BatchMMUError(f"phase.op={op!r}: use one of {', '.join(OPS)}", field="phase.op", value=op)
-        ph["op"] = op
-        name = str(ph.get("name", op))
-        if iteration is not None:
-            name = name.replace("{i}", str(iteration)) if "{i}" in name else f"{name} {iteration}"
-            ph["iteration"] = iteration
-        ph["name"] = name
-        if "passes" in ph:
-            _int(ph["passes"], "phase.passes", 0)
-        if "write_percent" in ph:
-            _int(ph["write_percent"], "phase.write_percent", 0, 100)
-        if "random_access" in ph:
-            ph["random_access"] = _bool(ph["random_access"], "phase.random_access")
-        if op == "random_writes":
-            _int(ph.get("writes", 0x100), "phase.writes", 0)
-        if "epochs" in ph:
-            _int(ph["epochs"], "phase.epochs", 1)
-            if op not in ("access", "populate", "dirty_pass"):
-                raise BatchMMUError(f"phase.epochs: {op} phases do not run in epochs (access, populate, dirty_pass do)",
-                                    field="phase.epochs", value=ph["epochs"])
-        if "groups" in ph and (not isinstance(ph["groups"], list)
-                               or not all(isinstance(g, int) and not isinstance(g, bool) for g in ph["groups"])):
-            raise BatchMMUError(f"phase.groups={ph['groups']!r}: must be a list of vm_group indices",
-                                field="phase.groups", value=ph["groups"])
-        if op == "kvm_page_table" and ph.get("stage") not in ("create", "update", "adjust"):
-            raise BatchMMUError(f"phase.stage={ph.get('stage')!r}: use create, update or adjust",
-                                field="phase.stage", value=ph.get("stage"))
-        out.append(ph)
-    return out
-
-
-def region_bytes(spec, g):
-    """Bytes of the test region of a VM of group ``g``."""
-    if spec["region_bytes"]:
-        return spec["region_bytes"]
-    return int(g.get("vcpus", 1)) * spec["bpv"]
-
-
-# ----------------------------------------------------------------------------- running
-def resolve(data, text="", origin="<dict>"):
-    """Check a parsed scenario and resolve it into the plain spec every shard runs."""
-    params = data.get("params", {})
-    r = _resolve({k: v for k, v in data.items() if k != "params"}, params, "scenario")
-    for sec in ("host", "workload", "guest_os"):
-        _check_keys(sec, r.get(sec, {}), text, origin)
-    groups = r.get("vm_group", [])
-    if isinstance(groups, dict):
-        groups = [groups]
-    if not groups:
-        raise BatchMMUError(f"{origin}: needs at least one [[vm_group]]", field="vm_group", value=None)
-    for g in groups:
-        _check_keys("vm_group", g, text, origin)
-        c = g.get("count", 1)
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise BatchMMUError(f"vm_group.count={c!r}: must be a positive integer", field="vm_group.count", value=c)
-    raw = r.get("phase", [])
-    if not raw:
-        raise BatchMMUError(f"{origin}: needs at least one [[phase]]", field="phase", value=None)
-    phases = _flatten_phases(raw, text, origin, [])
-    wl = dict(r.get("workload", {}))
-    bpv = parse_size(wl.get("bytes_per_vcpu", "1MiB"), "workload.bytes_per_vcpu")
-    stride = parse_size(wl.get("stride", 4096), "workload.stride")
-    if bpv <= 0 or bpv % 4096:
-        raise BatchMMUError(f"workload.bytes_per_vcpu={bpv!r}: must be a positive multiple of 4096",
-                            field="workload.bytes_per_vcpu", value=bpv)
-    if stride <= 0 or stride % 4096:
-        raise BatchMMUError(f"workload.stride={stride!r}: must be a positive multiple of 4096",
-                            field="workload.stride", value=stride)
-    rbytes = parse_size(wl.get("region_bytes", 0), "workload.region_bytes")
-    if "region_pages" in wl:
-        if "region_bytes" in wl:
-            raise BatchMMUError("workload: give region_bytes or region_pages, not both",
-                                field="workload.region_pages", value=wl["region_pages"])
-        rbytes = 4096 * _int(wl["region_pages"], "workload.region_pages", 1)
-    if rbytes % 4096:
-        raise BatchMMUError(f"workload.region_bytes={rbytes!r}: must be a multiple of 4096",
-                            field="workload.region_bytes", value=rbytes)
-    region = wl.get("region", "top")
-    if region not in ("top", "slot0"):
-        raise BatchMMUError(f"workload.region={region!r}: use 'top' or 'slot0'", field="workload.region",
-                            value=region)
-    pattern = wl.get("pattern", "sequential")
-    if pattern not in ("sequential", "random", "memstress"):
-        raise BatchMMUError(f"workload.pattern={pattern!r}: use 'sequential', 'random' or 'memstress'",
-                            field="workload.pattern", value=pattern)
-    wp = _int(wl.get("write_percent", 100), "workload.write_percent", 0, 100)
-    slots = _int(wl.get("slots", 1), "workload.slots", 1, 32000)
-    if region == "slot0" and slots != 1:
-        raise BatchMMUError(f"workload.slots={slots}: region 'slot0' is one slot", field="workload.slots",
-                            value=slots)
-    seed = wl.get("seed", GUEST_RANDOM_SEED)
-    if isinstance(seed, str):   # the selftests print it in hex: --set seed=0x6b8b4567
-        try:
-            seed = int(seed, 0)
-        except ValueError:
-            pass
-    seed = _int(seed, "workload.seed", 0, 0xFFFFFFFF)
-    verify = wl.get("verify", "off")
-    if isinstance(verify, bool):
-        verify = "writes" if verify else "off"
-    if verify not in VERIFY_MODES:
-        raise BatchMMUError(f"workload.verify={verify!r}: use off, writes or exact", field="workload.verify",
-                            value=verify)
-    mem_spec = {"bpv": bpv, "region_bytes": rbytes}
-    for g in groups:
-        rb = region_bytes(mem_spec, g)
-        if rb // 4096 % slots:
-            raise BatchMMUError(f"workload.slots={slots}: the test region's {rb // 4096} pages do not split evenly "
-                                "into that many slots", field="workload.slots", value=slots)
-    manual = _bool(wl.get("manual_protect", False), "workload.manual_protect")
-    ring = _int(wl.get("dirty_ring", 0), "workload.dirty_ring", 0)
-    if manual and ring:
-        raise BatchMMUError(f"workload.dirty_ring={ring}: a VM with dirty rings has no dirty bitmap to GET or CLEAR, "
-                            "and with manual protect + INITIALLY_SET KVM would not write-protect the slot when "
-                            "logging starts; set manual_protect=false", field="workload.dirty_ring", value=ring)
-    host = dict(r.get("host", {}))
-    mem = host.pop("memory", "auto")
-    if mem == "auto":
-        need = 0
-        for g in groups:
-            slot0 = parse_size(g.get("memory", "2MiB"), "vm_group.memory")
-            need += int(g.get("count", 1)) * (region_bytes(mem_spec, g) + (slot0 if region == "top" else 0))
-        mem = max(need, 1 << 30)
-    return {"name": r.get("name", Path(origin).stem), "params": params, "host": host,
-            "host_memory": parse_size(mem, "host.memory"), "groups": groups, "workload": wl,
-            "phases": phases, "bpv": bpv, "stride": stride, "region": region, "pattern": pattern,
-            "write_percent": wp, "region_bytes": rbytes, "slots": slots, "seed": seed,
-            "random_access": _bool(wl.get("random_access", False), "workload.random_access"),
-            "overlap": _bool(wl.get("overlap", False), "workload.overlap"),
-            "manual_protect": manual,
-            "initially_set": _bool(wl.get("initially_set", False), "workload.initially_set"),
-            "dirty_ring": ring,
-            "verify": verify, "guest_os": guestos.resolve(r.get("guest_os", {}))}
-
-
-class _Progress:
-    def __init__(self, quiet):
-        self.enabled = not quiet and sys.stderr.isatty()
-        self.name, self.total, self.done, self.t0 = "", 1, 0, time.perf_counter()
-
-    def start(self, name, total):
-        self.name, self.total, self.done, self.t0 = name, max(1, total), 0, time.perf_counter()
-
-    def __call__(self, n):
-        self.done += n
-        if not self.enabled:
-            return
-        frac = min(1.0, self.done / self.total)
-        rate = self.done / max(1e-9, time.perf_counter() - self.t0)
-        print(f"\r  {self.name:<14} [{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {rate / 1e6:7.2f} M ev/s",
-              end="", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.enabled:
-            print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
+    def __init__(self, partial, phases_total):
+        super().__init__()
+        self.partial, self.phases_total = partial, phases_total
 
 
 def available_memory():
@@ -447,54 +100,111 @@ def check_memory(spec, parts, backend):
     return need
 
 
-def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=True, progress=False,
-                 ray_address=None):
-    """Run a scenario (bundled name, path, or a parsed dict) on ``workers`` shards; returns a Report.
+def cpu_model():
+    """This machine's CPU model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    The same scenario and seed give identical totals and per-VM statistics for any worker count
-    and backend.
+
+def provenance(seed, backend, workers, argv=None):
+    """Who ran what where: versions, kernel source hash, command line, seed, backend, machine."""
+    import numba
+
+    from . import __version__
+    from .kernels import SOURCE_HASH
+    return {"version": __version__, "source_hash": SOURCE_HASH,
+            "argv": list(sys.argv if argv is None else argv), "seed": seed, "backend": backend,
+            "workers": workers, "python": platform.python_version(), "numba": numba.__version__,
+            "numpy": np.__version__, "cpu": cpu_model(), "cores": os.cpu_count(),
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "wall_seconds": None}
+
+
+def phase_work(spec, k):
+    """(total, unit) of the work phase ``k`` does, for its progress bar (0: unknown)."""
+    from .shard import total_events
+    ph = spec["phases"][k]
+    if ph["op"] == "memslot_perf":   # a step per memslot set up and per loop, in every VM
+        cap = int(ph.get("slots", -1))
+        nslots = (hostops.KVM_USER_MEM_SLOTS if cap == -1 else min(cap, hostops.KVM_USER_MEM_SLOTS)) - 1
+        return sum(int(g.get("count", 1)) for g in spec["groups"]) * (nslots + int(ph.get("loops", 10))), \
+            "slots + loops"
+    return total_events(spec, k), "accesses"
+
+
+def _merge_extras(rec, results):
+    for r in results:
+        for key, v in r["extra"].items():
+            rec[key] = max(rec.get(key, 0), v) if key in SHARED_EXTRAS else rec.get(key, 0) + v
+
+
+def _vector(stats):
+    return {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
+
+
+def _report(prep, stats, phases, footprint, prov, t0):
+    spec = prep.spec
+    prov = dict(prov, wall_seconds=round(time.perf_counter() - t0, 6))
+    return Report(spec["name"], dict(spec["params"], seed=prep.seed), resolved_view(prep), prov,
+                  _vector(stats), {n: stats[:, i].tolist() for i, n in enumerate(STAT_NAMES)}, vm_groups(spec),
+                  phases, footprint)
+
+
+def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quiet=True, progress=False,
+                 ray_address=None, argv=None):
+    """Run a scenario (bundled name, path, parsed dict, or a ``spec.prepare()`` result) on ``workers``
+    shards; returns a Report.  ``seed`` is ``--seed`` (see ``spec.prepare``).
+
+    The same scenario and seed give identical totals, per-VM statistics and phase records (but for
+    timings) for any worker count and backend.  Ctrl-C raises ``Interrupted`` with the finished phases.
     """
     from .backends import BACKENDS, RayBackend
     from .reclaim import run_phase
-    from .shard import split, total_events
+    from .shard import split
     if backend not in BACKENDS:
         raise BatchMMUError(f"backend={backend!r}: use serial, process or ray", field="backend", value=backend)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BatchMMUError(f"workers={workers!r}: must be a positive integer", field="workers", value=workers)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise BatchMMUError(f"seed={seed!r}: must be an integer", field="seed", value=seed)
-    if isinstance(scenario, dict):
-        data, text, origin = scenario, "", "<dict>"
-    else:
-        data, text, origin = load_scenario(scenario)
-    data = apply_overrides(data, sets)
-    spec = resolve(data, text, origin)
+    prep = scenario if isinstance(scenario, Prepared) else prepare(scenario, sets, seed)
+    spec = prep.spec
     parts = split(spec, workers)
     nvm = sum(len(p) for p in parts)
     if backend != "ray" or ray_address is None:
         check_memory(spec, parts, backend)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    bar = _Progress(quiet or not progress)
+    bar = PhaseProgress(not quiet and progress)
     t0 = time.perf_counter()
+    prov = provenance(prep.seed, backend, len(parts), argv)
     kw = {"address": ray_address} if backend == "ray" else {}
-    be = (RayBackend if backend == "ray" else BACKENDS[backend])(spec, seed, parts, bar, **kw)
+    stats = np.zeros((nvm, len(STAT_NAMES)), np.int64)
+    phases = []
+    be = None
     try:
-        say(f"{spec['name']}: {nvm} VMs on {len(parts)} {backend} worker(s), "
-            f"{format_size(spec['bpv'])} per vCPU (setup {time.perf_counter() - t0:.2f} s)")
-        stats = np.zeros((nvm, len(STAT_NAMES)), np.int64)
-        phases = []
+        be = (RayBackend if backend == "ray" else BACKENDS[backend])(spec, prep.seed, parts, bar, **kw)
+        say(f"{spec['name']}: {_vms_label(spec)} on {len(parts)} {backend} worker(s), {region_label(spec)} "
+            f"(setup {time.perf_counter() - t0:.2f} s)")
         for k, ph in enumerate(spec["phases"]):
             name = ph["name"]
-            bar.start(name, total_events(spec, k))
+            bar.start(name, *phase_work(spec, k))
             tp = time.perf_counter()
-            results, host_rec = run_phase(be, spec, parts, k)
+            try:
+                results, host_rec = run_phase(be, spec, parts, k)
+            except HostMemoryExhausted as e:
+                raise _out_of_memory(spec, name, e) from None
+            finally:
+                bar.close()
             dt = time.perf_counter() - tp
-            bar.close()
             used = sum(r["host_used"] for r in results)
             if used > spec["host_memory"] and not spec["host"].get("overcommit"):
                 raise BatchMMUError(f"host.memory={spec['host_memory']}: the VMs use {used} bytes of host memory "
-                                    f"after phase {name!r}; give the host more memory", field="host.memory",
-                                    value=spec["host_memory"])
+                                    f"after phase {name!r}; give the host more memory (--set host.memory=SIZE)",
+                                    field="host.memory", value=spec["host_memory"])
+            before = _vector(stats)
             for part, r in zip(parts, results, strict=True):
                 stats[part] = r["stats"]
             events = sum(r["events"] for r in results)
@@ -505,11 +215,12 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
                 rec["iteration"] = ph["iteration"]
             if ph["op"] in COLLECT_OPS:
                 rec["dirty_pages"] = 0
-            for r in results:
-                for key, v in r["extra"].items():
-                    rec[key] = rec.get(key, 0) + v
-            rec["stats"] = {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
+            _merge_extras(rec, results)
+            rec["stats"] = _vector(stats)
+            rec["delta"] = {n: rec["stats"][n] - before[n] for n in STAT_NAMES}
             rec.update(host_rec)
+            if "max_slots" in rec:
+                rec["skipped"] = _memslot_skip_reason(rec)
             phases.append(rec)
             say(_phase_line(rec))
             for line in hostops.report_lines(rec) + guestos.report_lines(rec):
@@ -517,15 +228,42 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
         for line in _iteration_totals(phases) + hostops.closing_lines(phases):
             say(line)
         fps = be.footprints()
+    except KeyboardInterrupt:
+        partial = _report(prep, stats, phases, {}, prov, t0) if phases else None
+        raise Interrupted(partial, len(spec["phases"])) from None
     finally:
-        be.close()
+        bar.close()
+        if be is not None:
+            be.close()
     footprint = {k: sum(f[k] for f in fps) for k in fps[0]}
-    totals = {n: int(stats[:, i].sum()) for i, n in enumerate(STAT_NAMES)}
-    per_vm = {n: stats[:, i].tolist() for i, n in enumerate(STAT_NAMES)}
-    params = dict(spec["params"])
-    # the run seed (--seed); a scenario parameter named "seed" (memstress's guest seed) keeps its name
-    params["run_seed" if "seed" in spec["params"] else "seed"] = seed
-    return Report(spec["name"], params, totals, per_vm, phases, footprint)
+    return _report(prep, stats, phases, footprint, prov, t0)
+
+
+def _out_of_memory(spec, phase, e):
+    """HostMemoryExhausted from a run, said in the words of the scenario's settings."""
+    m = re.search(r"exhausted at ([^;.]+)", str(e))
+    at = f" at {m.group(1)}" if m else ""
+    return BatchMMUError(f"host.memory={format_size(spec['host_memory'])}: the host ran out of memory{at} in phase "
+                         f"{phase!r}; give it more with --set host.memory=SIZE, or let it reclaim with "
+                         "--set host.overcommit=true", field="host.memory", value=spec["host_memory"])
+
+
+def _memslot_skip_reason(rec):
+    if rec["max_slots"]:
+        return (f"memslot count too high for this test: at most {rec['max_slots']} slots "
+                f"(--set slots={rec['max_slots']})")
+    return "memslot count may be too high for this test: try a smaller --set slots="
+
+
+def _vms_label(spec):
+    groups = vm_groups(spec)
+    n = sum(g["count"] for g in groups)
+    vcpus = {g["vcpus"] for g in groups}
+    each = f", {vcpus.pop()} vCPU(s) each" if len(vcpus) == 1 else ""
+    if len(groups) == 1:
+        return f"{n} {groups[0]['mmu']} VMs{each}"
+    parts = " + ".join(f"{g['count']} {g['label']}" for g in groups)
+    return f"{n} VMs ({parts}){each}"
 
 
 def _ts(sec):
@@ -534,10 +272,14 @@ def _ts(sec):
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}s"
 
 
-_LINE_STATS = ("pf_fixed", "pf_fast", "pages_4k", "pages_2m", "pages_1g")
+# the order in which a phase line shows what changed (then any other changed statistic)
+_LINE_FIRST = ("pf_fixed", "pf_fast", "pf_emulate", "pf_guest", "pages_4k", "pages_2m", "pages_1g", "mmu_pages",
+               "pages_write_protected", "pages_split", "remote_tlb_flush")
+_LINE_MAX = 6
 
 
 def _phase_line(rec):
+    """One line per phase: time, events, what it collected, and the statistics it changed (deltas)."""
     line = f"  {rec['name'] + ' time:':<36} {_ts(rec['seconds'])}"
     if rec["events"]:
         line += f"  {rec['events']:>12,} events"
@@ -546,7 +288,14 @@ def _phase_line(rec):
     for key in ("dirty_pages", "cleared_pages", "ring_entries", "ring_full_exits", "writes"):
         if key in rec:
             line += f"  {key}={rec[key]:,}"
-    line += "  [" + " ".join(f"{k}={rec['stats'][k]:,}" for k in _LINE_STATS) + "]"
+    d = rec["delta"]
+    changed = [k for k in _LINE_FIRST if d.get(k)] + [k for k in STAT_NAMES if d[k] and k not in _LINE_FIRST
+                                                       and k != "accesses"]
+    if changed:
+        line += "  [" + " ".join(f"{k}={d[k]:+,}" for k in changed[:_LINE_MAX]) \
+            + (f" +{len(changed) - _LINE_MAX} more" if len(changed) > _LINE_MAX else "") + "]"
+    if rec.get("skipped"):
+        line += f"  SKIPPED: {rec['skipped']}"
     return line
 
 
@@ -564,14 +313,25 @@ def _iteration_totals(phases):
 
 
 def summary(report):
-    """Human-readable summary of a Report."""
-    lines = [f"scenario {report.scenario}  params: " + ", ".join(f"{k}={v}" for k, v in report.params.items())]
-    lines.append(f"{'stat':<26}{'total':>16}{'per VM (mean)':>16}")
-    nvm = max(1, len(next(iter(report.per_vm.values()), [])))
+    """Human-readable summary of a Report: totals, and the mean per VM of every VM group."""
+    d = report._asdict() if hasattr(report, "_asdict") else report
+    lines = [f"scenario {d['scenario']}  params: " + ", ".join(f"{k}={v}" for k, v in d["params"].items())]
+    res = d.get("resolved") or {}
+    if res.get("overrides"):
+        lines.append("section overrides (what ran is under 'resolved' in --json): " + ", ".join(res["overrides"]))
+        for p, sets in res.get("params_replaced", {}).items():
+            lines.append(f"  parameter {p}={d['params'].get(p)!r} no longer applies where {', '.join(sets)} set it")
+    nvm = max(1, len(next(iter(d["per_vm"].values()), [])))
+    groups = d.get("vm_groups") or [{"label": "all", "first": 0, "count": nvm}]
+    cols = [("per VM" if len(groups) == 1 else f"mean {g['label']}", g) for g in groups]
+    lines.append(f"{'statistic (whole run)':<30}{'total':>16}" + "".join(f"{c:>16}" for c, _ in cols))
     for k in STAT_NAMES:
-        v = report.totals.get(k, 0)
+        v = d["totals"].get(k, 0)
         if v:
+            col = d["per_vm"][k]
+            means = [sum(col[g["first"]:g["first"] + g["count"]]) / max(1, g["count"]) for _, g in cols]
             kind = " (gauge)" if k in GAUGE_STATS else ""
-            lines.append(f"{k + kind:<26}{v:>16,}{v / nvm:>16,.1f}")
-    lines.append("footprint: " + ", ".join(f"{k}={format_size(v)}" for k, v in report.footprint.items() if v))
+            lines.append(f"{k + kind:<30}{v:>16,}" + "".join(f"{m:>16,.1f}" for m in means))
+    lines.append("(gauge): a level at the end of the run; the others count events over the whole run")
+    lines.append("footprint: " + ", ".join(f"{k}={format_size(v)}" for k, v in d["footprint"].items() if v))
     return "\n".join(lines)

@@ -388,7 +388,7 @@ class Shard:
     def _fail(self, lvm, si, off, what):
         gpa = int(self.test_base[lvm]) + (si * int(self.slot_pages[lvm]) + int(off)) * 4096
         raise BatchMMUError(
-            f"{what}: VM {int(self.gids[lvm])} slot {self.slot_ids[si]} page {int(off)} (gpa {gpa:#x}), "
+            f"{what}: VM {lvm} slot {self.slot_ids[si]} page {int(off)} (gpa {gpa:#x}), "
             f"phase {self._phase_name!r}", field="verify", value=self.verify)
 
     def _check_collected(self, lvm, si, bits, extra, complete=True):
@@ -491,7 +491,7 @@ class Shard:
         extra["dirty_pages"] = extra.get("dirty_pages", 0) + int(bits.sum()) + int((~inside).sum())
         if self.verify != "off":
             if reset != e.shape[0]:
-                raise BatchMMUError(f"VM {int(self.gids[lvm])}: KVM_RESET_DIRTY_RINGS reset {reset} entries but "
+                raise BatchMMUError(f"VM {lvm}: KVM_RESET_DIRTY_RINGS reset {reset} entries but "
                                     f"{e.shape[0]} were harvested (phase {self._phase_name!r})", field="verify",
                                     value=self.verify)
             for s in range(self.nslots):

@@ -79,7 +79,7 @@ def test_format_errors_name_the_key():
         resolve(bad)
     with pytest.raises(bm.BatchMMUError, match="manual_protect=false"):
         bm.run_scenario("dirty_log_perf", sets=["dirty_ring=1024"])
-    with pytest.raises(bm.BatchMMUError, match="workload.slots=3"):
+    with pytest.raises(bm.BatchMMUError, match=r"^slots=3: .*\(it sets workload.slots\)"):
         bm.run_scenario("dirty_log_perf", sets=["slots=3", "bytes_per_vcpu=4MiB"])
 
 
@@ -100,7 +100,7 @@ def test_dirty_log_perf_runs_and_reports_per_phase(tmp_path, capsys):
         assert ("dirty_pages" in p) == (p["op"] == "get_dirty_log")
     assert [p["dirty_pages"] for p in d["phases"] if p["op"] == "get_dirty_log"] == [pages, pages]
     assert [p["cleared_pages"] for p in d["phases"] if p["op"] == "clear_dirty_log"] == [pages, pages]
-    assert d["params"]["seed"] == 1 and d["params"]["run_seed"] == 0
+    assert d["params"]["seed"] == 1 == d["provenance"]["seed"] == d["resolved"]["workload"]["seed"]
 
 
 @pytest.mark.parametrize("manual", [True, False])

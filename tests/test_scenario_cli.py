@@ -49,7 +49,8 @@ def test_cli_run_json_and_list(tmp_path, capsys):
     assert main(["run", "demand_paging", "--set", "vms=2", "--set", "bytes_per_vcpu=1MiB", "--json", str(out),
                  "--quiet"]) == 0
     d = json.loads(out.read_text())
-    assert set(d) == {"scenario", "params", "totals", "per_vm", "phases", "footprint"}
+    assert set(d) == {"scenario", "params", "resolved", "provenance", "totals", "per_vm", "vm_groups", "phases",
+                      "footprint", "legend"}
     assert d["totals"]["pf_fixed"] == 2 * 2 * 256
     assert d["phases"][0]["name"] == "populate" and d["phases"][0]["seconds"] > 0
     assert len(d["per_vm"]["pages_4k"]) == 2
