@@ -14,6 +14,9 @@ def _numba_cache_cold():
 
 
 def cmd_run(args):
+    if args.all or args.scenario is None:
+        from .suite import cmd_run_all
+        return cmd_run_all(args)
     from . import scenario as sc
     from . import warmup
     cold = _numba_cache_cold()
@@ -94,7 +97,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="batchmmu", description="Simulate the KVM x86 MMU for many VMs at once.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a scenario (bundled name or TOML file)")
-    r.add_argument("scenario")
+    r.add_argument("scenario", nargs="?")
+    r.add_argument("--all", action="store_true", help="run every bundled scenario as a suite (TAP lines)")
+    r.add_argument("--small", action="store_true", help="with --all: small sizes (docs/workbench.md)")
     r.add_argument("--workers", type=int, default=1)
     r.add_argument("--backend", choices=("serial", "process", "ray"), default="serial")
     r.add_argument("--seed", type=int, default=0)
@@ -121,6 +126,9 @@ def main(argv=None):
     v.set_defaults(func=cmd_validate)
     ls = sub.add_parser("list", help="list bundled scenarios")
     ls.set_defaults(func=cmd_list)
+    import importlib
+    for mod in ("sweep", "plot", "selftest"):   # batchmmu.sweep the module (bm.sweep is its function)
+        importlib.import_module(f"batchmmu.{mod}").add_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)
