@@ -64,6 +64,7 @@ def _digits(s, base, path, what):
     if bad.any() or empty.any():
         i = int(np.nonzero(bad.any(axis=1) | empty)[0][0])
         raise _err(path, f"{what} {s[i].decode(errors='replace')!r} is not a number")
+    width = int(present.sum(axis=1).max())
     if width > (16 if base == 16 else 20):
         raise _err(path, f"{what}: numbers of more than 64 bits")
     val = np.zeros(s.size, np.uint64)
@@ -130,6 +131,8 @@ def _lackey(path, compressed):
         first = s.astype("S1")
         keep = np.isin(first, (b"I", b"L", b"S", b"M")) & (np.char.find(s, b",") > 0)
         s, first = s[keep], first[keep]
+        if not s.size:
+            continue
         head = np.char.partition(s, b",")[:, 0]
         addr = _digits(np.char.lstrip(np.char.lstrip(head, b"ILSM"), b" \t"), 16, path, "address")
         kind = np.where(first == b"I", ACC_FETCH, np.where(first == b"L", 0, ACC_WRITE)).astype(np.int64)
@@ -143,11 +146,15 @@ def _drcachesim(path, compressed):
     for lines in _lines(path, compressed):
         keep = np.char.find(lines, b"byte(s) @ 0x") >= 0
         s = lines[keep]
+        if not s.size:
+            continue
         rest = np.char.lstrip(np.char.partition(s, b":")[:, 2])
         tid_s = np.char.partition(rest, b" ")[:, 0]
         typ = np.char.partition(np.char.lstrip(np.char.partition(rest, b" ")[:, 2]), b" ")[:, 0]
         mem = np.isin(typ, list(_DR_KINDS))
         s, tid_s, typ = s[mem], tid_s[mem], typ[mem]
+        if not s.size:
+            continue
         addr = _digits(np.char.partition(np.char.partition(s, b"@ 0x")[:, 2], b" ")[:, 0], 16, path, "address")
         kind = np.zeros(s.size, np.int64)
         for word, k in _DR_KINDS.items():
