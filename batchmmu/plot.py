@@ -211,7 +211,9 @@ def draw(table, x, y, hue=None, where=(), title=None):
     ax.grid(True, alpha=0.3, which="both")
     scen = {str(r.get("scenario")) for r in rows if r.get("scenario")}
     head = title or f"{y} vs {x}" + (f" ({', '.join(sorted(scen))})" if scen else "")
-    note = f"mean ± 1 sd over {nmax} repeats" if nmax > 1 else "one run per point"
+    spread = any(t[2] for line in series.values() for t in line)
+    note = "one run per point" if nmax == 1 else f"mean ± 1 sd over {nmax} repeats" if spread \
+        else f"{nmax} repeats, all identical"
     ax.set_title(f"{head}\n{note}; {source}", fontsize=10)
     if hue:
         ax.legend(title=None, fontsize=9)
