@@ -17,7 +17,7 @@ SMALL = {
     "dirty_log": ["pages=4099", "iterations=2", "writes=512"],
     "dirty_log_page_splitting": ["bytes_per_vcpu=8MiB"],
     "dirty_log_perf": ["bytes_per_vcpu=8MiB"],
-    "guest_os": ["vms=1", "memory=64MiB", "slices=20", "forks=2"],
+    "guest_os": ["vms=1", "memory=64MiB", "processes=3", "slices=4", "forks=2", "switch_every=64"],
     "kvm_page_table": ["test_mem_size=8MiB"],
     "max_guest_memory": ["max_mem=8GiB", "slot_size=1GiB"],
     "memslot_modification_stress": ["bytes_per_vcpu=8MiB", "ops=4", "passes=1"],
