@@ -105,8 +105,8 @@ def _kinds(s, path):
     return vals[inv.ravel()]
 
 
-def _lines(path, compressed):
-    """Blocks of whole lines of a text file, as 'S' arrays."""
+def _blocks(path, compressed):
+    """Blocks of whole lines (bytes, about TEXT_BLOCK each) of a text file."""
     opener = gzip.open if compressed else open
     with opener(path, "rb") as f:
         rest = b""
@@ -120,23 +120,50 @@ def _lines(path, compressed):
                 rest = block
                 continue
             rest = block[cut + 1:]
-            yield np.array(block[:cut].split(b"\n"))
+            yield block[:cut + 1]
         if rest.strip():
-            yield np.array(rest.split(b"\n"))
+            yield rest + b"\n"
+
+
+def _lines(path, compressed):
+    """Blocks of whole lines of a text file, as 'S' arrays."""
+    for block in _blocks(path, compressed):
+        yield np.array(block[:-1].split(b"\n"))
 
 
 def _lackey(path, compressed):
-    for lines in _lines(path, compressed):
-        s = np.char.strip(lines)
-        first = s.astype("S1")
-        keep = np.isin(first, (b"I", b"L", b"S", b"M")) & (np.char.find(s, b",") > 0)
-        s, first = s[keep], first[keep]
-        if not s.size:
-            continue
-        head = np.char.partition(s, b",")[:, 0]
-        addr = _digits(np.char.lstrip(np.char.lstrip(head, b"ILSM"), b" \t"), 16, path, "address")
-        kind = np.where(first == b"I", ACC_FETCH, np.where(first == b"L", 0, ACC_WRITE)).astype(np.int64)
-        yield np.zeros(addr.size, np.int64), addr, kind
+    """Lackey lines ``I  04017a10,3`` / `` S 1ffefffd08,8``: kind at column 0 or 1, the address from
+    column 3 to the comma; parsed on the block's bytes (no per-line objects)."""
+    for block in _blocks(path, compressed):
+        buf = np.frombuffer(block, np.uint8)
+        ends = np.flatnonzero(buf == 10)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        ok = ends - starts >= 5
+        starts, ends = starts[ok], ends[ok]
+        c0, c1, c2 = buf[starts], buf[starts + 1], buf[starts + 2]
+        fetch = (c0 == ord("I")) & (c1 == 32) & (c2 == 32)
+        data = (c0 == 32) & np.isin(c1, np.frombuffer(b"LSM", np.uint8)) & (c2 == 32)
+        keep = fetch | data
+        starts, ends, fetch, c1 = starts[keep], ends[keep], fetch[keep], c1[keep]
+        commas = np.flatnonzero(buf == ord(","))
+        at = np.searchsorted(commas, starts)
+        comma = commas[np.minimum(at, max(commas.size - 1, 0))] if commas.size else ends
+        n = comma - (starts + 3)
+        if (comma >= ends).any() or (n < 1).any() or (n > 16).any():
+            i = int(np.nonzero((comma >= ends) | (n < 1) | (n > 16))[0][0])
+            raise _err(path, f"not a lackey line: {bytes(buf[starts[i]:ends[i]]).decode(errors='replace')!r}")
+        addr = np.zeros(starts.size, np.uint64)
+        for col in range(int(n.max()) if n.size else 0):   # a loop over digit positions, not records
+            live = col < n
+            d = _HEXDIG[buf[np.where(live, starts + 3 + col, 0)]]
+            if (live & (d < 0)).any():
+                i = int(np.nonzero(live & (d < 0))[0][0])
+                raise _err(path, f"address in {bytes(buf[starts[i]:ends[i]]).decode(errors='replace')!r} "
+                           "is not a number")
+            addr = np.where(live, addr * np.uint64(16) + d.astype(np.uint64), addr)
+        kind = np.where(fetch, ACC_FETCH, np.where(c1 == ord("L"), 0, ACC_WRITE)).astype(np.int64)
+        if addr.size:
+            yield np.zeros(addr.size, np.int64), addr, kind
 
 
 _DR_KINDS = {b"ifetch": ACC_FETCH, b"read": 0, b"write": ACC_WRITE}
