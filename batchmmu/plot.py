@@ -198,15 +198,19 @@ def draw(table, x, y, hue=None, where=(), title=None):
         nmax = max(nmax, *(t[3] for t in line))
         label = f"{hue} = {key}" if hue else None
         ax.errorbar(xs, ms, yerr=sds if any(sds) else None, marker="o", capsize=4, label=label)
-    if xnum:
-        pos_x = [v for v in xnum if v > 0]
-        if len(pos_x) == len(xnum) and max(xnum) / min(xnum) >= 100:
-            ax.set_xscale("log")
-    else:
+    logx = bool(xnum) and min(xnum) > 0 and max(xnum) / min(xnum) >= 100
+    means = [t[1] for line in series.values() for t in line]
+    logy = logx and min(means) > 0 and max(means) / min(means) >= 100    # log-log: a power law is a line
+    if logx:
+        ax.set_xscale("log")
+    elif not xnum:
         ax.set_xticks(range(len(all_x)), [str(v) for v in all_x])
     ax.set_xlabel(f"{x} ({xname})" if xname and xname != "count" else x)
     ax.set_ylabel(f"{y} ({yname})")
-    ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+    if logy:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
     ax.margins(x=0.08)
     ax.grid(True, alpha=0.3, which="both")
     scen = {str(r.get("scenario")) for r in rows if r.get("scenario")}

@@ -54,10 +54,11 @@ def _check_count(v, field, lo):
     return int(v)
 
 
-def plan(scenario, grid, repeat=1, sets=(), seed=0):
-    """Check every run of the sweep before any kernel loads; returns the runs as dicts
-    (``params``: grid key -> value as typed, ``sets``, ``seed``, ``repeat``)."""
+def plan(scenario, grid, repeat=1, sets=(), seed=0, workers=1, backend="serial", ray_address=None):
+    """Check every run of the sweep (names, values, the memory it needs) before any kernel loads; returns
+    the runs as dicts (``params``: grid key -> value as typed, ``sets``, ``seed``, ``repeat``)."""
     from . import scenario as sc
+    from .shard import split
     if not isinstance(grid, dict) or not grid:
         raise BatchMMUError(f"grid={grid!r}: give at least one key with a list of values", field="grid", value=grid)
     repeat = _check_count(repeat, "repeat", 1)
@@ -79,7 +80,13 @@ def plan(scenario, grid, repeat=1, sets=(), seed=0):
     runs = []
     for combo in itertools.product(*lists):
         run_sets = list(sets) + [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
-        sc.resolve(sc.apply_overrides(data, run_sets), text, origin)   # names, values, sections: checked now
+        spec = sc.resolve(sc.apply_overrides(data, run_sets), text, origin)   # names, values, sections
+        if backend != "ray" or ray_address is None:
+            try:
+                sc.check_memory(spec, split(spec, workers), backend)
+            except BatchMMUError as e:
+                label = " ".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True))
+                raise BatchMMUError(f"sweep run {label}: {e}", field=e.field, value=e.value) from None
         for r in range(repeat):
             runs.append({"params": {k: sc._coerce(v) for k, v in zip(keys, combo, strict=True)}, "sets": run_sets,
                          "seed": seed + r, "repeat": r})
@@ -197,7 +204,7 @@ def sweep(scenario, grid, repeat=1, workers=1, backend="serial", seed=0, sets=()
     from . import scenario as sc
     if out is not None:
         check_out(out)
-    data, runs = plan(scenario, grid, repeat, sets, seed)
+    data, runs = plan(scenario, grid, repeat, sets, seed, _check_count(workers, "workers", 1), backend, ray_address)
     rows = []
     for i, run in enumerate(runs):
         label = " ".join(f"{k}={v}" for k, v in run["params"].items())
@@ -260,7 +267,8 @@ def cmd_sweep(args):
     from . import warmup
     check_out(args.out)
     grid = parse_grid(args.grid)
-    _, runs = plan(args.scenario, grid, args.repeat, args.set, args.seed)
+    _, runs = plan(args.scenario, grid, args.repeat, args.set, args.seed, args.workers, args.backend,
+                   args.ray_address)
     if not args.quiet:
         print(f"sweep: {len(runs)} runs of {args.scenario} ({' x '.join(f'{len(v)} {k}' for k, v in grid.items())}"
               f"{f' x {args.repeat} repeats' if args.repeat > 1 else ''}); loading kernels ...", file=sys.stderr,

@@ -114,6 +114,7 @@ def test_plot_axes_units_log_x_and_error_bars(tmp_path):
     fig = bplot.draw(p, "vms", "tdp_page_tables_bytes", hue="backing")
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"                       # 1..1000 spans three decades
+    assert ax.get_yscale() == "log"                       # and so do the values: log-log
     assert ax.get_xlabel() == "vms (VMs)" and ax.get_ylabel() == "tdp_page_tables_bytes (GiB)"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["backing = 4k", "backing = thp"]
@@ -193,7 +194,7 @@ def test_selftest_unknown_and_unmodelled_flags_are_errors(capsys):
     assert main(["selftest", "--dry-run", "dirty_log_perf_test", "-v", "4", "-b", "1G", "-s", "anonymous_thp",
                  "-i", "5"]) == 0
     err = capsys.readouterr().err
-    assert "batchmmu run dirty_log_perf --set vcpus=4 --set bytes_per_vcpu=1073741824" in err
+    assert "batchmmu run dirty_log_perf --set vms=1 --set vcpus=4 --set bytes_per_vcpu=1073741824" in err
     assert main(["selftest", "dirty_log_perf_test", "-h"]) == 0
     assert "-v  -> vcpus" in capsys.readouterr().out
 
