@@ -91,6 +91,14 @@ def test_bm_sweep_dataframe_with_phase_deltas():
         assert sum(r[k] for k in phase_cols) == r["pf_fixed"]
 
 
+def test_bm_sweep_without_pandas_gives_dicts(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pandas", None)        # import pandas raises ImportError
+    rows = bm.sweep("demand_paging", grid={"vms": [1, 2]}, sets=["bytes_per_vcpu=1MiB"])
+    assert isinstance(rows, list) and [r["vms"] for r in rows] == [1, 2]
+    assert [r["pf_fixed"] for r in rows] == [512, 1024] and list(rows[0]) == list(rows[1])
+
+
 # ----------------------------------------------------------------------------- plots (no kernels)
 def _table(tmp_path, rows):
     p = tmp_path / "t.csv"
