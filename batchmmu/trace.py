@@ -292,10 +292,12 @@ def records(path, fmt, chunk=CHUNK):
         vcpu = np.asarray(vcpu).astype(np.int64)
         kind = np.asarray(kind).astype(np.int64)
         addr = np.asarray(addr)
-        if addr.dtype.kind not in "iu" or kind.size and (kind & ~ACC_VALID_MASK).any():
-            i = int(np.nonzero(kind & ~ACC_VALID_MASK)[0][0]) if kind.size and (kind & ~ACC_VALID_MASK).any() else 0
-            raise _err(path, f"record {n + i}: kind {int(kind[i]) if kind.size else '?'} / addr dtype "
-                       f"{addr.dtype}: kinds are ACC_* bits (0 read, 2 write, 4 user, 16 fetch), addresses integers")
+        if addr.dtype.kind not in "iu":
+            raise _err(path, f"addresses must be integers (dtype {addr.dtype})")
+        badk = np.nonzero(kind & ~ACC_VALID_MASK)[0]
+        if badk.size:
+            raise _err(path, f"record {n + int(badk[0])}: kind {int(kind[badk[0]])}: kinds are ACC_* bits "
+                       "(0 read, 2 write, 4 user, 16 fetch)")
         if (vcpu < 0).any():
             raise _err(path, f"record {n + int(np.argmax(vcpu < 0))}: negative vcpu")
         addr = addr.astype(np.uint64)
@@ -424,11 +426,6 @@ def resolve(wl, groups, host):
             "threads": info["threads"], "base_page": int(base), "region_bytes": region_bytes or need}
 
 
-def _placement(t):
-    info = scan(Path(t["path"]), t["format"])
-    return info
-
-
 def place(t, info, addr):
     """Guest offsets (bytes into the test region, before the VM's own offset) of trace addresses."""
     page = (addr >> np.uint64(12)).astype(np.int64)
@@ -444,8 +441,8 @@ def events(shard, ph):
     t = shard.spec["trace"]
     if shard._epoch is not None:
         raise BatchMMUError("phase.epochs: a trace replay runs whole passes", field="phase.epochs", value=None)
-    info = _placement(t)
     path = Path(t["path"])
+    info = scan(path, t["format"])
     for _pass in range(int(ph.get("passes", 1))):
         for _rep in range(t["repeat"]):
             for vcpu, addr, kind in records(path, t["format"], t["chunk"]):
