@@ -27,6 +27,7 @@ from .constants import (
 )
 from .errors import BatchMMUError, HostMemoryExhausted
 from .host import AccessResult, Host
+from .sweep import sweep  # the function; the module stays importable as batchmmu.sweep
 from .units import parse_size
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "RETRY", "RING_FULL", "SPURIOUS", "STAT_NAMES", "AccessResult",
     "BatchMMUError", "Host", "HostMemoryExhausted", "parse_size", "warmup", "run_scenario", "load_scenario",
     "list_scenarios",
+    "sweep",
 ]
 
 

@@ -270,6 +270,10 @@ class RayBackend:
     def footprints(self):
         return self._get([a.footprint.remote() for a in self.actors])
 
+    def nodes(self):
+        """The Ray node id of every shard's actor (where the shards run)."""
+        return self._get([a.node.remote() for a in self.actors])
+
     def close(self):
         for a in self.actors:
             self.ray.kill(a)
@@ -293,6 +297,10 @@ class _RayShard:
 
     def footprint(self):
         return self.shard.footprint()
+
+    def node(self):
+        import ray
+        return ray.get_runtime_context().get_node_id()
 
 
 BACKENDS = {"serial": SerialBackend, "process": ProcessBackend, "ray": RayBackend}

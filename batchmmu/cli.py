@@ -76,6 +76,11 @@ def check_run(args):
 
 
 def _cmd_run(args):
+    if args.all or args.scenario is None:
+        from .suite import cmd_run_all
+        return cmd_run_all(args)
+    if args.small:
+        raise BatchMMUError("run --small: applies to --all only (docs/workbench.md)", field="small", value=True)
     from . import report
     from . import scenario as sc
     from .show import describe
@@ -116,7 +121,9 @@ def _cmd_run(args):
 
 def _add_run(sub):
     r = sub.add_parser("run", help="run a scenario (bundled name or TOML file)")
-    r.add_argument("scenario")
+    r.add_argument("scenario", nargs="?")
+    r.add_argument("--all", action="store_true", help="run every bundled scenario as a suite (TAP lines)")
+    r.add_argument("--small", action="store_true", help="with --all: small sizes (docs/workbench.md)")
     r.add_argument("--workers", type=int, default=1, help="shards of VMs (same statistics for any number)")
     r.add_argument("--backend", choices=("serial", "process", "ray"), default="serial")
     r.add_argument("--seed", type=int, default=None, help="the run's seed; the same as --set seed=S")
@@ -262,7 +269,13 @@ def _add_validate(sub):
 
 
 # ----------------------------------------------------------------------------- main
-COMMANDS = [_add_run, _add_show, _add_list, _add_report, _add_compare, _add_validate]
+def _add_workbench(sub):
+    """sweep, plot, selftest: each module declares its own subcommand (batchmmu/sweep.py, plot.py, selftest.py)."""
+    for mod in ("sweep", "plot", "selftest"):
+        importlib.import_module(f"batchmmu.{mod}").add_parser(sub)
+
+
+COMMANDS = [_add_run, _add_show, _add_list, _add_report, _add_compare, _add_validate, _add_workbench]
 
 
 def parser():

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import constants as _constants
-from . import guestos, hostops
+from . import guestos, hostops, trace
 from . import memstress as ms
 from .constants import ACC_FETCH, ACC_WRITE, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES
 from .errors import BatchMMUError
@@ -551,7 +551,9 @@ class Shard:
         t0 = time.perf_counter()
         events, extra = 0, {}
         wl = self.spec
-        if op == "access" and wl["pattern"] != "memstress":
+        if op == "access" and wl["pattern"] == "trace":
+            events += self._drive(trace.events(self, ph), extra, progress)
+        elif op == "access" and wl["pattern"] != "memstress":
             for p in self._passes(int(ph.get("passes", 1))):
                 events += self._drive(self.events(p), extra, progress)
         elif op in ("access", "dirty_pass", "populate"):
@@ -597,6 +599,8 @@ def total_events(spec, k):
     ph = spec["phases"][k]
     op = ph.get("op", "access")
     vms = plan(spec)
+    if op == "access" and spec["pattern"] == "trace":
+        return trace.total_events(spec, ph)
     if op == "access" and spec["pattern"] != "memstress":
         return int(ph.get("passes", 1)) * sum(v[1] for v in vms) * (spec["bpv"] // spec["stride"])
     if op in ("access", "dirty_pass", "populate"):

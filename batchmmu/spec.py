@@ -50,7 +50,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from . import guestos, hostops
+from . import guestos, hostops, trace
 from .errors import BatchMMUError
 from .memstress import GUEST_RANDOM_SEED
 from .units import format_size, parse_size
@@ -190,7 +190,7 @@ _KNOWN = {
                  "ept_ad"},
     "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
                  "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
-                 "dirty_ring", "verify"},
+                 "dirty_ring", "verify"} | trace.KEYS,
     "phase": {"name", "op", "passes", "enable", "when", "unless", "repeat", "iterations", "phase",
               "write_percent", "random_access", "writes", "stage", "kind", "offsets", "seconds", "epochs",
               "groups"} | hostops.KEYS | guestos.PHASE_KEYS,
@@ -378,9 +378,11 @@ def resolve(data, text="", origin="<dict>", used=None):
         raise BatchMMUError(f"workload.region={region!r}: use 'top' or 'slot0'", field="workload.region",
                             value=region)
     pattern = wl.get("pattern", "sequential")
-    if pattern not in ("sequential", "random", "memstress"):
-        raise BatchMMUError(f"workload.pattern={pattern!r}: use 'sequential', 'random' or 'memstress'",
+    if pattern not in ("sequential", "random", "memstress", "trace"):
+        raise BatchMMUError(f"workload.pattern={pattern!r}: use 'sequential', 'random', 'memstress' or 'trace'",
                             field="workload.pattern", value=pattern)
+    tr = trace.resolve(wl, groups, r.get("host", {})) if pattern == "trace" else None  # batchmmu/trace.py
+    rbytes = tr["region_bytes"] if tr else rbytes
     wp = _int(wl.get("write_percent", 100), "workload.write_percent", 0, 100)
     slots = _int(wl.get("slots", 1), "workload.slots", 1, 32000)
     if region == "slot0" and slots != 1:
@@ -442,7 +444,7 @@ def resolve(data, text="", origin="<dict>", used=None):
             "manual_protect": manual,
             "initially_set": _bool(wl.get("initially_set", False), "workload.initially_set"),
             "dirty_ring": ring,
-            "verify": verify, "guest_os": guestos.resolve(r.get("guest_os", {}))}
+            "verify": verify, "guest_os": guestos.resolve(r.get("guest_os", {})), "trace": tr}
 
 
 

@@ -35,6 +35,8 @@ SCENARIOS = [
     ("memslot_perf", "", ["slots=64", "loops=2"]),
     ("nx_huge_pages", "", []),
     ("overcommit", "", ["busy_vms=4", "idle_vms=4", "bytes_per_vcpu=8MiB", "memory=48MiB"]),
+    ("trace_replay", "", ["vms=2", "vcpus=2"]),
+    ("trace_replay", "thp-npt", ["backing=thp", "tdp_format=npt", "repeat=2", "vcpus=2"]),
 ]
 VALIDATE = ["random:0:200", "random:1:200"]
 SEED = 7

@@ -1,0 +1,1 @@
+"""Memory-access traces shipped with batchmmu (``trace = "bundled:NAME"``)."""
