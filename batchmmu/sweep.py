@@ -58,6 +58,7 @@ def plan(scenario, grid, repeat=1, sets=(), seed=0, workers=1, backend="serial",
     """Check every run of the sweep (names, values, the memory it needs) before any kernel loads; returns
     the runs as dicts (``params``: grid key -> value as typed, ``sets``, ``seed``, ``repeat``)."""
     from . import scenario as sc
+    from . import spec as sp
     from .shard import split
     if not isinstance(grid, dict) or not grid:
         raise BatchMMUError(f"grid={grid!r}: give at least one key with a list of values", field="grid", value=grid)
@@ -74,22 +75,24 @@ def plan(scenario, grid, repeat=1, sets=(), seed=0, workers=1, backend="serial",
             raise BatchMMUError(f"grid.{k}: no values", field=f"grid.{k}", value=grid[k])
         lists.append(vals)
     if isinstance(scenario, dict):
-        data, text, origin = scenario, "", "<dict>"
+        data = scenario
     else:
-        data, text, origin = sc.load_scenario(scenario)
+        data = sp.load_scenario(scenario)[0]
     runs = []
     for combo in itertools.product(*lists):
-        run_sets = list(sets) + [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
-        spec = sc.resolve(sc.apply_overrides(data, run_sets), text, origin)   # names, values, sections
+        point = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        # names, values, sections and the seed story (spec.prepare); a "seed" grid key is the run's seed
+        prep = sp.prepare(data, list(sets) + point, None if "seed" in keys else seed)
         if backend != "ray" or ray_address is None:
             try:
-                sc.check_memory(spec, split(spec, workers), backend)
+                sc.check_memory(prep.spec, split(prep.spec, workers), backend)
             except BatchMMUError as e:
-                label = " ".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True))
+                label = " ".join(point)
                 raise BatchMMUError(f"sweep run {label}: {e}", field=e.field, value=e.value) from None
+        run_sets = list(sets) + [s for s in point if not s.startswith("seed=")]
         for r in range(repeat):
-            runs.append({"params": {k: sc._coerce(v) for k, v in zip(keys, combo, strict=True)}, "sets": run_sets,
-                         "seed": seed + r, "repeat": r})
+            runs.append({"params": {k: sp._coerce(v) for k, v in zip(keys, combo, strict=True)}, "sets": run_sets,
+                         "seed": prep.seed + r, "repeat": r})
     return data, runs
 
 
