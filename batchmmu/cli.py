@@ -1,4 +1,4 @@
-"""The ``batchmmu`` command line: ``run``, ``report``, ``validate``, ``list``."""
+"""The ``batchmmu`` command line: ``run``, ``report``, ``validate``, ``warmup``, ``list``."""
 
 import argparse
 import sys
@@ -83,6 +83,15 @@ def cmd_validate(args):
     return validate.exit_code(rep)
 
 
+def cmd_warmup(args):
+    from . import warmup
+    from .kernels import CACHE_DIR
+    print(f"{'compiling' if _numba_cache_cold() else 'loading'} kernels (cache {CACHE_DIR}) ...", flush=True)
+    t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True))
+    print(f"kernels ready in {t:.1f} s")
+    return 0
+
+
 def cmd_list(args):
     from .scenario import list_scenarios
     for name, desc in list_scenarios():
@@ -119,6 +128,8 @@ def main(argv=None):
     v.add_argument("--calibrate", action="store_true", help="measure the kernel's µs per fault and per "
                    "emulated instruction instead")
     v.set_defaults(func=cmd_validate)
+    w = sub.add_parser("warmup", help="compile every kernel now (or load them from the cache), with progress")
+    w.set_defaults(func=cmd_warmup)
     ls = sub.add_parser("list", help="list bundled scenarios")
     ls.set_defaults(func=cmd_list)
     args = p.parse_args(argv)

@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import guestos, hostops
+from . import guestos, hostops, warm
 from .errors import BatchMMUError
 from .kernels.state import GAUGE_STATS, STAT_NAMES
 from .memstress import GUEST_RANDOM_SEED
@@ -474,6 +474,10 @@ def run_scenario(scenario, workers=1, backend="serial", seed=0, sets=(), quiet=T
     if backend != "ray" or ray_address is None:
         check_memory(spec, parts, backend)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if not warm.READY:  # compile here, never inside a timed phase or in each process worker at once
+        tw = time.perf_counter()
+        warm.warmup()
+        say(f"kernels ready in {time.perf_counter() - tw:.1f} s")
     bar = _Progress(quiet or not progress)
     t0 = time.perf_counter()
     kw = {"address": ray_address} if backend == "ray" else {}
