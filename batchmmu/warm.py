@@ -5,6 +5,7 @@ types real runs use, so that later calls find their one compiled signature.  ``b
 prints the groups as they finish.
 """
 
+import gc
 import time
 
 import numpy as np
@@ -45,6 +46,7 @@ def _tdp():
             h.access(vm, 1, 1 << 30, 0)
             _dirty_modes(h, vm, 1 << 30)
         vm = int(h.create_vms(1, memory="4MiB")[0])
+        h.access([vm, vm - 1], 0, [0, 0], [0, 0])   # VMs out of order: grouped, then ungrouped
         h.enable_manual_dirty_log_protect(vm, initially_set=True)
         h.access(vm, 0, 0, ACC_WRITE)
         h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
@@ -63,10 +65,10 @@ def _notifiers():
     h = Host(memory="64MiB", backing="thp", nx_huge_pages=True, nx_huge_pages_recovery_ratio=1)
     vm = int(h.create_vms(1, memory="4MiB")[0])
     h.access(vm, 0, [0, 1 << 21], [ACC_FETCH, ACC_WRITE])
+    h.advance_time(3600)   # one pass of the recovery worker (ratio 1: every hour)
     h.age_hva_range(vm, 1 << 40, (1 << 40) + (4 << 20))
     h.test_young(vm, 1 << 40, (1 << 40) + (4 << 20))
     h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (1 << 20))
-    h.advance_time(60)
     h.mmu_notifier_release(vm)
     h.footprint()
 
@@ -187,9 +189,16 @@ def warmup(progress=None):
     """
     global READY
     t0 = time.perf_counter()
+    gc_on = gc.isenabled()
     for i, (name, fn) in enumerate(GROUPS):
         t = time.perf_counter()
-        fn()
+        gc.disable()  # numba's compiler makes millions of objects: a collector pass per group, not thousands
+        try:
+            fn()
+        finally:
+            if gc_on:
+                gc.enable()
+        gc.collect()
         if progress is not None:
             progress(i + 1, len(GROUPS), name, time.perf_counter() - t)
     READY = True
