@@ -1101,7 +1101,7 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
 @helper
 def free_obsolete_roots(m, vm, vg):
     # kvm_mmu_free_obsolete_roots
-    mask = 0
+    mask = np.int64(0)
     if m.vr.root[vg] >= 0 and not sp_valid(m, vm, m.vr.root[vg]):
         mask |= 1
     if m.vr.root[vg] == PAE_ROOT:
@@ -1639,7 +1639,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             # kvm_vcpu_flush_tlb_guest: sync the current root, free unsync prev roots
             m.vt.stats[vm, ST_TLB_FLUSH] += 1
             sync_roots(m, vm, vg, mode, mp)
-            mask = 0
+            mask = np.int64(0)
             for k in range(KVM_MMU_NUM_PREV_ROOTS):
                 r = m.vr.prev_root[vg, k]
                 if r >= 0 and (sh.unsync[r] or sh.unsync_children[r]):
