@@ -1,4 +1,5 @@
-"""The ``batchmmu`` command line: ``run``, ``show``, ``list``, ``report``, ``compare``, ``validate``.
+"""The ``batchmmu`` command line: ``run``, ``show``, ``list``, ``report``, ``compare``, ``validate``, ``warmup``,
+``sweep``, ``plot``, ``selftest``.
 
 Each command is a ``_cmd_NAME(args)`` and an ``_add_NAME(sub)`` that declares its arguments; ``COMMANDS``
 lists them in the order ``--help`` shows.  Everything a user typed is checked before a kernel loads.
@@ -268,6 +269,21 @@ def _add_validate(sub):
     v.set_defaults(func=_cmd_validate)
 
 
+# ----------------------------------------------------------------------------- warmup
+def _cmd_warmup(args):
+    from . import warmup
+    from .kernels import CACHE_DIR
+    print(f"{'compiling' if _numba_cache_cold() else 'loading'} kernels (cache {CACHE_DIR}) ...", flush=True)
+    t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True))
+    print(f"kernels ready in {t:.1f} s")
+    return 0
+
+
+def _add_warmup(sub):
+    w = sub.add_parser("warmup", help="compile every kernel now (or load them from the cache), with progress")
+    w.set_defaults(func=_cmd_warmup)
+
+
 # ----------------------------------------------------------------------------- main
 def _add_workbench(sub):
     """sweep, plot, selftest: each module declares its own subcommand (batchmmu/sweep.py, plot.py, selftest.py)."""
@@ -275,7 +291,7 @@ def _add_workbench(sub):
         importlib.import_module(f"batchmmu.{mod}").add_parser(sub)
 
 
-COMMANDS = [_add_run, _add_show, _add_list, _add_report, _add_compare, _add_validate, _add_workbench]
+COMMANDS = [_add_run, _add_show, _add_list, _add_report, _add_compare, _add_validate, _add_warmup, _add_workbench]
 
 
 def parser():

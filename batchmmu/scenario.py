@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import guestos, hostops
+from . import guestos, hostops, warm
 from .errors import BatchMMUError, HostMemoryExhausted
 from .kernels.state import GAUGE_STATS, STAT_NAMES
 from .progress import PhaseProgress
@@ -177,6 +177,10 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
     if backend != "ray" or ray_address is None:
         check_memory(spec, parts, backend)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if not warm.READY:  # compile here, never inside a timed phase or in each process worker at once
+        tw = time.perf_counter()
+        warm.warmup()
+        say(f"kernels ready in {time.perf_counter() - tw:.1f} s")
     bar = PhaseProgress(not quiet and progress)
     t0 = time.perf_counter()
     prov = provenance(prep.seed, backend, len(parts), argv)

@@ -2,19 +2,39 @@
 
 numba's on-disk cache is keyed on each function's own source file, so a change to an inlined helper
 in another module would leave stale machine code behind.  The cache therefore lives in a directory
-named after a hash of every kernel source file: any edit (or upgrade) compiles afresh.
+named after a hash of every kernel source file: any edit (or upgrade) compiles afresh.  It is in the
+user's cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``, then ``batchmmu/numba-<hash>``), not in
+the installed package, so a read-only install works; ``NUMBA_CACHE_DIR`` wins when set.
 """
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numba
 
 _HERE = Path(__file__).resolve().parent
 SOURCE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.py")))).hexdigest()[:16]
-if not os.environ.get("NUMBA_CACHE_DIR"):
-    CACHE_DIR = _HERE / "__pycache__" / f"numba-{SOURCE_HASH}"
-    numba.config.CACHE_DIR = str(CACHE_DIR)
-else:
+
+
+def _user_cache_dir():
+    """``$XDG_CACHE_HOME/batchmmu/numba-<hash>`` (default ``~/.cache``); a temp dir if that is not writable."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs = [Path(base) / "batchmmu" / f"numba-{SOURCE_HASH}",
+            Path(tempfile.gettempdir()) / f"batchmmu-{os.getuid()}" / f"numba-{SOURCE_HASH}"]
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK):
+            return d
+    return dirs[0]  # nowhere writable: numba falls back to its own locations
+
+
+if os.environ.get("NUMBA_CACHE_DIR"):
     CACHE_DIR = Path(os.environ["NUMBA_CACHE_DIR"])
+else:
+    CACHE_DIR = _user_cache_dir()
+    numba.config.CACHE_DIR = str(CACHE_DIR)

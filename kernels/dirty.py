@@ -10,6 +10,7 @@ clear_dirty_gfn_range, write_protect_gfn, tdp_mmu_split_huge_pages_root).
 import numpy as np
 from numba import njit
 
+from .jit import helper, kernel
 from .memslot import gfn_to_memslot, mark_page_dirty
 from .spte import (
     PT_WRITABLE_MASK,
@@ -37,7 +38,7 @@ from .walk import next_gfn, walk_to_leaf
 
 
 # ----------------------------------------------------------------------------- PML
-@njit(_nrt=False)
+@helper
 def pml_flush(vt, st, ct, vm, vcpu_g):
     """vmx_flush_pml_buffer: every logged gpa becomes a dirty page of its slot."""
     n = ct.pml_count[vcpu_g]
@@ -62,7 +63,7 @@ def pml_log(vt, st, ct, vm, vcpu_g, gfn):
     ct.pml_count[vcpu_g] += 1
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def pml_flush_vm(vt, st, ct, vm, nvcpus):
     """kvm_arch_sync_dirty_log: kick every vCPU so its PML buffer reaches the log."""
     for c in range(nvcpus):
@@ -78,7 +79,7 @@ def _leaf_at(pa, vt, vm, gfn):
     return walk_to_leaf(pa.spt, vt.root[vm], np.int64(vt.levels[vm]), gfn)
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def count_huge_leaves(pa, vt, vm, start, end):
     """Rows an eager split of [start, end) may need: 1 per 2M leaf, 513 per 1G leaf."""
     rows = 0
@@ -93,7 +94,7 @@ def count_huge_leaves(pa, vt, vm, start, end):
     return rows
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
     """tdp_mmu_split_huge_pages_root: split every huge leaf in [start, end) down to target_level,
     pre-order (1G -> 2M -> 4K).  The caller has topped up the free rows (count_huge_leaves)."""
@@ -113,7 +114,7 @@ def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
         gfn = next_gfn(gfn, max(level, 2) if target_level == 1 else level)
 
 
-@njit(_nrt=False)
+@helper
 def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
     """write_protect_gfn: clear W and MMU-writable on the leaf >= min_level mapping gfn."""
     row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
@@ -127,7 +128,7 @@ def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
     return True
 
 
-@njit(_nrt=False)
+@helper
 def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     """clear_dirty_pt_masked: for each 4K leaf in the mask clear W (write-protection) or, with PML,
     the dirty bit (W for SPTEs without A/D).  One walk per leaf table, then a scan of the mask."""
@@ -160,7 +161,7 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D off on 4K leaves."""
     fmt = vt.fmt[vm]
@@ -187,7 +188,7 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
-@njit(_nrt=False)
+@helper
 def enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, gfn_offset, mask):
     """kvm_arch_mmu_enable_log_dirty_pt_masked: re-arm dirty tracking for 64 pages at gfn_offset."""
     base = st.base_gfn[rec] + gfn_offset
@@ -209,7 +210,7 @@ def enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, gfn_offset, mask):
 
 
 # ----------------------------------------------------------------------------- the ioctls
-@njit(cache=True, _nrt=False)
+@kernel
 def get_dirty_log_protect(pa, vt, st, cfg, vm, rec, out):
     """kvm_get_dirty_log_protect without manual protect: snapshot-and-clear each word, re-protect
     the pages it names.  ``out`` receives the snapshot; returns True if any bit was set (flush)."""
@@ -227,7 +228,7 @@ def get_dirty_log_protect(pa, vt, st, cfg, vm, rec, out):
     return flush
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def clear_dirty_log_protect(pa, vt, st, cfg, vm, rec, first_page, num_pages, bitmap):
     """kvm_clear_dirty_log_protect after validation: clear the bits that were really set and
     re-protect their pages.  Returns the number of pages cleared."""
@@ -254,7 +255,7 @@ def clear_dirty_log_protect(pa, vt, st, cfg, vm, rec, first_page, num_pages, bit
     return cleared
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def dirty_ring_reset(pa, vt, st, cfg, ct, vm, vcpu_g, slot_recs):
     """kvm_dirty_ring_reset: recycle harvested entries, re-protect their pages in coalesced
     64-page masks.  ``slot_recs[(as_id << 15) | id]`` maps a slot id to its record (-1: gone)."""

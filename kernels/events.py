@@ -1,6 +1,6 @@
 """Validation of event batches in one pass (the API must never hand a kernel bad input)."""
 
-from numba import njit
+from .jit import kernel
 
 EV_OK = 0
 EV_BAD_VM = 1
@@ -9,7 +9,7 @@ EV_BAD_ADDR = 3
 EV_BAD_KIND = 4
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def validate_events(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, vcpus, maxphyaddr, kind_mask, excl_a, excl_b):
     """Return (index, EV_*) of the first bad event, or (-1, EV_OK)."""
     for i in range(ev_vm.shape[0]):
@@ -28,7 +28,7 @@ def validate_events(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, vcpus, maxphyaddr, ki
     return -1, EV_OK
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def group_by_vm(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, counts, g_vm, g_vcpu, g_addr, g_kind, orig):
     """Stable counting sort of a batch by VM into the g_* arrays; ``orig[j]`` is the input index of
     grouped event j.  ``counts`` (int64[nvm + 1]) is scratch."""
@@ -50,7 +50,7 @@ def group_by_vm(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, counts, g_vm, g_vcpu, g_a
         orig[j] = i
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def ungroup_results(orig, out, err, out_c, err_c):
     """Put per-event results back in the caller's order."""
     for j in range(orig.shape[0]):

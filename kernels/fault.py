@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit
 
 from .dirty import pml_flush, pml_log
+from .jit import kernel
 from .memslot import (
     gfn_to_hva,
     gfn_to_memslot,
@@ -206,30 +207,32 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec,
             return r
     mmio_caching = cfg[CFG_MMIO_CACHING] != 0
     nx_huge_pages = cfg[CFG_NX_HUGE_PAGES] != 0
+    huge_page_disallowed = fetch and nx_huge_pages
+    pfn4k = 0
+    map_writable = False
+    goal_level = 1
+    req_level = 1
     # kvm_mmu_faultin_pfn
     if rec < 0:
         # kvm_handle_noslot_fault
         if not mmio_caching or gfn > vt.max_gfn[vm]:
             return RET_PF_EMULATE
         # kvm_mmu_hugepage_adjust set huge_page_disallowed before its no-slot early return
-        return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, 0, False, 1, 1, fetch and nx_huge_pages,
-                               nx_huge_pages, mmio_caching, write)
-    if vt.inval_count[vm] > 0 and vt.inval_start[vm] <= gfn < vt.inval_end[vm]:
-        return RET_PF_RETRY  # mmu_invalidate_retry_gfn_unsafe: an invalidation covers the gfn
-    if write and slot_readonly(st, rec):
-        return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
-    map_writable = not slot_readonly(st, rec)
-    host_fault_in(st, vt, host, rec, gfn, vm)
-    pfn4k = gfn_to_hva(st, rec, gfn) >> 12
-    # kvm_mmu_hugepage_adjust
-    huge_page_disallowed = fetch and nx_huge_pages
-    goal_level = 1
-    req_level = 1
-    if not slot_dirty_logging(st, rec):
-        max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
-        req_level = kvm_mmu_max_mapping_level(st, rec, gfn, max_level)
-        if req_level > 1 and not huge_page_disallowed:
-            goal_level = req_level
+    else:
+        if vt.inval_count[vm] > 0 and vt.inval_start[vm] <= gfn < vt.inval_end[vm]:
+            return RET_PF_RETRY  # mmu_invalidate_retry_gfn_unsafe: an invalidation covers the gfn
+        if write and slot_readonly(st, rec):
+            return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
+        map_writable = not slot_readonly(st, rec)
+        host_fault_in(st, vt, host, rec, gfn, vm)
+        pfn4k = gfn_to_hva(st, rec, gfn) >> 12
+        # kvm_mmu_hugepage_adjust
+        if not slot_dirty_logging(st, rec):
+            max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
+            req_level = kvm_mmu_max_mapping_level(st, rec, gfn, max_level)
+            if req_level > 1 and not huge_page_disallowed:
+                goal_level = req_level
+    # one call site: the map tree is inlined once
     return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
                            huge_page_disallowed, nx_huge_pages, mmio_caching, write)
 
@@ -326,7 +329,7 @@ def _flush_pending(stats, vm, n_acc, n_refs):
         stats[vm, ST_WALK_REFS] += n_refs
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, start, out_outcome, out_err):
     """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*)."""
     n = ev_vm.shape[0]

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from .gmem import gm_read32, gm_read64, gm_write32, gm_write64
+from .jit import kernel
 
 
 def _bits(lo, hi):
@@ -139,7 +140,7 @@ def _rsvd(lo, hi):
     return ((np.int64(1) << np.int64(hi - lo + 1)) - np.int64(1)) << np.int64(lo)
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def cpu_mode(cr0, cr4, efer, rflags):
     """Mode word of the vCPU registers: MODE_* flags and the walk depth (mmu.c kvm_calc_cpu_role levels)."""
     m = np.int64(0)
@@ -188,7 +189,7 @@ def mode_pke(mode):
     return (mode & MODE_PKE) != 0 and (mode & MODE_LMA) != 0
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def cpu_role_word(mode):
     """kvm_mmu_page_role word of kvm_calc_cpu_role (smm = guest_mode = 0)."""
     role = np.int64(ACC_ALL) << np.int64(ROLE_ACCESS_SHIFT)
@@ -208,7 +209,7 @@ def cpu_role_word(mode):
     return role
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def cpu_role_ext_word(mode):
     """kvm_mmu_extended_role word of kvm_calc_cpu_role (execonly = 0)."""
     ext = EXT_VALID
@@ -309,7 +310,7 @@ def _walk_error(mode, pfec, errcode, wk):
     return errcode | WALK_FAULT
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def guest_walk(gkey, grow, gpage, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, wk):
     """Walk the guest page tables of ``vm`` for ``gva``: 0 if the access is allowed, else WALK_FAULT | error code.
 
@@ -413,7 +414,7 @@ def guest_walk(gkey, grow, gpage, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, 
     return np.int64(0)
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def guest_set_ad(gkey, grow, gpage, gctl, vm, wk, pfec):
     """Set A in every gpte of a successful walk that lacks it and D in the leaf for a write.
 

@@ -3,6 +3,7 @@
 import numpy as np
 from numba import njit
 
+from .jit import kernel
 from .state import (
     BACKING_4K,
     BACKING_HUGETLB_1G,
@@ -176,7 +177,7 @@ def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
     st.dirty[off + (rel >> 6)] |= np.int64(1) << (rel & 63)
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def host_touch_range(st, vt, host, rec, first_gfn, end_gfn, vm):
     """Userspace touches guest memory through its mapping (memset, a write of page-table contents):
     every host page behind [first_gfn, end_gfn) becomes resident.  Returns the gfn it stopped at

@@ -7,6 +7,7 @@ Models ``tdp_mmu.c`` ``tdp_mmu_zap_leafs`` (kvm_tdp_mmu_unmap_gfn_range), ``age_
 import numpy as np
 from numba import njit
 
+from .jit import kernel
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
     is_shadow_present_pte,
@@ -19,7 +20,7 @@ from .tdp import tdp_clear_spte_bits, tdp_set_spte
 from .walk import next_gfn, walk_to_leaf
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp_zap_leafs(pa, vt, vm, start, end):
     """tdp_mmu_zap_leafs: every leaf SPTE (any level) overlapping [start, end) becomes non-present.
     Tables stay.  Returns the number zapped (> 0: the caller flushes)."""
@@ -46,7 +47,7 @@ def is_accessed_spte(fmt, spte):
     return (spte & 7) != 0  # not access-tracked
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp_age_range(pa, vt, vm, start, end, clear, young):
     """age_gfn_range / test_age_gfn over [start, end): young[g - start] = 1 for every 4K page
     whose leaf was accessed; with ``clear`` the leaf is made old.  Returns True if any was young."""

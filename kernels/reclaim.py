@@ -10,6 +10,7 @@ docs/host_memory.md.
 import numpy as np
 from numba import njit
 
+from .jit import kernel
 from .memslot import host_pfn_mapping_level
 from .notifier import tdp_age_range, tdp_zap_leafs
 from .state import (
@@ -95,7 +96,7 @@ def _next_resident(st, off, p, n):
     return n
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def reclaim_scan(pa, vt, st, vm, recs, aptr, arecs, hist, scratch):
     """One aging pass of the LRU over the VM's slots ``recs`` (folio_referenced ->
     mmu_notifier clear_young -> kvm_age_gfn, no flush on x86): a folio any of whose SPTEs was
@@ -116,7 +117,7 @@ def reclaim_scan(pa, vt, st, vm, recs, aptr, arecs, hist, scratch):
                 r = arecs[a]
                 if (st.slot_id[r] >> 16) == 0:
                     g = st.base_gfn[r] + first
-                    young |= tdp_age_range(pa, vt, vm, g, g + cnt, True, scratch)
+                    young |= tdp_age_range(pa, vt, vm, g, g + cnt, np.bool_(True), scratch)
             age = np.int64(st.age[aoff + first])
             if young:
                 age = 0
@@ -156,7 +157,7 @@ def _evict_folio(pa, vt, st, host, vm, rec, first, cnt, take, aptr, arecs, k):
     vt.stats[vm, ST_HOST_PAGES_SWAPPED] += take
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def reclaim_evict(pa, vt, st, host, vm, recs, aptr, arecs, threshold, at_threshold):
     """Swap out the VM's evictable folios older than ``threshold`` and, in slot and page order,
     ``at_threshold`` pages of age ``threshold`` (a THP across that count is split and only the pages
@@ -187,7 +188,7 @@ def reclaim_evict(pa, vt, st, host, vm, recs, aptr, arecs, threshold, at_thresho
     return total
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def discard_pages(vt, st, host, vm, rec, p0, p1):
     """MADV_DONTNEED of slot pages [p0, p1), host side (the notifier ran before): resident pages
     are freed and swapped ones dropped.  A THP wholly inside goes as a whole (its PMD is cleared and
@@ -236,7 +237,7 @@ def discard_pages(vt, st, host, vm, rec, p0, p1):
     return freed
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def madvise_dontneed(pa, vt, st, host, vm, recs, p0s, p1s):
     """madvise(MADV_DONTNEED) calls, one per entry, each within one slot (no aliases): the MMU
     notifier zaps the SPTEs of slot pages [p0s[i], p1s[i]) (a flush when any went), then

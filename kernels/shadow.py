@@ -42,6 +42,7 @@ from .guest_walk import (
     guest_walk,
     mode_levels,
 )
+from .jit import helper, kernel
 from .memslot import (
     gfn_to_hva,
     gfn_to_memslot,
@@ -302,7 +303,7 @@ def rmap_add(m, vm, rec, row, idx, gfn, access):
         flush_remote_tlbs(m, vm)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def drop_spte(m, vm, row, idx):
     """drop_spte: clear a leaf SPTE, uncount it and take it off its rmap."""
     old = m.pa.spt[row, idx]
@@ -329,14 +330,14 @@ def mmu_spte_update(m, row, idx, new):
     return is_mmu_writable(old) and not is_mmu_writable(new)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def drop_parent_pte(m, child, prow, pidx):
     # drop_parent_pte: unlink and clear the parent SPTE
     parent_remove(m.sh, child, prow * 512 + pidx)
     m.pa.spt[prow, pidx] = SHADOW_NONPRESENT_VALUE
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def mmu_page_zap_pte(m, vm, row, idx):
     """mmu_page_zap_pte: leaf -> drop; table -> unlink the child; MMIO -> clear."""
     pte = m.pa.spt[row, idx]
@@ -349,7 +350,7 @@ def mmu_page_zap_pte(m, vm, row, idx):
         m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
     """kvm_mmu_slot_gfn_write_protect over the rmaps: True if a flush is needed."""
     sh = m.sh
@@ -375,7 +376,7 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
 
 
 # ----------------------------------------------------------------------------- shadow pages
-@njit(cache=True, _nrt=False)
+@helper
 def account_shadowed(m, vm, row):
     # account_shadowed: upper levels are write-tracked, last-level tables only write-protected
     m.sh.indirect[vm] += 1
@@ -395,7 +396,7 @@ def account_shadowed(m, vm, row):
         flush_remote_tlbs(m, vm)  # kvm_flush_remote_tlbs_gfn
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def unaccount_shadowed(m, vm, row):
     m.sh.indirect[vm] -= 1
     gfn = m.pa.sp_gfn[row]
@@ -407,7 +408,7 @@ def unaccount_shadowed(m, vm, row):
     update_disallow_lpage(m, rec, gfn, -1)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def alloc_shadow_page(m, vm, gfn, role):
     """kvm_mmu_alloc_shadow_page: a row from the topped-up free stack, on the active list and hash."""
     pa, sh = m.pa, m.sh
@@ -465,7 +466,7 @@ def active_list_del(m, vm, row):
     sh.aprev[row] = -1
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def free_shadow_page(m, vm, row):
     """kvm_mmu_free_shadow_page: out of the hash, back on the free stack."""
     pa, sh = m.pa, m.sh
@@ -486,7 +487,7 @@ def free_shadow_page(m, vm, row):
     pa.ctl[CTL_FREE_TOP] = top + 1
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def kvm_unlink_unsync_page(m, vm, row):
     m.sh.unsync[row] = 0
     m.vt.stats[vm, ST_MMU_UNSYNC] -= 1
@@ -501,7 +502,7 @@ def clear_unsync_child_bit(m, row, idx):
         m.sh.unsync_children[row] -= 1
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def mark_parents_unsync(m, row):
     """kvm_mmu_mark_parents_unsync: set the child bit in every parent, recursing on 0 -> 1."""
     sh = m.sh
@@ -529,7 +530,7 @@ def mark_parents_unsync(m, row):
                 sp_ += 1
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def mmu_unsync_walk(m, row):
     """mmu_unsync_walk: collect up to 16 entries (``row`` first, then tables with unsync children and
     unsync last-level pages, depth first) into the pvec.  Returns the number of entries."""
@@ -605,7 +606,7 @@ def mmu_unsync_walk(m, row):
     return nr
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def mmu_pages_clear_parents(m, pv):
     """mmu_pages_clear_parents: clear the bit of ``pv`` in its parent, upwards while a parent runs out."""
     sc = m.sh.scratch
@@ -620,14 +621,14 @@ def mmu_pages_clear_parents(m, pv):
         pv = par
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def invalid_list_add(m, row):
     sc = m.sh.scratch
     m.sh.anext[row] = sc[SC_INVALID_HEAD]
     sc[SC_INVALID_HEAD] = row
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def commit_zap_page(m, vm):
     """kvm_mmu_commit_zap_page: one flush, then free every page on invalid_list."""
     sc = m.sh.scratch
@@ -643,7 +644,7 @@ def commit_zap_page(m, vm):
     return True
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def prepare_zap_one(m, vm, row):
     """__kvm_mmu_prepare_zap_page minus the unsync children (done by prepare_zap_page)."""
     pa, sh = m.pa, m.sh
@@ -674,7 +675,7 @@ def prepare_zap_one(m, vm, row):
     pa.sp_role[row] = role | ROLE_INVALID
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def prepare_zap_page(m, vm, row):
     """kvm_mmu_prepare_zap_page.  Unsync last-level children of a zapped upper-level page are NOT
     zapped with it: they are only unlinked and keep their SPTEs and their unsync state, which is what
@@ -710,7 +711,7 @@ def protect_clean_gpte(access, gpte):
     return access
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     """FNAME(sync_spte): re-derive SPTE ``i`` of an unsync page from its gpte; 1 = flush, 0, -1 = zap."""
     spte = m.pa.spt[row, i]
@@ -734,7 +735,7 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     return 1 if mmu_spte_update(m, row, i, new) else 0
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def kvm_sync_page(m, vm, vg, row, mode, maxphyaddr):
     """kvm_sync_page: sync every SPTE; on failure the page is zapped (onto invalid_list)."""
     flush = 0
@@ -747,7 +748,7 @@ def kvm_sync_page(m, vm, vg, row, mode, maxphyaddr):
     return flush
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
     """mmu_sync_children: write-protect and sync every unsync page below ``parent``, 16 at a time."""
     sc = m.sh.scratch
@@ -781,7 +782,7 @@ def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
 
 
 # ----------------------------------------------------------------------------- lookup / creation
-@njit(cache=True, _nrt=False)
+@helper
 def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     """kvm_mmu_find_shadow_page: the valid page with this gfn and role, or -1 (mmu_cache_miss)."""
     sh, pa = m.sh, m.pa
@@ -812,7 +813,7 @@ def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     return found
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     # __kvm_mmu_get_shadow_page
     row = find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
@@ -821,7 +822,7 @@ def get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     return row
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def link_shadow_page(m, vm, prow, pidx, child):
     """__link_shadow_page: drop a huge SPTE there, point the entry at ``child``, propagate unsync."""
     old = m.pa.spt[prow, pidx]
@@ -899,7 +900,7 @@ def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchro
     return spte, wrprot
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fault, host_writable):
     """mmu_set_spte: install a leaf SPTE; RET_PF_FIXED / SPURIOUS / EMULATE (write-protected write)."""
     level = role_level(m.pa.sp_role[row])
@@ -953,7 +954,7 @@ def prefetch_slot(m, vm, gfn, writable):
     return rec
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
     """FNAME(pte_prefetch): map the aligned group of 8 around a new 4K SPTE."""
     if role_level(m.pa.sp_role[row]) > 1 or m.vt.inval_count[vm] > 0:
@@ -984,7 +985,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
                 return
             for k in range(got):
                 mmu_set_spte(m, vm, rec, row, i + k, access, gfn + k, gfn_to_hva(m.st, rec, gfn + k) >> 12,
-                             False, False, True)
+                             np.bool_(False), np.bool_(False), np.bool_(True))
             i = j
         return
     for i in range(start, start + PTE_PREFETCH_NUM):
@@ -999,7 +1000,8 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
         rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
         if rec < 0 or not host_page_resident(m, rec, gfn):
             break
-        mmu_set_spte(m, vm, rec, row, i, access, gfn, gfn_to_hva(m.st, rec, gfn) >> 12, False, False, True)
+        mmu_set_spte(m, vm, rec, row, i, access, gfn, gfn_to_hva(m.st, rec, gfn) >> 12, np.bool_(False),
+                     np.bool_(False), np.bool_(True))
 
 
 # ----------------------------------------------------------------------------- roots
@@ -1013,7 +1015,7 @@ def shadow_root_role(mode):
     return np.int32(role | ROLE_EFER_NX)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def free_root(m, vm, row):
     # mmu_free_root_page
     if row < 0:
@@ -1025,7 +1027,7 @@ def free_root(m, vm, row):
         # by prepare_zap_one (root_count was 0 only now), so it goes straight to invalid_list
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def free_roots(m, vm, vg, mask):
     """kvm_mmu_free_roots: bit 0 current, bits 1..3 prev_roots."""
     vr = m.vr
@@ -1046,7 +1048,7 @@ def free_roots(m, vm, vg, mask):
     commit_zap_page(m, vm)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def sync_roots(m, vm, vg, mode, maxphyaddr):
     # kvm_mmu_sync_roots
     root = m.vr.root[vg]
@@ -1062,7 +1064,7 @@ def sync_roots(m, vm, vg, mode, maxphyaddr):
         mmu_sync_children(m, vm, vg, root, mode, maxphyaddr)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush."""
     role = shadow_root_role(mode)
@@ -1070,7 +1072,7 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     make_mmu_pages_available(m, vm)
     if levels >= 4:
         gfn = (m.vr.cr3[vg] & GFN_MASK_64) >> 12
-        row = get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
+        row = get_shadow_page(m, vm, vg, gfn, np.int64(role), mode, maxphyaddr)
         m.sh.root_count[row] += 1
         m.vr.root[vg] = row
     else:
@@ -1087,7 +1089,7 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
                 gfn = (m.vr.cr3[vg] & np.int64(0xFFFFF000)) >> 12
                 quadrant = i
             r = (role & ~np.int32(0xF) & ~np.int32(3 << 5)) | np.int32(2) | np.int32(quadrant << 5)
-            row = get_shadow_page(m, vm, vg, gfn, r, mode, maxphyaddr)
+            row = get_shadow_page(m, vm, vg, gfn, np.int64(r), mode, maxphyaddr)
             m.sh.root_count[row] += 1
             m.vr.pae_root[vg, i] = row
         m.vr.root[vg] = PAE_ROOT
@@ -1096,10 +1098,10 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     m.vt.stats[vm, ST_TLB_FLUSH] += 1  # flush_tlb_current on a new root
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def free_obsolete_roots(m, vm, vg):
     # kvm_mmu_free_obsolete_roots
-    mask = 0
+    mask = np.int64(0)
     if m.vr.root[vg] >= 0 and not sp_valid(m, vm, m.vr.root[vg]):
         mask |= 1
     if m.vr.root[vg] == PAE_ROOT:
@@ -1120,14 +1122,14 @@ def root_usable(m, row, pgd, want_pgd, role):
     return row >= 0 and pgd == want_pgd and m.pa.sp_role[row] == role
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
     """kvm_mmu_new_pgd / fast_pgd_switch: reuse the current root or one of 3 prev_roots."""
     vr = m.vr
     role = shadow_root_role(mode)
     hit = False
     if vr.root[vg] == PAE_ROOT:
-        free_roots(m, vm, vg, 1)  # special (PAE) roots are never cached
+        free_roots(m, vm, vg, np.int64(1))  # special (PAE) roots are never cached
     if vr.root[vg] >= 0:
         # cached_root_find_and_keep_current
         if root_usable(m, vr.root[vg], vr.root_pgd[vg], new_pgd, role):
@@ -1141,7 +1143,7 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
                     hit = True
                     break
             if not hit:
-                free_roots(m, vm, vg, 1)
+                free_roots(m, vm, vg, np.int64(1))
     else:
         # cached_root_find_without_current
         for i in range(KVM_MMU_NUM_PREV_ROOTS):
@@ -1157,7 +1159,7 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
         m.sh.flood[vr.root[vg]] = 0
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
     """kvm_set_cr3 (guest MOV to CR3, no PCID): switch roots if CR3 changed, then sync + flush."""
     mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg]) | MODE_PSE36_KVM
@@ -1171,7 +1173,7 @@ def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
                 changed = True
             m.vr.pdptr[vg, i] = v
         if changed:
-            free_roots(m, vm, vg, 1)
+            free_roots(m, vm, vg, np.int64(1))
     if cr3 != m.vr.cr3[vg]:
         kvm_mmu_new_pgd(m, vm, vg, cr3, mode)
         m.vr.cr3[vg] = cr3
@@ -1180,7 +1182,7 @@ def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
     vcpu_enter(m, vm, vg, mode, maxphyaddr)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def vcpu_enter(m, vm, vg, mode, maxphyaddr):
     """The MMU part of vcpu_enter_guest: free obsolete roots, sync, (re)load the root."""
     free_obsolete_roots(m, vm, vg)
@@ -1190,14 +1192,14 @@ def vcpu_enter(m, vm, vg, mode, maxphyaddr):
         kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def kvm_mmu_reset_context(m, vm, vg):
     # kvm_mmu_reset_context -> kvm_mmu_unload: every root of the vCPU is put
-    free_roots(m, vm, vg, 0xF)
+    free_roots(m, vm, vg, np.int64(0xF))
 
 
 # ----------------------------------------------------------------------------- walks
-@njit(cache=True, _nrt=False)
+@helper
 def clear_flood_on_walk(m, vm, vg, gva):
     """shadow_page_table_clear_flood: reset write_flooding_count of every page on the gva's walk."""
     row, level = walk_start(m, vg, gva)
@@ -1249,7 +1251,7 @@ def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
         level -= 1
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def track_write(m, vm, gpa, nbytes, mode):
     """kvm_mmu_track_write: an emulated write hit guest memory; zap what shadows the written gpte."""
     if m.sh.indirect[vm] == 0:
@@ -1313,7 +1315,7 @@ def track_write(m, vm, gpa, nbytes, mode):
         flush_remote_tlbs(m, vm)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
     """kvm_mmu_invalidate_addr over the current root (and the previous roots when ``all_roots``)."""
     for r in range(1 + (KVM_MMU_NUM_PREV_ROOTS if all_roots else 0)):
@@ -1342,7 +1344,7 @@ def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
 
 
 # ----------------------------------------------------------------------------- the fault
-@njit(cache=True, _nrt=False)
+@helper
 def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
@@ -1369,7 +1371,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
                 & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(access << ROLE_ACCESS_SHIFT)
         if role & ROLE_HAS_4_BYTE_GPTE:
             role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
-        child = get_shadow_page(m, vm, vg, table_gfn, role, mode, maxphyaddr)
+        child = get_shadow_page(m, vm, vg, table_gfn, np.int64(role), mode, maxphyaddr)
         if sh.unsync_children[child]:
             mmu_sync_children(m, vm, vg, child, mode, maxphyaddr)
         link_shadow_page(m, vm, row, idx, child)
@@ -1400,21 +1402,22 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
                 | np.int32(direct_access << ROLE_ACCESS_SHIFT) | np.int32(ROLE_DIRECT)
             if role & ROLE_HAS_4_BYTE_GPTE:
                 role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
-            child = get_shadow_page(m, vm, vg, base, role, mode, maxphyaddr)
+            child = get_shadow_page(m, vm, vg, base, np.int64(role), mode, maxphyaddr)
             link_shadow_page(m, vm, row, idx, child)
             row = child
         level -= 1
         idx = (gva >> (12 + 9 * (level - 1))) & 511
     base_gfn = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
     pfn_al = pfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
-    ret = mmu_set_spte(m, vm, rec, row, idx, pte_access, base_gfn, pfn_al, True, write_fault, host_writable)
+    ret = mmu_set_spte(m, vm, rec, row, idx, pte_access, base_gfn, pfn_al, np.bool_(True), write_fault,
+                       host_writable)
     if ret == RET_PF_SPURIOUS:
         return ret
     pte_prefetch(m, vm, row, idx, mode, maxphyaddr, 0)
     return ret
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     """kvm_mmu_do_page_fault -> FNAME(page_fault).  Returns (RET_PF_*, guest error code or 0)."""
     wk = m.sh.scratch  # the walker output lives at SC_WK == 0
@@ -1483,7 +1486,7 @@ def set_ad_and_log(m, vm, wk, pfec):
                 mark_page_dirty(m.st, m.ct, -1, rec, tg)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def emulated_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     """An access by KVM's emulator (emulator_read_write): an access that crosses a page is done one
     page at a time, each part translated and (for a write) tracked on its own.  (outcome, error code)."""
@@ -1497,7 +1500,7 @@ def emulated_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
                             maxphyaddr)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     """emulator_read_write_onepage: software walk (A/D set), memory through the memslots, and for a
     write kvm_mmu_track_write."""
@@ -1530,7 +1533,7 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     return OUT_EMULATED, 0
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     """One native guest access (a store of ``value`` when nbytes > 0): (outcome, error code)."""
     stats = m.vt.stats
@@ -1558,7 +1561,7 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
         if r == RET_PF_GUEST:
             # kvm_inject_emulated_page_fault: a protection fault first drops a stale SPTE (current root)
             if gerr & PFERR_PRESENT:
-                invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, False)
+                invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, np.bool_(False))
             stats[vm, ST_PF_GUEST] += 1
             return OUT_GUEST_FAULT, gerr
         if r == RET_PF_RETRY:
@@ -1585,7 +1588,7 @@ def root_needs_reload(m, vm, vg):
     return r < 0 or not sp_valid(m, vm, r)
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_size, maxphy, start,
                        out_outcome, out_err):
     """Run events ev[start:] of shadow-MMU VMs in order.  Returns (next_event, STOP_*)."""
@@ -1626,7 +1629,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             out_outcome[i] = o
             out_err[i] = e
         elif op == OP_INVLPG:
-            invalidate_addr(m, vm, vg, addr, mode, mp, True)  # kvm_mmu_invlpg: every root
+            invalidate_addr(m, vm, vg, addr, mode, mp, np.bool_(True))  # kvm_mmu_invlpg: every root
             m.vt.stats[vm, ST_INVLPG] += 1
             out_outcome[i] = OUT_EMULATED
         elif op == OP_MOV_CR3:
@@ -1636,7 +1639,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             # kvm_vcpu_flush_tlb_guest: sync the current root, free unsync prev roots
             m.vt.stats[vm, ST_TLB_FLUSH] += 1
             sync_roots(m, vm, vg, mode, mp)
-            mask = 0
+            mask = np.int64(0)
             for k in range(KVM_MMU_NUM_PREV_ROOTS):
                 r = m.vr.prev_root[vg, k]
                 if r >= 0 and (sh.unsync[r] or sh.unsync_children[r]):
@@ -1648,7 +1651,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
 
 
 # ----------------------------------------------------------------------------- memslot events
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_zap_all_fast(m, vm):
     """kvm_mmu_zap_all_fast: new generation, zap every now-obsolete page (oldest first)."""
     m.sh.valid_gen[vm] ^= 1
@@ -1665,7 +1668,7 @@ def shadow_zap_all_fast(m, vm):
     commit_zap_page(m, vm)
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_slot_wrprot(m, vm, rec, min_level):
     """slot_rmap_write_protect over a whole slot (kvm_mmu_slot_remove_write_access): True if changed."""
     flush = False
@@ -1689,7 +1692,7 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
     return flush
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def shadow_wrprot_masked(m, vm, rec, first, mask):
     """kvm_mmu_write_protect_pt_masked: write-protect the 4K SPTEs of the gfns in a 64-page mask."""
     for b in range(64):
@@ -1698,7 +1701,7 @@ def shadow_wrprot_masked(m, vm, rec, first, mask):
             rmap_write_protect_gfn_level(m, rec, gfn, 1)
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def rmap_write_protect_gfn_level(m, rec, gfn, level):
     # rmap_write_protect(pt_protect=false) on one rmap head
     n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gfn)]
@@ -1711,7 +1714,7 @@ def rmap_write_protect_gfn_level(m, rec, gfn, level):
             m.pa.spt[row, idx] &= ~PT_WRITABLE_MASK
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_get_dirty_log(m, vm, rec, out):
     """kvm_get_dirty_log_protect without manual protect (rmap flavour): True if any bit was set."""
     st = m.st
@@ -1729,7 +1732,7 @@ def shadow_get_dirty_log(m, vm, rec, out):
     return flush
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
     """kvm_clear_dirty_log_protect (rmap flavour): pages cleared."""
     st = m.st
@@ -1750,7 +1753,7 @@ def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
     return cleared
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_zap_collapsible(m, vm, rec):
     """kvm_mmu_zap_collapsible_sptes (rmap part): drop 4K SPTEs of direct pages that could be huge."""
     flush = False
@@ -1771,7 +1774,7 @@ def shadow_zap_collapsible(m, vm, rec):
     return flush
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_zap_gfn_range(m, vm, rec, start, end):
     """kvm_unmap_gfn_range over the rmaps (MMU notifier): every SPTE of [start, end) at every level."""
     flush = False
@@ -1794,7 +1797,7 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
 
 
 # ----------------------------------------------------------------------------- page budget, shrinker
-@njit(cache=True, _nrt=False)
+@kernel
 def zap_oldest_mmu_pages(m, vm, nr_to_zap):
     """kvm_mmu_zap_oldest_mmu_pages: zap from the oldest end of active_mmu_pages, skipping pinned roots."""
     sh = m.sh
@@ -1836,7 +1839,7 @@ def make_mmu_pages_available(m, vm):
     return m.sh.n_max[vm] > used
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def kvm_mmu_change_mmu_pages(m, vm, goal):
     # kvm_mmu_change_mmu_pages
     used = m.vt.stats[vm, ST_MMU_PAGES]
@@ -1847,7 +1850,7 @@ def kvm_mmu_change_mmu_pages(m, vm, goal):
 
 
 # ----------------------------------------------------------------------------- notifiers
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
     """kvm_age_gfn / kvm_test_age_gfn over the rmaps (A/D enabled: clear the accessed bit).
     ``young[gfn - start]`` is set for each accessed 4K page.  Returns True if any was young."""
@@ -1882,7 +1885,7 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
 
 
 # ----------------------------------------------------------------------------- footprint
-@njit(cache=True, _nrt=False)
+@kernel
 def shadow_footprint_counts(m, vm, out):
     """Objects KVM allocates for a shadow VM: out[0] pages with gptes (shadowed_translation arrays),
     out[1] pte_list_desc blocks of rmaps, out[2] of parent lists, out[3] rmap heads, out[4] write-track

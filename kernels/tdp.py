@@ -7,6 +7,7 @@ single-threaded world: no FROZEN_SPTE races, no RCU; the bookkeeping is KVM's.
 import numpy as np
 from numba import njit
 
+from .jit import helper, kernel
 from .memslot import gfn_to_memslot, kvm_mmu_max_mapping_level, mark_page_dirty, slot_dirty_logging
 from .spte import (
     ACC_ALL,
@@ -138,7 +139,7 @@ def tdp_mmu_free_sp(pa, vt, vm, row):
     pa.ctl[CTL_FREE_TOP] = top + 1
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def mmu_alloc_root(pa, vt, vm):
     # kvm_tdp_mmu_get_vcpu_root_hpa: roots are shared by all vCPUs of the VM
     row = tdp_mmu_alloc_sp(pa, vt, vm, vt.levels[vm], 0, tdp_mmu_root_role(vt, vm), -1, 0)
@@ -146,7 +147,7 @@ def mmu_alloc_root(pa, vt, vm):
     return row
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def handle_removed_pt(pa, vt, vm, top_row, top_level):
     """handle_removed_pt: every SPTE below a disconnected table goes, leaves are unaccounted.
 
@@ -202,7 +203,7 @@ def tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child):
     tdp_set_spte(pa, vt, vm, row, idx, level, make_nonleaf_spte(fmt, child, vt.ad_disabled[vm]))
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages):
     """tdp_mmu_split_huge_page: fill the child with the huge SPTE's pieces, then link it."""
     huge = pa.spt[row, idx]
@@ -283,7 +284,7 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
     return ret
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp_mmu_zap_all(pa, vt, vm):
     """kvm_mmu_zap_all_fast for the TDP MMU: invalidate the root and zap it (no flush).
 
@@ -296,13 +297,6 @@ def tdp_mmu_zap_all(pa, vt, vm):
     vt.root[vm] = -1
 
 
-@njit(cache=True, _nrt=False)
-def zap_all_vms(pa, vt, vms):
-    """kvm_mmu_zap_all_fast for each VM in ``vms``."""
-    for k in range(vms.shape[0]):
-        tdp_mmu_zap_all(pa, vt, vms[k])
-
-
 @njit(inline="always", _nrt=False)
 def tdp_clear_spte_bits(spt, row, idx, bits):
     """tdp_mmu_clear_spte_bits: clear W or D of a leaf in place.  KVM does this without
@@ -310,7 +304,7 @@ def tdp_clear_spte_bits(spt, row, idx, bits):
     spt[row, idx] &= ~bits
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  Returns the count.
 
@@ -387,7 +381,7 @@ def first_leaf_below(pa, row, level):
         idx += 1
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
     """kvm_tdp_mmu_recover_huge_pages (v6.13+): after dirty logging is disabled, replace tables
     by huge SPTEs wherever the slot allows a huge mapping.  Returns True if it changed any (flush)."""
@@ -425,7 +419,7 @@ def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
     return flush
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def recover_nx_huge_pages(pa, vt, st, vm, rows, to_zap):
     """kvm_recover_nx_huge_pages for one VM: ``to_zap`` times, the oldest page still on the list
     (``rows``: its tracked pages, oldest first; a zap may free younger ones too) is zapped (its parent

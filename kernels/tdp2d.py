@@ -54,6 +54,7 @@ from .guest_walk import (
     guest_walk,
     mode_levels,
 )
+from .jit import helper, kernel
 from .memslot import gfn_to_memslot, mark_page_dirty, slot_readonly
 from .spte import (
     FMT_EPT,
@@ -101,7 +102,7 @@ _NEED_ROWS = -2
 SC_OOM_GPA = WK_SIZE
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def tdp_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
     """One EPT violation / misconfiguration / #NPF of a 2D walk: kvm_handle_exit, not inlined.
 
@@ -118,7 +119,7 @@ def tdp_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res,
     return o, e
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def emulate_access(vt, st, ct, gm, vm, vcpu_g, wk, gerr, pfec, mode, value, nbytes):
     """x86_emulate_instruction for an access whose 2D walk exited to emulation: the emulator's
     software walk (FNAME(walk_addr_generic) over memslot-backed tables), A/D through
@@ -178,7 +179,7 @@ def _ad_write(wk, level, leaf, write):
     return level == leaf and write and (g & PT_DIRTY_MASK) == 0
 
 
-@njit(cache=True, _nrt=False)
+@helper
 def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     """One guest access of a TDP VM (2D walk when the vCPU pages): (outcome, error code, refs).
 
@@ -288,7 +289,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     return OUT_RETRY, err, refs
 
 
-@njit(cache=True, _nrt=False)
+@kernel
 def tdp2d_batch(m, ev_vm, ev_vcpu, ev_addr, ev_kind, ev_value, ev_size, maxphy, start, out_outcome, out_err):
     """Run events ev[start:] of TDP VMs whose vCPUs may page (addr = gva when CR0.PG=1, else gpa).
 

@@ -1,0 +1,205 @@
+"""``bm.warmup()``: compile (or load from numba's on-disk cache) every kernel before anything is timed.
+
+Each group drives one family of kernels through the public API on a tiny host, with the argument
+types real runs use, so that later calls find their one compiled signature.  ``batchmmu warmup``
+prints the groups as they finish.
+"""
+
+import gc
+import time
+
+import numpy as np
+
+from .constants import ACC_FETCH, ACC_USER, ACC_WRITE, MEM_LOG_DIRTY_PAGES
+from .host import Host
+
+_P, _W, _U, _A, _D = 1, 2, 4, 0x20, 0x40
+_TABLE = _P | _W | _U
+_CODE, _DATA = 0x100000, 0x400000
+# guest paging modes: (name, cr0, cr4, efer, levels, gpte bytes)
+_MODES = (
+    ("32-bit", 0x80010011, 0x10, 0, 2, 4),
+    ("PAE", 0x80010011, 0x20, 0x800, 3, 8),
+    ("4-level", 0x80010011, 0x20, 0xD00, 4, 8),
+    ("5-level", 0x80010011, 0x1020, 0xD00, 5, 8),
+)
+
+
+def _dirty_modes(h, vm, slot_gpa):
+    """Bitmap GET (and CLEAR with manual protect), then the dirty ring, on one VM."""
+    h.set_memslot(vm, 1, slot_gpa, 1 << 21, flags=MEM_LOG_DIRTY_PAGES)
+    h.access(vm, 0, [slot_gpa, slot_gpa + 4096], [ACC_WRITE, 0])
+    h.get_dirty_log(vm, 1)
+    h.set_memslot(vm, 1, slot_gpa, 1 << 21, flags=0)
+    h.set_memslot(vm, 1, slot_gpa, 0)
+
+
+def _tdp():
+    """TDP MMU (EPT / NPT, 4 / 5 levels, with and without EPT A/D bits) and dirty logging."""
+    for pml in (False, True):
+        h = Host(memory="64MiB", backing="thp", pml=pml)
+        for fmt, levels, ad in (("ept", 4, True), ("npt", 4, True), ("ept", 5, False)):
+            if pml and (fmt != "ept" or not ad):
+                continue
+            vm = int(h.create_vms(1, memory="4MiB", vcpus=2, tdp_format=fmt, tdp_levels=levels, ept_ad=ad)[0])
+            h.access([vm, vm, vm], 0, [0, 0x1000, 1 << 30], [0, ACC_WRITE, ACC_FETCH])
+            h.access(vm, 1, 1 << 30, 0)
+            _dirty_modes(h, vm, 1 << 30)
+        vm = int(h.create_vms(1, memory="4MiB")[0])
+        h.access([vm, vm - 1], 0, [0, 0], [0, 0])   # VMs out of order: grouped, then ungrouped
+        h.enable_manual_dirty_log_protect(vm, initially_set=True)
+        h.access(vm, 0, 0, ACC_WRITE)
+        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+        h.clear_dirty_log(vm, 0, 0, 64, [-1])
+        h.get_dirty_log(vm, 0)
+        vm = int(h.create_vms(1, memory="4MiB")[0])
+        h.enable_dirty_ring(vm, 1024)
+        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+        h.access(vm, 0, 0, ACC_WRITE)
+        h.harvest_dirty_ring(vm, 0)
+        h.reset_dirty_rings(vm)
+
+
+def _notifiers():
+    """MMU notifiers (invalidate, age, test_young, release), NX huge page recovery, the shrinker."""
+    h = Host(memory="64MiB", backing="thp", nx_huge_pages=True, nx_huge_pages_recovery_ratio=1)
+    vm = int(h.create_vms(1, memory="4MiB")[0])
+    h.access(vm, 0, [0, 1 << 21], [ACC_FETCH, ACC_WRITE])
+    h.advance_time(3600)   # one pass of the recovery worker (ratio 1: every hour)
+    h.age_hva_range(vm, 1 << 40, (1 << 40) + (4 << 20))
+    h.test_young(vm, 1 << 40, (1 << 40) + (4 << 20))
+    h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (1 << 20))
+    h.mmu_notifier_release(vm)
+    h.footprint()
+
+
+def _reclaim():
+    """Overcommitted host: reclaim, refaults, discard (MADV_DONTNEED)."""
+    from .kernels.reclaim import madvise_dontneed
+    h = Host(memory="4MiB", backing="thp", overcommit=True)
+    vm = int(h.create_vms(1, memory="8MiB")[0])
+    h.access(vm, 0, [0, 1 << 21, 2 << 21, 4096], [ACC_WRITE, ACC_WRITE, ACC_WRITE, 0])
+    h.discard_hva_range(vm, 1 << 40, (1 << 40) + 4096)
+    madvise_dontneed(h.pa, h.vt, h.st, h.host_ctl, vm, np.zeros(1, np.int64), np.zeros(1, np.int64),
+                     np.ones(1, np.int64))
+
+
+def _paging_guest(h, vm, cr0, cr4, efer, levels, size):
+    """Page tables at 0x10000.. mapping themselves, _CODE and two _DATA pages (4K leaves, A/D clear);
+    the vCPU in that mode."""
+    tables = [0x10000 + 0x1000 * i for i in range(levels)]
+    shifts = (12, 21, 30, 39, 48) if size == 8 else (12, 22)
+    for gva in (_CODE, _DATA, _DATA + 4096, *tables):
+        for k in range(levels - 1):      # table k (top down) points at table k + 1
+            level = levels - k
+            idx = (gva >> shifts[level - 1]) & (511 if size == 8 else 1023)
+            entry = tables[k + 1] | (_P if size == 8 and levels == 3 and k == 0 else _TABLE)
+            _put(h, vm, tables[k] + idx * size, entry, size)
+        _put(h, vm, tables[-1] + ((gva >> 12) & (511 if size == 8 else 1023)) * size, gva | _TABLE, size)
+    h.set_vcpu_regs(vm, 0, cr0=cr0, cr4=cr4, efer=efer, cr3=tables[0])
+    return tables
+
+
+def _put(h, vm, gpa, value, size):
+    """Write one gpte of ``size`` bytes (4: into its half of the aligned u64)."""
+    word = gpa & ~7
+    old = int(h.read_guest_memory(vm, word, 1)[0])
+    if size == 4:
+        shift = 8 * (gpa & 4)
+        value = (old & ~(0xFFFFFFFF << shift)) | (value << shift)
+    h.write_guest_memory(vm, word, [value])
+
+
+def _guest_paging(mmu, pml=False):
+    """Accesses, stores into guest tables, INVLPG, MOV CR3, flushes, dirty logging under guest paging."""
+    h = Host(memory="256MiB", backing="4k", pml=pml)
+    for _name, cr0, cr4, efer, levels, size in _MODES:
+        for fmt in ("ept", "npt") if mmu == "tdp" and not pml else ("ept",):
+            vm = int(h.create_vms(1, memory="8MiB", mmu=mmu, tdp_format=fmt)[0])
+            tables = _paging_guest(h, vm, cr0, cr4, efer, levels, size)
+            h.access(vm, 0, [_CODE, _DATA, _DATA + 4096, 1 << 32], [ACC_FETCH | ACC_USER, ACC_USER, ACC_WRITE, 0])
+            h.store(vm, 0, _DATA, 0x1234, ACC_WRITE | ACC_USER)
+            h.store(vm, 0, tables[-1] + 8, (_DATA + 4096) | _TABLE, ACC_WRITE)  # a gpte write
+            h.store(vm, 0, tables[-2] + 3, 0, ACC_WRITE)                       # misaligned, emulated
+            if mmu == "shadow":
+                h.emulated_access(vm, 0, _DATA, ACC_WRITE, 5, 4)
+            h.invlpg(vm, 0, _DATA)
+            h.flush_tlb(vm, 0)
+            h.mov_cr3(vm, 0, tables[0])
+            h.access(vm, 0, _DATA, ACC_WRITE)
+            _dirty_modes(h, vm, 0x40000000)
+            h.set_memslot(vm, 0, 0, 8 << 20, flags=MEM_LOG_DIRTY_PAGES)
+            h.access(vm, 0, _DATA, ACC_WRITE)
+            h.get_dirty_log(vm, 0)
+            h.age_hva_range(vm, 1 << 40, (1 << 40) + (8 << 20))
+            h.test_young(vm, 1 << 40, (1 << 40) + (8 << 20))
+            h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (8 << 20))
+            h.set_vcpu_regs(vm, 0, cr0=cr0)
+    vm = int(h.create_vms(1, memory="8MiB", mmu=mmu)[0])
+    tables = _paging_guest(h, vm, *_MODES[2][1:])
+    h.enable_manual_dirty_log_protect(vm, initially_set=True)
+    h.set_memslot(vm, 0, 0, 8 << 20, flags=MEM_LOG_DIRTY_PAGES)
+    h.access(vm, 0, [_CODE, _DATA], [ACC_FETCH, ACC_WRITE])
+    h.clear_dirty_log(vm, 0, 0, 64, [-1])
+    vm = int(h.create_vms(1, memory="8MiB", mmu=mmu)[0])
+    tables = _paging_guest(h, vm, *_MODES[2][1:])
+    h.enable_dirty_ring(vm, 1024)
+    h.set_memslot(vm, 0, 0, 8 << 20, flags=MEM_LOG_DIRTY_PAGES)
+    h.access(vm, 0, [_CODE, _DATA], [ACC_FETCH, ACC_WRITE])
+    h.harvest_dirty_ring(vm, 0)
+    h.reset_dirty_rings(vm)
+    h.set_memslot(vm, 0, 0, 8 << 20, flags=0)
+    if mmu == "shadow":
+        h.set_nr_mmu_pages(vm, 64)
+        h.shrink(10)
+    h.mmu_notifier_release(vm)
+    h.footprint()
+
+
+def _guest_os():
+    """The guest OS workload (batchmmu.guestos) on both MMUs."""
+    from .guestos import GuestOS, tdp_guest_paging_unsupported
+    h = Host(memory="512MiB", backing="4k")
+    mmus = ("shadow",) if tdp_guest_paging_unsupported() else ("tdp", "shadow")
+    vms = [int(h.create_vms(1, memory="32MiB", mmu=m)[0]) for m in mmus]
+    g = GuestOS(h, vms, seed=1, streams=[0] * len(vms), processes=2, max_processes=4, code_pages=8,
+                heap_pages=64, mmap_pages=32, stack_pages=4, switch_every=16, kernel_touches=2, hot_pages=4,
+                mmap_rate=0.5, munmap_rate=0.5, max_mmap_pages=4)
+    g.boot()
+    g.run(4, forks=2)
+    g.exit_all()
+
+
+READY = False   # set once every group ran in this process
+GROUPS = (
+    ("TDP MMU and dirty logging", _tdp),
+    ("notifiers, NX recovery, shrinker", _notifiers),
+    ("reclaim", _reclaim),
+    ("shadow MMU, all guest modes", lambda: _guest_paging("shadow")),
+    ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp")),
+    ("2D walks with PML", lambda: _guest_paging("tdp", pml=True)),
+    ("guest OS workload", _guest_os),
+)
+
+
+def warmup(progress=None):
+    """Compile (or load from numba's cache) every kernel on tiny batches; returns seconds taken.
+
+    ``progress(done, total, group, seconds)`` is called after each kernel group.
+    """
+    global READY
+    t0 = time.perf_counter()
+    gc_on = gc.isenabled()
+    for i, (name, fn) in enumerate(GROUPS):
+        t = time.perf_counter()
+        gc.disable()  # numba's compiler makes millions of objects: a collector pass per group, not thousands
+        try:
+            fn()
+        finally:
+            if gc_on:
+                gc.enable()
+        gc.collect()
+        if progress is not None:
+            progress(i + 1, len(GROUPS), name, time.perf_counter() - t)
+    READY = True
+    return time.perf_counter() - t0

@@ -1,0 +1,122 @@
+"""Compile and warm-up: ``bm.warmup()`` compiles every kernel with the one signature real runs use, a
+run afterwards compiles nothing, the cache lives in the user's cache directory (a read-only install
+works), and the scenario runner warms before its first timed phase."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import batchmmu as bm
+from batchmmu import warm
+from batchmmu.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Counts every numba dispatcher of batchmmu.kernels: cached kernels (entry points and ordinary
+# calls) and inline helpers alike; then a guest_os run must add no signature to any of them.
+_SIGS = r"""
+import importlib, json, pkgutil, sys
+from numba.core.registry import CPUDispatcher
+import batchmmu as bm
+import batchmmu.kernels as K
+
+def sigs():
+    out = {}
+    for m in pkgutil.iter_modules(K.__path__):
+        mod = importlib.import_module(f"batchmmu.kernels.{m.name}")
+        for n, o in vars(mod).items():
+            if isinstance(o, CPUDispatcher) and o.py_func.__module__ == mod.__name__:
+                out[f"{m.name}.{n}"] = (len(o.signatures), o._cache.__class__.__name__ != "NullCache")
+    return out
+
+bm.warmup()
+before = sigs()
+bm.run_scenario("guest_os", sets=["memory=32MiB", "processes=2", "max_processes=4", "slices=4", "forks=2",
+                                  "switch_every=64"])
+print(json.dumps({"before": before, "after": sigs()}))
+"""
+
+
+def test_warmup_compiles_every_kernel_once_and_a_guest_os_run_compiles_nothing():
+    r = subprocess.run([sys.executable, "-c", _SIGS], capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    before, after = got["before"], got["after"]
+    cached = {n for n, (_, c) in before.items() if c}
+    assert len(cached) > 80
+    tests_only = {"guest_walk.cpu_role_ext_word"}   # no package code calls it
+    assert {n: k for n, (k, c) in before.items() if c and k != 1 and n not in tests_only} == {}  # one signature
+    assert {n: (before[n][0], k) for n, (k, _) in after.items() if k != before[n][0]} == {}
+
+
+def test_warmup_progress_and_cli(capsys):
+    seen = []
+    bm.warmup(lambda done, total, name, s: seen.append((done, total, name, s)))
+    assert [d for d, *_ in seen] == list(range(1, len(warm.GROUPS) + 1))
+    assert {t for _, t, *_ in seen} == {len(warm.GROUPS)} and all(s >= 0 for *_, s in seen)
+    assert main(["warmup"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("loading kernels (cache ")
+    assert [line.split("]")[0] for line in out[1:-1]] == [f"[{i}/{len(warm.GROUPS)}" for i in
+                                                          range(1, len(warm.GROUPS) + 1)]
+    assert out[-1].startswith("kernels ready in ")
+
+
+@pytest.mark.nojit
+def test_runner_warms_before_the_first_phase_and_before_workers_start(monkeypatch, capsys):
+    import batchmmu.backends as be
+    order = []
+    monkeypatch.setattr(warm, "READY", False)
+    monkeypatch.setattr(warm, "warmup", lambda progress=None: order.append("warmup") or 0.0)
+
+    class Stop(Exception):
+        pass
+
+    def backend(*a, **k):
+        order.append("backend")
+        raise Stop
+    monkeypatch.setitem(be.BACKENDS, "process", backend)
+    with pytest.raises(Stop):
+        bm.run_scenario("demand_paging", workers=2, backend="process", sets=["vms=2", "bytes_per_vcpu=1MiB"],
+                        quiet=False)
+    assert order == ["warmup", "backend"]
+    assert "kernels ready in " in capsys.readouterr().err
+
+
+def _copy_package(dst):
+    """The package as an install lays it out: batchmmu/, batchmmu/kernels/, batchmmu/scenarios/ ..."""
+    pkg = dst / "batchmmu"
+    shutil.copytree(ROOT / "batchmmu", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "kernels", pkg / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "scenarios", pkg / "scenarios", ignore=shutil.ignore_patterns("__pycache__"))
+    return pkg
+
+
+def test_read_only_install_caches_in_the_users_cache_dir(tmp_path):
+    site, home = tmp_path / "site", tmp_path / "home"
+    home.mkdir()
+    pkg = _copy_package(site)
+    for p in [site, *site.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    code = ("import batchmmu as bm; from batchmmu.kernels import CACHE_DIR; h = bm.Host(memory='64MiB'); "
+            "vm = int(h.create_vms(1, memory='4MiB')[0]); h.touch_host_memory(vm, 0, 1 << 20); "
+            "print(bm.__file__, CACHE_DIR, h.host_memory()[0])")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=600)
+    finally:
+        for p in [site, *site.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert r.returncode == 0, r.stderr
+    where, cache, used = r.stdout.split()
+    assert Path(where).parent == pkg and int(used) == 1 << 20
+    assert Path(cache).parent == home / ".cache" / "batchmmu" and Path(cache).name.startswith("numba-")
+    assert any(Path(cache).rglob("*.nbi"))               # numba wrote its index there
+    assert not list(pkg.rglob("*.nbi"))
