@@ -250,7 +250,7 @@ class Host(GuestPaging):
         """
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
             raise bad("count", count, "must be a positive integer")
-        if self.nvm + count > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
+        if self.nvm + int(count) > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
             raise bad("count", count, f"a Host holds at most {GM_MAX_VMS} VMs")
         size = parse_size(memory, "memory")
         if size <= 0 or size % ms.PAGE_SIZE:
