@@ -44,6 +44,7 @@ from .kernels.events import (
     validate_events,
 )
 from .kernels.fault import access_batch
+from .kernels.gmem import GM_MAX_VMS
 from .kernels.notifier import tdp_age_range, tdp_zap_leafs
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import (
@@ -249,6 +250,8 @@ class Host(GuestPaging):
         """
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
             raise bad("count", count, "must be a positive integer")
+        if self.nvm + int(count) > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
+            raise bad("count", count, f"a Host holds at most {GM_MAX_VMS} VMs")
         size = parse_size(memory, "memory")
         if size <= 0 or size % ms.PAGE_SIZE:
             raise bad("memory", memory, "must be a positive multiple of 4096")
@@ -471,6 +474,7 @@ class Host(GuestPaging):
     def _release_host_memory(self, vm, rec):
         if _reclaim.drop_alias(self, rec):
             return  # another slot still maps these host pages
+        self._gm_drop_unmapped(vm, rec)
         st = self.st
         words = (int(st.npages[rec]) + 63) // 64
         off = int(st.host_off[rec])
@@ -535,22 +539,34 @@ class Host(GuestPaging):
     # ------------------------------------------------------------------ guest memory
     def write_guest_memory(self, vm, gpa, words):
         """Host-side write of u64 ``words`` at 8-byte aligned ``gpa`` (no MMU effects, as userspace
-        writing through its mapping)."""
+        writing through its mapping: the contents belong to the hva behind the gpa).  Every word must lie
+        below MAXPHYADDR and in a memslot (KVM's kvm_write_guest fails with EFAULT otherwise)."""
         vm = self._check_vm(vm)
         w = _u64_array(words, "words")
-        if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
-            raise bad("gpa", gpa, "must be a non-negative multiple of 8")
-        if gpa + 8 * w.size > (1 << int(self._maxphyaddr[vm])):
-            raise bad("gpa", gpa, "beyond the VM's physical address space")
+        self._check_guest_range(vm, gpa, w.size)
         self._gm_write_words(vm, int(gpa), w)
 
     def read_guest_memory(self, vm, gpa, n):
+        """``n`` u64 words at 8-byte aligned ``gpa``, read through the memslots like ``write_guest_memory``
+        (pages never written read as zeros)."""
         vm = self._check_vm(vm)
-        if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
-            raise bad("gpa", gpa, "must be a non-negative multiple of 8")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise bad("n", n, "must be a non-negative integer")
+        self._check_guest_range(vm, gpa, n)
         return self._gm_read_words(vm, int(gpa), int(n))
+
+    def _check_guest_range(self, vm, gpa, n):
+        """``n`` words at ``gpa``: aligned, below the VM's MAXPHYADDR, every page in a memslot."""
+        if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
+            raise bad("gpa", gpa, "must be a non-negative multiple of 8")
+        limit = 1 << int(self._maxphyaddr[vm])
+        if int(gpa) + 8 * int(n) > limit:
+            raise bad("gpa", gpa, f"{int(n)} words from it reach beyond the VM's guest physical address space "
+                      f"(MAXPHYADDR {int(self._maxphyaddr[vm])}: gpas below {limit:#x})")
+        hole = self._gm_unmapped(vm, int(gpa), int(n))
+        if hole >= 0:
+            raise BatchMMUError(f"gpa={hole:#x}: VM {vm} has no memslot there (KVM: EFAULT)", field="gpa",
+                                value=hole, errno=errno.EFAULT)
 
     # ------------------------------------------------------------------ accesses
     def _events(self, vm, vcpu, addr, kind):
@@ -711,12 +727,7 @@ class Host(GuestPaging):
     def _write_bytes(self, vm, addr, value):
         from .kernels.gmem import gm_write_bytes
         self._gm_reserve(2)
-        gm = self.gm
-        v = np.uint64(value).view(np.int64)
-        n1 = min(8, 4096 - (addr & 4095))
-        gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, addr, v, n1)
-        if n1 < 8:
-            gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, addr + n1, np.int64(int(value) >> (8 * n1)), 8 - n1)
+        gm_write_bytes(self.gm, self._slot_map(), vm, addr, np.uint64(value).view(np.int64), 8)
 
     def invlpg(self, vm, vcpu, gva):
         """INVLPG by the guest: under shadow paging kvm_mmu_invlpg (sync of unsync SPTEs for the gva in

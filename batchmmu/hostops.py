@@ -13,6 +13,7 @@ import numpy as np
 
 from .constants import ACC_WRITE, MMIO
 from .errors import BatchMMUError
+from .kernels.gmem import gm_discard_slots
 from .kernels.reclaim import madvise_dontneed
 from .memslot import HVA_BASE, KVM_USER_MEM_SLOTS
 from .units import parse_size
@@ -265,6 +266,7 @@ def _dontneed(shard, lvm, lay, recs, first_page, count, chunk):
     s, p0, p1 = _dontneed_calls(lay, first_page, count, chunk)
     h = shard.host
     madvise_dontneed(h.pa, h.vt, h.st, h.host_ctl, lvm, recs[s], p0, p1)
+    gm_discard_slots(h.gm, h.st, lvm, recs[s], p0, p1)  # anonymous memory reads back as zeros
 
 
 def _loop_map(shard, lvm, lay, recs, extra):

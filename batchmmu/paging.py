@@ -9,9 +9,9 @@ import numpy as np
 
 from .arena import Pool, _grow
 from .errors import bad
+from .kernels import gmem as GM
 from .kernels import shadow as K
 from .kernels import state as S
-from .kernels.gmem import GM_KEYS, GM_USED
 from .kernels.guest_walk import X86_CR0_PG, cpu_mode, mode_levels
 
 CR0_RESET = 0x60000010          # CD | NW | ET
@@ -48,7 +48,8 @@ def _new_vcpu_regs(n):
 
 def _new_guest_mem(rows=16, hcap=64):
     return S.GuestMem(key=np.full(hcap, -1, np.int64), row=np.zeros(hcap, np.int64),
-                      page=np.zeros((rows, 512), np.int64), ctl=np.zeros(2, np.int64))
+                      page=np.zeros((rows, 512), np.int64), free=np.zeros(rows, np.int64),
+                      ctl=np.zeros(GM.NGMCTL, np.int64))
 
 
 class GuestPaging:
@@ -150,25 +151,40 @@ class GuestPaging:
         self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
 
     def _gm_reserve(self, n):
+        """Room for ``n`` more guest-memory pages: free rows, and a key table at most 1/GM_MAX_LOAD full."""
         gm = self.gm
-        used, keys = int(gm.ctl[GM_USED]), int(gm.ctl[GM_KEYS])
-        page = gm.page
-        if page.shape[0] - used < n:
+        used, keys, nfree = (int(gm.ctl[i]) for i in (GM.GM_USED, GM.GM_KEYS, GM.GM_NFREE))
+        page, free = gm.page, gm.free
+        if page.shape[0] - used + nfree < n:
             page = _grow(page, max(2 * page.shape[0], used + n))
+            free = _grow(free, page.shape[0])
         key, row = gm.key, gm.row
-        if 2 * (keys + n) > key.shape[0]:
+        if GM.GM_MAX_LOAD * (keys + n) > key.shape[0]:
             cap = key.shape[0]
-            while 2 * (keys + n) > cap:
+            while GM.GM_MAX_LOAD * (keys + n) > cap:
                 cap *= 2
             key = np.full(cap, -1, np.int64)
             row = np.zeros(cap, np.int64)
-            old = gm.key >= 0
-            from .kernels.gmem import GM_VM_SHIFT, gm_slot  # rehash (Python side, rare)
-            for k, r in zip(gm.key[old], gm.row[old], strict=True):
-                h = int(gm_slot(key, int(k) >> GM_VM_SHIFT, int(k) & ((1 << GM_VM_SHIFT) - 1)))
-                key[h] = k
-                row[h] = r
-        self.gm = S.GuestMem(key=key, row=row, page=page, ctl=gm.ctl)
+            GM.gm_rehash(gm.key, gm.row, key, row)
+        self.gm = S.GuestMem(key=key, row=row, page=page, free=free, ctl=gm.ctl)
+
+    def _slot_map(self):
+        return S.SlotMap(self.vt.slot_last, self.vt.slot_off, self.vt.slot_cnt, self.st.order, self.st.base_gfn,
+                         self.st.npages, self.st.hva)
+
+    def _gm_drop_unmapped(self, vm, rec):
+        """Slot ``rec`` goes and the VMM unmaps its memory: its hva pages that no other slot of the VM
+        still maps lose their contents (a later mapping there is fresh anonymous memory)."""
+        lo = int(self.st.hva[rec])
+        hi = lo + (int(self.st.npages[rec]) << 12)
+        keep = sorted((int(self.st.hva[r]) + ((g0 - int(self.st.base_gfn[r])) << 12),
+                       int(self.st.hva[r]) + ((g1 - int(self.st.base_gfn[r])) << 12))
+                      for r, g0, g1 in self._hva_ranges(vm, lo, hi) if r != rec)
+        base = vm << GM.GM_VM_SHIFT
+        for a, b in [*keep, (hi, hi)]:
+            if a > lo:
+                GM.gm_drop_range(self.gm, np.int64(base | (lo >> 12)), np.int64(base | (a >> 12)))
+            lo = max(lo, b)
 
     # ------------------------------------------------------------------ page budget and shrinker
     def _default_mmu_pages(self, vm):
@@ -224,19 +240,20 @@ class GuestPaging:
                      self._mmu_kind)
 
     # ------------------------------------------------------------------ guest memory
+    def _gm_unmapped(self, vm, gpa, n):
+        """The first address of the ``n`` words at ``gpa`` in no memslot (KVM: kvm_write_guest / kvm_read_guest
+        fail with EFAULT), or -1."""
+        return int(GM.gm_unmapped(self._slot_map(), vm, np.int64(gpa), np.int64(n)))
+
     def _gm_write_words(self, vm, gpa, words):
-        from .kernels.gmem import gm_get_or_add
+        """Userspace writes u64 ``words`` at ``gpa`` (every page in a memslot) through its mapping."""
         w = words.view(np.int64)
-        a = gpa + 8 * np.arange(w.size, dtype=np.int64)
-        pages = np.unique(a >> 12)
-        self._gm_reserve(pages.size + 2)
-        gm = self.gm
-        for gfn in pages:
-            r = gm_get_or_add(gm.key, gm.row, gm.page, gm.ctl, vm, int(gfn))
-            sel = (a >> 12) == gfn
-            gm.page[r, (a[sel] >> 3) & 511] = w[sel]
-        self.touch_host_memory(vm, int(pages[0]) << 12, (int(pages[-1]) + 1 - int(pages[0])) << 12) \
-            if pages.size else None
+        if w.size == 0:
+            return
+        first, last = gpa >> 12, (gpa + 8 * w.size - 1) >> 12
+        self._gm_reserve(last - first + 1)
+        GM.gm_write_words(self.gm, self._slot_map(), vm, np.int64(gpa), w)
+        self.touch_host_memory(vm, first << 12, (last + 1 - first) << 12)
 
     def touch_host_memory(self, vm, gpa, size):
         """Userspace touches the guest memory [gpa, gpa+size) through its mapping (a memset, as KVM's
@@ -261,15 +278,9 @@ class GuestPaging:
                                               field="memory", value=self.memory)
 
     def _gm_read_words(self, vm, gpa, n):
-        from .kernels.gmem import gm_find
-        gm = self.gm
+        """``n`` u64 words at ``gpa`` (zeros where nothing was written or no memslot maps the page)."""
         out = np.zeros(n, np.int64)
-        a = gpa + 8 * np.arange(n, dtype=np.int64)
-        for gfn in np.unique(a >> 12):
-            r = gm_find(gm.key, gm.row, vm, int(gfn))
-            if r >= 0:
-                sel = (a >> 12) == gfn
-                out[sel] = gm.page[r, (a[sel] >> 3) & 511]
+        GM.gm_read_words(self.gm, self._slot_map(), vm, np.int64(gpa), out)
         return out.view(np.uint64)
 
     # ------------------------------------------------------------------ vCPU registers

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import BatchMMUError, bad
 from .kernels import state as S
+from .kernels.gmem import gm_discard_slots
 from .kernels.memslot import host_page_pages
 from .kernels.reclaim import NAGES, discard_pages, reclaim_evict, reclaim_scan
 
@@ -183,6 +184,7 @@ def discard(host, vm, start, end):
     for rec, g0, g1 in host._hva_ranges(vm, start, end):
         base = int(host.st.base_gfn[rec])
         freed += int(discard_pages(host.vt, host.st, host.host_ctl, vm, rec, g0 - base, g1 - base))
+        gm_discard_slots(host.gm, host.st, vm, np.array([rec]), np.array([g0 - base]), np.array([g1 - base]))
     return freed
 
 

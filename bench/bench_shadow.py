@@ -119,23 +119,22 @@ class Words(dict):
 
 
 @njit(cache=True)
-def walk_loop(gkey, grow, gpage, vm, mode, cr3, pdptrs, pkru, maxphy, gvas, pfec, wk):
+def walk_loop(gm, sm, vm, mode, cr3, pdptrs, pkru, maxphy, gvas, pfec, wk):
     s = 0
     for i in range(gvas.shape[0]):
-        if guest_walk(gkey, grow, gpage, vm, mode, cr3, pdptrs, pkru, maxphy, gvas[i], pfec, wk) == 0:
+        if guest_walk(gm, sm, vm, mode, cr3, pdptrs, pkru, maxphy, gvas[i], pfec, wk) == 0:
             s += wk[WK_GPA]
     return s
 
 
 def guest_walks(host, vm, gvas, n, n_ref, repeats, rng):
     """Warm walks/s of the numba walker and of the reference; checks they translate alike."""
-    gm = host.gm
     mode = cpu_mode(np.int64(guestos.CR0), np.int64(guestos.CR4), np.int64(guestos.EFER), np.int64(2))
     pd4 = np.zeros(4, np.int64)
     wk = np.zeros(WK_SIZE, np.int64)
     sample = gvas[rng.integers(0, gvas.size, n)]
     pfec = np.int64(bm.ACC_USER | bm.ACC_WRITE)
-    args = (gm.key, gm.row, gm.page, np.int64(vm), mode, np.int64(TBL), pd4, np.int64(0), np.int64(46))
+    args = (host.gm, host._slot_map(), np.int64(vm), mode, np.int64(TBL), pd4, np.int64(0), np.int64(46))
     walk_loop(*args, sample[:16], pfec, wk)
     sec, total = median_run(lambda _: walk_loop(*args, sample, pfec, wk), repeats)
     if total != int(sample.sum()):

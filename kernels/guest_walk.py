@@ -311,10 +311,12 @@ def _walk_error(mode, pfec, errcode, wk):
 
 
 @kernel
-def guest_walk(gkey, grow, gpage, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, wk):
+def guest_walk(gm, sm, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, wk):
     """Walk the guest page tables of ``vm`` for ``gva``: 0 if the access is allowed, else WALK_FAULT | error code.
 
-    ``pfec``: access kind (PFERR_WRITE | PFERR_USER | PFERR_FETCH; other bits ignored).  ``pdptrs``
+    Guest memory ``gm`` (GuestMem) is read through the memslots in ``sm`` (SlotMap): a gpte in no memslot
+    reads as 0 (KVM: an error hva, the same not-present fault).  ``pfec``: access kind (PFERR_WRITE |
+    PFERR_USER | PFERR_FETCH; other bits ignored).  ``pdptrs``
     int64[4] (PAE only).  Fills ``wk`` (WK_*), writes nothing else.
     """
     # paging_tmpl.h FNAME(walk_addr_generic)
@@ -370,9 +372,9 @@ def guest_walk(gkey, grow, gpage, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, 
         wk[WK_PTE_GPA + level] = pte_gpa
         wk[WK_LEAF_LEVEL] = level
         if four:
-            pte = gm_read32(gkey, grow, gpage, vm, pte_gpa)
+            pte = gm_read32(gm, sm, vm, pte_gpa)
         else:
-            pte = gm_read64(gkey, grow, gpage, vm, pte_gpa)
+            pte = gm_read64(gm, sm, vm, pte_gpa)
         wk[WK_GPTE + level] = pte
         if not pte & PT_PRESENT_MASK:
             return _walk_error(mode, pfec, np.int64(0), wk)
@@ -415,7 +417,7 @@ def guest_walk(gkey, grow, gpage, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, 
 
 
 @kernel
-def guest_set_ad(gkey, grow, gpage, gctl, vm, wk, pfec):
+def guest_set_ad(gm, sm, vm, wk, pfec):
     """Set A in every gpte of a successful walk that lacks it and D in the leaf for a write.
 
     Returns a bitmask of the levels whose gpte changed (bit ``level``); 4-byte gptes are written as 4
@@ -436,9 +438,9 @@ def guest_set_ad(gkey, grow, gpage, gctl, vm, wk, pfec):
             continue
         gpa = wk[WK_PTE_GPA + level]
         if wk[WK_GPTE_SIZE] == 4:
-            gm_write32(gkey, grow, gpage, gctl, vm, gpa, new)
+            gm_write32(gm, sm, vm, gpa, new)
         else:
-            gm_write64(gkey, grow, gpage, gctl, vm, gpa, new)
+            gm_write64(gm, sm, vm, gpa, new)
         wk[WK_GPTE + level] = new
         changed |= np.int64(1) << np.int64(level)
     return changed

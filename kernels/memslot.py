@@ -17,31 +17,44 @@ from .state import (
     ST_HOST_MAJOR_FAULTS,
     ST_HOST_PAGES_FAULTED_IN,
     ST_HOST_PAGES_SWAPPED,
+    SlotMap,
 )
 
 
 @njit(inline="always", _nrt=False)
-def gfn_to_memslot(vt, st, vm, gfn):
-    """search_memslots with the last_used_slot cache: record index or -1 (no slot)."""
-    last = vt.slot_last[vm]
-    if last >= 0 and st.base_gfn[last] <= gfn < st.base_gfn[last] + st.npages[last]:
+def slot_map(vt, st):
+    """The SlotMap of these tables (what a gpa -> hva translation reads)."""
+    return SlotMap(vt.slot_last, vt.slot_off, vt.slot_cnt, st.order, st.base_gfn, st.npages, st.hva)
+
+
+@njit(inline="always", _nrt=False)
+def search_memslots(sm, vm, gfn):
+    """search_memslots with the last_used_slot cache over a SlotMap: record index or -1 (no slot)."""
+    last = sm.slot_last[vm]
+    if last >= 0 and sm.base_gfn[last] <= gfn < sm.base_gfn[last] + sm.npages[last]:
         return last
-    lo = vt.slot_off[vm]
-    hi = lo + vt.slot_cnt[vm]
+    lo = sm.slot_off[vm]
+    hi = lo + sm.slot_cnt[vm]
     # rightmost slot with base_gfn <= gfn
     while lo < hi:
         mid = (lo + hi) >> 1
-        if st.base_gfn[st.order[mid]] <= gfn:
+        if sm.base_gfn[sm.order[mid]] <= gfn:
             lo = mid + 1
         else:
             hi = mid
-    if lo == vt.slot_off[vm]:
+    if lo == sm.slot_off[vm]:
         return -1
-    rec = st.order[lo - 1]
-    if gfn < st.base_gfn[rec] + st.npages[rec]:
-        vt.slot_last[vm] = rec
+    rec = sm.order[lo - 1]
+    if gfn < sm.base_gfn[rec] + sm.npages[rec]:
+        sm.slot_last[vm] = rec
         return rec
     return -1
+
+
+@njit(inline="always", _nrt=False)
+def gfn_to_memslot(vt, st, vm, gfn):
+    """search_memslots: record index or -1 (no slot)."""
+    return search_memslots(slot_map(vt, st), vm, gfn)
 
 
 @njit(inline="always", _nrt=False)

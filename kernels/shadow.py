@@ -12,7 +12,7 @@ Modelled: 4- and 5-level guests (PAE and 32-bit guests are refused by batchmmu/h
 import numpy as np
 from numba import njit
 
-from .gmem import gm_read32, gm_read64, gm_write_bytes
+from .gmem import gm_read32, gm_read64, gm_room, gm_write_bytes
 from .guest_walk import (
     MODE_AC,
     MODE_PAE,
@@ -51,6 +51,7 @@ from .memslot import (
     kvm_mmu_max_mapping_level,
     mark_page_dirty,
     slot_dirty_logging,
+    slot_map,
     slot_readonly,
 )
 from .rmap import parent_add, parent_remove, pte_list_add, pte_list_remove, rmap_index, sptep_idx, sptep_row
@@ -234,8 +235,8 @@ def sp_gpte(m, vm, row, i):
     role = m.pa.sp_role[row]
     base = m.pa.sp_gfn[row] << 12
     if role & ROLE_HAS_4_BYTE_GPTE:
-        return gm_read32(m.gm.key, m.gm.row, m.gm.page, vm, base + role_quadrant(role) * 2048 + 4 * i)
-    return gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, base + 8 * i)
+        return gm_read32(m.gm, slot_map(m.vt, m.st), vm, base + role_quadrant(role) * 2048 + 4 * i)
+    return gm_read64(m.gm, slot_map(m.vt, m.st), vm, base + 8 * i)
 
 
 @njit(inline="always", _nrt=False)
@@ -1168,7 +1169,7 @@ def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
         base = cr3 & np.int64(0xFFFFFFE0)
         changed = False
         for i in range(4):
-            v = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, base + 8 * i)
+            v = gm_read64(m.gm, slot_map(m.vt, m.st), vm, base + 8 * i)
             if v != m.vr.pdptr[vg, i]:
                 changed = True
             m.vr.pdptr[vg, i] = v
@@ -1263,9 +1264,9 @@ def track_write(m, vm, gpa, nbytes, mode):
         nbytes = 8
     gentry = np.int64(0)
     if nbytes == 8:
-        gentry = gm_read64(m.gm.key, m.gm.row, m.gm.page, vm, gpa)
+        gentry = gm_read64(m.gm, slot_map(m.vt, m.st), vm, gpa)
     elif nbytes == 4:
-        gentry = gm_read32(m.gm.key, m.gm.row, m.gm.page, vm, gpa)
+        gentry = gm_read32(m.gm, slot_map(m.vt, m.st), vm, gpa)
     m.vt.stats[vm, ST_MMU_PTE_WRITE] += 1
     sh, pa = m.sh, m.pa
     flush = False
@@ -1425,7 +1426,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     pfec = err & (PFERR_WRITE | PFERR_USER | PFERR_FETCH)
     write = (err & PFERR_WRITE) != 0
     present = (err & PFERR_PRESENT) != 0
-    gerr = guest_walk(gm.key, gm.row, gm.page, vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg], maxphyaddr,
+    gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg], maxphyaddr,
                       gva, pfec, wk)
     if gerr != 0:
         return RET_PF_GUEST, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault, then RET_PF_RETRY
@@ -1445,11 +1446,11 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
         if mode_levels(mode) == 2:
             base = wk[WK_PTE_GPA + 1] & ~np.int64(31)
             for k in range(PTE_PREFETCH_NUM):
-                m.sh.scratch[SC_PREFETCH + k] = gm_read32(gm.key, gm.row, gm.page, vm, base + 4 * k)
+                m.sh.scratch[SC_PREFETCH + k] = gm_read32(gm, slot_map(m.vt, m.st), vm, base + 4 * k)
         else:
             base = wk[WK_PTE_GPA + 1] & ~np.int64(63)
             for k in range(PTE_PREFETCH_NUM):
-                m.sh.scratch[SC_PREFETCH + k] = gm_read64(gm.key, gm.row, gm.page, vm, base + 8 * k)
+                m.sh.scratch[SC_PREFETCH + k] = gm_read64(gm, slot_map(m.vt, m.st), vm, base + 8 * k)
     # kvm_faultin_pfn
     if rec < 0:
         return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
@@ -1475,7 +1476,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
 @njit(inline="always", _nrt=False)
 def set_ad_and_log(m, vm, wk, pfec):
     """FNAME(update_accessed_dirty_bits): set guest A/D, and log the dirtied table pages."""
-    changed = guest_set_ad(m.gm.key, m.gm.row, m.gm.page, m.gm.ctl, vm, wk, pfec)
+    changed = guest_set_ad(m.gm, slot_map(m.vt, m.st), vm, wk, pfec)
     if changed == 0:
         return
     for level in range(1, 6):
@@ -1509,7 +1510,7 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     if mode_levels(mode) == 0:
         gpa = gva
     else:
-        gerr = guest_walk(gm.key, gm.row, gm.page, vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg],
+        gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg],
                           maxphyaddr, gva, pfec, wk)
         if gerr != 0:
             m.vt.stats[vm, ST_PF_GUEST] += 1
@@ -1526,8 +1527,8 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
             # an access given without a value: the operand is the 8 bytes already there
             gpa &= ~np.int64(7)
             nbytes = 8
-            value = gm_read64(gm.key, gm.row, gm.page, vm, gpa)
-        gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, value, nbytes)
+            value = gm_read64(gm, slot_map(m.vt, m.st), vm, gpa)
+        gm_write_bytes(gm, slot_map(m.vt, m.st), vm, gpa, value, nbytes)
         mark_page_dirty(m.st, m.ct, -1, rec, gpa >> 12)
         track_write(m, vm, gpa, nbytes, mode)
     return OUT_EMULATED, 0
@@ -1545,7 +1546,7 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
         stats[vm, ST_WALK_REFS] += refs
         if e == 0:
             if nbytes > 0:
-                gm_write_bytes(m.gm.key, m.gm.row, m.gm.page, m.gm.ctl, vm, gpa, value, nbytes)
+                gm_write_bytes(m.gm, slot_map(m.vt, m.st), vm, gpa, value, nbytes)
             return outcome, err
         e &= ~HW_FAULT
         err = e
@@ -1597,8 +1598,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
     for i in range(start, n):
         if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or sh.ctl[SH_PL_AVAIL] < MAX_PL_PER_EVENT or \
                 sh.ctl[SH_RN_AVAIL] < MAX_RN_PER_EVENT or \
-                m.gm.page.shape[0] - m.gm.ctl[0] < MAX_GM_PER_EVENT or \
-                2 * (m.gm.ctl[1] + MAX_GM_PER_EVENT) > m.gm.key.shape[0]:
+                not gm_room(m.gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
         vm = ev_vm[i]
         vg = m.ct.vcpu_off[vm] + ev_vcpu[i]

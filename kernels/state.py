@@ -230,11 +230,24 @@ class VcpuRegs(NamedTuple):
 
 
 class GuestMem(NamedTuple):
-    """Guest memory contents (kernels/gmem.py)."""
-    key: np.ndarray             # int64[hcap]
+    """Guest memory contents, keyed by host page (kernels/gmem.py)."""
+    key: np.ndarray             # int64[hcap]: (vm << GM_VM_SHIFT) | hva page, -1 empty
     row: np.ndarray             # int64[hcap]
     page: np.ndarray            # int64[cap, 512]
-    ctl: np.ndarray             # int64[2]
+    free: np.ndarray            # int64[cap]: stack of released rows
+    ctl: np.ndarray             # int64[3]: GM_USED, GM_KEYS, GM_NFREE
+
+
+class SlotMap(NamedTuple):
+    """What gpa -> memslot -> hva needs (search_memslots, __gfn_to_hva_memslot): VMTable and SlotTable
+    members, for kernels that only translate (built by kernels/memslot.py ``slot_map``)."""
+    slot_last: np.ndarray       # VMTable.slot_last
+    slot_off: np.ndarray        # VMTable.slot_off
+    slot_cnt: np.ndarray        # VMTable.slot_cnt
+    order: np.ndarray           # SlotTable.order
+    base_gfn: np.ndarray        # SlotTable.base_gfn
+    npages: np.ndarray          # SlotTable.npages
+    hva: np.ndarray             # SlotTable.hva
 
 
 class MMU(NamedTuple):

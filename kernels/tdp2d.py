@@ -35,7 +35,7 @@ from numba import njit
 
 from .dirty import pml_flush, pml_log
 from .fault import WALK_OK, WALK_RSVD, kvm_handle_exit, tdp_hw_walk
-from .gmem import gm_write32, gm_write64, gm_write_bytes
+from .gmem import gm_room, gm_write32, gm_write64, gm_write_bytes
 from .guest_walk import (
     MODE_NXE,
     MODE_SMEP,
@@ -55,7 +55,7 @@ from .guest_walk import (
     mode_levels,
 )
 from .jit import helper, kernel
-from .memslot import gfn_to_memslot, mark_page_dirty, slot_readonly
+from .memslot import gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -154,9 +154,9 @@ def emulate_access(vt, st, ct, gm, vm, vcpu_g, wk, gerr, pfec, mode, value, nbyt
         if slot_readonly(st, rec):
             continue
         if wk[WK_GPTE_SIZE] == 4:
-            gm_write32(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, new)
+            gm_write32(gm, slot_map(vt, st), vm, gpa, new)
         else:
-            gm_write64(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, new)
+            gm_write64(gm, slot_map(vt, st), vm, gpa, new)
         wk[WK_GPTE + level] = new
         mark_page_dirty(st, ct, vcpu_g, rec, gpa >> 12)
     gpa = wk[WK_GPA]
@@ -165,7 +165,7 @@ def emulate_access(vt, st, ct, gm, vm, vcpu_g, wk, gerr, pfec, mode, value, nbyt
         return OUT_MMIO, 0  # emulated MMIO: userspace completes it
     if (pfec & PFERR_WRITE_MASK) != 0 and not slot_readonly(st, rec):
         if nbytes > 0:
-            gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, value, nbytes)
+            gm_write_bytes(gm, slot_map(vt, st), vm, gpa, value, nbytes)
         mark_page_dirty(st, ct, vcpu_g, rec, gpa >> 12)
     return OUT_EMULATED, 0
 
@@ -212,7 +212,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
         top = 0
         stop = 1
         if glevels != 0:
-            gerr = guest_walk(gm.key, gm.row, gm.page, vm, mode, vr.cr3[vcpu_g], vr.pdptr[vcpu_g], vr.pkru[vcpu_g],
+            gerr = guest_walk(gm, slot_map(vt, st), vm, mode, vr.cr3[vcpu_g], vr.pdptr[vcpu_g], vr.pkru[vcpu_g],
                               maxphy, gva, kind, wk)
             top = wk[WK_MAX_LEVEL]
             stop = wk[WK_LEAF_LEVEL]
@@ -233,7 +233,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                     # the guest's #PF: straight to the guest, KVM never sees it
                     return OUT_GUEST_FAULT, gerr & PFERR_MASK, refs
                 if glevels != 0:
-                    guest_set_ad(gm.key, gm.row, gm.page, gm.ctl, vm, wk, kind)  # the walk's A/D writes
+                    guest_set_ad(gm, slot_map(vt, st), vm, wk, kind)  # the walk's A/D writes
                     gpa = wk[WK_GPA]
                 else:
                     gpa = gva
@@ -254,7 +254,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                     refs += 1  # the gpte read
                     continue
                 if nbytes > 0:
-                    gm_write_bytes(gm.key, gm.row, gm.page, gm.ctl, vm, gpa, value, nbytes)
+                    gm_write_bytes(gm, slot_map(vt, st), vm, gpa, value, nbytes)
                 return outcome, err, refs
             # an exit: KVM's TDP fault path, then the guest re-executes the access
             if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
@@ -300,8 +300,7 @@ def tdp2d_batch(m, ev_vm, ev_vcpu, ev_addr, ev_kind, ev_value, ev_size, maxphy, 
     wk = m.sh.scratch
     ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.cfg[CFG_PML] else 0)
     for i in range(start, n):
-        if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or gm.page.shape[0] - gm.ctl[0] < MAX_GM_PER_EVENT or \
-                2 * (gm.ctl[1] + MAX_GM_PER_EVENT) > gm.key.shape[0]:
+        if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or not gm_room(gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
         vm = ev_vm[i]
         vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]

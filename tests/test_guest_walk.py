@@ -7,7 +7,8 @@
 import numpy as np
 import pytest
 from batchmmu.kernels import guest_walk as G
-from batchmmu.kernels.gmem import gm_read64, gm_write64
+from batchmmu.kernels.gmem import NGMCTL, gm_read64, gm_write64
+from batchmmu.kernels.state import GuestMem, SlotMap
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from numba import njit
@@ -49,8 +50,12 @@ def put32(mem, gpa, value):
 
 
 def new_gmem(pages=16, keys=64):
-    return (np.full(keys, -1, np.int64), np.zeros(keys, np.int64), np.zeros((pages, 512), np.int64),
-            np.zeros(2, np.int64))
+    """Empty guest memory of VM 0 and a SlotMap with one memslot over every gpa (hva = gpa)."""
+    one = lambda v: np.array([v], np.int64)  # noqa: E731
+    gm = GuestMem(key=np.full(keys, -1, np.int64), row=np.zeros(keys, np.int64), page=np.zeros((pages, 512), np.int64),
+                  free=np.zeros(pages, np.int64), ctl=np.zeros(NGMCTL, np.int64))
+    return gm, SlotMap(slot_last=one(-1), slot_off=one(0), slot_cnt=one(1), order=one(0), base_gfn=one(0),
+                       npages=one(1 << 40), hva=one(0))
 
 
 def regs_mode(cr0, cr4, efer, rflags=0, pse36_kvm=False):
@@ -63,21 +68,21 @@ class Walk:
 
     def __init__(self, mem, gva, pfec, cr3=0x1000, pdptrs=(0, 0, 0, 0), pkru=0, maxphyaddr=46, rflags=0,
                  pse36_kvm=False, cr0=0, cr4=0, efer=0):
-        key, row, page, ctl = new_gmem()
+        gm, sm = new_gmem()
         for gpa, val in mem.items():
-            gm_write64(key, row, page, ctl, 0, gpa, np.int64(s64(val)))
+            gm_write64(gm, sm, 0, gpa, np.int64(s64(val)))
         self.mode = regs_mode(cr0, cr4, efer, rflags, pse36_kvm)
         self.wk = np.zeros(G.WK_SIZE, np.int64)
         pd = np.array([s64(x) for x in pdptrs], np.int64)
-        ret = int(G.guest_walk(key, row, page, 0, self.mode, cr3, pd, pkru, maxphyaddr, gva, pfec, self.wk))
+        ret = int(G.guest_walk(gm, sm, 0, self.mode, cr3, pd, pkru, maxphyaddr, gva, pfec, self.wk))
         self.ad_needed = int(self.wk[G.WK_AD_NEEDED])
         self.ok = ret == 0
         self.err = None if self.ok else ret & 0xFFFF  # error code of a refused access (may be 0)
         assert self.ok or ret & WALK_FAULT, hex(ret)
         assert self.err == (None if self.ok else int(self.wk[G.WK_ERROR]))
-        self.changed = int(G.guest_set_ad(key, row, page, ctl, 0, self.wk, pfec)) if self.ok else 0
+        self.changed = int(G.guest_set_ad(gm, sm, 0, self.wk, pfec)) if self.ok else 0
         assert self.ad_needed == (self.changed != 0)
-        self.mem = {gpa: u64(gm_read64(key, row, page, 0, gpa)) for gpa in mem}
+        self.mem = {gpa: u64(gm_read64(gm, sm, 0, gpa)) for gpa in mem}
         self.gpa = int(self.wk[G.WK_GPA])
         self.level = int(self.wk[G.WK_LEAF_LEVEL])
         ref = ref_walk(mem, cr0, cr4, efer, rflags, cr3, list(pdptrs), pkru, maxphyaddr, gva, pfec,
@@ -488,25 +493,25 @@ def test_permission_fault_helper():
 
 
 @njit
-def _drive(key, row, page, ctl, mem_start, mem_gpa, mem_val, acc_start, modes, cr3s, pdptrs, pkrus, maxphys,
+def _drive(gm, sm, mem_start, mem_gpa, mem_val, acc_start, modes, cr3s, pdptrs, pkrus, maxphys,
            gvas, pfecs, out, mem_out):
     """Per case: fresh guest memory, its accesses in order (walk, A/D on success), memory read back."""
     wk = np.zeros(G.WK_SIZE, np.int64)
     for c in range(modes.shape[0]):
-        key[:] = -1
-        ctl[:] = 0
+        gm.key[:] = -1
+        gm.ctl[:] = 0
         for j in range(mem_start[c], mem_start[c + 1]):
-            gm_write64(key, row, page, ctl, 0, mem_gpa[j], mem_val[j])
+            gm_write64(gm, sm, 0, mem_gpa[j], mem_val[j])
         for a in range(acc_start[c], acc_start[c + 1]):
-            err = G.guest_walk(key, row, page, 0, modes[c], cr3s[c], pdptrs[c], pkrus[c], maxphys[c], gvas[a],
+            err = G.guest_walk(gm, sm, 0, modes[c], cr3s[c], pdptrs[c], pkrus[c], maxphys[c], gvas[a],
                                pfecs[a], wk)
             out[a, 0] = err
             out[a, 1] = wk[G.WK_GPA]
             out[a, 2] = wk[G.WK_LEAF_LEVEL]
-            out[a, 3] = G.guest_set_ad(key, row, page, ctl, 0, wk, pfecs[a]) if err == 0 else 0
+            out[a, 3] = G.guest_set_ad(gm, sm, 0, wk, pfecs[a]) if err == 0 else 0
             out[a, 4] = wk[G.WK_AD_NEEDED]
         for j in range(mem_start[c], mem_start[c + 1]):
-            mem_out[j] = gm_read64(key, row, page, 0, mem_gpa[j])
+            mem_out[j] = gm_read64(gm, sm, 0, mem_gpa[j])
 
 
 def run_cases(cases):

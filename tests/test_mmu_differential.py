@@ -11,6 +11,7 @@ the SDM rules by ``expected()`` below and checked on both MMUs.
 
 import numpy as np
 import pytest
+from batchmmu.kernels.gmem import GM_VM_SHIFT
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -95,9 +96,11 @@ def classes(res):
 
 
 def guest_pages(host, vm):
-    """Every guest page the simulator holds contents for (written by the host or the guest)."""
+    """Every guest page the simulator holds contents for (written by the host or the guest), as gfns."""
     keys = host.gm.key[host.gm.key >= 0]
-    return {int(k) & ((1 << 40) - 1) for k in keys if int(k) >> 40 == vm}
+    hpages = {int(k) & ((1 << GM_VM_SHIFT) - 1) for k in keys if int(k) >> GM_VM_SHIFT == vm}
+    return {(s["gpa"] >> 12) + p - (s["hva"] >> 12) for s in host.memslots(vm) for p in hpages
+            if 0 <= p - (s["hva"] >> 12) < s["size"] >> 12}
 
 
 # ----------------------------------------------------------------------------- random guests
