@@ -121,7 +121,7 @@ def test_madv_dontneed_zeroes_anonymous_memory(backing):
     assert [words(h, vm, p << 12)[0] for p in pages] == [0, 0, 0, 0, 601]
 
 
-def test_madv_dontneed_of_memslot_perf_zeroes_contents():
+def test_gm_discard_slots_zeroes_the_madvised_pages():
     from batchmmu.kernels.gmem import gm_discard_slots
     from batchmmu.kernels.reclaim import madvise_dontneed
     h = bm.Host(memory="1GiB", backing="4k")
