@@ -760,10 +760,10 @@ class Host(GuestPaging):
     # ------------------------------------------------------------------ dirty log
     def _dirty_slot(self, vm, slot):
         """The record of a slot with a dirty bitmap, with KVM's errors (kvm_get_dirty_log)."""
+        slot = A.exact_int(slot, "slot", 0, (1 << 32) - 1, why="not a memslot id", errno=errno.EINVAL)  # __u32
         if int(self.vt.dirty_mode[vm]) & S.DM_RING:
             raise BatchMMUError(f"vm={vm}: the VM uses the dirty ring, not bitmaps (ENXIO)", field="vm",
                                 value=vm, errno=errno.ENXIO)
-        slot = A.exact_int(slot, "slot", 0, (1 << 32) - 1, why="not a memslot id", errno=errno.EINVAL)  # __u32
         if slot >> 16 >= ms.KVM_ADDRESS_SPACE_NUM or slot & 0xFFFF >= ms.KVM_USER_MEM_SLOTS:
             raise einval("slot", slot, "not a memslot id")
         rec = self._slot_rec.get((vm, slot), -1)

@@ -159,6 +159,8 @@ class Kinds:
         r, pick = self.rng, self.pick
         if kind == "vm":
             return self.vm()
+        if kind == "vm_opt":
+            return None if self.rng.random() < 0.3 else self.vm()
         if kind == "vcpu":
             return self.npify(0)
         if kind == "vcpus":
@@ -252,7 +254,7 @@ class Kinds:
         arrays = kind in ("vcpus", "addrs", "words", "values", "bitmap")
         pool = list(ARRAY_BAD if arrays else TYPE_BAD)
         ranged = {
-            "vm": [nvm, -1, *HUGE], "vcpu": [-1, 5000, *HUGE],
+            "vm": [nvm, -1, *HUGE], "vm_opt": [nvm, -1, *HUGE], "vcpu": [-1, 5000, *HUGE],
             "vcpus": [[0, 5000], [-1], 2 ** 64, np.array([2 ** 64 - 1], np.uint64)],
             "addr": [-8, 1 << 47, 1 << 56, 2 ** 62, *HUGE], "gva": [-8, 2 ** 63, 2 ** 64, np.uint64(2 ** 64 - 1)],
             "addrs": [[0, -1], [1 << 60], 2 ** 64, np.array([2 ** 64 - 1], np.uint64)], "kind": [1, 8, 0x20, -1, bm.ACC_WRITE | bm.ACC_FETCH, *HUGE],
@@ -274,7 +276,7 @@ class Kinds:
             "nvcpus": [0, 4097, -1, *HUGE], "mmu": ["x", 1, None, "TDP"], "fmt": ["x", None, 1],
             "levels": [3, 6, *HUGE], "maxphy": [35, 53, -1, *HUGE], "threshold": [-1, *HUGE[:-1]],
         }[kind]
-        if kind in ("reg", "hva_opt", "backing_opt"):
+        if kind in ("reg", "hva_opt", "backing_opt", "vm_opt"):
             pool = [v for v in pool if v is not None]
         if kind == "bool":
             pool = [v for v in pool if not isinstance(v, (bool, np.bool_))]
@@ -314,8 +316,8 @@ METHODS = [
     ("enable_dirty_ring", [("vm", "vm"), ("entries", "entries")]),
     ("harvest_dirty_ring", [("vm", "vm"), ("vcpu", "vcpu")]),
     ("reset_dirty_rings", [("vm", "vm")]),
-    ("stats", [("vm", "vm")]),
-    ("footprint", [("vm", "vm")]),
+    ("stats", [("vm", "vm_opt")]),
+    ("footprint", [("vm", "vm_opt")]),
     ("reserve_tables", [("rows", "rows")]),
     ("reclaim", [("force", "bool")]),
     ("reclaim_evict", [("threshold", "threshold"), ("at_threshold", "at")]),

@@ -71,8 +71,9 @@ def test_no_state_change_before_raising(host):
 def test_harvest_without_ring_leaves_pml_buffers():
     h = bm.Host(memory="1GiB", pml=True)
     vm = int(h.create_vms(1, memory="4MiB")[0])
-    h.set_memslot(vm, 0, 0, 4 * MiB, flags=bm.MEM_LOG_DIRTY_PAGES)
     h.access(vm, 0, 0x1000, bm.ACC_WRITE)
+    h.set_memslot(vm, 0, 0, 4 * MiB, flags=bm.MEM_LOG_DIRTY_PAGES)   # D bits cleared
+    h.access(vm, 0, 0x1000, bm.ACC_WRITE)                  # the CPU sets D: a PML entry
     logged = int(h.ct.pml_count[0])
     assert logged > 0
     refused(lambda: h.harvest_dirty_ring(vm, 0), "vm", errno.EINVAL)
