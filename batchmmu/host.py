@@ -569,7 +569,7 @@ class Host(GuestPaging):
             if self.vr.cr0[g] & int(X86_CR0_PG):
                 raise bad("addr", int(addr_a[j]), f"not a gva of VM {int(vm_a[j])} vCPU {int(vcpu_a[j])} in its "
                           f"paging mode (takes [0, 2**{int(bits[g])})): a non-canonical address is a #GP, not a "
-                          "page fault, and upper-half gvas are not modelled")
+                          "page fault")
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space")
         if code == EV_BAD_VM:
             raise bad("vm", int(vm_a[j]), f"no such VM (this host has {self.nvm})")
@@ -582,7 +582,8 @@ class Host(GuestPaging):
 
     def _addr_bits(self):
         """(per vCPU, per VM min, per VM max) address bits an access may use: with paging 32 (no long
-        mode), 47 or 56 (LA57): the lower canonical half; with paging off the VM's MAXPHYADDR."""
+        mode), 48 or 57 (LA57: gvas in their 48/57-bit form, upper half with bit 47/56 set); with paging
+        off the VM's MAXPHYADDR."""
         vr, nvm = self.vr, self.nvm
         mpa = self._maxphyaddr[:max(nvm, 1)]
         if nvm == 0 or vr.cr0.size == 0:
@@ -591,7 +592,7 @@ class Host(GuestPaging):
         pg = (vr.cr0 & int(X86_CR0_PG)) != 0
         if not pg.any():
             return self._maxphyaddr[owner], mpa, mpa
-        long_bits = np.where(vr.cr4 & int(X86_CR4_LA57), 56, 47)
+        long_bits = np.where(vr.cr4 & int(X86_CR4_LA57), 57, 48)
         bits = np.where(pg, np.where(vr.efer & int(EFER_LMA), long_bits, 32), self._maxphyaddr[owner])
         first = self.ct.vcpu_off[:nvm]
         return bits, np.minimum.reduceat(bits, first), np.maximum.reduceat(bits, first)
@@ -734,7 +735,7 @@ class Host(GuestPaging):
     def invlpg(self, vm, vcpu, gva):
         """INVLPG by the guest: under shadow paging kvm_mmu_invlpg (sync of unsync SPTEs for the gva in
         every cached root); under TDP it does not exit (no KVM work, no stat).  In long mode INVLPG of a
-        non-canonical gva is a NOP (kvm_mmu_invalidate_addr); upper-half gvas are not modelled."""
+        non-canonical gva is a NOP (kvm_mmu_invalidate_addr)."""
         i = self._vcpu_index(vm, vcpu)
         vm = int(vm)
         gva = A.exact_int(gva, "gva", 0, A.I64_MAX, why="must be a non-negative gva (integer)")
@@ -1164,7 +1165,10 @@ class Host(GuestPaging):
         """The evicting half: every page older than ``threshold`` and ``at_threshold[vm]`` pages of
         that age (see batchmmu.reclaim.plan_reclaim); returns pages swapped out per VM."""
         threshold = A.exact_int(threshold, "threshold", 0, A.I64_MAX)
-        return _reclaim.evict(self, threshold, A.int_array(at_threshold, "at_threshold", 0, A.I64_MAX))
+        at = A.int_array(at_threshold, "at_threshold", 0, A.I64_MAX)
+        if at.shape != (self.nvm,):
+            raise bad("at_threshold", f"length {at.size}", f"needs one entry per VM ({self.nvm})")
+        return _reclaim.evict(self, threshold, at)
 
     def discard_hva_range(self, vm, start, end):
         """madvise(MADV_DONTNEED) of [start, end): SPTEs zapped through the MMU notifier, host pages

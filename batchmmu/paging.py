@@ -442,11 +442,11 @@ class GuestPaging:
             return int(self._maxphyaddr[vm])
         if not vr.efer[i] & int(EFER_LMA):
             return 32
-        return 56 if vr.cr4[i] & int(X86_CR4_LA57) else 47
+        return 57 if vr.cr4[i] & int(X86_CR4_LA57) else 48
 
     def _gva_arg(self, vm, i, addr, field="addr"):
-        """An address vCPU ``i`` can use: a gva in the lower canonical half (a non-canonical one is a
-        #GP, not a page fault; upper-half gvas are not modelled) or, with paging off, a gpa."""
+        """An address vCPU ``i`` can use: a gva in its 48-bit (57 with LA57) form, the upper half with bit
+        47 (56) set (a non-canonical one is a #GP, not a page fault) or, with paging off, a gpa."""
         addr = A.exact_int(addr, field, 0, A.I64_MAX, why="must be a non-negative address (integer)")
         bits = self._vcpu_addr_bits(vm, i)
         if addr >> bits:
@@ -458,6 +458,6 @@ class GuestPaging:
         self._vcpu_index(vm, vcpu)
         if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
             return False
-        self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([op]), np.array([addr]), np.array([0]),
+        self._run_shadow(np.array([int(vm)]), np.array([int(vcpu)]), np.array([op]), np.array([addr]), np.array([0]),
                          np.array([0]), np.array([0]))
         return True

@@ -256,7 +256,7 @@ class Kinds:
         ranged = {
             "vm": [nvm, -1, *HUGE], "vm_opt": [nvm, -1, *HUGE], "vcpu": [-1, 5000, *HUGE],
             "vcpus": [[0, 5000], [-1], 2 ** 64, np.array([2 ** 64 - 1], np.uint64)],
-            "addr": [-8, 1 << 47, 1 << 56, 2 ** 62, *HUGE], "gva": [-8, 2 ** 63, 2 ** 64, np.uint64(2 ** 64 - 1)],
+            "addr": [-8, 1 << 48, 1 << 57, 2 ** 62, *HUGE], "gva": [-8, 2 ** 63, 2 ** 64, np.uint64(2 ** 64 - 1)],
             "addrs": [[0, -1], [1 << 60], 2 ** 64, np.array([2 ** 64 - 1], np.uint64)], "kind": [1, 8, 0x20, -1, bm.ACC_WRITE | bm.ACC_FETCH, *HUGE],
             "slot": [-1, 2 ** 32, 2 ** 64, 10 ** 30], "gpa": [-4096, 1 << 60, 2 ** 64, 10 ** 30, 4095],
             "size": [-4096, 4097, 2 ** 64, 10 ** 30, "lots", "1.5", "-4KiB"],
@@ -307,6 +307,7 @@ METHODS = [
     ("clear_dirty_log", [("vm", "vm"), ("slot", "slot"), ("first_page", "page"), ("num_pages", "page"),
                          ("bitmap", "bitmap")]),
     ("invalidate_hva_range", [("vm", "vm"), ("start", "hva"), ("end", "hva_end")]),
+    ("invalidate_range_start", [("vm", "vm"), ("start", "hva"), ("end", "hva_end")]),
     ("invalidate_range_end", [("vm", "vm")]),
     ("age_hva_range", [("vm", "vm"), ("start", "hva"), ("end", "hva_end"), ("flush", "bool")]),
     ("test_young", [("vm", "vm"), ("start", "hva"), ("end", "hva_end")]),

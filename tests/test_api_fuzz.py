@@ -9,7 +9,7 @@ import pytest
 
 import batchmmu as bm
 
-CASES = int(os.environ.get("BATCHMMU_FUZZ_CASES", "300"))
+CASES = int(os.environ.get("BATCHMMU_FUZZ_CASES", "160"))
 
 
 def test_every_method_is_listed():

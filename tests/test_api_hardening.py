@@ -170,20 +170,21 @@ def test_nonsense_refused(host):
 
 def test_non_canonical_gvas_refused(host):
     """A non-canonical address is a #GP, not a page fault: refused naming the address; INVLPG of one is
-    a NOP (the SDM; kvm_mmu_invalidate_addr), counted as an INVLPG on the shadow MMU."""
+    a NOP (the SDM; kvm_mmu_invalidate_addr), counted as an INVLPG on the shadow MMU.  gvas are given in
+    their 48-bit form (bit 47 set: the upper half), so any bit above 47 makes one non-canonical."""
     before = snapshot(host)
     for vm, vcpu in ((3, 0), (0, 1)):                       # shadow, and a 2D-walking TDP vCPU
-        for gva in (1 << 47, (1 << 47) + 0x1000, 1 << 62):
+        for gva in (1 << 48, (1 << 48) + 0x1000, 1 << 62):
             e = refused(lambda vm=vm, vcpu=vcpu, gva=gva: host.access(vm, vcpu, gva), "addr")
             assert "#GP" in str(e)
             refused(lambda vm=vm, vcpu=vcpu, gva=gva: host.store(vm, vcpu, gva, 1), "addr")
-    refused(lambda: host.access([3, 3], 0, [0x1000, 1 << 47]), "addr")
-    refused(lambda: host.emulated_access(3, 0, 1 << 47), "addr")
+    refused(lambda: host.access([3, 3], 0, [0x1000, 1 << 48]), "addr")
+    refused(lambda: host.emulated_access(3, 0, 1 << 48), "addr")
     assert same(before, snapshot(host))
     # the same 4 KiB page through its canonical address works
     assert host.access(3, 0, 0x1000).outcome[0] in (bm.HIT, bm.FIXED)
     n = host.stats(3)["invlpg"]
-    host.invlpg(3, 0, 1 << 47)
+    host.invlpg(3, 0, 1 << 48)
     assert host.stats(3)["invlpg"] == n + 1
 
 
