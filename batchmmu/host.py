@@ -304,7 +304,7 @@ class Host(GuestPaging):
         slot, gpa, size, flags, hva = ms.region_args(slot, gpa, size, flags, hva)
         bcode = None if backing is None else ms.backing_code(backing)
         change, rec = ms.validate_region(self, vm, slot, gpa, size, flags, hva)
-        if bcode is not None and change != "create" and bcode != int(self.st.backing[rec]):
+        if bcode is not None and change not in ("create", "none"):
             raise bad("backing", backing, "the backing of an existing slot cannot change")
         if change == "create":
             bcode = self.backing if bcode is None else bcode
