@@ -191,6 +191,8 @@ class Kinds:
             return None if r.random() < 0.5 else self.npify(pick([CR0, CR4, EFER, 0x10000, 2]))
         if kind == "gpa8":
             return self.npify(8 * int(r.integers(1 << 17)))
+        if kind == "gpa_any":
+            return self.npify(int(r.integers(1 << 20)))
         if kind == "words":
             return pick([[1, 2, 3], np.arange(4, dtype=np.uint64), [2 ** 64 - 1, -1], 7, np.int8(-3)])
         if kind == "n":
@@ -265,6 +267,7 @@ class Kinds:
                                                             2 ** 64, 1 << 47],
             "backing_opt": ["x", 1, "THP"], "bool": ["no", "yes", 2, -1, 0.0, "True"], "as_id": [2, -1, *HUGE],
             "reg": [2 ** 64, -1, 10 ** 30], "gpa8": [-8, 4, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
+            "gpa_any": [-8, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
             "words": [[2 ** 64], np.zeros((2, 2), np.int64), [[1], [2, 3]]],
             "n": [-1, 1 << 60, 2 ** 64, *HUGE], "u64": [2 ** 64, -2 ** 63 - 1], "values": [[2 ** 64], [1, [2]]],
             "page": [-64, 2 ** 64, 10 ** 30], "bitmap": [[2 ** 64], [[1]]],
@@ -329,7 +332,7 @@ METHODS = [
     ("spte_dump", [("vm", "vm")]),
     ("set_nr_mmu_pages", [("vm", "vm"), ("n", "mmu_pages")]),
     ("shrink", [("nr_to_scan", "scan"), ("mode", "smode")]),
-    ("touch_host_memory", [("vm", "vm"), ("gpa", "gpa8"), ("size", "rows")]),
+    ("touch_host_memory", [("vm", "vm"), ("gpa", "gpa_any"), ("size", "rows")]),
     ("emulated_access", [("vm", "vm"), ("vcpu", "vcpu"), ("addr", "addr"), ("kind", "ekind"), ("value", "u64"),
                          ("size", "esize")]),
     ("mov_cr3", [("vm", "vm"), ("vcpu", "vcpu"), ("cr3", "cr3")]),
