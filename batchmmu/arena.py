@@ -189,3 +189,21 @@ def grow_vcpu_table(ct, nvm_need, nvcpu_need, pml):
         else:
             out[k] = _grow(a, max(nvcpu_need, 2 * a.shape[0])) if nvcpu_need > a.shape[0] else a
     return S.VcpuTable(**out)
+
+
+def slot_bytes(npages, shadow=False, ages=False):
+    """Simulator bytes of one memslot of ``npages`` pages (record, lpage_info, host bitmaps; rmaps and
+    write-track counts of a shadow-MMU VM), computed without allocating anything."""
+    words = (npages + 63) // 64
+    b = 320 + ((npages >> 9) + (npages >> 18) + 4) * 4 + words * 8 * 3 + (64 * words if ages else 0)
+    if shadow:
+        b += (npages + (npages >> 9) + (npages >> 18) + 3) * 12 + npages * 4
+    return b
+
+
+def vm_group_bytes(count, vcpus, npages, shadow=False, pml=False, ages=False):
+    """Simulator bytes that ``count`` new VMs (``vcpus`` vCPUs, one slot of ``npages`` pages) take before
+    any access, doubling growth included: O(1), to refuse a request before allocating it."""
+    per_vm = 8 * S.NSTAT + 200 + (S.KVM_MMU_HASH_SIZE * 8 if shadow else 0)
+    per_vcpu = 6 * 8 + 176 + (S.PML_ENTITY_NUM * 8 if pml else 0)
+    return 2 * count * (per_vm + vcpus * per_vcpu + slot_bytes(npages, shadow, ages))

@@ -5,11 +5,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import args as A
 from . import memslot as ms
 from . import reclaim as _reclaim
 from .arena import (
     ROW_BYTES,
     Pool,
+    bytes_per_row,
     grow_page_arena,
     grow_slot_records,
     grow_vcpu_table,
@@ -19,7 +21,9 @@ from .arena import (
     new_slot_table,
     new_vcpu_table,
     new_vm_table,
+    slot_bytes,
     sync_host_pools,
+    vm_group_bytes,
 )
 from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, FIXED, HIT, SPURIOUS
 from .errors import BatchMMUError, HostMemoryExhausted, bad, einval
@@ -39,12 +43,14 @@ from .kernels.events import (
     EV_BAD_KIND,
     EV_BAD_VCPU,
     EV_BAD_VM,
+    EV_OK,
     group_by_vm,
     ungroup_results,
     validate_events,
 )
 from .kernels.fault import access_batch
 from .kernels.gmem import GM_MAX_VMS
+from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57
 from .kernels.notifier import tdp_age_range, tdp_zap_leafs
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import (
@@ -53,7 +59,7 @@ from .kernels.tdp import (
     tdp_recover_huge_pages,
     tdp_wrprot_gfn_range,
 )
-from .paging import GuestPaging
+from .paging import GuestPaging, check_sregs
 from .units import format_size, parse_size
 
 # Sizes KVM allocates, used by footprint() (x86-64, ~v6.10)
@@ -61,6 +67,7 @@ SIZEOF_KVM_MMU_PAGE = 184        # struct kvm_mmu_page
 SIZEOF_LPAGE_INFO = 4            # struct kvm_lpage_info
 SIZEOF_MEMSLOT = 192             # struct kvm_memory_slot incl. arch part
 SIZEOF_PTE_LIST_DESC = 128       # struct pte_list_desc: next, counts, 14 pointers
+MAX_SECONDS = 2.0 ** 53 / 1000   # simulated time stays an exact number of milliseconds
 
 
 
@@ -68,37 +75,6 @@ class AccessResult(NamedTuple):
     """Per-access results: ``outcome`` (bm.HIT ...) and the error code of the exit or #PF."""
     outcome: np.ndarray
     error_code: np.ndarray
-
-
-def _u64_array(x, name):
-    """u64 words from ints or arrays, exactly (a list mixing values above 2**63 must not become float)."""
-    a = np.asarray(x)
-    if a.dtype.kind in "iu":
-        return np.atleast_1d(a).astype(np.uint64)
-    try:
-        vals = [int(v) for v in np.atleast_1d(np.asarray(x, dtype=object)).ravel()]
-    except (TypeError, ValueError):
-        raise bad(name, x, "must be integers") from None
-    if any(v < -(1 << 63) or v >= 1 << 64 for v in vals):
-        raise bad(name, x, "does not fit in 64 bits")
-    return np.array([v & 0xFFFFFFFFFFFFFFFF for v in vals], np.uint64)
-
-
-def _int_array(x, name, n=None):
-    a = np.asarray(x)
-    if a.size == 0 and a.ndim == 1:
-        return np.zeros(0, np.int64)  # an empty batch, whatever dtype numpy guessed for []
-    if a.dtype.kind not in "iu" and not (a.dtype.kind == "b" and name == "kind"):
-        if a.size and a.dtype.kind == "f" and np.all(np.floor(a) == a):
-            a = a.astype(np.int64)
-        else:
-            raise bad(name, x if a.size < 8 else f"array of {a.dtype}", "must be integers")
-    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
-        raise bad(name, int(a.max()), "does not fit in 64 bits")
-    a = np.atleast_1d(a.astype(np.int64, copy=False))
-    if a.ndim != 1:
-        raise bad(name, f"shape {a.shape}", "must be a scalar or a 1-D array")
-    return a
 
 
 class Host(GuestPaging):
@@ -120,25 +96,27 @@ class Host(GuestPaging):
                  tdp_huge_page_level=3, eager_page_split=True, pml=False, overcommit=False,
                  watermarks=(0.90, 0.95)):
         self.memory = parse_size(memory, "memory")
-        if self.memory <= 0:
-            raise bad("memory", memory, "must be positive")
+        if not 0 < self.memory <= A.I64_MAX:
+            raise bad("memory", memory, "must be positive and below 2**63 bytes")
         self.backing = ms.backing_code(backing)
-        if tdp_huge_page_level not in (1, 2, 3):
-            raise bad("tdp_huge_page_level", tdp_huge_page_level, "must be 1 (4K), 2 (2M) or 3 (1G)")
+        tdp_huge_page_level = A.exact_int(tdp_huge_page_level, "tdp_huge_page_level", 1, 3,
+                                          why="must be 1 (4K), 2 (2M) or 3 (1G)")
+        flags = {name: A.bool_arg(v, name) for name, v in (
+            ("mmio_caching", mmio_caching), ("nx_huge_pages", nx_huge_pages),
+            ("eager_page_split", eager_page_split), ("pml", pml))}
+        self.nx_recovery_ratio = A.exact_int(nx_huge_pages_recovery_ratio, "nx_huge_pages_recovery_ratio", 0,
+                                             1 << 32)
+        self.nx_recovery_period_ms = A.exact_int(nx_huge_pages_recovery_period_ms,
+                                                 "nx_huge_pages_recovery_period_ms", 0, 1 << 40)
+        pml = flags["pml"]
         self.cfg = np.zeros(S.NCFG, np.int64)
-        self.cfg[S.CFG_MMIO_CACHING] = int(bool(mmio_caching))
-        self.cfg[S.CFG_NX_HUGE_PAGES] = int(bool(nx_huge_pages))
+        self.cfg[S.CFG_MMIO_CACHING] = int(flags["mmio_caching"])
+        self.cfg[S.CFG_NX_HUGE_PAGES] = int(flags["nx_huge_pages"])
         self.cfg[S.CFG_TDP_MAX_LEVEL] = tdp_huge_page_level
-        for name, v in (("nx_huge_pages_recovery_ratio", nx_huge_pages_recovery_ratio),
-                        ("nx_huge_pages_recovery_period_ms", nx_huge_pages_recovery_period_ms)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise bad(name, v, "must be a non-negative integer")
-        self.nx_recovery_ratio = int(nx_huge_pages_recovery_ratio)
-        self.nx_recovery_period_ms = int(nx_huge_pages_recovery_period_ms)
         self.time_ms = 0.0
         self._nx_next_ms = None
-        self.cfg[S.CFG_EAGER_SPLIT] = int(bool(eager_page_split))
-        self.cfg[S.CFG_PML] = int(bool(pml))
+        self.cfg[S.CFG_EAGER_SPLIT] = int(flags["eager_page_split"])
+        self.cfg[S.CFG_PML] = int(pml)
         self.host_ctl = np.zeros(S.NHOST, np.int64)
         self.host_ctl[S.HOST_BUDGET_BYTES] = self.memory
         self.pa = new_page_arena()
@@ -156,7 +134,7 @@ class Host(GuestPaging):
         self._vcpus = np.zeros(16, np.int64)
         self._maxphyaddr = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
-        self._slot_rec = {}        # (vm, slot) -> record
+        self._slot_rec = ms.SlotIndex()  # (vm, slot) -> record, and each VM's own slots
         self._paging_init()
         _reclaim.configure(self, overcommit, watermarks)
         self._sync_pools()
@@ -168,9 +146,9 @@ class Host(GuestPaging):
         self.st = sync_host_pools(self.st, self.overcommit is not None)
 
     def _check_vm(self, vm, field="vm"):
-        if isinstance(vm, bool) or not isinstance(vm, (int, np.integer)):
+        if not A.is_int(vm):
             raise bad(field, vm, "must be a VM id (integer)")
-        if not 0 <= vm < self.nvm:
+        if not 0 <= int(vm) < self.nvm:
             raise bad(field, vm, f"no such VM (this host has {self.nvm})")
         return int(vm)
 
@@ -248,36 +226,36 @@ class Host(GuestPaging):
         Returns the new VM ids.  ``tdp_format`` "ept" (Intel) or "npt" (AMD); ``tdp_levels`` 4 or 5;
         ``ept_ad=False`` runs EPT without accessed/dirty bits (access tracking).
         """
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-            raise bad("count", count, "must be a positive integer")
-        if self.nvm + int(count) > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
+        count = A.exact_int(count, "count", 1, A.I64_MAX, why="must be a positive integer")
+        if self.nvm + count > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
             raise bad("count", count, f"a Host holds at most {GM_MAX_VMS} VMs")
         size = parse_size(memory, "memory")
         if size <= 0 or size % ms.PAGE_SIZE:
             raise bad("memory", memory, "must be a positive multiple of 4096")
-        if isinstance(vcpus, bool) or not isinstance(vcpus, (int, np.integer)) or not 1 <= vcpus <= 4096:
-            raise bad("vcpus", vcpus, "must be an integer in 1..4096")
-        if mmu not in ("tdp", "shadow"):
-            raise bad("mmu", mmu, "must be 'tdp' or 'shadow'")
-        if tdp_format not in ("ept", "npt"):
-            raise bad("tdp_format", tdp_format, "must be 'ept' or 'npt'")
-        if tdp_levels not in (4, 5):
-            raise bad("tdp_levels", tdp_levels, "must be 4 or 5")
-        if isinstance(maxphyaddr, bool) or not isinstance(maxphyaddr, (int, np.integer)) \
-                or not 36 <= maxphyaddr <= 52:
-            raise bad("maxphyaddr", maxphyaddr, "must be an integer in 36..52")
+        vcpus = A.exact_int(vcpus, "vcpus", 1, 4096)
+        mmu = A.choice(mmu, "mmu", ("tdp", "shadow"))
+        tdp_format = A.choice(tdp_format, "tdp_format", ("ept", "npt"))
+        tdp_levels = A.exact_int(tdp_levels, "tdp_levels", 4, 5)
+        maxphyaddr = A.exact_int(maxphyaddr, "maxphyaddr", 36, 52)
+        ept_ad = A.bool_arg(ept_ad, "ept_ad")
         if tdp_levels == 4 and maxphyaddr > 48:
             raise bad("maxphyaddr", maxphyaddr, "4-level TDP maps at most 48 physical address bits")
         if size > (1 << maxphyaddr):
             raise bad("memory", memory, f"larger than the {maxphyaddr}-bit guest physical address space")
+        if size >> 12 > ms.KVM_MEM_MAX_NR_PAGES or ms.HVA_BASE + size > ms.TASK_SIZE_MAX:
+            raise einval("memory", memory, "slot 0 would be larger than one memslot can be (KVM_MEM_MAX_NR_PAGES)")
         bcode = self.backing if backing is None else ms.backing_code(backing)
         ms.check_backing_alignment(bcode, ms.HVA_BASE, size)
+        # kvm_create_vm + vCPUs + slot 0: refuse before allocating what cannot fit (O(1), not per VM)
+        A.check_alloc(vm_group_bytes(count, vcpus, size >> 12, mmu == "shadow", bool(self.cfg[S.CFG_PML]),
+                                     self.overcommit is not None), "count", count,
+                      f"{count} VMs of {format_size(size)} with {vcpus} vCPUs")
         if not ept_ad and tdp_format == "npt":
             raise bad("ept_ad", ept_ad, "NPT always has accessed/dirty bits")
         if self.cfg[S.CFG_PML] and (tdp_format != "ept" or not ept_ad):
             raise bad("tdp_format", tdp_format, "a Host(pml=True) is an Intel host: its VMs use EPT with A/D bits")
 
-        first, k = self.nvm, int(count)
+        first, k = self.nvm, count
         need = first + k
         self.vt = grow_vm_table(self.vt, need)
         for name in ("_order_cap", "_vcpus", "_maxphyaddr", "_gen_as1"):
@@ -326,21 +304,26 @@ class Host(GuestPaging):
         """
         vm = self._check_vm(vm)
         size = parse_size(size, "size") if isinstance(size, str) else size
+        slot, gpa, size, flags, hva = ms.region_args(slot, gpa, size, flags, hva)
+        bcode = None if backing is None else ms.backing_code(backing)
         change, rec = ms.validate_region(self, vm, slot, gpa, size, flags, hva)
-        self._sync_pml(vm)  # the vCPUs are out of the guest: their PML buffers were flushed
-        if change == "none":
-            return
-        if backing is not None and change != "create":
+        if bcode is not None and change not in ("create", "none"):
             raise bad("backing", backing, "the backing of an existing slot cannot change")
-        st = self.st
-        as0 = (slot >> 16) == 0
         if change == "create":
-            bcode = self.backing if backing is None else ms.backing_code(backing)
+            bcode = self.backing if bcode is None else bcode
             if hva is None:
                 hva = ms.HVA_BASE + gpa
                 if hva + size > ms.TASK_SIZE_MAX:
                     raise einval("gpa", gpa, "no user address space left for a congruent hva")
             ms.check_backing_alignment(bcode, hva, size)
+            A.check_alloc(slot_bytes(size >> 12, self._mmu_kind[vm] == S.MMU_SHADOW, self.overcommit is not None),
+                          "size", size, f"a memslot of {format_size(size)}")
+        self._sync_pml(vm)  # the vCPUs are out of the guest: their PML buffers were flushed
+        if change == "none":
+            return
+        st = self.st
+        as0 = (slot >> 16) == 0
+        if change == "create":
             rec = self._new_records(np.array([vm]), slot, gpa >> 12, size >> 12, hva, flags, bcode)
             self._bump_generation(vm, slot >> 16)
             if as0:
@@ -452,8 +435,7 @@ class Host(GuestPaging):
         """kvm_mmu_update_cpu_dirty_logging: PML is on while any slot of the VM logs."""
         if not self.cfg[S.CFG_PML]:
             return
-        logging = any(int(self.st.flags[r]) & S.KVM_MEM_LOG_DIRTY_PAGES
-                      for (v, _), r in self._slot_rec.items() if v == vm)
+        logging = any(int(self.st.flags[r]) & S.KVM_MEM_LOG_DIRTY_PAGES for _, r in self._slot_rec.of_vm(vm))
         mode = int(self.vt.dirty_mode[vm])
         self.vt.dirty_mode[vm] = (mode | S.DM_PML_ACTIVE) if logging else (mode & ~S.DM_PML_ACTIVE)
 
@@ -490,18 +472,16 @@ class Host(GuestPaging):
         vm = self._check_vm(vm)
         st = self.st
         out = []
-        for (v, slot), rec in sorted(self._slot_rec.items()):
-            if v == vm:
-                out.append({"slot": slot, "gpa": int(st.base_gfn[rec]) << 12, "size": int(st.npages[rec]) << 12,
-                            "hva": int(st.hva[rec]), "flags": int(st.flags[rec]),
-                            "backing": S.BACKING_NAMES[st.backing[rec]]})
+        for slot, rec in self._slot_rec.of_vm(vm):
+            out.append({"slot": slot, "gpa": int(st.base_gfn[rec]) << 12, "size": int(st.npages[rec]) << 12,
+                        "hva": int(st.hva[rec]), "flags": int(st.flags[rec]),
+                        "backing": S.BACKING_NAMES[st.backing[rec]]})
         return out
 
     def memslots_generation(self, vm, as_id=0):
         """The memslots generation of address space ``as_id`` (bit 63 = update in progress)."""
         vm = self._check_vm(vm)
-        if as_id not in (0, 1):
-            raise bad("as_id", as_id, "x86 has address spaces 0 and 1 (SMM)")
+        as_id = A.exact_int(as_id, "as_id", 0, 1, why="x86 has address spaces 0 and 1 (SMM)")
         return int(self.vt.memslots_gen[vm] if as_id == 0 else self._gen_as1[vm])
 
     # ------------------------------------------------------------------ vCPUs
@@ -518,11 +498,12 @@ class Host(GuestPaging):
         values = {}
         for name, v in (("cr0", cr0), ("cr3", cr3), ("cr4", cr4), ("efer", efer), ("rflags", rflags),
                         ("pkru", pkru)):
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < 1 << 64:
-                raise bad(name, v, "must be an unsigned 64-bit integer")
-            values[name] = int(v)
+            if v is not None:
+                hi = (1 << 32) - 1 if name == "pkru" else A.U64_MAX
+                values[name] = A.exact_int(v, name, 0, hi, why=f"must be an unsigned {hi.bit_length()}-bit integer")
+        now = self.vcpu_regs(vm, vcpu)
+        now.update(values)
+        check_sregs(now["cr0"], now["cr3"], now["cr4"], now["efer"], int(self._maxphyaddr[int(vm)]))
         old = {k: int(getattr(self.vr, k)[i]) for k in values}
         try:
             self._set_paging_regs(int(vm), i, values)
@@ -542,27 +523,35 @@ class Host(GuestPaging):
         writing through its mapping: the contents belong to the hva behind the gpa).  Every word must lie
         below MAXPHYADDR and in a memslot (KVM's kvm_write_guest fails with EFAULT otherwise)."""
         vm = self._check_vm(vm)
-        w = _u64_array(words, "words")
-        self._check_guest_range(vm, gpa, w.size)
-        self._gm_write_words(vm, int(gpa), w)
+        w = A.u64_array(words, "words")
+        gpa = self._gpa_arg(vm, gpa, 8 * w.size)
+        self._check_mapped(vm, gpa, w.size)
+        self._gm_write_words(vm, gpa, w)
 
     def read_guest_memory(self, vm, gpa, n):
         """``n`` u64 words at 8-byte aligned ``gpa``, read through the memslots like ``write_guest_memory``
         (pages never written read as zeros)."""
         vm = self._check_vm(vm)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise bad("n", n, "must be a non-negative integer")
-        self._check_guest_range(vm, gpa, n)
-        return self._gm_read_words(vm, int(gpa), int(n))
+        top = 1 << int(self._maxphyaddr[vm])
+        n = A.exact_int(n, "n", 0, top >> 3, why="must be a non-negative word count within the VM's address space")
+        A.check_alloc(8 * n, "n", n, f"{n} words")
+        gpa = self._gpa_arg(vm, gpa, 8 * n)
+        self._check_mapped(vm, gpa, n)
+        return self._gm_read_words(vm, gpa, n)
 
-    def _check_guest_range(self, vm, gpa, n):
-        """``n`` words at ``gpa``: aligned, below the VM's MAXPHYADDR, every page in a memslot."""
-        if isinstance(gpa, bool) or not isinstance(gpa, (int, np.integer)) or gpa < 0 or gpa % 8:
-            raise bad("gpa", gpa, "must be a non-negative multiple of 8")
-        limit = 1 << int(self._maxphyaddr[vm])
-        if int(gpa) + 8 * int(n) > limit:
-            raise bad("gpa", gpa, f"{int(n)} words from it reach beyond the VM's guest physical address space "
-                      f"(MAXPHYADDR {int(self._maxphyaddr[vm])}: gpas below {limit:#x})")
+    def _gpa_arg(self, vm, gpa, nbytes):
+        """An 8-byte aligned gpa whose ``nbytes`` lie below the VM's MAXPHYADDR."""
+        top = 1 << int(self._maxphyaddr[vm])
+        gpa = A.exact_int(gpa, "gpa", 0, top, why="must be a non-negative guest-physical address")
+        if gpa % 8:
+            raise bad("gpa", gpa, "must be a multiple of 8")
+        if gpa + nbytes > top:
+            raise bad("gpa", gpa, f"[gpa, +{nbytes}) goes beyond the VM's {top.bit_length() - 1}-bit "
+                      f"physical address space (MAXPHYADDR {int(self._maxphyaddr[vm])}: gpas below {top:#x})")
+        return gpa
+
+    def _check_mapped(self, vm, gpa, n):
+        """Every page of ``n`` words at ``gpa`` lies in a memslot (kvm_read_guest / kvm_write_guest: EFAULT)."""
         hole = self._gm_unmapped(vm, int(gpa), int(n))
         if hole >= 0:
             raise BatchMMUError(f"gpa={hole:#x}: VM {vm} has no memslot there (KVM: EFAULT)", field="gpa",
@@ -571,31 +560,58 @@ class Host(GuestPaging):
     # ------------------------------------------------------------------ accesses
     def _events(self, vm, vcpu, addr, kind):
         args = (("vm", vm), ("vcpu", vcpu), ("addr", addr), ("kind", kind))
-        lengths = [np.size(x) for _, x in args if np.ndim(x) > 0]
+        given = [A.int_array(x, name) for name, x in args]
+        lengths = [a.size for a, (_, x) in zip(given, args, strict=True) if not A.is_int(x)]
         n = max(lengths) if lengths else 1
         arrs = []
-        for name, x in args:
-            a = _int_array(x, name)
-            if np.ndim(x) == 0 or (a.size == 1 and n > 1):
+        for (name, _), a in zip(args, given, strict=True):
+            if a.size == 1 and n != 1:
                 a = np.full(n, a[0], np.int64)  # a scalar applies to every event
             elif a.size != n:
                 raise bad(name, f"length {a.size}", f"arrays must have equal lengths (or be scalars); expected {n}")
             arrs.append(a)
         vm_a, vcpu_a, addr_a, kind_a = arrs
-        # shadow-MMU VMs take gvas: any non-negative 63-bit value
-        limit = np.where(self._gva_vms(), 63, self._maxphyaddr)  # paging vCPUs of TDP VMs take gvas too
-        j, code = validate_events(vm_a, vcpu_a, addr_a, kind_a, self.nvm, self._vcpus, limit,
+        # per VM the widest address any of its vCPUs takes (a gva under paging, else a gpa)
+        bits, lo, hi = self._addr_bits()
+        j, code = validate_events(vm_a, vcpu_a, addr_a, kind_a, self.nvm, self._vcpus, hi,
                                   ACC_VALID_MASK, ACC_WRITE, ACC_FETCH)
+        if code == EV_OK and (lo != hi).any():  # vCPUs of one VM in different modes: check each event
+            sel = np.nonzero((lo != hi)[vm_a])[0]
+            over = np.nonzero(addr_a[sel] >> bits[self.ct.vcpu_off[vm_a[sel]] + vcpu_a[sel]])[0]
+            if over.size:
+                j, code = int(sel[over[0]]), EV_BAD_ADDR
+        if code == EV_BAD_ADDR:
+            g = int(self.ct.vcpu_off[vm_a[j]] + vcpu_a[j])
+            if self.vr.cr0[g] & int(X86_CR0_PG):
+                raise bad("addr", int(addr_a[j]), f"not a gva of VM {int(vm_a[j])} vCPU {int(vcpu_a[j])} in its "
+                          f"paging mode (takes [0, 2**{int(bits[g])})): a non-canonical address is a #GP, not a "
+                          "page fault")
+            raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space")
         if code == EV_BAD_VM:
             raise bad("vm", int(vm_a[j]), f"no such VM (this host has {self.nvm})")
         if code == EV_BAD_VCPU:
             raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])} has {int(self._vcpus[vm_a[j]])} vCPUs")
-        if code == EV_BAD_ADDR:
-            raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space")
         if code == EV_BAD_KIND:
             raise bad("kind", int(kind_a[j]),
                       "use ACC_WRITE, ACC_USER, ACC_FETCH bits (write and fetch exclude each other)")
         return vm_a, vcpu_a, addr_a, kind_a
+
+    def _addr_bits(self):
+        """(per vCPU, per VM min, per VM max) address bits an access may use: with paging 32 (no long
+        mode), 48 or 57 (LA57: gvas in their 48/57-bit form, upper half with bit 47/56 set); with paging
+        off the VM's MAXPHYADDR."""
+        vr, nvm = self.vr, self.nvm
+        mpa = self._maxphyaddr[:max(nvm, 1)]
+        if nvm == 0 or vr.cr0.size == 0:
+            return np.zeros(0, np.int64), mpa, mpa
+        owner = np.repeat(np.arange(nvm), self._vcpus[:nvm])
+        pg = (vr.cr0 & int(X86_CR0_PG)) != 0
+        if not pg.any():
+            return self._maxphyaddr[owner], mpa, mpa
+        long_bits = np.where(vr.cr4 & int(X86_CR4_LA57), 57, 48)
+        bits = np.where(pg, np.where(vr.efer & int(EFER_LMA), long_bits, 32), self._maxphyaddr[owner])
+        first = self.ct.vcpu_off[:nvm]
+        return bits, np.minimum.reduceat(bits, first), np.maximum.reduceat(bits, first)
 
     def access(self, vm, vcpu, addr, kind=0):
         """Guest memory accesses, in order within each VM.  Scalars broadcast; returns AccessResult."""
@@ -675,12 +691,10 @@ class Host(GuestPaging):
     def store(self, vm, vcpu, addr, value, kind=ACC_WRITE):
         """Guest 8-byte stores of ``value`` at ``addr`` (may be unaligned; a store that crosses a
         page is two accesses).  Stores KVM emulates as MMIO or to read-only memory leave memory as it was."""
-        k = np.asarray(kind)
-        if k.size and k.dtype.kind not in "iu":
-            raise bad("kind", kind, "must be ACC_* integer flags")
-        kind = np.bitwise_or(k.astype(np.int64), ACC_WRITE)
+        k = A.int_array(kind, "kind", 0, ACC_VALID_MASK)
+        kind = int(k[0] | ACC_WRITE) if A.is_int(kind) else k | ACC_WRITE
+        val = A.u64_array(value, "value")
         vm_a, vcpu_a, addr_a, kind_a = self._events(vm, vcpu, addr, kind)
-        val = _u64_array(value, "value")
         if val.size == 1 and vm_a.size > 1:
             val = np.full(vm_a.size, val[0], np.uint64)
         if val.size != vm_a.size:
@@ -731,8 +745,17 @@ class Host(GuestPaging):
 
     def invlpg(self, vm, vcpu, gva):
         """INVLPG by the guest: under shadow paging kvm_mmu_invlpg (sync of unsync SPTEs for the gva in
-        every cached root); under TDP it does not exit (no KVM work, no stat)."""
-        self._guest_op(vm, vcpu, SK.OP_INVLPG, gva)
+        every cached root); under TDP it does not exit (no KVM work, no stat).  In long mode INVLPG of a
+        non-canonical gva is a NOP (kvm_mmu_invalidate_addr)."""
+        i = self._vcpu_index(vm, vcpu)
+        vm = int(vm)
+        gva = A.exact_int(gva, "gva", 0, A.I64_MAX, why="must be a non-negative gva (integer)")
+        if gva >> self._vcpu_addr_bits(vm, i) and self.vr.efer[i] & int(EFER_LMA) \
+                and self.vr.cr0[i] & int(X86_CR0_PG):
+            if self._mmu_kind[vm] == S.MMU_SHADOW:
+                self.vt.stats[vm, S.ST_INVLPG] += 1  # kvm_mmu_invlpg counts it all the same
+            return
+        self._guest_op(vm, vcpu, SK.OP_INVLPG, self._gva_arg(vm, i, gva, "gva"))
 
     def flush_tlb(self, vm, vcpu):
         """A guest TLB flush: under shadow paging the current root is synced and unsync previous roots
@@ -749,11 +772,11 @@ class Host(GuestPaging):
     # ------------------------------------------------------------------ dirty log
     def _dirty_slot(self, vm, slot):
         """The record of a slot with a dirty bitmap, with KVM's errors (kvm_get_dirty_log)."""
+        slot = A.exact_int(slot, "slot", 0, (1 << 32) - 1, why="not a memslot id", errno=errno.EINVAL)  # __u32
         if int(self.vt.dirty_mode[vm]) & S.DM_RING:
             raise BatchMMUError(f"vm={vm}: the VM uses the dirty ring, not bitmaps (ENXIO)", field="vm",
                                 value=vm, errno=errno.ENXIO)
-        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or slot < 0 \
-                or slot >> 16 >= ms.KVM_ADDRESS_SPACE_NUM or slot & 0xFFFF >= ms.KVM_USER_MEM_SLOTS:
+        if slot >> 16 >= ms.KVM_ADDRESS_SPACE_NUM or slot & 0xFFFF >= ms.KVM_USER_MEM_SLOTS:
             raise einval("slot", slot, "not a memslot id")
         rec = self._slot_rec.get((vm, slot), -1)
         if rec < 0 or int(self.st.dirty_off[rec]) < 0:
@@ -790,21 +813,24 @@ class Host(GuestPaging):
     # ------------------------------------------------------------------ MMU notifiers
     def _hva_ranges(self, vm, start, end):
         """(record, first gfn, end gfn) of every memslot of the VM whose hva range meets [start, end)."""
-        for name, v in (("start", start), ("end", end)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise bad(name, v, "must be a non-negative integer hva")
-        if end <= start:
-            raise bad("end", end, f"must be above start={start:#x}")
+        start, end = self._hva_args(start, end)
         st = self.st
         out = []
-        for (v, _slot), rec in sorted(self._slot_rec.items()):
-            if v != vm:
-                continue
+        for _slot, rec in self._slot_rec.of_vm(vm):
             hva, npages, base = int(st.hva[rec]), int(st.npages[rec]), int(st.base_gfn[rec])
             lo, hi = max(start, hva), min(end, hva + (npages << 12))
             if lo < hi:
                 out.append((rec, base + ((lo - hva) >> 12), base + ((hi - hva + 4095) >> 12)))
         return out
+
+    @staticmethod
+    def _hva_args(start, end):
+        """[start, end) of user (host-virtual) addresses as exact ints."""
+        start = A.exact_int(start, "start", 0, ms.TASK_SIZE_MAX, why="must be a user-space hva (integer)")
+        end = A.exact_int(end, "end", 0, ms.TASK_SIZE_MAX + ms.PAGE_SIZE, why="must be a user-space hva (integer)")
+        if end <= start:
+            raise bad("end", end, f"must be above start={start:#x}")
+        return start, end
 
     def invalidate_range_start(self, vm, start, end):
         """mmu_notifier invalidate_range_start: zap every SPTE mapping [start, end) (hva) at every
@@ -853,7 +879,9 @@ class Host(GuestPaging):
 
     def _age(self, vm, start, end, clear):
         vm = self._check_vm(vm)
-        young = np.zeros(-(-(end - start) // 4096) if end > start else 0, np.int8)
+        start, end = self._hva_args(start, end)
+        A.check_alloc(2 * ((end - start) >> 12), "end", end, f"a page map of [{start:#x}, {end:#x})")
+        young = np.zeros(-(-(end - start) // 4096), np.int8)
         flush = False
         for rec, g0, g1 in self._hva_ranges(vm, start, end):
             if int(self.st.slot_id[rec]) >> 16:
@@ -873,6 +901,7 @@ class Host(GuestPaging):
         """clear_flush_young: which 4K pages of [start, end) were accessed since the last aging; makes
         them old (clears A, or access-tracks SPTEs without A/D) and flushes if any was young.
         ``flush=False`` is clear_young (page_idle, MGLRU aging)."""
+        flush = A.bool_arg(flush, "flush")
         young, any_young = self._age(vm, start, end, True)
         if flush and any_young:
             self._flush_remote_tlbs(vm)
@@ -893,19 +922,26 @@ class Host(GuestPaging):
         """Let simulated time pass and run the host's periodic work that falls in it: the NX huge
         page recovery worker (each VM's worker wakes every period and zaps
         ceil(nx_lpage_splits / ratio) of its oldest split pages).  Returns recovery passes run."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.integer, np.floating)) \
-                or seconds < 0:
-            raise bad("seconds", seconds, "must be a non-negative number")
+        seconds = A.number(seconds, "seconds", 0.0, MAX_SECONDS)
         end = self.time_ms + 1000.0 * seconds
+        if end > 1000.0 * MAX_SECONDS:
+            raise bad("seconds", seconds, f"simulated time would pass {MAX_SECONDS:.0f} s")
         period = self.nx_recovery_period()
         passes = 0
         if period is not None:
             if self._nx_next_ms is None:
                 self._nx_next_ms = self.time_ms + period
             while self._nx_next_ms <= end:
+                before = int(np.count_nonzero(self.pa.sp_flags & S.SPF_NX_TRACKED))
                 self._recover_nx_huge_pages()
                 self._nx_next_ms += period
                 passes += 1
+                if before == int(np.count_nonzero(self.pa.sp_flags & S.SPF_NX_TRACKED)) \
+                        and self._nx_next_ms <= end:
+                    # nothing was recovered, so no later pass in this interval recovers anything
+                    skip = int((end - self._nx_next_ms) // period) + 1
+                    passes += skip
+                    self._nx_next_ms += skip * period
         self.time_ms = end
         return passes
 
@@ -932,6 +968,7 @@ class Host(GuestPaging):
         """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET only reads, CLEAR re-protects; with
         ``initially_set`` a slot's bitmap starts all ones and enabling logging protects nothing."""
         vm = self._check_vm(vm)
+        initially_set = A.bool_arg(initially_set, "initially_set")
         mode = int(self.vt.dirty_mode[vm]) | S.DM_MANUAL_PROTECT
         mode = (mode | S.DM_INITIALLY_SET) if initially_set else (mode & ~S.DM_INITIALLY_SET)
         self.vt.dirty_mode[vm] = mode
@@ -940,11 +977,11 @@ class Host(GuestPaging):
         """KVM_CLEAR_DIRTY_LOG: clear the given bits and re-protect those pages.  Returns the number
         of pages whose bit was set (and so was cleared)."""
         vm = self._check_vm(vm)
+        first_page = A.exact_int(first_page, "first_page", 0, A.U64_MAX, errno=errno.EINVAL)  # __u64
+        num_pages = A.exact_int(num_pages, "num_pages", 0, (1 << 32) - 1, errno=errno.EINVAL)  # __u32
+        bm = A.u64_array(bitmap, "bitmap")
         rec = self._dirty_slot(vm, slot)
         npages = int(self.st.npages[rec])
-        for name, v in (("first_page", first_page), ("num_pages", num_pages)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise einval(name, v, "must be a non-negative integer")
         if first_page % 64:
             raise einval("first_page", first_page, "must be a multiple of 64")
         if first_page > npages or num_pages > npages - first_page or \
@@ -952,10 +989,9 @@ class Host(GuestPaging):
             raise einval("num_pages", num_pages, f"range [{first_page}, +{num_pages}) does not fit the slot's "
                          f"{npages} pages in whole 64-page words")
         words = (num_pages + 63) // 64
-        bm = np.atleast_1d(np.asarray(bitmap))
-        if bm.dtype.kind not in "iu" or bm.ndim != 1 or bm.size < words:
-            raise bad("bitmap", f"{bm.dtype} array of {bm.size}", f"needs at least {words} integer words")
-        bm = bm[:words].astype(np.uint64).view(np.int64)
+        if bm.size < words:
+            raise bad("bitmap", f"{bm.size} words", f"needs at least {words} words")
+        bm = bm[:words].view(np.int64)
         self._sync_pml(vm)
         if int(self.st.slot_id[rec]) >> 16:  # SMM slot: clear the bits, nothing to re-protect
             off = int(self.st.dirty_off[rec]) + first_page // 64
@@ -988,9 +1024,10 @@ class Host(GuestPaging):
         """
         vm = self._check_vm(vm)
         rsvd = S.KVM_DIRTY_RING_RSVD_ENTRIES + (S.PML_ENTITY_NUM if self.cfg[S.CFG_PML] else 0)
-        if isinstance(entries, bool) or not isinstance(entries, (int, np.integer)) or entries <= 0 \
-                or entries & (entries - 1) or entries <= rsvd or entries > 65536:
-            raise einval("entries", entries, f"must be a power of two in ({rsvd}, 65536]")
+        why = f"must be a power of two in ({rsvd}, 65536]"
+        entries = A.exact_int(entries, "entries", rsvd + 1, 65536, why=why, errno=errno.EINVAL)
+        if entries & (entries - 1):
+            raise einval("entries", entries, why)
         if int(self.vt.root[vm]) >= 0 or int(self.vt.dirty_mode[vm]) & S.DM_RING:
             raise einval("vm", vm, "enable the dirty ring once, before the VM's first access")
         nv = int(self._vcpus[vm])
@@ -1011,11 +1048,11 @@ class Host(GuestPaging):
         """Collect the vCPU's dirty entries as userspace does (and mark them for reset).
         Returns an int64 array of shape (n, 2): [slot, offset]."""
         g = self._vcpu_index(vm, vcpu)
-        self._sync_pml(int(vm))
         ct = self.ct
         size = int(ct.ring_size[g])
         if not size:
             raise einval("vm", vm, "this VM has no dirty ring")
+        self._sync_pml(int(vm))
         out = []
         while True:
             idx = int(ct.ring_off[g]) + (int(ct.ring_fetch[g]) & (size - 1))
@@ -1032,9 +1069,8 @@ class Host(GuestPaging):
         if not int(self.vt.dirty_mode[vm]) & S.DM_RING:
             raise einval("vm", vm, "this VM has no dirty ring")
         slot_recs = np.full(1 << 16, -1, np.int64)
-        for (v, sl), r in self._slot_rec.items():
-            if v == vm:
-                slot_recs[((sl >> 16) << 15) | (sl & 0x7FFF)] = r
+        for sl, r in self._slot_rec.of_vm(vm):
+            slot_recs[((sl >> 16) << 15) | (sl & 0x7FFF)] = r
         total = 0
         g0 = int(self.ct.vcpu_off[vm])
         for c in range(int(self._vcpus[vm])):
@@ -1066,6 +1102,10 @@ class Host(GuestPaging):
         """
         vms = np.arange(self.nvm) if vm is None else np.array([self._check_vm(vm)])
         st = self.st
+        if vm is None:
+            live = np.nonzero(st.vm[:self.nrec] >= 0)[0]
+        else:
+            live = np.array(sorted(r for _, r in self._slot_rec.of_vm(int(vms[0]))), np.int64)
         shadow_vms = vms[self._mmu_kind[vms] == S.MMU_SHADOW]
         pages = int(self.vt.stats[vms, S.ST_MMU_PAGES].sum())
         spages = int(self.vt.stats[shadow_vms, S.ST_MMU_PAGES].sum())
@@ -1077,7 +1117,6 @@ class Host(GuestPaging):
             for v in shadow_vms:
                 SK.shadow_footprint_counts(m, int(v), one)
                 counts += one
-        live = np.nonzero(np.isin(st.vm[:self.nrec], vms))[0]
         npg = st.npages[live]
         base = st.base_gfn[live]
         lp = sum(int(((base + npg - 1) >> s).sum() - (base >> s).sum()) + live.size for s in (9, 18))
@@ -1112,8 +1151,8 @@ class Host(GuestPaging):
 
     def reserve_tables(self, rows):
         """Make room for ``rows`` more page-table pages now (one allocation instead of doublings)."""
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
-            raise bad("rows", rows, "must be a non-negative integer")
+        rows = A.exact_int(rows, "rows", 0, A.I64_MAX, why="must be a non-negative integer")
+        A.check_alloc((rows + S.MAX_ROWS_PER_EVENT) * bytes_per_row(), "rows", rows, f"{rows} page-table pages")
         free = int(self.pa.ctl[S.CTL_FREE_TOP])
         if rows + S.MAX_ROWS_PER_EVENT > free:
             self.pa = grow_page_arena(self.pa, rows + S.MAX_ROWS_PER_EVENT, exact=True)
@@ -1127,7 +1166,7 @@ class Host(GuestPaging):
         """kswapd: above the low watermark age every folio (clear_young through the MMU notifier);
         above the high one (or ``force``) swap out the oldest pages of all VMs down to the low
         watermark.  Returns {"scanned": pages aged, "reclaimed": pages swapped out}."""
-        return _reclaim.reclaim(self, force)
+        return _reclaim.reclaim(self, A.bool_arg(force, "force"))
 
     def reclaim_scan(self):
         """The aging half of ``reclaim``: int64 (nvm, 256) evictable pages by age, per VM."""
@@ -1136,7 +1175,11 @@ class Host(GuestPaging):
     def reclaim_evict(self, threshold, at_threshold):
         """The evicting half: every page older than ``threshold`` and ``at_threshold[vm]`` pages of
         that age (see batchmmu.reclaim.plan_reclaim); returns pages swapped out per VM."""
-        return _reclaim.evict(self, threshold, at_threshold)
+        threshold = A.exact_int(threshold, "threshold", 0, A.I64_MAX)
+        at = A.int_array(at_threshold, "at_threshold", 0, A.I64_MAX)
+        if at.shape != (self.nvm,):
+            raise bad("at_threshold", f"length {at.size}", f"needs one entry per VM ({self.nvm})")
+        return _reclaim.evict(self, threshold, at)
 
     def discard_hva_range(self, vm, start, end):
         """madvise(MADV_DONTNEED) of [start, end): SPTEs zapped through the MMU notifier, host pages
@@ -1145,7 +1188,8 @@ class Host(GuestPaging):
 
     def host_pages(self, vm, slot):
         """The host side of a memslot's pages: bool arrays ``resident``, ``swapped``, ``split``."""
-        return _reclaim.page_state(self, self._check_vm(vm), slot)
+        vm = self._check_vm(vm)
+        return _reclaim.page_state(self, vm, A.exact_int(slot, "slot", 0, (1 << 32) - 1))
 
     def mmu_notifier_release(self, vm):
         """mmu_notifier release (the VMM's mm goes away): kvm_flush_shadow_all zaps every SPTE and

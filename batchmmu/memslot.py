@@ -9,6 +9,7 @@ import errno
 
 import numpy as np
 
+from . import args as A
 from .errors import BatchMMUError, einval
 from .kernels import state as S
 
@@ -57,13 +58,17 @@ def seed_lpage_info(lpage, off, base_gfn, npages, hva, level):
         lp[:] = 1
 
 
+def region_args(slot, gpa, size, flags, hva):
+    """The ioctl's fields as exact Python ints (any 64-bit value; KVM's checks follow)."""
+    out = [A.exact_int(v, name, A.I64_MIN, A.U64_MAX, why="must be a 64-bit integer")
+           for name, v in (("slot", slot), ("gpa", gpa), ("size", size), ("flags", flags))]
+    out.append(A.opt_int(hva, "hva", A.I64_MIN, A.U64_MAX, why="must be a 64-bit integer or None"))
+    return out
+
+
 def validate_region(host, vm, slot, gpa, size, flags, hva):
-    """The checks of __kvm_set_memory_region, in KVM's order.  Returns (change, rec)."""
-    for name, v in (("slot", slot), ("gpa", gpa), ("size", size), ("flags", flags)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-            raise BatchMMUError(f"{name}={v!r}: must be an integer", field=name, value=v)
-    if hva is not None and (not isinstance(hva, (int, np.integer)) or isinstance(hva, bool)):
-        raise BatchMMUError(f"hva={hva!r}: must be an integer or None", field="hva", value=hva)
+    """The checks of __kvm_set_memory_region, in KVM's order, on exact ints (``region_args``).
+    Returns (change, rec)."""
     if flags & ~VALID_FLAGS or flags < 0:
         raise einval("flags", flags, "unknown memslot flags (valid: MEM_LOG_DIRTY_PAGES|MEM_READONLY)")
     as_id, sid = slot >> 16, slot & 0xFFFF
@@ -123,9 +128,31 @@ def _overlaps(host, vm, base_gfn, npages, skip_rec):
 
 
 def _overlaps_as(host, vm, as_id, base_gfn, npages, skip_rec):
-    for (v, sl), rec in host._slot_rec.items():
-        if v == vm and sl >> 16 == as_id and rec != skip_rec:
+    for sl, rec in host._slot_rec.of_vm(vm):
+        if sl >> 16 == as_id and rec != skip_rec:
             b, n = int(host.st.base_gfn[rec]), int(host.st.npages[rec])
             if b < base_gfn + npages and base_gfn < b + n:
                 return True
     return False
+
+
+class SlotIndex(dict):
+    """(vm, slot) -> memslot record, with each VM's slots also kept apart so that a per-VM call
+    looks at that VM's slots only (not every slot of every VM)."""
+
+    def __init__(self):
+        super().__init__()
+        self._by_vm = {}
+
+    def __setitem__(self, key, rec):
+        super().__setitem__(key, rec)
+        self._by_vm.setdefault(key[0], {})[key[1]] = rec
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        del self._by_vm[key[0]][key[1]]
+
+    def of_vm(self, vm):
+        """[(slot, rec)] of one VM, by slot id."""
+        d = self._by_vm.get(vm)
+        return sorted(d.items()) if d else []

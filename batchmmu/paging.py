@@ -7,17 +7,47 @@ up before a batch and runs the shadow kernels (kernels/shadow.py).
 
 import numpy as np
 
+from . import args as A
 from .arena import Pool, _grow
-from .errors import bad
+from .errors import bad, einval
 from .kernels import gmem as GM
 from .kernels import shadow as K
 from .kernels import state as S
-from .kernels.guest_walk import X86_CR0_PG, cpu_mode, mode_levels
+from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57, X86_CR4_PAE, cpu_mode, mode_levels
 
 CR0_RESET = 0x60000010          # CD | NW | ET
 CR0_PE = 1
+X86_CR0_NW = 1 << 29
+X86_CR0_CD = 1 << 30
 X86_CR4_PKE = 1 << 22
+EFER_LME = 1 << 8
 CANONICAL_BITS = {4: 48, 5: 57}
+# CR4 bits KVM lets a guest set (CR4_RESERVED_BITS in arch/x86/kvm/x86.h: VME PVI TSD DE PSE PAE MCE PGE
+# PCE OSFXSR OSXMMEXCPT UMIP LA57 VMXE FSGSBASE PCIDE OSXSAVE SMEP SMAP PKE CET LAM_SUP)
+CR4_VALID_BITS = 0x1FFF | (1 << 13) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 20) | (1 << 21) | (1 << 22) \
+    | (1 << 23) | (1 << 28)
+
+
+def check_sregs(cr0, cr3, cr4, efer, maxphyaddr):
+    """kvm_is_valid_sregs (with kvm_is_valid_cr0, kvm_is_valid_cr4, kvm_vcpu_is_legal_cr3): the register
+    combinations KVM_SET_SREGS refuses with EINVAL."""
+    if cr0 >> 32:
+        raise einval("cr0", cr0, "bits 63:32 are reserved")
+    if cr0 & X86_CR0_NW and not cr0 & X86_CR0_CD:
+        raise einval("cr0", cr0, "NW without CD")
+    if cr0 & int(X86_CR0_PG) and not cr0 & CR0_PE:
+        raise einval("cr0", cr0, "PG without PE")
+    if cr4 & ~CR4_VALID_BITS:
+        raise einval("cr4", cr4, f"reserved CR4 bits {cr4 & ~CR4_VALID_BITS:#x}")
+    if efer & EFER_LME and cr0 & int(X86_CR0_PG):
+        if not cr4 & int(X86_CR4_PAE):
+            raise einval("cr4", cr4, "long mode (EFER.LME with CR0.PG) needs CR4.PAE")
+        if not efer & int(EFER_LMA):
+            raise einval("efer", efer, "long mode (EFER.LME with CR0.PG) needs EFER.LMA")
+        if cr3 >> maxphyaddr:
+            raise einval("cr3", cr3, f"beyond the guest's MAXPHYADDR ({maxphyaddr} bits)")
+    elif efer & int(EFER_LMA):
+        raise einval("efer", efer, "EFER.LMA outside long mode (needs EFER.LME and CR0.PG)")
 
 
 def _new_shadow_state(rows, nvm):
@@ -191,15 +221,14 @@ class GuestPaging:
         """kvm_arch_commit_memory_region: n_max = max(memslot pages / 50, 64) unless userspace set it."""
         if self._mmu_kind[vm] != S.MMU_SHADOW or self._nr_requested.get(vm):
             return
-        pages = sum(int(self.st.npages[r]) for (v, _), r in self._slot_rec.items() if v == vm)
+        pages = sum(int(self.st.npages[r]) for _, r in self._slot_rec.of_vm(vm))
         K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, max(pages // 50, 64))
 
     def set_nr_mmu_pages(self, vm, n):
         """KVM_SET_NR_MMU_PAGES: the VM's shadow-page budget (zaps the oldest pages if above it)."""
         vm = self._check_vm(vm)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 64:
-            raise bad("n", n, "must be an integer >= 64 (KVM_MIN_ALLOC_MMU_PAGES)")
-        self._nr_requested[vm] = int(n)
+        n = A.exact_int(n, "n", 64, A.I64_MAX, why="must be an integer >= 64 (KVM_MIN_ALLOC_MMU_PAGES)")
+        self._nr_requested[vm] = n
         if self._mmu_kind[vm] == S.MMU_SHADOW:
             K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, int(n))
 
@@ -214,10 +243,8 @@ class GuestPaging:
         moves to the tail of the list; at most ``nr_to_scan`` VMs are looked at.  ``mode="caches"``
         (v6.10+): only the vCPUs' memory caches are freed; they are not modelled, so nothing changes.
         Returns the number of pages freed."""
-        if isinstance(nr_to_scan, bool) or not isinstance(nr_to_scan, (int, np.integer)) or nr_to_scan < 1:
-            raise bad("nr_to_scan", nr_to_scan, "must be a positive integer")
-        if mode not in ("zap", "caches"):
-            raise bad("mode", mode, "must be 'zap' or 'caches'")
+        nr_to_scan = A.exact_int(nr_to_scan, "nr_to_scan", 1, A.I64_MAX, why="must be a positive integer")
+        mode = A.choice(mode, "mode", ("zap", "caches"))
         if mode == "caches":
             return 0
         order = self._vm_list()
@@ -262,12 +289,12 @@ class GuestPaging:
         from .errors import HostMemoryExhausted
         from .kernels.memslot import host_touch_range
         vm = self._check_vm(vm)
-        for name, v in (("gpa", gpa), ("size", size)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise bad(name, v, "must be a non-negative integer")
+        top = 1 << int(self._maxphyaddr[vm])
+        gpa = A.exact_int(gpa, "gpa", 0, top, why="must be a guest-physical address (integer)")
+        size = A.exact_int(size, "size", 0, top - gpa, why="must be a size within the guest-physical address space")
         start, end = gpa >> 12, (gpa + size + 4095) >> 12
-        for (v, slot), rec in sorted(self._slot_rec.items()):
-            if v != vm or slot >> 16:
+        for slot, rec in self._slot_rec.of_vm(vm):
+            if slot >> 16:
                 continue
             base, n = int(self.st.base_gfn[rec]), int(self.st.npages[rec])
             lo, hi = max(start, base), min(end, base + n)
@@ -389,25 +416,28 @@ class GuestPaging:
         memslots, and for a write ``kvm_mmu_track_write``.  Returns AccessResult."""
         from .host import AccessResult
         i = self._vcpu_index(vm, vcpu)
-        vm = int(vm)
+        vm, vcpu = int(vm), int(vcpu)
+        size = A.exact_int(size, "size", 1, 8, why="must be 1, 2, 4 or 8 bytes")
         if size not in (1, 2, 4, 8):
             raise bad("size", size, "must be 1, 2, 4 or 8 bytes")
-        if isinstance(kind, bool) or not isinstance(kind, (int, np.integer)) or kind & ~0x16:
-            raise bad("kind", kind, "use ACC_WRITE, ACC_USER, ACC_FETCH bits")
-        del i
+        kind = A.flag_word(kind, "kind", 0x16, errno=None)
+        value = A.u64_array(value, "value")
+        if value.size != 1:
+            raise bad("value", value, "must be one integer")
+        addr = self._gva_arg(vm, i, addr)
         out, err = self._run_shadow(np.array([vm]), np.array([vcpu]), np.array([K.OP_EMULATED]), np.array([addr]),
-                                    np.array([kind]), np.array([np.uint64(value).view(np.int64)]),
-                                    np.array([size]))
+                                    np.array([kind]), value.view(np.int64), np.array([size]))
         return AccessResult(out, err)
 
     def mov_cr3(self, vm, vcpu, cr3):
         """The guest writes CR3 (MOV to CR3, no PCID): under shadow paging KVM switches roots (cached in
         prev_roots), syncs and flushes; under TDP it does not exit."""
-        self._vcpu_index(vm, vcpu)
-        if isinstance(cr3, bool) or not isinstance(cr3, (int, np.integer)) or not 0 <= cr3 < 1 << 52:
-            raise bad("cr3", cr3, "must be a guest-physical address")
-        if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
-            i = self._vcpu_index(vm, vcpu)
+        i = self._vcpu_index(vm, vcpu)
+        vm, vcpu = int(vm), int(vcpu)
+        # kvm_set_cr3: in long mode a CR3 beyond MAXPHYADDR is a #GP; outside it CR3 is a 32-bit register
+        bits = int(self._maxphyaddr[vm]) if self.vr.efer[i] & int(EFER_LMA) else 32
+        cr3 = A.exact_int(cr3, "cr3", 0, (1 << bits) - 1, why=f"must be a {bits}-bit guest-physical address")
+        if self._mmu_kind[vm] != S.MMU_SHADOW:
             self.vr.cr3[i] = cr3
             if int(mode_levels(cpu_mode(self.vr.cr0[i], self.vr.cr4[i], self.vr.efer[i], self.vr.rflags[i]))) == 3:
                 # PAE: the processor loads the four PDPTEs at MOV CR3 (no exit under TDP)
@@ -416,10 +446,29 @@ class GuestPaging:
         self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([K.OP_MOV_CR3]), np.array([cr3]),
                          np.array([0]), np.array([0]), np.array([0]))
 
+    def _vcpu_addr_bits(self, vm, i):
+        """Address bits vCPU ``i`` takes (as Host._addr_bits, for one vCPU)."""
+        vr = self.vr
+        if not vr.cr0[i] & int(X86_CR0_PG):
+            return int(self._maxphyaddr[vm])
+        if not vr.efer[i] & int(EFER_LMA):
+            return 32
+        return 57 if vr.cr4[i] & int(X86_CR4_LA57) else 48
+
+    def _gva_arg(self, vm, i, addr, field="addr"):
+        """An address vCPU ``i`` can use: a gva in its 48-bit (57 with LA57) form, the upper half with bit
+        47 (56) set (a non-canonical one is a #GP, not a page fault) or, with paging off, a gpa."""
+        addr = A.exact_int(addr, field, 0, A.I64_MAX, why="must be a non-negative address (integer)")
+        bits = self._vcpu_addr_bits(vm, i)
+        if addr >> bits:
+            raise bad(field, addr, f"not an address of VM {vm} vCPU {i - int(self.ct.vcpu_off[vm])} in its mode "
+                      f"(takes [0, 2**{bits})): a non-canonical address is a #GP, not a page fault")
+        return addr
+
     def _guest_op(self, vm, vcpu, op, addr):
         self._vcpu_index(vm, vcpu)
         if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
             return False
-        self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([op]), np.array([addr]), np.array([0]),
+        self._run_shadow(np.array([int(vm)]), np.array([int(vcpu)]), np.array([op]), np.array([addr]), np.array([0]),
                          np.array([0]), np.array([0]))
         return True

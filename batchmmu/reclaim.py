@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from . import args as A
 from .errors import BatchMMUError, bad
 from .kernels import state as S
 from .kernels.gmem import gm_discard_slots
@@ -62,18 +63,19 @@ def plan_reclaim(hist, need):
 # ----------------------------------------------------------------------------- one host
 def configure(host, overcommit, watermarks):
     """Parse Host(overcommit=, watermarks=)."""
+    if isinstance(overcommit, np.bool_):
+        overcommit = bool(overcommit)
     if overcommit is True:
         host.overcommit = "direct"
     elif overcommit is False or overcommit is None:
         host.overcommit = None
-    elif overcommit in ("direct", "epoch"):
+    elif isinstance(overcommit, str) and overcommit in ("direct", "epoch"):
         host.overcommit = overcommit
     else:
         raise bad("overcommit", overcommit, "use False, True (reclaim when a fault finds memory full) or 'epoch'")
-    try:
-        low, high = (float(x) for x in watermarks)
-    except (TypeError, ValueError):
-        raise bad("watermarks", watermarks, "must be (low, high) fractions of memory") from None
+    if not isinstance(watermarks, (tuple, list)) or len(watermarks) != 2:
+        raise bad("watermarks", watermarks, "must be (low, high) fractions of memory")
+    low, high = (A.number(x, "watermarks", 0.0, 1.0) for x in watermarks)
     if not 0 < low <= high <= 1:
         raise bad("watermarks", watermarks, "need 0 < low <= high <= 1")
     host.watermarks = (low, high)

@@ -1,6 +1,9 @@
 """Byte sizes: ints or strings such as "512MiB", "4GiB", "1G", "4096"."""
 
 import re
+from fractions import Fraction
+
+import numpy as np
 
 from .errors import bad
 
@@ -12,17 +15,17 @@ _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 def parse_size(value, field="size"):
     """Return ``value`` in bytes; raise BatchMMUError naming ``field`` if it is not a size."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise bad(field, value, "not a size")
-    if isinstance(value, int):
+    if isinstance(value, (int, np.integer)):
         if value < 0:
             raise bad(field, value, "must not be negative")
-        return value
+        return int(value)
     if isinstance(value, str):
         m = _RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-            if n != int(n):
+            n = Fraction(m.group(1)) * _UNITS[m.group(2).lower()]  # exact: no rounding through a float
+            if n.denominator != 1:
                 raise bad(field, value, "not a whole number of bytes")
             return int(n)
     raise bad(field, value, "not a size (use bytes or e.g. '512MiB', '4GiB')")
