@@ -117,7 +117,7 @@ def _guest_paging(mmu, pml=False):
         for fmt in ("ept", "npt") if mmu == "tdp" and not pml else ("ept",):
             vm = int(h.create_vms(1, memory="8MiB", mmu=mmu, tdp_format=fmt)[0])
             tables = _paging_guest(h, vm, cr0, cr4, efer, levels, size)
-            h.access(vm, 0, [_CODE, _DATA, _DATA + 4096, 1 << 32], [ACC_FETCH | ACC_USER, ACC_USER, ACC_WRITE, 0])
+            h.access(vm, 0, [_CODE, _DATA, _DATA + 4096, 1 << 31], [ACC_FETCH | ACC_USER, ACC_USER, ACC_WRITE, 0])
             h.store(vm, 0, _DATA, 0x1234, ACC_WRITE | ACC_USER)
             h.store(vm, 0, tables[-1] + 8, (_DATA + 4096) | _TABLE, ACC_WRITE)  # a gpte write
             h.store(vm, 0, tables[-2] + 3, 0, ACC_WRITE)                       # misaligned, emulated
