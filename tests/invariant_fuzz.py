@@ -123,9 +123,9 @@ def leaves(h, vm):
             if not is_last_spte(spte, level):
                 stack.append(int(spte_to_child_row(np.int64(spte))))
                 continue
-            if rl & ROLE_PASSTHROUGH:
+            if rl & int(ROLE_PASSTHROUGH):
                 gfn = int(sgfn[row])
-            elif rl & ROLE_DIRECT:
+            elif rl & int(ROLE_DIRECT):
                 gfn = int(sgfn[row]) + (i << (9 * (level - 1)))
             else:
                 gfn = int(trans[row, i]) >> 12
@@ -151,7 +151,7 @@ def check(st, log):
         pfn = int(spte_to_pfn(np.uint64(spte).view(np.int64)))
         if pfn != hva >> 12:
             fail(f"SPTE {spte:#x} for gfn {gfn:#x} maps pfn {pfn:#x}, its slot's hva is {hva:#x}")
-        if spte & PT_WRITABLE_MASK and s["flags"] & bm.MEM_READONLY:
+        if spte & int(PT_WRITABLE_MASK) and s["flags"] & bm.MEM_READONLY:
             fail(f"writable SPTE {spte:#x} for gfn {gfn:#x} in read-only slot {s['slot']}")
         for lo, hi in st.invals:
             if hva < hi and lo < hva + (span << 12):
@@ -160,19 +160,23 @@ def check(st, log):
 
 
 # ----------------------------------------------------------------------------- the steps
-def _collect(st, slot):
-    """Userspace collects slot's dirty pages (and re-arms them)."""
+def _collect(st):
+    """Userspace collects the dirty pages of every logging slot (and re-arms them): slot -> page offsets."""
     h, vm = st.h, st.vm
+    got = {1: set(), 2: set()}
     if st.mode == "ring":
-        got = set()
         for c in range(st.vcpus):
-            got |= {int(o) for s, o in h.harvest_dirty_ring(vm, c) if s == slot}
+            for s, o in h.harvest_dirty_ring(vm, c):
+                got.setdefault(int(s), set()).add(int(o))
         h.reset_dirty_rings(vm)
         return got
-    words = h.get_dirty_log(vm, slot)
-    got = {w * 64 + b for w, x in enumerate(words) for b in range(64) if (int(x) >> b) & 1}
-    if st.mode in ("manual", "initially_set"):
-        h.clear_dirty_log(vm, slot, 0, SLOT1 >> 12, np.full(SLOT1 >> 18, -1, np.int64))
+    for slot in (1, 2):
+        if not _logging(st, slot):
+            continue
+        words = h.get_dirty_log(vm, slot)
+        got[slot] = {w * 64 + b for w, x in enumerate(words) for b in range(64) if (int(x) >> b) & 1}
+        if st.mode in ("manual", "initially_set"):
+            h.clear_dirty_log(vm, slot, 0, SLOT1 >> 12, np.full(SLOT1 >> 18, -1, np.int64))
     return got
 
 
@@ -181,25 +185,15 @@ def _logging(st, slot):
     return s is not None and bool(s[2] & bm.MEM_LOG_DIRTY_PAGES)
 
 
-def _verify_collection(st, log, slot):
-    if not _logging(st, slot):
-        return
-    got = _collect(st, slot)
-    missing = st.pending[slot] - got
-    if missing:
-        raise InvariantViolation(f"VM {st.vm} ({st.kind}, {st.mode}): lost writes to slot {slot}: pages "
-                                 f"{sorted(missing)[:8]}\n-- last steps:\n  " + "\n  ".join(log[-25:]))
-    st.pending[slot] = set()
-
-
 def _harvest_all(st, log):
+    """Collect every log and check that no write since the last collection is missing."""
+    got = _collect(st)
     for slot in (1, 2):
-        if _logging(st, slot):
-            _verify_collection(st, log, slot)
-    if st.mode == "ring":  # entries of slots no longer logging go too
-        for c in range(st.vcpus):
-            st.h.harvest_dirty_ring(st.vm, c)
-        st.h.reset_dirty_rings(st.vm)
+        missing = st.pending[slot] - got[slot]
+        if missing:
+            raise InvariantViolation(f"VM {st.vm} ({st.kind}, {st.mode}): lost writes to slot {slot}: pages "
+                                     f"{sorted(missing)[:8]}\n-- last steps:\n  " + "\n  ".join(log[-25:]))
+        st.pending[slot] = set()
 
 
 def _set_slot(st, log, slot, spec):
@@ -217,6 +211,9 @@ def _set_slot(st, log, slot, spec):
     except bm.InvalidationInProgress:
         assert st.invals, "refused without an invalidation in progress"
         log.append("  -> refused: invalidation in progress")
+        return False
+    except bm.BatchMMUError as e:
+        log.append(f"  -> rejected: {e}")
         return False
     return True
 
@@ -258,10 +255,9 @@ def step(st, log):
     elif r < 58 and s1 is not None:
         flags = s1[2] ^ bm.MEM_LOG_DIRTY_PAGES
         log.append(f"slot 1 flags -> {flags:#x}")
+        _harvest_all(st, log)              # userspace collects before logging goes off (or on again)
         if _set_slot(st, log, 1, (s1[0], s1[1], flags, None)):
-            _harvest_all(st, log)
             st.slot1 = (s1[0], s1[1], flags)
-            st.pending[1] = set()
     elif r < 63 and s1 is not None:
         gpa = WINDOWS[1] if s1[0] == WINDOWS[0] else WINDOWS[0]
         if st.alias is not None and st.alias[0] == gpa:
@@ -272,6 +268,7 @@ def step(st, log):
     elif r < 68:
         # delete and recreate slot 1: read-only or not, logging or not, a new hva or the same
         log.append("recreate slot 1")
+        _harvest_all(st, log)
         if not _set_slot(st, log, 1, None):
             return
         if st.alias is not None:

@@ -136,14 +136,6 @@ def test_the_dirty_ring_is_enabled_before_the_vcpus_run(mmu):
     assert e.value.errno == 22
 
 
-def test_writes_to_slots_that_do_not_log_stay_off_the_ring():
-    h = bm.Host(memory="1GiB", backing="4k")
-    vm = int(h.create_vms(1, memory=16 * MiB)[0])
-    h.enable_dirty_ring(vm, 128)
-    h.access(vm, 0, 4096 * np.arange(8), bm.ACC_WRITE)     # slot 0 does not log
-    assert h.harvest_dirty_ring(vm, 0).shape == (0, 2)
-
-
 # ----------------------------------------------------------------------------- 9: out of host memory
 def test_a_mixed_batch_out_of_memory_says_which_events_ran():
     h = bm.Host(memory="1MiB", backing="4k")               # 256 host pages, ~20 of them for page tables

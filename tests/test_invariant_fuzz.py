@@ -5,6 +5,6 @@ import pytest
 from invariant_fuzz import run_case
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 def test_security_invariants_hold(seed):
-    assert run_case(seed, steps=40) > 0
+    assert run_case(seed, steps=25) > 0
