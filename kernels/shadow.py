@@ -174,8 +174,10 @@ SC_INVALID_HEAD = 160  # head of invalid_list (rows linked through sh.anext)
 SC_PREFETCH = 168    # 8 gptes of the prefetch group
 SC_MARK_STACK = 176  # stack of mark_parents_unsync (pages whose unsync_children went 0 -> 1)
 SC_MARK_STACK_LEN = 80
-SC_RUNNING_VCPU = 256  # kvm_get_running_vcpu(): the global vCPU index while an event runs, else -1
-SC_SIZE = 264
+SC_SIZE = 256
+# kvm_get_running_vcpu(): the global vCPU index while a shadow event runs, else -1 (the last word of the
+# walker's block: the walk uses WK_SIZE words, kernels/tdp2d.py one more)
+SC_RUNNING_VCPU = 63
 
 MAX_EXITS = 4
 

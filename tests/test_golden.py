@@ -1,0 +1,63 @@
+"""Golden statistics: every bundled scenario and ``validate`` (simulator side) give exactly the recorded figures.
+
+Refactors must keep these equal; ``python tests/golden/record.py [KEY ...]`` re-records (only for a change meant to
+alter statistics, said so in its commit).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
+import record  # noqa: E402
+
+SCENARIO_CASES = [pytest.param(name, tag, sets, id=name + ("-" + tag if tag else ""))
+                  for name, tag, sets in record.SCENARIOS]
+
+
+def _diff(a, b, path=""):
+    """First differing path between two JSON-like values (None when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}.{k}: only in {'golden' if k in a else 'run'}"
+            d = _diff(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = _diff(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: golden {a!r} != run {b!r}"
+
+
+def _golden(kind, key):
+    path = record.golden_path(kind, key)
+    assert path.exists(), f"no golden file {path.name}: run tests/golden/record.py {key}"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name,tag,sets", SCENARIO_CASES)
+def test_scenario_statistics_unchanged(name, tag, sets):
+    key = name + ("-" + tag if tag else "")
+    got = json.loads(json.dumps(record.scenario_stats(name, sets), sort_keys=True))
+    want = _golden("scenario", key)
+    # statistics recorded in the golden file must be equal; keys added to a phase later are allowed
+    for ph_want, ph_got in zip(want["phases"], got["phases"], strict=True):
+        for k in set(ph_got) - set(ph_want):
+            del ph_got[k]
+    assert _diff(want, got) is None, _diff(want, got)
+
+
+@pytest.mark.parametrize("workload", record.bundled_workloads() + record.VALIDATE)
+def test_validate_statistics_unchanged(workload):
+    got = json.loads(json.dumps(record.validate_stats(workload), sort_keys=True))
+    want = _golden("validate", workload)
+    assert _diff(want, got) is None, _diff(want, got)
