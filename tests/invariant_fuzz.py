@@ -368,7 +368,7 @@ def make_case(seed):
         if mode in ("manual", "initially_set"):
             h.enable_manual_dirty_log_protect(vm, initially_set=(mode == "initially_set"))
         if mode == "ring":
-            h.enable_dirty_ring(vm, 256 if pml else 128)
+            h.enable_dirty_ring(vm, 1024 if pml else 128)
         st = VMState(h, vm, kind, mode, rng)
         if kind != "tdp":
             _identity_tables(h, vm, huge_windows=bool(rng.integers(0, 2)))
