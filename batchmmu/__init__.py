@@ -25,7 +25,7 @@ from .constants import (
     SPURIOUS,
     STAT_NAMES,
 )
-from .errors import BatchMMUError, HostMemoryExhausted
+from .errors import BatchMMUError, HostMemoryExhausted, InvalidationInProgress
 from .host import AccessResult, Host
 from .sweep import sweep  # the function; the module stays importable as batchmmu.sweep
 from .units import parse_size
@@ -36,8 +36,8 @@ __all__ = [
     "ACC_FETCH", "ACC_READ", "ACC_USER", "ACC_WRITE", "BACKINGS", "EMULATED", "FIXED", "GUEST_FAULT", "HIT",
     "MEM_LOG_DIRTY_PAGES", "MEM_READONLY", "MMIO", "OUTCOME_NAMES", "PFERR_FETCH", "PFERR_PK", "PFERR_PRESENT",
     "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "RETRY", "RING_FULL", "SPURIOUS", "STAT_NAMES", "AccessResult",
-    "BatchMMUError", "Host", "HostMemoryExhausted", "parse_size", "warmup", "run_scenario", "load_scenario",
-    "list_scenarios",
+    "BatchMMUError", "Host", "HostMemoryExhausted", "InvalidationInProgress", "parse_size", "warmup",
+    "run_scenario", "load_scenario", "list_scenarios",
     "sweep",
 ]
 

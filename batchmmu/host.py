@@ -26,7 +26,7 @@ from .arena import (
     vm_group_bytes,
 )
 from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, FIXED, HIT, SPURIOUS
-from .errors import BatchMMUError, HostMemoryExhausted, bad, einval
+from .errors import BatchMMUError, HostMemoryExhausted, InvalidationInProgress, bad, einval
 from .kernels import shadow as SK
 from .kernels import state as S
 from .kernels.dirty import (
@@ -36,6 +36,7 @@ from .kernels.dirty import (
     get_dirty_log_protect,
     pml_flush_vm,
     tdp_clear_dirty_gfn_range,
+    tdp_ring_reset_masks,
     tdp_try_split_huge_pages,
 )
 from .kernels.events import (
@@ -307,6 +308,11 @@ class Host(GuestPaging):
         slot, gpa, size, flags, hva = ms.region_args(slot, gpa, size, flags, hva)
         bcode = None if backing is None else ms.backing_code(backing)
         change, rec = ms.validate_region(self, vm, slot, gpa, size, flags, hva)
+        if change != "none" and int(self.vt.inval_count[vm]) > 0:
+            # kvm_swap_active_memslots waits for mn_active_invalidate_count == 0 (docs/guarantees.md)
+            raise InvalidationInProgress(
+                f"vm={vm}: memslot change ({change}) while {int(self.vt.inval_count[vm])} MMU-notifier "
+                "invalidation(s) are in progress; call invalidate_range_end first", field="vm", value=vm)
         if bcode is not None and change not in ("create", "none"):
             raise bad("backing", backing, "the backing of an existing slot cannot change")
         if change == "create":
@@ -630,19 +636,24 @@ class Host(GuestPaging):
             size_a = np.zeros(n, np.int64)
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
-        idx = np.nonzero(shadow)[0]
-        if idx.size:
-            o, e = self._run_shadow(vm_a[idx], vcpu_a[idx], np.zeros(idx.size, np.int64), addr_a[idx],
-                                    kind_a[idx], value_a[idx], size_a[idx])
+        done = np.zeros(n, bool)  # events of the sub-batches that completed (VMs are independent)
+        for idx, run in ((np.nonzero(shadow)[0], "shadow"), (np.nonzero(twod)[0], "2d"),
+                         (np.nonzero(~shadow & ~twod)[0], "tdp")):
+            if not idx.size:
+                continue
+            try:
+                if run == "shadow":
+                    o, e = self._run_shadow(vm_a[idx], vcpu_a[idx], np.zeros(idx.size, np.int64), addr_a[idx],
+                                            kind_a[idx], value_a[idx], size_a[idx])
+                elif run == "2d":
+                    o, e = self._run_tdp2d(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx], value_a[idx],
+                                           size_a[idx])
+                else:
+                    o, e = self._run_tdp_accesses(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx])
+            except HostMemoryExhausted as exc:
+                raise self._partial(exc, idx, n, out, err, done) from None
             out[idx], err[idx] = o, e
-        idx = np.nonzero(twod)[0]
-        if idx.size:
-            out[idx], err[idx] = self._run_tdp2d(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx], value_a[idx],
-                                                 size_a[idx])
-        rest = np.nonzero(~shadow & ~twod)[0]
-        if rest.size:
-            r = self._run_tdp_accesses(vm_a[rest], vcpu_a[rest], addr_a[rest], kind_a[rest])
-            out[rest], err[rest] = r.outcome, r.error_code
+            done[idx] = True
         return AccessResult(out, err)
 
     def _run_tdp_accesses(self, vm_a, vcpu_a, addr_a, kind_a):
@@ -670,23 +681,49 @@ class Host(GuestPaging):
             elif stop == S.STOP_HOST_OOM:
                 applied = np.zeros(n, bool)
                 applied[perm[:i] if perm is not None else slice(0, i)] = True
+                if perm is not None:
+                    out_c, err_c = np.zeros_like(out), np.zeros_like(err)
+                    out_c[perm[:i]], err_c[perm[:i]] = out[:i], err[:i]
+                    out, err = out_c, err_c
                 raise self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", applied,
-                                             " (err.applied says which: each VM's events run in order, VM by VM)")
+                                             " (err.applied says which: each VM's events run in order, VM by VM)",
+                                             out, err)
         if perm is not None:
             out_c, err_c = np.empty_like(out), np.empty_like(err)
             ungroup_results(perm, out, err, out_c, err_c)
             out, err = out_c, err_c
         return AccessResult(out, err)
 
-    def _budget_exhausted(self, vm, where, applied, how=""):
+    def _budget_exhausted(self, vm, where, applied, how="", out=None, err=None):
         """The HostMemoryExhausted a batch raises when the host budget cannot back an event's page;
-        ``applied`` marks the events that ran."""
+        ``applied`` marks the events that ran, ``out``/``err`` their results."""
         e = HostMemoryExhausted(
             f"memory={format_size(self.memory)}: host memory budget exhausted at VM {vm}, {where}; "
             f"{int(applied.sum())} of {applied.size} events were applied{how}. Give the Host more memory.",
             field="memory", value=self.memory)
         e.applied = applied
+        e.outcome = np.where(applied, out, 0).astype(np.int8) if out is not None else np.zeros(applied.size, np.int8)
+        e.error_code = np.where(applied, err, 0).astype(np.int32) if err is not None \
+            else np.zeros(applied.size, np.int32)
         return e
+
+    def _partial(self, e, idx, n, out, err, before):
+        """Re-raise a sub-batch's HostMemoryExhausted over the whole batch of ``n`` events: the events
+        ``before`` (done by earlier sub-batches) and those the sub-batch applied took effect."""
+        applied = before.copy()
+        applied[idx] = e.applied
+        out, err = out.copy(), err.copy()
+        out[idx], err[idx] = e.outcome, e.error_code
+        return self._exhausted_over(e, applied, out, err)
+
+    def _exhausted_over(self, e, applied, out, err):
+        n = applied.size
+        e2 = HostMemoryExhausted(str(e).split("; ")[0] + f"; {int(applied.sum())} of {n} events were applied "
+                                 "(err.applied says which). Give the Host more memory.", field=e.field, value=e.value)
+        e2.applied = applied
+        e2.outcome = np.where(applied, out, 0).astype(np.int8)
+        e2.error_code = np.where(applied, err, 0).astype(np.int32)
+        return e2
 
     def store(self, vm, vcpu, addr, value, kind=ACC_WRITE):
         """Guest 8-byte stores of ``value`` at ``addr`` (may be unaligned; a store that crosses a
@@ -701,25 +738,38 @@ class Host(GuestPaging):
             raise bad("value", f"length {val.size}", "must match the addresses")
         if np.any(self._mmu_kind[vm_a] == S.MMU_SHADOW) or self._guest_paging_on(vm_a, vcpu_a).any():
             return self._shadow_store(vm_a, vcpu_a, addr_a, kind_a, val.view(np.int64))
-        res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a)
-        cross = (addr_a & 4095) > 4088
-        res2 = None
-        if cross.any():
-            res2 = self._run_accesses(vm_a[cross], vcpu_a[cross], (addr_a[cross] | 4095) + 1, kind_a[cross])
+        # A host out-of-memory stop keeps what ran: the stores that completed get their values written and
+        # err.applied names them; a page-crossing store whose second page was not backed wrote nothing.
+        exc = None
+        ran = np.ones(vm_a.size, bool)
+        try:
+            res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a)
+            out, err = res.outcome, res.error_code
+        except HostMemoryExhausted as e:
+            exc, out, err, ran = e, e.outcome, e.error_code, e.applied
+        cross = ((addr_a & 4095) > 4088) & ran
         done = (HIT, FIXED, SPURIOUS)
-        ok = np.isin(res.outcome, done)  # the store reached guest memory (not emulated/MMIO/stopped)
-        out, err = res.outcome, res.error_code
-        if res2 is not None:
+        ok = np.isin(out, done) & ran  # the store reached guest memory (not emulated/MMIO/stopped)
+        if cross.any():
             # a page-crossing store completes only if both halves translate; else report the second's
             idx = np.nonzero(cross)[0]
-            ok2 = np.isin(res2.outcome, done)
-            ok[idx] &= ok2
-            bad2 = idx[np.isin(res.outcome[idx], done) & ~ok2]
+            try:
+                res2 = self._run_accesses(vm_a[idx], vcpu_a[idx], (addr_a[idx] | 4095) + 1, kind_a[idx])
+                out2, err2, ran2 = res2.outcome, res2.error_code, np.ones(idx.size, bool)
+            except HostMemoryExhausted as e:
+                exc, out2, err2, ran2 = exc or e, e.outcome, e.error_code, e.applied
+            ran[idx] &= ran2
+            ok2 = np.isin(out2, done)
+            first_ok = np.isin(out[idx], done)
+            ok[idx] &= ok2 & ran2
+            sel = first_ok & ~ok2 & ran2
             out, err = out.copy(), err.copy()
-            out[bad2] = res2.outcome[~ok2 & np.isin(res.outcome[idx], done)]
-            err[bad2] = res2.error_code[~ok2 & np.isin(res.outcome[idx], done)]
+            out[idx[sel]] = out2[sel]
+            err[idx[sel]] = err2[sel]
         for j in np.nonzero(ok)[0]:
             self._write_bytes(int(vm_a[j]), int(addr_a[j]), int(val[j]))
+        if exc is not None:
+            raise self._exhausted_over(exc, ran, out, err) from None
         return AccessResult(out, err)
 
     def _shadow_store(self, vm_a, vcpu_a, addr_a, kind_a, val):
@@ -727,15 +777,28 @@ class Host(GuestPaging):
         emulator writes it).  A page-crossing store is two stores; the second runs if the first landed."""
         off = addr_a & 4095
         first = np.minimum(8, 4096 - off)
-        res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a, val, first)
-        cross = np.nonzero((first < 8) & np.isin(res.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED)))[0]
+        exc = None
+        ran = np.ones(vm_a.size, bool)
+        try:
+            res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a, val, first)
+        except HostMemoryExhausted as e:  # what ran is kept: its second halves run below
+            exc, ran = e, e.applied
+            res = AccessResult(e.outcome.copy(), e.error_code.copy())
+        cross = np.nonzero((first < 8) & ran & np.isin(res.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED)))[0]
         if cross.size:
             rest = (val[cross].view(np.uint64) >> (8 * first[cross]).astype(np.uint64)).view(np.int64)
-            r2 = self._run_accesses(vm_a[cross], vcpu_a[cross], addr_a[cross] + first[cross], kind_a[cross], rest,
-                                    8 - first[cross])
-            bad2 = ~np.isin(r2.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED))
+            try:
+                r2 = self._run_accesses(vm_a[cross], vcpu_a[cross], addr_a[cross] + first[cross], kind_a[cross],
+                                        rest, 8 - first[cross])
+            except HostMemoryExhausted as e:
+                exc = exc or e
+                ran[cross] &= e.applied
+                r2 = AccessResult(e.outcome, e.error_code)
+            bad2 = ~np.isin(r2.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED)) & ran[cross]
             res.outcome[cross[bad2]] = r2.outcome[bad2]
             res.error_code[cross[bad2]] = r2.error_code[bad2]
+        if exc is not None:
+            raise self._exhausted_over(exc, ran, res.outcome, res.error_code) from None
         return res
 
     def _write_bytes(self, vm, addr, value):
@@ -1028,7 +1091,11 @@ class Host(GuestPaging):
         entries = A.exact_int(entries, "entries", rsvd + 1, 65536, why=why, errno=errno.EINVAL)
         if entries & (entries - 1):
             raise einval("entries", entries, why)
-        if int(self.vt.root[vm]) >= 0 or int(self.vt.dirty_mode[vm]) & S.DM_RING:
+        g = int(self.ct.vcpu_off[vm])
+        ran = int(self.vt.root[vm]) >= 0 or int(self.vt.stats[vm, S.ST_ACCESSES]) > 0 \
+            or bool((self.vr.root[g:g + int(self._vcpus[vm])] != -1).any())
+        if ran or int(self.vt.dirty_mode[vm]) & S.DM_RING:
+            # kvm_vm_ioctl_enable_dirty_log_ring: -EINVAL once kvm->created_vcpus (here: once a vCPU ran)
             raise einval("vm", vm, "enable the dirty ring once, before the VM's first access")
         nv = int(self._vcpus[vm])
         off = self._ring.alloc(entries * nv)
@@ -1073,8 +1140,14 @@ class Host(GuestPaging):
             slot_recs[((sl >> 16) << 15) | (sl & 0x7FFF)] = r
         total = 0
         g0 = int(self.ct.vcpu_off[vm])
+        masks = np.zeros((max(int(self.ct.ring_size[g0]), 1), 3), np.int64)
         for c in range(int(self._vcpus[vm])):
-            total += int(dirty_ring_reset(self.pa, self.vt, self.st, self.cfg, self.ct, vm, g0 + c, slot_recs))
+            cnt, nm = dirty_ring_reset(self.ct, g0 + c, masks)
+            total += int(cnt)
+            if self._mmu_kind[vm] == S.MMU_SHADOW:
+                SK.shadow_ring_reset_masks(self._mmu_bundle(), vm, masks, nm, slot_recs)
+            else:
+                tdp_ring_reset_masks(self.pa, self.vt, self.st, self.cfg, vm, masks, nm, slot_recs)
         if total:
             self._flush_remote_tlbs(vm)
         return total

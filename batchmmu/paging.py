@@ -278,31 +278,41 @@ class GuestPaging:
         if w.size == 0:
             return
         first, last = gpa >> 12, (gpa + 8 * w.size - 1) >> 12
+        # the host pages first: out of host memory, nothing is written
+        self.touch_host_memory(vm, first << 12, (last + 1 - first) << 12)
         self._gm_reserve(last - first + 1)
         GM.gm_write_words(self.gm, self._slot_map(), vm, np.int64(gpa), w)
-        self.touch_host_memory(vm, first << 12, (last + 1 - first) << 12)
 
     def touch_host_memory(self, vm, gpa, size):
         """Userspace touches the guest memory [gpa, gpa+size) through its mapping (a memset, as KVM's
         selftests and VMMs do before running a guest): the host pages behind it become resident
         (counted against the host budget); no MMU effect.  Gaps without a memslot are skipped."""
         from .errors import HostMemoryExhausted
-        from .kernels.memslot import host_touch_range
+        from .kernels.memslot import host_touch_need, host_touch_range
+        from .units import format_size
         vm = self._check_vm(vm)
         top = 1 << int(self._maxphyaddr[vm])
         gpa = A.exact_int(gpa, "gpa", 0, top, why="must be a guest-physical address (integer)")
         size = A.exact_int(size, "size", 0, top - gpa, why="must be a size within the guest-physical address space")
         start, end = gpa >> 12, (gpa + size + 4095) >> 12
+        ranges = []
         for slot, rec in self._slot_rec.of_vm(vm):
             if slot >> 16:
                 continue
             base, n = int(self.st.base_gfn[rec]), int(self.st.npages[rec])
             lo, hi = max(start, base), min(end, base + n)
             if lo < hi:
-                got = host_touch_range(self.st, self.vt, self.host_ctl, rec, lo, hi, vm)
-                if got < hi:
-                    raise HostMemoryExhausted(f"memory: the host budget cannot back gpa {got << 12:#x} of VM {vm}",
-                                              field="memory", value=self.memory)
+                ranges.append((rec, lo, hi))
+        # all or nothing: the bytes needed are checked before any page is touched (slots aliasing one
+        # hva are counted once each, so such a call may be refused with room for it)
+        need = sum(int(host_touch_need(self.st, rec, lo, hi)) for rec, lo, hi in ranges)
+        used, budget = int(self.host_ctl[S.HOST_USED_BYTES]), int(self.host_ctl[S.HOST_BUDGET_BYTES])
+        if used + need > budget:
+            raise HostMemoryExhausted(f"memory: the host budget cannot back [{gpa:#x}, +{size:#x}) of VM {vm} "
+                                      f"({format_size(need)} more needed, {format_size(budget - used)} free); "
+                                      "nothing changed", field="memory", value=self.memory)
+        for rec, lo, hi in ranges:
+            host_touch_range(self.st, self.vt, self.host_ctl, rec, lo, hi, vm)
 
     def _gm_read_words(self, vm, gpa, n):
         """``n`` u64 words at ``gpa`` (zeros where nothing was written or no memslot maps the page)."""
@@ -326,9 +336,12 @@ class GuestPaging:
             # (under TDP the processor walks the guest tables: kernels/tdp2d.py; protection keys work)
             if int(vr.cr4[i]) & X86_CR4_PKE:
                 raise bad("cr4", int(vr.cr4[i]), "KVM does not offer protection keys with shadow paging")
-        if int(mode_levels(np.int64(mode))) == 3 and changed:
-            # load_pdptrs: the four PDPTEs at CR3 (32-byte aligned) are cached at the register load
+        sregs = any(k in values for k in ("cr0", "cr3", "cr4", "efer"))
+        if int(mode_levels(np.int64(mode))) == 3 and (changed or sregs):
+            # __set_sregs_common: with PAE paging the PDPTRs are always reloaded (load_pdptrs: the four
+            # PDPTEs at CR3, 32-byte aligned) and the MMU context reset, even with the registers unchanged
             vr.pdptr[i] = self._gm_read_words(vm, int(vr.cr3[i]) & 0xFFFFFFE0, 4).view(np.int64)
+            changed = True
         if changed and self._mmu_kind[vm] == S.MMU_SHADOW:
             K.kvm_mmu_reset_context(self._mmu_bundle(), vm, i)
 
@@ -383,7 +396,8 @@ class GuestPaging:
                     _reclaim.direct_reclaim(self, int(vm_a[i]), int(self.sh.scratch[SC_OOM_GPA])):
                 oom_at = i  # overcommit: reclaimed; the event runs again
             elif stop == S.STOP_HOST_OOM:
-                raise self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}", np.arange(n) < i)
+                raise self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}", np.arange(n) < i, "",
+                                             out, err)
         return out, err
 
     # ------------------------------------------------------------------ shadow events
@@ -407,7 +421,7 @@ class GuestPaging:
             if stop == S.STOP_NEED_PAGES:
                 continue
             if stop == S.STOP_HOST_OOM:
-                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(addr_a[i]):#x}", np.arange(n) < i)
+                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(addr_a[i]):#x}", np.arange(n) < i, "", out, err)
         return out, err
 
     def emulated_access(self, vm, vcpu, addr, kind=0, value=0, size=8):

@@ -256,13 +256,15 @@ def clear_dirty_log_protect(pa, vt, st, cfg, vm, rec, first_page, num_pages, bit
 
 
 @kernel
-def dirty_ring_reset(pa, vt, st, cfg, ct, vm, vcpu_g, slot_recs):
-    """kvm_dirty_ring_reset: recycle harvested entries, re-protect their pages in coalesced
-    64-page masks.  ``slot_recs[(as_id << 15) | id]`` maps a slot id to its record (-1: gone)."""
+def dirty_ring_reset(ct, vcpu_g, masks):
+    """kvm_dirty_ring_reset: recycle harvested entries and coalesce them into 64-page masks, one row
+    of ``masks`` (slot id, first offset, mask) each, for the caller's MMU to re-protect
+    (kvm_reset_dirty_gfn).  Returns (entries reset, rows used)."""
     size = ct.ring_size[vcpu_g]
     if size == 0:
-        return 0
+        return 0, 0
     count = 0
+    nm = 0
     mask = np.int64(0)
     cur_slot = -1
     cur_off = np.int64(0)
@@ -287,28 +289,42 @@ def dirty_ring_reset(pa, vt, st, cfg, ct, vm, vcpu_g, slot_recs):
                         cur_off = noff
                         mask = shifted | 1
                         continue
-            _reset_dirty_gfn(pa, vt, st, cfg, vm, cur_slot, cur_off, mask, slot_recs)
+            masks[nm, 0], masks[nm, 1], masks[nm, 2] = cur_slot, cur_off, mask
+            nm += 1
         cur_slot = nslot
         cur_off = noff
         mask = np.int64(1)
     if mask != 0:
-        _reset_dirty_gfn(pa, vt, st, cfg, vm, cur_slot, cur_off, mask, slot_recs)
-    return count
+        masks[nm, 0], masks[nm, 1], masks[nm, 2] = cur_slot, cur_off, mask
+        nm += 1
+    return count, nm
 
 
 @njit(inline="always", _nrt=False)
-def _reset_dirty_gfn(pa, vt, st, cfg, vm, slot, offset, mask, slot_recs):
-    # kvm_reset_dirty_gfn: the slot may be gone or the offset out of range
+def ring_mask_target(st, masks, k, slot_recs):
+    """kvm_reset_dirty_gfn's checks on mask row k: (record, offset, mask); record -1 when the slot is
+    gone or the offset out of range.  ``slot_recs[(as_id << 15) | id]`` maps a slot id to its record."""
+    slot, offset, mask = masks[k, 0], masks[k, 1], masks[k, 2]
     key = ((slot >> 16) << 15) | (slot & 0x7FFF)
     if key >= slot_recs.shape[0]:
-        return
+        return -1, offset, mask
     rec = slot_recs[key]
     if rec < 0 or offset >= st.npages[rec]:
-        return
+        return -1, offset, mask
     if offset + 64 > st.npages[rec]:
         mask &= (np.int64(1) << (st.npages[rec] - offset)) - 1
-    if mask != 0:
-        enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, offset, mask)
+    if mask == 0:
+        return -1, offset, mask
+    return rec, offset, mask
+
+
+@kernel
+def tdp_ring_reset_masks(pa, vt, st, cfg, vm, masks, n, slot_recs):
+    """kvm_reset_dirty_gfn for the coalesced masks of a dirty-ring reset (TDP MMU)."""
+    for k in range(n):
+        rec, offset, mask = ring_mask_target(st, masks, k, slot_recs)
+        if rec >= 0:
+            enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, offset, mask)
 
 
 def free_rows(pa):

@@ -12,10 +12,12 @@ from numba import njit
 from .dirty import pml_flush, pml_log
 from .jit import kernel
 from .memslot import (
+    dirty_ring_soft_full,
     gfn_to_hva,
     gfn_to_memslot,
     host_fault_in,
     host_page_pages,
+    invalidation_clamp_level,
     kvm_mmu_max_mapping_level,
     mark_page_dirty,
     slot_dirty_logging,
@@ -229,7 +231,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec,
         # kvm_mmu_hugepage_adjust
         if not slot_dirty_logging(st, rec):
             max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
-            req_level = kvm_mmu_max_mapping_level(st, rec, gfn, max_level)
+            req_level = invalidation_clamp_level(vt, vm, gfn, kvm_mmu_max_mapping_level(st, rec, gfn, max_level))
             if req_level > 1 and not huge_page_disallowed:
                 goal_level = req_level
     # one call site: the map tree is inlined once
@@ -356,8 +358,7 @@ def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, st
         mode = dirty_mode[vm]
         vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]
         if mode & DM_RING:
-            size = ct.ring_size[vcpu_g]
-            if size > 0 and ct.ring_dirty[vcpu_g] - ct.ring_reset[vcpu_g] >= size - ring_rsvd:
+            if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
                 # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
                 _flush_pending(stats, pend_vm, pend_acc, pend_refs)
                 pend_vm, pend_acc, pend_refs = -1, 0, 0

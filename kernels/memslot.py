@@ -118,6 +118,22 @@ def kvm_mmu_max_mapping_level(st, rec, gfn, max_level):
 
 
 @njit(inline="always", _nrt=False)
+def invalidation_clamp_level(vt, vm, gfn, level):
+    """The largest level <= ``level`` whose huge page around gfn meets no gfn of an MMU-notifier
+    invalidation in progress.  The host splits a huge page before it changes part of it, so
+    host_pfn_mapping_level sees 4K pages there until invalidate_range_end."""
+    if vt.inval_count[vm] == 0:
+        return level
+    while level > 1:
+        span = np.int64(1) << np.int64(9 * (level - 1))
+        base = gfn & ~(span - 1)
+        if base + span <= vt.inval_start[vm] or base >= vt.inval_end[vm]:
+            break
+        level -= 1
+    return level
+
+
+@njit(inline="always", _nrt=False)
 def host_page_pages(st, rec, gfn):
     """4K pages the host must allocate to back gfn: 0 if resident, else its host page's size."""
     off = gfn - st.base_gfn[rec]
@@ -173,7 +189,10 @@ def set_bit_range(words, base, first, n):
 
 @njit(inline="always", _nrt=False)
 def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
-    """mark_page_dirty_in_slot: push to the running vCPU's dirty ring, else set the bitmap bit."""
+    """mark_page_dirty_in_slot: push to the running vCPU's dirty ring, else set the bitmap bit
+    (``vcpu_g`` -1: no running vCPU); nothing for a slot that does not log."""
+    if not slot_dirty_logging(st, rec):
+        return
     rel = gfn - st.base_gfn[rec]
     size = ct.ring_size[vcpu_g] if vcpu_g >= 0 else 0
     if size > 0:
@@ -188,6 +207,29 @@ def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
     if off < 0:
         return
     st.dirty[off + (rel >> 6)] |= np.int64(1) << (rel & 63)
+
+
+@njit(inline="always", _nrt=False)
+def dirty_ring_soft_full(ct, vcpu_g, rsvd):
+    """kvm_dirty_ring_soft_full: the vCPU must exit (KVM_EXIT_DIRTY_RING_FULL) before it runs."""
+    size = ct.ring_size[vcpu_g]
+    return size > 0 and ct.ring_dirty[vcpu_g] - ct.ring_reset[vcpu_g] >= size - rsvd
+
+
+@kernel
+def host_touch_need(st, rec, first_gfn, end_gfn):
+    """Bytes host_touch_range(first_gfn, end_gfn) would make resident; changes nothing."""
+    need = np.int64(0)
+    gfn = first_gfn
+    while gfn < end_gfn:
+        npg = host_page_pages(st, rec, gfn)
+        need += npg << 12
+        if npg <= 1:
+            gfn += 1
+        else:  # a huge host page: its other gfns are resident once it is
+            first = ((gfn_to_hva(st, rec, gfn) & ~((npg << 12) - 1)) - st.hva[rec]) >> 12
+            gfn = st.base_gfn[rec] + first + npg
+    return need
 
 
 @kernel

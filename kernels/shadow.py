@@ -12,6 +12,7 @@ Modelled: 4- and 5-level guests (PAE and 32-bit guests are refused by batchmmu/h
 import numpy as np
 from numba import njit
 
+from .dirty import ring_mask_target
 from .gmem import gm_read32, gm_read64, gm_room, gm_write_bytes
 from .guest_walk import (
     MODE_AC,
@@ -44,10 +45,12 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import (
+    dirty_ring_soft_full,
     gfn_to_hva,
     gfn_to_memslot,
     host_fault_in,
     host_page_pages,
+    invalidation_clamp_level,
     kvm_mmu_max_mapping_level,
     mark_page_dirty,
     slot_dirty_logging,
@@ -87,10 +90,15 @@ from .spte import (
 )
 from .state import (
     CFG_NX_HUGE_PAGES,
+    CFG_PML,
     CTL_FREE_TOP,
     CTL_USED,
+    DM_INITIALLY_SET,
+    DM_MANUAL_PROTECT,
+    DM_RING,
     HOST_BUDGET_BYTES,
     HOST_USED_BYTES,
+    KVM_DIRTY_RING_RSVD_ENTRIES,
     KVM_MMU_HASH_SIZE,
     KVM_MMU_NUM_PREV_ROOTS,
     MAX_GM_PER_EVENT,
@@ -102,10 +110,13 @@ from .state import (
     OUT_HIT,
     OUT_MMIO,
     OUT_RETRY,
+    OUT_RING_FULL,
+    PML_ENTITY_NUM,
     PTE_PREFETCH_NUM,
     SH_PL_AVAIL,
     SH_RN_AVAIL,
     ST_ACCESSES,
+    ST_DIRTY_RING_FULL,
     ST_INVLPG,
     ST_MAX_MMU_RMAP_SIZE,
     ST_MMU_CACHE_MISS,
@@ -166,6 +177,9 @@ SC_PREFETCH = 168    # 8 gptes of the prefetch group
 SC_MARK_STACK = 176  # stack of mark_parents_unsync (pages whose unsync_children went 0 -> 1)
 SC_MARK_STACK_LEN = 80
 SC_SIZE = 256
+# kvm_get_running_vcpu(): the global vCPU index while a shadow event runs, else -1 (the last word of the
+# walker's block: the walk uses WK_SIZE words, kernels/tdp2d.py one more)
+SC_RUNNING_VCPU = 63
 
 MAX_EXITS = 4
 
@@ -897,7 +911,7 @@ def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchro
     if prefetch and not synchronizing:
         spte &= ~NPT_A  # mark_spte_for_access_track with A/D enabled
     if (spte & PT_WRITABLE_MASK) and rec >= 0 and slot_dirty_logging(m.st, rec):
-        mark_page_dirty(m.st, m.ct, -1, rec, gfn)
+        mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, gfn)
     return spte, wrprot
 
 
@@ -952,6 +966,8 @@ def prefetch_slot(m, vm, gfn, writable):
         return -1
     if writable and slot_dirty_logging(m.st, rec):
         return -1
+    if slot_readonly(m.st, rec):
+        return -1  # kvm_prefetch_pages: gfn_to_hva_many(write) is KVM_HVA_ERR_RO_BAD for a read-only slot
     return rec
 
 
@@ -1194,6 +1210,15 @@ def vcpu_enter(m, vm, vg, mode, maxphyaddr):
 
 
 @kernel
+def vcpu_reenter(m, vm, vg, mode, maxphyaddr):
+    """vcpu_enter_guest after an exit: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (obsolete current and previous
+    roots are put), then kvm_mmu_reload (a root is loaded only when there is none)."""
+    free_obsolete_roots(m, vm, vg)
+    if m.vr.root[vg] == -1:
+        kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
+
+
+@kernel
 def kvm_mmu_reset_context(m, vm, vg):
     # kvm_mmu_reset_context -> kvm_mmu_unload: every root of the vCPU is put
     free_roots(m, vm, vg, np.int64(0xF))
@@ -1381,7 +1406,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
     # kvm_mmu_hugepage_adjust
     goal_level = 1
     if gw_level > 1 and rec >= 0 and not slot_dirty_logging(m.st, rec):
-        req = kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level)
+        req = invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level))
         huge_disallowed = False  # the NX huge page workaround is off on shadow hosts we model
         if req > 1 and not huge_disallowed:
             goal_level = req
@@ -1484,7 +1509,7 @@ def set_ad_and_log(m, vm, wk, pfec):
             tg = wk[WK_PTE_GPA + level] >> 12
             rec = gfn_to_memslot(m.vt, m.st, vm, tg)
             if rec >= 0:
-                mark_page_dirty(m.st, m.ct, -1, rec, tg)
+                mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, tg)
 
 
 @helper
@@ -1529,9 +1554,34 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
             nbytes = 8
             value = gm_read64(gm, slot_map(m.vt, m.st), vm, gpa)
         gm_write_bytes(gm, slot_map(m.vt, m.st), vm, gpa, value, nbytes)
-        mark_page_dirty(m.st, m.ct, -1, rec, gpa >> 12)
+        mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, gpa >> 12)
         track_write(m, vm, gpa, nbytes, mode)
     return OUT_EMULATED, 0
+
+
+@njit(inline="always", _nrt=False)
+def root_needs_reload(m, vm, vg):
+    r = m.vr.root[vg]
+    if r == PAE_ROOT:
+        for i in range(4):
+            p = m.vr.pae_root[vg, i]
+            if p >= 0 and not sp_valid(m, vm, p):
+                return True
+        return False
+    return r < 0 or not sp_valid(m, vm, r)
+
+
+@njit(inline="always", _nrt=False)
+def entry_work_needed(m, vm, vg):
+    """No root, or an obsolete current or previous root: a zap raised KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+    (kvm_mmu_zap_all_fast, or a zapped root with root_count > 0) that the next entry services."""
+    if root_needs_reload(m, vm, vg):
+        return True
+    for i in range(KVM_MMU_NUM_PREV_ROOTS):
+        r = m.vr.prev_root[vg, i]
+        if r >= 0 and not sp_valid(m, vm, r):
+            return True
+    return False
 
 
 @helper
@@ -1542,6 +1592,8 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     outcome = OUT_HIT
     err = np.int64(0)
     for attempt in range(MAX_EXITS):
+        if attempt > 0 and entry_work_needed(m, vm, vg):
+            vcpu_reenter(m, vm, vg, mode, maxphyaddr)  # vcpu_enter_guest before the access runs again
         e, gpa, refs, row, idx = shadow_hw_walk(m, vm, vg, gva, pfec, mode)
         stats[vm, ST_WALK_REFS] += refs
         if e == 0:
@@ -1577,38 +1629,35 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     return outcome, err
 
 
-@njit(inline="always", _nrt=False)
-def root_needs_reload(m, vm, vg):
-    r = m.vr.root[vg]
-    if r == PAE_ROOT:
-        for i in range(4):
-            p = m.vr.pae_root[vg, i]
-            if p >= 0 and not sp_valid(m, vm, p):
-                return True
-        return False
-    return r < 0 or not sp_valid(m, vm, r)
-
-
 @kernel
 def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_size, maxphy, start,
                        out_outcome, out_err):
     """Run events ev[start:] of shadow-MMU VMs in order.  Returns (next_event, STOP_*)."""
     n = ev_vm.shape[0]
     sh = m.sh
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.cfg[CFG_PML] else 0)
     for i in range(start, n):
+        sh.scratch[SC_RUNNING_VCPU] = -1
         if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or sh.ctl[SH_PL_AVAIL] < MAX_PL_PER_EVENT or \
                 sh.ctl[SH_RN_AVAIL] < MAX_RN_PER_EVENT or \
                 not gm_room(m.gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
         vm = ev_vm[i]
         vg = m.ct.vcpu_off[vm] + ev_vcpu[i]
+        if (m.vt.dirty_mode[vm] & DM_RING) and dirty_ring_soft_full(m.ct, vg, ring_rsvd):
+            # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
+            m.vt.stats[vm, ST_DIRTY_RING_FULL] += 1
+            out_outcome[i] = OUT_RING_FULL
+            out_err[i] = 0
+            continue
+        sh.scratch[SC_RUNNING_VCPU] = vg
         op = ev_op[i]
         addr = ev_addr[i]
         kind = ev_kind[i]
         mp = maxphy[vm]
         mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg]) | MODE_PSE36_KVM
-        if root_needs_reload(m, vm, vg):
-            vcpu_enter(m, vm, vg, mode, mp)
+        if entry_work_needed(m, vm, vg):
+            vcpu_reenter(m, vm, vg, mode, mp)
         out_err[i] = 0
         if op == OP_ACCESS:
             if ev_size[i] == 0:
@@ -1621,6 +1670,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
                     continue
             o, e = shadow_access(m, vm, vg, addr, kind, ev_value[i], ev_size[i], mode, mp)
             if o < 0:
+                sh.scratch[SC_RUNNING_VCPU] = -1
                 return i, STOP_HOST_OOM
             out_outcome[i] = o
             out_err[i] = e
@@ -1647,6 +1697,9 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             if mask:
                 free_roots(m, vm, vg, mask)
             out_outcome[i] = OUT_EMULATED
+        if entry_work_needed(m, vm, vg):
+            vcpu_reenter(m, vm, vg, mode, mp)  # the guest resumes: requests raised by the exit are serviced
+    sh.scratch[SC_RUNNING_VCPU] = -1
     return n, STOP_DONE
 
 
@@ -1690,6 +1743,35 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
                     m.pa.spt[row, idx] = spte & ~PT_WRITABLE_MASK
                     flush = True
     return flush
+
+
+@kernel
+def shadow_enable_log_dirty_pt_masked(m, vm, rec, first, mask):
+    """kvm_arch_mmu_enable_log_dirty_pt_masked (rmap flavour): with INITIALLY_SET, first write-protect
+    the huge SPTEs covering the first and last gfn of the mask (a write through them would be lost to
+    the log), then the 4K SPTEs of every gfn in it."""
+    if (m.vt.dirty_mode[vm] & (DM_MANUAL_PROTECT | DM_INITIALLY_SET)) == DM_MANUAL_PROTECT | DM_INITIALLY_SET:
+        lo = 0
+        while not (mask >> np.int64(lo)) & 1:
+            lo += 1
+        hi = 63
+        while not (mask >> np.int64(hi)) & 1:
+            hi -= 1
+        start = m.st.base_gfn[rec] + first + lo
+        end = m.st.base_gfn[rec] + first + hi
+        rmap_write_protect_gfn(m, vm, rec, start, 2, True)  # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M)
+        if (start + 511) >> 9 != (end + 511) >> 9:  # ALIGN(start, PMD_SIZE) != ALIGN(end, PMD_SIZE)
+            rmap_write_protect_gfn(m, vm, rec, end, 2, True)
+    shadow_wrprot_masked(m, vm, rec, first, mask)
+
+
+@kernel
+def shadow_ring_reset_masks(m, vm, masks, n, slot_recs):
+    """kvm_reset_dirty_gfn for the coalesced masks of a dirty-ring reset (kernels/dirty.py)."""
+    for k in range(n):
+        rec, offset, mask = ring_mask_target(m.st, masks, k, slot_recs)
+        if rec >= 0:
+            shadow_enable_log_dirty_pt_masked(m, vm, rec, offset, mask)
 
 
 @helper
@@ -1749,7 +1831,7 @@ def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
         st.dirty[off + i] &= ~mask
         for b in range(64):
             cleared += (mask >> np.int64(b)) & 1
-        shadow_wrprot_masked(m, vm, rec, i * 64, mask)
+        shadow_enable_log_dirty_pt_masked(m, vm, rec, i * 64, mask)
     return cleared
 
 

@@ -8,7 +8,13 @@ import numpy as np
 from numba import njit
 
 from .jit import helper, kernel
-from .memslot import gfn_to_memslot, kvm_mmu_max_mapping_level, mark_page_dirty, slot_dirty_logging
+from .memslot import (
+    gfn_to_memslot,
+    invalidation_clamp_level,
+    kvm_mmu_max_mapping_level,
+    mark_page_dirty,
+    slot_dirty_logging,
+)
 from .spte import (
     ACC_ALL,
     KVM_MAX_HUGEPAGE_LEVEL,
@@ -407,7 +413,7 @@ def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
                 break
             g = (gfn >> shift) << shift
             if 2 <= level <= KVM_MAX_HUGEPAGE_LEVEL and start <= g < end \
-                    and kvm_mmu_max_mapping_level(st, rec, g, max_level) >= level:
+                    and invalidation_clamp_level(vt, vm, g, kvm_mmu_max_mapping_level(st, rec, g, max_level)) >= level:
                 leaf, found = first_leaf_below(pa, spte_to_child_row(spte), level - 1)
                 if found:
                     tdp_set_spte(pa, vt, vm, row, idx, level, make_huge_spte(fmt, leaf, level, nx))

@@ -55,7 +55,7 @@ from .guest_walk import (
     mode_levels,
 )
 from .jit import helper, kernel
-from .memslot import gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
+from .memslot import dirty_ring_soft_full, gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -306,8 +306,7 @@ def tdp2d_batch(m, ev_vm, ev_vcpu, ev_addr, ev_kind, ev_value, ev_size, maxphy, 
         vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]
         dmode = vt.dirty_mode[vm]
         if dmode & DM_RING:
-            size = ct.ring_size[vcpu_g]
-            if size > 0 and ct.ring_dirty[vcpu_g] - ct.ring_reset[vcpu_g] >= size - ring_rsvd:
+            if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
                 # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
                 vt.stats[vm, ST_DIRTY_RING_FULL] += 1
                 if dmode & DM_PML_ACTIVE:

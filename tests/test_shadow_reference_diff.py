@@ -192,9 +192,7 @@ class Pair:
     def __init__(self, memory, backing):
         self.h = bm.Host(memory="1GiB", backing=backing, mmio_caching=False)
         self.vm = int(self.h.create_vms(1, memory=memory, mmu="shadow")[0])
-        # (known divergences, see test_requests_are_serviced_when_the_guest_resumes and
-        # test_obsolete_previous_roots_are_freed_at_the_next_entry): the model mimics batchmmu there
-        self.m = RefShadowHost(memory, backing, lazy_requests=True)
+        self.m = RefShadowHost(memory, backing)
         self.log = [f"Host(backing={backing!r}), memory={memory:#x}"]
 
     def fail(self, what):
@@ -266,9 +264,7 @@ def setup(draw, mode=None, layout_draw=None):
     backing = draw.pick(["4k", "thp"])
     pair = Pair(memory, backing)
     lay = Layout(layout_draw or draw, mode, memory >> 12)
-    # manual dirty-log protect, never INITIALLY_SET: known divergence, see
-    # test_clear_dirty_log_initially_set_write_protects_huge_pages
-    manual = draw.pick([None, False])
+    manual = draw.pick([None, False, True])  # manual dirty-log protect, with or without INITIALLY_SET
     if manual is not None:
         pair.call("enable_manual_dirty_log_protect", initially_set=manual, vcpu=False)
     for t in sorted(lay.tables):
@@ -362,8 +358,6 @@ def step(draw, pair, lay, state):
         pair.check()
     elif r < 88:
         cr3 = draw.pick(lay.roots)
-        if lay.mode == "pae" and cr3 == pair.m.cr3:
-            return      # (known divergence, see test_set_sregs_with_pae_paging_always_resets_the_mmu)
         pair.call("set_vcpu_regs", cr3=cr3)
         pair.check()
     elif r < 90:
@@ -419,7 +413,7 @@ def test_hypothesis_streams(data, layout_seed):
 
 # ---------------------------------------------------------------------------- divergences found
 # Minimal reproducers of the places where batchmmu differs from KVM (the model is KVM-faithful here:
-# lazy_requests off).  Each asserts what KVM does; the random streams above steer around them.
+# lazy_requests off).  Each asserts what KVM does; the random streams above steer around those still open.
 def twin(mode="4level", backing="4k", ad=False, huge=False, trees=1, memory=32 * MiB):
     """An identity-mapped guest ([0, 16M): tables at TABLE_POOL, 4K pages, or 2M pages from 8M on
     when ``huge``), built the same way in a Host and in a KVM-faithful model."""
@@ -521,9 +515,6 @@ def test_plain_write_to_a_shadowed_table_is_not_misaligned():
     assert after["mmu_shadow_zapped"] == before["mmu_shadow_zapped"]
 
 
-@pytest.mark.xfail(strict=True, reason="KVM services requests as the vCPU re-enters the guest after an exit "
-                   "(vcpu_enter_guest: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, then kvm_mmu_reload), before userspace "
-                   "can act: a root zapped by an emulated write is freed and reloaded before a memslot change")
 def test_requests_are_serviced_when_the_guest_resumes():
     g = twin()
     g.both("access", CODE, bm.ACC_USER | bm.ACC_FETCH)
@@ -535,9 +526,6 @@ def test_requests_are_serviced_when_the_guest_resumes():
     kvm_stats_equal(g)
 
 
-@pytest.mark.xfail(strict=True, reason="a zapped previous root (root_count > 0) raises "
-                   "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS; kvm_mmu_free_obsolete_roots frees obsolete prev_roots at "
-                   "the next vCPU entry, not only when the current root is reloaded")
 def test_obsolete_previous_roots_are_freed_at_the_next_entry():
     g = twin(trees=2)
     g.both("access", CODE, bm.ACC_USER | bm.ACC_FETCH)
@@ -560,9 +548,6 @@ def test_mov_cr3_keeps_pae_roots_pinned_once(mode):
     kvm_stats_equal(g)
 
 
-@pytest.mark.xfail(strict=True, reason="KVM_SET_SREGS with PAE paging always reloads the PDPTRs and resets the "
-                   "MMU (x86.c __set_sregs_common: load_pdptrs(); *mmu_reset_needed = 1), even with an "
-                   "unchanged CR3")
 def test_set_sregs_with_pae_paging_always_resets_the_mmu():
     g = twin(mode="pae")
     g.both("access", CODE, bm.ACC_USER | bm.ACC_FETCH)
@@ -575,9 +560,6 @@ def test_set_sregs_with_pae_paging_always_resets_the_mmu():
     assert b == (bm.HIT, 0) and a == b
 
 
-@pytest.mark.xfail(strict=True, reason="with KVM_DIRTY_LOG_INITIALLY_SET, KVM_CLEAR_DIRTY_LOG write-protects the "
-                   "huge SPTEs covering the first and last cleared gfn (kvm_arch_mmu_enable_log_dirty_pt_masked),"
-                   " so the next write faults, maps 4K and is logged")
 def test_clear_dirty_log_initially_set_write_protects_huge_pages():
     g = twin(backing="thp", ad=True, huge=True)
     gva = 8 * MiB + 0x3000
@@ -636,7 +618,8 @@ REALKVM_CASES = {
          {"op": "get_dirty_log"}]),
 }
 
-FIXED_ON_THE_REAL_KERNEL = {"plain_write_to_page_directory"}  # once a divergence, now matches the kernel
+FIXED_ON_THE_REAL_KERNEL = {"plain_write_to_page_directory", "flooded_previous_root",
+                            "initially_set_clear_protects_huge"}  # once divergences, now match the kernel
 
 
 @pytest.mark.realkvm

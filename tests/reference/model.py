@@ -698,6 +698,11 @@ class RefHost:
         req_level = goal_level = 1
         if slot is not None and not slot.flags & MEM_LOG_DIRTY_PAGES:
             req_level = self._max_mapping_level(slot, gfn)
+            # a huge page with gfns under invalidation: the host split it first (host_pfn_mapping_level)
+            while req_level > 1 and v.inval_count and v.inval_range is not None and \
+                    (gfn & ~(_pages(req_level) - 1)) < v.inval_range[1] and \
+                    (gfn & ~(_pages(req_level) - 1)) + _pages(req_level) > v.inval_range[0]:
+                req_level -= 1
             if req_level > 1 and not huge_page_disallowed:
                 goal_level = req_level
         t = v.root
@@ -884,6 +889,9 @@ class RefHost:
         change, s = self._check_region(v, slot, gpa, size, flags, hva)
         if change == "none":
             return
+        if v.inval_count:
+            # kvm_swap_active_memslots waits for mn_active_invalidate_count == 0: refused (docs/guarantees.md)
+            raise RefError("memslot change during an invalidation")
         if backing is not None and change != "create":
             raise RefError("backing of an existing slot")
         as_id = slot >> 16
