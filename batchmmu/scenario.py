@@ -86,18 +86,23 @@ def available_memory():
 
 
 def check_memory(spec, parts, backend):
-    """Refuse a run whose arenas would not fit in this machine's memory, saying what it needs."""
-    from .shard import estimate_memory
-    need = sum(estimate_memory(spec, p) for p in parts)
+    """Refuse a run whose arenas would not fit in this machine's memory, saying what it needs (O(VM groups))."""
+    from .shard import estimate_groups, vm_count
+    need = estimate_groups(spec, len(parts))
     if backend != "serial":
         need += len(parts) * (200 << 20)  # a Python interpreter with numpy and numba per worker
+    refuse_memory(need, vm_count(spec))
+    return need
+
+
+def refuse_memory(need, nvm):
+    """BatchMMUError when ``need`` bytes exceed what this machine has available."""
     have = available_memory()
     if have is not None and need > have:
         raise BatchMMUError(
-            f"this run needs about {format_size(need)} of memory for its arenas but the machine has "
-            f"{format_size(have)} available; use fewer or smaller VMs, or run on a larger machine "
-            "(--backend ray --ray-address ...)", field="memory", value=need)
-    return need
+            f"this run ({nvm:,} VMs) needs about {format_size(need)} of memory for its arenas but the machine has "
+            f"{format_size(have)} available; use fewer or smaller VMs (--set vms=...), or run on a larger "
+            "machine (--backend ray --ray-address ...)", field="memory", value=need)
 
 
 def cpu_model():

@@ -54,11 +54,21 @@ def plan(spec):
     return out
 
 
+# Python bytes per VM of plan() and split() (a tuple, list slots, sort keys): checked before building them
+PLAN_BYTES_PER_VM = 400
+
+
+def vm_count(spec):
+    return sum(int(g.get("count", 1)) for g in spec["groups"])
+
+
 def split(spec, workers):
     """Deal VMs to workers by weight (greedy, heaviest first, ties by id): sorted id lists."""
-    vms = plan(spec)
     if workers < 1:
         raise BatchMMUError(f"workers={workers!r}: must be at least 1", field="workers", value=workers)
+    from .scenario import refuse_memory
+    refuse_memory(vm_count(spec) * PLAN_BYTES_PER_VM + estimate_groups(spec), vm_count(spec))
+    vms = plan(spec)
     order = sorted(range(len(vms)), key=lambda v: (-vms[v][2], v))
     load = [0] * workers
     parts = [[] for _ in range(workers)]
@@ -81,6 +91,19 @@ def vm_table_rows(spec, gi):
     leaf = 1 if _logs(spec) else _LEAF_LEVEL.get(_slot_backing(spec, g), 1)
     pages = _region_bytes(spec, g) // 4096
     return table_rows(pages, leaf, int(g.get("tdp_levels", 4))) + spec.get("slots", 1)
+
+
+def estimate_groups(spec, shards=1):
+    """Bytes all VMs of the run need, in O(VM groups): the sum of estimate_memory over ``shards`` shards."""
+    from .arena import bytes_per_row
+    rows = pages = 0
+    for gi, g in enumerate(spec["groups"]):
+        count = int(g.get("count", 1))
+        rows += count * vm_table_rows(spec, gi)
+        pages += count * (_region_bytes(spec, g) // 4096)
+    events = shards * min(CHUNK_EVENTS, max(1, pages)) * 80
+    verify = pages if spec.get("verify", "off") != "off" else 0
+    return rows * bytes_per_row() + pages // 8 + pages // 128 + vm_count(spec) * 2048 + events + verify
 
 
 def estimate_memory(spec, vm_ids):
