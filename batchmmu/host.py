@@ -228,8 +228,6 @@ class Host(GuestPaging):
         ``ept_ad=False`` runs EPT without accessed/dirty bits (access tracking).
         """
         count = A.exact_int(count, "count", 1, A.I64_MAX, why="must be a positive integer")
-        if self.nvm + count > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
-            raise bad("count", count, f"a Host holds at most {GM_MAX_VMS} VMs")
         size = parse_size(memory, "memory")
         if size <= 0 or size % ms.PAGE_SIZE:
             raise bad("memory", memory, "must be a positive multiple of 4096")
@@ -251,6 +249,8 @@ class Host(GuestPaging):
         A.check_alloc(vm_group_bytes(count, vcpus, size >> 12, mmu == "shadow", bool(self.cfg[S.CFG_PML]),
                                      self.overcommit is not None), "count", count,
                       f"{count} VMs of {format_size(size)} with {vcpus} vCPUs")
+        if self.nvm + count > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
+            raise bad("count", count, f"a Host holds at most {GM_MAX_VMS} VMs")
         if not ept_ad and tdp_format == "npt":
             raise bad("ept_ad", ept_ad, "NPT always has accessed/dirty bits")
         if self.cfg[S.CFG_PML] and (tdp_format != "ept" or not ept_ad):
@@ -539,7 +539,8 @@ class Host(GuestPaging):
         (pages never written read as zeros)."""
         vm = self._check_vm(vm)
         top = 1 << int(self._maxphyaddr[vm])
-        n = A.exact_int(n, "n", 0, top >> 3, why="must be a non-negative word count within the VM's address space")
+        n = A.exact_int(n, "n", 0, top >> 3, why="must be a non-negative word count within the VM's guest physical "
+                        f"address space (MAXPHYADDR {int(self._maxphyaddr[vm])}: gpas below {top:#x})")
         A.check_alloc(8 * n, "n", n, f"{n} words")
         gpa = self._gpa_arg(vm, gpa, 8 * n)
         self._check_mapped(vm, gpa, n)
@@ -548,7 +549,7 @@ class Host(GuestPaging):
     def _gpa_arg(self, vm, gpa, nbytes):
         """An 8-byte aligned gpa whose ``nbytes`` lie below the VM's MAXPHYADDR."""
         top = 1 << int(self._maxphyaddr[vm])
-        gpa = A.exact_int(gpa, "gpa", 0, top, why="must be a non-negative guest-physical address")
+        gpa = A.exact_int(gpa, "gpa", 0, A.I64_MAX, why="must be a non-negative guest-physical address")
         if gpa % 8:
             raise bad("gpa", gpa, "must be a multiple of 8")
         if gpa + nbytes > top:
