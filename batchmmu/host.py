@@ -51,7 +51,7 @@ from .kernels.events import (
 )
 from .kernels.fault import access_batch
 from .kernels.gmem import GM_MAX_VMS
-from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57
+from .kernels.guest_walk import EFER_LMA, X86_CR0_PG
 from .kernels.notifier import tdp_age_range, tdp_zap_leafs
 from .kernels.spte import FMT_EPT, FMT_NPT, MMIO_SPTE_GEN_MASK
 from .kernels.tdp import (
@@ -60,7 +60,7 @@ from .kernels.tdp import (
     tdp_recover_huge_pages,
     tdp_wrprot_gfn_range,
 )
-from .paging import GuestPaging, check_sregs
+from .paging import GuestPaging, addr_bits, check_sregs
 from .units import format_size, parse_size
 
 # Sizes KVM allocates, used by footprint() (x86-64, ~v6.10)
@@ -615,8 +615,7 @@ class Host(GuestPaging):
         pg = (vr.cr0 & int(X86_CR0_PG)) != 0
         if not pg.any():
             return self._maxphyaddr[owner], mpa, mpa
-        long_bits = np.where(vr.cr4 & int(X86_CR4_LA57), 57, 48)
-        bits = np.where(pg, np.where(vr.efer & int(EFER_LMA), long_bits, 32), self._maxphyaddr[owner])
+        bits = addr_bits(vr.cr0, vr.cr4, vr.efer, self._maxphyaddr[owner])
         first = self.ct.vcpu_off[:nvm]
         return bits, np.minimum.reduceat(bits, first), np.maximum.reduceat(bits, first)
 

@@ -15,6 +15,14 @@ from .kernels import shadow as K
 from .kernels import state as S
 from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57, X86_CR4_PAE, cpu_mode, mode_levels
 
+
+def addr_bits(cr0, cr4, efer, maxphyaddr):
+    """Address bits a vCPU takes (scalars or per-vCPU arrays): with paging 32 (no long mode), 48 or 57
+    (LA57: gvas in their 48/57-bit form); with paging off the VM's MAXPHYADDR."""
+    long_bits = np.where(cr4 & int(X86_CR4_LA57), 57, 48)
+    return np.where(cr0 & int(X86_CR0_PG), np.where(efer & int(EFER_LMA), long_bits, 32), maxphyaddr)
+
+
 CR0_RESET = 0x60000010          # CD | NW | ET
 CR0_PE = 1
 X86_CR0_NW = 1 << 29
@@ -461,13 +469,9 @@ class GuestPaging:
                          np.array([0]), np.array([0]), np.array([0]))
 
     def _vcpu_addr_bits(self, vm, i):
-        """Address bits vCPU ``i`` takes (as Host._addr_bits, for one vCPU)."""
+        """Address bits vCPU ``i`` takes (addr_bits for one vCPU)."""
         vr = self.vr
-        if not vr.cr0[i] & int(X86_CR0_PG):
-            return int(self._maxphyaddr[vm])
-        if not vr.efer[i] & int(EFER_LMA):
-            return 32
-        return 57 if vr.cr4[i] & int(X86_CR4_LA57) else 48
+        return int(addr_bits(vr.cr0[i], vr.cr4[i], vr.efer[i], int(self._maxphyaddr[vm])))
 
     def _gva_arg(self, vm, i, addr, field="addr"):
         """An address vCPU ``i`` can use: a gva in its 48-bit (57 with LA57) form, the upper half with bit
