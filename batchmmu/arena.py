@@ -42,17 +42,29 @@ class Pool:
         return off + n * np.arange(count, dtype=np.int64)
 
 
+def _records(cap, width, fills):
+    """A record array of ``cap`` rows: column ``c`` starts as ``fills.get(c, 0)``."""
+    rec = np.zeros((cap, width), np.int64)
+    for col, v in fills.items():
+        rec[:, col] = v
+    return rec
+
+
+def _grow_records(rec, new_cap, fills):
+    out = _records(new_cap, rec.shape[1], fills)
+    out[: rec.shape[0]] = rec
+    return out
+
+
+SP_FILLS = {S.SP_VM: -1, S.SP_PARENT: -1}
+VM_FILLS = {S.VM_ROOT: -1, S.VM_SLOT_LAST: -1}
+SL_FILLS = {S.SL_VM: -1, S.SL_SLOT_ID: -1, S.SL_DIRTY_OFF: -1}
+
+
 def new_page_arena(cap=64):
     pa = S.PageArena(
         spt=np.full((cap, 512), SHADOW_NONPRESENT_VALUE, dtype=np.int64),
-        sp_vm=np.full(cap, -1, np.int32),
-        sp_level=np.zeros(cap, np.int8),
-        sp_gfn=np.zeros(cap, np.int64),
-        sp_role=np.zeros(cap, np.int32),
-        sp_parent=np.full(cap, -1, np.int64),
-        sp_parent_index=np.zeros(cap, np.int16),
-        sp_flags=np.zeros(cap, np.int8),
-        sp_seq=np.zeros(cap, np.int64),
+        meta=_records(cap, S.NSP, SP_FILLS),
         free=np.arange(cap - 1, -1, -1, dtype=np.int64),
         ctl=np.zeros(S.NCTL, np.int64),
     )
@@ -77,41 +89,24 @@ def grow_page_arena(pa, min_free, exact=False):
     free[added:added + top] = pa.free[:top]
     ctl = pa.ctl.copy()
     ctl[S.CTL_FREE_TOP] = top + added
-    return S.PageArena(
-        spt=spt, sp_vm=_grow(pa.sp_vm, new_cap, -1), sp_level=_grow(pa.sp_level, new_cap),
-        sp_gfn=_grow(pa.sp_gfn, new_cap), sp_role=_grow(pa.sp_role, new_cap),
-        sp_parent=_grow(pa.sp_parent, new_cap, -1), sp_parent_index=_grow(pa.sp_parent_index, new_cap),
-        sp_flags=_grow(pa.sp_flags, new_cap), sp_seq=_grow(pa.sp_seq, new_cap), free=free, ctl=ctl,
-    )
+    return S.PageArena(spt=spt, meta=_grow_records(pa.meta, new_cap, SP_FILLS), free=free, ctl=ctl)
 
 
 def new_vm_table(cap=16):
-    return S.VMTable(
-        root=np.full(cap, -1, np.int64), fmt=np.zeros(cap, np.int8), levels=np.zeros(cap, np.int8),
-        ad_disabled=np.zeros(cap, np.int8), max_gfn=np.zeros(cap, np.int64),
-        memslots_gen=np.zeros(cap, np.int64), slot_off=np.zeros(cap, np.int64),
-        slot_cnt=np.zeros(cap, np.int64), slot_last=np.full(cap, -1, np.int64),
-        host_bytes=np.zeros(cap, np.int64), dirty_mode=np.zeros(cap, np.int8),
-        inval_count=np.zeros(cap, np.int64), inval_start=np.zeros(cap, np.int64), inval_end=np.zeros(cap, np.int64),
-        stats=np.zeros((cap, S.NSTAT), np.int64),
-    )
+    return S.VMTable(rec=_records(cap, S.NVMF, VM_FILLS), stats=np.zeros((cap, S.NSTAT), np.int64))
 
 
 def grow_vm_table(vt, need):
-    cap = vt.root.shape[0]
+    cap = vt.rec.shape[0]
     if need <= cap:
         return vt
     new_cap = max(need, 2 * cap)
-    fills = {"root": -1, "slot_last": -1}
-    return S.VMTable(**{k: _grow(getattr(vt, k), new_cap, fills.get(k, 0)) for k in S.VMTable._fields})
+    return S.VMTable(rec=_grow_records(vt.rec, new_cap, VM_FILLS), stats=_grow(vt.stats, new_cap))
 
 
 def new_slot_table(cap=16):
     return S.SlotTable(
-        vm=np.full(cap, -1, np.int32), slot_id=np.full(cap, -1, np.int32), base_gfn=np.zeros(cap, np.int64),
-        npages=np.zeros(cap, np.int64), hva=np.zeros(cap, np.int64), flags=np.zeros(cap, np.int32),
-        backing=np.zeros(cap, np.int8), lpage_off=np.zeros((cap, 2), np.int64),
-        dirty_off=np.full(cap, -1, np.int64), host_off=np.zeros(cap, np.int64),
+        rec=_records(cap, S.NSLF, SL_FILLS),
         order=np.zeros(0, np.int64), lpage=np.zeros(0, np.int32), dirty=np.zeros(0, np.int64),
         host=np.zeros(0, np.int64), swap=np.zeros(0, np.int64), split=np.zeros(0, np.int64),
         age=np.zeros(0, np.uint8),
@@ -132,14 +127,10 @@ def sync_host_pools(st, ages):
 
 
 def grow_slot_records(st, need):
-    cap = st.vm.shape[0]
+    cap = st.rec.shape[0]
     if need <= cap:
         return st
-    new_cap = max(need, 2 * cap)
-    fills = {"vm": -1, "slot_id": -1, "dirty_off": -1}
-    pooled = {"order", "lpage", "dirty", "host", "swap", "split", "age"}
-    return S.SlotTable(**{k: (getattr(st, k) if k in pooled else _grow(getattr(st, k), new_cap, fills.get(k, 0)))
-                          for k in S.SlotTable._fields})
+    return st._replace(rec=_grow_records(st.rec, max(need, 2 * cap), SL_FILLS))
 
 
 def lpage_entries(base_gfn, npages, level):
@@ -159,36 +150,25 @@ def table_rows(pages, leaf_level, levels):
 
 
 def bytes_per_row():
-    """Simulator bytes per page-table page: 512 SPTEs + metadata + the free-stack slot."""
-    return ROW_BYTES + 4 + 1 + 8 + 4 + 8 + 2 + 1 + 8
+    """Simulator bytes per page-table page: 512 SPTEs + the metadata record + the free-stack slot."""
+    return ROW_BYTES + 8 * S.NSP + 8
 
 
 def new_vcpu_table(nvm_cap=16, nvcpu_cap=16, pml=False):
     return S.VcpuTable(
-        vcpu_off=np.zeros(nvm_cap, np.int64), pml_count=np.zeros(nvcpu_cap, np.int64),
+        vcpu_off=np.zeros(nvm_cap, np.int64), rec=np.zeros((nvcpu_cap, S.NVCF), np.int64),
         pml_buf=np.zeros((nvcpu_cap if pml else 0, S.PML_ENTITY_NUM), np.int64),
-        ring_size=np.zeros(nvcpu_cap, np.int64), ring_off=np.zeros(nvcpu_cap, np.int64),
-        ring_dirty=np.zeros(nvcpu_cap, np.int64), ring_reset=np.zeros(nvcpu_cap, np.int64),
-        ring_fetch=np.zeros(nvcpu_cap, np.int64), ring_slot=np.zeros(0, np.int32), ring_gfn=np.zeros(0, np.int64),
-        ring_flags=np.zeros(0, np.int8),
+        ring_slot=np.zeros(0, np.int32), ring_gfn=np.zeros(0, np.int64), ring_flags=np.zeros(0, np.int8),
     )
 
 
 def grow_vcpu_table(ct, nvm_need, nvcpu_need, pml):
     """Room for ``nvm_need`` VMs and ``nvcpu_need`` vCPUs (ring pools are grown separately)."""
-    out = {}
-    for k in S.VcpuTable._fields:
-        a = getattr(ct, k)
-        if k == "vcpu_off":
-            out[k] = _grow(a, max(nvm_need, 2 * a.shape[0])) if nvm_need > a.shape[0] else a
-        elif k.startswith("ring_") and k in ("ring_slot", "ring_gfn", "ring_flags"):
-            out[k] = a
-        elif k == "pml_buf":
-            need = nvcpu_need if pml else 0
-            out[k] = _grow(a, max(need, 2 * a.shape[0])) if need > a.shape[0] else a
-        else:
-            out[k] = _grow(a, max(nvcpu_need, 2 * a.shape[0])) if nvcpu_need > a.shape[0] else a
-    return S.VcpuTable(**out)
+    def more(a, need):
+        return _grow(a, max(need, 2 * a.shape[0])) if need > a.shape[0] else a
+
+    return ct._replace(vcpu_off=more(ct.vcpu_off, nvm_need), rec=more(ct.rec, nvcpu_need),
+                       pml_buf=more(ct.pml_buf, nvcpu_need if pml else 0))
 
 
 def slot_bytes(npages, shadow=False, ages=False):

@@ -8,7 +8,7 @@ up before a batch and runs the shadow kernels (kernels/shadow.py).
 import numpy as np
 
 from . import args as A
-from .arena import Pool, _grow
+from .arena import Pool, _grow, _grow_records, _records
 from .errors import bad, einval
 from .kernels import gmem as GM
 from .kernels import shadow as K
@@ -58,30 +58,27 @@ def check_sregs(cr0, cr3, cr4, efer, maxphyaddr):
         raise einval("efer", efer, "EFER.LMA outside long mode (needs EFER.LME and CR0.PG)")
 
 
+SH_FILLS = {S.SH_HNEXT: -1, S.SH_ANEXT: -1, S.SH_APREV: -1}
+SHS_FILLS = {S.SHS_RMAP_OFF: -1, S.SHS_RMAP_OFF + 1: -1, S.SHS_RMAP_OFF + 2: -1, S.SHS_WTRACK_OFF: -1}
+SHV_FILLS = {S.SHV_HASH_OFF: -1, S.SHV_ACT_HEAD: -1, S.SHV_ACT_TAIL: -1}
+VR_FILLS = {S.VR_CR0: CR0_RESET, S.VR_RFLAGS: 2, S.VR_ROOT: -1, **{S.VR_PREV_ROOT + i: -1 for i in range(3)},
+            **{S.VR_PAE_ROOT + i: -1 for i in range(4)}}
+
+
 def _new_shadow_state(rows, nvm):
     return S.ShadowState(
-        unsync=np.zeros(rows, np.int8), unsync_children=np.zeros(rows, np.int32),
-        ubitmap=np.zeros((rows, 8), np.int64), root_count=np.zeros(rows, np.int32),
-        flood=np.zeros(rows, np.int32), gen=np.zeros(rows, np.int8), hnext=np.full(rows, -1, np.int64),
-        anext=np.full(rows, -1, np.int64), aprev=np.full(rows, -1, np.int64),
+        meta=_records(rows, S.NSHF, SH_FILLS), ubitmap=np.zeros((rows, 8), np.int64),
         parent_head=np.full(rows, -1, np.int64), trans=np.zeros((rows, 512), np.int64),
         pl_sptep=np.zeros(0, np.int64), pl_next=np.zeros(0, np.int64),
         rn_sptep=np.zeros(0, np.int64), rn_next=np.zeros(0, np.int64),
         rmap_head=np.zeros(0, np.int64), rmap_cnt=np.zeros(0, np.int32), wtrack=np.zeros(0, np.int32),
-        rmap_off=np.full((16, 3), -1, np.int64), wtrack_off=np.full(16, -1, np.int64),
-        hash_off=np.full(nvm, -1, np.int64), hash=np.zeros(0, np.int64),
-        act_head=np.full(nvm, -1, np.int64), act_tail=np.full(nvm, -1, np.int64),
-        indirect=np.zeros(nvm, np.int64), valid_gen=np.zeros(nvm, np.int8), n_max=np.zeros(nvm, np.int64),
-        ctl=np.zeros(S.NSHCTL, np.int64), scratch=np.full(K.SC_SIZE, -1, np.int64),
+        slotrec=_records(16, S.NSHSF, SHS_FILLS), vmrec=_records(nvm, S.NSHVF, SHV_FILLS),
+        hash=np.zeros(0, np.int64), ctl=np.zeros(S.NSHCTL, np.int64), scratch=np.full(K.SC_SIZE, -1, np.int64),
     )
 
 
 def _new_vcpu_regs(n):
-    z = lambda: np.zeros(n, np.int64)  # noqa: E731
-    return S.VcpuRegs(cr0=np.full(n, CR0_RESET, np.int64), cr3=z(), cr4=z(), efer=z(), rflags=np.full(n, 2, np.int64),
-                      pkru=z(), pdptr=np.zeros((n, 4), np.int64), root=np.full(n, -1, np.int64), root_pgd=z(),
-                      prev_root=np.full((n, 3), -1, np.int64), prev_pgd=np.zeros((n, 3), np.int64),
-                      pae_root=np.full((n, 4), -1, np.int64))
+    return S.VcpuRegs(rec=_records(n, S.NVRF, VR_FILLS))
 
 
 def _new_guest_mem(rows=16, hcap=64):
@@ -112,19 +109,11 @@ class GuestPaging:
         if self._mmu_kind.shape[0] < need:
             self._mmu_kind = _grow(self._mmu_kind, max(need, 2 * self._mmu_kind.shape[0]))
         self._mmu_kind[vms] = S.MMU_SHADOW if shadow else S.MMU_TDP
-        nv_old = self.vr.cr0.shape[0]
-        add = vcpus * len(vms)
-        regs = {}
-        fresh = _new_vcpu_regs(add)
-        for k in S.VcpuRegs._fields:
-            regs[k] = np.concatenate([getattr(self.vr, k), getattr(fresh, k)])
-        self.vr = S.VcpuRegs(**regs)
+        nv_old = self.vr.rec.shape[0]
+        self.vr = S.VcpuRegs(rec=np.concatenate([self.vr.rec, _new_vcpu_regs(vcpus * len(vms)).rec]))
         sh = self.sh
-        if sh.hash_off.shape[0] < need:
-            cap = max(need, 2 * sh.hash_off.shape[0])
-            fills = {"hash_off": -1, "act_head": -1, "act_tail": -1}
-            sh = sh._replace(**{k: _grow(getattr(sh, k), cap, fills.get(k, 0))
-                                for k in ("hash_off", "act_head", "act_tail", "indirect", "valid_gen", "n_max")})
+        if sh.vmrec.shape[0] < need:
+            sh = sh._replace(vmrec=_grow_records(sh.vmrec, max(need, 2 * sh.vmrec.shape[0]), SHV_FILLS))
         if shadow:
             offs = self._hash_pool.alloc_many(S.KVM_MMU_HASH_SIZE, len(vms))
             self._hash_pool.arr[offs[0]:offs[0] + S.KVM_MMU_HASH_SIZE * len(vms)] = -1
@@ -137,9 +126,8 @@ class GuestPaging:
         """Rmap heads and write-track counts for new memslot records of shadow VMs (kvm_alloc_memslot_metadata)."""
         sh = self.sh
         need = first + k
-        if sh.rmap_off.shape[0] < need:
-            cap = max(need, 2 * sh.rmap_off.shape[0])
-            sh = sh._replace(rmap_off=_grow(sh.rmap_off, cap, -1), wtrack_off=_grow(sh.wtrack_off, cap, -1))
+        if sh.slotrec.shape[0] < need:
+            sh = sh._replace(slotrec=_grow_records(sh.slotrec, max(need, 2 * sh.slotrec.shape[0]), SHS_FILLS))
         st = self.st
         for rec in range(first, need):
             sh.rmap_off[rec] = -1
@@ -166,11 +154,9 @@ class GuestPaging:
             self.reserve_tables(4 * S.MAX_ROWS_PER_EVENT)
         sh = self.sh
         rows = self.pa.spt.shape[0]
-        if sh.unsync.shape[0] < rows:
-            fills = {"hnext": -1, "anext": -1, "aprev": -1, "parent_head": -1}
-            per_row = ("unsync", "unsync_children", "ubitmap", "root_count", "flood", "gen", "hnext", "anext",
-                       "aprev", "parent_head", "trans")
-            sh = sh._replace(**{k: _grow(getattr(sh, k), rows, fills.get(k, 0)) for k in per_row})
+        if sh.meta.shape[0] < rows:
+            sh = sh._replace(meta=_grow_records(sh.meta, rows, SH_FILLS), ubitmap=_grow(sh.ubitmap, rows),
+                             parent_head=_grow(sh.parent_head, rows, -1), trans=_grow(sh.trans, rows))
         for _kind, arrs, free_i, avail_i, want in (("pl", ("pl_sptep", "pl_next"), S.SH_PL_FREE, S.SH_PL_AVAIL, 64),
                                                   ("rn", ("rn_sptep", "rn_next"), S.SH_RN_FREE, S.SH_RN_AVAIL, 256)):
             if sh.ctl[avail_i] >= want:
@@ -207,8 +193,7 @@ class GuestPaging:
         self.gm = S.GuestMem(key=key, row=row, page=page, free=free, ctl=gm.ctl)
 
     def _slot_map(self):
-        return S.SlotMap(self.vt.slot_last, self.vt.slot_off, self.vt.slot_cnt, self.st.order, self.st.base_gfn,
-                         self.st.npages, self.st.hva)
+        return S.SlotMap(self.vt.rec, self.st.order, self.st.rec)
 
     def _gm_drop_unmapped(self, vm, rec):
         """Slot ``rec`` goes and the VMM unmaps its memory: its hva pages that no other slot of the VM

@@ -28,10 +28,23 @@ from .state import (
     DM_MANUAL_PROTECT,
     KVM_DIRTY_GFN_F_RESET,
     PML_ENTITY_NUM,
+    SL_BASE_GFN,
+    SL_DIRTY_OFF,
+    SL_NPAGES,
+    SP_ROLE,
     ST_PAGES_SPLIT,
     ST_PAGES_WRITE_PROTECTED,
     ST_PML_FLUSHES,
     ST_PML_FULL_EXITS,
+    VC_PML_COUNT,
+    VC_RING_DIRTY,
+    VC_RING_OFF,
+    VC_RING_RESET,
+    VC_RING_SIZE,
+    VM_DIRTY_MODE,
+    VM_FMT,
+    VM_LEVELS,
+    VM_ROOT,
 )
 from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
 from .walk import next_gfn, walk_to_leaf
@@ -41,7 +54,7 @@ from .walk import next_gfn, walk_to_leaf
 @helper
 def pml_flush(vt, st, ct, vm, vcpu_g):
     """vmx_flush_pml_buffer: every logged gpa becomes a dirty page of its slot."""
-    n = ct.pml_count[vcpu_g]
+    n = ct.rec[vcpu_g, VC_PML_COUNT]
     if n == 0:
         return
     for k in range(n):
@@ -49,18 +62,18 @@ def pml_flush(vt, st, ct, vm, vcpu_g):
         rec = gfn_to_memslot(vt, st, vm, gfn)
         if rec >= 0:
             mark_page_dirty(st, ct, vcpu_g, rec, gfn)
-    ct.pml_count[vcpu_g] = 0
+    ct.rec[vcpu_g, VC_PML_COUNT] = 0
     vt.stats[vm, ST_PML_FLUSHES] += 1
 
 
 @njit(inline="always", _nrt=False)
 def pml_log(vt, st, ct, vm, vcpu_g, gfn):
     """The CPU logs a gpa whose EPT dirty flag it set; a full buffer exits first (PML full)."""
-    if ct.pml_count[vcpu_g] == PML_ENTITY_NUM:
+    if ct.rec[vcpu_g, VC_PML_COUNT] == PML_ENTITY_NUM:
         vt.stats[vm, ST_PML_FULL_EXITS] += 1
         pml_flush(vt, st, ct, vm, vcpu_g)
-    ct.pml_buf[vcpu_g, ct.pml_count[vcpu_g]] = gfn
-    ct.pml_count[vcpu_g] += 1
+    ct.pml_buf[vcpu_g, ct.rec[vcpu_g, VC_PML_COUNT]] = gfn
+    ct.rec[vcpu_g, VC_PML_COUNT] += 1
 
 
 @kernel
@@ -74,9 +87,9 @@ def pml_flush_vm(vt, st, ct, vm, nvcpus):
 @njit(inline="always", _nrt=False)
 def _leaf_at(pa, vt, vm, gfn):
     """(row, idx, level, spte) of the leaf (or the non-present entry) mapping gfn; row -1 if no root."""
-    if vt.root[vm] < 0:
-        return np.int64(-1), np.int64(0), np.int64(vt.levels[vm]), np.int64(0)
-    return walk_to_leaf(pa.spt, vt.root[vm], np.int64(vt.levels[vm]), gfn)
+    if vt.rec[vm, VM_ROOT] < 0:
+        return np.int64(-1), np.int64(0), np.int64(vt.rec[vm, VM_LEVELS]), np.int64(0)
+    return walk_to_leaf(pa.spt, vt.rec[vm, VM_ROOT], np.int64(vt.rec[vm, VM_LEVELS]), gfn)
 
 
 @kernel
@@ -98,7 +111,7 @@ def count_huge_leaves(pa, vt, vm, start, end):
 def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
     """tdp_mmu_split_huge_pages_root: split every huge leaf in [start, end) down to target_level,
     pre-order (1G -> 2M -> 4K).  The caller has topped up the free rows (count_huge_leaves)."""
-    fmt = vt.fmt[vm]
+    fmt = vt.rec[vm, VM_FMT]
     nx = cfg[CFG_NX_HUGE_PAGES] != 0
     gfn = start
     while gfn < end:
@@ -107,7 +120,7 @@ def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
             return
         if is_shadow_present_pte(spte) and level > target_level:
             shift = (level - 1) * 9
-            child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, (gfn >> shift) << shift, pa.sp_role[row], row, idx)
+            child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, (gfn >> shift) << shift, pa.meta[row, SP_ROLE], row, idx)
             tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
             vt.stats[vm, ST_PAGES_SPLIT] += 1
             continue  # walk again: the pieces may be huge too
@@ -120,7 +133,7 @@ def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
     row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
     if row < 0 or not is_shadow_present_pte(spte) or level < min_level:
         return False
-    new = spte & ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(vt.fmt[vm]))
+    new = spte & ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(vt.rec[vm, VM_FMT]))
     if new == spte:
         return False
     tdp_set_spte(pa, vt, vm, row, idx, level, new)
@@ -132,7 +145,7 @@ def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
 def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     """clear_dirty_pt_masked: for each 4K leaf in the mask clear W (write-protection) or, with PML,
     the dirty bit (W for SPTEs without A/D).  One walk per leaf table, then a scan of the mask."""
-    fmt = vt.fmt[vm]
+    fmt = vt.rec[vm, VM_FMT]
     spt = pa.spt
     dmask = shadow_dirty_mask(fmt)
     count = 0
@@ -164,7 +177,7 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
 @kernel
 def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D off on 4K leaves."""
-    fmt = vt.fmt[vm]
+    fmt = vt.rec[vm, VM_FMT]
     spt = pa.spt
     dmask = shadow_dirty_mask(fmt)
     count = 0
@@ -191,8 +204,8 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
 @helper
 def enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, gfn_offset, mask):
     """kvm_arch_mmu_enable_log_dirty_pt_masked: re-arm dirty tracking for 64 pages at gfn_offset."""
-    base = st.base_gfn[rec] + gfn_offset
-    if (vt.dirty_mode[vm] & (DM_MANUAL_PROTECT | DM_INITIALLY_SET)) == DM_MANUAL_PROTECT | DM_INITIALLY_SET:
+    base = st.rec[rec, SL_BASE_GFN] + gfn_offset
+    if (vt.rec[vm, VM_DIRTY_MODE] & (DM_MANUAL_PROTECT | DM_INITIALLY_SET)) == DM_MANUAL_PROTECT | DM_INITIALLY_SET:
         lo = 0
         while not (mask >> lo) & 1:
             lo += 1
@@ -214,8 +227,8 @@ def enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, gfn_offset, mask):
 def get_dirty_log_protect(pa, vt, st, cfg, vm, rec, out):
     """kvm_get_dirty_log_protect without manual protect: snapshot-and-clear each word, re-protect
     the pages it names.  ``out`` receives the snapshot; returns True if any bit was set (flush)."""
-    off = st.dirty_off[rec]
-    words = (st.npages[rec] + 63) >> 6
+    off = st.rec[rec, SL_DIRTY_OFF]
+    words = (st.rec[rec, SL_NPAGES] + 63) >> 6
     flush = False
     for w in range(words):
         m = st.dirty[off + w]
@@ -232,10 +245,10 @@ def get_dirty_log_protect(pa, vt, st, cfg, vm, rec, out):
 def clear_dirty_log_protect(pa, vt, st, cfg, vm, rec, first_page, num_pages, bitmap):
     """kvm_clear_dirty_log_protect after validation: clear the bits that were really set and
     re-protect their pages.  Returns the number of pages cleared."""
-    off = st.dirty_off[rec]
+    off = st.rec[rec, SL_DIRTY_OFF]
     cleared = 0
     nwords = (num_pages + 63) >> 6
-    npages = st.npages[rec]
+    npages = st.rec[rec, SL_NPAGES]
     for k in range(nwords):
         i = (first_page >> 6) + k
         mask = bitmap[k]
@@ -260,7 +273,7 @@ def dirty_ring_reset(ct, vcpu_g, masks):
     """kvm_dirty_ring_reset: recycle harvested entries and coalesce them into 64-page masks, one row
     of ``masks`` (slot id, first offset, mask) each, for the caller's MMU to re-protect
     (kvm_reset_dirty_gfn).  Returns (entries reset, rows used)."""
-    size = ct.ring_size[vcpu_g]
+    size = ct.rec[vcpu_g, VC_RING_SIZE]
     if size == 0:
         return 0, 0
     count = 0
@@ -268,14 +281,14 @@ def dirty_ring_reset(ct, vcpu_g, masks):
     mask = np.int64(0)
     cur_slot = -1
     cur_off = np.int64(0)
-    while ct.ring_reset[vcpu_g] < ct.ring_dirty[vcpu_g]:
-        idx = ct.ring_off[vcpu_g] + (ct.ring_reset[vcpu_g] & (size - 1))
+    while ct.rec[vcpu_g, VC_RING_RESET] < ct.rec[vcpu_g, VC_RING_DIRTY]:
+        idx = ct.rec[vcpu_g, VC_RING_OFF] + (ct.rec[vcpu_g, VC_RING_RESET] & (size - 1))
         if not ct.ring_flags[idx] & KVM_DIRTY_GFN_F_RESET:
             break
         nslot = ct.ring_slot[idx]
         noff = ct.ring_gfn[idx]
         ct.ring_flags[idx] = 0
-        ct.ring_reset[vcpu_g] += 1
+        ct.rec[vcpu_g, VC_RING_RESET] += 1
         count += 1
         if mask != 0:
             if nslot == cur_slot:
@@ -309,10 +322,10 @@ def ring_mask_target(st, masks, k, slot_recs):
     if key >= slot_recs.shape[0]:
         return -1, offset, mask
     rec = slot_recs[key]
-    if rec < 0 or offset >= st.npages[rec]:
+    if rec < 0 or offset >= st.rec[rec, SL_NPAGES]:
         return -1, offset, mask
-    if offset + 64 > st.npages[rec]:
-        mask &= (np.int64(1) << (st.npages[rec] - offset)) - 1
+    if offset + 64 > st.rec[rec, SL_NPAGES]:
+        mask &= (np.int64(1) << (st.rec[rec, SL_NPAGES] - offset)) - 1
     if mask == 0:
         return -1, offset, mask
     return rec, offset, mask

@@ -80,6 +80,16 @@ from .state import (
     STOP_DONE,
     STOP_HOST_OOM,
     STOP_NEED_PAGES,
+    VM_AD_DISABLED,
+    VM_DIRTY_MODE,
+    VM_FMT,
+    VM_INVAL_COUNT,
+    VM_INVAL_END,
+    VM_INVAL_START,
+    VM_LEVELS,
+    VM_MAX_GFN,
+    VM_MEMSLOTS_GEN,
+    VM_ROOT,
 )
 from .tdp import (
     RET_PF_EMULATE,
@@ -172,7 +182,7 @@ def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, f
     elif not write:
         return RET_PF_INVALID
     # kvm_tdp_mmu_fast_pf_get_last_sptep
-    row, idx, level, spte = walk_to_leaf(pa.spt, vt.root[vm], np.int64(vt.levels[vm]), gfn)
+    row, idx, level, spte = walk_to_leaf(pa.spt, vt.rec[vm, VM_ROOT], np.int64(vt.rec[vm, VM_LEVELS]), gfn)
     if not is_shadow_present_pte(spte):
         return RET_PF_INVALID
     if is_access_allowed(fmt, spte, write, fetch):
@@ -201,7 +211,7 @@ def host_page_needs_budget(st, host, rec, gfn):
 @njit(inline="always", _nrt=False)
 def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
     """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
-    ad_enabled_vm = vt.ad_disabled[vm] == 0
+    ad_enabled_vm = vt.rec[vm, VM_AD_DISABLED] == 0
     if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
         r = fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm)
         if r != RET_PF_INVALID:
@@ -217,11 +227,11 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec,
     # kvm_mmu_faultin_pfn
     if rec < 0:
         # kvm_handle_noslot_fault
-        if not mmio_caching or gfn > vt.max_gfn[vm]:
+        if not mmio_caching or gfn > vt.rec[vm, VM_MAX_GFN]:
             return RET_PF_EMULATE
         # kvm_mmu_hugepage_adjust set huge_page_disallowed before its no-slot early return
     else:
-        if vt.inval_count[vm] > 0 and vt.inval_start[vm] <= gfn < vt.inval_end[vm]:
+        if vt.rec[vm, VM_INVAL_COUNT] > 0 and vt.rec[vm, VM_INVAL_START] <= gfn < vt.rec[vm, VM_INVAL_END]:
             return RET_PF_RETRY  # mmu_invalidate_retry_gfn_unsafe: an invalidation covers the gfn
         if write and slot_readonly(st, rec):
             return RET_PF_EMULATE  # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
@@ -244,7 +254,7 @@ def handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
     """handle_mmio_page_fault: True = emulate now, False = stale generation (slow path)."""
     if not is_mmio_spte(fmt, spte, mmio_caching):
         return False
-    gen = vt.memslots_gen[vm]
+    gen = vt.rec[vm, VM_MEMSLOTS_GEN]
     if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
         return False
     return (gen & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
@@ -286,7 +296,7 @@ def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetc
     """
     mmio_caching = cfg[CFG_MMIO_CACHING] != 0
     stats = vt.stats
-    if vt.dirty_mode[vm] & DM_PML_ACTIVE:
+    if vt.rec[vm, VM_DIRTY_MODE] & DM_PML_ACTIVE:
         pml_flush(vt, st, ct, vm, vcpu_g)  # vmx_handle_exit flushes the PML buffer on every exit
     outcome = OUT_FIXED
     err = 0
@@ -315,8 +325,8 @@ def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetc
         if outcome == OUT_EMULATED:
             return (OUT_MMIO if rec < 0 else OUT_EMULATED), err
         # The guest re-executes the access.
-        res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.root[vm], vt.levels[vm], gfn, write,
-                                                       fetch, vt.ad_disabled[vm] == 0)
+        res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.rec[vm, VM_ROOT], vt.rec[vm, VM_LEVELS], gfn, write,
+                                                       fetch, vt.rec[vm, VM_AD_DISABLED] == 0)
         if res == WALK_OK:
             stats[vm, ST_WALK_REFS] += refs
             return outcome, err
@@ -337,7 +347,7 @@ def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, st
     n = ev_vm.shape[0]
     # Hot arrays as locals: helpers that take whole bundles pay reference counting per call.
     spt, ctl, stats = pa.spt, pa.ctl, vt.stats
-    roots, fmts, levels, ad_disabled, dirty_mode = vt.root, vt.fmt, vt.levels, vt.ad_disabled, vt.dirty_mode
+    vrec = vt.rec
     ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if cfg[CFG_PML] else 0)
     # HIT statistics of a run of events for one VM are summed locally and flushed on change.
     pend_vm, pend_acc, pend_refs = -1, 0, 0
@@ -353,9 +363,9 @@ def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, st
         kind = ev_kind[i]
         write = (kind & PFERR_WRITE_MASK) != 0
         fetch = (kind & PFERR_FETCH_MASK) != 0
-        fmt = fmts[vm]
+        fmt = vrec[vm, VM_FMT]
         gfn = gpa >> 12
-        mode = dirty_mode[vm]
+        mode = vrec[vm, VM_DIRTY_MODE]
         vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]
         if mode & DM_RING:
             if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
@@ -367,15 +377,15 @@ def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, st
                     pml_flush(vt, st, ct, vm, vcpu_g)  # an exit: the PML buffer is flushed
                 out_outcome[i] = OUT_RING_FULL
                 continue
-        ad_enabled_vm = ad_disabled[vm] == 0
+        ad_enabled_vm = vrec[vm, VM_AD_DISABLED] == 0
         if vm == memo_vm and (gfn >> (9 * memo_level)) == memo_key:
             res, refs, row, idx, level, spte = tdp_hw_walk_from(spt, fmt, memo_row, memo_level, memo_refs - 1,
                                                                 gfn, write, fetch, ad_enabled_vm)
         else:
-            root = roots[vm]
+            root = vrec[vm, VM_ROOT]
             if root < 0:
                 root = mmu_alloc_root(pa, vt, vm)  # kvm_mmu_load at vCPU entry
-            res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, root, levels[vm], gfn, write,
+            res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, root, vrec[vm, VM_LEVELS], gfn, write,
                                                            fetch, ad_enabled_vm)
         if res == WALK_OK:
             memo_vm, memo_key, memo_row, memo_level, memo_refs = vm, gfn >> (9 * level), row, level, refs

@@ -23,7 +23,13 @@ from numba import njit
 
 from .jit import kernel
 from .memslot import search_memslots
-from .state import BACKING_HUGETLB_1G, BACKING_HUGETLB_2M
+from .state import (
+    BACKING_HUGETLB_1G,
+    BACKING_HUGETLB_2M,
+    SL_BACKING,
+    SL_BASE_GFN,
+    SL_HVA,
+)
 
 GM_USED = 0      # rows ever handed out (bump pointer)
 GM_KEYS = 1      # keys stored
@@ -62,7 +68,7 @@ def gm_page_key(sm, vm, gpa):
     rec = search_memslots(sm, vm, gfn)
     if rec < 0:
         return np.int64(-1)
-    return (np.int64(vm) << GM_VM_SHIFT) | ((sm.hva[rec] >> 12) + gfn - sm.base_gfn[rec])
+    return (np.int64(vm) << GM_VM_SHIFT) | ((sm.srec[rec, SL_HVA] >> 12) + gfn - sm.srec[rec, SL_BASE_GFN])
 
 
 @njit(inline="always", _nrt=False)
@@ -172,9 +178,9 @@ def gm_discard_slots(gm, st, vm, recs, p0s, p1s):
     n = 0
     for i in range(recs.shape[0]):
         rec = recs[i]
-        lo = st.hva[rec] + (p0s[i] << 12)
-        hi = st.hva[rec] + (p1s[i] << 12)
-        b = st.backing[rec]
+        lo = st.rec[rec, SL_HVA] + (p0s[i] << 12)
+        hi = st.rec[rec, SL_HVA] + (p1s[i] << 12)
+        b = st.rec[rec, SL_BACKING]
         if b == BACKING_HUGETLB_2M or b == BACKING_HUGETLB_1G:
             size = np.int64(1 << 21) if b == BACKING_HUGETLB_2M else np.int64(1 << 30)
             lo = (lo + size - 1) & ~(size - 1)

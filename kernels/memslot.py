@@ -14,9 +14,29 @@ from .state import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
+    SL_BACKING,
+    SL_BASE_GFN,
+    SL_DIRTY_OFF,
+    SL_FLAGS,
+    SL_HOST_OFF,
+    SL_HVA,
+    SL_LPAGE_OFF,
+    SL_NPAGES,
+    SL_SLOT_ID,
     ST_HOST_MAJOR_FAULTS,
     ST_HOST_PAGES_FAULTED_IN,
     ST_HOST_PAGES_SWAPPED,
+    VC_RING_DIRTY,
+    VC_RING_OFF,
+    VC_RING_RESET,
+    VC_RING_SIZE,
+    VM_HOST_BYTES,
+    VM_INVAL_COUNT,
+    VM_INVAL_END,
+    VM_INVAL_START,
+    VM_SLOT_CNT,
+    VM_SLOT_LAST,
+    VM_SLOT_OFF,
     SlotMap,
 )
 
@@ -24,29 +44,29 @@ from .state import (
 @njit(inline="always", _nrt=False)
 def slot_map(vt, st):
     """The SlotMap of these tables (what a gpa -> hva translation reads)."""
-    return SlotMap(vt.slot_last, vt.slot_off, vt.slot_cnt, st.order, st.base_gfn, st.npages, st.hva)
+    return SlotMap(vt.rec, st.order, st.rec)
 
 
 @njit(inline="always", _nrt=False)
 def search_memslots(sm, vm, gfn):
     """search_memslots with the last_used_slot cache over a SlotMap: record index or -1 (no slot)."""
-    last = sm.slot_last[vm]
-    if last >= 0 and sm.base_gfn[last] <= gfn < sm.base_gfn[last] + sm.npages[last]:
+    last = sm.vrec[vm, VM_SLOT_LAST]
+    if last >= 0 and sm.srec[last, SL_BASE_GFN] <= gfn < sm.srec[last, SL_BASE_GFN] + sm.srec[last, SL_NPAGES]:
         return last
-    lo = sm.slot_off[vm]
-    hi = lo + sm.slot_cnt[vm]
+    lo = sm.vrec[vm, VM_SLOT_OFF]
+    hi = lo + sm.vrec[vm, VM_SLOT_CNT]
     # rightmost slot with base_gfn <= gfn
     while lo < hi:
         mid = (lo + hi) >> 1
-        if sm.base_gfn[sm.order[mid]] <= gfn:
+        if sm.srec[sm.order[mid], SL_BASE_GFN] <= gfn:
             lo = mid + 1
         else:
             hi = mid
-    if lo == sm.slot_off[vm]:
+    if lo == sm.vrec[vm, VM_SLOT_OFF]:
         return -1
     rec = sm.order[lo - 1]
-    if gfn < sm.base_gfn[rec] + sm.npages[rec]:
-        sm.slot_last[vm] = rec
+    if gfn < sm.srec[rec, SL_BASE_GFN] + sm.srec[rec, SL_NPAGES]:
+        sm.vrec[vm, VM_SLOT_LAST] = rec
         return rec
     return -1
 
@@ -60,31 +80,31 @@ def gfn_to_memslot(vt, st, vm, gfn):
 @njit(inline="always", _nrt=False)
 def slot_dirty_logging(st, rec):
     # kvm_slot_dirty_track_enabled
-    return (st.flags[rec] & KVM_MEM_LOG_DIRTY_PAGES) != 0
+    return (st.rec[rec, SL_FLAGS] & KVM_MEM_LOG_DIRTY_PAGES) != 0
 
 
 @njit(inline="always", _nrt=False)
 def slot_readonly(st, rec):
-    return (st.flags[rec] & KVM_MEM_READONLY) != 0
+    return (st.rec[rec, SL_FLAGS] & KVM_MEM_READONLY) != 0
 
 
 @njit(inline="always", _nrt=False)
 def lpage_disallowed(st, rec, gfn, level):
     """lpage_info_slot(gfn, slot, level)->disallow_lpage != 0 (level 2 = 2M, 3 = 1G)."""
     shift = (level - 1) * 9
-    idx = (gfn >> shift) - (st.base_gfn[rec] >> shift)
-    return st.lpage[st.lpage_off[rec, level - 2] + idx] != 0
+    idx = (gfn >> shift) - (st.rec[rec, SL_BASE_GFN] >> shift)
+    return st.lpage[st.rec[rec, SL_LPAGE_OFF + (level - 2)] + idx] != 0
 
 
 @njit(inline="always", _nrt=False)
 def gfn_to_hva(st, rec, gfn):
-    return st.hva[rec] + ((gfn - st.base_gfn[rec]) << 12)
+    return st.rec[rec, SL_HVA] + ((gfn - st.rec[rec, SL_BASE_GFN]) << 12)
 
 
 @njit(inline="always", _nrt=False)
 def host_pfn_mapping_level(st, rec, gfn):
     """host_pfn_mapping_level: level of the host mapping that backs this gfn's hva."""
-    b = st.backing[rec]
+    b = st.rec[rec, SL_BACKING]
     if b == BACKING_4K:
         return 1
     if b == BACKING_HUGETLB_2M:
@@ -94,10 +114,10 @@ def host_pfn_mapping_level(st, rec, gfn):
     # THP: a 2M host page exists where the aligned 2M hva range lies inside the mapping.
     hva = gfn_to_hva(st, rec, gfn)
     h2 = hva & ~np.int64((1 << 21) - 1)
-    end = st.hva[rec] + (st.npages[rec] << 12)
-    if h2 >= st.hva[rec] and h2 + (1 << 21) <= end:
-        off = gfn - st.base_gfn[rec]
-        if st.split[st.host_off[rec] + (off >> 6)] & (np.int64(1) << (off & 63)):
+    end = st.rec[rec, SL_HVA] + (st.rec[rec, SL_NPAGES] << 12)
+    if h2 >= st.rec[rec, SL_HVA] and h2 + (1 << 21) <= end:
+        off = gfn - st.rec[rec, SL_BASE_GFN]
+        if st.split[st.rec[rec, SL_HOST_OFF] + (off >> 6)] & (np.int64(1) << (off & 63)):
             return 1  # a THP split by reclaim or MADV_DONTNEED: 4K host pages (no khugepaged)
         return 2
     return 1
@@ -122,12 +142,12 @@ def invalidation_clamp_level(vt, vm, gfn, level):
     """The largest level <= ``level`` whose huge page around gfn meets no gfn of an MMU-notifier
     invalidation in progress.  The host splits a huge page before it changes part of it, so
     host_pfn_mapping_level sees 4K pages there until invalidate_range_end."""
-    if vt.inval_count[vm] == 0:
+    if vt.rec[vm, VM_INVAL_COUNT] == 0:
         return level
     while level > 1:
         span = np.int64(1) << np.int64(9 * (level - 1))
         base = gfn & ~(span - 1)
-        if base + span <= vt.inval_start[vm] or base >= vt.inval_end[vm]:
+        if base + span <= vt.rec[vm, VM_INVAL_START] or base >= vt.rec[vm, VM_INVAL_END]:
             break
         level -= 1
     return level
@@ -136,8 +156,8 @@ def invalidation_clamp_level(vt, vm, gfn, level):
 @njit(inline="always", _nrt=False)
 def host_page_pages(st, rec, gfn):
     """4K pages the host must allocate to back gfn: 0 if resident, else its host page's size."""
-    off = gfn - st.base_gfn[rec]
-    if st.host[st.host_off[rec] + (off >> 6)] & (np.int64(1) << (off & 63)):
+    off = gfn - st.rec[rec, SL_BASE_GFN]
+    if st.host[st.rec[rec, SL_HOST_OFF] + (off >> 6)] & (np.int64(1) << (off & 63)):
         return np.int64(0)
     return np.int64(1) << (9 * (host_pfn_mapping_level(st, rec, gfn) - 1))
 
@@ -152,11 +172,11 @@ def host_fault_in(st, vt, host, rec, gfn, vm):
     if host[HOST_USED_BYTES] + nbytes > host[HOST_BUDGET_BYTES]:
         return False
     host[HOST_USED_BYTES] += nbytes
-    vt.host_bytes[vm] += nbytes
+    vt.rec[vm, VM_HOST_BYTES] += nbytes
     vt.stats[vm, ST_HOST_PAGES_FAULTED_IN] += 1
     if npg == 1:
-        off = gfn - st.base_gfn[rec]
-        w = st.host_off[rec] + (off >> 6)
+        off = gfn - st.rec[rec, SL_BASE_GFN]
+        w = st.rec[rec, SL_HOST_OFF] + (off >> 6)
         bit = np.int64(1) << (off & 63)
         st.host[w] |= bit
         if st.swap[w] & bit:  # swapped out by reclaim: a major fault reads it back
@@ -168,8 +188,8 @@ def host_fault_in(st, vt, host, rec, gfn, vm):
         # The huge host page covers gfns congruent with its aligned hva range.
         hva = gfn_to_hva(st, rec, gfn)
         first_hva = hva & ~np.int64((npg << 12) - 1)
-        first = (first_hva - st.hva[rec]) >> 12
-        set_bit_range(st.host, st.host_off[rec], first, npg)
+        first = (first_hva - st.rec[rec, SL_HVA]) >> 12
+        set_bit_range(st.host, st.rec[rec, SL_HOST_OFF], first, npg)
     return True
 
 
@@ -193,17 +213,17 @@ def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
     (``vcpu_g`` -1: no running vCPU); nothing for a slot that does not log."""
     if not slot_dirty_logging(st, rec):
         return
-    rel = gfn - st.base_gfn[rec]
-    size = ct.ring_size[vcpu_g] if vcpu_g >= 0 else 0
+    rel = gfn - st.rec[rec, SL_BASE_GFN]
+    size = ct.rec[vcpu_g, VC_RING_SIZE] if vcpu_g >= 0 else 0
     if size > 0:
         # kvm_dirty_ring_push: the ring never overruns (the soft limit stops the vCPU first)
-        idx = ct.ring_off[vcpu_g] + (ct.ring_dirty[vcpu_g] & (size - 1))
-        ct.ring_slot[idx] = st.slot_id[rec]
+        idx = ct.rec[vcpu_g, VC_RING_OFF] + (ct.rec[vcpu_g, VC_RING_DIRTY] & (size - 1))
+        ct.ring_slot[idx] = st.rec[rec, SL_SLOT_ID]
         ct.ring_gfn[idx] = rel
         ct.ring_flags[idx] = KVM_DIRTY_GFN_F_DIRTY
-        ct.ring_dirty[vcpu_g] += 1
+        ct.rec[vcpu_g, VC_RING_DIRTY] += 1
         return
-    off = st.dirty_off[rec]
+    off = st.rec[rec, SL_DIRTY_OFF]
     if off < 0:
         return
     st.dirty[off + (rel >> 6)] |= np.int64(1) << (rel & 63)
@@ -212,8 +232,8 @@ def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
 @njit(inline="always", _nrt=False)
 def dirty_ring_soft_full(ct, vcpu_g, rsvd):
     """kvm_dirty_ring_soft_full: the vCPU must exit (KVM_EXIT_DIRTY_RING_FULL) before it runs."""
-    size = ct.ring_size[vcpu_g]
-    return size > 0 and ct.ring_dirty[vcpu_g] - ct.ring_reset[vcpu_g] >= size - rsvd
+    size = ct.rec[vcpu_g, VC_RING_SIZE]
+    return size > 0 and ct.rec[vcpu_g, VC_RING_DIRTY] - ct.rec[vcpu_g, VC_RING_RESET] >= size - rsvd
 
 
 @kernel
@@ -227,8 +247,8 @@ def host_touch_need(st, rec, first_gfn, end_gfn):
         if npg <= 1:
             gfn += 1
         else:  # a huge host page: its other gfns are resident once it is
-            first = ((gfn_to_hva(st, rec, gfn) & ~((npg << 12) - 1)) - st.hva[rec]) >> 12
-            gfn = st.base_gfn[rec] + first + npg
+            first = ((gfn_to_hva(st, rec, gfn) & ~((npg << 12) - 1)) - st.rec[rec, SL_HVA]) >> 12
+            gfn = st.rec[rec, SL_BASE_GFN] + first + npg
     return need
 
 

@@ -15,7 +15,13 @@ from .spte import (
     shadow_accessed_mask,
     spte_ad_enabled,
 )
-from .state import ST_MMU_NOTIFIER_ZAPPED, ST_PAGES_AGED
+from .state import (
+    ST_MMU_NOTIFIER_ZAPPED,
+    ST_PAGES_AGED,
+    VM_FMT,
+    VM_LEVELS,
+    VM_ROOT,
+)
 from .tdp import tdp_clear_spte_bits, tdp_set_spte
 from .walk import next_gfn, walk_to_leaf
 
@@ -24,13 +30,13 @@ from .walk import next_gfn, walk_to_leaf
 def tdp_zap_leafs(pa, vt, vm, start, end):
     """tdp_mmu_zap_leafs: every leaf SPTE (any level) overlapping [start, end) becomes non-present.
     Tables stay.  Returns the number zapped (> 0: the caller flushes)."""
-    root = vt.root[vm]
+    root = vt.rec[vm, VM_ROOT]
     if root < 0:
         return 0
     n = 0
     gfn = start
     while gfn < end:
-        row, idx, level, spte = walk_to_leaf(pa.spt, root, np.int64(vt.levels[vm]), gfn)
+        row, idx, level, spte = walk_to_leaf(pa.spt, root, np.int64(vt.rec[vm, VM_LEVELS]), gfn)
         if is_shadow_present_pte(spte):
             tdp_set_spte(pa, vt, vm, row, idx, level, SHADOW_NONPRESENT_VALUE)
             n += 1
@@ -51,15 +57,15 @@ def is_accessed_spte(fmt, spte):
 def tdp_age_range(pa, vt, vm, start, end, clear, young):
     """age_gfn_range / test_age_gfn over [start, end): young[g - start] = 1 for every 4K page
     whose leaf was accessed; with ``clear`` the leaf is made old.  Returns True if any was young."""
-    root = vt.root[vm]
+    root = vt.rec[vm, VM_ROOT]
     if root < 0:
         return False
-    fmt = vt.fmt[vm]
+    fmt = vt.rec[vm, VM_FMT]
     spt = pa.spt
     any_young = False
     gfn = start
     while gfn < end:
-        row, idx, level, spte = walk_to_leaf(spt, root, np.int64(vt.levels[vm]), gfn)
+        row, idx, level, spte = walk_to_leaf(spt, root, np.int64(vt.rec[vm, VM_LEVELS]), gfn)
         nxt = next_gfn(gfn, level)
         if is_shadow_present_pte(spte) and is_accessed_spte(fmt, spte):
             any_young = True

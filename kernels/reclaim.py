@@ -19,11 +19,18 @@ from .state import (
     BACKING_THP,
     HOST_SWAPPED_BYTES,
     HOST_USED_BYTES,
+    SL_BACKING,
+    SL_BASE_GFN,
+    SL_HOST_OFF,
+    SL_HVA,
+    SL_NPAGES,
+    SL_SLOT_ID,
     ST_HOST_PAGES_RECLAIMED,
     ST_HOST_PAGES_SWAPPED,
     ST_HOST_THP_SPLITS,
     ST_REMOTE_TLB_FLUSH,
     ST_REMOTE_TLB_FLUSH_REQUESTS,
+    VM_HOST_BYTES,
 )
 
 MAX_AGE = 255          # ages saturate here (a byte per page)
@@ -55,7 +62,7 @@ def _set_bits(words, base, first, n, on):
 @njit(inline="always", _nrt=False)
 def _evictable(st, rec):
     # hugetlbfs pages are not on the LRU: never reclaimed
-    b = st.backing[rec]
+    b = st.rec[rec, SL_BACKING]
     return b != BACKING_HUGETLB_2M and b != BACKING_HUGETLB_1G
 
 
@@ -63,21 +70,21 @@ def _evictable(st, rec):
 def _thp_region(st, rec, p):
     """First slot page of the 2M host region behind page ``p`` if the slot's mapping holds the whole
     aligned 2M hva range (THP backing), else -1."""
-    if st.backing[rec] != BACKING_THP:
+    if st.rec[rec, SL_BACKING] != BACKING_THP:
         return np.int64(-1)
-    hva = st.hva[rec] + (p << 12)
+    hva = st.rec[rec, SL_HVA] + (p << 12)
     h2 = hva & ~np.int64((1 << 21) - 1)
-    if h2 < st.hva[rec] or h2 + (1 << 21) > st.hva[rec] + (st.npages[rec] << 12):
+    if h2 < st.rec[rec, SL_HVA] or h2 + (1 << 21) > st.rec[rec, SL_HVA] + (st.rec[rec, SL_NPAGES] << 12):
         return np.int64(-1)
-    return (h2 - st.hva[rec]) >> 12
+    return (h2 - st.rec[rec, SL_HVA]) >> 12
 
 
 @njit(inline="always", _nrt=False)
 def _folio(st, rec, p):
     """(first page, pages) of the resident folio holding slot page ``p``."""
-    if host_pfn_mapping_level(st, rec, st.base_gfn[rec] + p) == 2:  # an unsplit THP
-        h2 = (st.hva[rec] + (p << 12)) & ~np.int64((1 << 21) - 1)
-        return (h2 - st.hva[rec]) >> 12, np.int64(512)
+    if host_pfn_mapping_level(st, rec, st.rec[rec, SL_BASE_GFN] + p) == 2:  # an unsplit THP
+        h2 = (st.rec[rec, SL_HVA] + (p << 12)) & ~np.int64((1 << 21) - 1)
+        return (h2 - st.rec[rec, SL_HVA]) >> 12, np.int64(512)
     return p, np.int64(1)
 
 
@@ -106,17 +113,17 @@ def reclaim_scan(pa, vt, st, vm, recs, aptr, arecs, hist, scratch):
         rec = recs[k]
         if not _evictable(st, rec):
             continue
-        off = st.host_off[rec]
+        off = st.rec[rec, SL_HOST_OFF]
         aoff = 64 * off
-        n = st.npages[rec]
+        n = st.rec[rec, SL_NPAGES]
         p = _next_resident(st, off, np.int64(0), n)
         while p < n:
             first, cnt = _folio(st, rec, p)
             young = False
             for a in range(aptr[k], aptr[k + 1]):
                 r = arecs[a]
-                if (st.slot_id[r] >> 16) == 0:
-                    g = st.base_gfn[r] + first
+                if (st.rec[r, SL_SLOT_ID] >> 16) == 0:
+                    g = st.rec[r, SL_BASE_GFN] + first
                     young |= tdp_age_range(pa, vt, vm, g, g + cnt, np.bool_(True), scratch)
             age = np.int64(st.age[aoff + first])
             if young:
@@ -134,12 +141,12 @@ def _evict_folio(pa, vt, st, host, vm, rec, first, cnt, take, aptr, arecs, k):
     """shrink_folio_list for one folio: try_to_unmap (split_huge_pmd for a THP) runs the MMU
     notifier over its hva range, in every slot that maps it; a THP is split (split_huge_page) and
     its first ``take`` pages go to swap (all of them unless the reclaim target is met first)."""
-    off = st.host_off[rec]
+    off = st.rec[rec, SL_HOST_OFF]
     zapped = 0
     for a in range(aptr[k], aptr[k + 1]):
         r = arecs[a]
-        if (st.slot_id[r] >> 16) == 0:
-            g = st.base_gfn[r] + first
+        if (st.rec[r, SL_SLOT_ID] >> 16) == 0:
+            g = st.rec[r, SL_BASE_GFN] + first
             zapped += tdp_zap_leafs(pa, vt, vm, g, g + cnt)
     if zapped > 0:
         vt.stats[vm, ST_REMOTE_TLB_FLUSH_REQUESTS] += 1   # kvm_flush_remote_tlbs on the notifier's return
@@ -152,7 +159,7 @@ def _evict_folio(pa, vt, st, host, vm, rec, first, cnt, take, aptr, arecs, k):
     nbytes = take << 12
     host[HOST_USED_BYTES] -= nbytes
     host[HOST_SWAPPED_BYTES] += nbytes
-    vt.host_bytes[vm] -= nbytes
+    vt.rec[vm, VM_HOST_BYTES] -= nbytes
     vt.stats[vm, ST_HOST_PAGES_RECLAIMED] += take
     vt.stats[vm, ST_HOST_PAGES_SWAPPED] += take
 
@@ -168,9 +175,9 @@ def reclaim_evict(pa, vt, st, host, vm, recs, aptr, arecs, threshold, at_thresho
         rec = recs[k]
         if not _evictable(st, rec):
             continue
-        off = st.host_off[rec]
+        off = st.rec[rec, SL_HOST_OFF]
         aoff = 64 * off
-        n = st.npages[rec]
+        n = st.rec[rec, SL_NPAGES]
         p = _next_resident(st, off, np.int64(0), n)
         while p < n:
             first, cnt = _folio(st, rec, p)
@@ -194,15 +201,15 @@ def discard_pages(vt, st, host, vm, rec, p0, p1):
     are freed and swapped ones dropped.  A THP wholly inside goes as a whole (its PMD is cleared and
     a later fault may get a THP again); one partly inside is split first (split_huge_pmd).
     hugetlbfs pages go only when wholly inside.  Returns bytes freed."""
-    off = st.host_off[rec]
-    b = st.backing[rec]
+    off = st.rec[rec, SL_HOST_OFF]
+    b = st.rec[rec, SL_BACKING]
     freed = 0
     p = p0
     while p < p1:
         if b == BACKING_HUGETLB_2M or b == BACKING_HUGETLB_1G:
             size = np.int64(512) if b == BACKING_HUGETLB_2M else np.int64(512 * 512)
-            hva = st.hva[rec] + (p << 12)
-            r0 = ((hva & ~((size << 12) - 1)) - st.hva[rec]) >> 12
+            hva = st.rec[rec, SL_HVA] + (p << 12)
+            r0 = ((hva & ~((size << 12) - 1)) - st.rec[rec, SL_HVA]) >> 12
             r1 = r0 + size
             if r0 >= p0 and r1 <= p1 and _bit(st.host, off, r0):
                 _set_bits(st.host, off, r0, size, False)
@@ -233,7 +240,7 @@ def discard_pages(vt, st, host, vm, rec, p0, p1):
             vt.stats[vm, ST_HOST_PAGES_SWAPPED] -= 1
         p += 1
     host[HOST_USED_BYTES] -= freed
-    vt.host_bytes[vm] -= freed
+    vt.rec[vm, VM_HOST_BYTES] -= freed
     return freed
 
 
@@ -245,8 +252,8 @@ def madvise_dontneed(pa, vt, st, host, vm, recs, p0s, p1s):
     freed = 0
     for i in range(recs.shape[0]):
         rec = recs[i]
-        if (st.slot_id[rec] >> 16) == 0:
-            g = st.base_gfn[rec]
+        if (st.rec[rec, SL_SLOT_ID] >> 16) == 0:
+            g = st.rec[rec, SL_BASE_GFN]
             if tdp_zap_leafs(pa, vt, vm, g + p0s[i], g + p1s[i]) > 0:
                 vt.stats[vm, ST_REMOTE_TLB_FLUSH_REQUESTS] += 1
                 vt.stats[vm, ST_REMOTE_TLB_FLUSH] += 1

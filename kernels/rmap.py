@@ -8,7 +8,14 @@ footprint is computed from it (``batchmmu/host.py``).
 
 from numba import njit
 
-from .state import SH_PL_AVAIL, SH_PL_FREE, SH_RN_AVAIL, SH_RN_FREE
+from .state import (
+    SH_PL_AVAIL,
+    SH_PL_FREE,
+    SH_RN_AVAIL,
+    SH_RN_FREE,
+    SHS_RMAP_OFF,
+    SL_BASE_GFN,
+)
 
 
 @njit(inline="always", _nrt=False)
@@ -25,7 +32,7 @@ def sptep_idx(sptep):
 def rmap_index(sh, st, rec, level, gfn):
     """Index of the rmap head of ``gfn`` at ``level`` in slot ``rec`` (gfn_to_rmap)."""
     shift = (level - 1) * 9
-    return sh.rmap_off[rec, level - 1] + (gfn >> shift) - (st.base_gfn[rec] >> shift)
+    return sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] + (gfn >> shift) - (st.rec[rec, SL_BASE_GFN] >> shift)
 
 
 @njit(inline="always", _nrt=False)

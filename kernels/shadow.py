@@ -113,8 +113,36 @@ from .state import (
     OUT_RING_FULL,
     PML_ENTITY_NUM,
     PTE_PREFETCH_NUM,
+    SH_ANEXT,
+    SH_APREV,
+    SH_FLOOD,
+    SH_GEN,
+    SH_HNEXT,
     SH_PL_AVAIL,
     SH_RN_AVAIL,
+    SH_ROOT_COUNT,
+    SH_UNSYNC,
+    SH_UNSYNC_CHILDREN,
+    SHS_RMAP_OFF,
+    SHS_WTRACK_OFF,
+    SHV_ACT_HEAD,
+    SHV_ACT_TAIL,
+    SHV_HASH_OFF,
+    SHV_INDIRECT,
+    SHV_N_MAX,
+    SHV_VALID_GEN,
+    SL_BASE_GFN,
+    SL_DIRTY_OFF,
+    SL_HOST_OFF,
+    SL_LPAGE_OFF,
+    SL_NPAGES,
+    SL_VM,
+    SP_FLAGS,
+    SP_GFN,
+    SP_LEVEL,
+    SP_PARENT,
+    SP_ROLE,
+    SP_VM,
     ST_ACCESSES,
     ST_DIRTY_RING_FULL,
     ST_INVLPG,
@@ -139,6 +167,22 @@ from .state import (
     STOP_DONE,
     STOP_HOST_OOM,
     STOP_NEED_PAGES,
+    VM_DIRTY_MODE,
+    VM_INVAL_COUNT,
+    VM_INVAL_END,
+    VM_INVAL_START,
+    VR_CR0,
+    VR_CR3,
+    VR_CR4,
+    VR_EFER,
+    VR_PAE_ROOT,
+    VR_PDPTR,
+    VR_PKRU,
+    VR_PREV_PGD,
+    VR_PREV_ROOT,
+    VR_RFLAGS,
+    VR_ROOT,
+    VR_ROOT_PGD,
 )
 from .tdp import account_pf_result
 
@@ -203,7 +247,7 @@ def sp_has_gptes(role):
 @njit(inline="always", _nrt=False)
 def sp_valid(m, vm, row):
     # !is_obsolete_sp: not invalid and of the current generation
-    return (m.pa.sp_role[row] & ROLE_INVALID) == 0 and m.sh.gen[row] == m.sh.valid_gen[vm]
+    return (m.pa.meta[row, SP_ROLE] & ROLE_INVALID) == 0 and m.sh.meta[row, SH_GEN] == m.sh.vmrec[vm, SHV_VALID_GEN]
 
 
 @njit(inline="always", _nrt=False)
@@ -222,17 +266,17 @@ def flush_remote_tlbs(m, vm):
 @njit(inline="always", _nrt=False)
 def sp_get_gfn(m, row, i):
     # kvm_mmu_page_get_gfn
-    role = m.pa.sp_role[row]
+    role = m.pa.meta[row, SP_ROLE]
     if role & ROLE_PASSTHROUGH:
-        return m.pa.sp_gfn[row]
+        return m.pa.meta[row, SP_GFN]
     if role & ROLE_DIRECT:
-        return m.pa.sp_gfn[row] + (np.int64(i) << ((role_level(role) - 1) * 9))
+        return m.pa.meta[row, SP_GFN] + (np.int64(i) << ((role_level(role) - 1) * 9))
     return m.sh.trans[row, i] >> 12
 
 
 @njit(inline="always", _nrt=False)
 def sp_get_access(m, row, i):
-    role = m.pa.sp_role[row]
+    role = m.pa.meta[row, SP_ROLE]
     if sp_has_gptes(role):
         return m.sh.trans[row, i] & 7
     return role_access(role)
@@ -246,8 +290,8 @@ def role_quadrant(role):
 @njit(inline="always", _nrt=False)
 def sp_gpte(m, vm, row, i):
     """The guest pte that SPTE ``i`` of a last-level indirect page shadows (FNAME(get_level1_sp_gpa))."""
-    role = m.pa.sp_role[row]
-    base = m.pa.sp_gfn[row] << 12
+    role = m.pa.meta[row, SP_ROLE]
+    base = m.pa.meta[row, SP_GFN] << 12
     if role & ROLE_HAS_4_BYTE_GPTE:
         return gm_read32(m.gm, slot_map(m.vt, m.st), vm, base + role_quadrant(role) * 2048 + 4 * i)
     return gm_read64(m.gm, slot_map(m.vt, m.st), vm, base + 8 * i)
@@ -257,23 +301,23 @@ def sp_gpte(m, vm, row, i):
 def walk_start(m, vg, gva):
     """shadow_walk_init: (row, level) of the first shadow page a walk for ``gva`` visits; PAE roots are
     picked by gva bits 31:30.  (-1, 0): nothing there."""
-    row = m.vr.root[vg]
+    row = m.vr.rec[vg, VR_ROOT]
     if row == PAE_ROOT:
-        row = m.vr.pae_root[vg, (gva >> 30) & 3]
+        row = m.vr.rec[vg, VR_PAE_ROOT + ((gva >> 30) & 3)]
         if row < 0:
             return -1, 0
         return row, 2
     if row < 0:
         return -1, 0
-    return row, role_level(m.pa.sp_role[row])
+    return row, role_level(m.pa.meta[row, SP_ROLE])
 
 
 @njit(inline="always", _nrt=False)
 def gfn_write_tracked(m, rec, gfn):
     # kvm_gfn_is_write_tracked
-    if rec < 0 or m.sh.wtrack_off[rec] < 0:
+    if rec < 0 or m.sh.slotrec[rec, SHS_WTRACK_OFF] < 0:
         return False
-    return m.sh.wtrack[m.sh.wtrack_off[rec] + gfn - m.st.base_gfn[rec]] > 0
+    return m.sh.wtrack[m.sh.slotrec[rec, SHS_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] > 0
 
 
 @njit(inline="always", _nrt=False)
@@ -281,8 +325,8 @@ def update_disallow_lpage(m, rec, gfn, count):
     # update_gfn_disallow_lpage_count: both 2M and 1G
     for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
         shift = (level - 1) * 9
-        idx = (gfn >> shift) - (m.st.base_gfn[rec] >> shift)
-        m.st.lpage[m.st.lpage_off[rec, level - 2] + idx] += count
+        idx = (gfn >> shift) - (m.st.rec[rec, SL_BASE_GFN] >> shift)
+        m.st.lpage[m.st.rec[rec, SL_LPAGE_OFF + (level - 2)] + idx] += count
 
 
 @njit(inline="always", _nrt=False)
@@ -301,7 +345,7 @@ def rmap_add(m, vm, rec, row, idx, gfn, access):
     # __rmap_add: record the translation, count the page, chain the SPTE
     sh = m.sh
     sh.trans[row, idx] = (gfn << 12) | access
-    level = role_level(m.pa.sp_role[row])
+    level = role_level(m.pa.meta[row, SP_ROLE])
     m.vt.stats[vm, ST_PAGES_4K + level - 1] += 1
     m.vt.stats[vm, ST_RMAP_ENTRIES] += 1
     h = rmap_index(sh, m.st, rec, level, gfn)
@@ -325,12 +369,12 @@ def drop_spte(m, vm, row, idx):
     m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
     if not is_shadow_present_pte(old):
         return old
-    level = role_level(m.pa.sp_role[row])
+    level = role_level(m.pa.meta[row, SP_ROLE])
     m.vt.stats[vm, ST_PAGES_4K + level - 1] -= 1
     m.vt.stats[vm, ST_RMAP_ENTRIES] -= 1
     gfn = sp_get_gfn(m, row, idx)
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    if rec >= 0 and m.sh.rmap_off[rec, level - 1] >= 0:
+    if rec >= 0 and m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] >= 0:
         pte_list_remove(m.sh, rmap_index(m.sh, m.st, rec, level, gfn), row * 512 + idx)
     return old
 
@@ -357,7 +401,7 @@ def mmu_page_zap_pte(m, vm, row, idx):
     """mmu_page_zap_pte: leaf -> drop; table -> unlink the child; MMIO -> clear."""
     pte = m.pa.spt[row, idx]
     if is_shadow_present_pte(pte):
-        if is_last_spte(pte, role_level(m.pa.sp_role[row])):
+        if is_last_spte(pte, role_level(m.pa.meta[row, SP_ROLE])):
             drop_spte(m, vm, row, idx)
         else:
             drop_parent_pte(m, spte_to_child_row(pte), row, idx)
@@ -371,7 +415,7 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
     sh = m.sh
     flush = False
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        if sh.rmap_off[rec, level - 1] < 0:
+        if sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] < 0:
             continue
         n = sh.rmap_head[rmap_index(sh, m.st, rec, level, gfn)]
         while n >= 0:
@@ -394,14 +438,14 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
 @helper
 def account_shadowed(m, vm, row):
     # account_shadowed: upper levels are write-tracked, last-level tables only write-protected
-    m.sh.indirect[vm] += 1
-    gfn = m.pa.sp_gfn[row]
+    m.sh.vmrec[vm, SHV_INDIRECT] += 1
+    gfn = m.pa.meta[row, SP_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec < 0:
         return
-    if role_level(m.pa.sp_role[row]) > 1:
+    if role_level(m.pa.meta[row, SP_ROLE]) > 1:
         # __kvm_write_track_add_gfn
-        m.sh.wtrack[m.sh.wtrack_off[rec] + gfn - m.st.base_gfn[rec]] += 1
+        m.sh.wtrack[m.sh.slotrec[rec, SHS_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] += 1
         update_disallow_lpage(m, rec, gfn, 1)
         if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
             flush_remote_tlbs(m, vm)
@@ -413,13 +457,13 @@ def account_shadowed(m, vm, row):
 
 @helper
 def unaccount_shadowed(m, vm, row):
-    m.sh.indirect[vm] -= 1
-    gfn = m.pa.sp_gfn[row]
+    m.sh.vmrec[vm, SHV_INDIRECT] -= 1
+    gfn = m.pa.meta[row, SP_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec < 0:
         return
-    if role_level(m.pa.sp_role[row]) > 1:
-        m.sh.wtrack[m.sh.wtrack_off[rec] + gfn - m.st.base_gfn[rec]] -= 1
+    if role_level(m.pa.meta[row, SP_ROLE]) > 1:
+        m.sh.wtrack[m.sh.slotrec[rec, SHS_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] -= 1
     update_disallow_lpage(m, rec, gfn, -1)
 
 
@@ -433,31 +477,31 @@ def alloc_shadow_page(m, vm, gfn, role):
     pa.ctl[CTL_USED] += 1
     for k in range(512):
         pa.spt[row, k] = SHADOW_NONPRESENT_VALUE
-    pa.sp_vm[row] = vm
-    pa.sp_level[row] = role_level(role)
-    pa.sp_gfn[row] = gfn
-    pa.sp_role[row] = role
-    pa.sp_parent[row] = -1
-    pa.sp_flags[row] = 0
-    sh.unsync[row] = 0
-    sh.unsync_children[row] = 0
+    pa.meta[row, SP_VM] = vm
+    pa.meta[row, SP_LEVEL] = role_level(role)
+    pa.meta[row, SP_GFN] = gfn
+    pa.meta[row, SP_ROLE] = role
+    pa.meta[row, SP_PARENT] = -1
+    pa.meta[row, SP_FLAGS] = 0
+    sh.meta[row, SH_UNSYNC] = 0
+    sh.meta[row, SH_UNSYNC_CHILDREN] = 0
     for k in range(8):
         sh.ubitmap[row, k] = 0
-    sh.root_count[row] = 0
-    sh.flood[row] = 0
-    sh.gen[row] = sh.valid_gen[vm]
+    sh.meta[row, SH_ROOT_COUNT] = 0
+    sh.meta[row, SH_FLOOD] = 0
+    sh.meta[row, SH_GEN] = sh.vmrec[vm, SHV_VALID_GEN]
     sh.parent_head[row] = -1
     # list_add(&sp->link, &kvm->arch.active_mmu_pages): newest at the head
-    head = sh.act_head[vm]
-    sh.anext[row] = head
-    sh.aprev[row] = -1
+    head = sh.vmrec[vm, SHV_ACT_HEAD]
+    sh.meta[row, SH_ANEXT] = head
+    sh.meta[row, SH_APREV] = -1
     if head >= 0:
-        sh.aprev[head] = row
+        sh.meta[head, SH_APREV] = row
     else:
-        sh.act_tail[vm] = row
-    sh.act_head[vm] = row
-    b = sh.hash_off[vm] + hash_bucket(gfn)
-    sh.hnext[row] = sh.hash[b]
+        sh.vmrec[vm, SHV_ACT_TAIL] = row
+    sh.vmrec[vm, SHV_ACT_HEAD] = row
+    b = sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)
+    sh.meta[row, SH_HNEXT] = sh.hash[b]
     sh.hash[b] = row
     m.vt.stats[vm, ST_MMU_PAGES] += 1
     if sp_has_gptes(role):
@@ -468,34 +512,34 @@ def alloc_shadow_page(m, vm, gfn, role):
 @njit(inline="always", _nrt=False)
 def active_list_del(m, vm, row):
     sh = m.sh
-    nxt, prv = sh.anext[row], sh.aprev[row]
+    nxt, prv = sh.meta[row, SH_ANEXT], sh.meta[row, SH_APREV]
     if prv >= 0:
-        sh.anext[prv] = nxt
+        sh.meta[prv, SH_ANEXT] = nxt
     else:
-        sh.act_head[vm] = nxt
+        sh.vmrec[vm, SHV_ACT_HEAD] = nxt
     if nxt >= 0:
-        sh.aprev[nxt] = prv
+        sh.meta[nxt, SH_APREV] = prv
     else:
-        sh.act_tail[vm] = prv
-    sh.anext[row] = -1
-    sh.aprev[row] = -1
+        sh.vmrec[vm, SHV_ACT_TAIL] = prv
+    sh.meta[row, SH_ANEXT] = -1
+    sh.meta[row, SH_APREV] = -1
 
 
 @helper
 def free_shadow_page(m, vm, row):
     """kvm_mmu_free_shadow_page: out of the hash, back on the free stack."""
     pa, sh = m.pa, m.sh
-    b = sh.hash_off[vm] + hash_bucket(pa.sp_gfn[row])
+    b = sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(pa.meta[row, SP_GFN])
     cur = sh.hash[b]
     if cur == row:
-        sh.hash[b] = sh.hnext[row]
+        sh.hash[b] = sh.meta[row, SH_HNEXT]
     else:
         while cur >= 0:
-            if sh.hnext[cur] == row:
-                sh.hnext[cur] = sh.hnext[row]
+            if sh.meta[cur, SH_HNEXT] == row:
+                sh.meta[cur, SH_HNEXT] = sh.meta[row, SH_HNEXT]
                 break
-            cur = sh.hnext[cur]
-    pa.sp_vm[row] = -1
+            cur = sh.meta[cur, SH_HNEXT]
+    pa.meta[row, SP_VM] = -1
     pa.ctl[CTL_USED] -= 1
     top = pa.ctl[CTL_FREE_TOP]
     pa.free[top] = row
@@ -504,7 +548,7 @@ def free_shadow_page(m, vm, row):
 
 @helper
 def kvm_unlink_unsync_page(m, vm, row):
-    m.sh.unsync[row] = 0
+    m.sh.meta[row, SH_UNSYNC] = 0
     m.vt.stats[vm, ST_MMU_UNSYNC] -= 1
 
 
@@ -514,7 +558,7 @@ def clear_unsync_child_bit(m, row, idx):
     bit = np.int64(1) << np.int64(idx & 63)
     if m.sh.ubitmap[row, w] & bit:
         m.sh.ubitmap[row, w] &= ~bit
-        m.sh.unsync_children[row] -= 1
+        m.sh.meta[row, SH_UNSYNC_CHILDREN] -= 1
 
 
 @helper
@@ -538,8 +582,8 @@ def mark_parents_unsync(m, row):
             if sh.ubitmap[prow, w] & bit:
                 continue
             sh.ubitmap[prow, w] |= bit
-            c = sh.unsync_children[prow]
-            sh.unsync_children[prow] = c + 1
+            c = sh.meta[prow, SH_UNSYNC_CHILDREN]
+            sh.meta[prow, SH_UNSYNC_CHILDREN] = c + 1
             if c == 0 and sp_ < SC_MARK_STACK_LEN:
                 sc[SC_MARK_STACK + sp_] = prow
                 sp_ += 1
@@ -551,7 +595,7 @@ def mmu_unsync_walk(m, row):
     unsync last-level pages, depth first) into the pvec.  Returns the number of entries."""
     sh, pa = m.sh, m.pa
     sc = sh.scratch
-    if sh.unsync_children[row] == 0:
+    if sh.meta[row, SH_UNSYNC_CHILDREN] == 0:
         return 0
     nr = 0
     sc[SC_PVEC_SP] = row
@@ -583,7 +627,7 @@ def mmu_unsync_walk(m, row):
                 clear_unsync_child_bit(m, sp, i)
                 continue
             child = spte_to_child_row(ent)
-            if sh.unsync_children[child] > 0:
+            if sh.meta[child, SH_UNSYNC_CHILDREN] > 0:
                 sc[SC_PVEC_SP + nr] = child
                 sc[SC_PVEC_IDX + nr] = i
                 sc[SC_PVEC_PAR + nr] = pv
@@ -594,7 +638,7 @@ def mmu_unsync_walk(m, row):
                 depth += 1
                 found = True
                 break
-            elif sh.unsync[child]:
+            elif sh.meta[child, SH_UNSYNC]:
                 dup = False
                 for k in range(nr):
                     if sc[SC_PVEC_SP + k] == child:
@@ -616,7 +660,7 @@ def mmu_unsync_walk(m, row):
             continue
         # done with this table: a table whose children turned out all synced leaves its parent's bit
         depth -= 1
-        if depth > 0 and sh.unsync_children[sp] == 0:
+        if depth > 0 and sh.meta[sp, SH_UNSYNC_CHILDREN] == 0:
             clear_unsync_child_bit(m, sc[SC_PVEC_SP + sc[SC_PVEC_PAR + pv]], sc[SC_PVEC_IDX + pv])
     return nr
 
@@ -631,7 +675,7 @@ def mmu_pages_clear_parents(m, pv):
             return
         psp = sc[SC_PVEC_SP + par]
         clear_unsync_child_bit(m, psp, sc[SC_PVEC_IDX + pv])
-        if m.sh.unsync_children[psp] != 0:
+        if m.sh.meta[psp, SH_UNSYNC_CHILDREN] != 0:
             return
         pv = par
 
@@ -639,7 +683,7 @@ def mmu_pages_clear_parents(m, pv):
 @helper
 def invalid_list_add(m, row):
     sc = m.sh.scratch
-    m.sh.anext[row] = sc[SC_INVALID_HEAD]
+    m.sh.meta[row, SH_ANEXT] = sc[SC_INVALID_HEAD]
     sc[SC_INVALID_HEAD] = row
 
 
@@ -652,7 +696,7 @@ def commit_zap_page(m, vm):
         return False
     flush_remote_tlbs(m, vm)
     while row >= 0:
-        nxt = m.sh.anext[row]
+        nxt = m.sh.meta[row, SH_ANEXT]
         free_shadow_page(m, vm, row)
         row = nxt
     sc[SC_INVALID_HEAD] = -1
@@ -675,19 +719,19 @@ def prepare_zap_one(m, vm, row):
         nxt = sh.pl_next[n]
         drop_parent_pte(m, row, sptep_row(sptep), sptep_idx(sptep))
         n = nxt
-    role = pa.sp_role[row]
+    role = pa.meta[row, SP_ROLE]
     if not (role & ROLE_INVALID) and sp_has_gptes(role):
         unaccount_shadowed(m, vm, row)
-    if sh.unsync[row]:
+    if sh.meta[row, SH_UNSYNC]:
         kvm_unlink_unsync_page(m, vm, row)
-    if sh.root_count[row] == 0:
+    if sh.meta[row, SH_ROOT_COUNT] == 0:
         if not (role & ROLE_INVALID):
             active_list_del(m, vm, row)
         m.vt.stats[vm, ST_MMU_PAGES] -= 1
         invalid_list_add(m, row)
     elif not (role & ROLE_INVALID):
         active_list_del(m, vm, row)  # a pinned root stays allocated until its root_count drops
-    pa.sp_role[row] = role | ROLE_INVALID
+    pa.meta[row, SP_ROLE] = role | ROLE_INVALID
 
 
 @helper
@@ -736,7 +780,7 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
         return 1
     gfn = (gpte & GFN_MASK_64) >> 12
-    access = role_access(m.pa.sp_role[row]) & gpte_access(gpte)
+    access = role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte)
     access = protect_clean_gpte(access, gpte)
     if gfn != sp_get_gfn(m, row, i):
         drop_spte(m, vm, row, i)
@@ -775,10 +819,10 @@ def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
         protected = False
         for k in range(nr):
             sp = sc[SC_PVEC_SP + k]
-            if role_level(m.pa.sp_role[sp]) == 1:
-                rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.sp_gfn[sp])
+            if role_level(m.pa.meta[sp, SP_ROLE]) == 1:
+                rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.meta[sp, SP_GFN])
                 if rec >= 0:
-                    protected |= rmap_write_protect_gfn(m, vm, rec, m.pa.sp_gfn[sp], 1, True)
+                    protected |= rmap_write_protect_gfn(m, vm, rec, m.pa.meta[sp, SP_GFN], 1, True)
         if protected:
             # kvm_mmu_remote_flush_or_zap(..., true)
             if not commit_zap_page(m, vm):
@@ -786,7 +830,7 @@ def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
             flush = False
         for k in range(nr):
             sp = sc[SC_PVEC_SP + k]
-            if role_level(m.pa.sp_role[sp]) == 1:
+            if role_level(m.pa.meta[sp, SP_ROLE]) == 1:
                 kvm_unlink_unsync_page(m, vm, sp)
                 if kvm_sync_page(m, vm, vg, sp, mode, maxphyaddr) > 0:
                     flush = True
@@ -801,24 +845,24 @@ def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
 def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     """kvm_mmu_find_shadow_page: the valid page with this gfn and role, or -1 (mmu_cache_miss)."""
     sh, pa = m.sh, m.pa
-    row = sh.hash[sh.hash_off[vm] + hash_bucket(gfn)]
+    row = sh.hash[sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)]
     found = -1
     while row >= 0:
-        nxt = sh.hnext[row]
-        if sp_valid(m, vm, row) and pa.sp_gfn[row] == gfn:
-            if pa.sp_role[row] != role:
+        nxt = sh.meta[row, SH_HNEXT]
+        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn:
+            if pa.meta[row, SP_ROLE] != role:
                 # the guest reuses an unsync page as an upper-level table: zap it
-                if role_level(role) > 1 and sh.unsync[row]:
+                if role_level(role) > 1 and sh.meta[row, SH_UNSYNC]:
                     prepare_zap_page(m, vm, row)
             else:
-                if (role & ROLE_DIRECT) == 0 and sh.unsync[row]:
+                if (role & ROLE_DIRECT) == 0 and sh.meta[row, SH_UNSYNC]:
                     r = kvm_sync_page(m, vm, vg, row, mode, maxphyaddr)
                     if r < 0:
                         break
                     if r > 0:
                         flush_remote_tlbs(m, vm)
                 if (role & ROLE_DIRECT) == 0:
-                    sh.flood[row] = 0
+                    sh.meta[row, SH_FLOOD] = 0
                 found = row
                 break
         row = nxt
@@ -846,14 +890,14 @@ def link_shadow_page(m, vm, prow, pidx, child):
         flush_remote_tlbs(m, vm)
     m.pa.spt[prow, pidx] = make_nonleaf_spte(FMT_NPT, child, False)
     parent_add(m.sh, child, prow * 512 + pidx)
-    if m.sh.unsync_children[child] or m.sh.unsync[child]:
+    if m.sh.meta[child, SH_UNSYNC_CHILDREN] or m.sh.meta[child, SH_UNSYNC]:
         # mark_unsync(sptep)
         w = pidx >> 6
         bit = np.int64(1) << np.int64(pidx & 63)
         if not (m.sh.ubitmap[prow, w] & bit):
             m.sh.ubitmap[prow, w] |= bit
-            c = m.sh.unsync_children[prow]
-            m.sh.unsync_children[prow] = c + 1
+            c = m.sh.meta[prow, SH_UNSYNC_CHILDREN]
+            m.sh.meta[prow, SH_UNSYNC_CHILDREN] = c + 1
             if c == 0:
                 mark_parents_unsync(m, prow)
 
@@ -865,26 +909,26 @@ def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
     if gfn_write_tracked(m, rec, gfn):
         return 1
     sh, pa = m.sh, m.pa
-    row = sh.hash[sh.hash_off[vm] + hash_bucket(gfn)]
+    row = sh.hash[sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)]
     while row >= 0:
-        if sp_valid(m, vm, row) and pa.sp_gfn[row] == gfn and sp_has_gptes(pa.sp_role[row]):
+        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn and sp_has_gptes(pa.meta[row, SP_ROLE]):
             if synchronizing:
                 return 1
-            if not sh.unsync[row]:
+            if not sh.meta[row, SH_UNSYNC]:
                 if prefetch:
                     return 1
                 # kvm_unsync_page
                 m.vt.stats[vm, ST_MMU_UNSYNC] += 1
-                sh.unsync[row] = 1
+                sh.meta[row, SH_UNSYNC] = 1
                 mark_parents_unsync(m, row)
-        row = sh.hnext[row]
+        row = sh.meta[row, SH_HNEXT]
     return 0
 
 
 @njit(inline="always", _nrt=False)
 def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchronizing, host_writable):
     """make_spte (spte.c) for a shadow page: (spte, wrprot)."""
-    level = role_level(m.pa.sp_role[row])
+    level = role_level(m.pa.meta[row, SP_ROLE])
     spte = SPTE_MMU_PRESENT_MASK | NPT_P
     wrprot = False
     if not prefetch or synchronizing:
@@ -918,7 +962,7 @@ def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchro
 @helper
 def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fault, host_writable):
     """mmu_set_spte: install a leaf SPTE; RET_PF_FIXED / SPURIOUS / EMULATE (write-protected write)."""
-    level = role_level(m.pa.sp_role[row])
+    level = role_level(m.pa.meta[row, SP_ROLE])
     ret = RET_PF_FIXED
     flush = False
     was_rmapped = False
@@ -954,8 +998,8 @@ def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fau
 
 @njit(inline="always", _nrt=False)
 def host_page_resident(m, rec, gfn):
-    i = gfn - m.st.base_gfn[rec]
-    return (m.st.host[m.st.host_off[rec] + (i >> 6)] >> np.int64(i & 63)) & 1
+    i = gfn - m.st.rec[rec, SL_BASE_GFN]
+    return (m.st.host[m.st.rec[rec, SL_HOST_OFF] + (i >> 6)] >> np.int64(i & 63)) & 1
 
 
 @njit(inline="always", _nrt=False)
@@ -974,12 +1018,12 @@ def prefetch_slot(m, vm, gfn, writable):
 @helper
 def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
     """FNAME(pte_prefetch): map the aligned group of 8 around a new 4K SPTE."""
-    if role_level(m.pa.sp_role[row]) > 1 or m.vt.inval_count[vm] > 0:
+    if role_level(m.pa.meta[row, SP_ROLE]) > 1 or m.vt.rec[vm, VM_INVAL_COUNT] > 0:
         return
     start = idx & ~(PTE_PREFETCH_NUM - 1)
-    if m.pa.sp_role[row] & ROLE_DIRECT:
+    if m.pa.meta[row, SP_ROLE] & ROLE_DIRECT:
         # __direct_pte_prefetch: runs of non-present SPTEs, pages the host has mapped (gup-fast)
-        access = role_access(m.pa.sp_role[row])
+        access = role_access(m.pa.meta[row, SP_ROLE])
         i = start
         while i < start + PTE_PREFETCH_NUM:
             if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
@@ -995,7 +1039,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
             got = 0
             for k in range(j - i):
                 g = gfn + k
-                if g >= m.st.base_gfn[rec] + m.st.npages[rec] or not host_page_resident(m, rec, g):
+                if g >= m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] or not host_page_resident(m, rec, g):
                     break
                 got += 1
             if got == 0:
@@ -1013,7 +1057,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
         if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
             break
         gfn = (gpte & GFN_MASK_64) >> 12
-        access = protect_clean_gpte(role_access(m.pa.sp_role[row]) & gpte_access(gpte), gpte)
+        access = protect_clean_gpte(role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte), gpte)
         rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
         if rec < 0 or not host_page_resident(m, rec, gfn):
             break
@@ -1037,8 +1081,8 @@ def free_root(m, vm, row):
     # mmu_free_root_page
     if row < 0:
         return
-    m.sh.root_count[row] -= 1
-    if m.sh.root_count[row] == 0 and (m.pa.sp_role[row] & ROLE_INVALID):
+    m.sh.meta[row, SH_ROOT_COUNT] -= 1
+    if m.sh.meta[row, SH_ROOT_COUNT] == 0 and (m.pa.meta[row, SP_ROLE] & ROLE_INVALID):
         prepare_zap_page(m, vm, row)
         # a zapped invalid root is already off the active list; it was not counted in mmu_pages
         # by prepare_zap_one (root_count was 0 only now), so it goes straight to invalid_list
@@ -1049,35 +1093,35 @@ def free_roots(m, vm, vg, mask):
     """kvm_mmu_free_roots: bit 0 current, bits 1..3 prev_roots."""
     vr = m.vr
     if mask & 1:
-        if vr.root[vg] == PAE_ROOT:
+        if vr.rec[vg, VR_ROOT] == PAE_ROOT:
             for i in range(4):
-                free_root(m, vm, vr.pae_root[vg, i])
-                vr.pae_root[vg, i] = -1
+                free_root(m, vm, vr.rec[vg, VR_PAE_ROOT + i])
+                vr.rec[vg, VR_PAE_ROOT + i] = -1
         else:
-            free_root(m, vm, vr.root[vg])
-        vr.root[vg] = -1
-        vr.root_pgd[vg] = 0
+            free_root(m, vm, vr.rec[vg, VR_ROOT])
+        vr.rec[vg, VR_ROOT] = -1
+        vr.rec[vg, VR_ROOT_PGD] = 0
     for i in range(KVM_MMU_NUM_PREV_ROOTS):
         if mask & (2 << i):
-            free_root(m, vm, vr.prev_root[vg, i])
-            vr.prev_root[vg, i] = -1
-            vr.prev_pgd[vg, i] = 0
+            free_root(m, vm, vr.rec[vg, VR_PREV_ROOT + i])
+            vr.rec[vg, VR_PREV_ROOT + i] = -1
+            vr.rec[vg, VR_PREV_PGD + i] = 0
     commit_zap_page(m, vm)
 
 
 @helper
 def sync_roots(m, vm, vg, mode, maxphyaddr):
     # kvm_mmu_sync_roots
-    root = m.vr.root[vg]
+    root = m.vr.rec[vg, VR_ROOT]
     if root == PAE_ROOT:
         for i in range(4):
-            r = m.vr.pae_root[vg, i]
+            r = m.vr.rec[vg, VR_PAE_ROOT + i]
             if r >= 0:
                 mmu_sync_children(m, vm, vg, r, mode, maxphyaddr)
         return
     if root < 0:
         return
-    if m.sh.unsync[root] or m.sh.unsync_children[root]:
+    if m.sh.meta[root, SH_UNSYNC] or m.sh.meta[root, SH_UNSYNC_CHILDREN]:
         mmu_sync_children(m, vm, vg, root, mode, maxphyaddr)
 
 
@@ -1088,29 +1132,29 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     levels = mode_levels(mode)
     make_mmu_pages_available(m, vm)
     if levels >= 4:
-        gfn = (m.vr.cr3[vg] & GFN_MASK_64) >> 12
+        gfn = (m.vr.rec[vg, VR_CR3] & GFN_MASK_64) >> 12
         row = get_shadow_page(m, vm, vg, gfn, np.int64(role), mode, maxphyaddr)
-        m.sh.root_count[row] += 1
-        m.vr.root[vg] = row
+        m.sh.meta[row, SH_ROOT_COUNT] += 1
+        m.vr.rec[vg, VR_ROOT] = row
     else:
         # mmu_alloc_shadow_roots for 32-bit and PAE guests: four level-2 roots behind pae_root
         for i in range(4):
             if levels == 3:
-                pdpte = m.vr.pdptr[vg, i]
+                pdpte = m.vr.rec[vg, VR_PDPTR + i]
                 if not (pdpte & 1):
-                    m.vr.pae_root[vg, i] = -1
+                    m.vr.rec[vg, VR_PAE_ROOT + i] = -1
                     continue
                 gfn = (pdpte & GFN_MASK_64) >> 12
                 quadrant = 0
             else:
-                gfn = (m.vr.cr3[vg] & np.int64(0xFFFFF000)) >> 12
+                gfn = (m.vr.rec[vg, VR_CR3] & np.int64(0xFFFFF000)) >> 12
                 quadrant = i
             r = (role & ~np.int32(0xF) & ~np.int32(3 << 5)) | np.int32(2) | np.int32(quadrant << 5)
             row = get_shadow_page(m, vm, vg, gfn, np.int64(r), mode, maxphyaddr)
-            m.sh.root_count[row] += 1
-            m.vr.pae_root[vg, i] = row
-        m.vr.root[vg] = PAE_ROOT
-    m.vr.root_pgd[vg] = m.vr.cr3[vg]
+            m.sh.meta[row, SH_ROOT_COUNT] += 1
+            m.vr.rec[vg, VR_PAE_ROOT + i] = row
+        m.vr.rec[vg, VR_ROOT] = PAE_ROOT
+    m.vr.rec[vg, VR_ROOT_PGD] = m.vr.rec[vg, VR_CR3]
     sync_roots(m, vm, vg, mode, maxphyaddr)
     m.vt.stats[vm, ST_TLB_FLUSH] += 1  # flush_tlb_current on a new root
 
@@ -1119,15 +1163,15 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
 def free_obsolete_roots(m, vm, vg):
     # kvm_mmu_free_obsolete_roots
     mask = np.int64(0)
-    if m.vr.root[vg] >= 0 and not sp_valid(m, vm, m.vr.root[vg]):
+    if m.vr.rec[vg, VR_ROOT] >= 0 and not sp_valid(m, vm, m.vr.rec[vg, VR_ROOT]):
         mask |= 1
-    if m.vr.root[vg] == PAE_ROOT:
+    if m.vr.rec[vg, VR_ROOT] == PAE_ROOT:
         for i in range(4):
-            r = m.vr.pae_root[vg, i]
+            r = m.vr.rec[vg, VR_PAE_ROOT + i]
             if r >= 0 and not sp_valid(m, vm, r):
                 mask |= 1
     for i in range(KVM_MMU_NUM_PREV_ROOTS):
-        r = m.vr.prev_root[vg, i]
+        r = m.vr.rec[vg, VR_PREV_ROOT + i]
         if r >= 0 and not sp_valid(m, vm, r):
             mask |= 2 << i
     if mask:
@@ -1136,7 +1180,7 @@ def free_obsolete_roots(m, vm, vg):
 
 @njit(inline="always", _nrt=False)
 def root_usable(m, row, pgd, want_pgd, role):
-    return row >= 0 and pgd == want_pgd and m.pa.sp_role[row] == role
+    return row >= 0 and pgd == want_pgd and m.pa.meta[row, SP_ROLE] == role
 
 
 @helper
@@ -1145,18 +1189,18 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
     vr = m.vr
     role = shadow_root_role(mode)
     hit = False
-    if vr.root[vg] == PAE_ROOT:
+    if vr.rec[vg, VR_ROOT] == PAE_ROOT:
         free_roots(m, vm, vg, np.int64(1))  # special (PAE) roots are never cached
-    if vr.root[vg] >= 0:
+    if vr.rec[vg, VR_ROOT] >= 0:
         # cached_root_find_and_keep_current
-        if root_usable(m, vr.root[vg], vr.root_pgd[vg], new_pgd, role):
+        if root_usable(m, vr.rec[vg, VR_ROOT], vr.rec[vg, VR_ROOT_PGD], new_pgd, role):
             hit = True
         else:
             for i in range(KVM_MMU_NUM_PREV_ROOTS):
-                r, p = vr.root[vg], vr.root_pgd[vg]
-                vr.root[vg], vr.root_pgd[vg] = vr.prev_root[vg, i], vr.prev_pgd[vg, i]
-                vr.prev_root[vg, i], vr.prev_pgd[vg, i] = r, p
-                if root_usable(m, vr.root[vg], vr.root_pgd[vg], new_pgd, role):
+                r, p = vr.rec[vg, VR_ROOT], vr.rec[vg, VR_ROOT_PGD]
+                vr.rec[vg, VR_ROOT], vr.rec[vg, VR_ROOT_PGD] = vr.rec[vg, VR_PREV_ROOT + i], vr.rec[vg, VR_PREV_PGD + i]
+                vr.rec[vg, VR_PREV_ROOT + i], vr.rec[vg, VR_PREV_PGD + i] = r, p
+                if root_usable(m, vr.rec[vg, VR_ROOT], vr.rec[vg, VR_ROOT_PGD], new_pgd, role):
                     hit = True
                     break
             if not hit:
@@ -1164,36 +1208,36 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
     else:
         # cached_root_find_without_current
         for i in range(KVM_MMU_NUM_PREV_ROOTS):
-            if root_usable(m, vr.prev_root[vg, i], vr.prev_pgd[vg, i], new_pgd, role):
-                vr.root[vg], vr.root_pgd[vg] = vr.prev_root[vg, i], vr.prev_pgd[vg, i]
+            if root_usable(m, vr.rec[vg, VR_PREV_ROOT + i], vr.rec[vg, VR_PREV_PGD + i], new_pgd, role):
+                vr.rec[vg, VR_ROOT], vr.rec[vg, VR_ROOT_PGD] = vr.rec[vg, VR_PREV_ROOT + i], vr.rec[vg, VR_PREV_PGD + i]
                 for k in range(i, KVM_MMU_NUM_PREV_ROOTS - 1):
-                    vr.prev_root[vg, k], vr.prev_pgd[vg, k] = vr.prev_root[vg, k + 1], vr.prev_pgd[vg, k + 1]
-                vr.prev_root[vg, KVM_MMU_NUM_PREV_ROOTS - 1] = -1
-                vr.prev_pgd[vg, KVM_MMU_NUM_PREV_ROOTS - 1] = 0
+                    vr.rec[vg, VR_PREV_ROOT + k], vr.rec[vg, VR_PREV_PGD + k] = vr.rec[vg, VR_PREV_ROOT + (k + 1)], vr.rec[vg, VR_PREV_PGD + (k + 1)]
+                vr.rec[vg, VR_PREV_ROOT + (KVM_MMU_NUM_PREV_ROOTS - 1)] = -1
+                vr.rec[vg, VR_PREV_PGD + (KVM_MMU_NUM_PREV_ROOTS - 1)] = 0
                 hit = True
                 break
     if hit:
-        m.sh.flood[vr.root[vg]] = 0
+        m.sh.meta[vr.rec[vg, VR_ROOT], SH_FLOOD] = 0
 
 
 @helper
 def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
     """kvm_set_cr3 (guest MOV to CR3, no PCID): switch roots if CR3 changed, then sync + flush."""
-    mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg]) | MODE_PSE36_KVM
+    mode = cpu_mode(m.vr.rec[vg, VR_CR0], m.vr.rec[vg, VR_CR4], m.vr.rec[vg, VR_EFER], m.vr.rec[vg, VR_RFLAGS]) | MODE_PSE36_KVM
     if mode_levels(mode) == 3:
         # load_pdptrs: always reloaded for PAE paging; new values drop the current (PAE) roots
         base = cr3 & np.int64(0xFFFFFFE0)
         changed = False
         for i in range(4):
             v = gm_read64(m.gm, slot_map(m.vt, m.st), vm, base + 8 * i)
-            if v != m.vr.pdptr[vg, i]:
+            if v != m.vr.rec[vg, VR_PDPTR + i]:
                 changed = True
-            m.vr.pdptr[vg, i] = v
+            m.vr.rec[vg, VR_PDPTR + i] = v
         if changed:
             free_roots(m, vm, vg, np.int64(1))
-    if cr3 != m.vr.cr3[vg]:
+    if cr3 != m.vr.rec[vg, VR_CR3]:
         kvm_mmu_new_pgd(m, vm, vg, cr3, mode)
-        m.vr.cr3[vg] = cr3
+        m.vr.rec[vg, VR_CR3] = cr3
     # kvm_invalidate_pcid -> KVM_REQ_MMU_SYNC + KVM_REQ_TLB_FLUSH_CURRENT, then vCPU entry
     m.vt.stats[vm, ST_TLB_FLUSH] += 1
     vcpu_enter(m, vm, vg, mode, maxphyaddr)
@@ -1203,7 +1247,7 @@ def kvm_set_cr3(m, vm, vg, cr3, maxphyaddr):
 def vcpu_enter(m, vm, vg, mode, maxphyaddr):
     """The MMU part of vcpu_enter_guest: free obsolete roots, sync, (re)load the root."""
     free_obsolete_roots(m, vm, vg)
-    if m.vr.root[vg] != -1:  # a root or the PAE roots: kvm_mmu_reload loads only when there is none
+    if m.vr.rec[vg, VR_ROOT] != -1:  # a root or the PAE roots: kvm_mmu_reload loads only when there is none
         sync_roots(m, vm, vg, mode, maxphyaddr)
     else:
         kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
@@ -1214,7 +1258,7 @@ def vcpu_reenter(m, vm, vg, mode, maxphyaddr):
     """vcpu_enter_guest after an exit: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (obsolete current and previous
     roots are put), then kvm_mmu_reload (a root is loaded only when there is none)."""
     free_obsolete_roots(m, vm, vg)
-    if m.vr.root[vg] == -1:
+    if m.vr.rec[vg, VR_ROOT] == -1:
         kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
 
 
@@ -1232,7 +1276,7 @@ def clear_flood_on_walk(m, vm, vg, gva):
     if row < 0:
         return
     while True:
-        m.sh.flood[row] = 0
+        m.sh.meta[row, SH_FLOOD] = 0
         idx = (gva >> (12 + 9 * (level - 1))) & 511
         spte = m.pa.spt[row, idx]
         if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
@@ -1280,7 +1324,7 @@ def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
 @helper
 def track_write(m, vm, gpa, nbytes, mode):
     """kvm_mmu_track_write: an emulated write hit guest memory; zap what shadows the written gpte."""
-    if m.sh.indirect[vm] == 0:
+    if m.sh.vmrec[vm, SHV_INDIRECT] == 0:
         return
     gfn = gpa >> 12
     # mmu_pte_write_fetch_gpte: with CR4.PAE a 4-byte write is taken as the whole 8-byte gpte
@@ -1295,11 +1339,11 @@ def track_write(m, vm, gpa, nbytes, mode):
     m.vt.stats[vm, ST_MMU_PTE_WRITE] += 1
     sh, pa = m.sh, m.pa
     flush = False
-    row = sh.hash[sh.hash_off[vm] + hash_bucket(gfn)]
+    row = sh.hash[sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)]
     while row >= 0:
-        nxt = sh.hnext[row]
-        role = pa.sp_role[row]
-        if sp_valid(m, vm, row) and pa.sp_gfn[row] == gfn and sp_has_gptes(role):
+        nxt = sh.meta[row, SH_HNEXT]
+        role = pa.meta[row, SP_ROLE]
+        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn and sp_has_gptes(role):
             offset = gpa & 4095
             psz = 4 if role & ROLE_HAS_4_BYTE_GPTE else 8
             # detect_write_misaligned
@@ -1309,8 +1353,8 @@ def track_write(m, vm, gpa, nbytes, mode):
             flooded = False
             if not misaligned and role_level(role) > 1:
                 # detect_write_flooding
-                sh.flood[row] += 1
-                flooded = sh.flood[row] >= 3
+                sh.meta[row, SH_FLOOD] += 1
+                flooded = sh.meta[row, SH_FLOOD] >= 3
             if misaligned or flooded:
                 prepare_zap_page(m, vm, row)
                 m.vt.stats[vm, ST_MMU_FLOODED] += 1
@@ -1348,19 +1392,19 @@ def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
         if r == 0:
             row, level = walk_start(m, vg, gva)
         else:
-            row = m.vr.prev_root[vg, r - 1]
-            level = role_level(m.pa.sp_role[row]) if row >= 0 else 0
+            row = m.vr.rec[vg, VR_PREV_ROOT + (r - 1)]
+            level = role_level(m.pa.meta[row, SP_ROLE]) if row >= 0 else 0
         if row < 0:
             continue
         while level >= 1:
             idx = (gva >> (12 + 9 * (level - 1))) & 511
-            if m.sh.unsync[row]:
+            if m.sh.meta[row, SH_UNSYNC]:
                 ret = sync_spte(m, vm, vg, row, idx, mode, maxphyaddr)
                 if ret < 0:
                     mmu_page_zap_pte(m, vm, row, idx)
                 if ret:
                     flush_remote_tlbs(m, vm)
-            if m.sh.unsync_children[row] == 0:
+            if m.sh.meta[row, SH_UNSYNC_CHILDREN] == 0:
                 break
             spte = m.pa.spt[row, idx]
             if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
@@ -1382,7 +1426,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
     idx = 0
     while True:
         idx = (gva >> (12 + 9 * (level - 1))) & 511
-        sh.flood[row] = 0  # clear_sp_write_flooding_count
+        sh.meta[row, SH_FLOOD] = 0  # clear_sp_write_flooding_count
         if level == gw_level:
             break
         spte = pa.spt[row, idx]
@@ -1393,12 +1437,12 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
         table_gfn = wk[WK_TABLE_GFN + level - 1]
         access = wk[WK_PT_ACCESS + level - 1]
         # kvm_mmu_child_role
-        role = (pa.sp_role[row] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT) & ~np.int32(ROLE_DIRECT)
+        role = (pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT) & ~np.int32(ROLE_DIRECT)
                 & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(access << ROLE_ACCESS_SHIFT)
         if role & ROLE_HAS_4_BYTE_GPTE:
             role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
         child = get_shadow_page(m, vm, vg, table_gfn, np.int64(role), mode, maxphyaddr)
-        if sh.unsync_children[child]:
+        if sh.meta[child, SH_UNSYNC_CHILDREN]:
             mmu_sync_children(m, vm, vg, child, mode, maxphyaddr)
         link_shadow_page(m, vm, row, idx, child)
         row = child
@@ -1416,7 +1460,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
         # validate_direct_spte
         if is_shadow_present_pte(spte) and not is_large_pte(spte):
             child = spte_to_child_row(spte)
-            if role_access(pa.sp_role[child]) != direct_access:
+            if role_access(pa.meta[child, SP_ROLE]) != direct_access:
                 drop_parent_pte(m, child, row, idx)
                 flush_remote_tlbs(m, vm)
         spte = pa.spt[row, idx]
@@ -1424,7 +1468,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
             row = spte_to_child_row(spte)
         else:
             base = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
-            role = (pa.sp_role[row] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)) | np.int32(level - 1) \
+            role = (pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)) | np.int32(level - 1) \
                 | np.int32(direct_access << ROLE_ACCESS_SHIFT) | np.int32(ROLE_DIRECT)
             if role & ROLE_HAS_4_BYTE_GPTE:
                 role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
@@ -1451,7 +1495,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     pfec = err & (PFERR_WRITE | PFERR_USER | PFERR_FETCH)
     write = (err & PFERR_WRITE) != 0
     present = (err & PFERR_PRESENT) != 0
-    gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg], maxphyaddr,
+    gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.rec[vg, VR_CR3], m.vr.rec[vg, VR_PDPTR:VR_PDPTR + 4], m.vr.rec[vg, VR_PKRU], maxphyaddr,
                       gva, pfec, wk)
     if gerr != 0:
         return RET_PF_GUEST, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault, then RET_PF_RETRY
@@ -1479,7 +1523,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     # kvm_faultin_pfn
     if rec < 0:
         return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
-    if m.vt.inval_count[vm] > 0 and m.vt.inval_start[vm] <= gfn < m.vt.inval_end[vm]:
+    if m.vt.rec[vm, VM_INVAL_COUNT] > 0 and m.vt.rec[vm, VM_INVAL_START] <= gfn < m.vt.rec[vm, VM_INVAL_END]:
         return RET_PF_RETRY, 0
     if write and slot_readonly(m.st, rec):
         return RET_PF_EMULATE, 0
@@ -1535,7 +1579,7 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     if mode_levels(mode) == 0:
         gpa = gva
     else:
-        gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.cr3[vg], m.vr.pdptr[vg], m.vr.pkru[vg],
+        gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.rec[vg, VR_CR3], m.vr.rec[vg, VR_PDPTR:VR_PDPTR + 4], m.vr.rec[vg, VR_PKRU],
                           maxphyaddr, gva, pfec, wk)
         if gerr != 0:
             m.vt.stats[vm, ST_PF_GUEST] += 1
@@ -1561,10 +1605,10 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
 
 @njit(inline="always", _nrt=False)
 def root_needs_reload(m, vm, vg):
-    r = m.vr.root[vg]
+    r = m.vr.rec[vg, VR_ROOT]
     if r == PAE_ROOT:
         for i in range(4):
-            p = m.vr.pae_root[vg, i]
+            p = m.vr.rec[vg, VR_PAE_ROOT + i]
             if p >= 0 and not sp_valid(m, vm, p):
                 return True
         return False
@@ -1578,7 +1622,7 @@ def entry_work_needed(m, vm, vg):
     if root_needs_reload(m, vm, vg):
         return True
     for i in range(KVM_MMU_NUM_PREV_ROOTS):
-        r = m.vr.prev_root[vg, i]
+        r = m.vr.rec[vg, VR_PREV_ROOT + i]
         if r >= 0 and not sp_valid(m, vm, r):
             return True
     return False
@@ -1644,7 +1688,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             return i, STOP_NEED_PAGES
         vm = ev_vm[i]
         vg = m.ct.vcpu_off[vm] + ev_vcpu[i]
-        if (m.vt.dirty_mode[vm] & DM_RING) and dirty_ring_soft_full(m.ct, vg, ring_rsvd):
+        if (m.vt.rec[vm, VM_DIRTY_MODE] & DM_RING) and dirty_ring_soft_full(m.ct, vg, ring_rsvd):
             # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
             m.vt.stats[vm, ST_DIRTY_RING_FULL] += 1
             out_outcome[i] = OUT_RING_FULL
@@ -1655,7 +1699,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
         addr = ev_addr[i]
         kind = ev_kind[i]
         mp = maxphy[vm]
-        mode = cpu_mode(m.vr.cr0[vg], m.vr.cr4[vg], m.vr.efer[vg], m.vr.rflags[vg]) | MODE_PSE36_KVM
+        mode = cpu_mode(m.vr.rec[vg, VR_CR0], m.vr.rec[vg, VR_CR4], m.vr.rec[vg, VR_EFER], m.vr.rec[vg, VR_RFLAGS]) | MODE_PSE36_KVM
         if entry_work_needed(m, vm, vg):
             vcpu_reenter(m, vm, vg, mode, mp)
         out_err[i] = 0
@@ -1691,8 +1735,8 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             sync_roots(m, vm, vg, mode, mp)
             mask = np.int64(0)
             for k in range(KVM_MMU_NUM_PREV_ROOTS):
-                r = m.vr.prev_root[vg, k]
-                if r >= 0 and (sh.unsync[r] or sh.unsync_children[r]):
+                r = m.vr.rec[vg, VR_PREV_ROOT + k]
+                if r >= 0 and (sh.meta[r, SH_UNSYNC] or sh.meta[r, SH_UNSYNC_CHILDREN]):
                     mask |= 2 << k
             if mask:
                 free_roots(m, vm, vg, mask)
@@ -1707,16 +1751,16 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
 @kernel
 def shadow_zap_all_fast(m, vm):
     """kvm_mmu_zap_all_fast: new generation, zap every now-obsolete page (oldest first)."""
-    m.sh.valid_gen[vm] ^= 1
-    row = m.sh.act_tail[vm]
+    m.sh.vmrec[vm, SHV_VALID_GEN] ^= 1
+    row = m.sh.vmrec[vm, SHV_ACT_TAIL]
     while row >= 0:
-        prv = m.sh.aprev[row]
-        if not (m.pa.sp_role[row] & ROLE_INVALID):
+        prv = m.sh.meta[row, SH_APREV]
+        if not (m.pa.meta[row, SP_ROLE] & ROLE_INVALID):
             prepare_zap_page(m, vm, row)
-        row = prv if prv >= 0 and m.sh.gen[prv] != m.sh.valid_gen[vm] else -1
+        row = prv if prv >= 0 and m.sh.meta[prv, SH_GEN] != m.sh.vmrec[vm, SHV_VALID_GEN] else -1
         if row < 0:
-            row = m.sh.act_tail[vm]
-            if row >= 0 and m.sh.gen[row] == m.sh.valid_gen[vm]:
+            row = m.sh.vmrec[vm, SHV_ACT_TAIL]
+            if row >= 0 and m.sh.meta[row, SH_GEN] == m.sh.vmrec[vm, SHV_VALID_GEN]:
                 row = -1
     commit_zap_page(m, vm)
 
@@ -1726,11 +1770,11 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
     """slot_rmap_write_protect over a whole slot (kvm_mmu_slot_remove_write_access): True if changed."""
     flush = False
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        off = m.sh.rmap_off[rec, level - 1]
+        off = m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)]
         if off < 0:
             continue
         shift = (level - 1) * 9
-        n_heads = ((m.st.base_gfn[rec] + m.st.npages[rec] - 1) >> shift) - (m.st.base_gfn[rec] >> shift) + 1
+        n_heads = ((m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] - 1) >> shift) - (m.st.rec[rec, SL_BASE_GFN] >> shift) + 1
         for h in range(off, off + n_heads):
             n = m.sh.rmap_head[h]
             while n >= 0:
@@ -1750,15 +1794,15 @@ def shadow_enable_log_dirty_pt_masked(m, vm, rec, first, mask):
     """kvm_arch_mmu_enable_log_dirty_pt_masked (rmap flavour): with INITIALLY_SET, first write-protect
     the huge SPTEs covering the first and last gfn of the mask (a write through them would be lost to
     the log), then the 4K SPTEs of every gfn in it."""
-    if (m.vt.dirty_mode[vm] & (DM_MANUAL_PROTECT | DM_INITIALLY_SET)) == DM_MANUAL_PROTECT | DM_INITIALLY_SET:
+    if (m.vt.rec[vm, VM_DIRTY_MODE] & (DM_MANUAL_PROTECT | DM_INITIALLY_SET)) == DM_MANUAL_PROTECT | DM_INITIALLY_SET:
         lo = 0
         while not (mask >> np.int64(lo)) & 1:
             lo += 1
         hi = 63
         while not (mask >> np.int64(hi)) & 1:
             hi -= 1
-        start = m.st.base_gfn[rec] + first + lo
-        end = m.st.base_gfn[rec] + first + hi
+        start = m.st.rec[rec, SL_BASE_GFN] + first + lo
+        end = m.st.rec[rec, SL_BASE_GFN] + first + hi
         rmap_write_protect_gfn(m, vm, rec, start, 2, True)  # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M)
         if (start + 511) >> 9 != (end + 511) >> 9:  # ALIGN(start, PMD_SIZE) != ALIGN(end, PMD_SIZE)
             rmap_write_protect_gfn(m, vm, rec, end, 2, True)
@@ -1779,7 +1823,7 @@ def shadow_wrprot_masked(m, vm, rec, first, mask):
     """kvm_mmu_write_protect_pt_masked: write-protect the 4K SPTEs of the gfns in a 64-page mask."""
     for b in range(64):
         if (mask >> np.int64(b)) & 1:
-            gfn = m.st.base_gfn[rec] + first + b
+            gfn = m.st.rec[rec, SL_BASE_GFN] + first + b
             rmap_write_protect_gfn_level(m, rec, gfn, 1)
 
 
@@ -1800,8 +1844,8 @@ def rmap_write_protect_gfn_level(m, rec, gfn, level):
 def shadow_get_dirty_log(m, vm, rec, out):
     """kvm_get_dirty_log_protect without manual protect (rmap flavour): True if any bit was set."""
     st = m.st
-    off = st.dirty_off[rec]
-    words = (st.npages[rec] + 63) >> 6
+    off = st.rec[rec, SL_DIRTY_OFF]
+    words = (st.rec[rec, SL_NPAGES] + 63) >> 6
     flush = False
     for w in range(words):
         mask = st.dirty[off + w]
@@ -1818,9 +1862,9 @@ def shadow_get_dirty_log(m, vm, rec, out):
 def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
     """kvm_clear_dirty_log_protect (rmap flavour): pages cleared."""
     st = m.st
-    off = st.dirty_off[rec]
+    off = st.rec[rec, SL_DIRTY_OFF]
     cleared = 0
-    npages = st.npages[rec]
+    npages = st.rec[rec, SL_NPAGES]
     for k in range((num_pages + 63) >> 6):
         i = (first_page >> 6) + k
         mask = bitmap[k] & st.dirty[off + i]
@@ -1839,18 +1883,18 @@ def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
 def shadow_zap_collapsible(m, vm, rec):
     """kvm_mmu_zap_collapsible_sptes (rmap part): drop 4K SPTEs of direct pages that could be huge."""
     flush = False
-    off = m.sh.rmap_off[rec, 0]
+    off = m.sh.slotrec[rec, SHS_RMAP_OFF + 0]
     if off < 0:
         return False
-    for h in range(off, off + m.st.npages[rec]):
+    for h in range(off, off + m.st.rec[rec, SL_NPAGES]):
         n = m.sh.rmap_head[h]
         while n >= 0:
             sptep = m.sh.rn_sptep[n]
             n = m.sh.rn_next[n]
             row = sptep_row(sptep)
-            if (m.pa.sp_role[row] & ROLE_DIRECT) and \
-                    role_level(m.pa.sp_role[row]) < kvm_mmu_max_mapping_level(
-                        m.st, rec, m.st.base_gfn[rec] + h - off, KVM_MAX_HUGEPAGE_LEVEL):
+            if (m.pa.meta[row, SP_ROLE] & ROLE_DIRECT) and \
+                    role_level(m.pa.meta[row, SP_ROLE]) < kvm_mmu_max_mapping_level(
+                        m.st, rec, m.st.rec[rec, SL_BASE_GFN] + h - off, KVM_MAX_HUGEPAGE_LEVEL):
                 drop_spte(m, vm, row, sptep_idx(sptep))
                 flush = True
     return flush
@@ -1861,13 +1905,13 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
     """kvm_unmap_gfn_range over the rmaps (MMU notifier): every SPTE of [start, end) at every level."""
     flush = False
     for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        if m.sh.rmap_off[rec, level - 1] < 0:
+        if m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] < 0:
             continue
         shift = (level - 1) * 9
         g = (start >> shift) << shift
         while g < end:
-            if g >= m.st.base_gfn[rec] or level > 1:
-                gg = max(g, m.st.base_gfn[rec])
+            if g >= m.st.rec[rec, SL_BASE_GFN] or level > 1:
+                gg = max(g, m.st.rec[rec, SL_BASE_GFN])
                 n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
                 while n >= 0:
                     sptep = m.sh.rn_sptep[n]
@@ -1887,10 +1931,10 @@ def zap_oldest_mmu_pages(m, vm, nr_to_zap):
     restart = True
     while restart:
         restart = False
-        row = sh.act_tail[vm]
+        row = sh.vmrec[vm, SHV_ACT_TAIL]
         while row >= 0:
-            prv = sh.aprev[row]
-            if sh.root_count[row] > 0:
+            prv = sh.meta[row, SH_APREV]
+            if sh.meta[row, SH_ROOT_COUNT] > 0:
                 row = prv
                 continue
             used_before = m.vt.stats[vm, ST_MMU_PAGES]
@@ -1913,12 +1957,12 @@ def make_mmu_pages_available(m, vm):
     """make_mmu_pages_available: keep KVM_MIN_FREE_MMU_PAGES (5) below n_max, refilling 25 at a time.
     Returns False (-ENOSPC) if not even one page is available afterwards."""
     used = m.vt.stats[vm, ST_MMU_PAGES]
-    avail = m.sh.n_max[vm] - used if m.sh.n_max[vm] > used else 0
+    avail = m.sh.vmrec[vm, SHV_N_MAX] - used if m.sh.vmrec[vm, SHV_N_MAX] > used else 0
     if avail >= 5:
         return True
     zap_oldest_mmu_pages(m, vm, 25 - avail)
     used = m.vt.stats[vm, ST_MMU_PAGES]
-    return m.sh.n_max[vm] > used
+    return m.sh.vmrec[vm, SHV_N_MAX] > used
 
 
 @kernel
@@ -1928,7 +1972,7 @@ def kvm_mmu_change_mmu_pages(m, vm, goal):
     if used > goal:
         zap_oldest_mmu_pages(m, vm, used - goal)
         goal = m.vt.stats[vm, ST_MMU_PAGES]
-    m.sh.n_max[vm] = goal
+    m.sh.vmrec[vm, SHV_N_MAX] = goal
 
 
 # ----------------------------------------------------------------------------- notifiers
@@ -1938,12 +1982,12 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
     ``young[gfn - start]`` is set for each accessed 4K page.  Returns True if any was young."""
     any_young = False
     for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        if m.sh.rmap_off[rec, level - 1] < 0:
+        if m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] < 0:
             continue
         shift = (level - 1) * 9
         g = (start >> shift) << shift
         while g < end:
-            gg = max(g, m.st.base_gfn[rec])
+            gg = max(g, m.st.rec[rec, SL_BASE_GFN])
             n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
             hit = False
             while n >= 0:
@@ -1974,10 +2018,10 @@ def shadow_footprint_counts(m, vm, out):
     entries (only the slots of ``vm``)."""
     for k in range(5):
         out[k] = 0
-    for row in range(m.pa.sp_vm.shape[0]):
-        if m.pa.sp_vm[row] != vm or row >= m.sh.parent_head.shape[0]:
+    for row in range(m.pa.meta.shape[0]):
+        if m.pa.meta[row, SP_VM] != vm or row >= m.sh.parent_head.shape[0]:
             continue
-        if sp_has_gptes(m.pa.sp_role[row]):
+        if sp_has_gptes(m.pa.meta[row, SP_ROLE]):
             out[0] += 1
         c = 0
         n = m.sh.parent_head[row]
@@ -1986,16 +2030,16 @@ def shadow_footprint_counts(m, vm, out):
             n = m.sh.pl_next[n]
         if c >= 2:
             out[2] += (c + 13) // 14  # PTE_LIST_EXT = 14 pointers per descriptor
-    for rec in range(m.sh.rmap_off.shape[0]):
-        if rec >= m.st.vm.shape[0] or m.st.vm[rec] != vm or m.sh.rmap_off[rec, 0] < 0:
+    for rec in range(m.sh.slotrec.shape[0]):
+        if rec >= m.st.rec.shape[0] or m.st.rec[rec, SL_VM] != vm or m.sh.slotrec[rec, SHS_RMAP_OFF + 0] < 0:
             continue
         for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
             shift = (level - 1) * 9
-            nh = ((m.st.base_gfn[rec] + m.st.npages[rec] - 1) >> shift) - (m.st.base_gfn[rec] >> shift) + 1
+            nh = ((m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] - 1) >> shift) - (m.st.rec[rec, SL_BASE_GFN] >> shift) + 1
             out[3] += nh
-            off = m.sh.rmap_off[rec, level - 1]
+            off = m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)]
             for h in range(off, off + nh):
                 c = m.sh.rmap_cnt[h]
                 if c >= 2:
                     out[1] += (c + 13) // 14
-        out[4] += m.st.npages[rec]
+        out[4] += m.st.rec[rec, SL_NPAGES]

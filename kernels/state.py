@@ -88,38 +88,77 @@ STOP_HOST_OOM = 2
 MAX_ROWS_PER_EVENT = 6
 
 
+def _cols(rec, col, width=1):
+    """A Python-side view of one field of a record array (``rec``): column ``col`` (``width`` columns)."""
+    if width == 1:
+        return property(lambda self: getattr(self, rec)[:, col], doc=f"{rec}[:, {col}]")
+    return property(lambda self: getattr(self, rec)[:, col:col + width], doc=f"{rec}[:, {col}:{col + width}]")
+
+
+# --- kvm_mmu_page: one int64 metadata record per page-table row (PageArena.meta) --------------
+SP_VM = 0              # owning VM (-1: free row)
+SP_LEVEL = 1
+SP_GFN = 2             # base gfn the table maps
+SP_ROLE = 3            # kvm_mmu_page_role word
+SP_PARENT = 4          # row of the parent table, -1 for roots
+SP_PARENT_INDEX = 5    # index of our SPTE in the parent
+SP_FLAGS = 6           # SPF_* bits
+SP_SEQ = 7             # order of arrival on possible_nx_huge_pages
+NSP = 8
+
+
 class PageArena(NamedTuple):
-    """TDP page tables (rows of 512 SPTEs) and their ``kvm_mmu_page`` metadata."""
+    """Page-table pages (rows of 512 SPTEs) and their ``kvm_mmu_page`` metadata records."""
     spt: np.ndarray            # int64[cap, 512]
-    sp_vm: np.ndarray          # int32[cap]
-    sp_level: np.ndarray       # int8[cap]
-    sp_gfn: np.ndarray         # int64[cap]   base gfn the table maps
-    sp_role: np.ndarray        # int32[cap]   kvm_mmu_page_role word
-    sp_parent: np.ndarray      # int64[cap]   row of the parent table, -1 for roots
-    sp_parent_index: np.ndarray  # int16[cap] index of our SPTE in the parent
-    sp_flags: np.ndarray       # int8[cap]
-    sp_seq: np.ndarray         # int64[cap]: order of arrival on possible_nx_huge_pages
+    meta: np.ndarray           # int64[cap, NSP]
     free: np.ndarray           # int64[cap]   stack of free rows
     ctl: np.ndarray            # int64[NCTL]
+    sp_vm = _cols("meta", SP_VM)
+    sp_level = _cols("meta", SP_LEVEL)
+    sp_gfn = _cols("meta", SP_GFN)
+    sp_role = _cols("meta", SP_ROLE)
+    sp_parent = _cols("meta", SP_PARENT)
+    sp_parent_index = _cols("meta", SP_PARENT_INDEX)
+    sp_flags = _cols("meta", SP_FLAGS)
+    sp_seq = _cols("meta", SP_SEQ)
+
+
+# --- struct kvm / kvm_arch: one int64 record per VM (VMTable.rec) -----------------------------
+VM_ROOT = 0            # TDP root row, -1 until the first vCPU entry
+VM_FMT = 1             # FMT_EPT / FMT_NPT
+VM_LEVELS = 2          # 4 or 5
+VM_AD_DISABLED = 3     # EPT without A/D bits
+VM_MAX_GFN = 4         # last gfn below MAXPHYADDR
+VM_MEMSLOTS_GEN = 5    # memslots generation (address space 0)
+VM_SLOT_OFF = 6        # start of this VM's sorted slot list in SlotTable.order
+VM_SLOT_CNT = 7        # number of live AS0 slots
+VM_SLOT_LAST = 8       # last_used_slot (record index) or -1
+VM_HOST_BYTES = 9      # host memory resident for this VM
+VM_DIRTY_MODE = 10     # DM_* bits
+VM_INVAL_COUNT = 11    # mmu_invalidate_in_progress
+VM_INVAL_START = 12    # mmu_invalidate_range_start (gfn)
+VM_INVAL_END = 13      # mmu_invalidate_range_end (gfn, exclusive)
+NVMF = 14
 
 
 class VMTable(NamedTuple):
-    """Per-VM state, indexed by VM id."""
-    root: np.ndarray           # int64: root row, -1 until the first vCPU entry
-    fmt: np.ndarray            # int8:  FMT_EPT / FMT_NPT
-    levels: np.ndarray         # int8:  4 or 5
-    ad_disabled: np.ndarray    # int8:  EPT without A/D bits
-    max_gfn: np.ndarray        # int64: last gfn below MAXPHYADDR
-    memslots_gen: np.ndarray   # int64: memslots generation (address space 0)
-    slot_off: np.ndarray       # int64: start of this VM's sorted slot list in SlotTable.order
-    slot_cnt: np.ndarray       # int64: number of live AS0 slots
-    slot_last: np.ndarray      # int64: last_used_slot (record index) or -1
-    host_bytes: np.ndarray     # int64: host memory resident for this VM
-    dirty_mode: np.ndarray     # int8: bit0 manual protect, bit1 initially set, bit2 dirty ring, bit3 PML on
-    inval_count: np.ndarray    # int64: mmu_invalidate_in_progress
-    inval_start: np.ndarray    # int64: mmu_invalidate_range_start (gfn)
-    inval_end: np.ndarray      # int64: mmu_invalidate_range_end (gfn, exclusive)
+    """Per-VM state, indexed by VM id: one record row and the statistics row."""
+    rec: np.ndarray            # int64[nvm, NVMF]
     stats: np.ndarray          # int64[nvm, NSTAT]
+    root = _cols("rec", VM_ROOT)
+    fmt = _cols("rec", VM_FMT)
+    levels = _cols("rec", VM_LEVELS)
+    ad_disabled = _cols("rec", VM_AD_DISABLED)
+    max_gfn = _cols("rec", VM_MAX_GFN)
+    memslots_gen = _cols("rec", VM_MEMSLOTS_GEN)
+    slot_off = _cols("rec", VM_SLOT_OFF)
+    slot_cnt = _cols("rec", VM_SLOT_CNT)
+    slot_last = _cols("rec", VM_SLOT_LAST)
+    host_bytes = _cols("rec", VM_HOST_BYTES)
+    dirty_mode = _cols("rec", VM_DIRTY_MODE)
+    inval_count = _cols("rec", VM_INVAL_COUNT)
+    inval_start = _cols("rec", VM_INVAL_START)
+    inval_end = _cols("rec", VM_INVAL_END)
 
 
 DM_MANUAL_PROTECT = 1
@@ -127,34 +166,49 @@ DM_INITIALLY_SET = 2
 DM_RING = 4
 DM_PML_ACTIVE = 8          # some slot of the VM logs dirty pages and the CPU has PML
 
+# --- struct kvm_vcpu (dirty logging part): one int64 record per vCPU (VcpuTable.rec) -----------
+VC_PML_COUNT = 0       # entries in the PML buffer
+VC_RING_SIZE = 1       # dirty ring entries (0 = no ring)
+VC_RING_OFF = 2        # first entry in the ring pool
+VC_RING_DIRTY = 3      # dirty_index (entries pushed)
+VC_RING_RESET = 4      # reset_index
+VC_RING_FETCH = 5      # userspace's fetch index (harvest)
+NVCF = 6
+
 
 class VcpuTable(NamedTuple):
-    """Per-vCPU state (global vCPU index = VMTable.vcpu_off[vm] + vcpu): PML buffer, dirty ring."""
+    """Per-vCPU state (global vCPU index = vcpu_off[vm] + vcpu): PML buffer, dirty ring."""
     vcpu_off: np.ndarray       # int64[nvm]: first global vCPU index of each VM
-    pml_count: np.ndarray      # int64[nvcpu]: entries in the PML buffer
+    rec: np.ndarray            # int64[nvcpu, NVCF]
     pml_buf: np.ndarray        # int64[nvcpu or 0, 512]: logged gfns (4K)
-    ring_size: np.ndarray      # int64[nvcpu]: dirty ring entries (0 = no ring)
-    ring_off: np.ndarray       # int64[nvcpu]: first entry in the ring pool
-    ring_dirty: np.ndarray     # int64[nvcpu]: dirty_index (entries pushed)
-    ring_reset: np.ndarray     # int64[nvcpu]: reset_index
-    ring_fetch: np.ndarray     # int64[nvcpu]: userspace's fetch index (harvest)
     ring_slot: np.ndarray      # int32[pool]: (as_id << 16) | slot id
     ring_gfn: np.ndarray       # int64[pool]: offset in the slot
     ring_flags: np.ndarray     # int8[pool]
+    pml_count = _cols("rec", VC_PML_COUNT)
+    ring_size = _cols("rec", VC_RING_SIZE)
+    ring_off = _cols("rec", VC_RING_OFF)
+    ring_dirty = _cols("rec", VC_RING_DIRTY)
+    ring_reset = _cols("rec", VC_RING_RESET)
+    ring_fetch = _cols("rec", VC_RING_FETCH)
+
+
+# --- struct kvm_memory_slot: one int64 record per memslot (SlotTable.rec) ----------------------
+SL_VM = 0              # owning VM (-1: free record)
+SL_SLOT_ID = 1         # (as_id << 16) | id
+SL_BASE_GFN = 2
+SL_NPAGES = 3
+SL_HVA = 4             # userspace_addr
+SL_FLAGS = 5           # KVM_MEM_* flags
+SL_BACKING = 6         # BACKING_*
+SL_LPAGE_OFF = 7       # 2 columns: offsets of lpage_info (2M, 1G) in ``lpage``
+SL_DIRTY_OFF = 9       # offset of the dirty bitmap in ``dirty`` (-1: none)
+SL_HOST_OFF = 10       # offset of the host-resident bitmap in ``host``
+NSLF = 11
 
 
 class SlotTable(NamedTuple):
     """Memslot records (one per KVM memslot) and their pooled per-page arrays."""
-    vm: np.ndarray             # int32[rcap]
-    slot_id: np.ndarray        # int32: (as_id << 16) | id
-    base_gfn: np.ndarray       # int64
-    npages: np.ndarray         # int64
-    hva: np.ndarray            # int64: userspace_addr
-    flags: np.ndarray          # int32: KVM_MEM_* flags
-    backing: np.ndarray        # int8:  BACKING_*
-    lpage_off: np.ndarray      # int64[rcap, 2]: offsets of lpage_info (2M, 1G) in ``lpage``
-    dirty_off: np.ndarray      # int64: offset of the dirty bitmap in ``dirty`` (-1: none)
-    host_off: np.ndarray       # int64: offset of the host-resident bitmap in ``host``
+    rec: np.ndarray            # int64[rcap, NSLF]
     order: np.ndarray          # int64: per-VM lists of live AS0 records sorted by base_gfn
     lpage: np.ndarray          # int32: lpage_info.disallow_lpage pool
     dirty: np.ndarray          # int64: dirty bitmap pool (64 pages a word)
@@ -162,6 +216,16 @@ class SlotTable(NamedTuple):
     swap: np.ndarray           # int64: swapped-out bitmap pool, same offsets as ``host``
     split: np.ndarray          # int64: THP split bitmap pool (4K pages of split THPs), same offsets
     age: np.ndarray            # uint8: reclaim age per 4K page at 64 * host_off (empty without overcommit)
+    vm = _cols("rec", SL_VM)
+    slot_id = _cols("rec", SL_SLOT_ID)
+    base_gfn = _cols("rec", SL_BASE_GFN)
+    npages = _cols("rec", SL_NPAGES)
+    hva = _cols("rec", SL_HVA)
+    flags = _cols("rec", SL_FLAGS)
+    backing = _cols("rec", SL_BACKING)
+    lpage_off = _cols("rec", SL_LPAGE_OFF, 2)
+    dirty_off = _cols("rec", SL_DIRTY_OFF)
+    host_off = _cols("rec", SL_HOST_OFF)
 
 
 # --- shadow MMU (kernels/shadow.py) -----------------------------------------------------
@@ -179,18 +243,35 @@ MAX_RN_PER_EVENT = 16
 MAX_GM_PER_EVENT = 8           # guest-memory rows: a page-crossing store + walker A/D writes
 
 
+# shadow kvm_mmu_page fields beyond PageArena.meta: one int64 record per row (ShadowState.meta)
+SH_UNSYNC = 0
+SH_UNSYNC_CHILDREN = 1
+SH_ROOT_COUNT = 2
+SH_FLOOD = 3           # write_flooding_count
+SH_GEN = 4             # mmu_valid_gen
+SH_HNEXT = 5           # next SP in the hash bucket
+SH_ANEXT = 6           # next (older) SP on active_mmu_pages
+SH_APREV = 7           # previous (newer) SP
+NSHF = 8
+# per memslot (ShadowState.slotrec): rmap heads per level, write-track counts (-1: none)
+SHS_RMAP_OFF = 0       # 3 columns: 4K, 2M, 1G
+SHS_WTRACK_OFF = 3
+NSHSF = 4
+# per VM (ShadowState.vmrec)
+SHV_HASH_OFF = 0       # offset of the VM's 4096 buckets (-1: not a shadow VM)
+SHV_ACT_HEAD = 1       # newest SP on active_mmu_pages
+SHV_ACT_TAIL = 2       # oldest SP
+SHV_INDIRECT = 3       # indirect_shadow_pages
+SHV_VALID_GEN = 4      # kvm->arch.mmu_valid_gen
+SHV_N_MAX = 5          # n_max_mmu_pages
+NSHVF = 6
+
+
 class ShadowState(NamedTuple):
     """Shadow-MMU state (``mmu.c``): per page-table row metadata beyond PageArena, rmaps,
     parent-pte lists, the per-VM hash and active list, write tracking."""
-    unsync: np.ndarray          # int8[cap]
-    unsync_children: np.ndarray  # int32[cap]
+    meta: np.ndarray            # int64[cap, NSHF]
     ubitmap: np.ndarray         # int64[cap, 8]: unsync_child_bitmap
-    root_count: np.ndarray      # int32[cap]
-    flood: np.ndarray           # int32[cap]: write_flooding_count
-    gen: np.ndarray             # int8[cap]: mmu_valid_gen
-    hnext: np.ndarray           # int64[cap]: next SP in the hash bucket
-    anext: np.ndarray           # int64[cap]: next (older) SP on active_mmu_pages
-    aprev: np.ndarray           # int64[cap]: previous (newer) SP
     parent_head: np.ndarray     # int64[cap]: first parent-pte link (-1 none)
     trans: np.ndarray           # int64[cap, 512]: shadowed_translation (gfn << 12 | access)
     pl_sptep: np.ndarray        # int64[P]: parent-pte links (row * 512 + index)
@@ -200,33 +281,60 @@ class ShadowState(NamedTuple):
     rmap_head: np.ndarray       # int64[H]: per slot, level, gfn index: first rmap node (-1 empty)
     rmap_cnt: np.ndarray        # int32[H]
     wtrack: np.ndarray          # int32[W]: gfn_write_track per 4K gfn of each slot
-    rmap_off: np.ndarray        # int64[rcap, 3]: offset of a slot's rmap heads per level (-1 none)
-    wtrack_off: np.ndarray      # int64[rcap]
-    hash_off: np.ndarray        # int64[nvm]: offset of the VM's 4096 buckets (-1: not a shadow VM)
+    slotrec: np.ndarray         # int64[rcap, NSHSF]
+    vmrec: np.ndarray           # int64[nvm, NSHVF]
     hash: np.ndarray            # int64[nshadow * 4096]
-    act_head: np.ndarray        # int64[nvm]: newest SP
-    act_tail: np.ndarray        # int64[nvm]: oldest SP
-    indirect: np.ndarray        # int64[nvm]: indirect_shadow_pages
-    valid_gen: np.ndarray       # int8[nvm]: kvm->arch.mmu_valid_gen
-    n_max: np.ndarray           # int64[nvm]: n_max_mmu_pages
     ctl: np.ndarray             # int64[NSHCTL]
     scratch: np.ndarray         # int64[256]: walker output and small stacks
+    unsync = _cols("meta", SH_UNSYNC)
+    unsync_children = _cols("meta", SH_UNSYNC_CHILDREN)
+    root_count = _cols("meta", SH_ROOT_COUNT)
+    flood = _cols("meta", SH_FLOOD)
+    gen = _cols("meta", SH_GEN)
+    hnext = _cols("meta", SH_HNEXT)
+    anext = _cols("meta", SH_ANEXT)
+    aprev = _cols("meta", SH_APREV)
+    rmap_off = _cols("slotrec", SHS_RMAP_OFF, 3)
+    wtrack_off = _cols("slotrec", SHS_WTRACK_OFF)
+    hash_off = _cols("vmrec", SHV_HASH_OFF)
+    act_head = _cols("vmrec", SHV_ACT_HEAD)
+    act_tail = _cols("vmrec", SHV_ACT_TAIL)
+    indirect = _cols("vmrec", SHV_INDIRECT)
+    valid_gen = _cols("vmrec", SHV_VALID_GEN)
+    n_max = _cols("vmrec", SHV_N_MAX)
+
+
+# --- vCPU paging registers and MMU roots: one int64 record per vCPU (VcpuRegs.rec) -------------
+VR_CR0 = 0
+VR_CR3 = 1
+VR_CR4 = 2
+VR_EFER = 3
+VR_RFLAGS = 4
+VR_PKRU = 5
+VR_PDPTR = 6           # 4 columns: PDPTRs loaded at CR3 load (PAE)
+VR_ROOT = 10           # current root row (-1 invalid)
+VR_ROOT_PGD = 11
+VR_PREV_ROOT = 12      # 3 columns
+VR_PREV_PGD = 15       # 3 columns
+VR_PAE_ROOT = 18       # 4 columns: PAE roots (rows, -1 invalid)
+NVRF = 22
 
 
 class VcpuRegs(NamedTuple):
     """Per-vCPU paging registers and MMU roots (global vCPU index)."""
-    cr0: np.ndarray
-    cr3: np.ndarray
-    cr4: np.ndarray
-    efer: np.ndarray
-    rflags: np.ndarray
-    pkru: np.ndarray
-    pdptr: np.ndarray           # int64[nv, 4]: PDPTRs loaded at CR3 load (PAE)
-    root: np.ndarray            # int64[nv]: current root row (-1 invalid)
-    root_pgd: np.ndarray        # int64[nv]
-    prev_root: np.ndarray       # int64[nv, 3]
-    prev_pgd: np.ndarray        # int64[nv, 3]
-    pae_root: np.ndarray        # int64[nv, 4]: PAE roots (rows, -1 invalid)
+    rec: np.ndarray             # int64[nv, NVRF]
+    cr0 = _cols("rec", VR_CR0)
+    cr3 = _cols("rec", VR_CR3)
+    cr4 = _cols("rec", VR_CR4)
+    efer = _cols("rec", VR_EFER)
+    rflags = _cols("rec", VR_RFLAGS)
+    pkru = _cols("rec", VR_PKRU)
+    pdptr = _cols("rec", VR_PDPTR, 4)
+    root = _cols("rec", VR_ROOT)
+    root_pgd = _cols("rec", VR_ROOT_PGD)
+    prev_root = _cols("rec", VR_PREV_ROOT, 3)
+    prev_pgd = _cols("rec", VR_PREV_PGD, 3)
+    pae_root = _cols("rec", VR_PAE_ROOT, 4)
 
 
 class GuestMem(NamedTuple):
@@ -239,15 +347,11 @@ class GuestMem(NamedTuple):
 
 
 class SlotMap(NamedTuple):
-    """What gpa -> memslot -> hva needs (search_memslots, __gfn_to_hva_memslot): VMTable and SlotTable
-    members, for kernels that only translate (built by kernels/memslot.py ``slot_map``)."""
-    slot_last: np.ndarray       # VMTable.slot_last
-    slot_off: np.ndarray        # VMTable.slot_off
-    slot_cnt: np.ndarray        # VMTable.slot_cnt
+    """What gpa -> memslot -> hva needs (search_memslots, __gfn_to_hva_memslot): the VM and memslot
+    records, for kernels that only translate (built by kernels/memslot.py ``slot_map``)."""
+    vrec: np.ndarray            # VMTable.rec
     order: np.ndarray           # SlotTable.order
-    base_gfn: np.ndarray        # SlotTable.base_gfn
-    npages: np.ndarray          # SlotTable.npages
-    hva: np.ndarray             # SlotTable.hva
+    srec: np.ndarray            # SlotTable.rec
 
 
 class MMU(NamedTuple):

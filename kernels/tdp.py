@@ -48,6 +48,16 @@ from .state import (
     OUT_EMULATED,
     OUT_FIXED,
     OUT_SPURIOUS,
+    SL_BASE_GFN,
+    SL_NPAGES,
+    SP_FLAGS,
+    SP_GFN,
+    SP_LEVEL,
+    SP_PARENT,
+    SP_PARENT_INDEX,
+    SP_ROLE,
+    SP_SEQ,
+    SP_VM,
     SPF_NX_DISALLOWED,
     SPF_NX_TRACKED,
     ST_MMU_PAGES,
@@ -61,6 +71,11 @@ from .state import (
     ST_PF_SPURIOUS,
     ST_REMOTE_TLB_FLUSH,
     ST_REMOTE_TLB_FLUSH_REQUESTS,
+    VM_AD_DISABLED,
+    VM_FMT,
+    VM_LEVELS,
+    VM_MEMSLOTS_GEN,
+    VM_ROOT,
 )
 from .walk import walk_to_leaf
 
@@ -103,8 +118,8 @@ def kvm_flush_remote_tlbs(vt, vm):
 @njit(inline="always", _nrt=False)
 def tdp_mmu_root_role(vt, vm):
     # kvm_calc_tdp_mmu_root_page_role
-    role = np.int32(vt.levels[vm]) | ROLE_DIRECT | (ACC_ALL << ROLE_ACCESS_SHIFT) | ROLE_CR0_WP | ROLE_EFER_NX
-    if vt.ad_disabled[vm]:
+    role = np.int32(vt.rec[vm, VM_LEVELS]) | ROLE_DIRECT | (ACC_ALL << ROLE_ACCESS_SHIFT) | ROLE_CR0_WP | ROLE_EFER_NX
+    if vt.rec[vm, VM_AD_DISABLED]:
         role |= ROLE_AD_DISABLED
     return role
 
@@ -119,13 +134,13 @@ def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
     spt = pa.spt
     for k in range(512):
         spt[row, k] = SHADOW_NONPRESENT_VALUE
-    pa.sp_vm[row] = vm
-    pa.sp_level[row] = level
-    pa.sp_gfn[row] = gfn
-    pa.sp_role[row] = (role & ~np.int32(0xF)) | level
-    pa.sp_parent[row] = parent
-    pa.sp_parent_index[row] = parent_index
-    pa.sp_flags[row] = 0
+    pa.meta[row, SP_VM] = vm
+    pa.meta[row, SP_LEVEL] = level
+    pa.meta[row, SP_GFN] = gfn
+    pa.meta[row, SP_ROLE] = (role & ~np.int32(0xF)) | level
+    pa.meta[row, SP_PARENT] = parent
+    pa.meta[row, SP_PARENT_INDEX] = parent_index
+    pa.meta[row, SP_FLAGS] = 0
     vt.stats[vm, ST_MMU_PAGES] += 1  # tdp_account_mmu_page
     return row
 
@@ -133,11 +148,11 @@ def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
 @njit(inline="always", _nrt=False)
 def tdp_mmu_free_sp(pa, vt, vm, row):
     # tdp_unaccount_mmu_page + untrack_possible_nx_huge_page + tdp_mmu_free_sp
-    if pa.sp_flags[row] & SPF_NX_TRACKED:
+    if pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
         vt.stats[vm, ST_NX_LPAGE_SPLITS] -= 1
-    pa.sp_flags[row] = 0
-    pa.sp_parent[row] = -1
-    pa.sp_vm[row] = -1
+    pa.meta[row, SP_FLAGS] = 0
+    pa.meta[row, SP_PARENT] = -1
+    pa.meta[row, SP_VM] = -1
     vt.stats[vm, ST_MMU_PAGES] -= 1
     pa.ctl[CTL_USED] -= 1
     top = pa.ctl[CTL_FREE_TOP]
@@ -148,8 +163,8 @@ def tdp_mmu_free_sp(pa, vt, vm, row):
 @helper
 def mmu_alloc_root(pa, vt, vm):
     # kvm_tdp_mmu_get_vcpu_root_hpa: roots are shared by all vCPUs of the VM
-    row = tdp_mmu_alloc_sp(pa, vt, vm, vt.levels[vm], 0, tdp_mmu_root_role(vt, vm), -1, 0)
-    vt.root[vm] = row
+    row = tdp_mmu_alloc_sp(pa, vt, vm, vt.rec[vm, VM_LEVELS], 0, tdp_mmu_root_role(vt, vm), -1, 0)
+    vt.rec[vm, VM_ROOT] = row
     return row
 
 
@@ -164,8 +179,8 @@ def handle_removed_pt(pa, vt, vm, top_row, top_level):
     idx = 0
     while True:
         if idx == 512:
-            parent = pa.sp_parent[row]
-            pidx = pa.sp_parent_index[row]
+            parent = pa.meta[row, SP_PARENT]
+            pidx = pa.meta[row, SP_PARENT_INDEX]
             tdp_mmu_free_sp(pa, vt, vm, row)
             if row == top_row:
                 return
@@ -206,14 +221,14 @@ def tdp_set_spte(pa, vt, vm, row, idx, level, new_spte):
 
 @njit(inline="always", _nrt=False)
 def tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child):
-    tdp_set_spte(pa, vt, vm, row, idx, level, make_nonleaf_spte(fmt, child, vt.ad_disabled[vm]))
+    tdp_set_spte(pa, vt, vm, row, idx, level, make_nonleaf_spte(fmt, child, vt.rec[vm, VM_AD_DISABLED]))
 
 
 @helper
 def tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages):
     """tdp_mmu_split_huge_page: fill the child with the huge SPTE's pieces, then link it."""
     huge = pa.spt[row, idx]
-    role_access = (pa.sp_role[child] >> 8) & 7
+    role_access = (pa.meta[child, SP_ROLE] >> 8) & 7
     for i in range(512):
         pa.spt[child, i] = make_small_spte(fmt, huge, level - 1, i, nx_huge_pages, role_access)
     tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child)
@@ -222,7 +237,7 @@ def tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pag
 
 @njit(inline="always", _nrt=False)
 def disallowed_child(pa, spte):
-    return (pa.sp_flags[spte_to_child_row(spte)] & SPF_NX_DISALLOWED) != 0
+    return (pa.meta[spte_to_child_row(spte), SP_FLAGS] & SPF_NX_DISALLOWED) != 0
 
 
 @njit(inline="always", _nrt=False)
@@ -232,9 +247,9 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
 
     ``pfn4k`` is the host pfn of the faulting 4K gfn; the goal level aligns it.
     """
-    row = vt.root[vm]
-    level = np.int64(vt.levels[vm])
-    role = pa.sp_role[row]
+    row = vt.rec[vm, VM_ROOT]
+    level = np.int64(vt.rec[vm, VM_LEVELS])
+    role = pa.meta[row, SP_ROLE]
     while True:
         shift = (level - 1) * 9
         idx = (gfn >> shift) & 511
@@ -251,15 +266,15 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
         child_gfn = (gfn >> shift) << shift
         child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, child_gfn, role, row, idx)
         if huge_page_disallowed:
-            pa.sp_flags[child] = SPF_NX_DISALLOWED
+            pa.meta[child, SP_FLAGS] = SPF_NX_DISALLOWED
         if is_shadow_present_pte(old):
             tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages)
         else:
             tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child)
         if huge_page_disallowed and req_level >= level:
             # track_possible_nx_huge_page: appended to the VM's list (oldest first)
-            pa.sp_flags[child] |= SPF_NX_TRACKED
-            pa.sp_seq[child] = pa.ctl[CTL_NX_SEQ]
+            pa.meta[child, SP_FLAGS] |= SPF_NX_TRACKED
+            pa.meta[child, SP_SEQ] = pa.ctl[CTL_NX_SEQ]
             pa.ctl[CTL_NX_SEQ] += 1
             vt.stats[vm, ST_NX_LPAGE_SPLITS] += 1
         row = child
@@ -271,10 +286,10 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
     old = pa.spt[row, idx]
     iter_gfn = (gfn >> shift) << shift
     if rec < 0:
-        new = make_mmio_spte(fmt, gfn, ACC_ALL, vt.memslots_gen[vm])
+        new = make_mmio_spte(fmt, gfn, ACC_ALL, vt.rec[vm, VM_MEMSLOTS_GEN])
     else:
         pfn = (pfn4k >> shift) << shift
-        new = make_leaf_spte(fmt, level, ACC_ALL, pfn, map_writable, vt.ad_disabled[vm], nx_huge_pages)
+        new = make_leaf_spte(fmt, level, ACC_ALL, pfn, map_writable, vt.rec[vm, VM_AD_DISABLED], nx_huge_pages)
         if (new & 2) and slot_dirty_logging(st, rec):
             mark_page_dirty(st, ct, vcpu_g, rec, iter_gfn)  # make_spte: writable SPTE in a logged slot
     ret = RET_PF_FIXED
@@ -296,11 +311,11 @@ def tdp_mmu_zap_all(pa, vt, vm):
 
     The vCPUs load a fresh root at their next entry.
     """
-    root = vt.root[vm]
+    root = vt.rec[vm, VM_ROOT]
     if root < 0:
         return
-    handle_removed_pt(pa, vt, vm, root, np.int64(vt.levels[vm]))
-    vt.root[vm] = -1
+    handle_removed_pt(pa, vt, vm, root, np.int64(vt.rec[vm, VM_LEVELS]))
+    vt.rec[vm, VM_ROOT] = -1
 
 
 @njit(inline="always", _nrt=False)
@@ -316,14 +331,14 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
 
     Walks down once per table and then scans the table's entries in order.
     """
-    root = vt.root[vm]
+    root = vt.rec[vm, VM_ROOT]
     if root < 0:
         return 0
     spt = pa.spt
     count = 0
     gfn = start
     while gfn < end:
-        row, k, level, spte = walk_to_leaf(spt, root, np.int64(vt.levels[vm]), gfn)
+        row, k, level, spte = walk_to_leaf(spt, root, np.int64(vt.rec[vm, VM_LEVELS]), gfn)
         shift = (level - 1) * 9
         k = (gfn >> shift) & 511
         if level == 1 and k == 0 and gfn + 512 <= end and min_level <= 1:
@@ -371,8 +386,8 @@ def first_leaf_below(pa, row, level):
         if idx == 512:
             if lvl == level:
                 return np.int64(0), False
-            parent = pa.sp_parent[row]
-            idx = pa.sp_parent_index[row] + 1
+            parent = pa.meta[row, SP_PARENT]
+            idx = pa.meta[row, SP_PARENT_INDEX] + 1
             row = parent
             lvl += 1
             continue
@@ -391,19 +406,19 @@ def first_leaf_below(pa, row, level):
 def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
     """kvm_tdp_mmu_recover_huge_pages (v6.13+): after dirty logging is disabled, replace tables
     by huge SPTEs wherever the slot allows a huge mapping.  Returns True if it changed any (flush)."""
-    root = vt.root[vm]
+    root = vt.rec[vm, VM_ROOT]
     if root < 0:
         return False
-    fmt = vt.fmt[vm]
+    fmt = vt.rec[vm, VM_FMT]
     nx = cfg[CFG_NX_HUGE_PAGES] != 0
     max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
-    start = st.base_gfn[rec]
-    end = start + st.npages[rec]
+    start = st.rec[rec, SL_BASE_GFN]
+    end = start + st.rec[rec, SL_NPAGES]
     flush = False
     gfn = start
     while gfn < end:
         row = root
-        level = np.int64(vt.levels[vm])
+        level = np.int64(vt.rec[vm, VM_LEVELS])
         while True:
             shift = (level - 1) * 9
             idx = (gfn >> shift) & 511
@@ -437,17 +452,17 @@ def recover_nx_huge_pages(pa, vt, st, vm, rows, to_zap):
         if done == to_zap:
             break
         row = rows[k]
-        if not pa.sp_flags[row] & SPF_NX_TRACKED:
+        if not pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
             continue  # freed by an earlier zap in this pass
         done += 1
-        rec = gfn_to_memslot(vt, st, vm, pa.sp_gfn[row])
+        rec = gfn_to_memslot(vt, st, vm, pa.meta[row, SP_GFN])
         if rec >= 0 and slot_dirty_logging(st, rec):
-            pa.sp_flags[row] &= ~SPF_NX_TRACKED  # unaccount_nx_huge_page only
+            pa.meta[row, SP_FLAGS] &= ~SPF_NX_TRACKED  # unaccount_nx_huge_page only
             vt.stats[vm, ST_NX_LPAGE_SPLITS] -= 1
             continue
-        parent = pa.sp_parent[row]
+        parent = pa.meta[row, SP_PARENT]
         # kvm_tdp_mmu_zap_sp: the SPTE that points at the page becomes non-present
-        tdp_set_spte(pa, vt, vm, parent, pa.sp_parent_index[row], pa.sp_level[row] + 1, SHADOW_NONPRESENT_VALUE)
+        tdp_set_spte(pa, vt, vm, parent, pa.meta[row, SP_PARENT_INDEX], pa.meta[row, SP_LEVEL] + 1, SHADOW_NONPRESENT_VALUE)
         vt.stats[vm, ST_NX_LPAGE_RECOVERED] += 1
         zapped += 1
     return zapped

@@ -89,6 +89,18 @@ from .state import (
     STOP_DONE,
     STOP_HOST_OOM,
     STOP_NEED_PAGES,
+    VM_AD_DISABLED,
+    VM_DIRTY_MODE,
+    VM_FMT,
+    VM_LEVELS,
+    VM_ROOT,
+    VR_CR0,
+    VR_CR3,
+    VR_CR4,
+    VR_EFER,
+    VR_PDPTR,
+    VR_PKRU,
+    VR_RFLAGS,
 )
 from .tdp import mmu_alloc_root
 
@@ -189,13 +201,13 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     from scratch later, which is exact: what was done before (KVM faults, A/D bits) is not redone.
     """
     pa, vt, st, ct, gm, vr = m.pa, m.vt, m.st, m.ct, m.gm, m.vr
-    fmt = vt.fmt[vm]
-    tdp_levels = vt.levels[vm]
-    ad_vm = vt.ad_disabled[vm] == 0
-    pml = (vt.dirty_mode[vm] & DM_PML_ACTIVE) != 0
+    fmt = vt.rec[vm, VM_FMT]
+    tdp_levels = vt.rec[vm, VM_LEVELS]
+    ad_vm = vt.rec[vm, VM_AD_DISABLED] == 0
+    pml = (vt.rec[vm, VM_DIRTY_MODE] & DM_PML_ACTIVE) != 0
     write = (kind & PFERR_WRITE_MASK) != 0
     fetch = (kind & PFERR_FETCH_MASK) != 0
-    mode = cpu_mode(vr.cr0[vcpu_g], vr.cr4[vcpu_g], vr.efer[vcpu_g], vr.rflags[vcpu_g])
+    mode = cpu_mode(vr.rec[vcpu_g, VR_CR0], vr.rec[vcpu_g, VR_CR4], vr.rec[vcpu_g, VR_EFER], vr.rec[vcpu_g, VR_RFLAGS])
     glevels = mode_levels(mode)
     if glevels == 2:
         # SDM 4.7: the I/D error-code bit needs CR4.SMEP, or EFER.NXE with PAE-format tables; 32-bit
@@ -212,7 +224,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
         top = 0
         stop = 1
         if glevels != 0:
-            gerr = guest_walk(gm, slot_map(vt, st), vm, mode, vr.cr3[vcpu_g], vr.pdptr[vcpu_g], vr.pkru[vcpu_g],
+            gerr = guest_walk(gm, slot_map(vt, st), vm, mode, vr.rec[vcpu_g, VR_CR3], vr.rec[vcpu_g, VR_PDPTR:VR_PDPTR + 4], vr.rec[vcpu_g, VR_PKRU],
                               maxphy, gva, kind, wk)
             top = wk[WK_MAX_LEVEL]
             stop = wk[WK_LEAF_LEVEL]
@@ -240,7 +252,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                 gfn = gpa >> 12
                 w = write
                 f = fetch
-            root = vt.root[vm]
+            root = vt.rec[vm, VM_ROOT]
             if root < 0:
                 if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
                     return _NEED_ROWS, err, refs
@@ -304,7 +316,7 @@ def tdp2d_batch(m, ev_vm, ev_vcpu, ev_addr, ev_kind, ev_value, ev_size, maxphy, 
             return i, STOP_NEED_PAGES
         vm = ev_vm[i]
         vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]
-        dmode = vt.dirty_mode[vm]
+        dmode = vt.rec[vm, VM_DIRTY_MODE]
         if dmode & DM_RING:
             if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
                 # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset

@@ -7,6 +7,7 @@
 import numpy as np
 import pytest
 from batchmmu.kernels import guest_walk as G
+from batchmmu.kernels import state as S
 from batchmmu.kernels.gmem import NGMCTL, gm_read64, gm_write64
 from batchmmu.kernels.state import GuestMem, SlotMap
 from hypothesis import HealthCheck, Phase, given, settings
@@ -54,8 +55,11 @@ def new_gmem(pages=16, keys=64):
     one = lambda v: np.array([v], np.int64)  # noqa: E731
     gm = GuestMem(key=np.full(keys, -1, np.int64), row=np.zeros(keys, np.int64), page=np.zeros((pages, 512), np.int64),
                   free=np.zeros(pages, np.int64), ctl=np.zeros(NGMCTL, np.int64))
-    return gm, SlotMap(slot_last=one(-1), slot_off=one(0), slot_cnt=one(1), order=one(0), base_gfn=one(0),
-                       npages=one(1 << 40), hva=one(0))
+    vrec = np.zeros((1, S.NVMF), np.int64)
+    vrec[0, S.VM_SLOT_LAST], vrec[0, S.VM_SLOT_CNT] = -1, 1
+    srec = np.zeros((1, S.NSLF), np.int64)
+    srec[0, S.SL_NPAGES] = 1 << 40
+    return gm, SlotMap(vrec=vrec, order=one(0), srec=srec)
 
 
 def regs_mode(cr0, cr4, efer, rflags=0, pse36_kvm=False):
