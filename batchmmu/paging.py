@@ -8,7 +8,7 @@ up before a batch and runs the shadow kernels (kernels/shadow.py).
 import numpy as np
 
 from . import args as A
-from .arena import Pool, _grow, _grow_records, _records
+from .arena import Pool, _grow, _records
 from .errors import bad, einval
 from .kernels import gmem as GM
 from .kernels import shadow as K
@@ -58,21 +58,15 @@ def check_sregs(cr0, cr3, cr4, efer, maxphyaddr):
         raise einval("efer", efer, "EFER.LMA outside long mode (needs EFER.LME and CR0.PG)")
 
 
-SH_FILLS = {S.SH_HNEXT: -1, S.SH_ANEXT: -1, S.SH_APREV: -1}
-SHS_FILLS = {S.SHS_RMAP_OFF: -1, S.SHS_RMAP_OFF + 1: -1, S.SHS_RMAP_OFF + 2: -1, S.SHS_WTRACK_OFF: -1}
-SHV_FILLS = {S.SHV_HASH_OFF: -1, S.SHV_ACT_HEAD: -1, S.SHV_ACT_TAIL: -1}
 VR_FILLS = {S.VR_CR0: CR0_RESET, S.VR_RFLAGS: 2, S.VR_ROOT: -1, **{S.VR_PREV_ROOT + i: -1 for i in range(3)},
             **{S.VR_PAE_ROOT + i: -1 for i in range(4)}}
 
 
-def _new_shadow_state(rows, nvm):
+def _new_shadow_state(rows):
     return S.ShadowState(
-        meta=_records(rows, S.NSHF, SH_FILLS), ubitmap=np.zeros((rows, 8), np.int64),
-        parent_head=np.full(rows, -1, np.int64), trans=np.zeros((rows, 512), np.int64),
-        pl_sptep=np.zeros(0, np.int64), pl_next=np.zeros(0, np.int64),
-        rn_sptep=np.zeros(0, np.int64), rn_next=np.zeros(0, np.int64),
+        ubitmap=np.zeros((rows, 8), np.int64), parent_head=np.full(rows, -1, np.int64),
+        trans=np.zeros((rows, 512), np.int64), pl=np.zeros((0, 2), np.int64), rn=np.zeros((0, 2), np.int64),
         rmap_head=np.zeros(0, np.int64), rmap_cnt=np.zeros(0, np.int32), wtrack=np.zeros(0, np.int32),
-        slotrec=_records(16, S.NSHSF, SHS_FILLS), vmrec=_records(nvm, S.NSHVF, SHV_FILLS),
         hash=np.zeros(0, np.int64), ctl=np.zeros(S.NSHCTL, np.int64), scratch=np.full(K.SC_SIZE, -1, np.int64),
     )
 
@@ -93,7 +87,7 @@ class GuestPaging:
     def _paging_init(self):
         self.gm = _new_guest_mem()
         self.vr = _new_vcpu_regs(0)
-        self.sh = _new_shadow_state(0, 16)
+        self.sh = _new_shadow_state(0)
         self._mmu_kind = np.zeros(16, np.int8)
         self._hash_pool = Pool(np.int64, 0)
         self._rmap_pool = Pool(np.int64, 0)
@@ -111,27 +105,21 @@ class GuestPaging:
         self._mmu_kind[vms] = S.MMU_SHADOW if shadow else S.MMU_TDP
         nv_old = self.vr.rec.shape[0]
         self.vr = S.VcpuRegs(rec=np.concatenate([self.vr.rec, _new_vcpu_regs(vcpus * len(vms)).rec]))
-        sh = self.sh
-        if sh.vmrec.shape[0] < need:
-            sh = sh._replace(vmrec=_grow_records(sh.vmrec, max(need, 2 * sh.vmrec.shape[0]), SHV_FILLS))
         if shadow:
             offs = self._hash_pool.alloc_many(S.KVM_MMU_HASH_SIZE, len(vms))
             self._hash_pool.arr[offs[0]:offs[0] + S.KVM_MMU_HASH_SIZE * len(vms)] = -1
-            sh = sh._replace(hash=self._hash_pool.arr)
-            sh.hash_off[vms] = offs
-        self.sh = sh
+            self.sh = self.sh._replace(hash=self._hash_pool.arr)
+            self.vt.hash_off[vms] = offs
         return nv_old
 
     def _paging_new_records(self, first, k):
         """Rmap heads and write-track counts for new memslot records of shadow VMs (kvm_alloc_memslot_metadata)."""
         sh = self.sh
         need = first + k
-        if sh.slotrec.shape[0] < need:
-            sh = sh._replace(slotrec=_grow_records(sh.slotrec, max(need, 2 * sh.slotrec.shape[0]), SHS_FILLS))
         st = self.st
         for rec in range(first, need):
-            sh.rmap_off[rec] = -1
-            sh.wtrack_off[rec] = -1
+            st.rmap_off[rec] = -1
+            st.wtrack_off[rec] = -1
             vm = int(st.vm[rec])
             if self._mmu_kind[vm] != S.MMU_SHADOW:
                 continue
@@ -142,9 +130,9 @@ class GuestPaging:
                 off = self._rmap_pool.alloc(cnt)
                 self._rmap_pool.arr[off:off + cnt] = -1
                 self._rmapcnt_pool.alloc(cnt)
-                sh.rmap_off[rec, level - 1] = off
-            sh.wtrack_off[rec] = self._wtrack_pool.alloc(n)
-            self._wtrack_pool.arr[sh.wtrack_off[rec]:sh.wtrack_off[rec] + n] = 0
+                st.rmap_off[rec, level - 1] = off
+            st.wtrack_off[rec] = self._wtrack_pool.alloc(n)
+            self._wtrack_pool.arr[st.wtrack_off[rec]:st.wtrack_off[rec] + n] = 0
         self.sh = sh._replace(rmap_head=self._rmap_pool.arr, rmap_cnt=self._rmapcnt_pool.arr,
                               wtrack=self._wtrack_pool.arr)
 
@@ -154,23 +142,22 @@ class GuestPaging:
             self.reserve_tables(4 * S.MAX_ROWS_PER_EVENT)
         sh = self.sh
         rows = self.pa.spt.shape[0]
-        if sh.meta.shape[0] < rows:
-            sh = sh._replace(meta=_grow_records(sh.meta, rows, SH_FILLS), ubitmap=_grow(sh.ubitmap, rows),
-                             parent_head=_grow(sh.parent_head, rows, -1), trans=_grow(sh.trans, rows))
-        for _kind, arrs, free_i, avail_i, want in (("pl", ("pl_sptep", "pl_next"), S.SH_PL_FREE, S.SH_PL_AVAIL, 64),
-                                                  ("rn", ("rn_sptep", "rn_next"), S.SH_RN_FREE, S.SH_RN_AVAIL, 256)):
+        if sh.parent_head.shape[0] < rows:
+            sh = sh._replace(ubitmap=_grow(sh.ubitmap, rows), parent_head=_grow(sh.parent_head, rows, -1),
+                             trans=_grow(sh.trans, rows))
+        for name, free_i, avail_i, want in (("pl", S.SH_PL_FREE, S.SH_PL_AVAIL, 64),
+                                            ("rn", S.SH_RN_FREE, S.SH_RN_AVAIL, 256)):
             if sh.ctl[avail_i] >= want:
                 continue
-            old = getattr(sh, arrs[0]).shape[0]
+            old = getattr(sh, name).shape[0]
             new = max(2 * old, old + want)
-            a0 = _grow(getattr(sh, arrs[0]), new)
-            a1 = _grow(getattr(sh, arrs[1]), new)
+            nodes = _grow(getattr(sh, name), new)
             # chain the new nodes in front of the free list
-            a1[old:new - 1] = np.arange(old + 1, new)
-            a1[new - 1] = sh.ctl[free_i] if sh.ctl[avail_i] > 0 else -1
+            nodes[old:new - 1, S.NODE_NEXT] = np.arange(old + 1, new)
+            nodes[new - 1, S.NODE_NEXT] = sh.ctl[free_i] if sh.ctl[avail_i] > 0 else -1
             sh.ctl[free_i] = old
             sh.ctl[avail_i] += new - old
-            sh = sh._replace(**{arrs[0]: a0, arrs[1]: a1})
+            sh = sh._replace(**{name: nodes})
         self.sh = sh
         self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
 
@@ -256,8 +243,7 @@ class GuestPaging:
         return order + [v for v in range(self.nvm) if v not in seen]
 
     def _mmu_bundle(self):
-        return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, self.sh, self.gm, self.vr,
-                     self._mmu_kind)
+        return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, self.sh, self.gm, self.vr)
 
     # ------------------------------------------------------------------ guest memory
     def _gm_unmapped(self, vm, gpa, n):

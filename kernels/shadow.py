@@ -105,6 +105,8 @@ from .state import (
     MAX_PL_PER_EVENT,
     MAX_RN_PER_EVENT,
     MAX_ROWS_PER_EVENT,
+    NODE_NEXT,
+    NODE_VAL,
     OUT_EMULATED,
     OUT_GUEST_FAULT,
     OUT_HIT,
@@ -113,35 +115,29 @@ from .state import (
     OUT_RING_FULL,
     PML_ENTITY_NUM,
     PTE_PREFETCH_NUM,
-    SH_ANEXT,
-    SH_APREV,
-    SH_FLOOD,
-    SH_GEN,
-    SH_HNEXT,
     SH_PL_AVAIL,
     SH_RN_AVAIL,
-    SH_ROOT_COUNT,
-    SH_UNSYNC,
-    SH_UNSYNC_CHILDREN,
-    SHS_RMAP_OFF,
-    SHS_WTRACK_OFF,
-    SHV_ACT_HEAD,
-    SHV_ACT_TAIL,
-    SHV_HASH_OFF,
-    SHV_INDIRECT,
-    SHV_N_MAX,
-    SHV_VALID_GEN,
     SL_BASE_GFN,
     SL_DIRTY_OFF,
     SL_HOST_OFF,
     SL_LPAGE_OFF,
     SL_NPAGES,
+    SL_RMAP_OFF,
     SL_VM,
+    SL_WTRACK_OFF,
+    SP_ANEXT,
+    SP_APREV,
     SP_FLAGS,
+    SP_FLOOD,
+    SP_GEN,
     SP_GFN,
+    SP_HNEXT,
     SP_LEVEL,
     SP_PARENT,
     SP_ROLE,
+    SP_ROOT_COUNT,
+    SP_UNSYNC,
+    SP_UNSYNC_CHILDREN,
     SP_VM,
     ST_ACCESSES,
     ST_DIRTY_RING_FULL,
@@ -167,10 +163,16 @@ from .state import (
     STOP_DONE,
     STOP_HOST_OOM,
     STOP_NEED_PAGES,
+    VM_ACT_HEAD,
+    VM_ACT_TAIL,
     VM_DIRTY_MODE,
+    VM_HASH_OFF,
+    VM_INDIRECT,
     VM_INVAL_COUNT,
     VM_INVAL_END,
     VM_INVAL_START,
+    VM_N_MAX,
+    VM_VALID_GEN,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -247,7 +249,7 @@ def sp_has_gptes(role):
 @njit(inline="always", _nrt=False)
 def sp_valid(m, vm, row):
     # !is_obsolete_sp: not invalid and of the current generation
-    return (m.pa.meta[row, SP_ROLE] & ROLE_INVALID) == 0 and m.sh.meta[row, SH_GEN] == m.sh.vmrec[vm, SHV_VALID_GEN]
+    return (m.pa.meta[row, SP_ROLE] & ROLE_INVALID) == 0 and m.pa.meta[row, SP_GEN] == m.vt.rec[vm, VM_VALID_GEN]
 
 
 @njit(inline="always", _nrt=False)
@@ -315,9 +317,9 @@ def walk_start(m, vg, gva):
 @njit(inline="always", _nrt=False)
 def gfn_write_tracked(m, rec, gfn):
     # kvm_gfn_is_write_tracked
-    if rec < 0 or m.sh.slotrec[rec, SHS_WTRACK_OFF] < 0:
+    if rec < 0 or m.st.rec[rec, SL_WTRACK_OFF] < 0:
         return False
-    return m.sh.wtrack[m.sh.slotrec[rec, SHS_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] > 0
+    return m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] > 0
 
 
 @njit(inline="always", _nrt=False)
@@ -356,8 +358,8 @@ def rmap_add(m, vm, rec, row, idx, gfn, access):
         # kvm_zap_all_rmap_sptes + flush
         n = sh.rmap_head[h]
         while n >= 0:
-            sptep = sh.rn_sptep[n]
-            n = sh.rn_next[n]
+            sptep = sh.rn[n, NODE_VAL]
+            n = sh.rn[n, NODE_NEXT]
             drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
         flush_remote_tlbs(m, vm)
 
@@ -374,7 +376,7 @@ def drop_spte(m, vm, row, idx):
     m.vt.stats[vm, ST_RMAP_ENTRIES] -= 1
     gfn = sp_get_gfn(m, row, idx)
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    if rec >= 0 and m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] >= 0:
+    if rec >= 0 and m.st.rec[rec, SL_RMAP_OFF + (level - 1)] >= 0:
         pte_list_remove(m.sh, rmap_index(m.sh, m.st, rec, level, gfn), row * 512 + idx)
     return old
 
@@ -415,12 +417,12 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
     sh = m.sh
     flush = False
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        if sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] < 0:
+        if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
             continue
         n = sh.rmap_head[rmap_index(sh, m.st, rec, level, gfn)]
         while n >= 0:
-            sptep = sh.rn_sptep[n]
-            n = sh.rn_next[n]
+            sptep = sh.rn[n, NODE_VAL]
+            n = sh.rn[n, NODE_NEXT]
             row = sptep_row(sptep)
             idx = sptep_idx(sptep)
             spte = m.pa.spt[row, idx]
@@ -438,14 +440,14 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
 @helper
 def account_shadowed(m, vm, row):
     # account_shadowed: upper levels are write-tracked, last-level tables only write-protected
-    m.sh.vmrec[vm, SHV_INDIRECT] += 1
+    m.vt.rec[vm, VM_INDIRECT] += 1
     gfn = m.pa.meta[row, SP_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec < 0:
         return
     if role_level(m.pa.meta[row, SP_ROLE]) > 1:
         # __kvm_write_track_add_gfn
-        m.sh.wtrack[m.sh.slotrec[rec, SHS_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] += 1
+        m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] += 1
         update_disallow_lpage(m, rec, gfn, 1)
         if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
             flush_remote_tlbs(m, vm)
@@ -457,13 +459,13 @@ def account_shadowed(m, vm, row):
 
 @helper
 def unaccount_shadowed(m, vm, row):
-    m.sh.vmrec[vm, SHV_INDIRECT] -= 1
+    m.vt.rec[vm, VM_INDIRECT] -= 1
     gfn = m.pa.meta[row, SP_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec < 0:
         return
     if role_level(m.pa.meta[row, SP_ROLE]) > 1:
-        m.sh.wtrack[m.sh.slotrec[rec, SHS_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] -= 1
+        m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] -= 1
     update_disallow_lpage(m, rec, gfn, -1)
 
 
@@ -483,25 +485,25 @@ def alloc_shadow_page(m, vm, gfn, role):
     pa.meta[row, SP_ROLE] = role
     pa.meta[row, SP_PARENT] = -1
     pa.meta[row, SP_FLAGS] = 0
-    sh.meta[row, SH_UNSYNC] = 0
-    sh.meta[row, SH_UNSYNC_CHILDREN] = 0
+    m.pa.meta[row, SP_UNSYNC] = 0
+    m.pa.meta[row, SP_UNSYNC_CHILDREN] = 0
     for k in range(8):
         sh.ubitmap[row, k] = 0
-    sh.meta[row, SH_ROOT_COUNT] = 0
-    sh.meta[row, SH_FLOOD] = 0
-    sh.meta[row, SH_GEN] = sh.vmrec[vm, SHV_VALID_GEN]
+    m.pa.meta[row, SP_ROOT_COUNT] = 0
+    m.pa.meta[row, SP_FLOOD] = 0
+    m.pa.meta[row, SP_GEN] = m.vt.rec[vm, VM_VALID_GEN]
     sh.parent_head[row] = -1
     # list_add(&sp->link, &kvm->arch.active_mmu_pages): newest at the head
-    head = sh.vmrec[vm, SHV_ACT_HEAD]
-    sh.meta[row, SH_ANEXT] = head
-    sh.meta[row, SH_APREV] = -1
+    head = m.vt.rec[vm, VM_ACT_HEAD]
+    m.pa.meta[row, SP_ANEXT] = head
+    m.pa.meta[row, SP_APREV] = -1
     if head >= 0:
-        sh.meta[head, SH_APREV] = row
+        m.pa.meta[head, SP_APREV] = row
     else:
-        sh.vmrec[vm, SHV_ACT_TAIL] = row
-    sh.vmrec[vm, SHV_ACT_HEAD] = row
-    b = sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)
-    sh.meta[row, SH_HNEXT] = sh.hash[b]
+        m.vt.rec[vm, VM_ACT_TAIL] = row
+    m.vt.rec[vm, VM_ACT_HEAD] = row
+    b = m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)
+    m.pa.meta[row, SP_HNEXT] = sh.hash[b]
     sh.hash[b] = row
     m.vt.stats[vm, ST_MMU_PAGES] += 1
     if sp_has_gptes(role):
@@ -511,34 +513,33 @@ def alloc_shadow_page(m, vm, gfn, role):
 
 @njit(inline="always", _nrt=False)
 def active_list_del(m, vm, row):
-    sh = m.sh
-    nxt, prv = sh.meta[row, SH_ANEXT], sh.meta[row, SH_APREV]
+    nxt, prv = m.pa.meta[row, SP_ANEXT], m.pa.meta[row, SP_APREV]
     if prv >= 0:
-        sh.meta[prv, SH_ANEXT] = nxt
+        m.pa.meta[prv, SP_ANEXT] = nxt
     else:
-        sh.vmrec[vm, SHV_ACT_HEAD] = nxt
+        m.vt.rec[vm, VM_ACT_HEAD] = nxt
     if nxt >= 0:
-        sh.meta[nxt, SH_APREV] = prv
+        m.pa.meta[nxt, SP_APREV] = prv
     else:
-        sh.vmrec[vm, SHV_ACT_TAIL] = prv
-    sh.meta[row, SH_ANEXT] = -1
-    sh.meta[row, SH_APREV] = -1
+        m.vt.rec[vm, VM_ACT_TAIL] = prv
+    m.pa.meta[row, SP_ANEXT] = -1
+    m.pa.meta[row, SP_APREV] = -1
 
 
 @helper
 def free_shadow_page(m, vm, row):
     """kvm_mmu_free_shadow_page: out of the hash, back on the free stack."""
     pa, sh = m.pa, m.sh
-    b = sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(pa.meta[row, SP_GFN])
+    b = m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(pa.meta[row, SP_GFN])
     cur = sh.hash[b]
     if cur == row:
-        sh.hash[b] = sh.meta[row, SH_HNEXT]
+        sh.hash[b] = m.pa.meta[row, SP_HNEXT]
     else:
         while cur >= 0:
-            if sh.meta[cur, SH_HNEXT] == row:
-                sh.meta[cur, SH_HNEXT] = sh.meta[row, SH_HNEXT]
+            if m.pa.meta[cur, SP_HNEXT] == row:
+                m.pa.meta[cur, SP_HNEXT] = m.pa.meta[row, SP_HNEXT]
                 break
-            cur = sh.meta[cur, SH_HNEXT]
+            cur = m.pa.meta[cur, SP_HNEXT]
     pa.meta[row, SP_VM] = -1
     pa.ctl[CTL_USED] -= 1
     top = pa.ctl[CTL_FREE_TOP]
@@ -548,7 +549,7 @@ def free_shadow_page(m, vm, row):
 
 @helper
 def kvm_unlink_unsync_page(m, vm, row):
-    m.sh.meta[row, SH_UNSYNC] = 0
+    m.pa.meta[row, SP_UNSYNC] = 0
     m.vt.stats[vm, ST_MMU_UNSYNC] -= 1
 
 
@@ -558,7 +559,7 @@ def clear_unsync_child_bit(m, row, idx):
     bit = np.int64(1) << np.int64(idx & 63)
     if m.sh.ubitmap[row, w] & bit:
         m.sh.ubitmap[row, w] &= ~bit
-        m.sh.meta[row, SH_UNSYNC_CHILDREN] -= 1
+        m.pa.meta[row, SP_UNSYNC_CHILDREN] -= 1
 
 
 @helper
@@ -573,8 +574,8 @@ def mark_parents_unsync(m, row):
         r = sc[SC_MARK_STACK + sp_]
         n = sh.parent_head[r]
         while n >= 0:
-            sptep = sh.pl_sptep[n]
-            n = sh.pl_next[n]
+            sptep = sh.pl[n, NODE_VAL]
+            n = sh.pl[n, NODE_NEXT]
             prow = sptep_row(sptep)
             pidx = sptep_idx(sptep)
             w = pidx >> 6
@@ -582,8 +583,8 @@ def mark_parents_unsync(m, row):
             if sh.ubitmap[prow, w] & bit:
                 continue
             sh.ubitmap[prow, w] |= bit
-            c = sh.meta[prow, SH_UNSYNC_CHILDREN]
-            sh.meta[prow, SH_UNSYNC_CHILDREN] = c + 1
+            c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
+            m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0 and sp_ < SC_MARK_STACK_LEN:
                 sc[SC_MARK_STACK + sp_] = prow
                 sp_ += 1
@@ -595,7 +596,7 @@ def mmu_unsync_walk(m, row):
     unsync last-level pages, depth first) into the pvec.  Returns the number of entries."""
     sh, pa = m.sh, m.pa
     sc = sh.scratch
-    if sh.meta[row, SH_UNSYNC_CHILDREN] == 0:
+    if m.pa.meta[row, SP_UNSYNC_CHILDREN] == 0:
         return 0
     nr = 0
     sc[SC_PVEC_SP] = row
@@ -627,7 +628,7 @@ def mmu_unsync_walk(m, row):
                 clear_unsync_child_bit(m, sp, i)
                 continue
             child = spte_to_child_row(ent)
-            if sh.meta[child, SH_UNSYNC_CHILDREN] > 0:
+            if m.pa.meta[child, SP_UNSYNC_CHILDREN] > 0:
                 sc[SC_PVEC_SP + nr] = child
                 sc[SC_PVEC_IDX + nr] = i
                 sc[SC_PVEC_PAR + nr] = pv
@@ -638,7 +639,7 @@ def mmu_unsync_walk(m, row):
                 depth += 1
                 found = True
                 break
-            elif sh.meta[child, SH_UNSYNC]:
+            elif m.pa.meta[child, SP_UNSYNC]:
                 dup = False
                 for k in range(nr):
                     if sc[SC_PVEC_SP + k] == child:
@@ -660,7 +661,7 @@ def mmu_unsync_walk(m, row):
             continue
         # done with this table: a table whose children turned out all synced leaves its parent's bit
         depth -= 1
-        if depth > 0 and sh.meta[sp, SH_UNSYNC_CHILDREN] == 0:
+        if depth > 0 and m.pa.meta[sp, SP_UNSYNC_CHILDREN] == 0:
             clear_unsync_child_bit(m, sc[SC_PVEC_SP + sc[SC_PVEC_PAR + pv]], sc[SC_PVEC_IDX + pv])
     return nr
 
@@ -675,7 +676,7 @@ def mmu_pages_clear_parents(m, pv):
             return
         psp = sc[SC_PVEC_SP + par]
         clear_unsync_child_bit(m, psp, sc[SC_PVEC_IDX + pv])
-        if m.sh.meta[psp, SH_UNSYNC_CHILDREN] != 0:
+        if m.pa.meta[psp, SP_UNSYNC_CHILDREN] != 0:
             return
         pv = par
 
@@ -683,7 +684,7 @@ def mmu_pages_clear_parents(m, pv):
 @helper
 def invalid_list_add(m, row):
     sc = m.sh.scratch
-    m.sh.meta[row, SH_ANEXT] = sc[SC_INVALID_HEAD]
+    m.pa.meta[row, SP_ANEXT] = sc[SC_INVALID_HEAD]
     sc[SC_INVALID_HEAD] = row
 
 
@@ -696,7 +697,7 @@ def commit_zap_page(m, vm):
         return False
     flush_remote_tlbs(m, vm)
     while row >= 0:
-        nxt = m.sh.meta[row, SH_ANEXT]
+        nxt = m.pa.meta[row, SP_ANEXT]
         free_shadow_page(m, vm, row)
         row = nxt
     sc[SC_INVALID_HEAD] = -1
@@ -715,16 +716,16 @@ def prepare_zap_one(m, vm, row):
     # kvm_mmu_unlink_parents
     n = sh.parent_head[row]
     while n >= 0:
-        sptep = sh.pl_sptep[n]
-        nxt = sh.pl_next[n]
+        sptep = sh.pl[n, NODE_VAL]
+        nxt = sh.pl[n, NODE_NEXT]
         drop_parent_pte(m, row, sptep_row(sptep), sptep_idx(sptep))
         n = nxt
     role = pa.meta[row, SP_ROLE]
     if not (role & ROLE_INVALID) and sp_has_gptes(role):
         unaccount_shadowed(m, vm, row)
-    if sh.meta[row, SH_UNSYNC]:
+    if m.pa.meta[row, SP_UNSYNC]:
         kvm_unlink_unsync_page(m, vm, row)
-    if sh.meta[row, SH_ROOT_COUNT] == 0:
+    if m.pa.meta[row, SP_ROOT_COUNT] == 0:
         if not (role & ROLE_INVALID):
             active_list_del(m, vm, row)
         m.vt.stats[vm, ST_MMU_PAGES] -= 1
@@ -845,24 +846,24 @@ def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
 def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     """kvm_mmu_find_shadow_page: the valid page with this gfn and role, or -1 (mmu_cache_miss)."""
     sh, pa = m.sh, m.pa
-    row = sh.hash[sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)]
+    row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
     found = -1
     while row >= 0:
-        nxt = sh.meta[row, SH_HNEXT]
+        nxt = m.pa.meta[row, SP_HNEXT]
         if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn:
             if pa.meta[row, SP_ROLE] != role:
                 # the guest reuses an unsync page as an upper-level table: zap it
-                if role_level(role) > 1 and sh.meta[row, SH_UNSYNC]:
+                if role_level(role) > 1 and m.pa.meta[row, SP_UNSYNC]:
                     prepare_zap_page(m, vm, row)
             else:
-                if (role & ROLE_DIRECT) == 0 and sh.meta[row, SH_UNSYNC]:
+                if (role & ROLE_DIRECT) == 0 and m.pa.meta[row, SP_UNSYNC]:
                     r = kvm_sync_page(m, vm, vg, row, mode, maxphyaddr)
                     if r < 0:
                         break
                     if r > 0:
                         flush_remote_tlbs(m, vm)
                 if (role & ROLE_DIRECT) == 0:
-                    sh.meta[row, SH_FLOOD] = 0
+                    m.pa.meta[row, SP_FLOOD] = 0
                 found = row
                 break
         row = nxt
@@ -890,14 +891,14 @@ def link_shadow_page(m, vm, prow, pidx, child):
         flush_remote_tlbs(m, vm)
     m.pa.spt[prow, pidx] = make_nonleaf_spte(FMT_NPT, child, False)
     parent_add(m.sh, child, prow * 512 + pidx)
-    if m.sh.meta[child, SH_UNSYNC_CHILDREN] or m.sh.meta[child, SH_UNSYNC]:
+    if m.pa.meta[child, SP_UNSYNC_CHILDREN] or m.pa.meta[child, SP_UNSYNC]:
         # mark_unsync(sptep)
         w = pidx >> 6
         bit = np.int64(1) << np.int64(pidx & 63)
         if not (m.sh.ubitmap[prow, w] & bit):
             m.sh.ubitmap[prow, w] |= bit
-            c = m.sh.meta[prow, SH_UNSYNC_CHILDREN]
-            m.sh.meta[prow, SH_UNSYNC_CHILDREN] = c + 1
+            c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
+            m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0:
                 mark_parents_unsync(m, prow)
 
@@ -909,19 +910,19 @@ def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
     if gfn_write_tracked(m, rec, gfn):
         return 1
     sh, pa = m.sh, m.pa
-    row = sh.hash[sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)]
+    row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
     while row >= 0:
         if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn and sp_has_gptes(pa.meta[row, SP_ROLE]):
             if synchronizing:
                 return 1
-            if not sh.meta[row, SH_UNSYNC]:
+            if not m.pa.meta[row, SP_UNSYNC]:
                 if prefetch:
                     return 1
                 # kvm_unsync_page
                 m.vt.stats[vm, ST_MMU_UNSYNC] += 1
-                sh.meta[row, SH_UNSYNC] = 1
+                m.pa.meta[row, SP_UNSYNC] = 1
                 mark_parents_unsync(m, row)
-        row = sh.meta[row, SH_HNEXT]
+        row = m.pa.meta[row, SP_HNEXT]
     return 0
 
 
@@ -1081,8 +1082,8 @@ def free_root(m, vm, row):
     # mmu_free_root_page
     if row < 0:
         return
-    m.sh.meta[row, SH_ROOT_COUNT] -= 1
-    if m.sh.meta[row, SH_ROOT_COUNT] == 0 and (m.pa.meta[row, SP_ROLE] & ROLE_INVALID):
+    m.pa.meta[row, SP_ROOT_COUNT] -= 1
+    if m.pa.meta[row, SP_ROOT_COUNT] == 0 and (m.pa.meta[row, SP_ROLE] & ROLE_INVALID):
         prepare_zap_page(m, vm, row)
         # a zapped invalid root is already off the active list; it was not counted in mmu_pages
         # by prepare_zap_one (root_count was 0 only now), so it goes straight to invalid_list
@@ -1121,7 +1122,7 @@ def sync_roots(m, vm, vg, mode, maxphyaddr):
         return
     if root < 0:
         return
-    if m.sh.meta[root, SH_UNSYNC] or m.sh.meta[root, SH_UNSYNC_CHILDREN]:
+    if m.pa.meta[root, SP_UNSYNC] or m.pa.meta[root, SP_UNSYNC_CHILDREN]:
         mmu_sync_children(m, vm, vg, root, mode, maxphyaddr)
 
 
@@ -1134,7 +1135,7 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     if levels >= 4:
         gfn = (m.vr.rec[vg, VR_CR3] & GFN_MASK_64) >> 12
         row = get_shadow_page(m, vm, vg, gfn, np.int64(role), mode, maxphyaddr)
-        m.sh.meta[row, SH_ROOT_COUNT] += 1
+        m.pa.meta[row, SP_ROOT_COUNT] += 1
         m.vr.rec[vg, VR_ROOT] = row
     else:
         # mmu_alloc_shadow_roots for 32-bit and PAE guests: four level-2 roots behind pae_root
@@ -1151,7 +1152,7 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
                 quadrant = i
             r = (role & ~np.int32(0xF) & ~np.int32(3 << 5)) | np.int32(2) | np.int32(quadrant << 5)
             row = get_shadow_page(m, vm, vg, gfn, np.int64(r), mode, maxphyaddr)
-            m.sh.meta[row, SH_ROOT_COUNT] += 1
+            m.pa.meta[row, SP_ROOT_COUNT] += 1
             m.vr.rec[vg, VR_PAE_ROOT + i] = row
         m.vr.rec[vg, VR_ROOT] = PAE_ROOT
     m.vr.rec[vg, VR_ROOT_PGD] = m.vr.rec[vg, VR_CR3]
@@ -1217,7 +1218,7 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
                 hit = True
                 break
     if hit:
-        m.sh.meta[vr.rec[vg, VR_ROOT], SH_FLOOD] = 0
+        m.pa.meta[vr.rec[vg, VR_ROOT], SP_FLOOD] = 0
 
 
 @helper
@@ -1276,7 +1277,7 @@ def clear_flood_on_walk(m, vm, vg, gva):
     if row < 0:
         return
     while True:
-        m.sh.meta[row, SH_FLOOD] = 0
+        m.pa.meta[row, SP_FLOOD] = 0
         idx = (gva >> (12 + 9 * (level - 1))) & 511
         spte = m.pa.spt[row, idx]
         if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
@@ -1324,7 +1325,7 @@ def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
 @helper
 def track_write(m, vm, gpa, nbytes, mode):
     """kvm_mmu_track_write: an emulated write hit guest memory; zap what shadows the written gpte."""
-    if m.sh.vmrec[vm, SHV_INDIRECT] == 0:
+    if m.vt.rec[vm, VM_INDIRECT] == 0:
         return
     gfn = gpa >> 12
     # mmu_pte_write_fetch_gpte: with CR4.PAE a 4-byte write is taken as the whole 8-byte gpte
@@ -1339,9 +1340,9 @@ def track_write(m, vm, gpa, nbytes, mode):
     m.vt.stats[vm, ST_MMU_PTE_WRITE] += 1
     sh, pa = m.sh, m.pa
     flush = False
-    row = sh.hash[sh.vmrec[vm, SHV_HASH_OFF] + hash_bucket(gfn)]
+    row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
     while row >= 0:
-        nxt = sh.meta[row, SH_HNEXT]
+        nxt = m.pa.meta[row, SP_HNEXT]
         role = pa.meta[row, SP_ROLE]
         if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn and sp_has_gptes(role):
             offset = gpa & 4095
@@ -1353,8 +1354,8 @@ def track_write(m, vm, gpa, nbytes, mode):
             flooded = False
             if not misaligned and role_level(role) > 1:
                 # detect_write_flooding
-                sh.meta[row, SH_FLOOD] += 1
-                flooded = sh.meta[row, SH_FLOOD] >= 3
+                m.pa.meta[row, SP_FLOOD] += 1
+                flooded = m.pa.meta[row, SP_FLOOD] >= 3
             if misaligned or flooded:
                 prepare_zap_page(m, vm, row)
                 m.vt.stats[vm, ST_MMU_FLOODED] += 1
@@ -1398,13 +1399,13 @@ def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
             continue
         while level >= 1:
             idx = (gva >> (12 + 9 * (level - 1))) & 511
-            if m.sh.meta[row, SH_UNSYNC]:
+            if m.pa.meta[row, SP_UNSYNC]:
                 ret = sync_spte(m, vm, vg, row, idx, mode, maxphyaddr)
                 if ret < 0:
                     mmu_page_zap_pte(m, vm, row, idx)
                 if ret:
                     flush_remote_tlbs(m, vm)
-            if m.sh.meta[row, SH_UNSYNC_CHILDREN] == 0:
+            if m.pa.meta[row, SP_UNSYNC_CHILDREN] == 0:
                 break
             spte = m.pa.spt[row, idx]
             if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
@@ -1418,7 +1419,7 @@ def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
 def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
-    pa, sh = m.pa, m.sh
+    pa = m.pa
     row, level = walk_start(m, vg, gva)
     if row < 0:
         return RET_PF_RETRY  # a PAE root for a non-present PDPTE: the guest walk refused it already
@@ -1426,7 +1427,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
     idx = 0
     while True:
         idx = (gva >> (12 + 9 * (level - 1))) & 511
-        sh.meta[row, SH_FLOOD] = 0  # clear_sp_write_flooding_count
+        m.pa.meta[row, SP_FLOOD] = 0  # clear_sp_write_flooding_count
         if level == gw_level:
             break
         spte = pa.spt[row, idx]
@@ -1442,7 +1443,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
         if role & ROLE_HAS_4_BYTE_GPTE:
             role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
         child = get_shadow_page(m, vm, vg, table_gfn, np.int64(role), mode, maxphyaddr)
-        if sh.meta[child, SH_UNSYNC_CHILDREN]:
+        if m.pa.meta[child, SP_UNSYNC_CHILDREN]:
             mmu_sync_children(m, vm, vg, child, mode, maxphyaddr)
         link_shadow_page(m, vm, row, idx, child)
         row = child
@@ -1736,7 +1737,7 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
             mask = np.int64(0)
             for k in range(KVM_MMU_NUM_PREV_ROOTS):
                 r = m.vr.rec[vg, VR_PREV_ROOT + k]
-                if r >= 0 and (sh.meta[r, SH_UNSYNC] or sh.meta[r, SH_UNSYNC_CHILDREN]):
+                if r >= 0 and (m.pa.meta[r, SP_UNSYNC] or m.pa.meta[r, SP_UNSYNC_CHILDREN]):
                     mask |= 2 << k
             if mask:
                 free_roots(m, vm, vg, mask)
@@ -1751,16 +1752,16 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
 @kernel
 def shadow_zap_all_fast(m, vm):
     """kvm_mmu_zap_all_fast: new generation, zap every now-obsolete page (oldest first)."""
-    m.sh.vmrec[vm, SHV_VALID_GEN] ^= 1
-    row = m.sh.vmrec[vm, SHV_ACT_TAIL]
+    m.vt.rec[vm, VM_VALID_GEN] ^= 1
+    row = m.vt.rec[vm, VM_ACT_TAIL]
     while row >= 0:
-        prv = m.sh.meta[row, SH_APREV]
+        prv = m.pa.meta[row, SP_APREV]
         if not (m.pa.meta[row, SP_ROLE] & ROLE_INVALID):
             prepare_zap_page(m, vm, row)
-        row = prv if prv >= 0 and m.sh.meta[prv, SH_GEN] != m.sh.vmrec[vm, SHV_VALID_GEN] else -1
+        row = prv if prv >= 0 and m.pa.meta[prv, SP_GEN] != m.vt.rec[vm, VM_VALID_GEN] else -1
         if row < 0:
-            row = m.sh.vmrec[vm, SHV_ACT_TAIL]
-            if row >= 0 and m.sh.meta[row, SH_GEN] == m.sh.vmrec[vm, SHV_VALID_GEN]:
+            row = m.vt.rec[vm, VM_ACT_TAIL]
+            if row >= 0 and m.pa.meta[row, SP_GEN] == m.vt.rec[vm, VM_VALID_GEN]:
                 row = -1
     commit_zap_page(m, vm)
 
@@ -1770,7 +1771,7 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
     """slot_rmap_write_protect over a whole slot (kvm_mmu_slot_remove_write_access): True if changed."""
     flush = False
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        off = m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)]
+        off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]
         if off < 0:
             continue
         shift = (level - 1) * 9
@@ -1778,8 +1779,8 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
         for h in range(off, off + n_heads):
             n = m.sh.rmap_head[h]
             while n >= 0:
-                sptep = m.sh.rn_sptep[n]
-                n = m.sh.rn_next[n]
+                sptep = m.sh.rn[n, NODE_VAL]
+                n = m.sh.rn[n, NODE_NEXT]
                 row = sptep_row(sptep)
                 idx = sptep_idx(sptep)
                 spte = m.pa.spt[row, idx]
@@ -1832,8 +1833,8 @@ def rmap_write_protect_gfn_level(m, rec, gfn, level):
     # rmap_write_protect(pt_protect=false) on one rmap head
     n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gfn)]
     while n >= 0:
-        sptep = m.sh.rn_sptep[n]
-        n = m.sh.rn_next[n]
+        sptep = m.sh.rn[n, NODE_VAL]
+        n = m.sh.rn[n, NODE_NEXT]
         row = sptep_row(sptep)
         idx = sptep_idx(sptep)
         if m.pa.spt[row, idx] & PT_WRITABLE_MASK:
@@ -1883,14 +1884,14 @@ def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
 def shadow_zap_collapsible(m, vm, rec):
     """kvm_mmu_zap_collapsible_sptes (rmap part): drop 4K SPTEs of direct pages that could be huge."""
     flush = False
-    off = m.sh.slotrec[rec, SHS_RMAP_OFF + 0]
+    off = m.st.rec[rec, SL_RMAP_OFF + 0]
     if off < 0:
         return False
     for h in range(off, off + m.st.rec[rec, SL_NPAGES]):
         n = m.sh.rmap_head[h]
         while n >= 0:
-            sptep = m.sh.rn_sptep[n]
-            n = m.sh.rn_next[n]
+            sptep = m.sh.rn[n, NODE_VAL]
+            n = m.sh.rn[n, NODE_NEXT]
             row = sptep_row(sptep)
             if (m.pa.meta[row, SP_ROLE] & ROLE_DIRECT) and \
                     role_level(m.pa.meta[row, SP_ROLE]) < kvm_mmu_max_mapping_level(
@@ -1905,7 +1906,7 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
     """kvm_unmap_gfn_range over the rmaps (MMU notifier): every SPTE of [start, end) at every level."""
     flush = False
     for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        if m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] < 0:
+        if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
             continue
         shift = (level - 1) * 9
         g = (start >> shift) << shift
@@ -1914,8 +1915,8 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
                 gg = max(g, m.st.rec[rec, SL_BASE_GFN])
                 n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
                 while n >= 0:
-                    sptep = m.sh.rn_sptep[n]
-                    n = m.sh.rn_next[n]
+                    sptep = m.sh.rn[n, NODE_VAL]
+                    n = m.sh.rn[n, NODE_NEXT]
                     drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
                     flush = True
             g += np.int64(1) << np.int64(shift)
@@ -1926,15 +1927,14 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
 @kernel
 def zap_oldest_mmu_pages(m, vm, nr_to_zap):
     """kvm_mmu_zap_oldest_mmu_pages: zap from the oldest end of active_mmu_pages, skipping pinned roots."""
-    sh = m.sh
     total = 0
     restart = True
     while restart:
         restart = False
-        row = sh.vmrec[vm, SHV_ACT_TAIL]
+        row = m.vt.rec[vm, VM_ACT_TAIL]
         while row >= 0:
-            prv = sh.meta[row, SH_APREV]
-            if sh.meta[row, SH_ROOT_COUNT] > 0:
+            prv = m.pa.meta[row, SP_APREV]
+            if m.pa.meta[row, SP_ROOT_COUNT] > 0:
                 row = prv
                 continue
             used_before = m.vt.stats[vm, ST_MMU_PAGES]
@@ -1957,12 +1957,12 @@ def make_mmu_pages_available(m, vm):
     """make_mmu_pages_available: keep KVM_MIN_FREE_MMU_PAGES (5) below n_max, refilling 25 at a time.
     Returns False (-ENOSPC) if not even one page is available afterwards."""
     used = m.vt.stats[vm, ST_MMU_PAGES]
-    avail = m.sh.vmrec[vm, SHV_N_MAX] - used if m.sh.vmrec[vm, SHV_N_MAX] > used else 0
+    avail = m.vt.rec[vm, VM_N_MAX] - used if m.vt.rec[vm, VM_N_MAX] > used else 0
     if avail >= 5:
         return True
     zap_oldest_mmu_pages(m, vm, 25 - avail)
     used = m.vt.stats[vm, ST_MMU_PAGES]
-    return m.sh.vmrec[vm, SHV_N_MAX] > used
+    return m.vt.rec[vm, VM_N_MAX] > used
 
 
 @kernel
@@ -1972,7 +1972,7 @@ def kvm_mmu_change_mmu_pages(m, vm, goal):
     if used > goal:
         zap_oldest_mmu_pages(m, vm, used - goal)
         goal = m.vt.stats[vm, ST_MMU_PAGES]
-    m.sh.vmrec[vm, SHV_N_MAX] = goal
+    m.vt.rec[vm, VM_N_MAX] = goal
 
 
 # ----------------------------------------------------------------------------- notifiers
@@ -1982,7 +1982,7 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
     ``young[gfn - start]`` is set for each accessed 4K page.  Returns True if any was young."""
     any_young = False
     for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        if m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)] < 0:
+        if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
             continue
         shift = (level - 1) * 9
         g = (start >> shift) << shift
@@ -1991,8 +1991,8 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
             n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
             hit = False
             while n >= 0:
-                sptep = m.sh.rn_sptep[n]
-                n = m.sh.rn_next[n]
+                sptep = m.sh.rn[n, NODE_VAL]
+                n = m.sh.rn[n, NODE_NEXT]
                 row = sptep_row(sptep)
                 idx = sptep_idx(sptep)
                 spte = m.pa.spt[row, idx]
@@ -2027,17 +2027,17 @@ def shadow_footprint_counts(m, vm, out):
         n = m.sh.parent_head[row]
         while n >= 0:
             c += 1
-            n = m.sh.pl_next[n]
+            n = m.sh.pl[n, NODE_NEXT]
         if c >= 2:
             out[2] += (c + 13) // 14  # PTE_LIST_EXT = 14 pointers per descriptor
-    for rec in range(m.sh.slotrec.shape[0]):
-        if rec >= m.st.rec.shape[0] or m.st.rec[rec, SL_VM] != vm or m.sh.slotrec[rec, SHS_RMAP_OFF + 0] < 0:
+    for rec in range(m.st.rec.shape[0]):
+        if rec >= m.st.rec.shape[0] or m.st.rec[rec, SL_VM] != vm or m.st.rec[rec, SL_RMAP_OFF + 0] < 0:
             continue
         for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
             shift = (level - 1) * 9
             nh = ((m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] - 1) >> shift) - (m.st.rec[rec, SL_BASE_GFN] >> shift) + 1
             out[3] += nh
-            off = m.sh.slotrec[rec, SHS_RMAP_OFF + (level - 1)]
+            off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]
             for h in range(off, off + nh):
                 c = m.sh.rmap_cnt[h]
                 if c >= 2:

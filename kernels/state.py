@@ -104,7 +104,16 @@ SP_PARENT = 4          # row of the parent table, -1 for roots
 SP_PARENT_INDEX = 5    # index of our SPTE in the parent
 SP_FLAGS = 6           # SPF_* bits
 SP_SEQ = 7             # order of arrival on possible_nx_huge_pages
-NSP = 8
+# shadow MMU only (mmu.c)
+SP_UNSYNC = 8
+SP_UNSYNC_CHILDREN = 9
+SP_ROOT_COUNT = 10
+SP_FLOOD = 11          # write_flooding_count
+SP_GEN = 12            # mmu_valid_gen
+SP_HNEXT = 13          # next SP in the hash bucket
+SP_ANEXT = 14          # next (older) SP on active_mmu_pages
+SP_APREV = 15          # previous (newer) SP
+NSP = 16
 
 
 class PageArena(NamedTuple):
@@ -121,6 +130,14 @@ class PageArena(NamedTuple):
     sp_parent_index = _cols("meta", SP_PARENT_INDEX)
     sp_flags = _cols("meta", SP_FLAGS)
     sp_seq = _cols("meta", SP_SEQ)
+    unsync = _cols("meta", SP_UNSYNC)
+    unsync_children = _cols("meta", SP_UNSYNC_CHILDREN)
+    root_count = _cols("meta", SP_ROOT_COUNT)
+    flood = _cols("meta", SP_FLOOD)
+    gen = _cols("meta", SP_GEN)
+    hnext = _cols("meta", SP_HNEXT)
+    anext = _cols("meta", SP_ANEXT)
+    aprev = _cols("meta", SP_APREV)
 
 
 # --- struct kvm / kvm_arch: one int64 record per VM (VMTable.rec) -----------------------------
@@ -138,7 +155,14 @@ VM_DIRTY_MODE = 10     # DM_* bits
 VM_INVAL_COUNT = 11    # mmu_invalidate_in_progress
 VM_INVAL_START = 12    # mmu_invalidate_range_start (gfn)
 VM_INVAL_END = 13      # mmu_invalidate_range_end (gfn, exclusive)
-NVMF = 14
+# shadow MMU only
+VM_HASH_OFF = 14       # offset of the VM's 4096 mmu_page_hash buckets (-1: not a shadow VM)
+VM_ACT_HEAD = 15       # newest SP on active_mmu_pages
+VM_ACT_TAIL = 16       # oldest SP
+VM_INDIRECT = 17       # indirect_shadow_pages
+VM_VALID_GEN = 18      # kvm->arch.mmu_valid_gen
+VM_N_MAX = 19          # n_max_mmu_pages
+NVMF = 20
 
 
 class VMTable(NamedTuple):
@@ -159,6 +183,12 @@ class VMTable(NamedTuple):
     inval_count = _cols("rec", VM_INVAL_COUNT)
     inval_start = _cols("rec", VM_INVAL_START)
     inval_end = _cols("rec", VM_INVAL_END)
+    hash_off = _cols("rec", VM_HASH_OFF)
+    act_head = _cols("rec", VM_ACT_HEAD)
+    act_tail = _cols("rec", VM_ACT_TAIL)
+    indirect = _cols("rec", VM_INDIRECT)
+    valid_gen = _cols("rec", VM_VALID_GEN)
+    n_max = _cols("rec", VM_N_MAX)
 
 
 DM_MANUAL_PROTECT = 1
@@ -203,7 +233,9 @@ SL_BACKING = 6         # BACKING_*
 SL_LPAGE_OFF = 7       # 2 columns: offsets of lpage_info (2M, 1G) in ``lpage``
 SL_DIRTY_OFF = 9       # offset of the dirty bitmap in ``dirty`` (-1: none)
 SL_HOST_OFF = 10       # offset of the host-resident bitmap in ``host``
-NSLF = 11
+SL_RMAP_OFF = 11       # 3 columns (4K, 2M, 1G): offsets of the rmap heads (-1: none, not a shadow VM's slot)
+SL_WTRACK_OFF = 14     # offset of the gfn_write_track counts (-1: none)
+NSLF = 15
 
 
 class SlotTable(NamedTuple):
@@ -226,6 +258,8 @@ class SlotTable(NamedTuple):
     lpage_off = _cols("rec", SL_LPAGE_OFF, 2)
     dirty_off = _cols("rec", SL_DIRTY_OFF)
     host_off = _cols("rec", SL_HOST_OFF)
+    rmap_off = _cols("rec", SL_RMAP_OFF, 3)
+    wtrack_off = _cols("rec", SL_WTRACK_OFF)
 
 
 # --- shadow MMU (kernels/shadow.py) -----------------------------------------------------
@@ -243,65 +277,25 @@ MAX_RN_PER_EVENT = 16
 MAX_GM_PER_EVENT = 8           # guest-memory rows: a page-crossing store + walker A/D writes
 
 
-# shadow kvm_mmu_page fields beyond PageArena.meta: one int64 record per row (ShadowState.meta)
-SH_UNSYNC = 0
-SH_UNSYNC_CHILDREN = 1
-SH_ROOT_COUNT = 2
-SH_FLOOD = 3           # write_flooding_count
-SH_GEN = 4             # mmu_valid_gen
-SH_HNEXT = 5           # next SP in the hash bucket
-SH_ANEXT = 6           # next (older) SP on active_mmu_pages
-SH_APREV = 7           # previous (newer) SP
-NSHF = 8
-# per memslot (ShadowState.slotrec): rmap heads per level, write-track counts (-1: none)
-SHS_RMAP_OFF = 0       # 3 columns: 4K, 2M, 1G
-SHS_WTRACK_OFF = 3
-NSHSF = 4
-# per VM (ShadowState.vmrec)
-SHV_HASH_OFF = 0       # offset of the VM's 4096 buckets (-1: not a shadow VM)
-SHV_ACT_HEAD = 1       # newest SP on active_mmu_pages
-SHV_ACT_TAIL = 2       # oldest SP
-SHV_INDIRECT = 3       # indirect_shadow_pages
-SHV_VALID_GEN = 4      # kvm->arch.mmu_valid_gen
-SHV_N_MAX = 5          # n_max_mmu_pages
-NSHVF = 6
+# parent-pte links and rmap nodes (ShadowState.pl / .rn): one (value, next) pair per node
+NODE_VAL = 0           # the SPTE pointer: row * 512 + index
+NODE_NEXT = 1          # next node, -1 at the end
 
 
 class ShadowState(NamedTuple):
-    """Shadow-MMU state (``mmu.c``): per page-table row metadata beyond PageArena, rmaps,
-    parent-pte lists, the per-VM hash and active list, write tracking."""
-    meta: np.ndarray            # int64[cap, NSHF]
+    """Shadow-MMU state (``mmu.c``) beyond the page, VM and memslot records: rmaps, parent-pte lists,
+    the per-VM hash buckets, write tracking."""
     ubitmap: np.ndarray         # int64[cap, 8]: unsync_child_bitmap
     parent_head: np.ndarray     # int64[cap]: first parent-pte link (-1 none)
     trans: np.ndarray           # int64[cap, 512]: shadowed_translation (gfn << 12 | access)
-    pl_sptep: np.ndarray        # int64[P]: parent-pte links (row * 512 + index)
-    pl_next: np.ndarray         # int64[P]
-    rn_sptep: np.ndarray        # int64[R]: rmap nodes
-    rn_next: np.ndarray         # int64[R]
+    pl: np.ndarray              # int64[P, 2]: parent-pte links (NODE_VAL, NODE_NEXT)
+    rn: np.ndarray              # int64[R, 2]: rmap nodes
     rmap_head: np.ndarray       # int64[H]: per slot, level, gfn index: first rmap node (-1 empty)
     rmap_cnt: np.ndarray        # int32[H]
     wtrack: np.ndarray          # int32[W]: gfn_write_track per 4K gfn of each slot
-    slotrec: np.ndarray         # int64[rcap, NSHSF]
-    vmrec: np.ndarray           # int64[nvm, NSHVF]
     hash: np.ndarray            # int64[nshadow * 4096]
     ctl: np.ndarray             # int64[NSHCTL]
     scratch: np.ndarray         # int64[256]: walker output and small stacks
-    unsync = _cols("meta", SH_UNSYNC)
-    unsync_children = _cols("meta", SH_UNSYNC_CHILDREN)
-    root_count = _cols("meta", SH_ROOT_COUNT)
-    flood = _cols("meta", SH_FLOOD)
-    gen = _cols("meta", SH_GEN)
-    hnext = _cols("meta", SH_HNEXT)
-    anext = _cols("meta", SH_ANEXT)
-    aprev = _cols("meta", SH_APREV)
-    rmap_off = _cols("slotrec", SHS_RMAP_OFF, 3)
-    wtrack_off = _cols("slotrec", SHS_WTRACK_OFF)
-    hash_off = _cols("vmrec", SHV_HASH_OFF)
-    act_head = _cols("vmrec", SHV_ACT_HEAD)
-    act_tail = _cols("vmrec", SHV_ACT_TAIL)
-    indirect = _cols("vmrec", SHV_INDIRECT)
-    valid_gen = _cols("vmrec", SHV_VALID_GEN)
-    n_max = _cols("vmrec", SHV_N_MAX)
 
 
 # --- vCPU paging registers and MMU roots: one int64 record per vCPU (VcpuRegs.rec) -------------
@@ -365,7 +359,6 @@ class MMU(NamedTuple):
     sh: ShadowState
     gm: GuestMem
     vr: VcpuRegs
-    mmu_kind: np.ndarray        # int8[nvm]: MMU_TDP / MMU_SHADOW
 
 
 MMU_TDP = 0
