@@ -23,6 +23,7 @@ from .memslot import (
     slot_dirty_logging,
     slot_readonly,
 )
+from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS
 from .spte import (
     FMT_EPT,
     KVM_MAX_HUGEPAGE_LEVEL,
@@ -92,11 +93,6 @@ from .state import (
     VM_ROOT,
 )
 from .tdp import (
-    RET_PF_EMULATE,
-    RET_PF_FIXED,
-    RET_PF_INVALID,
-    RET_PF_RETRY,
-    RET_PF_SPURIOUS,
     account_pf_result,
     kvm_tdp_mmu_map,
     mmu_alloc_root,
@@ -325,8 +321,8 @@ def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetc
         if outcome == OUT_EMULATED:
             return (OUT_MMIO if rec < 0 else OUT_EMULATED), err
         # The guest re-executes the access.
-        res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.rec[vm, VM_ROOT], vt.rec[vm, VM_LEVELS], gfn, write,
-                                                       fetch, vt.rec[vm, VM_AD_DISABLED] == 0)
+        res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.rec[vm, VM_ROOT], vt.rec[vm, VM_LEVELS],
+                                                       gfn, write, fetch, vt.rec[vm, VM_AD_DISABLED] == 0)
         if res == WALK_OK:
             stats[vm, ST_WALK_REFS] += refs
             return outcome, err

@@ -38,6 +38,12 @@ def rmap_index(sh, st, rec, level, gfn):
 
 
 @njit(inline="always", _nrt=False)
+def kvm_mmu_slot_lpages(base_gfn, npages, shift):
+    """__kvm_mmu_slot_lpages: rmap heads (or lpage_info entries) of a slot at the level of ``shift``."""
+    return ((base_gfn + npages - 1) >> shift) - (base_gfn >> shift) + 1
+
+
+@njit(inline="always", _nrt=False)
 def _list_add(heads, h, nodes, ctl, free_i, avail_i, sptep):
     """Push ``sptep`` on the list starting at ``heads[h]``, taking a node (``nodes[n] = (value, next)``)
     from the free list ``ctl[free_i]`` (topped up by Python before the batch)."""

@@ -15,6 +15,7 @@ from .memslot import (
     mark_page_dirty,
     slot_dirty_logging,
 )
+from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS
 from .spte import (
     ACC_ALL,
     KVM_MAX_HUGEPAGE_LEVEL,
@@ -78,14 +79,6 @@ from .state import (
     VM_ROOT,
 )
 from .walk import walk_to_leaf
-
-# RET_PF_* (mmu_internal.h)
-RET_PF_CONTINUE = 0
-RET_PF_RETRY = 1
-RET_PF_EMULATE = 2
-RET_PF_INVALID = 3
-RET_PF_FIXED = 4
-RET_PF_SPURIOUS = 5
 
 
 @njit(inline="always", _nrt=False)
@@ -462,7 +455,8 @@ def recover_nx_huge_pages(pa, vt, st, vm, rows, to_zap):
             continue
         parent = pa.meta[row, SP_PARENT]
         # kvm_tdp_mmu_zap_sp: the SPTE that points at the page becomes non-present
-        tdp_set_spte(pa, vt, vm, parent, pa.meta[row, SP_PARENT_INDEX], pa.meta[row, SP_LEVEL] + 1, SHADOW_NONPRESENT_VALUE)
+        tdp_set_spte(pa, vt, vm, parent, pa.meta[row, SP_PARENT_INDEX], pa.meta[row, SP_LEVEL] + 1,
+                     SHADOW_NONPRESENT_VALUE)
         vt.stats[vm, ST_NX_LPAGE_RECOVERED] += 1
         zapped += 1
     return zapped

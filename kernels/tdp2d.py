@@ -224,7 +224,8 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
         top = 0
         stop = 1
         if glevels != 0:
-            gerr = guest_walk(gm, slot_map(vt, st), vm, mode, vr.rec[vcpu_g, VR_CR3], vr.rec[vcpu_g, VR_PDPTR:VR_PDPTR + 4], vr.rec[vcpu_g, VR_PKRU],
+            gerr = guest_walk(gm, slot_map(vt, st), vm, mode, vr.rec[vcpu_g, VR_CR3],
+                              vr.rec[vcpu_g, VR_PDPTR:VR_PDPTR + 4], vr.rec[vcpu_g, VR_PKRU],
                               maxphy, gva, kind, wk)
             top = wk[WK_MAX_LEVEL]
             stop = wk[WK_LEAF_LEVEL]

@@ -1,0 +1,631 @@
+"""``paging_tmpl.h``'s FNAME() code for the shadow MMU (PTTYPE 64 / PAE / 32 through the guest walker):
+gpte helpers, sync_spte and the sync of unsync pages, shadow-page lookup and linking, make_spte /
+mmu_set_spte, the prefetch, fetch, page_fault, invlpg and the A/D update.
+
+Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
+(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+
+import numpy as np
+from numba import njit
+
+from .gmem import gm_read32, gm_read64
+from .guest_walk import (
+    MODE_SMEP,
+    MODE_WP,
+    PFERR_FETCH,
+    PFERR_MASK,
+    PFERR_PRESENT,
+    PFERR_USER,
+    PFERR_WRITE,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    WK_GFN,
+    WK_LEAF_LEVEL,
+    WK_PT_ACCESS,
+    WK_PTE_ACCESS,
+    WK_PTE_ACCESS_CLEAN,
+    WK_PTE_GPA,
+    WK_TABLE_GFN,
+    gpte_rsvd_mask,
+    guest_set_ad,
+    guest_walk,
+    mode_levels,
+)
+from .jit import helper
+from .memslot import (
+    gfn_to_hva,
+    gfn_to_memslot,
+    host_fault_in,
+    host_page_pages,
+    invalidation_clamp_level,
+    kvm_mmu_max_mapping_level,
+    mark_page_dirty,
+    slot_dirty_logging,
+    slot_map,
+    slot_readonly,
+)
+from .mmu_internal import (
+    GFN_MASK_64,
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_GUEST,
+    RET_PF_MMIO,
+    RET_PF_OOM,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    SC_PREFETCH,
+    SC_PVEC_SP,
+    SC_RUNNING_VCPU,
+)
+from .page_track import clear_flood_on_walk
+from .rmap import parent_add
+from .shadow_mmu import (
+    alloc_shadow_page,
+    commit_zap_page,
+    drop_parent_pte,
+    drop_spte,
+    flush_remote_tlbs,
+    gfn_write_tracked,
+    hash_bucket,
+    is_writable_spte,
+    kvm_unlink_unsync_page,
+    make_mmu_pages_available,
+    mark_parents_unsync,
+    mmu_page_zap_pte,
+    mmu_pages_clear_parents,
+    mmu_spte_update,
+    mmu_unsync_walk,
+    prepare_zap_page,
+    rmap_add,
+    rmap_write_protect_gfn,
+    role_access,
+    role_level,
+    sp_get_access,
+    sp_get_gfn,
+    sp_gpte,
+    sp_has_gptes,
+    sp_valid,
+    walk_start,
+)
+from .spte import (
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    FMT_NPT,
+    NPT_A,
+    NPT_D,
+    NPT_HOST_WRITABLE,
+    NPT_MMU_WRITABLE,
+    NPT_NX,
+    NPT_P,
+    NPT_U,
+    PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
+    ROLE_ACCESS_SHIFT,
+    ROLE_DIRECT,
+    ROLE_HAS_4_BYTE_GPTE,
+    ROLE_PASSTHROUGH,
+    SPTE_MMU_PRESENT_MASK,
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    make_nonleaf_spte,
+    spte_to_child_row,
+    spte_to_pfn,
+)
+from .state import (
+    CFG_NX_HUGE_PAGES,
+    HOST_BUDGET_BYTES,
+    HOST_USED_BYTES,
+    KVM_MMU_NUM_PREV_ROOTS,
+    PTE_PREFETCH_NUM,
+    SL_BASE_GFN,
+    SL_HOST_OFF,
+    SL_NPAGES,
+    SP_FLOOD,
+    SP_GFN,
+    SP_HNEXT,
+    SP_ROLE,
+    SP_UNSYNC,
+    SP_UNSYNC_CHILDREN,
+    ST_MMU_CACHE_MISS,
+    ST_MMU_UNSYNC,
+    VM_HASH_OFF,
+    VM_INVAL_COUNT,
+    VM_INVAL_END,
+    VM_INVAL_START,
+    VR_CR3,
+    VR_PDPTR,
+    VR_PKRU,
+    VR_PREV_ROOT,
+)
+
+
+@njit(inline="always", _nrt=False)
+def prefetch_invalid_gpte(m, vm, row, idx, gpte, mode, maxphyaddr):
+    """FNAME(prefetch_invalid_gpte): drop the SPTE when the gpte is not present, not accessed or reserved."""
+    if (gpte & 1) == 0 or (gpte & PT_ACCESSED_MASK) == 0 or (gpte & gpte_rsvd_mask(mode, maxphyaddr, 1, gpte)):
+        drop_spte(m, vm, row, idx)
+        return True
+    return False
+
+
+@njit(inline="always", _nrt=False)
+def gpte_access(gpte):
+    # FNAME(gpte_access) for 64-bit gptes
+    access = gpte & (ACC_WRITE_MASK | ACC_USER_MASK)
+    if gpte >= 0:  # NX (bit 63) clear
+        access |= ACC_EXEC_MASK
+    return access
+
+
+@njit(inline="always", _nrt=False)
+def protect_clean_gpte(access, gpte):
+    # FNAME(protect_clean_gpte): write access only once the guest's D bit is set
+    if not (gpte & PT_DIRTY_MASK):
+        access &= ~ACC_WRITE_MASK
+    return access
+
+
+@helper
+def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
+    """FNAME(sync_spte): re-derive SPTE ``i`` of an unsync page from its gpte; 1 = flush, 0, -1 = zap."""
+    spte = m.pa.spt[row, i]
+    if not is_shadow_present_pte(spte):
+        return 0
+    gpte = sp_gpte(m, vm, row, i)
+    if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
+        return 1
+    gfn = (gpte & GFN_MASK_64) >> 12
+    access = role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte)
+    access = protect_clean_gpte(access, gpte)
+    if gfn != sp_get_gfn(m, row, i):
+        drop_spte(m, vm, row, i)
+        return 1
+    if sp_get_access(m, row, i) == access:
+        return 0
+    m.sh.trans[row, i] = (gfn << 12) | access
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    new, wrprot = make_spte(m, vm, rec, row, access, gfn, spte_to_pfn(spte), spte, True, True,
+                            (spte & NPT_HOST_WRITABLE) != 0)
+    return 1 if mmu_spte_update(m, row, i, new) else 0
+
+
+@helper
+def kvm_sync_page(m, vm, vg, row, mode, maxphyaddr):
+    """kvm_sync_page: sync every SPTE; on failure the page is zapped (onto invalid_list)."""
+    flush = 0
+    for i in range(512):
+        r = sync_spte(m, vm, vg, row, i, mode, maxphyaddr)
+        if r < 0:
+            prepare_zap_page(m, vm, row)
+            return -1
+        flush |= r
+    return flush
+
+
+@helper
+def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
+    """mmu_sync_children: write-protect and sync every unsync page below ``parent``, 16 at a time."""
+    sc = m.sh.scratch
+    flush = False
+    while True:
+        nr = mmu_unsync_walk(m, parent)
+        if nr == 0:
+            break
+        protected = False
+        for k in range(nr):
+            sp = sc[SC_PVEC_SP + k]
+            if role_level(m.pa.meta[sp, SP_ROLE]) == 1:
+                rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.meta[sp, SP_GFN])
+                if rec >= 0:
+                    protected |= rmap_write_protect_gfn(m, vm, rec, m.pa.meta[sp, SP_GFN], 1, True)
+        if protected:
+            # kvm_mmu_remote_flush_or_zap(..., true)
+            if not commit_zap_page(m, vm):
+                flush_remote_tlbs(m, vm)
+            flush = False
+        for k in range(nr):
+            sp = sc[SC_PVEC_SP + k]
+            if role_level(m.pa.meta[sp, SP_ROLE]) == 1:
+                kvm_unlink_unsync_page(m, vm, sp)
+                if kvm_sync_page(m, vm, vg, sp, mode, maxphyaddr) > 0:
+                    flush = True
+                mmu_pages_clear_parents(m, k)
+    # kvm_mmu_remote_flush_or_zap
+    if not commit_zap_page(m, vm) and flush:
+        flush_remote_tlbs(m, vm)
+
+
+@helper
+def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
+    """kvm_mmu_find_shadow_page: the valid page with this gfn and role, or -1 (mmu_cache_miss)."""
+    sh, pa = m.sh, m.pa
+    row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
+    found = -1
+    while row >= 0:
+        nxt = m.pa.meta[row, SP_HNEXT]
+        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn:
+            if pa.meta[row, SP_ROLE] != role:
+                # the guest reuses an unsync page as an upper-level table: zap it
+                if role_level(role) > 1 and m.pa.meta[row, SP_UNSYNC]:
+                    prepare_zap_page(m, vm, row)
+            else:
+                if (role & ROLE_DIRECT) == 0 and m.pa.meta[row, SP_UNSYNC]:
+                    r = kvm_sync_page(m, vm, vg, row, mode, maxphyaddr)
+                    if r < 0:
+                        break
+                    if r > 0:
+                        flush_remote_tlbs(m, vm)
+                if (role & ROLE_DIRECT) == 0:
+                    m.pa.meta[row, SP_FLOOD] = 0
+                found = row
+                break
+        row = nxt
+    if found < 0:
+        m.vt.stats[vm, ST_MMU_CACHE_MISS] += 1
+    commit_zap_page(m, vm)
+    return found
+
+
+@helper
+def get_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
+    # __kvm_mmu_get_shadow_page
+    row = find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr)
+    if row < 0:
+        row = alloc_shadow_page(m, vm, gfn, role)
+    return row
+
+
+@helper
+def link_shadow_page(m, vm, prow, pidx, child):
+    """__link_shadow_page: drop a huge SPTE there, point the entry at ``child``, propagate unsync."""
+    old = m.pa.spt[prow, pidx]
+    if is_shadow_present_pte(old) and is_large_pte(old):
+        drop_spte(m, vm, prow, pidx)  # drop_large_spte
+        flush_remote_tlbs(m, vm)
+    m.pa.spt[prow, pidx] = make_nonleaf_spte(FMT_NPT, child, False)
+    parent_add(m.sh, child, prow * 512 + pidx)
+    if m.pa.meta[child, SP_UNSYNC_CHILDREN] or m.pa.meta[child, SP_UNSYNC]:
+        # mark_unsync(sptep)
+        w = pidx >> 6
+        bit = np.int64(1) << np.int64(pidx & 63)
+        if not (m.sh.ubitmap[prow, w] & bit):
+            m.sh.ubitmap[prow, w] |= bit
+            c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
+            m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
+            if c == 0:
+                mark_parents_unsync(m, prow)
+
+
+@njit(inline="always", _nrt=False)
+def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
+    """mmu_try_to_unsync_pages: 0 = may be writable; 1 = must stay write-protected."""
+    if gfn_write_tracked(m, rec, gfn):
+        return 1
+    sh, pa = m.sh, m.pa
+    row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
+    while row >= 0:
+        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn and sp_has_gptes(pa.meta[row, SP_ROLE]):
+            if synchronizing:
+                return 1
+            if not m.pa.meta[row, SP_UNSYNC]:
+                if prefetch:
+                    return 1
+                # kvm_unsync_page
+                m.vt.stats[vm, ST_MMU_UNSYNC] += 1
+                m.pa.meta[row, SP_UNSYNC] = 1
+                mark_parents_unsync(m, row)
+        row = m.pa.meta[row, SP_HNEXT]
+    return 0
+
+
+@njit(inline="always", _nrt=False)
+def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchronizing, host_writable):
+    """make_spte (spte.c) for a shadow page: (spte, wrprot)."""
+    level = role_level(m.pa.meta[row, SP_ROLE])
+    spte = SPTE_MMU_PRESENT_MASK | NPT_P
+    wrprot = False
+    if not prefetch or synchronizing:
+        spte |= NPT_A
+    if level > 1 and (pte_access & ACC_EXEC_MASK) and m.cfg[CFG_NX_HUGE_PAGES]:
+        pte_access &= ~ACC_EXEC_MASK
+    if not (pte_access & ACC_EXEC_MASK):
+        spte |= NPT_NX
+    if pte_access & ACC_USER_MASK:
+        spte |= NPT_U
+    if level > 1:
+        spte |= PT_PAGE_SIZE_MASK
+    if host_writable:
+        spte |= NPT_HOST_WRITABLE
+    else:
+        pte_access &= ~ACC_WRITE_MASK
+    spte |= pfn << 12
+    if pte_access & ACC_WRITE_MASK:
+        if (not is_last_spte(old_spte, level) or not is_writable_spte(old_spte)) and \
+                mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
+            wrprot = True
+        else:
+            spte |= PT_WRITABLE_MASK | NPT_MMU_WRITABLE | NPT_D
+    if prefetch and not synchronizing:
+        spte &= ~NPT_A  # mark_spte_for_access_track with A/D enabled
+    if (spte & PT_WRITABLE_MASK) and rec >= 0 and slot_dirty_logging(m.st, rec):
+        mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, gfn)
+    return spte, wrprot
+
+
+@helper
+def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fault, host_writable):
+    """mmu_set_spte: install a leaf SPTE; RET_PF_FIXED / SPURIOUS / EMULATE (write-protected write)."""
+    level = role_level(m.pa.meta[row, SP_ROLE])
+    ret = RET_PF_FIXED
+    flush = False
+    was_rmapped = False
+    prefetch = not is_fault
+    old = m.pa.spt[row, idx]
+    if is_shadow_present_pte(old):
+        if prefetch and is_last_spte(old, level) and spte_to_pfn(old) == pfn:
+            return RET_PF_SPURIOUS
+        if level > 1 and not is_large_pte(old):
+            drop_parent_pte(m, spte_to_child_row(old), row, idx)
+            flush = True
+        elif spte_to_pfn(old) != pfn:
+            drop_spte(m, vm, row, idx)
+            flush = True
+        else:
+            was_rmapped = True
+    old = m.pa.spt[row, idx]
+    spte, wrprot = make_spte(m, vm, rec, row, pte_access, gfn, pfn, old, prefetch, False, host_writable)
+    if old == spte:
+        ret = RET_PF_SPURIOUS
+    else:
+        flush |= mmu_spte_update(m, row, idx, spte)
+    if wrprot and write_fault:
+        ret = RET_PF_EMULATE  # RET_PF_WRITE_PROTECTED: the write is emulated
+    if flush:
+        flush_remote_tlbs(m, vm)  # kvm_flush_remote_tlbs_gfn
+    if not was_rmapped:
+        rmap_add(m, vm, rec, row, idx, gfn, pte_access)
+    else:
+        m.sh.trans[row, idx] = (gfn << 12) | pte_access  # kvm_mmu_page_set_access
+    return ret
+
+
+@njit(inline="always", _nrt=False)
+def host_page_resident(m, rec, gfn):
+    i = gfn - m.st.rec[rec, SL_BASE_GFN]
+    return (m.st.host[m.st.rec[rec, SL_HOST_OFF] + (i >> 6)] >> np.int64(i & 63)) & 1
+
+
+@njit(inline="always", _nrt=False)
+def prefetch_slot(m, vm, gfn, writable):
+    # gfn_to_memslot_dirty_bitmap(no_dirty_log=true)
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec < 0:
+        return -1
+    if writable and slot_dirty_logging(m.st, rec):
+        return -1
+    if slot_readonly(m.st, rec):
+        return -1  # kvm_prefetch_pages: gfn_to_hva_many(write) is KVM_HVA_ERR_RO_BAD for a read-only slot
+    return rec
+
+
+@helper
+def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
+    """FNAME(pte_prefetch): map the aligned group of 8 around a new 4K SPTE."""
+    if role_level(m.pa.meta[row, SP_ROLE]) > 1 or m.vt.rec[vm, VM_INVAL_COUNT] > 0:
+        return
+    start = idx & ~(PTE_PREFETCH_NUM - 1)
+    if m.pa.meta[row, SP_ROLE] & ROLE_DIRECT:
+        # __direct_pte_prefetch: runs of non-present SPTEs, pages the host has mapped (gup-fast)
+        access = role_access(m.pa.meta[row, SP_ROLE])
+        i = start
+        while i < start + PTE_PREFETCH_NUM:
+            if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
+                i += 1
+                continue
+            j = i
+            while j < start + PTE_PREFETCH_NUM and j != idx and not is_shadow_present_pte(m.pa.spt[row, j]):
+                j += 1
+            gfn = sp_get_gfn(m, row, i)
+            rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
+            if rec < 0:
+                return
+            got = 0
+            for k in range(j - i):
+                g = gfn + k
+                if g >= m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] or not host_page_resident(m, rec, g):
+                    break
+                got += 1
+            if got == 0:
+                return
+            for k in range(got):
+                mmu_set_spte(m, vm, rec, row, i + k, access, gfn + k, gfn_to_hva(m.st, rec, gfn + k) >> 12,
+                             np.bool_(False), np.bool_(False), np.bool_(True))
+            i = j
+        return
+    for i in range(start, start + PTE_PREFETCH_NUM):
+        if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
+            continue
+        # FNAME(prefetch_gpte)
+        gpte = m.sh.scratch[SC_PREFETCH + i - start]
+        if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
+            break
+        gfn = (gpte & GFN_MASK_64) >> 12
+        access = protect_clean_gpte(role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte), gpte)
+        rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
+        if rec < 0 or not host_page_resident(m, rec, gfn):
+            break
+        mmu_set_spte(m, vm, rec, row, i, access, gfn, gfn_to_hva(m.st, rec, gfn) >> 12, np.bool_(False),
+                     np.bool_(False), np.bool_(True))
+
+
+@helper
+def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writable, mode, maxphyaddr):
+    """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
+    then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
+    pa = m.pa
+    row, level = walk_start(m, vg, gva)
+    if row < 0:
+        return RET_PF_RETRY  # a PAE root for a non-present PDPTE: the guest walk refused it already
+    gw_level = wk[WK_LEAF_LEVEL]
+    idx = 0
+    while True:
+        idx = (gva >> (12 + 9 * (level - 1))) & 511
+        m.pa.meta[row, SP_FLOOD] = 0  # clear_sp_write_flooding_count
+        if level == gw_level:
+            break
+        spte = pa.spt[row, idx]
+        if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            row = spte_to_child_row(spte)  # kvm_mmu_get_child_sp -> -EEXIST
+            level -= 1
+            continue
+        table_gfn = wk[WK_TABLE_GFN + level - 1]
+        access = wk[WK_PT_ACCESS + level - 1]
+        # kvm_mmu_child_role
+        role = (pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT) & ~np.int32(ROLE_DIRECT)
+                & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(access << ROLE_ACCESS_SHIFT)
+        if role & ROLE_HAS_4_BYTE_GPTE:
+            role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
+        child = get_shadow_page(m, vm, vg, table_gfn, np.int64(role), mode, maxphyaddr)
+        if m.pa.meta[child, SP_UNSYNC_CHILDREN]:
+            mmu_sync_children(m, vm, vg, child, mode, maxphyaddr)
+        link_shadow_page(m, vm, row, idx, child)
+        row = child
+        level -= 1
+    # kvm_mmu_hugepage_adjust
+    goal_level = 1
+    if gw_level > 1 and rec >= 0 and not slot_dirty_logging(m.st, rec):
+        req = invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level))
+        huge_disallowed = False  # the NX huge page workaround is off on shadow hosts we model
+        if req > 1 and not huge_disallowed:
+            goal_level = req
+    direct_access = pte_access
+    while level > goal_level:
+        spte = pa.spt[row, idx]
+        # validate_direct_spte
+        if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            child = spte_to_child_row(spte)
+            if role_access(pa.meta[child, SP_ROLE]) != direct_access:
+                drop_parent_pte(m, child, row, idx)
+                flush_remote_tlbs(m, vm)
+        spte = pa.spt[row, idx]
+        if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            row = spte_to_child_row(spte)
+        else:
+            base = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
+            role = (pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)) | np.int32(level - 1) \
+                | np.int32(direct_access << ROLE_ACCESS_SHIFT) | np.int32(ROLE_DIRECT)
+            if role & ROLE_HAS_4_BYTE_GPTE:
+                role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
+            child = get_shadow_page(m, vm, vg, base, np.int64(role), mode, maxphyaddr)
+            link_shadow_page(m, vm, row, idx, child)
+            row = child
+        level -= 1
+        idx = (gva >> (12 + 9 * (level - 1))) & 511
+    base_gfn = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
+    pfn_al = pfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
+    ret = mmu_set_spte(m, vm, rec, row, idx, pte_access, base_gfn, pfn_al, np.bool_(True), write_fault,
+                       host_writable)
+    if ret == RET_PF_SPURIOUS:
+        return ret
+    pte_prefetch(m, vm, row, idx, mode, maxphyaddr, 0)
+    return ret
+
+
+@helper
+def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
+    """kvm_mmu_do_page_fault -> FNAME(page_fault).  Returns (RET_PF_*, guest error code or 0)."""
+    wk = m.sh.scratch  # the walker output lives at SC_WK == 0
+    gm = m.gm
+    pfec = err & (PFERR_WRITE | PFERR_USER | PFERR_FETCH)
+    write = (err & PFERR_WRITE) != 0
+    present = (err & PFERR_PRESENT) != 0
+    gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.rec[vg, VR_CR3],
+                      m.vr.rec[vg, VR_PDPTR:VR_PDPTR + 4], m.vr.rec[vg, VR_PKRU], maxphyaddr,
+                      gva, pfec, wk)
+    if gerr != 0:
+        return RET_PF_GUEST, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault, then RET_PF_RETRY
+    gfn = wk[WK_GFN]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec >= 0 and not (write and slot_readonly(m.st, rec)) and \
+            m.host[HOST_USED_BYTES] + (host_page_pages(m.st, rec, gfn) << 12) > m.host[HOST_BUDGET_BYTES]:
+        return RET_PF_OOM, 0  # the host cannot back the page: stop before any change
+    set_ad_and_log(m, vm, wk, pfec)
+    # page_fault_handle_page_track
+    if present and write and gfn_write_tracked(m, rec, gfn):
+        clear_flood_on_walk(m, vm, vg, gva)
+        return RET_PF_EMULATE, 0
+    pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
+    # prefetch group of the leaf gpte, read now (FNAME(gpte_changed) at level 1)
+    if wk[WK_LEAF_LEVEL] == 1:
+        if mode_levels(mode) == 2:
+            base = wk[WK_PTE_GPA + 1] & ~np.int64(31)
+            for k in range(PTE_PREFETCH_NUM):
+                m.sh.scratch[SC_PREFETCH + k] = gm_read32(gm, slot_map(m.vt, m.st), vm, base + 4 * k)
+        else:
+            base = wk[WK_PTE_GPA + 1] & ~np.int64(63)
+            for k in range(PTE_PREFETCH_NUM):
+                m.sh.scratch[SC_PREFETCH + k] = gm_read64(gm, slot_map(m.vt, m.st), vm, base + 8 * k)
+    # kvm_faultin_pfn
+    if rec < 0:
+        return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
+    if m.vt.rec[vm, VM_INVAL_COUNT] > 0 and m.vt.rec[vm, VM_INVAL_START] <= gfn < m.vt.rec[vm, VM_INVAL_END]:
+        return RET_PF_RETRY, 0
+    if write and slot_readonly(m.st, rec):
+        return RET_PF_EMULATE, 0
+    host_writable = not slot_readonly(m.st, rec)
+    host_fault_in(m.st, m.vt, m.host, rec, gfn, vm)
+    pfn = gfn_to_hva(m.st, rec, gfn) >> 12
+    # CR0.WP=0: a supervisor write through a read-only gpte maps the page writable for the kernel only
+    user = (err & PFERR_USER) != 0
+    if write and not (pte_access & ACC_WRITE_MASK) and not (mode & MODE_WP) and not user:
+        pte_access = (pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
+        if mode & MODE_SMEP:
+            pte_access &= ~ACC_EXEC_MASK
+    if not make_mmu_pages_available(m, vm):
+        return RET_PF_RETRY, 0  # -ENOSPC: every page is a pinned root
+    r = fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write, host_writable, mode, maxphyaddr)
+    return r, 0
+
+
+@njit(inline="always", _nrt=False)
+def set_ad_and_log(m, vm, wk, pfec):
+    """FNAME(update_accessed_dirty_bits): set guest A/D, and log the dirtied table pages."""
+    changed = guest_set_ad(m.gm, slot_map(m.vt, m.st), vm, wk, pfec)
+    if changed == 0:
+        return
+    for level in range(1, 6):
+        if (changed >> level) & 1:
+            tg = wk[WK_PTE_GPA + level] >> 12
+            rec = gfn_to_memslot(m.vt, m.st, vm, tg)
+            if rec >= 0:
+                mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, tg)
+
+
+@helper
+def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
+    """kvm_mmu_invalidate_addr over the current root (and the previous roots when ``all_roots``)."""
+    for r in range(1 + (KVM_MMU_NUM_PREV_ROOTS if all_roots else 0)):
+        if r == 0:
+            row, level = walk_start(m, vg, gva)
+        else:
+            row = m.vr.rec[vg, VR_PREV_ROOT + (r - 1)]
+            level = role_level(m.pa.meta[row, SP_ROLE]) if row >= 0 else 0
+        if row < 0:
+            continue
+        while level >= 1:
+            idx = (gva >> (12 + 9 * (level - 1))) & 511
+            if m.pa.meta[row, SP_UNSYNC]:
+                ret = sync_spte(m, vm, vg, row, idx, mode, maxphyaddr)
+                if ret < 0:
+                    mmu_page_zap_pte(m, vm, row, idx)
+                if ret:
+                    flush_remote_tlbs(m, vm)
+            if m.pa.meta[row, SP_UNSYNC_CHILDREN] == 0:
+                break
+            spte = m.pa.spt[row, idx]
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                break
+            row = spte_to_child_row(spte)
+            level -= 1

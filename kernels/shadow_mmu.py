@@ -1,0 +1,647 @@
+"""mmu.c's shadow half: the (gfn, role) hash, shadow-page alloc/free and the active list, rmaps and the
+``mmu_spte_*`` chokepoint, unsync bookkeeping, zapping, the page budget and shrinker.
+
+Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
+(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+
+import numpy as np
+from numba import njit
+
+from .gmem import gm_read32, gm_read64
+from .jit import helper, kernel
+from .memslot import (
+    gfn_to_memslot,
+    slot_map,
+)
+from .mmu_internal import (
+    KVM_PAGE_ARRAY_NR,
+    PAE_ROOT,
+    RMAP_RECYCLE_THRESHOLD,
+    SC_INVALID_HEAD,
+    SC_MARK_STACK,
+    SC_MARK_STACK_LEN,
+    SC_PVEC_IDX,
+    SC_PVEC_PAR,
+    SC_PVEC_SP,
+    SC_STACK,
+)
+from .rmap import parent_remove, pte_list_add, pte_list_remove, rmap_index, sptep_idx, sptep_row
+from .spte import (
+    KVM_MAX_HUGEPAGE_LEVEL,
+    NPT_MMU_WRITABLE,
+    PT_WRITABLE_MASK,
+    ROLE_ACCESS_SHIFT,
+    ROLE_DIRECT,
+    ROLE_HAS_4_BYTE_GPTE,
+    ROLE_INVALID,
+    ROLE_PASSTHROUGH,
+    SHADOW_NONPRESENT_VALUE,
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    spte_to_child_row,
+)
+from .state import (
+    CTL_FREE_TOP,
+    CTL_USED,
+    KVM_MMU_HASH_SIZE,
+    NODE_NEXT,
+    NODE_VAL,
+    SL_BASE_GFN,
+    SL_LPAGE_OFF,
+    SL_RMAP_OFF,
+    SL_WTRACK_OFF,
+    SP_ANEXT,
+    SP_APREV,
+    SP_FLAGS,
+    SP_FLOOD,
+    SP_GEN,
+    SP_GFN,
+    SP_HNEXT,
+    SP_LEVEL,
+    SP_PARENT,
+    SP_ROLE,
+    SP_ROOT_COUNT,
+    SP_UNSYNC,
+    SP_UNSYNC_CHILDREN,
+    SP_VM,
+    ST_MAX_MMU_RMAP_SIZE,
+    ST_MMU_PAGES,
+    ST_MMU_RECYCLED,
+    ST_MMU_SHADOW_ZAPPED,
+    ST_MMU_UNSYNC,
+    ST_PAGES_4K,
+    ST_REMOTE_TLB_FLUSH,
+    ST_REMOTE_TLB_FLUSH_REQUESTS,
+    ST_RMAP_ENTRIES,
+    VM_ACT_HEAD,
+    VM_ACT_TAIL,
+    VM_HASH_OFF,
+    VM_INDIRECT,
+    VM_N_MAX,
+    VM_VALID_GEN,
+    VR_PAE_ROOT,
+    VR_ROOT,
+)
+
+
+@njit(inline="always", _nrt=False)
+def role_level(role):
+    return role & 0xF
+
+
+@njit(inline="always", _nrt=False)
+def role_access(role):
+    return (role >> ROLE_ACCESS_SHIFT) & 7
+
+
+@njit(inline="always", _nrt=False)
+def sp_has_gptes(role):
+    return (role & ROLE_DIRECT) == 0 and (role & ROLE_PASSTHROUGH) == 0
+
+
+@njit(inline="always", _nrt=False)
+def sp_valid(m, vm, row):
+    # !is_obsolete_sp: not invalid and of the current generation
+    return (m.pa.meta[row, SP_ROLE] & ROLE_INVALID) == 0 and m.pa.meta[row, SP_GEN] == m.vt.rec[vm, VM_VALID_GEN]
+
+
+@njit(inline="always", _nrt=False)
+def hash_bucket(gfn):
+    # kvm_page_table_hashfn: any good spread of gfns over 4096 buckets (collisions are not a stat here)
+    return (gfn ^ (gfn >> 12) ^ (gfn >> 24)) & (KVM_MMU_HASH_SIZE - 1)
+
+
+@njit(inline="always", _nrt=False)
+def flush_remote_tlbs(m, vm):
+    # kvm_flush_remote_tlbs
+    m.vt.stats[vm, ST_REMOTE_TLB_FLUSH_REQUESTS] += 1
+    m.vt.stats[vm, ST_REMOTE_TLB_FLUSH] += 1
+
+
+@njit(inline="always", _nrt=False)
+def sp_get_gfn(m, row, i):
+    # kvm_mmu_page_get_gfn
+    role = m.pa.meta[row, SP_ROLE]
+    if role & ROLE_PASSTHROUGH:
+        return m.pa.meta[row, SP_GFN]
+    if role & ROLE_DIRECT:
+        return m.pa.meta[row, SP_GFN] + (np.int64(i) << ((role_level(role) - 1) * 9))
+    return m.sh.trans[row, i] >> 12
+
+
+@njit(inline="always", _nrt=False)
+def sp_get_access(m, row, i):
+    role = m.pa.meta[row, SP_ROLE]
+    if sp_has_gptes(role):
+        return m.sh.trans[row, i] & 7
+    return role_access(role)
+
+
+@njit(inline="always", _nrt=False)
+def role_quadrant(role):
+    return (role >> 5) & 3
+
+
+@njit(inline="always", _nrt=False)
+def sp_gpte(m, vm, row, i):
+    """The guest pte that SPTE ``i`` of a last-level indirect page shadows (FNAME(get_level1_sp_gpa))."""
+    role = m.pa.meta[row, SP_ROLE]
+    base = m.pa.meta[row, SP_GFN] << 12
+    if role & ROLE_HAS_4_BYTE_GPTE:
+        return gm_read32(m.gm, slot_map(m.vt, m.st), vm, base + role_quadrant(role) * 2048 + 4 * i)
+    return gm_read64(m.gm, slot_map(m.vt, m.st), vm, base + 8 * i)
+
+
+@njit(inline="always", _nrt=False)
+def walk_start(m, vg, gva):
+    """shadow_walk_init: (row, level) of the first shadow page a walk for ``gva`` visits; PAE roots are
+    picked by gva bits 31:30.  (-1, 0): nothing there."""
+    row = m.vr.rec[vg, VR_ROOT]
+    if row == PAE_ROOT:
+        row = m.vr.rec[vg, VR_PAE_ROOT + ((gva >> 30) & 3)]
+        if row < 0:
+            return -1, 0
+        return row, 2
+    if row < 0:
+        return -1, 0
+    return row, role_level(m.pa.meta[row, SP_ROLE])
+
+
+@njit(inline="always", _nrt=False)
+def gfn_write_tracked(m, rec, gfn):
+    # kvm_gfn_is_write_tracked
+    if rec < 0 or m.st.rec[rec, SL_WTRACK_OFF] < 0:
+        return False
+    return m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] > 0
+
+
+@njit(inline="always", _nrt=False)
+def update_disallow_lpage(m, rec, gfn, count):
+    # update_gfn_disallow_lpage_count: both 2M and 1G
+    for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        shift = (level - 1) * 9
+        idx = (gfn >> shift) - (m.st.rec[rec, SL_BASE_GFN] >> shift)
+        m.st.lpage[m.st.rec[rec, SL_LPAGE_OFF + (level - 2)] + idx] += count
+
+
+@njit(inline="always", _nrt=False)
+def is_writable_spte(spte):
+    return is_shadow_present_pte(spte) and (spte & PT_WRITABLE_MASK) != 0
+
+
+@njit(inline="always", _nrt=False)
+def is_mmu_writable(spte):
+    return (spte & NPT_MMU_WRITABLE) != 0
+
+
+@njit(inline="always", _nrt=False)
+def rmap_add(m, vm, rec, row, idx, gfn, access):
+    # __rmap_add: record the translation, count the page, chain the SPTE
+    sh = m.sh
+    sh.trans[row, idx] = (gfn << 12) | access
+    level = role_level(m.pa.meta[row, SP_ROLE])
+    m.vt.stats[vm, ST_PAGES_4K + level - 1] += 1
+    m.vt.stats[vm, ST_RMAP_ENTRIES] += 1
+    h = rmap_index(sh, m.st, rec, level, gfn)
+    cnt = pte_list_add(sh, h, row * 512 + idx)
+    if cnt > m.vt.stats[vm, ST_MAX_MMU_RMAP_SIZE]:
+        m.vt.stats[vm, ST_MAX_MMU_RMAP_SIZE] = cnt
+    if cnt > RMAP_RECYCLE_THRESHOLD:
+        # kvm_zap_all_rmap_sptes + flush
+        n = sh.rmap_head[h]
+        while n >= 0:
+            sptep = sh.rn[n, NODE_VAL]
+            n = sh.rn[n, NODE_NEXT]
+            drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
+        flush_remote_tlbs(m, vm)
+
+
+@helper
+def drop_spte(m, vm, row, idx):
+    """drop_spte: clear a leaf SPTE, uncount it and take it off its rmap."""
+    old = m.pa.spt[row, idx]
+    m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
+    if not is_shadow_present_pte(old):
+        return old
+    level = role_level(m.pa.meta[row, SP_ROLE])
+    m.vt.stats[vm, ST_PAGES_4K + level - 1] -= 1
+    m.vt.stats[vm, ST_RMAP_ENTRIES] -= 1
+    gfn = sp_get_gfn(m, row, idx)
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec >= 0 and m.st.rec[rec, SL_RMAP_OFF + (level - 1)] >= 0:
+        pte_list_remove(m.sh, rmap_index(m.sh, m.st, rec, level, gfn), row * 512 + idx)
+    return old
+
+
+@njit(inline="always", _nrt=False)
+def mmu_spte_update(m, row, idx, new):
+    """mmu_spte_update: returns True when the change needs a TLB flush (MMU-writable dropped)."""
+    old = m.pa.spt[row, idx]
+    m.pa.spt[row, idx] = new
+    if not is_shadow_present_pte(old):
+        return False
+    return is_mmu_writable(old) and not is_mmu_writable(new)
+
+
+@helper
+def drop_parent_pte(m, child, prow, pidx):
+    # drop_parent_pte: unlink and clear the parent SPTE
+    parent_remove(m.sh, child, prow * 512 + pidx)
+    m.pa.spt[prow, pidx] = SHADOW_NONPRESENT_VALUE
+
+
+@helper
+def mmu_page_zap_pte(m, vm, row, idx):
+    """mmu_page_zap_pte: leaf -> drop; table -> unlink the child; MMIO -> clear."""
+    pte = m.pa.spt[row, idx]
+    if is_shadow_present_pte(pte):
+        if is_last_spte(pte, role_level(m.pa.meta[row, SP_ROLE])):
+            drop_spte(m, vm, row, idx)
+        else:
+            drop_parent_pte(m, spte_to_child_row(pte), row, idx)
+    elif pte != SHADOW_NONPRESENT_VALUE:
+        m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
+
+
+@helper
+def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
+    """kvm_mmu_slot_gfn_write_protect over the rmaps: True if a flush is needed."""
+    sh = m.sh
+    flush = False
+    for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
+            continue
+        n = sh.rmap_head[rmap_index(sh, m.st, rec, level, gfn)]
+        while n >= 0:
+            sptep = sh.rn[n, NODE_VAL]
+            n = sh.rn[n, NODE_NEXT]
+            row = sptep_row(sptep)
+            idx = sptep_idx(sptep)
+            spte = m.pa.spt[row, idx]
+            # spte_write_protect
+            if not (spte & PT_WRITABLE_MASK) and not (pt_protect and is_mmu_writable(spte)):
+                continue
+            new = spte & ~PT_WRITABLE_MASK
+            if pt_protect:
+                new &= ~NPT_MMU_WRITABLE
+            flush |= mmu_spte_update(m, row, idx, new)
+    return flush
+
+
+@helper
+def account_shadowed(m, vm, row):
+    # account_shadowed: upper levels are write-tracked, last-level tables only write-protected
+    m.vt.rec[vm, VM_INDIRECT] += 1
+    gfn = m.pa.meta[row, SP_GFN]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec < 0:
+        return
+    if role_level(m.pa.meta[row, SP_ROLE]) > 1:
+        # __kvm_write_track_add_gfn
+        m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] += 1
+        update_disallow_lpage(m, rec, gfn, 1)
+        if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
+            flush_remote_tlbs(m, vm)
+        return
+    update_disallow_lpage(m, rec, gfn, 1)
+    if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
+        flush_remote_tlbs(m, vm)  # kvm_flush_remote_tlbs_gfn
+
+
+@helper
+def unaccount_shadowed(m, vm, row):
+    m.vt.rec[vm, VM_INDIRECT] -= 1
+    gfn = m.pa.meta[row, SP_GFN]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec < 0:
+        return
+    if role_level(m.pa.meta[row, SP_ROLE]) > 1:
+        m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] -= 1
+    update_disallow_lpage(m, rec, gfn, -1)
+
+
+@helper
+def alloc_shadow_page(m, vm, gfn, role):
+    """kvm_mmu_alloc_shadow_page: a row from the topped-up free stack, on the active list and hash."""
+    pa, sh = m.pa, m.sh
+    top = pa.ctl[CTL_FREE_TOP] - 1
+    row = pa.free[top]
+    pa.ctl[CTL_FREE_TOP] = top
+    pa.ctl[CTL_USED] += 1
+    for k in range(512):
+        pa.spt[row, k] = SHADOW_NONPRESENT_VALUE
+    pa.meta[row, SP_VM] = vm
+    pa.meta[row, SP_LEVEL] = role_level(role)
+    pa.meta[row, SP_GFN] = gfn
+    pa.meta[row, SP_ROLE] = role
+    pa.meta[row, SP_PARENT] = -1
+    pa.meta[row, SP_FLAGS] = 0
+    m.pa.meta[row, SP_UNSYNC] = 0
+    m.pa.meta[row, SP_UNSYNC_CHILDREN] = 0
+    for k in range(8):
+        sh.ubitmap[row, k] = 0
+    m.pa.meta[row, SP_ROOT_COUNT] = 0
+    m.pa.meta[row, SP_FLOOD] = 0
+    m.pa.meta[row, SP_GEN] = m.vt.rec[vm, VM_VALID_GEN]
+    sh.parent_head[row] = -1
+    # list_add(&sp->link, &kvm->arch.active_mmu_pages): newest at the head
+    head = m.vt.rec[vm, VM_ACT_HEAD]
+    m.pa.meta[row, SP_ANEXT] = head
+    m.pa.meta[row, SP_APREV] = -1
+    if head >= 0:
+        m.pa.meta[head, SP_APREV] = row
+    else:
+        m.vt.rec[vm, VM_ACT_TAIL] = row
+    m.vt.rec[vm, VM_ACT_HEAD] = row
+    b = m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)
+    m.pa.meta[row, SP_HNEXT] = sh.hash[b]
+    sh.hash[b] = row
+    m.vt.stats[vm, ST_MMU_PAGES] += 1
+    if sp_has_gptes(role):
+        account_shadowed(m, vm, row)
+    return row
+
+
+@njit(inline="always", _nrt=False)
+def active_list_del(m, vm, row):
+    nxt, prv = m.pa.meta[row, SP_ANEXT], m.pa.meta[row, SP_APREV]
+    if prv >= 0:
+        m.pa.meta[prv, SP_ANEXT] = nxt
+    else:
+        m.vt.rec[vm, VM_ACT_HEAD] = nxt
+    if nxt >= 0:
+        m.pa.meta[nxt, SP_APREV] = prv
+    else:
+        m.vt.rec[vm, VM_ACT_TAIL] = prv
+    m.pa.meta[row, SP_ANEXT] = -1
+    m.pa.meta[row, SP_APREV] = -1
+
+
+@helper
+def free_shadow_page(m, vm, row):
+    """kvm_mmu_free_shadow_page: out of the hash, back on the free stack."""
+    pa, sh = m.pa, m.sh
+    b = m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(pa.meta[row, SP_GFN])
+    cur = sh.hash[b]
+    if cur == row:
+        sh.hash[b] = m.pa.meta[row, SP_HNEXT]
+    else:
+        while cur >= 0:
+            if m.pa.meta[cur, SP_HNEXT] == row:
+                m.pa.meta[cur, SP_HNEXT] = m.pa.meta[row, SP_HNEXT]
+                break
+            cur = m.pa.meta[cur, SP_HNEXT]
+    pa.meta[row, SP_VM] = -1
+    pa.ctl[CTL_USED] -= 1
+    top = pa.ctl[CTL_FREE_TOP]
+    pa.free[top] = row
+    pa.ctl[CTL_FREE_TOP] = top + 1
+
+
+@helper
+def kvm_unlink_unsync_page(m, vm, row):
+    m.pa.meta[row, SP_UNSYNC] = 0
+    m.vt.stats[vm, ST_MMU_UNSYNC] -= 1
+
+
+@njit(inline="always", _nrt=False)
+def clear_unsync_child_bit(m, row, idx):
+    w = idx >> 6
+    bit = np.int64(1) << np.int64(idx & 63)
+    if m.sh.ubitmap[row, w] & bit:
+        m.sh.ubitmap[row, w] &= ~bit
+        m.pa.meta[row, SP_UNSYNC_CHILDREN] -= 1
+
+
+@helper
+def mark_parents_unsync(m, row):
+    """kvm_mmu_mark_parents_unsync: set the child bit in every parent, recursing on 0 -> 1."""
+    sh = m.sh
+    sc = sh.scratch
+    sc[SC_MARK_STACK] = row
+    sp_ = 1
+    while sp_ > 0:
+        sp_ -= 1
+        r = sc[SC_MARK_STACK + sp_]
+        n = sh.parent_head[r]
+        while n >= 0:
+            sptep = sh.pl[n, NODE_VAL]
+            n = sh.pl[n, NODE_NEXT]
+            prow = sptep_row(sptep)
+            pidx = sptep_idx(sptep)
+            w = pidx >> 6
+            bit = np.int64(1) << np.int64(pidx & 63)
+            if sh.ubitmap[prow, w] & bit:
+                continue
+            sh.ubitmap[prow, w] |= bit
+            c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
+            m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
+            if c == 0 and sp_ < SC_MARK_STACK_LEN:
+                sc[SC_MARK_STACK + sp_] = prow
+                sp_ += 1
+
+
+@helper
+def mmu_unsync_walk(m, row):
+    """mmu_unsync_walk: collect up to 16 entries (``row`` first, then tables with unsync children and
+    unsync last-level pages, depth first) into the pvec.  Returns the number of entries."""
+    sh, pa = m.sh, m.pa
+    sc = sh.scratch
+    if m.pa.meta[row, SP_UNSYNC_CHILDREN] == 0:
+        return 0
+    nr = 0
+    sc[SC_PVEC_SP] = row
+    sc[SC_PVEC_IDX] = -1
+    sc[SC_PVEC_PAR] = -1
+    nr = 1
+    # explicit DFS: stack of (pvec index of the table being scanned, next bit)
+    depth = 0
+    sc[SC_STACK] = 0
+    sc[SC_STACK + 1] = 0
+    depth = 1
+    while depth > 0:
+        pv = sc[SC_STACK + 2 * (depth - 1)]
+        bit = sc[SC_STACK + 2 * (depth - 1) + 1]
+        sp = sc[SC_PVEC_SP + pv]
+        found = False
+        while bit < 512:
+            w = bit >> 6
+            if sh.ubitmap[sp, w] == 0:
+                bit = (w + 1) << 6
+                continue
+            if not (sh.ubitmap[sp, w] >> np.int64(bit & 63)) & 1:
+                bit += 1
+                continue
+            i = bit
+            bit += 1
+            ent = pa.spt[sp, i]
+            if not is_shadow_present_pte(ent) or is_large_pte(ent):
+                clear_unsync_child_bit(m, sp, i)
+                continue
+            child = spte_to_child_row(ent)
+            if m.pa.meta[child, SP_UNSYNC_CHILDREN] > 0:
+                sc[SC_PVEC_SP + nr] = child
+                sc[SC_PVEC_IDX + nr] = i
+                sc[SC_PVEC_PAR + nr] = pv
+                nr += 1
+                sc[SC_STACK + 2 * (depth - 1) + 1] = bit
+                sc[SC_STACK + 2 * depth] = nr - 1
+                sc[SC_STACK + 2 * depth + 1] = 0
+                depth += 1
+                found = True
+                break
+            elif m.pa.meta[child, SP_UNSYNC]:
+                dup = False
+                for k in range(nr):
+                    if sc[SC_PVEC_SP + k] == child:
+                        dup = True
+                if not dup:
+                    sc[SC_PVEC_SP + nr] = child
+                    sc[SC_PVEC_IDX + nr] = i
+                    sc[SC_PVEC_PAR + nr] = pv
+                    nr += 1
+                if nr == KVM_PAGE_ARRAY_NR:
+                    return nr
+            else:
+                clear_unsync_child_bit(m, sp, i)
+            if nr == KVM_PAGE_ARRAY_NR:
+                return nr
+        if found:
+            if nr == KVM_PAGE_ARRAY_NR:
+                return nr
+            continue
+        # done with this table: a table whose children turned out all synced leaves its parent's bit
+        depth -= 1
+        if depth > 0 and m.pa.meta[sp, SP_UNSYNC_CHILDREN] == 0:
+            clear_unsync_child_bit(m, sc[SC_PVEC_SP + sc[SC_PVEC_PAR + pv]], sc[SC_PVEC_IDX + pv])
+    return nr
+
+
+@helper
+def mmu_pages_clear_parents(m, pv):
+    """mmu_pages_clear_parents: clear the bit of ``pv`` in its parent, upwards while a parent runs out."""
+    sc = m.sh.scratch
+    while True:
+        par = sc[SC_PVEC_PAR + pv]
+        if par < 0:
+            return
+        psp = sc[SC_PVEC_SP + par]
+        clear_unsync_child_bit(m, psp, sc[SC_PVEC_IDX + pv])
+        if m.pa.meta[psp, SP_UNSYNC_CHILDREN] != 0:
+            return
+        pv = par
+
+
+@helper
+def invalid_list_add(m, row):
+    sc = m.sh.scratch
+    m.pa.meta[row, SP_ANEXT] = sc[SC_INVALID_HEAD]
+    sc[SC_INVALID_HEAD] = row
+
+
+@helper
+def commit_zap_page(m, vm):
+    """kvm_mmu_commit_zap_page: one flush, then free every page on invalid_list."""
+    sc = m.sh.scratch
+    row = sc[SC_INVALID_HEAD]
+    if row < 0:
+        return False
+    flush_remote_tlbs(m, vm)
+    while row >= 0:
+        nxt = m.pa.meta[row, SP_ANEXT]
+        free_shadow_page(m, vm, row)
+        row = nxt
+    sc[SC_INVALID_HEAD] = -1
+    return True
+
+
+@helper
+def prepare_zap_one(m, vm, row):
+    """__kvm_mmu_prepare_zap_page minus the unsync children (done by prepare_zap_page)."""
+    pa, sh = m.pa, m.sh
+    m.vt.stats[vm, ST_MMU_SHADOW_ZAPPED] += 1
+    # kvm_mmu_page_unlink_children
+    for i in range(512):
+        if pa.spt[row, i] != SHADOW_NONPRESENT_VALUE:
+            mmu_page_zap_pte(m, vm, row, i)
+    # kvm_mmu_unlink_parents
+    n = sh.parent_head[row]
+    while n >= 0:
+        sptep = sh.pl[n, NODE_VAL]
+        nxt = sh.pl[n, NODE_NEXT]
+        drop_parent_pte(m, row, sptep_row(sptep), sptep_idx(sptep))
+        n = nxt
+    role = pa.meta[row, SP_ROLE]
+    if not (role & ROLE_INVALID) and sp_has_gptes(role):
+        unaccount_shadowed(m, vm, row)
+    if m.pa.meta[row, SP_UNSYNC]:
+        kvm_unlink_unsync_page(m, vm, row)
+    if m.pa.meta[row, SP_ROOT_COUNT] == 0:
+        if not (role & ROLE_INVALID):
+            active_list_del(m, vm, row)
+        m.vt.stats[vm, ST_MMU_PAGES] -= 1
+        invalid_list_add(m, row)
+    elif not (role & ROLE_INVALID):
+        active_list_del(m, vm, row)  # a pinned root stays allocated until its root_count drops
+    pa.meta[row, SP_ROLE] = role | ROLE_INVALID
+
+
+@helper
+def prepare_zap_page(m, vm, row):
+    """kvm_mmu_prepare_zap_page.  Unsync last-level children of a zapped upper-level page are NOT
+    zapped with it: they are only unlinked and keep their SPTEs and their unsync state, which is what
+    the real kernel (6.18) does (a PD zapped by a misaligned write leaves mmu_unsync and pages_4k as
+    they were: tests/test_realkvm.py).  Older kernels zapped them first (mmu_zap_unsync_children)."""
+    prepare_zap_one(m, vm, row)
+
+
+@kernel
+def zap_oldest_mmu_pages(m, vm, nr_to_zap):
+    """kvm_mmu_zap_oldest_mmu_pages: zap from the oldest end of active_mmu_pages, skipping pinned roots."""
+    total = 0
+    restart = True
+    while restart:
+        restart = False
+        row = m.vt.rec[vm, VM_ACT_TAIL]
+        while row >= 0:
+            prv = m.pa.meta[row, SP_APREV]
+            if m.pa.meta[row, SP_ROOT_COUNT] > 0:
+                row = prv
+                continue
+            used_before = m.vt.stats[vm, ST_MMU_PAGES]
+            prepare_zap_page(m, vm, row)
+            nr = used_before - m.vt.stats[vm, ST_MMU_PAGES]  # unsync children zapped + the page itself
+            total += nr
+            if total >= nr_to_zap:
+                break
+            if nr > 1:
+                restart = True  # children were zapped: the list changed under the iterator
+                break
+            row = prv
+    commit_zap_page(m, vm)
+    m.vt.stats[vm, ST_MMU_RECYCLED] += total
+    return total
+
+
+@njit(inline="always", _nrt=False)
+def make_mmu_pages_available(m, vm):
+    """make_mmu_pages_available: keep KVM_MIN_FREE_MMU_PAGES (5) below n_max, refilling 25 at a time.
+    Returns False (-ENOSPC) if not even one page is available afterwards."""
+    used = m.vt.stats[vm, ST_MMU_PAGES]
+    avail = m.vt.rec[vm, VM_N_MAX] - used if m.vt.rec[vm, VM_N_MAX] > used else 0
+    if avail >= 5:
+        return True
+    zap_oldest_mmu_pages(m, vm, 25 - avail)
+    used = m.vt.stats[vm, ST_MMU_PAGES]
+    return m.vt.rec[vm, VM_N_MAX] > used
+
+
+@kernel
+def kvm_mmu_change_mmu_pages(m, vm, goal):
+    # kvm_mmu_change_mmu_pages
+    used = m.vt.stats[vm, ST_MMU_PAGES]
+    if used > goal:
+        zap_oldest_mmu_pages(m, vm, used - goal)
+        goal = m.vt.stats[vm, ST_MMU_PAGES]
+    m.vt.rec[vm, VM_N_MAX] = goal

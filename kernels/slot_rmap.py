@@ -1,0 +1,282 @@
+"""mmu.c's rmap-driven operations over memslots and gfn ranges (slot_rmap_walk): zap all, write-protect
+and dirty logging, zap collapsible / gfn range, aging, the shadow footprint.
+
+Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
+(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+
+import numpy as np
+
+from .dirty import ring_mask_target
+from .jit import helper, kernel
+from .memslot import (
+    kvm_mmu_max_mapping_level,
+)
+from .rmap import kvm_mmu_slot_lpages, rmap_index, sptep_idx, sptep_row
+from .shadow_mmu import commit_zap_page, drop_spte, prepare_zap_page, rmap_write_protect_gfn, role_level, sp_has_gptes
+from .spte import (
+    KVM_MAX_HUGEPAGE_LEVEL,
+    NPT_A,
+    PT_WRITABLE_MASK,
+    ROLE_DIRECT,
+    ROLE_INVALID,
+)
+from .state import (
+    DM_INITIALLY_SET,
+    DM_MANUAL_PROTECT,
+    NODE_NEXT,
+    NODE_VAL,
+    SL_BASE_GFN,
+    SL_DIRTY_OFF,
+    SL_NPAGES,
+    SL_RMAP_OFF,
+    SL_VM,
+    SP_APREV,
+    SP_GEN,
+    SP_ROLE,
+    SP_VM,
+    VM_ACT_TAIL,
+    VM_DIRTY_MODE,
+    VM_VALID_GEN,
+)
+
+
+@kernel
+def shadow_zap_all_fast(m, vm):
+    """kvm_mmu_zap_all_fast: new generation, zap every now-obsolete page (oldest first)."""
+    m.vt.rec[vm, VM_VALID_GEN] ^= 1
+    row = m.vt.rec[vm, VM_ACT_TAIL]
+    while row >= 0:
+        prv = m.pa.meta[row, SP_APREV]
+        if not (m.pa.meta[row, SP_ROLE] & ROLE_INVALID):
+            prepare_zap_page(m, vm, row)
+        row = prv if prv >= 0 and m.pa.meta[prv, SP_GEN] != m.vt.rec[vm, VM_VALID_GEN] else -1
+        if row < 0:
+            row = m.vt.rec[vm, VM_ACT_TAIL]
+            if row >= 0 and m.pa.meta[row, SP_GEN] == m.vt.rec[vm, VM_VALID_GEN]:
+                row = -1
+    commit_zap_page(m, vm)
+
+
+@kernel
+def shadow_slot_wrprot(m, vm, rec, min_level):
+    """slot_rmap_write_protect over a whole slot (kvm_mmu_slot_remove_write_access): True if changed."""
+    flush = False
+    for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]
+        if off < 0:
+            continue
+        shift = (level - 1) * 9
+        n_heads = kvm_mmu_slot_lpages(m.st.rec[rec, SL_BASE_GFN], m.st.rec[rec, SL_NPAGES], shift)
+        for h in range(off, off + n_heads):
+            n = m.sh.rmap_head[h]
+            while n >= 0:
+                sptep = m.sh.rn[n, NODE_VAL]
+                n = m.sh.rn[n, NODE_NEXT]
+                row = sptep_row(sptep)
+                idx = sptep_idx(sptep)
+                spte = m.pa.spt[row, idx]
+                if spte & PT_WRITABLE_MASK:
+                    m.pa.spt[row, idx] = spte & ~PT_WRITABLE_MASK
+                    flush = True
+    return flush
+
+
+@kernel
+def shadow_enable_log_dirty_pt_masked(m, vm, rec, first, mask):
+    """kvm_arch_mmu_enable_log_dirty_pt_masked (rmap flavour): with INITIALLY_SET, first write-protect
+    the huge SPTEs covering the first and last gfn of the mask (a write through them would be lost to
+    the log), then the 4K SPTEs of every gfn in it."""
+    if (m.vt.rec[vm, VM_DIRTY_MODE] & (DM_MANUAL_PROTECT | DM_INITIALLY_SET)) == DM_MANUAL_PROTECT | DM_INITIALLY_SET:
+        lo = 0
+        while not (mask >> np.int64(lo)) & 1:
+            lo += 1
+        hi = 63
+        while not (mask >> np.int64(hi)) & 1:
+            hi -= 1
+        start = m.st.rec[rec, SL_BASE_GFN] + first + lo
+        end = m.st.rec[rec, SL_BASE_GFN] + first + hi
+        rmap_write_protect_gfn(m, vm, rec, start, 2, True)  # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M)
+        if (start + 511) >> 9 != (end + 511) >> 9:  # ALIGN(start, PMD_SIZE) != ALIGN(end, PMD_SIZE)
+            rmap_write_protect_gfn(m, vm, rec, end, 2, True)
+    shadow_wrprot_masked(m, vm, rec, first, mask)
+
+
+@kernel
+def shadow_ring_reset_masks(m, vm, masks, n, slot_recs):
+    """kvm_reset_dirty_gfn for the coalesced masks of a dirty-ring reset (kernels/dirty.py)."""
+    for k in range(n):
+        rec, offset, mask = ring_mask_target(m.st, masks, k, slot_recs)
+        if rec >= 0:
+            shadow_enable_log_dirty_pt_masked(m, vm, rec, offset, mask)
+
+
+@helper
+def shadow_wrprot_masked(m, vm, rec, first, mask):
+    """kvm_mmu_write_protect_pt_masked: write-protect the 4K SPTEs of the gfns in a 64-page mask."""
+    for b in range(64):
+        if (mask >> np.int64(b)) & 1:
+            gfn = m.st.rec[rec, SL_BASE_GFN] + first + b
+            rmap_write_protect_gfn_level(m, rec, gfn, 1)
+
+
+@helper
+def rmap_write_protect_gfn_level(m, rec, gfn, level):
+    # rmap_write_protect(pt_protect=false) on one rmap head
+    n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gfn)]
+    while n >= 0:
+        sptep = m.sh.rn[n, NODE_VAL]
+        n = m.sh.rn[n, NODE_NEXT]
+        row = sptep_row(sptep)
+        idx = sptep_idx(sptep)
+        if m.pa.spt[row, idx] & PT_WRITABLE_MASK:
+            m.pa.spt[row, idx] &= ~PT_WRITABLE_MASK
+
+
+@kernel
+def shadow_get_dirty_log(m, vm, rec, out):
+    """kvm_get_dirty_log_protect without manual protect (rmap flavour): True if any bit was set."""
+    st = m.st
+    off = st.rec[rec, SL_DIRTY_OFF]
+    words = (st.rec[rec, SL_NPAGES] + 63) >> 6
+    flush = False
+    for w in range(words):
+        mask = st.dirty[off + w]
+        out[w] = mask
+        if mask == 0:
+            continue
+        flush = True
+        st.dirty[off + w] = 0
+        shadow_wrprot_masked(m, vm, rec, w * 64, mask)
+    return flush
+
+
+@kernel
+def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
+    """kvm_clear_dirty_log_protect (rmap flavour): pages cleared."""
+    st = m.st
+    off = st.rec[rec, SL_DIRTY_OFF]
+    cleared = 0
+    npages = st.rec[rec, SL_NPAGES]
+    for k in range((num_pages + 63) >> 6):
+        i = (first_page >> 6) + k
+        mask = bitmap[k] & st.dirty[off + i]
+        if i * 64 + 64 > npages:
+            mask &= (np.int64(1) << np.int64(npages - i * 64)) - 1
+        if mask == 0:
+            continue
+        st.dirty[off + i] &= ~mask
+        for b in range(64):
+            cleared += (mask >> np.int64(b)) & 1
+        shadow_enable_log_dirty_pt_masked(m, vm, rec, i * 64, mask)
+    return cleared
+
+
+@kernel
+def shadow_zap_collapsible(m, vm, rec):
+    """kvm_mmu_zap_collapsible_sptes (rmap part): drop 4K SPTEs of direct pages that could be huge."""
+    flush = False
+    off = m.st.rec[rec, SL_RMAP_OFF + 0]
+    if off < 0:
+        return False
+    for h in range(off, off + m.st.rec[rec, SL_NPAGES]):
+        n = m.sh.rmap_head[h]
+        while n >= 0:
+            sptep = m.sh.rn[n, NODE_VAL]
+            n = m.sh.rn[n, NODE_NEXT]
+            row = sptep_row(sptep)
+            if (m.pa.meta[row, SP_ROLE] & ROLE_DIRECT) and \
+                    role_level(m.pa.meta[row, SP_ROLE]) < kvm_mmu_max_mapping_level(
+                        m.st, rec, m.st.rec[rec, SL_BASE_GFN] + h - off, KVM_MAX_HUGEPAGE_LEVEL):
+                drop_spte(m, vm, row, sptep_idx(sptep))
+                flush = True
+    return flush
+
+
+@kernel
+def shadow_zap_gfn_range(m, vm, rec, start, end):
+    """kvm_unmap_gfn_range over the rmaps (MMU notifier): every SPTE of [start, end) at every level."""
+    flush = False
+    for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
+            continue
+        shift = (level - 1) * 9
+        g = (start >> shift) << shift
+        while g < end:
+            if g >= m.st.rec[rec, SL_BASE_GFN] or level > 1:
+                gg = max(g, m.st.rec[rec, SL_BASE_GFN])
+                n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+                while n >= 0:
+                    sptep = m.sh.rn[n, NODE_VAL]
+                    n = m.sh.rn[n, NODE_NEXT]
+                    drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
+                    flush = True
+            g += np.int64(1) << np.int64(shift)
+    return flush
+
+
+@kernel
+def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
+    """kvm_age_gfn / kvm_test_age_gfn over the rmaps (A/D enabled: clear the accessed bit).
+    ``young[gfn - start]`` is set for each accessed 4K page.  Returns True if any was young."""
+    any_young = False
+    for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
+            continue
+        shift = (level - 1) * 9
+        g = (start >> shift) << shift
+        while g < end:
+            gg = max(g, m.st.rec[rec, SL_BASE_GFN])
+            n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+            hit = False
+            while n >= 0:
+                sptep = m.sh.rn[n, NODE_VAL]
+                n = m.sh.rn[n, NODE_NEXT]
+                row = sptep_row(sptep)
+                idx = sptep_idx(sptep)
+                spte = m.pa.spt[row, idx]
+                if spte & NPT_A:
+                    hit = True
+                    if clear:
+                        m.pa.spt[row, idx] = spte & ~NPT_A  # mmu_spte_age
+            if hit:
+                any_young = True
+                lo = max(g, start)
+                hi = min(g + (np.int64(1) << np.int64(shift)), end)
+                for k in range(lo, hi):
+                    young[k - start] = 1
+            g += np.int64(1) << np.int64(shift)
+    return any_young
+
+
+@kernel
+def shadow_footprint_counts(m, vm, out):
+    """Objects KVM allocates for a shadow VM: out[0] pages with gptes (shadowed_translation arrays),
+    out[1] pte_list_desc blocks of rmaps, out[2] of parent lists, out[3] rmap heads, out[4] write-track
+    entries (only the slots of ``vm``)."""
+    for k in range(5):
+        out[k] = 0
+    for row in range(m.pa.meta.shape[0]):
+        if m.pa.meta[row, SP_VM] != vm or row >= m.sh.parent_head.shape[0]:
+            continue
+        if sp_has_gptes(m.pa.meta[row, SP_ROLE]):
+            out[0] += 1
+        c = 0
+        n = m.sh.parent_head[row]
+        while n >= 0:
+            c += 1
+            n = m.sh.pl[n, NODE_NEXT]
+        if c >= 2:
+            out[2] += (c + 13) // 14  # PTE_LIST_EXT = 14 pointers per descriptor
+    for rec in range(m.st.rec.shape[0]):
+        if rec >= m.st.rec.shape[0] or m.st.rec[rec, SL_VM] != vm or m.st.rec[rec, SL_RMAP_OFF + 0] < 0:
+            continue
+        for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            shift = (level - 1) * 9
+            nh = kvm_mmu_slot_lpages(m.st.rec[rec, SL_BASE_GFN], m.st.rec[rec, SL_NPAGES], shift)
+            out[3] += nh
+            off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]
+            for h in range(off, off + nh):
+                c = m.sh.rmap_cnt[h]
+                if c >= 2:
+                    out[1] += (c + 13) // 14
+        out[4] += m.st.rec[rec, SL_NPAGES]
