@@ -2,7 +2,7 @@
 
 ``GuestPaging`` is a mixin of ``batchmmu.host.Host``: it owns the guest-memory arena (kernels/gmem.py),
 the per-vCPU registers and roots (``VcpuRegs``) and the shadow-MMU state (``ShadowState``), tops them
-up before a batch and runs the shadow kernels (kernels/shadow.py).
+up before a batch and runs the shadow kernels (kernels/shadow.py re-exports them).
 """
 
 import numpy as np
