@@ -1,8 +1,5 @@
 """The shadow MMU's event loop: native accesses with their exits and faults, emulated accesses, INVLPG,
-MOV CR3 and guest TLB flushes, in order, with the stop/resume protocol of every batch (STOP_*).
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+MOV CR3 and guest TLB flushes, in order, with the stop/resume protocol of every batch (STOP_*)."""
 
 import numpy as np
 from numba import njit

@@ -1,9 +1,6 @@
 """``paging_tmpl.h``'s FNAME() code for the shadow MMU (PTTYPE 64 / PAE / 32 through the guest walker):
 gpte helpers, sync_spte and the sync of unsync pages, shadow-page lookup and linking, make_spte /
-mmu_set_spte, the prefetch, fetch, page_fault, invlpg and the A/D update.
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+mmu_set_spte, the prefetch, fetch, page_fault, invlpg and the A/D update."""
 
 import numpy as np
 from numba import njit
