@@ -1,10 +1,8 @@
 """The shadow MMU's event loop: native accesses with their exits and faults, emulated accesses, INVLPG,
-MOV CR3 and guest TLB flushes, in order, with the stop/resume protocol of every batch (STOP_*).
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+MOV CR3 and guest TLB flushes, in order, with the stop/resume protocol of every batch (STOP_*)."""
 
 import numpy as np
+from numba import njit
 
 from .emulate import emulated_access
 from .gmem import gm_room, gm_write_bytes
@@ -14,7 +12,7 @@ from .guest_walk import (
     cpu_mode,
 )
 from .hw import shadow_hw_walk
-from .jit import helper, kernel
+from .jit import kernel
 from .memslot import (
     dirty_ring_soft_full,
     slot_map,
@@ -76,7 +74,7 @@ from .state import (
 from .tdp import account_pf_result
 
 
-@helper
+@njit(inline="always", _nrt=False)  # one call site (shadow_event_batch): no bundle pushed for it
 def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     """One native guest access (a store of ``value`` when nbytes > 0): (outcome, error code)."""
     stats = m.vt.stats

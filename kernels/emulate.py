@@ -1,8 +1,5 @@
 """KVM's emulator for guest accesses it has to perform itself (emulator_read_write): page by page,
-translated by the software walk, written through the memslots and tracked.
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+translated by the software walk, written through the memslots and tracked."""
 
 import numpy as np
 

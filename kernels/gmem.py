@@ -213,6 +213,21 @@ def gm_read64(gm, sm, vm, gpa):
 
 
 @njit(inline="always", _nrt=False)
+def gm_read_group(gm, sm, vm, base, size, n, out, off):
+    """``n`` consecutive ``size``-byte (4 or 8) entries from ``base`` (aligned, within one page) into
+    ``out[off:off + n]``, zero-extended: one memslot and hash lookup for the group (FNAME(prefetch_gpte)
+    reads the 8 gptes of a prefetch group with one kvm_read_guest_atomic)."""
+    k = gm_page_key(sm, vm, base)
+    r = gm_find(gm.key, gm.row, k) if k >= 0 else np.int64(-1)
+    for i in range(n):
+        a = base + size * i
+        w = gm.page[r, (a >> 3) & 511] if r >= 0 else np.int64(0)
+        if size == 4:
+            w = (w >> 32) & 0xFFFFFFFF if a & 4 else w & 0xFFFFFFFF
+        out[off + i] = w
+
+
+@njit(inline="always", _nrt=False)
 def gm_read32(gm, sm, vm, gpa):
     """The 4-byte word at 4-aligned ``gpa``, zero-extended."""
     w = gm_read64(gm, sm, vm, gpa & ~7)

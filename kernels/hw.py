@@ -1,8 +1,5 @@
 """The processor's walks of the tables KVM built: the shadow-paging walk (the TDP walk is kernels/fault.py's
-``tdp_hw_walk``).
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+``tdp_hw_walk``)."""
 
 import numpy as np
 from numba import njit

@@ -1,8 +1,5 @@
 """mmu.c's roots: kvm_mmu_load, free_roots, prev_roots and kvm_mmu_new_pgd, CR3 loads, vCPU entry and its
-requests (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_MMU_RELOAD).
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+requests (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_MMU_RELOAD)."""
 
 import numpy as np
 from numba import njit

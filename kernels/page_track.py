@@ -1,8 +1,5 @@
 """``page_track.c`` and mmu.c's write-tracking side: a write to a shadowed guest page table (kvm_mmu_track_write),
-write flooding, misaligned writes.
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+write flooding, misaligned writes."""
 
 import numpy as np
 

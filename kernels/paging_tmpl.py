@@ -1,14 +1,11 @@
 """``paging_tmpl.h``'s FNAME() code for the shadow MMU (PTTYPE 64 / PAE / 32 through the guest walker):
 gpte helpers, sync_spte and the sync of unsync pages, shadow-page lookup and linking, make_spte /
-mmu_set_spte, the prefetch, fetch, page_fault, invlpg and the A/D update.
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+mmu_set_spte, the prefetch, fetch, page_fault, invlpg and the A/D update."""
 
 import numpy as np
 from numba import njit
 
-from .gmem import gm_read32, gm_read64
+from .gmem import gm_read_group
 from .guest_walk import (
     MODE_SMEP,
     MODE_WP,
@@ -410,7 +407,7 @@ def prefetch_slot(m, vm, gfn, writable):
     return rec
 
 
-@helper
+@njit(inline="always", _nrt=False)  # one call site (fetch): no bundle pushed for it
 def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
     """FNAME(pte_prefetch): map the aligned group of 8 around a new 4K SPTE."""
     if role_level(m.pa.meta[row, SP_ROLE]) > 1 or m.vt.rec[vm, VM_INVAL_COUNT] > 0:
@@ -460,7 +457,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
                      np.bool_(False), np.bool_(True))
 
 
-@helper
+@njit(inline="always", _nrt=False)  # one call site (shadow_page_fault): no bundle pushed for it
 def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
@@ -533,7 +530,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
     return ret
 
 
-@helper
+@njit(inline="always", _nrt=False)  # one call site (shadow_access): no bundle pushed for it
 def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     """kvm_mmu_do_page_fault -> FNAME(page_fault).  Returns (RET_PF_*, guest error code or 0)."""
     wk = m.sh.scratch  # the walker output lives at SC_WK == 0
@@ -559,14 +556,9 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
     # prefetch group of the leaf gpte, read now (FNAME(gpte_changed) at level 1)
     if wk[WK_LEAF_LEVEL] == 1:
-        if mode_levels(mode) == 2:
-            base = wk[WK_PTE_GPA + 1] & ~np.int64(31)
-            for k in range(PTE_PREFETCH_NUM):
-                m.sh.scratch[SC_PREFETCH + k] = gm_read32(gm, slot_map(m.vt, m.st), vm, base + 4 * k)
-        else:
-            base = wk[WK_PTE_GPA + 1] & ~np.int64(63)
-            for k in range(PTE_PREFETCH_NUM):
-                m.sh.scratch[SC_PREFETCH + k] = gm_read64(gm, slot_map(m.vt, m.st), vm, base + 8 * k)
+        size = 4 if mode_levels(mode) == 2 else 8
+        base = wk[WK_PTE_GPA + 1] & ~np.int64(size * PTE_PREFETCH_NUM - 1)
+        gm_read_group(gm, slot_map(m.vt, m.st), vm, base, size, PTE_PREFETCH_NUM, m.sh.scratch, SC_PREFETCH)
     # kvm_faultin_pfn
     if rec < 0:
         return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)

@@ -1,8 +1,10 @@
 """mmu.c's shadow half: the (gfn, role) hash, shadow-page alloc/free and the active list, rmaps and the
 ``mmu_spte_*`` chokepoint, unsync bookkeeping, zapping, the page budget and shrinker.
 
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+Shadow SPTEs use the legacy (NPT) layout with A/D bits.  The shadow MMU's functions take the ``MMU``
+bundle ``m`` (kernels/state.py).  Single-threaded: no mmu_lock, no races, so KVM's re-checks after taking
+the lock (``gpte_changed``, ``is_page_fault_stale``) never fire except for MMU-notifier invalidations.
+"""
 
 import numpy as np
 from numba import njit

@@ -1,8 +1,5 @@
 """mmu.c's rmap-driven operations over memslots and gfn ranges (slot_rmap_walk): zap all, write-protect
-and dirty logging, zap collapsible / gfn range, aging, the shadow footprint.
-
-Shadow SPTEs use the legacy (NPT) layout with A/D bits; every function takes the ``MMU`` bundle ``m``
-(kernels/state.py).  Single-threaded: no mmu_lock, no races."""
+and dirty logging, zap collapsible / gfn range, aging, the shadow footprint."""
 
 import numpy as np
 

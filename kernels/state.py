@@ -262,7 +262,7 @@ class SlotTable(NamedTuple):
     wtrack_off = _cols("rec", SL_WTRACK_OFF)
 
 
-# --- shadow MMU (kernels/shadow.py) -----------------------------------------------------
+# --- shadow MMU (kernels/shadow_mmu.py, paging_tmpl.py, ...) ------------------------------
 KVM_MMU_HASH_SIZE = 4096       # 1 << KVM_MMU_HASH_SHIFT
 KVM_MMU_NUM_PREV_ROOTS = 3
 PTE_PREFETCH_NUM = 8

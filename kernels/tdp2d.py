@@ -191,7 +191,7 @@ def _ad_write(wk, level, leaf, write):
     return level == leaf and write and (g & PT_DIRTY_MASK) == 0
 
 
-@helper
+@njit(inline="always", _nrt=False)  # one call site (tdp2d_batch): no bundle pushed for it
 def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     """One guest access of a TDP VM (2D walk when the vCPU pages): (outcome, error code, refs).
 

@@ -250,3 +250,31 @@ def test_removal_keeps_every_other_key_findable():
             used = sorted(int(gm.row[i]) for i in np.flatnonzero(gm.key != -1))
             free = sorted(gm.free[:gm.ctl[GM.GM_NFREE]].tolist())
             assert sorted(used + free) == list(range(int(gm.ctl[GM.GM_USED])))   # no row lost or shared
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("size", [4, 8])
+def test_prefetch_group_read_matches_entry_by_entry_reads(size):
+    """gm_read_group (one lookup for the 8 gptes of a prefetch group) reads what gm_read32/gm_read64 read
+    entry by entry: written pages, a never-written page (zeros), both halves of 8-byte words."""
+    from numba import njit
+
+    @njit
+    def group(gm, sm, vm, base, size, out):
+        GM.gm_read_group(gm, sm, vm, base, size, 8, out, 3)
+
+    @njit
+    def one(gm, sm, vm, gpa, size):
+        return GM.gm_read32(gm, sm, vm, gpa) if size == 4 else GM.gm_read64(gm, sm, vm, gpa)
+
+    h = bm.Host(memory=64 << 20)
+    vm = int(h.create_vms(1, memory=8 << 20)[0])
+    rng = np.random.default_rng(size)
+    h.write_guest_memory(vm, 0x5000, rng.integers(-(1 << 63), 1 << 63, 512, dtype=np.int64))
+    for base in (0x5000, 0x5000 + 64 * 5 + (32 if size == 4 else 0), 0x5FC0, 0x9000):   # 0x9000: never written
+        base &= ~(size * 8 - 1)
+        out = np.full(12, -7, np.int64)
+        group(h.gm, h._slot_map(), vm, base, size, out)
+        want = [one(h.gm, h._slot_map(), vm, base + size * i, size) for i in range(8)]
+        assert out[3:11].tolist() == want and out[:3].tolist() == [-7] * 3 and out[11] == -7
+    assert any(out[3:11]) is False
