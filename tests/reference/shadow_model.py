@@ -2,9 +2,10 @@
 
 Plain dicts and ints, written from upstream KVM (~v6.18) ``arch/x86/kvm/mmu/{mmu.c,paging_tmpl.h,
 spte.c,page_track.c}``, ``arch/x86/kvm/x86.c`` and ``virt/kvm/kvm_main.c``, independently of
-``kernels/shadow.py``.  A shadow page (:class:`SP`) keeps its SPTEs in ``spt`` (index -> int for a
-leaf SPTE, index -> child ``SP`` for a non-leaf one, absent = not present); pages are found by
-``hash[gfn]`` (newest first, as ``hlist_add_head``) with KVM's 32-bit role word; rmaps are
+the kernels (``kernels/shadow_mmu.py``, ``paging_tmpl.py``, ...).  A shadow page (:class:`SP`) keeps its
+SPTEs in ``spt`` (index -> int for a leaf SPTE, index -> child ``SP`` for a non-leaf one, absent = not
+present); pages are found by ``hash[gfn]`` (newest first, as ``hlist_add_head``) with KVM's 32-bit role
+word; rmaps are
 ``rmap[(level, gfn >> 9*(level-1))]`` lists of (SP, index).
 
 Versions differ here; this follows v6.12+: make_spte sets A and D on every writable SPTE it
