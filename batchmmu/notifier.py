@@ -64,10 +64,10 @@ class Notifiers:
     def _hva_ranges(self, vm, start, end):
         """(record, first gfn, end gfn) of every memslot of the VM whose hva range meets [start, end)."""
         start, end = self._hva_args(start, end)
-        st = self.st
+        srec = self.st.rec
         out = []
         for _slot, rec in self._slot_rec.of_vm(vm):
-            hva, npages, base = int(st.hva[rec]), int(st.npages[rec]), int(st.base_gfn[rec])
+            hva, npages, base = int(srec[rec, S.SL_HVA]), int(srec[rec, S.SL_NPAGES]), int(srec[rec, S.SL_BASE_GFN])
             lo, hi = max(start, hva), min(end, hva + (npages << 12))
             if lo < hi:
                 out.append((rec, base + ((lo - hva) >> 12), base + ((hi - hva + 4095) >> 12)))

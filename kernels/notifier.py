@@ -33,10 +33,11 @@ def tdp_zap_leafs(pa, vt, vm, start, end):
     root = vt.rec[vm, VM_ROOT]
     if root < 0:
         return 0
+    levels = np.int64(vt.rec[vm, VM_LEVELS])  # read once: a store to spt may alias the record for LLVM
     n = 0
     gfn = start
     while gfn < end:
-        row, idx, level, spte = walk_to_leaf(pa.spt, root, np.int64(vt.rec[vm, VM_LEVELS]), gfn)
+        row, idx, level, spte = walk_to_leaf(pa.spt, root, levels, gfn)
         if is_shadow_present_pte(spte):
             tdp_set_spte(pa, vt, vm, row, idx, level, SHADOW_NONPRESENT_VALUE)
             n += 1
@@ -61,11 +62,12 @@ def tdp_age_range(pa, vt, vm, start, end, clear, young):
     if root < 0:
         return False
     fmt = vt.rec[vm, VM_FMT]
+    levels = np.int64(vt.rec[vm, VM_LEVELS])
     spt = pa.spt
     any_young = False
     gfn = start
     while gfn < end:
-        row, idx, level, spte = walk_to_leaf(spt, root, np.int64(vt.rec[vm, VM_LEVELS]), gfn)
+        row, idx, level, spte = walk_to_leaf(spt, root, levels, gfn)
         nxt = next_gfn(gfn, level)
         if is_shadow_present_pte(spte) and is_accessed_spte(fmt, spte):
             any_young = True
