@@ -203,3 +203,33 @@ def warmup(progress=None):
             progress(i + 1, len(GROUPS), name, time.perf_counter() - t)
     READY = True
     return time.perf_counter() - t0
+
+
+def _arrays_in(ty):
+    """Arrays a value of numba type ``ty`` passes to a compiled call (tuples flattened, as numba does)."""
+    from numba.core import types
+    if isinstance(ty, types.Array):
+        return 1
+    if isinstance(ty, types.BaseTuple):
+        return sum(_arrays_in(t) for t in ty.types)
+    return 0
+
+
+def kernel_signatures():
+    """{"module.kernel": (compiled signatures, Python entry point?, widest signature in arrays)} for every
+    numba dispatcher of ``batchmmu.kernels`` in this process (``bench/shapes.py``, ``tests/test_warmup.py``)."""
+    import importlib
+    import pkgutil
+
+    from numba.core.registry import CPUDispatcher
+
+    from . import kernels
+    out = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"batchmmu.kernels.{info.name}")
+        for name, d in vars(mod).items():
+            if isinstance(d, CPUDispatcher) and d.py_func.__module__ == mod.__name__:
+                entry = d._cache.__class__.__name__ != "NullCache" and not d.targetoptions.get("no_cpython_wrapper")
+                width = max((sum(_arrays_in(t) for t in sig) for sig in d.signatures), default=0)
+                out[f"{info.name}.{name}"] = (len(d.signatures), entry, width)
+    return out

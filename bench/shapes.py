@@ -9,46 +9,12 @@ signatures, the signatures per kernel, and the line counts of the longest module
 """
 
 import argparse
-import importlib
-import pkgutil
 from pathlib import Path
 
-import batchmmu.kernels as K
-from numba.core import types
-from numba.core.registry import CPUDispatcher
-
 import batchmmu as bm
+from batchmmu.warm import kernel_signatures
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def arrays_in(ty):
-    """Arrays a value of numba type ``ty`` passes to a compiled call (tuples flattened)."""
-    if isinstance(ty, types.Array):
-        return 1
-    if isinstance(ty, types.BaseTuple):
-        return sum(arrays_in(t) for t in ty.types)
-    return 0
-
-
-def dispatchers():
-    seen = {}
-    for info in pkgutil.iter_modules(K.__path__):
-        mod = importlib.import_module(f"batchmmu.kernels.{info.name}")
-        for name, obj in vars(mod).items():
-            if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
-                seen[f"{info.name}.{name}"] = obj
-    return seen
-
-
-def widths():
-    """{kernel: [arrays per compiled signature]} for every kernel compiled or loaded in this process."""
-    out = {}
-    for name, d in dispatchers().items():
-        sigs = [sum(arrays_in(t) for t in sig) for sig in d.signatures]
-        if sigs:
-            out[name] = sigs
-    return out
 
 
 def module_lines():
@@ -63,10 +29,10 @@ def main():
     a = ap.parse_args()
     if not a.no_warmup:
         bm.warmup()
-    w = widths()
-    flat = sorted(((max(v), k, len(v)) for k, v in w.items()), reverse=True)
-    print(f"{len(w)} kernels compiled, {sum(len(v) for v in w.values())} signatures; "
-          f"kernels with more than one signature: {[k for k, v in w.items() if len(v) > 1]}")
+    w = {k: (n, width) for k, (n, _, width) in kernel_signatures().items() if n}
+    flat = sorted(((width, k, n) for k, (n, width) in w.items()), reverse=True)
+    print(f"{len(w)} kernels compiled, {sum(n for n, _ in w.values())} signatures; "
+          f"kernels with more than one signature: {[k for k, (n, _) in w.items() if n > 1]}")
     print("widest signatures (arrays, tuples flattened):")
     for n, k, nsig in flat[:a.top]:
         print(f"  {n:4d}  {k}" + (f"  ({nsig} signatures)" if nsig > 1 else ""))

@@ -21,26 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # inside their callers from a warm cache, so they may show none) and inline functions alike; then a
 # guest_os run must add no signature to any of them.
 _SIGS = r"""
-import importlib, json, pkgutil, sys
-from numba.core.registry import CPUDispatcher
+import json
 import batchmmu as bm
-import batchmmu.kernels as K
-
-from numba.core import types
-
-def arrays(t):
-    return 1 if isinstance(t, types.Array) else sum(map(arrays, t.types)) if isinstance(t, types.BaseTuple) else 0
-
-def sigs():
-    out = {}
-    for m in pkgutil.iter_modules(K.__path__):
-        mod = importlib.import_module(f"batchmmu.kernels.{m.name}")
-        for n, o in vars(mod).items():
-            if isinstance(o, CPUDispatcher) and o.py_func.__module__ == mod.__name__:
-                entry = o._cache.__class__.__name__ != "NullCache" and not o.targetoptions.get("no_cpython_wrapper")
-                width = max((sum(map(arrays, sig)) for sig in o.signatures), default=0)
-                out[f"{m.name}.{n}"] = (len(o.signatures), entry, width)
-    return out
+from batchmmu.warm import kernel_signatures as sigs
 
 bm.warmup()
 before = sigs()
