@@ -14,10 +14,9 @@ Targets of issue 11: first touch >= 0.5x, random HITs >= 0.6x.
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+from micro_walk import median_ns
 from numba import njit
 
 import batchmmu as bm
@@ -53,16 +52,6 @@ def probe_hit(tables, roots, vm, gfn):
     return s
 
 
-def median_time(fn, repeats, setup=None):
-    times = []
-    for _ in range(repeats):
-        state = setup() if setup else None
-        t = time.perf_counter()
-        fn(state)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vms", type=int, default=1000)
@@ -85,11 +74,11 @@ def main():
         t = np.zeros((rows, 512), np.int64)
         return t, np.arange(nvm, dtype=np.int64), nvm
     probe_touch(*probe_setup()[:2], nvm, ev_vm[:10], ev_gfn[:10])
-    t_pt = median_time(lambda s: probe_touch(s[0], s[1], s[2], ev_vm, ev_gfn), a.repeats, probe_setup)
+    t_pt = median_ns(lambda s: probe_touch(s[0], s[1], s[2], ev_vm, ev_gfn), n, probe_setup, a.repeats)
     tables, roots, top = probe_setup()
     probe_touch(tables, roots, top, ev_vm, ev_gfn)
     probe_hit(tables, roots, hit_vm[:10], hit_gfn[:10])
-    t_ph = median_time(lambda _: probe_hit(tables, roots, hit_vm, hit_gfn), a.repeats)
+    t_ph = median_ns(lambda _: probe_hit(tables, roots, hit_vm, hit_gfn), n, repeats=a.repeats)
 
     def sim_setup():
         host = bm.Host(memory=nvm * mem + (256 << 20), backing="4k")
@@ -102,19 +91,19 @@ def main():
     def sim_touch_setup():
         host, vms = sim_setup()
         return host, vms[ev_vm]
-    t_st = median_time(lambda s: s[0].access(s[1], 0, ev_addr, bm.ACC_WRITE), a.repeats, sim_touch_setup)
+    t_st = median_ns(lambda s: s[0].access(s[1], 0, ev_addr, bm.ACC_WRITE), n, sim_touch_setup, a.repeats)
     host, vms = sim_setup()
     host.access(vms[ev_vm], 0, ev_addr, bm.ACC_WRITE)
     hit_v, hit_addr = vms[hit_vm], hit_gfn << 12
     res = host.access(hit_v[:10], 0, hit_gfn[:10] << 12, 0)
     assert (res.outcome == bm.HIT).all()
-    t_sh = median_time(lambda _: host.access(hit_v, 0, hit_addr, 0), a.repeats)
+    t_sh = median_ns(lambda _: host.access(hit_v, 0, hit_addr, 0), n, repeats=a.repeats)
 
     print(f"TDP MMU vs radix probe, {nvm} VMs x {a.mem_mib} MiB (4K), {n:,} events, median of {a.repeats}; "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.2f}")
     for what, ts, tp, target in (("first touch (random)", t_st, t_pt, 0.5), ("HITs (random)", t_sh, t_ph, 0.6)):
         r = tp / ts
-        print(f"  {what:22s} simulator {n / ts / 1e6:6.2f} M/s   probe {n / tp / 1e6:6.2f} M/s   "
+        print(f"  {what:22s} simulator {1e3 / ts:6.2f} M/s   probe {1e3 / tp:6.2f} M/s   "
               f"ratio {r:5.2f}x   target >= {target}x: {'met' if r >= target else 'NOT met'}")
 
 
