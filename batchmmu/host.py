@@ -356,27 +356,12 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         return int(self.host_ctl[S.HOST_SWAPPED_BYTES])
 
     def spte_dump(self, vm):
-        """Every leaf and MMIO SPTE reachable from the VM's root: dict gfn -> (level, spte as uint64)."""
-        from .kernels.spte import is_last_spte, is_mmio_spte, is_shadow_present_pte, spte_to_child_row
+        """Every leaf and MMIO SPTE reachable from the VM's TDP root: dict gfn -> (level, spte as uint64)."""
+        from .kernels.tdp import tdp_mmu_spte_dump
         vm = self._check_vm(vm)
-        out = {}
-        root = int(self.vt.root[vm])
-        if root < 0:
-            return out
-        fmt = int(self.vt.fmt[vm])
-        mmio_caching = bool(self.cfg[S.CFG_MMIO_CACHING])
-        stack = [(root, int(self.vt.levels[vm]), 0)]
-        spt = self.pa.spt
-        while stack:
-            row, level, gfn0 = stack.pop()
-            for i in range(512):
-                spte = int(spt[row, i])
-                gfn = gfn0 + (i << (9 * (level - 1)))
-                if is_shadow_present_pte(spte):
-                    if is_last_spte(spte, level):
-                        out[gfn] = (level, spte & 0xFFFFFFFFFFFFFFFF)
-                    else:
-                        stack.append((int(spte_to_child_row(spte)), level - 1, gfn))
-                elif is_mmio_spte(fmt, np.int64(spte), mmio_caching):
-                    out[gfn] = (level, spte & 0xFFFFFFFFFFFFFFFF)
-        return out
+        out = np.zeros((0, 3), np.int64)
+        n = tdp_mmu_spte_dump(self.pa, self.vt, self.cfg, np.int64(vm), out)
+        if n:
+            out = np.zeros((n, 3), np.int64)
+            tdp_mmu_spte_dump(self.pa, self.vt, self.cfg, np.int64(vm), out)
+        return {g: (lv, s & 0xFFFFFFFFFFFFFFFF) for g, lv, s in out.tolist()}

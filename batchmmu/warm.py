@@ -44,6 +44,7 @@ def _tdp():
             vm = int(h.create_vms(1, memory="4MiB", vcpus=2, tdp_format=fmt, tdp_levels=levels, ept_ad=ad)[0])
             h.access([vm, vm, vm], 0, [0, 0x1000, 1 << 30], [0, ACC_WRITE, ACC_FETCH])
             h.access(vm, 1, 1 << 30, 0)
+            h.spte_dump(vm)
             _dirty_modes(h, vm, 1 << 30)
         vm = int(h.create_vms(1, memory="4MiB")[0])
         h.access([vm, vm - 1], 0, [0, 0], [0, 0])   # VMs out of order: grouped, then ungrouped

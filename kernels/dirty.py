@@ -13,11 +13,15 @@ from numba import njit
 from .jit import helper, kernel
 from .memslot import gfn_to_memslot, mark_page_dirty
 from .spte import (
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
     PT_WRITABLE_MASK,
+    is_last_spte,
     is_shadow_present_pte,
     shadow_dirty_mask,
     shadow_mmu_writable_mask,
     spte_ad_enabled,
+    spte_index,
 )
 from .state import (
     CFG_EAGER_SPLIT,
@@ -47,7 +51,7 @@ from .state import (
     VM_ROOT,
 )
 from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
-from .walk import next_gfn, walk_to_leaf
+from .tdp_iter import tdp_iter_next, tdp_iter_start, walk_to_leaf
 
 
 # ----------------------------------------------------------------------------- PML
@@ -95,36 +99,37 @@ def _leaf_at(pa, vt, vm, gfn):
 @kernel
 def count_huge_leaves(pa, vt, vm, start, end):
     """Rows an eager split of [start, end) may need: 1 per 2M leaf, 513 per 1G leaf."""
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    spt, meta = pa.spt, pa.meta
     rows = 0
-    gfn = start
-    while gfn < end:
-        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
-        if row < 0:
-            break
-        if level > 1 and is_shadow_present_pte(spte):
-            rows += 1 if level == 2 else 513
-        gfn = next_gfn(gfn, max(level, 2))  # a 4K leaf table holds nothing to split: skip it whole
+    # a 4K leaf table holds nothing to split: the walk stays at 2M and above
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    while valid and gfn < end:
+        spte = spt[row, spte_index(gfn, level)]
+        if level > PG_LEVEL_4K and is_shadow_present_pte(spte) and is_last_spte(spte, level):
+            rows += 1 if level == PG_LEVEL_2M else 513
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M)
     return rows
 
 
 @kernel
 def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
     """tdp_mmu_split_huge_pages_root: split every huge leaf in [start, end) down to target_level,
-    pre-order (1G -> 2M -> 4K).  The caller has topped up the free rows (count_huge_leaves)."""
+    pre-order (1G -> 2M -> 4K: the iterator steps down into each new table).  The caller has topped
+    up the free rows (count_huge_leaves)."""
     fmt = vt.rec[vm, VM_FMT]
     nx = cfg[CFG_NX_HUGE_PAGES] != 0
-    gfn = start
-    while gfn < end:
-        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
-        if row < 0:
-            return
-        if is_shadow_present_pte(spte) and level > target_level:
-            shift = (level - 1) * 9
-            child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, (gfn >> shift) << shift, pa.meta[row, SP_ROLE], row, idx)
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    spt, meta = pa.spt, pa.meta
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    while valid and gfn < end:
+        idx = spte_index(gfn, level)
+        spte = spt[row, idx]
+        if is_shadow_present_pte(spte) and is_last_spte(spte, level):  # is_large_pte: level > target_level
+            child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, gfn, meta[row, SP_ROLE], row, idx)
             tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
             vt.stats[vm, ST_PAGES_SPLIT] += 1
-            continue  # walk again: the pieces may be huge too
-        gfn = next_gfn(gfn, max(level, 2) if target_level == 1 else level)
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, target_level + 1)
 
 
 @helper
@@ -144,33 +149,30 @@ def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
 @helper
 def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     """clear_dirty_pt_masked: for each 4K leaf in the mask clear W (write-protection) or, with PML,
-    the dirty bit (W for SPTEs without A/D).  One walk per leaf table, then a scan of the mask."""
+    the dirty bit (W for SPTEs without A/D)."""
+    if mask == 0:
+        return
     fmt = vt.rec[vm, VM_FMT]
-    spt = pa.spt
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    spt, meta = pa.spt, pa.meta
     dmask = shadow_dirty_mask(fmt)
+    first = 0
+    while not (mask >> first) & 1:
+        first += 1  # __ffs(mask)
     count = 0
-    b = 0
-    while b < 64:
-        if not (mask >> b) & 1:
-            b += 1
-            continue
-        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn + b)
-        if row < 0:
-            break
-        if level != 1:
-            b += 1  # not a 4K mapping (or none): nothing to do for this page
-            continue
-        # every page of the mask that shares this leaf table
-        while b < 64 and idx < 512:
-            if (mask >> b) & 1:
-                spte = spt[row, idx]
-                if is_shadow_present_pte(spte):
-                    dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
-                    if spte & dbit:
-                        tdp_clear_spte_bits(spt, row, idx, dbit)
-                        count += 1
-            b += 1
-            idx += 1
+    # tdp_root_for_each_leaf_pte(gfn + __ffs(mask), gfn + BITS_PER_LONG)
+    row, level, g, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, gfn + first)
+    while valid and g < gfn + 64 and mask != 0:
+        if level == PG_LEVEL_4K and (mask >> (g - gfn)) & 1:
+            mask &= ~(np.int64(1) << (g - gfn))
+            idx = spte_index(g, level)
+            spte = spt[row, idx]
+            if is_shadow_present_pte(spte):
+                dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
+                if spte & dbit:
+                    tdp_clear_spte_bits(spt, row, idx, dbit)
+                    count += 1
+        row, level, g, nlg, valid = tdp_iter_next(spt, meta, row, level, g, nlg, root_level, PG_LEVEL_4K)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
@@ -178,26 +180,20 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
 def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D off on 4K leaves."""
     fmt = vt.rec[vm, VM_FMT]
-    spt = pa.spt
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    spt, meta = pa.spt, pa.meta
     dmask = shadow_dirty_mask(fmt)
     count = 0
-    gfn = start
-    while gfn < end:
-        row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
-        if row < 0:
-            break
-        if level != 1:
-            gfn = next_gfn(gfn, level)
-            continue
-        while idx < 512 and gfn < end:
-            spte = spt[row, idx]
-            if is_shadow_present_pte(spte):
-                dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
-                if spte & dbit:
-                    tdp_clear_spte_bits(spt, row, idx, dbit)
-                    count += 1
-            idx += 1
-            gfn += 1
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    while valid and gfn < end:
+        idx = spte_index(gfn, level)
+        spte = spt[row, idx]
+        if level == PG_LEVEL_4K and is_shadow_present_pte(spte):
+            dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+            if spte & dbit:
+                tdp_clear_spte_bits(spt, row, idx, dbit)
+                count += 1
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 

@@ -97,7 +97,7 @@ from .tdp import (
     kvm_tdp_mmu_map,
     mmu_alloc_root,
 )
-from .walk import walk_to_leaf
+from .tdp_iter import walk_to_leaf
 
 # hardware walk results
 WALK_OK = 0

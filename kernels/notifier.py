@@ -9,11 +9,15 @@ from numba import njit
 
 from .jit import kernel
 from .spte import (
+    PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
+    is_last_spte,
     is_shadow_present_pte,
     mark_spte_for_access_track,
+    pages_per_hpage,
     shadow_accessed_mask,
     spte_ad_enabled,
+    spte_index,
 )
 from .state import (
     ST_MMU_NOTIFIER_ZAPPED,
@@ -23,25 +27,24 @@ from .state import (
     VM_ROOT,
 )
 from .tdp import tdp_clear_spte_bits, tdp_set_spte
-from .walk import next_gfn, walk_to_leaf
+from .tdp_iter import tdp_iter_next, tdp_iter_start
 
 
 @kernel
 def tdp_zap_leafs(pa, vt, vm, start, end):
     """tdp_mmu_zap_leafs: every leaf SPTE (any level) overlapping [start, end) becomes non-present.
     Tables stay.  Returns the number zapped (> 0: the caller flushes)."""
-    root = vt.rec[vm, VM_ROOT]
-    if root < 0:
-        return 0
-    levels = np.int64(vt.rec[vm, VM_LEVELS])  # read once: a store to spt may alias the record for LLVM
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])  # read once: a store to spt may alias the record for LLVM
+    spt, meta = pa.spt, pa.meta
     n = 0
-    gfn = start
-    while gfn < end:
-        row, idx, level, spte = walk_to_leaf(pa.spt, root, levels, gfn)
-        if is_shadow_present_pte(spte):
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    while valid and gfn < end:
+        idx = spte_index(gfn, level)
+        spte = spt[row, idx]
+        if is_shadow_present_pte(spte) and is_last_spte(spte, level):
             tdp_set_spte(pa, vt, vm, row, idx, level, SHADOW_NONPRESENT_VALUE)
             n += 1
-        gfn = next_gfn(gfn, level)
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     vt.stats[vm, ST_MMU_NOTIFIER_ZAPPED] += n
     return n
 
@@ -58,27 +61,25 @@ def is_accessed_spte(fmt, spte):
 def tdp_age_range(pa, vt, vm, start, end, clear, young):
     """age_gfn_range / test_age_gfn over [start, end): young[g - start] = 1 for every 4K page
     whose leaf was accessed; with ``clear`` the leaf is made old.  Returns True if any was young."""
-    root = vt.rec[vm, VM_ROOT]
-    if root < 0:
-        return False
     fmt = vt.rec[vm, VM_FMT]
-    levels = np.int64(vt.rec[vm, VM_LEVELS])
-    spt = pa.spt
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    spt, meta = pa.spt, pa.meta
     any_young = False
-    gfn = start
-    while gfn < end:
-        row, idx, level, spte = walk_to_leaf(spt, root, levels, gfn)
-        nxt = next_gfn(gfn, level)
-        if is_shadow_present_pte(spte) and is_accessed_spte(fmt, spte):
+    # tdp_root_for_each_leaf_pte
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    while valid and gfn < end:
+        idx = spte_index(gfn, level)
+        spte = spt[row, idx]
+        if is_shadow_present_pte(spte) and is_last_spte(spte, level) and is_accessed_spte(fmt, spte):
             any_young = True
-            for g in range(gfn, min(nxt, end)):
+            for g in range(max(gfn, start), min(gfn + pages_per_hpage(level), end)):
                 young[g - start] = 1
             if clear:
-                old = mark_spte_for_access_track(fmt, spte)
+                # kvm_tdp_mmu_age_spte
                 if spte_ad_enabled(spte):
                     tdp_clear_spte_bits(spt, row, idx, shadow_accessed_mask(fmt))
                 else:
-                    tdp_set_spte(pa, vt, vm, row, idx, level, old)
+                    tdp_set_spte(pa, vt, vm, row, idx, level, mark_spte_for_access_track(fmt, spte))
                 vt.stats[vm, ST_PAGES_AGED] += 1
-        gfn = nxt
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     return any_young

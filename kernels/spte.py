@@ -35,6 +35,31 @@ PG_LEVEL_2M = 2
 PG_LEVEL_1G = 3
 KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
 
+
+@njit(inline="always", _nrt=False)
+def hpage_gfn_shift(level):
+    # KVM_HPAGE_GFN_SHIFT: gfn bits an entry at ``level`` covers
+    return (level - 1) * LEVEL_BITS
+
+
+@njit(inline="always", _nrt=False)
+def spte_index(gfn, level):
+    # SPTE_INDEX (spte.h), of a gfn: the entry of the table at ``level`` that maps it
+    return (gfn >> hpage_gfn_shift(level)) & (SPTE_ENT_PER_PAGE - 1)
+
+
+@njit(inline="always", _nrt=False)
+def gfn_round_for_level(gfn, level):
+    # gfn_round_for_level (mmu_internal.h): the first gfn of the entry at ``level`` that maps gfn
+    shift = hpage_gfn_shift(level)
+    return (gfn >> shift) << shift
+
+
+@njit(inline="always", _nrt=False)
+def pages_per_hpage(level):
+    # KVM_PAGES_PER_HPAGE
+    return np.int64(1) << hpage_gfn_shift(level)
+
 # --- common software bits (spte.h) -------------------------------------------------
 SPTE_MMU_PRESENT_MASK = _bit(11)
 SPTE_BASE_ADDR_MASK = _bits(12, 51)

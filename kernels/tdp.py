@@ -19,6 +19,8 @@ from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS
 from .spte import (
     ACC_ALL,
     KVM_MAX_HUGEPAGE_LEVEL,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
     PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
     ROLE_ACCESS_SHIFT,
@@ -27,6 +29,7 @@ from .spte import (
     ROLE_DIRECT,
     ROLE_EFER_NX,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_ENT_PER_PAGE,
     is_last_spte,
     is_mmio_spte,
     is_shadow_present_pte,
@@ -37,10 +40,12 @@ from .spte import (
     modify_spte_protections,
     shadow_nx_mask,
     shadow_x_mask,
+    spte_index,
     spte_to_child_row,
     spte_to_pfn,
 )
 from .state import (
+    CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
     CFG_TDP_MAX_LEVEL,
     CTL_FREE_TOP,
@@ -78,7 +83,7 @@ from .state import (
     VM_MEMSLOTS_GEN,
     VM_ROOT,
 )
-from .walk import walk_to_leaf
+from .tdp_iter import tdp_iter_last_in_table, tdp_iter_next, tdp_iter_start
 
 
 @njit(inline="always", _nrt=False)
@@ -311,6 +316,32 @@ def tdp_mmu_zap_all(pa, vt, vm):
     vt.rec[vm, VM_ROOT] = -1
 
 
+@kernel
+def tdp_mmu_spte_dump(pa, vt, cfg, vm, out):
+    """Every present leaf and MMIO SPTE of the VM's TDP root, in gfn order: out[k] = (gfn, level, spte)
+    for the first ``out.shape[0]``.  Returns how many there are (a caller sizes ``out`` from a first call)."""
+    fmt = vt.rec[vm, VM_FMT]
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    mmio_caching = cfg[CFG_MMIO_CACHING] != 0
+    spt, meta = pa.spt, pa.meta
+    n = 0
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, 0)
+    while valid:
+        spte = spt[row, spte_index(gfn, level)]
+        if is_shadow_present_pte(spte):
+            hit = is_last_spte(spte, level)
+        else:
+            hit = is_mmio_spte(fmt, spte, mmio_caching)
+        if hit:
+            if n < out.shape[0]:
+                out[n, 0] = gfn
+                out[n, 1] = level
+                out[n, 2] = spte
+            n += 1
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
+    return n
+
+
 @njit(inline="always", _nrt=False)
 def tdp_clear_spte_bits(spt, row, idx, bits):
     """tdp_mmu_clear_spte_bits: clear W or D of a leaf in place.  KVM does this without
@@ -320,41 +351,29 @@ def tdp_clear_spte_bits(spt, row, idx, bits):
 
 @kernel
 def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
-    """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  Returns the count.
-
-    Walks down once per table and then scans the table's entries in order.
-    """
-    root = vt.rec[vm, VM_ROOT]
-    if root < 0:
-        return 0
-    spt = pa.spt
+    """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  Returns the count."""
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    spt, meta = pa.spt, pa.meta
     count = 0
-    gfn = start
-    while gfn < end:
-        row, k, level, spte = walk_to_leaf(spt, root, np.int64(vt.rec[vm, VM_LEVELS]), gfn)
-        shift = (level - 1) * 9
-        k = (gfn >> shift) & 511
-        if level == 1 and k == 0 and gfn + 512 <= end and min_level <= 1:
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    while valid and gfn < end:
+        idx = spte_index(gfn, level)
+        if level == PG_LEVEL_4K and idx == 0 and gfn + SPTE_ENT_PER_PAGE <= end:
             # a whole 4K leaf table: branch-free, 64 entries a word-pass (vectorised)
             n = np.int64(0)
-            for j in range(512):
+            for j in range(SPTE_ENT_PER_PAGE):
                 e = spt[row, j]
                 hit = (e >> 11) & (e >> 1) & 1  # MMU-present and writable
                 n += hit
                 spt[row, j] = e & ~(hit << 1)
             count += n
-            gfn += 512
-            continue
-        while k < 512 and gfn < end:
-            spte = spt[row, k]
-            if is_shadow_present_pte(spte):
-                if not is_last_spte(spte, level):
-                    break  # a table below: walk down from the root again
-                if level >= min_level and (spte & PT_WRITABLE_MASK):
-                    tdp_clear_spte_bits(spt, row, k, PT_WRITABLE_MASK)
-                    count += 1
-            gfn = ((gfn >> shift) + 1) << shift
-            k += 1
+            gfn = tdp_iter_last_in_table(gfn, level)
+        else:
+            spte = spt[row, idx]
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level) and (spte & PT_WRITABLE_MASK):
+                tdp_clear_spte_bits(spt, row, idx, PT_WRITABLE_MASK)
+                count += 1
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
     return count
 
@@ -370,66 +389,45 @@ def make_huge_spte(fmt, small_spte, level, nx_huge_pages):
 
 
 @njit(inline="always", _nrt=False)
-def first_leaf_below(pa, row, level):
-    """tdp_root_for_each_leaf_pte: the first present leaf SPTE in the table ``row`` (pre-order)."""
-    spt = pa.spt
-    lvl = level
-    idx = 0
-    while True:
-        if idx == 512:
-            if lvl == level:
-                return np.int64(0), False
-            parent = pa.meta[row, SP_PARENT]
-            idx = pa.meta[row, SP_PARENT_INDEX] + 1
-            row = parent
-            lvl += 1
-            continue
-        spte = spt[row, idx]
-        if is_shadow_present_pte(spte):
-            if is_last_spte(spte, lvl):
-                return spte, True
-            row = spte_to_child_row(spte)
-            lvl -= 1
-            idx = 0
-            continue
-        idx += 1
+def tdp_mmu_make_huge_spte(pa, fmt, row, level, gfn, nx_huge_pages):
+    """tdp_mmu_make_huge_spte: the huge SPTE at ``level`` (whose table is ``row``, one level down) made
+    from the first present leaf below it.  Returns (spte, found)."""
+    spt, meta = pa.spt, pa.meta
+    # tdp_root_for_each_leaf_pte over the child table
+    r, lv, g, nlg, valid = tdp_iter_start(row, level - 1, gfn)
+    while valid:
+        spte = spt[r, spte_index(g, lv)]
+        if is_shadow_present_pte(spte) and is_last_spte(spte, lv):
+            return make_huge_spte(fmt, spte, level, nx_huge_pages), True
+        r, lv, g, nlg, valid = tdp_iter_next(spt, meta, r, lv, g, nlg, level - 1, PG_LEVEL_4K)
+    return np.int64(0), False
 
 
 @kernel
 def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
     """kvm_tdp_mmu_recover_huge_pages (v6.13+): after dirty logging is disabled, replace tables
     by huge SPTEs wherever the slot allows a huge mapping.  Returns True if it changed any (flush)."""
-    root = vt.rec[vm, VM_ROOT]
-    if root < 0:
-        return False
     fmt = vt.rec[vm, VM_FMT]
     nx = cfg[CFG_NX_HUGE_PAGES] != 0
     max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
     start = st.rec[rec, SL_BASE_GFN]
     end = start + st.rec[rec, SL_NPAGES]
+    root_level = np.int64(vt.rec[vm, VM_LEVELS])
+    spt, meta = pa.spt, pa.meta
     flush = False
-    gfn = start
-    while gfn < end:
-        row = root
-        level = np.int64(vt.rec[vm, VM_LEVELS])
-        while True:
-            shift = (level - 1) * 9
-            idx = (gfn >> shift) & 511
-            spte = pa.spt[row, idx]
-            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
-                gfn = ((gfn >> shift) + 1) << shift
-                break
-            g = (gfn >> shift) << shift
-            if 2 <= level <= KVM_MAX_HUGEPAGE_LEVEL and start <= g < end \
-                    and invalidation_clamp_level(vt, vm, g, kvm_mmu_max_mapping_level(st, rec, g, max_level)) >= level:
-                leaf, found = first_leaf_below(pa, spte_to_child_row(spte), level - 1)
-                if found:
-                    tdp_set_spte(pa, vt, vm, row, idx, level, make_huge_spte(fmt, leaf, level, nx))
-                    flush = True
-                    gfn = ((gfn >> shift) + 1) << shift
-                    break
-            row = spte_to_child_row(spte)
-            level -= 1
+    # recover_huge_pages_range: for_each_tdp_pte_min_level(PG_LEVEL_2M)
+    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    while valid and gfn < end:
+        idx = spte_index(gfn, level)
+        spte = spt[row, idx]
+        if level <= KVM_MAX_HUGEPAGE_LEVEL and is_shadow_present_pte(spte) and not is_last_spte(spte, level) \
+                and start <= gfn < end \
+                and invalidation_clamp_level(vt, vm, gfn, kvm_mmu_max_mapping_level(st, rec, gfn, max_level)) >= level:
+            huge, found = tdp_mmu_make_huge_spte(pa, fmt, spte_to_child_row(spte), level, gfn, nx)
+            if found:
+                tdp_set_spte(pa, vt, vm, row, idx, level, huge)
+                flush = True
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M)
     return flush
 
 

@@ -1,0 +1,76 @@
+"""KVM's ``tdp_iter.c``: the pre-order iterator over one TDP page table, and the one-gfn walk.
+
+The iterator's state is five scalars, not a struct: ``row`` (the table holding the current SPTE),
+``level``, ``gfn`` (the first gfn the current SPTE maps), ``nlg`` (``next_last_level_gfn``) and
+``valid``.  KVM keeps ``pt_path[]`` to step up; here a table's parent is in its page record
+(``SP_PARENT``).  ``for_each_tdp_pte_min_level(iter, root, min_level, start, end)`` reads::
+
+    row, level, gfn, nlg, valid = tdp_iter_start(root, root_level, start)
+    while valid and gfn < end:
+        spte = spt[row, spte_index(gfn, level)]
+        ...                                   # the body; it may change the SPTE (a zap, a split)
+        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level)
+
+Like KVM's, the iterator steps down into the SPTE as it is after the body ran: a split entry is
+descended, a zapped one is not.
+"""
+
+import numpy as np
+from numba import njit
+
+from .spte import (
+    SPTE_ENT_PER_PAGE,
+    gfn_round_for_level,
+    is_last_spte,
+    is_shadow_present_pte,
+    pages_per_hpage,
+    spte_index,
+    spte_to_child_row,
+)
+from .state import SP_PARENT
+
+
+@njit(inline="always", _nrt=False)
+def tdp_iter_start(root, root_level, start):
+    # tdp_iter_start (+ tdp_iter_restart): at the root entry that maps ``start``
+    return (np.int64(root), np.int64(root_level), gfn_round_for_level(start, root_level), np.int64(start),
+            root >= 0)
+
+
+@njit(inline="always", _nrt=False)
+def tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level):
+    # tdp_iter_next: try_step_down, else try_step_side, else try_step_up and side again
+    if level > min_level:
+        spte = spt[row, spte_index(gfn, level)]
+        if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+            level -= 1
+            return spte_to_child_row(spte), level, gfn_round_for_level(nlg, level), nlg, True
+    while True:
+        if spte_index(gfn, level) != SPTE_ENT_PER_PAGE - 1:
+            gfn += pages_per_hpage(level)  # try_step_side
+            return row, level, gfn, gfn, True
+        if level == root_level:
+            return row, level, gfn, nlg, False
+        row = meta[row, SP_PARENT]  # try_step_up
+        level += 1
+        gfn = gfn_round_for_level(gfn, level)
+
+
+@njit(inline="always", _nrt=False)
+def tdp_iter_last_in_table(gfn, level):
+    """The gfn of the table's last entry: the next tdp_iter_next steps up (a body that handled the
+    whole table at once skips the rest of it)."""
+    return gfn_round_for_level(gfn, level + 1) + (SPTE_ENT_PER_PAGE - 1) * pages_per_hpage(level)
+
+
+@njit(inline="always", _nrt=False)
+def walk_to_leaf(spt, row, level, gfn):
+    """tdp_mmu_for_each_pte(gfn, gfn + 1) down to the SPTE that decides gfn: (row, idx, level, spte)
+    of the leaf that maps it, or of the first non-present entry on the way."""
+    while True:
+        idx = spte_index(gfn, level)
+        spte = spt[row, idx]
+        if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+            return row, idx, level, spte
+        row = spte_to_child_row(spte)
+        level -= 1
