@@ -70,6 +70,7 @@ from .shadow_mmu import (
     mark_parents_unsync,
     mmu_page_zap_pte,
     mmu_pages_clear_parents,
+    mmu_spte_set,
     mmu_spte_update,
     mmu_unsync_walk,
     prepare_zap_page,
@@ -185,7 +186,7 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     new, wrprot = make_spte(m, vm, rec, row, access, gfn, spte_to_pfn(spte), spte, True, True,
                             (spte & NPT_HOST_WRITABLE) != 0)
-    return 1 if mmu_spte_update(m, row, i, new) else 0
+    return 1 if mmu_spte_update(m.pa.spt, row, i, new) else 0
 
 
 @helper
@@ -281,7 +282,7 @@ def link_shadow_page(m, vm, prow, pidx, child):
     if is_shadow_present_pte(old) and is_large_pte(old):
         drop_spte(m, vm, prow, pidx)  # drop_large_spte
         flush_remote_tlbs(m, vm)
-    m.pa.spt[prow, pidx] = make_nonleaf_spte(FMT_NPT, child, False)
+    mmu_spte_set(m.pa.spt, prow, pidx, make_nonleaf_spte(FMT_NPT, child, False))
     parent_add(m.sh, child, prow * 512 + pidx)
     if m.pa.meta[child, SP_UNSYNC_CHILDREN] or m.pa.meta[child, SP_UNSYNC]:
         # mark_unsync(sptep)
@@ -376,7 +377,7 @@ def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fau
     if old == spte:
         ret = RET_PF_SPURIOUS
     else:
-        flush |= mmu_spte_update(m, row, idx, spte)
+        flush |= mmu_spte_update(m.pa.spt, row, idx, spte)
     if wrprot and write_fault:
         ret = RET_PF_EMULATE  # RET_PF_WRITE_PROTECTED: the write is emulated
     if flush:

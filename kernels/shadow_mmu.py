@@ -219,11 +219,47 @@ def rmap_add(m, vm, rec, row, idx, gfn, access):
         flush_remote_tlbs(m, vm)
 
 
+# ----------------------------------------------------------------------------- the SPTE chokepoint
+# Every store into a shadow page goes through these (mmu.c's mmu_spte_* family); only a fresh page's fill
+# (the kvm_mmu_memory_cache's init value) and the processor's A/D updates (hw.py) write around them.
+@njit(inline="always", _nrt=False)
+def mmu_spte_update_no_track(spt, row, idx, new):
+    """mmu_spte_update_no_track: store ``new``; returns the old SPTE."""
+    old = spt[row, idx]
+    spt[row, idx] = new
+    return old
+
+
+@njit(inline="always", _nrt=False)
+def mmu_spte_update(spt, row, idx, new):
+    """mmu_spte_update: returns True when the change needs a TLB flush (MMU-writable dropped)."""
+    old = mmu_spte_update_no_track(spt, row, idx, new)
+    if not is_shadow_present_pte(old):
+        return False
+    return is_mmu_writable(old) and not is_mmu_writable(new)
+
+
+@njit(inline="always", _nrt=False)
+def mmu_spte_set(spt, row, idx, new):
+    # mmu_spte_set: a non-present SPTE becomes present (a table link)
+    mmu_spte_update_no_track(spt, row, idx, new)
+
+
+@njit(inline="always", _nrt=False)
+def mmu_spte_clear_track_bits(spt, row, idx):
+    # mmu_spte_clear_track_bits: clear a leaf; returns the old SPTE
+    return mmu_spte_update_no_track(spt, row, idx, SHADOW_NONPRESENT_VALUE)
+
+
+@njit(inline="always", _nrt=False)
+def mmu_spte_clear_no_track(spt, row, idx):
+    mmu_spte_update_no_track(spt, row, idx, SHADOW_NONPRESENT_VALUE)
+
+
 @helper
 def drop_spte(m, vm, row, idx):
     """drop_spte: clear a leaf SPTE, uncount it and take it off its rmap."""
-    old = m.pa.spt[row, idx]
-    m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
+    old = mmu_spte_clear_track_bits(m.pa.spt, row, idx)
     if not is_shadow_present_pte(old):
         return old
     level = role_level(m.pa.meta[row, SP_ROLE])
@@ -236,21 +272,13 @@ def drop_spte(m, vm, row, idx):
     return old
 
 
-@njit(inline="always", _nrt=False)
-def mmu_spte_update(m, row, idx, new):
-    """mmu_spte_update: returns True when the change needs a TLB flush (MMU-writable dropped)."""
-    old = m.pa.spt[row, idx]
-    m.pa.spt[row, idx] = new
-    if not is_shadow_present_pte(old):
-        return False
-    return is_mmu_writable(old) and not is_mmu_writable(new)
 
 
 @helper
 def drop_parent_pte(m, child, prow, pidx):
     # drop_parent_pte: unlink and clear the parent SPTE
     parent_remove(m.sh, child, prow * 512 + pidx)
-    m.pa.spt[prow, pidx] = SHADOW_NONPRESENT_VALUE
+    mmu_spte_clear_no_track(m.pa.spt, prow, pidx)
 
 
 @helper
@@ -263,7 +291,7 @@ def mmu_page_zap_pte(m, vm, row, idx):
         else:
             drop_parent_pte(m, spte_to_child_row(pte), row, idx)
     elif pte != SHADOW_NONPRESENT_VALUE:
-        m.pa.spt[row, idx] = SHADOW_NONPRESENT_VALUE
+        mmu_spte_clear_no_track(m.pa.spt, row, idx)
 
 
 @helper
@@ -287,7 +315,7 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
             new = spte & ~PT_WRITABLE_MASK
             if pt_protect:
                 new &= ~NPT_MMU_WRITABLE
-            flush |= mmu_spte_update(m, row, idx, new)
+            flush |= mmu_spte_update(m.pa.spt, row, idx, new)
     return flush
 
 

@@ -9,7 +9,15 @@ from .memslot import (
     kvm_mmu_max_mapping_level,
 )
 from .rmap import kvm_mmu_slot_lpages, rmap_index, sptep_idx, sptep_row
-from .shadow_mmu import commit_zap_page, drop_spte, prepare_zap_page, rmap_write_protect_gfn, role_level, sp_has_gptes
+from .shadow_mmu import (
+    commit_zap_page,
+    drop_spte,
+    mmu_spte_update_no_track,
+    prepare_zap_page,
+    rmap_write_protect_gfn,
+    role_level,
+    sp_has_gptes,
+)
 from .spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
     NPT_A,
@@ -73,7 +81,7 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
                 idx = sptep_idx(sptep)
                 spte = m.pa.spt[row, idx]
                 if spte & PT_WRITABLE_MASK:
-                    m.pa.spt[row, idx] = spte & ~PT_WRITABLE_MASK
+                    mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~PT_WRITABLE_MASK)  # spte_write_protect
                     flush = True
     return flush
 
@@ -125,8 +133,9 @@ def rmap_write_protect_gfn_level(m, rec, gfn, level):
         n = m.sh.rn[n, NODE_NEXT]
         row = sptep_row(sptep)
         idx = sptep_idx(sptep)
-        if m.pa.spt[row, idx] & PT_WRITABLE_MASK:
-            m.pa.spt[row, idx] &= ~PT_WRITABLE_MASK
+        spte = m.pa.spt[row, idx]
+        if spte & PT_WRITABLE_MASK:
+            mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~PT_WRITABLE_MASK)
 
 
 @kernel
@@ -234,7 +243,7 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
                 if spte & NPT_A:
                     hit = True
                     if clear:
-                        m.pa.spt[row, idx] = spte & ~NPT_A  # mmu_spte_age
+                        mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~NPT_A)  # clear_bit(A)
             if hit:
                 any_young = True
                 lo = max(g, start)

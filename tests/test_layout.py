@@ -41,3 +41,38 @@ def test_field_views_write_the_records():
     vr.pdptr[1, 3] = 5
     assert vt.rec[1, S.VM_ROOT] == 7 and vt.rec[2, S.VM_HASH_OFF] == 9 and vr.rec[1, S.VR_PDPTR + 3] == 5
     assert int(vt.rec.sum()) == 16 and int(vr.rec.sum()) == 5
+
+
+def _spt_stores():
+    """{(file, function)} of every store into a page-table array (``spt[...] = / &= / |=``) in kernels/."""
+    import ast
+    out = set()
+    for p in sorted((ROOT / "kernels").glob("*.py")):
+        for fn in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for n in ast.walk(fn):
+                targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AugAssign) else []
+                for t in targets:
+                    v = t.value if isinstance(t, ast.Subscript) else None
+                    name = v.attr if isinstance(v, ast.Attribute) else v.id if isinstance(v, ast.Name) else None
+                    if name == "spt":
+                        out.add((p.name, fn.name))
+    return out
+
+
+@pytest.mark.nojit
+def test_spte_stores_go_through_each_mmus_chokepoint():
+    """One SPTE chokepoint per MMU: besides it, only what KVM (or the processor) also does around it."""
+    assert _spt_stores() == {
+        ("tdp.py", "tdp_set_spte"),                  # tdp_mmu_set_spte + handle_changed_spte
+        ("tdp.py", "tdp_clear_spte_bits"),           # tdp_mmu_clear_spte_bits (same leaf, same pfn)
+        ("tdp.py", "tdp_wrprot_gfn_range"),          # the same, a whole 4K table at once
+        ("tdp.py", "tdp_mmu_alloc_sp"),              # a fresh page's fill (the memory cache's init value)
+        ("tdp.py", "tdp_mmu_split_huge_page"),       # the new child's SPTEs, before it is linked
+        ("fault.py", "fast_page_fault"),             # fast_pf_fix_direct_spte: KVM's cmpxchg, no bookkeeping
+        ("fault.py", "tdp_hw_walk_from"),            # the processor setting A/D
+        ("shadow_mmu.py", "mmu_spte_update_no_track"),   # the shadow MMU's mmu_spte_* family
+        ("shadow_mmu.py", "alloc_shadow_page"),      # a fresh page's fill
+        ("hw.py", "shadow_hw_walk"),                 # the processor setting A/D
+    }
