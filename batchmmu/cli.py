@@ -17,12 +17,6 @@ from .errors import BatchMMUError
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
-def _numba_cache_cold():
-    """True if the kernels' on-disk numba cache is missing (first run compiles them)."""
-    from .kernels import CACHE_DIR
-    return not any(CACHE_DIR.rglob("*.nbi")) if CACHE_DIR.exists() else True
-
-
 def _say(args, msg):
     if not getattr(args, "quiet", False):
         print(msg, file=sys.stderr, flush=True)
@@ -90,7 +84,8 @@ def _cmd_run(args):
         print(describe(prep, need, have, run=(len(parts), args.backend)))
         return 0
     from . import warmup
-    _say(args, "compiling kernels (first run only; a few minutes on 2 cores) ..." if _numba_cache_cold()
+    from .warm import cache_is_cold
+    _say(args, "compiling kernels (first run only; a few minutes on 2 cores) ..." if cache_is_cold()
          else "loading kernels ...")
     t = time.perf_counter()
     warmup()
@@ -244,7 +239,8 @@ def _cmd_validate(args):
         raise BatchMMUError(f"workload=None: name a workload file, a bundled workload ({names}) or random:SEED",
                             field="workload")
     sides = "kernel" if args.kernel_only else "sim" if args.sim_only else "both"
-    if sides != "kernel" and _numba_cache_cold():
+    from .warm import cache_is_cold
+    if sides != "kernel" and cache_is_cold():
         print("compiling kernels (first run only; a few minutes on 2 cores) ...", file=sys.stderr, flush=True)
     rep = validate.validate(args.workload, sides=sides)
     if args.json:
@@ -273,14 +269,20 @@ def _add_validate(sub):
 def _cmd_warmup(args):
     from . import warmup
     from .kernels import CACHE_DIR
-    print(f"{'compiling' if _numba_cache_cold() else 'loading'} kernels (cache {CACHE_DIR}) ...", flush=True)
-    t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True))
+    from .warm import cache_is_cold, warm_jobs
+    cold = cache_is_cold()
+    jobs = args.jobs or warm_jobs()
+    how = f"compiling in {jobs} process{'es' if jobs > 1 else ''}" if cold else "loading"
+    print(f"{how} kernels (cache {CACHE_DIR}) ...", flush=True)
+    t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True), jobs=jobs)
     print(f"kernels ready in {t:.1f} s")
     return 0
 
 
 def _add_warmup(sub):
     w = sub.add_parser("warmup", help="compile every kernel now (or load them from the cache), with progress")
+    w.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="compile an empty cache in N processes at once (default: the usable CPUs)")
     w.set_defaults(func=_cmd_warmup)
 
 

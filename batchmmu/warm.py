@@ -6,7 +6,10 @@ prints the groups as they finish.
 """
 
 import gc
+import multiprocessing
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -172,36 +175,72 @@ def _guest_os():
 
 
 READY = False   # set once every group ran in this process
+# A parallel warm-up compiles the first _INDEPENDENT groups at once (the longest first), then the others,
+# which mostly reuse their kernels (the TDP fault path, the 2D loop, the shadow event loop) from the cache.
+_INDEPENDENT = 3
 GROUPS = (
-    ("TDP MMU and dirty logging", _tdp),
-    ("notifiers, NX recovery, shrinker", _notifiers),
-    ("reclaim", _reclaim),
     ("shadow MMU, all guest modes", lambda: _guest_paging("shadow")),
     ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp")),
+    ("TDP MMU and dirty logging", _tdp),
     ("2D walks with PML", lambda: _guest_paging("tdp", pml=True)),
     ("guest OS workload", _guest_os),
+    ("notifiers, NX recovery, shrinker", _notifiers),
+    ("reclaim", _reclaim),
 )
 
 
-def warmup(progress=None):
+def _run_group(i):
+    """Run group ``i`` with the collector off (numba's compiler makes millions of objects); its seconds."""
+    t = time.perf_counter()
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        GROUPS[i][1]()
+    finally:
+        if gc_on:
+            gc.enable()
+    gc.collect()
+    return i, time.perf_counter() - t
+
+
+def cache_is_cold():
+    """True when numba's cache directory of these kernel sources holds no compiled function yet."""
+    from .kernels import CACHE_DIR
+    return not Path(CACHE_DIR).exists() or not any(Path(CACHE_DIR).rglob("*.nbi"))
+
+
+def warm_jobs():
+    """Processes a cold warm-up compiles in: the CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def warmup(progress=None, jobs=None):
     """Compile (or load from numba's cache) every kernel on tiny batches; returns seconds taken.
 
-    ``progress(done, total, group, seconds)`` is called after each kernel group.
+    ``progress(done, total, group, seconds)`` is called after each kernel group.  With an empty cache the
+    groups compile in ``jobs`` processes at once (default: the CPUs this process may use; longest group
+    first), then load here from the cache; ``jobs=1`` (and a daemonic pool worker) compiles them one after
+    the other in this process.
     """
     global READY
     t0 = time.perf_counter()
-    gc_on = gc.isenabled()
-    for i, (name, fn) in enumerate(GROUPS):
-        t = time.perf_counter()
-        gc.disable()  # numba's compiler makes millions of objects: a collector pass per group, not thousands
-        try:
-            fn()
-        finally:
-            if gc_on:
-                gc.enable()
-        gc.collect()
-        if progress is not None:
-            progress(i + 1, len(GROUPS), name, time.perf_counter() - t)
+    jobs = warm_jobs() if jobs is None else int(jobs)
+    done = 0
+    if jobs > 1 and not multiprocessing.current_process().daemon and cache_is_cold():
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(jobs, _INDEPENDENT), maxtasksperchild=1) as pool:
+            for stage in (range(_INDEPENDENT), range(_INDEPENDENT, len(GROUPS))):
+                for i, seconds in pool.imap_unordered(_run_group, stage):
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(GROUPS), GROUPS[i][0], seconds)
+        for i in range(len(GROUPS)):   # load what the workers compiled
+            _run_group(i)
+    else:
+        for i in range(len(GROUPS)):
+            _, seconds = _run_group(i)
+            if progress is not None:
+                progress(i + 1, len(GROUPS), GROUPS[i][0], seconds)
     READY = True
     return time.perf_counter() - t0
 

@@ -117,3 +117,38 @@ def test_read_only_install_caches_in_the_users_cache_dir(tmp_path):
     assert Path(cache).parent == home / ".cache" / "batchmmu" and Path(cache).name.startswith("numba-")
     assert any(Path(cache).rglob("*.nbi"))               # numba wrote its index there
     assert not list(pkg.rglob("*.nbi"))
+
+
+@pytest.mark.nojit
+def test_cold_warmup_compiles_groups_in_processes_then_loads_them(monkeypatch):
+    """With an empty cache the groups run in a process pool (the independent ones first), each reported
+    once, then every group runs again here to load what the workers compiled."""
+    ran, pools = [], []
+    groups = tuple((f"g{i}", lambda i=i: ran.append(i)) for i in range(6))
+
+    class Pool:   # runs the tasks in this process, in order
+        def __init__(self, n, maxtasksperchild=None):
+            pools.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def imap_unordered(self, fn, items):
+            ran.append("stage")
+            return map(fn, items)
+
+    ctx = type("Ctx", (), {"Pool": Pool})
+    monkeypatch.setattr(warm, "GROUPS", groups)
+    monkeypatch.setattr(warm, "cache_is_cold", lambda: True)
+    monkeypatch.setattr(warm.multiprocessing, "get_context", lambda method: ctx)
+    seen = []
+    warm.warmup(lambda done, total, name, s: seen.append((done, total, name)), jobs=8)
+    assert pools == [warm._INDEPENDENT]
+    assert ran == ["stage", 0, 1, 2, "stage", 3, 4, 5, 0, 1, 2, 3, 4, 5]
+    assert seen == [(i + 1, 6, f"g{i}") for i in range(6)]
+    ran.clear()
+    warm.warmup(jobs=1)   # one process: no pool
+    assert ran == list(range(6)) and pools == [warm._INDEPENDENT]
