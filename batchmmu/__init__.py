@@ -42,13 +42,14 @@ __all__ = [
 ]
 
 
-def warmup(progress=None):
+def warmup(progress=None, jobs=None):
     """Compile (or load from numba's cache) every kernel on tiny batches; returns seconds taken.
 
-    ``progress(done, total, group, seconds)``, if given, is called after each kernel group.
+    ``progress(done, total, group, seconds)``, if given, is called after each kernel group.  With an empty
+    cache the kernel groups compile in ``jobs`` processes at once (default: the usable CPUs).
     """
     from .warm import warmup as _warmup
-    return _warmup(progress)
+    return _warmup(progress, jobs)
 
 
 def __getattr__(name):

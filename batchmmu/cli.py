@@ -272,8 +272,8 @@ def _cmd_warmup(args):
     from .warm import cache_is_cold, warm_jobs
     cold = cache_is_cold()
     jobs = args.jobs or warm_jobs()
-    how = f"compiling in {jobs} process{'es' if jobs > 1 else ''}" if cold else "loading"
-    print(f"{how} kernels (cache {CACHE_DIR}) ...", flush=True)
+    how = f"compiling kernels in {jobs} process{'es' if jobs > 1 else ''}" if cold else "loading kernels"
+    print(f"{how} (cache {CACHE_DIR}) ...", flush=True)
     t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True), jobs=jobs)
     print(f"kernels ready in {t:.1f} s")
     return 0
