@@ -15,6 +15,16 @@ MiB = 1 << 20
 KiB = 1 << 10
 
 
+def pytest_sessionstart(session):
+    """With an empty kernel cache, compile every kernel first in one process per CPU (bm.warmup) instead of
+    one by one inside the first tests that need them."""
+    import os
+
+    from batchmmu.warm import cache_is_cold
+    if os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0") and cache_is_cold():
+        print(f"\nempty kernel cache: compiling every kernel first ({bm.warmup():.0f} s)", flush=True)
+
+
 def u64(x):
     """An SPTE (np.int64, negative when bit 63 is set) as an unsigned Python int."""
     return int(x) & U64
