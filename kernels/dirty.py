@@ -51,7 +51,7 @@ from .state import (
     VM_ROOT,
 )
 from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
-from .tdp_iter import tdp_iter_next, tdp_iter_start, walk_to_leaf
+from .tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start, walk_to_leaf
 
 
 # ----------------------------------------------------------------------------- PML
@@ -159,19 +159,26 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     first = 0
     while not (mask >> first) & 1:
         first += 1  # __ffs(mask)
+    end = gfn + 64
     count = 0
-    # tdp_root_for_each_leaf_pte(gfn + __ffs(mask), gfn + BITS_PER_LONG)
+    # tdp_root_for_each_leaf_pte(gfn + __ffs(mask), gfn + BITS_PER_LONG); huge leaves are left alone
     row, level, g, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, gfn + first)
-    while valid and g < gfn + 64 and mask != 0:
-        if level == PG_LEVEL_4K and (mask >> (g - gfn)) & 1:
-            mask &= ~(np.int64(1) << (g - gfn))
+    while valid and g < end and mask != 0:
+        if level == PG_LEVEL_4K:
             idx = spte_index(g, level)
-            spte = spt[row, idx]
-            if is_shadow_present_pte(spte):
-                dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
-                if spte & dbit:
-                    tdp_clear_spte_bits(spt, row, idx, dbit)
-                    count += 1
+            b0 = g - gfn
+            run = tdp_iter_run(g, level, end)
+            for k in range(run):
+                if (mask >> (b0 + k)) & 1:
+                    spte = spt[row, idx + k]
+                    if is_shadow_present_pte(spte):
+                        dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
+                        if spte & dbit:
+                            tdp_clear_spte_bits(spt, row, idx + k, dbit)
+                            count += 1
+            # the bits of this run are done
+            mask = np.int64(0) if b0 + run >= 64 else mask & ~((np.int64(1) << (b0 + run)) - 1)
+            g += run - 1
         row, level, g, nlg, valid = tdp_iter_next(spt, meta, row, level, g, nlg, root_level, PG_LEVEL_4K)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
@@ -186,13 +193,17 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     count = 0
     row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
     while valid and gfn < end:
-        idx = spte_index(gfn, level)
-        spte = spt[row, idx]
-        if level == PG_LEVEL_4K and is_shadow_present_pte(spte):
-            dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
-            if spte & dbit:
-                tdp_clear_spte_bits(spt, row, idx, dbit)
-                count += 1
+        if level == PG_LEVEL_4K:
+            idx = spte_index(gfn, level)
+            run = tdp_iter_run(gfn, level, end)
+            for k in range(idx, idx + run):
+                spte = spt[row, k]
+                if is_shadow_present_pte(spte):
+                    dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+                    if spte & dbit:
+                        tdp_clear_spte_bits(spt, row, k, dbit)
+                        count += 1
+            gfn += run - 1
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 

@@ -27,7 +27,7 @@ from .state import (
     VM_ROOT,
 )
 from .tdp import tdp_clear_spte_bits, tdp_set_spte
-from .tdp_iter import tdp_iter_next, tdp_iter_start
+from .tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start
 
 
 @kernel
@@ -40,10 +40,13 @@ def tdp_zap_leafs(pa, vt, vm, start, end):
     row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
-        spte = spt[row, idx]
-        if is_shadow_present_pte(spte) and is_last_spte(spte, level):
-            tdp_set_spte(pa, vt, vm, row, idx, level, SHADOW_NONPRESENT_VALUE)
-            n += 1
+        run = tdp_iter_run(gfn, level, end)
+        for k in range(idx, idx + run):
+            spte = spt[row, k]
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level):
+                tdp_set_spte(pa, vt, vm, row, k, level, SHADOW_NONPRESENT_VALUE)
+                n += 1
+        gfn += run - 1
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     vt.stats[vm, ST_MMU_NOTIFIER_ZAPPED] += n
     return n
@@ -69,17 +72,21 @@ def tdp_age_range(pa, vt, vm, start, end, clear, young):
     row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
-        spte = spt[row, idx]
-        if is_shadow_present_pte(spte) and is_last_spte(spte, level) and is_accessed_spte(fmt, spte):
-            any_young = True
-            for g in range(max(gfn, start), min(gfn + pages_per_hpage(level), end)):
-                young[g - start] = 1
-            if clear:
-                # kvm_tdp_mmu_age_spte
-                if spte_ad_enabled(spte):
-                    tdp_clear_spte_bits(spt, row, idx, shadow_accessed_mask(fmt))
-                else:
-                    tdp_set_spte(pa, vt, vm, row, idx, level, mark_spte_for_access_track(fmt, spte))
-                vt.stats[vm, ST_PAGES_AGED] += 1
+        run = tdp_iter_run(gfn, level, end)
+        for k in range(idx, idx + run):
+            spte = spt[row, k]
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level) and is_accessed_spte(fmt, spte):
+                any_young = True
+                g = gfn + (k - idx)
+                for y in range(max(g, start), min(g + pages_per_hpage(level), end)):
+                    young[y - start] = 1
+                if clear:
+                    # kvm_tdp_mmu_age_spte
+                    if spte_ad_enabled(spte):
+                        tdp_clear_spte_bits(spt, row, k, shadow_accessed_mask(fmt))
+                    else:
+                        tdp_set_spte(pa, vt, vm, row, k, level, mark_spte_for_access_track(fmt, spte))
+                    vt.stats[vm, ST_PAGES_AGED] += 1
+        gfn += run - 1
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     return any_young

@@ -29,7 +29,6 @@ from .spte import (
     ROLE_DIRECT,
     ROLE_EFER_NX,
     SHADOW_NONPRESENT_VALUE,
-    SPTE_ENT_PER_PAGE,
     is_last_spte,
     is_mmio_spte,
     is_shadow_present_pte,
@@ -83,7 +82,7 @@ from .state import (
     VM_MEMSLOTS_GEN,
     VM_ROOT,
 )
-from .tdp_iter import tdp_iter_last_in_table, tdp_iter_next, tdp_iter_start
+from .tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start
 
 
 @njit(inline="always", _nrt=False)
@@ -325,19 +324,24 @@ def tdp_mmu_spte_dump(pa, vt, cfg, vm, out):
     mmio_caching = cfg[CFG_MMIO_CACHING] != 0
     spt, meta = pa.spt, pa.meta
     n = 0
+    end = np.int64(1) << (root_level * 9)
     row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, 0)
     while valid:
-        spte = spt[row, spte_index(gfn, level)]
-        if is_shadow_present_pte(spte):
-            hit = is_last_spte(spte, level)
-        else:
-            hit = is_mmio_spte(fmt, spte, mmio_caching)
-        if hit:
-            if n < out.shape[0]:
-                out[n, 0] = gfn
-                out[n, 1] = level
-                out[n, 2] = spte
-            n += 1
+        idx = spte_index(gfn, level)
+        run = tdp_iter_run(gfn, level, end)
+        for k in range(idx, idx + run):
+            spte = spt[row, k]
+            if is_shadow_present_pte(spte):
+                hit = is_last_spte(spte, level)
+            else:
+                hit = is_mmio_spte(fmt, spte, mmio_caching)
+            if hit:
+                if n < out.shape[0]:
+                    out[n, 0] = gfn + (k - idx)
+                    out[n, 1] = level
+                    out[n, 2] = spte
+                n += 1
+        gfn += run - 1
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     return n
 
@@ -358,16 +362,17 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
-        if level == PG_LEVEL_4K and idx == 0 and gfn + SPTE_ENT_PER_PAGE <= end:
-            # a whole 4K leaf table: branch-free, 64 entries a word-pass (vectorised)
+        if level == PG_LEVEL_4K:
+            # a run of 4K leaves: branch-free, 64 entries a word-pass (vectorised)
+            run = tdp_iter_run(gfn, level, end)
             n = np.int64(0)
-            for j in range(SPTE_ENT_PER_PAGE):
-                e = spt[row, j]
+            for k in range(idx, idx + run):
+                e = spt[row, k]
                 hit = (e >> 11) & (e >> 1) & 1  # MMU-present and writable
                 n += hit
-                spt[row, j] = e & ~(hit << 1)
+                spt[row, k] = e & ~(hit << 1)
             count += n
-            gfn = tdp_iter_last_in_table(gfn, level)
+            gfn += run - 1
         else:
             spte = spt[row, idx]
             if is_shadow_present_pte(spte) and is_last_spte(spte, level) and (spte & PT_WRITABLE_MASK):

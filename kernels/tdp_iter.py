@@ -11,6 +11,9 @@ The iterator's state is five scalars, not a struct: ``row`` (the table holding t
         ...                                   # the body; it may change the SPTE (a zap, a split)
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level)
 
+A body that works on 4K leaves takes a whole run of them at once (``tdp_iter_run``): a tight loop over
+the table's entries instead of one iterator step each.
+
 Like KVM's, the iterator steps down into the SPTE as it is after the body ran: a split entry is
 descended, a zapped one is not.
 """
@@ -19,6 +22,7 @@ import numpy as np
 from numba import njit
 
 from .spte import (
+    PG_LEVEL_4K,
     SPTE_ENT_PER_PAGE,
     gfn_round_for_level,
     is_last_spte,
@@ -57,10 +61,14 @@ def tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level):
 
 
 @njit(inline="always", _nrt=False)
-def tdp_iter_last_in_table(gfn, level):
-    """The gfn of the table's last entry: the next tdp_iter_next steps up (a body that handled the
-    whole table at once skips the rest of it)."""
-    return gfn_round_for_level(gfn, level + 1) + (SPTE_ENT_PER_PAGE - 1) * pages_per_hpage(level)
+def tdp_iter_run(gfn, level, end):
+    """SPTEs a body may take at once from the current one: 1 above 4K; in a 4K table every entry from
+    here to the table's end or ``end``, whichever comes first.  The body then adds ``run - 1`` to gfn so
+    that the next tdp_iter_next steps on from the last of them (the same SPTEs, in the same order, as
+    one tdp_iter_next per entry: a 4K SPTE has nothing below it)."""
+    if level != PG_LEVEL_4K:
+        return np.int64(1)
+    return min(SPTE_ENT_PER_PAGE - spte_index(gfn, level), end - gfn)
 
 
 @njit(inline="always", _nrt=False)

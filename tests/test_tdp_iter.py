@@ -5,19 +5,22 @@ import random
 
 import numpy as np
 import pytest
-from batchmmu.kernels.tdp_iter import tdp_iter_next, tdp_iter_start
+from batchmmu.kernels.tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start
 from reference.tdp_iter import for_each_tdp_pte
 
 import batchmmu as bm
 
 
-def _iterate(h, vm, min_level, start, end):
+def _iterate(h, vm, min_level, start, end, runs=False):
+    """The iterator's visits; with ``runs`` a body takes 4K leaves a run at a time (tdp_iter_run)."""
     spt, meta = h.pa.spt, h.pa.meta
     root_level = int(h.vt.levels[vm])
     row, level, gfn, nlg, valid = tdp_iter_start(np.int64(h.vt.root[vm]), np.int64(root_level), np.int64(start))
     out = []
     while valid and gfn < end:
-        out.append((int(row), int(level), int(gfn)))
+        run = int(tdp_iter_run(gfn, level, end)) if runs else 1
+        out += [(int(row), int(level), int(gfn) + k) for k in range(run)]
+        gfn += run - 1
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, np.int64(root_level),
                                                     np.int64(min_level))
     return out
@@ -49,6 +52,7 @@ def test_iterator_visits_what_the_reference_visits(backing, levels):
             want = list(for_each_tdp_pte(h.pa.spt, root, root_level, min_level, start, end))
             assert got == want, (backing, levels, start, end, min_level)
             assert got or start >= end
+            assert _iterate(h, vm, min_level, start, end, runs=True) == want
 
 
 @pytest.mark.nojit
