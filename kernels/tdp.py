@@ -29,6 +29,7 @@ from .spte import (
     ROLE_DIRECT,
     ROLE_EFER_NX,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_ENT_PER_PAGE,
     is_last_spte,
     is_mmio_spte,
     is_shadow_present_pte,
@@ -353,6 +354,18 @@ def tdp_clear_spte_bits(spt, row, idx, bits):
     spt[row, idx] &= ~bits
 
 
+@njit(inline="always", _nrt=False)
+def _wrprot_leaf_run(spt, row, idx, run):
+    """Clear W on the present writable 4K leaves spt[row, idx:idx + run], branch-free; returns how many."""
+    n = np.int64(0)
+    for k in range(idx, idx + run):
+        e = spt[row, k]
+        hit = (e >> 11) & (e >> 1) & 1  # MMU-present and writable
+        n += hit
+        spt[row, k] = e & ~(hit << 1)
+    return n
+
+
 @kernel
 def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     """wrprot_gfn_range: clear W on leaf SPTEs at >= min_level in [start, end).  Returns the count."""
@@ -365,13 +378,10 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
         if level == PG_LEVEL_4K:
             # a run of 4K leaves: branch-free, 64 entries a word-pass (vectorised)
             run = tdp_iter_run(gfn, level, end)
-            n = np.int64(0)
-            for k in range(idx, idx + run):
-                e = spt[row, k]
-                hit = (e >> 11) & (e >> 1) & 1  # MMU-present and writable
-                n += hit
-                spt[row, k] = e & ~(hit << 1)
-            count += n
+            if run == SPTE_ENT_PER_PAGE:
+                count += _wrprot_leaf_run(spt, row, 0, SPTE_ENT_PER_PAGE)  # a constant trip count vectorises
+            else:
+                count += _wrprot_leaf_run(spt, row, idx, run)
             gfn += run - 1
         else:
             spte = spt[row, idx]

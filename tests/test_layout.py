@@ -67,7 +67,7 @@ def test_spte_stores_go_through_each_mmus_chokepoint():
     assert _spt_stores() == {
         ("tdp.py", "tdp_set_spte"),                  # tdp_mmu_set_spte + handle_changed_spte
         ("tdp.py", "tdp_clear_spte_bits"),           # tdp_mmu_clear_spte_bits (same leaf, same pfn)
-        ("tdp.py", "tdp_wrprot_gfn_range"),          # the same, a whole 4K table at once
+        ("tdp.py", "_wrprot_leaf_run"),              # the same, a run of 4K leaves at once
         ("tdp.py", "tdp_mmu_alloc_sp"),              # a fresh page's fill (the memory cache's init value)
         ("tdp.py", "tdp_mmu_split_huge_page"),       # the new child's SPTEs, before it is linked
         ("fault.py", "fast_page_fault"),             # fast_pf_fix_direct_spte: KVM's cmpxchg, no bookkeeping
