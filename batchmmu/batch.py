@@ -14,6 +14,7 @@ from . import reclaim as _reclaim
 from .arena import grow_page_arena
 from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, FIXED, HIT, SPURIOUS
 from .errors import HostMemoryExhausted, bad
+from .kernels import mmu_internal as MI
 from .kernels import state as S
 from .kernels.events import (
     EV_BAD_ADDR,
@@ -28,6 +29,21 @@ from .kernels.events import (
 from .kernels.fault import access_batch
 from .kernels.guest_walk import X86_CR0_PG
 from .units import format_size
+
+
+def event_record(vm, vcpu, addr, kind=0, op=MI.OP_ACCESS, value=0, size=0):
+    """An int64[n, NEVF] event batch (kernels/mmu_internal.py EV_* columns) from equal-length arrays or
+    scalars (a scalar applies to every event; n is the length of ``vm``)."""
+    ev = np.empty((np.size(vm), MI.NEVF), np.int64)
+    for col, x in ((MI.EV_VM, vm), (MI.EV_VCPU, vcpu), (MI.EV_OP, op), (MI.EV_ADDR, addr), (MI.EV_KIND, kind),
+                   (MI.EV_VALUE, value), (MI.EV_SIZE, size)):
+        ev[:, col] = x
+    return ev
+
+
+def results(res):
+    """(outcome int8[n], error code int32[n]) of an int64[n, NRESF] result record."""
+    return res[:, MI.RES_OUTCOME].astype(np.int8), res[:, MI.RES_ERROR].astype(np.int32)
 
 
 class AccessResult(NamedTuple):
@@ -89,9 +105,8 @@ class Batches:
         if not shadow.any() and not twod.any():
             return self._run_tdp_accesses(vm_a, vcpu_a, addr_a, kind_a)
         n = vm_a.size
-        if value_a is None:
-            value_a = np.zeros(n, np.int64)
-            size_a = np.zeros(n, np.int64)
+        ev = event_record(vm_a, vcpu_a, addr_a, kind_a, MI.OP_ACCESS, 0 if value_a is None else value_a,
+                          0 if size_a is None else size_a)
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
         done = np.zeros(n, bool)  # events of the sub-batches that completed (VMs are independent)
@@ -100,12 +115,11 @@ class Batches:
             if not idx.size:
                 continue
             try:
+                sub = ev if idx.size == n else ev[idx]
                 if run == "shadow":
-                    o, e = self._run_shadow(vm_a[idx], vcpu_a[idx], np.zeros(idx.size, np.int64), addr_a[idx],
-                                            kind_a[idx], value_a[idx], size_a[idx])
+                    o, e = self._run_shadow(sub)
                 elif run == "2d":
-                    o, e = self._run_tdp2d(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx], value_a[idx],
-                                           size_a[idx])
+                    o, e = self._run_tdp2d(sub)
                 else:
                     o, e = self._run_tdp_accesses(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx])
             except HostMemoryExhausted as exc:

@@ -108,12 +108,16 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._order = Pool(np.int64)
         self._order_cap = np.zeros(16, np.int64)
         self._vcpus = np.zeros(16, np.int64)
-        self._maxphyaddr = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
         self._slot_rec = ms.SlotIndex()  # (vm, slot) -> record, and each VM's own slots
         self._paging_init()
         _reclaim.configure(self, overcommit, watermarks)
         self._sync_pools()
+
+    @property
+    def _maxphyaddr(self):
+        """Per VM (VMTable capacity): the guest MAXPHYADDR (a column view of the VM records)."""
+        return self.vt.maxphyaddr
 
     def _check_vm(self, vm, field="vm"):
         if not A.is_int(vm):
@@ -166,7 +170,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         first, k = self.nvm, count
         need = first + k
         self.vt = grow_vm_table(self.vt, need)
-        for name in ("_order_cap", "_vcpus", "_maxphyaddr", "_gen_as1"):
+        for name in ("_order_cap", "_vcpus", "_gen_as1"):
             arr = getattr(self, name)
             if arr.shape[0] < need:
                 setattr(self, name, np.concatenate([arr, np.zeros(max(need, 2 * arr.shape[0]) - arr.shape[0],
@@ -187,7 +191,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self.ct = grow_vcpu_table(self.ct, need, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
         self.ct.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
         vt.dirty_mode[vms] = 0
-        self._maxphyaddr[vms] = maxphyaddr
+        vt.maxphyaddr[vms] = maxphyaddr
         self.nvm = need
         self._add_slot0(vms, size, bcode)  # slot 0 at gpa 0: one KVM_SET_USER_MEMORY_REGION per VM
         if mmu == "shadow":

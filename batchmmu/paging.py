@@ -9,8 +9,10 @@ import numpy as np
 
 from . import args as A
 from .arena import Pool, _grow, _records
+from .batch import event_record, results
 from .errors import bad, einval
 from .kernels import gmem as GM
+from .kernels import mmu_internal as MI
 from .kernels import shadow as K
 from .kernels import state as S
 from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57, X86_CR4_PAE, cpu_mode, mode_levels
@@ -348,20 +350,21 @@ class GuestPaging:
             return pg
         return np.isin(vm_a, np.unique(vm_a[pg]))
 
-    def _run_tdp2d(self, vm_a, vcpu_a, addr_a, kind_a, value_a, size_a):
-        """Run TDP events through the 2D-walk kernel; ``size_a[i]`` > 0 makes event i a store."""
+    def _run_tdp2d(self, ev):
+        """Run TDP events (an EV_* record batch, accesses) through the 2D-walk kernel; EV_SIZE > 0 makes an
+        event a store.  Returns (outcome, error code)."""
         from . import reclaim as _reclaim
         from .arena import grow_page_arena
         from .kernels.tdp2d import SC_OOM_GPA, tdp2d_batch
-        n = vm_a.size
-        pg = self._guest_paging_on(vm_a, vcpu_a)
+        n = ev.shape[0]
+        vm_a, addr_a = ev[:, MI.EV_VM], ev[:, MI.EV_ADDR]
+        pg = self._guest_paging_on(vm_a, ev[:, MI.EV_VCPU])
         big = ~pg & ((addr_a >> self._maxphyaddr[vm_a]) != 0)
         if big.any():
             j = int(np.nonzero(big)[0][0])
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
                       "(the vCPU has paging off)")
-        out = np.zeros(n, np.int8)
-        err = np.zeros(n, np.int32)
+        res = np.zeros((n, MI.NRESF), np.int64)
         i = 0
         oom_at = -1
         while i < n:
@@ -369,21 +372,20 @@ class GuestPaging:
             if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
                 self.pa = grow_page_arena(self.pa, max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
-            i, stop = tdp2d_batch(self._mmu_bundle(), vm_a, vcpu_a, addr_a, kind_a, value_a, size_a,
-                                  self._maxphyaddr, i, out, err)
+            i, stop = tdp2d_batch(self._mmu_bundle(), ev, i, res)
             if stop == S.STOP_HOST_OOM and i != oom_at and \
                     _reclaim.direct_reclaim(self, int(vm_a[i]), int(self.sh.scratch[SC_OOM_GPA])):
                 oom_at = i  # overcommit: reclaimed; the event runs again
             elif stop == S.STOP_HOST_OOM:
                 raise self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}", np.arange(n) < i, "",
-                                             out, err)
-        return out, err
+                                             *results(res))
+        return results(res)
 
     # ------------------------------------------------------------------ shadow events
-    def _run_shadow(self, vm_a, vcpu_a, op_a, addr_a, kind_a, value_a, size_a):
-        n = vm_a.size
-        out = np.zeros(n, np.int8)
-        err = np.zeros(n, np.int32)
+    def _run_shadow(self, ev):
+        """Run an EV_* record batch of shadow-MMU VMs; returns (outcome, error code)."""
+        n = ev.shape[0]
+        vm_a, vcpu_a = ev[:, MI.EV_VM], ev[:, MI.EV_VCPU]
         other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
         if other.size:
             raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
@@ -392,16 +394,17 @@ class GuestPaging:
             j = int(np.nonzero(~pg)[0][0])
             raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])}: shadow-MMU vCPUs must run with paging on "
                       "(set CR0.PG, CR4.PAE, EFER.LME|LMA and CR3 with set_vcpu_regs); real mode is not simulated")
+        res = np.zeros((n, MI.NRESF), np.int64)
         i = 0
         while i < n:
             self._paging_topup()
-            i, stop = K.shadow_event_batch(self._mmu_bundle(), vm_a, vcpu_a, op_a, addr_a, kind_a, value_a, size_a,
-                                           self._maxphyaddr, i, out, err)
+            i, stop = K.shadow_event_batch(self._mmu_bundle(), ev, i, res)
             if stop == S.STOP_NEED_PAGES:
                 continue
             if stop == S.STOP_HOST_OOM:
-                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(addr_a[i]):#x}", np.arange(n) < i, "", out, err)
-        return out, err
+                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(ev[i, MI.EV_ADDR]):#x}", np.arange(n) < i, "",
+                                             *results(res))
+        return results(res)
 
     def emulated_access(self, vm, vcpu, addr, kind=0, value=0, size=8):
         """Memory operand of an instruction that KVM's emulator executes (CPL0 code under kvm_pvm,
@@ -418,8 +421,7 @@ class GuestPaging:
         if value.size != 1:
             raise bad("value", value, "must be one integer")
         addr = self._gva_arg(vm, i, addr)
-        out, err = self._run_shadow(np.array([vm]), np.array([vcpu]), np.array([K.OP_EMULATED]), np.array([addr]),
-                                    np.array([kind]), value.view(np.int64), np.array([size]))
+        out, err = self._run_shadow(event_record(vm, vcpu, addr, kind, MI.OP_EMULATED, value.view(np.int64), size))
         return AccessResult(out, err)
 
     def mov_cr3(self, vm, vcpu, cr3):
@@ -436,8 +438,7 @@ class GuestPaging:
                 # PAE: the processor loads the four PDPTEs at MOV CR3 (no exit under TDP)
                 self.vr.pdptr[i] = self._gm_read_words(int(vm), int(cr3) & 0xFFFFFFE0, 4).view(np.int64)
             return
-        self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([K.OP_MOV_CR3]), np.array([cr3]),
-                         np.array([0]), np.array([0]), np.array([0]))
+        self._run_shadow(event_record(int(vm), vcpu, cr3, op=MI.OP_MOV_CR3))
 
     def _vcpu_addr_bits(self, vm, i):
         """Address bits vCPU ``i`` takes (addr_bits for one vCPU)."""
@@ -458,6 +459,5 @@ class GuestPaging:
         self._vcpu_index(vm, vcpu)
         if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
             return False
-        self._run_shadow(np.array([int(vm)]), np.array([int(vcpu)]), np.array([op]), np.array([addr]), np.array([0]),
-                         np.array([0]), np.array([0]))
+        self._run_shadow(event_record(int(vm), int(vcpu), addr, op=op))
         return True

@@ -54,7 +54,7 @@ class Vcpus:
         mode), 48 or 57 (LA57: gvas in their 48/57-bit form, upper half with bit 47/56 set); with paging
         off the VM's MAXPHYADDR."""
         vr, nvm = self.vr, self.nvm
-        mpa = self._maxphyaddr[:max(nvm, 1)]
+        mpa = np.ascontiguousarray(self._maxphyaddr[:max(nvm, 1)])  # a kernel argument (one signature)
         if nvm == 0 or vr.cr0.size == 0:
             return np.zeros(0, np.int64), mpa, mpa
         owner = np.repeat(np.arange(nvm), self._vcpus[:nvm])

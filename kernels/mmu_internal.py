@@ -15,11 +15,25 @@ RET_PF_GUEST = 8  # simulator: the guest walk refused the access (#PF injected; 
 HW_FAULT = np.int64(1) << np.int64(40)  # shadow_hw_walk: set with the error code when the walk faults
 
 # event ops
-OP_ACCESS = 0        # native access (a store when ev_size > 0: ev_value written on success)
+OP_ACCESS = 0        # native access (a store when EV_SIZE > 0: EV_VALUE written on success)
 OP_EMULATED = 1      # access by KVM's instruction emulator (write when kind has W)
 OP_INVLPG = 2
 OP_MOV_CR3 = 3       # guest MOV to CR3 (kvm_set_cr3)
 OP_FLUSH = 4         # guest TLB flush (kvm_vcpu_flush_tlb_guest)
+
+# an event batch of the guest-paging loops (shadow_event_batch, tdp2d_batch): one int64 record per event
+EV_VM = 0
+EV_VCPU = 1          # vCPU index within the VM
+EV_OP = 2            # OP_* (tdp2d_batch runs accesses only)
+EV_ADDR = 3          # gva (gpa with paging off); OP_MOV_CR3: the new CR3
+EV_KIND = 4          # PFERR-style access bits
+EV_VALUE = 5         # a store's value (its low EV_SIZE bytes)
+EV_SIZE = 6          # bytes stored (0: no store)
+NEVF = 7
+# their results: one int64 record per event
+RES_OUTCOME = 0      # OUT_*
+RES_ERROR = 1        # error code of the exit or of the #PF delivered to the guest
+NRESF = 2
 
 PT32E_ROOT_LEVEL = 3
 PAE_ROOT = -2        # vr.root value while the vCPU runs on its 4 PAE roots (32-bit and PAE guests)

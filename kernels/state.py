@@ -162,7 +162,8 @@ VM_ACT_TAIL = 16       # oldest SP
 VM_INDIRECT = 17       # indirect_shadow_pages
 VM_VALID_GEN = 18      # kvm->arch.mmu_valid_gen
 VM_N_MAX = 19          # n_max_mmu_pages
-NVMF = 20
+VM_MAXPHYADDR = 20     # guest MAXPHYADDR (bits; kvm_vcpu_arch.maxphyaddr, the same for every vCPU here)
+NVMF = 21
 
 
 class VMTable(NamedTuple):
@@ -189,6 +190,7 @@ class VMTable(NamedTuple):
     indirect = _cols("rec", VM_INDIRECT)
     valid_gen = _cols("rec", VM_VALID_GEN)
     n_max = _cols("rec", VM_N_MAX)
+    maxphyaddr = _cols("rec", VM_MAXPHYADDR)
 
 
 DM_MANUAL_PROTECT = 1
