@@ -159,7 +159,7 @@ def new_vcpu_table(nvm_cap=16, nvcpu_cap=16, pml=False):
     return S.VcpuTable(
         vcpu_off=np.zeros(nvm_cap, np.int64), rec=np.zeros((nvcpu_cap, S.NVCF), np.int64),
         pml_buf=np.zeros((nvcpu_cap if pml else 0, S.PML_ENTITY_NUM), np.int64),
-        ring_slot=np.zeros(0, np.int32), ring_gfn=np.zeros(0, np.int64), ring_flags=np.zeros(0, np.int8),
+        ring=np.zeros((0, S.NRGF), np.int64),
     )
 
 

@@ -181,10 +181,9 @@ class DirtyLog:
         off = self._ring.alloc(entries * nv)
         total = self._ring.arr.shape[0]
         ct = self.ct
-        if ct.ring_gfn.shape[0] < total:
+        if ct.ring.shape[0] < total:
             from .arena import _grow
-            self.ct = ct = ct._replace(ring_gfn=_grow(ct.ring_gfn, total), ring_slot=_grow(ct.ring_slot, total),
-                                       ring_flags=_grow(ct.ring_flags, total))
+            self.ct = ct = ct._replace(ring=_grow(ct.ring, total))
         g = int(ct.vcpu_off[vm])
         ct.ring_size[g:g + nv] = entries
         ct.ring_off[g:g + nv] = off + entries * np.arange(nv)
@@ -203,10 +202,10 @@ class DirtyLog:
         out = []
         while True:
             idx = int(ct.ring_off[g]) + (int(ct.ring_fetch[g]) & (size - 1))
-            if not ct.ring_flags[idx] & S.KVM_DIRTY_GFN_F_DIRTY or ct.ring_fetch[g] >= ct.ring_dirty[g]:
+            if not ct.ring[idx, S.RG_FLAGS] & S.KVM_DIRTY_GFN_F_DIRTY or ct.ring_fetch[g] >= ct.ring_dirty[g]:
                 break
-            out.append((int(ct.ring_slot[idx]), int(ct.ring_gfn[idx])))
-            ct.ring_flags[idx] = S.KVM_DIRTY_GFN_F_RESET
+            out.append((int(ct.ring[idx, S.RG_SLOT]), int(ct.ring[idx, S.RG_OFFSET])))
+            ct.ring[idx, S.RG_FLAGS] = S.KVM_DIRTY_GFN_F_RESET
             ct.ring_fetch[g] += 1
         return np.array(out, np.int64).reshape(-1, 2)
 

@@ -28,6 +28,9 @@ from .state import (
     DM_MANUAL_PROTECT,
     KVM_DIRTY_GFN_F_RESET,
     PML_ENTITY_NUM,
+    RG_FLAGS,
+    RG_OFFSET,
+    RG_SLOT,
     SL_BASE_GFN,
     SL_DIRTY_OFF,
     SL_NPAGES,
@@ -283,11 +286,11 @@ def dirty_ring_reset(ct, vcpu_g, masks):
     cur_off = np.int64(0)
     while ct.rec[vcpu_g, VC_RING_RESET] < ct.rec[vcpu_g, VC_RING_DIRTY]:
         idx = ct.rec[vcpu_g, VC_RING_OFF] + (ct.rec[vcpu_g, VC_RING_RESET] & (size - 1))
-        if not ct.ring_flags[idx] & KVM_DIRTY_GFN_F_RESET:
+        if not ct.ring[idx, RG_FLAGS] & KVM_DIRTY_GFN_F_RESET:
             break
-        nslot = ct.ring_slot[idx]
-        noff = ct.ring_gfn[idx]
-        ct.ring_flags[idx] = 0
+        nslot = ct.ring[idx, RG_SLOT]
+        noff = ct.ring[idx, RG_OFFSET]
+        ct.ring[idx, RG_FLAGS] = 0
         ct.rec[vcpu_g, VC_RING_RESET] += 1
         count += 1
         if mask != 0:

@@ -207,15 +207,19 @@ VC_RING_RESET = 4      # reset_index
 VC_RING_FETCH = 5      # userspace's fetch index (harvest)
 NVCF = 6
 
+# --- struct kvm_dirty_gfn: one int64 record per dirty-ring entry (VcpuTable.ring) ---------------
+RG_FLAGS = 0           # KVM_DIRTY_GFN_F_*
+RG_SLOT = 1            # (as_id << 16) | slot id
+RG_OFFSET = 2          # gfn offset in the slot
+NRGF = 3
+
 
 class VcpuTable(NamedTuple):
     """Per-vCPU state (global vCPU index = vcpu_off[vm] + vcpu): PML buffer, dirty ring."""
     vcpu_off: np.ndarray       # int64[nvm]: first global vCPU index of each VM
     rec: np.ndarray            # int64[nvcpu, NVCF]
     pml_buf: np.ndarray        # int64[nvcpu or 0, 512]: logged gfns (4K)
-    ring_slot: np.ndarray      # int32[pool]: (as_id << 16) | slot id
-    ring_gfn: np.ndarray       # int64[pool]: offset in the slot
-    ring_flags: np.ndarray     # int8[pool]
+    ring: np.ndarray           # int64[pool, NRGF]: the dirty rings' entries (ring_off per vCPU)
     pml_count = _cols("rec", VC_PML_COUNT)
     ring_size = _cols("rec", VC_RING_SIZE)
     ring_off = _cols("rec", VC_RING_OFF)
