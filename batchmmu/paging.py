@@ -78,9 +78,15 @@ def _new_vcpu_regs(n):
 
 
 def _new_guest_mem(rows=16, hcap=64):
-    return S.GuestMem(key=np.full(hcap, -1, np.int64), row=np.zeros(hcap, np.int64),
-                      page=np.zeros((rows, 512), np.int64), free=np.zeros(rows, np.int64),
+    return S.GuestMem(hash=_gm_table(hcap), page=np.zeros((rows, 512), np.int64), free=np.zeros(rows, np.int64),
                       ctl=np.zeros(GM.NGMCTL, np.int64))
+
+
+def _gm_table(hcap):
+    """An empty guest-memory key table of ``hcap`` (key, row) slots."""
+    ht = np.zeros((hcap, S.NGMH), np.int64)
+    ht[:, S.GMH_KEY] = -1
+    return ht
 
 
 class GuestPaging:
@@ -171,15 +177,14 @@ class GuestPaging:
         if page.shape[0] - used + nfree < n:
             page = _grow(page, max(2 * page.shape[0], used + n))
             free = _grow(free, page.shape[0])
-        key, row = gm.key, gm.row
-        if GM.GM_MAX_LOAD * (keys + n) > key.shape[0]:
-            cap = key.shape[0]
+        ht = gm.hash
+        if GM.GM_MAX_LOAD * (keys + n) > ht.shape[0]:
+            cap = ht.shape[0]
             while GM.GM_MAX_LOAD * (keys + n) > cap:
                 cap *= 2
-            key = np.full(cap, -1, np.int64)
-            row = np.zeros(cap, np.int64)
-            GM.gm_rehash(gm.key, gm.row, key, row)
-        self.gm = S.GuestMem(key=key, row=row, page=page, free=free, ctl=gm.ctl)
+            ht = _gm_table(cap)
+            GM.gm_rehash(gm.hash, ht)
+        self.gm = S.GuestMem(hash=ht, page=page, free=free, ctl=gm.ctl)
 
     def _slot_map(self):
         return S.SlotMap(self.vt.rec, self.st.order, self.st.rec)

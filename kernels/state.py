@@ -337,13 +337,20 @@ class VcpuRegs(NamedTuple):
     pae_root = _cols("rec", VR_PAE_ROOT, 4)
 
 
+# guest-memory key table (GuestMem.hash): one (key, row) pair per slot of the open-addressing table
+GMH_KEY = 0            # (vm << GM_VM_SHIFT) | hva page, -1 empty
+GMH_ROW = 1            # row of ``page`` holding the contents
+NGMH = 2
+
+
 class GuestMem(NamedTuple):
     """Guest memory contents, keyed by host page (kernels/gmem.py)."""
-    key: np.ndarray             # int64[hcap]: (vm << GM_VM_SHIFT) | hva page, -1 empty
-    row: np.ndarray             # int64[hcap]
+    hash: np.ndarray            # int64[hcap, NGMH]: key table (GMH_KEY, GMH_ROW)
     page: np.ndarray            # int64[cap, 512]
     free: np.ndarray            # int64[cap]: stack of released rows
     ctl: np.ndarray             # int64[3]: GM_USED, GM_KEYS, GM_NFREE
+    key = _cols("hash", GMH_KEY)
+    row = _cols("hash", GMH_ROW)
 
 
 class SlotMap(NamedTuple):
