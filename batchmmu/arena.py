@@ -23,8 +23,8 @@ def _grow(arr, new_len, fill=0):
 class Pool:
     """A growable flat array with a bump allocator."""
 
-    def __init__(self, dtype, cap=1024):
-        self.arr = np.zeros(cap, dtype=dtype)
+    def __init__(self, dtype, cap=1024, width=None):
+        self.arr = np.zeros(cap if width is None else (cap, width), dtype=dtype)  # width: a pool of records
         self.used = 0
 
     def alloc(self, n):
@@ -178,7 +178,7 @@ def slot_bytes(npages, shadow=False, ages=False):
     words = (npages + 63) // 64
     b = 320 + ((npages >> 9) + (npages >> 18) + 4) * 4 + words * 8 * 3 + (64 * words if ages else 0)
     if shadow:
-        b += (npages + (npages >> 9) + (npages >> 18) + 3) * 12 + npages * 4
+        b += (npages + (npages >> 9) + (npages >> 18) + 3) * 8 * S.NRMF + npages * 4
     return b
 
 

@@ -68,7 +68,7 @@ def _new_shadow_state(rows):
     return S.ShadowState(
         ubitmap=np.zeros((rows, 8), np.int64), parent_head=np.full(rows, -1, np.int64),
         trans=np.zeros((rows, 512), np.int64), pl=np.zeros((0, 2), np.int64), rn=np.zeros((0, 2), np.int64),
-        rmap_head=np.zeros(0, np.int64), rmap_cnt=np.zeros(0, np.int32), wtrack=np.zeros(0, np.int32),
+        rmap=np.zeros((0, S.NRMF), np.int64), wtrack=np.zeros(0, np.int32),
         hash=np.zeros(0, np.int64), ctl=np.zeros(S.NSHCTL, np.int64), scratch=np.full(K.SC_SIZE, -1, np.int64),
     )
 
@@ -98,8 +98,7 @@ class GuestPaging:
         self.sh = _new_shadow_state(0)
         self._mmu_kind = np.zeros(16, np.int8)
         self._hash_pool = Pool(np.int64, 0)
-        self._rmap_pool = Pool(np.int64, 0)
-        self._rmapcnt_pool = Pool(np.int32, 0)
+        self._rmap_pool = Pool(np.int64, 0, S.NRMF)
         self._wtrack_pool = Pool(np.int32, 0)
         self._nr_requested = {}    # vm -> KVM_SET_NR_MMU_PAGES value
         self._vm_order = []        # kvm vm_list order for the shrinker (scanned VMs move to the tail)
@@ -136,13 +135,11 @@ class GuestPaging:
                 shift = 9 * (level - 1)
                 cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
                 off = self._rmap_pool.alloc(cnt)
-                self._rmap_pool.arr[off:off + cnt] = -1
-                self._rmapcnt_pool.alloc(cnt)
+                self._rmap_pool.arr[off:off + cnt] = (-1, 0)  # RM_HEAD, RM_COUNT: empty
                 st.rmap_off[rec, level - 1] = off
             st.wtrack_off[rec] = self._wtrack_pool.alloc(n)
             self._wtrack_pool.arr[st.wtrack_off[rec]:st.wtrack_off[rec] + n] = 0
-        self.sh = sh._replace(rmap_head=self._rmap_pool.arr, rmap_cnt=self._rmapcnt_pool.arr,
-                              wtrack=self._wtrack_pool.arr)
+        self.sh = sh._replace(rmap=self._rmap_pool.arr, wtrack=self._wtrack_pool.arr)
 
     def _paging_topup(self):
         """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""

@@ -2,7 +2,7 @@
 
 Both are singly linked lists of SPTE pointers (``row * 512 + index``) in pooled node arrays with a
 free list; Python tops the pools up before a batch.  KVM keeps the same lists in ``pte_list_desc``
-blocks of 14; the count (``rmap_cnt``) is what its statistics and footprint depend on, and the
+blocks of 14; the count (``RM_COUNT``) is what its statistics and footprint depend on, and the
 footprint is computed from it (``batchmmu/host.py``).
 """
 
@@ -11,6 +11,8 @@ from numba import njit
 from .state import (
     NODE_NEXT,
     NODE_VAL,
+    RM_COUNT,
+    RM_HEAD,
     SH_PL_AVAIL,
     SH_PL_FREE,
     SH_RN_AVAIL,
@@ -44,63 +46,66 @@ def kvm_mmu_slot_lpages(base_gfn, npages, shift):
 
 
 @njit(inline="always", _nrt=False)
-def _list_add(heads, h, nodes, ctl, free_i, avail_i, sptep):
-    """Push ``sptep`` on the list starting at ``heads[h]``, taking a node (``nodes[n] = (value, next)``)
-    from the free list ``ctl[free_i]`` (topped up by Python before the batch)."""
+def _list_push(head, nodes, ctl, free_i, avail_i, sptep):
+    """Push ``sptep`` on the list starting at node ``head``, taking a node (``nodes[n] = (value, next)``)
+    from the free list ``ctl[free_i]`` (topped up by Python before the batch).  Returns the new head."""
     n = ctl[free_i]
     ctl[free_i] = nodes[n, NODE_NEXT]
     ctl[avail_i] -= 1
     nodes[n, NODE_VAL] = sptep
-    nodes[n, NODE_NEXT] = heads[h]
-    heads[h] = n
+    nodes[n, NODE_NEXT] = head
+    return n
 
 
 @njit(inline="always", _nrt=False)
 def pte_list_add(sh, h, sptep):
     """pte_list_add: returns the number of SPTEs in the list before this one."""
-    _list_add(sh.rmap_head, h, sh.rn, sh.ctl, SH_RN_FREE, SH_RN_AVAIL, sptep)
-    c = sh.rmap_cnt[h]
-    sh.rmap_cnt[h] = c + 1
+    sh.rmap[h, RM_HEAD] = _list_push(sh.rmap[h, RM_HEAD], sh.rn, sh.ctl, SH_RN_FREE, SH_RN_AVAIL, sptep)
+    c = sh.rmap[h, RM_COUNT]
+    sh.rmap[h, RM_COUNT] = c + 1
     return c
 
 
 @njit(inline="always", _nrt=False)
-def _list_remove(heads, h, nodes, ctl, free_i, avail_i, sptep):
-    """Unlink the node holding ``sptep`` from the list starting at ``heads[h]``; the node goes back on
-    the free list ``ctl[free_i]``.  Returns True if it was there."""
+def _list_unlink(head, nodes, ctl, free_i, avail_i, sptep):
+    """Unlink the node holding ``sptep`` from the list starting at node ``head``; the node goes back on
+    the free list ``ctl[free_i]``.  Returns (new head, True if it was there)."""
     prev = -1
-    n = heads[h]
+    n = head
     while n >= 0:
         if nodes[n, NODE_VAL] == sptep:
             if prev < 0:
-                heads[h] = nodes[n, NODE_NEXT]
+                head = nodes[n, NODE_NEXT]
             else:
                 nodes[prev, NODE_NEXT] = nodes[n, NODE_NEXT]
             nodes[n, NODE_NEXT] = ctl[free_i]
             ctl[free_i] = n
             ctl[avail_i] += 1
-            return True
+            return head, True
         prev = n
         n = nodes[n, NODE_NEXT]
-    return False
+    return head, False
 
 
 @njit(inline="always", _nrt=False)
 def pte_list_remove(sh, h, sptep):
     """pte_list_remove: unlink ``sptep`` from rmap ``h``."""
-    if _list_remove(sh.rmap_head, h, sh.rn, sh.ctl, SH_RN_FREE, SH_RN_AVAIL, sptep):
-        sh.rmap_cnt[h] -= 1
-        return True
-    return False
+    head, found = _list_unlink(sh.rmap[h, RM_HEAD], sh.rn, sh.ctl, SH_RN_FREE, SH_RN_AVAIL, sptep)
+    if found:
+        sh.rmap[h, RM_HEAD] = head
+        sh.rmap[h, RM_COUNT] -= 1
+    return found
 
 
 @njit(inline="always", _nrt=False)
 def parent_add(sh, row, sptep):
     """mmu_page_add_parent_pte."""
-    _list_add(sh.parent_head, row, sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
+    sh.parent_head[row] = _list_push(sh.parent_head[row], sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
 
 
 @njit(inline="always", _nrt=False)
 def parent_remove(sh, row, sptep):
     """mmu_page_remove_parent_pte."""
-    _list_remove(sh.parent_head, row, sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
+    head, found = _list_unlink(sh.parent_head[row], sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
+    if found:
+        sh.parent_head[row] = head

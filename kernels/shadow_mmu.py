@@ -49,6 +49,7 @@ from .state import (
     KVM_MMU_HASH_SIZE,
     NODE_NEXT,
     NODE_VAL,
+    RM_HEAD,
     SL_BASE_GFN,
     SL_LPAGE_OFF,
     SL_RMAP_OFF,
@@ -211,7 +212,7 @@ def rmap_add(m, vm, rec, row, idx, gfn, access):
         m.vt.stats[vm, ST_MAX_MMU_RMAP_SIZE] = cnt
     if cnt > RMAP_RECYCLE_THRESHOLD:
         # kvm_zap_all_rmap_sptes + flush
-        n = sh.rmap_head[h]
+        n = sh.rmap[h, RM_HEAD]
         while n >= 0:
             sptep = sh.rn[n, NODE_VAL]
             n = sh.rn[n, NODE_NEXT]
@@ -274,7 +275,7 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
         if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
             continue
-        n = sh.rmap_head[rmap_index(sh, m.st, rec, level, gfn)]
+        n = sh.rmap[rmap_index(sh, m.st, rec, level, gfn), RM_HEAD]
         while n >= 0:
             sptep = sh.rn[n, NODE_VAL]
             n = sh.rn[n, NODE_NEXT]

@@ -22,6 +22,8 @@ from .state import (
     DM_MANUAL_PROTECT,
     NODE_NEXT,
     NODE_VAL,
+    RM_COUNT,
+    RM_HEAD,
     SL_BASE_GFN,
     SL_DIRTY_OFF,
     SL_NPAGES,
@@ -65,7 +67,7 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
         shift = (level - 1) * 9
         n_heads = kvm_mmu_slot_lpages(m.st.rec[rec, SL_BASE_GFN], m.st.rec[rec, SL_NPAGES], shift)
         for h in range(off, off + n_heads):
-            n = m.sh.rmap_head[h]
+            n = m.sh.rmap[h, RM_HEAD]
             while n >= 0:
                 sptep = m.sh.rn[n, NODE_VAL]
                 n = m.sh.rn[n, NODE_NEXT]
@@ -119,7 +121,7 @@ def shadow_wrprot_masked(m, vm, rec, first, mask):
 @helper
 def rmap_write_protect_gfn_level(m, rec, gfn, level):
     # rmap_write_protect(pt_protect=false) on one rmap head
-    n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gfn)]
+    n = m.sh.rmap[rmap_index(m.sh, m.st, rec, level, gfn), RM_HEAD]
     while n >= 0:
         sptep = m.sh.rn[n, NODE_VAL]
         n = m.sh.rn[n, NODE_NEXT]
@@ -176,7 +178,7 @@ def shadow_zap_collapsible(m, vm, rec):
     if off < 0:
         return False
     for h in range(off, off + m.st.rec[rec, SL_NPAGES]):
-        n = m.sh.rmap_head[h]
+        n = m.sh.rmap[h, RM_HEAD]
         while n >= 0:
             sptep = m.sh.rn[n, NODE_VAL]
             n = m.sh.rn[n, NODE_NEXT]
@@ -201,7 +203,7 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
         while g < end:
             if g >= m.st.rec[rec, SL_BASE_GFN] or level > 1:
                 gg = max(g, m.st.rec[rec, SL_BASE_GFN])
-                n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+                n = m.sh.rmap[rmap_index(m.sh, m.st, rec, level, gg), RM_HEAD]
                 while n >= 0:
                     sptep = m.sh.rn[n, NODE_VAL]
                     n = m.sh.rn[n, NODE_NEXT]
@@ -223,7 +225,7 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
         g = (start >> shift) << shift
         while g < end:
             gg = max(g, m.st.rec[rec, SL_BASE_GFN])
-            n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+            n = m.sh.rmap[rmap_index(m.sh, m.st, rec, level, gg), RM_HEAD]
             hit = False
             while n >= 0:
                 sptep = m.sh.rn[n, NODE_VAL]
@@ -273,7 +275,7 @@ def shadow_footprint_counts(m, vm, out):
             out[3] += nh
             off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]
             for h in range(off, off + nh):
-                c = m.sh.rmap_cnt[h]
+                c = m.sh.rmap[h, RM_COUNT]
                 if c >= 2:
                     out[1] += (c + 13) // 14
         out[4] += m.st.rec[rec, SL_NPAGES]

@@ -286,6 +286,10 @@ MAX_GM_PER_EVENT = 8           # guest-memory rows: a page-crossing store + walk
 # parent-pte links and rmap nodes (ShadowState.pl / .rn): one (value, next) pair per node
 NODE_VAL = 0           # the SPTE pointer: row * 512 + index
 NODE_NEXT = 1          # next node, -1 at the end
+# rmap heads (ShadowState.rmap, struct kvm_rmap_head): one (first node, length) pair per slot, level and gfn
+RM_HEAD = 0            # first rmap node, -1 empty
+RM_COUNT = 1           # SPTEs on the list (KVM keeps it in the pte_list_desc blocks)
+NRMF = 2
 
 
 class ShadowState(NamedTuple):
@@ -296,8 +300,7 @@ class ShadowState(NamedTuple):
     trans: np.ndarray           # int64[cap, 512]: shadowed_translation (gfn << 12 | access)
     pl: np.ndarray              # int64[P, 2]: parent-pte links (NODE_VAL, NODE_NEXT)
     rn: np.ndarray              # int64[R, 2]: rmap nodes
-    rmap_head: np.ndarray       # int64[H]: per slot, level, gfn index: first rmap node (-1 empty)
-    rmap_cnt: np.ndarray        # int32[H]
+    rmap: np.ndarray            # int64[H, NRMF]: per slot, level, gfn index: RM_HEAD, RM_COUNT
     wtrack: np.ndarray          # int32[W]: gfn_write_track per 4K gfn of each slot
     hash: np.ndarray            # int64[nshadow * 4096]
     ctl: np.ndarray             # int64[NSHCTL]
