@@ -79,11 +79,11 @@ class Batches:
                                   ACC_VALID_MASK, ACC_WRITE, ACC_FETCH)
         if code == EV_OK and (lo != hi).any():  # vCPUs of one VM in different modes: check each event
             sel = np.nonzero((lo != hi)[vm_a])[0]
-            over = np.nonzero(addr_a[sel] >> bits[self.ct.vcpu_off[vm_a[sel]] + vcpu_a[sel]])[0]
+            over = np.nonzero(addr_a[sel] >> bits[self.vt.vcpu_off[vm_a[sel]] + vcpu_a[sel]])[0]
             if over.size:
                 j, code = int(sel[over[0]]), EV_BAD_ADDR
         if code == EV_BAD_ADDR:
-            g = int(self.ct.vcpu_off[vm_a[j]] + vcpu_a[j])
+            g = int(self.vt.vcpu_off[vm_a[j]] + vcpu_a[j])
             if self.vr.cr0[g] & int(X86_CR0_PG):
                 raise bad("addr", int(addr_a[j]), f"not a gva of VM {int(vm_a[j])} vCPU {int(vcpu_a[j])} in its "
                           f"paging mode (takes [0, 2**{int(bits[g])})): a non-canonical address is a #GP, not a "
@@ -143,7 +143,7 @@ class Batches:
         i = 0
         oom_at = -1
         while i < n:
-            i, stop = access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, vm_a, vcpu_a,
+            i, stop = access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
                                    addr_a, kind_a, i, out, err)
             if stop == S.STOP_NEED_PAGES:
                 self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))

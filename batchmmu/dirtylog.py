@@ -171,7 +171,7 @@ class DirtyLog:
         entries = A.exact_int(entries, "entries", rsvd + 1, 65536, why=why, errno=errno.EINVAL)
         if entries & (entries - 1):
             raise einval("entries", entries, why)
-        g = int(self.ct.vcpu_off[vm])
+        g = int(self.vt.vcpu_off[vm])
         ran = int(self.vt.root[vm]) >= 0 or int(self.vt.stats[vm, S.ST_ACCESSES]) > 0 \
             or bool((self.vr.root[g:g + int(self._vcpus[vm])] != -1).any())
         if ran or int(self.vt.dirty_mode[vm]) & S.DM_RING:
@@ -184,7 +184,7 @@ class DirtyLog:
         if ct.ring.shape[0] < total:
             from .arena import _grow
             self.ct = ct = ct._replace(ring=_grow(ct.ring, total))
-        g = int(ct.vcpu_off[vm])
+        g = int(self.vt.vcpu_off[vm])
         ct.ring_size[g:g + nv] = entries
         ct.ring_off[g:g + nv] = off + entries * np.arange(nv)
         ct.ring_dirty[g:g + nv] = ct.ring_reset[g:g + nv] = ct.ring_fetch[g:g + nv] = 0
@@ -218,7 +218,7 @@ class DirtyLog:
         for sl, r in self._slot_rec.of_vm(vm):
             slot_recs[((sl >> 16) << 15) | (sl & 0x7FFF)] = r
         total = 0
-        g0 = int(self.ct.vcpu_off[vm])
+        g0 = int(self.vt.vcpu_off[vm])
         masks = np.zeros((max(int(self.ct.ring_size[g0]), 1), 3), np.int64)
         for c in range(int(self._vcpus[vm])):
             cnt, nm = dirty_ring_reset(self.ct, g0 + c, masks)

@@ -85,7 +85,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self.nx_recovery_period_ms = A.exact_int(nx_huge_pages_recovery_period_ms,
                                                  "nx_huge_pages_recovery_period_ms", 0, 1 << 40)
         pml = flags["pml"]
-        self.cfg = np.zeros(S.NCFG, np.int64)
+        self.host_ctl = np.zeros(S.NHOST, np.int64)   # HOST_* words and the CFG_* configuration
+        self.host_ctl[S.HOST_BUDGET_BYTES] = self.memory
         self.cfg[S.CFG_MMIO_CACHING] = int(flags["mmio_caching"])
         self.cfg[S.CFG_NX_HUGE_PAGES] = int(flags["nx_huge_pages"])
         self.cfg[S.CFG_TDP_MAX_LEVEL] = tdp_huge_page_level
@@ -93,8 +94,6 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._nx_next_ms = None
         self.cfg[S.CFG_EAGER_SPLIT] = int(flags["eager_page_split"])
         self.cfg[S.CFG_PML] = int(pml)
-        self.host_ctl = np.zeros(S.NHOST, np.int64)
-        self.host_ctl[S.HOST_BUDGET_BYTES] = self.memory
         self.pa = new_page_arena()
         self.vt = new_vm_table()
         self.st = new_slot_table()
@@ -113,6 +112,11 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._paging_init()
         _reclaim.configure(self, overcommit, watermarks)
         self._sync_pools()
+
+    @property
+    def cfg(self):
+        """The host words array, read for its CFG_* configuration words (module parameters)."""
+        return self.host_ctl
 
     @property
     def _maxphyaddr(self):
@@ -188,8 +192,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
         nv = self._paging_add_vms(vms, int(vcpus), mmu == "shadow")
-        self.ct = grow_vcpu_table(self.ct, need, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
-        self.ct.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
+        self.ct = grow_vcpu_table(self.ct, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
+        vt.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
         vt.dirty_mode[vms] = 0
         vt.maxphyaddr[vms] = maxphyaddr
         self.nvm = need
@@ -310,7 +314,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         vcpus = self._vcpus[vms]
         if self.cfg[S.CFG_PML]:
             out["pml_buffers"] = int(vcpus.sum()) * 4096  # one PML page per vCPU
-        g = self.ct.vcpu_off[vms]
+        g = self.vt.vcpu_off[vms]
         out["dirty_rings"] = int(sum(int(self.ct.ring_size[o:o + c].sum()) for o, c in zip(g, vcpus, strict=True))) * 16
         out["kvm_total"] = sum(v for k, v in out.items() if k not in ("guest_memory", "guest_swapped"))
         arrays = [*self.pa, *self.vt, *self.st, *self.ct, *self.sh, *self.gm, *self.vr]

@@ -66,10 +66,9 @@ VR_FILLS = {S.VR_CR0: CR0_RESET, S.VR_RFLAGS: 2, S.VR_ROOT: -1, **{S.VR_PREV_ROO
 
 def _new_shadow_state(rows):
     return S.ShadowState(
-        ubitmap=np.zeros((rows, 8), np.int64), parent_head=np.full(rows, -1, np.int64),
         trans=np.zeros((rows, 512), np.int64), pl=np.zeros((0, 2), np.int64), rn=np.zeros((0, 2), np.int64),
         rmap=np.zeros((0, S.NRMF), np.int64), wtrack=np.zeros(0, np.int32),
-        hash=np.zeros(0, np.int64), ctl=np.zeros(S.NSHCTL, np.int64), scratch=np.full(K.SC_SIZE, -1, np.int64),
+        hash=np.zeros(0, np.int64), ctl=np.concatenate([np.zeros(S.SH_SCRATCH, np.int64), np.full(K.SC_SIZE, -1)]),
     )
 
 
@@ -147,9 +146,8 @@ class GuestPaging:
             self.reserve_tables(4 * S.MAX_ROWS_PER_EVENT)
         sh = self.sh
         rows = self.pa.spt.shape[0]
-        if sh.parent_head.shape[0] < rows:
-            sh = sh._replace(ubitmap=_grow(sh.ubitmap, rows), parent_head=_grow(sh.parent_head, rows, -1),
-                             trans=_grow(sh.trans, rows))
+        if sh.trans.shape[0] < rows:
+            sh = sh._replace(trans=_grow(sh.trans, rows))
         for name, free_i, avail_i, want in (("pl", S.SH_PL_FREE, S.SH_PL_AVAIL, 64),
                                             ("rn", S.SH_RN_FREE, S.SH_RN_AVAIL, 256)):
             if sh.ctl[avail_i] >= want:
@@ -247,7 +245,7 @@ class GuestPaging:
         return order + [v for v in range(self.nvm) if v not in seen]
 
     def _mmu_bundle(self):
-        return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, self.sh, self.gm, self.vr)
+        return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.sh, self.gm, self.vr)
 
     # ------------------------------------------------------------------ guest memory
     def _gm_unmapped(self, vm, gpa, n):
@@ -329,7 +327,7 @@ class GuestPaging:
             K.kvm_mmu_reset_context(self._mmu_bundle(), vm, i)
 
     def _guest_paging_on(self, vm_a, vcpu_a):
-        vg = self.ct.vcpu_off[vm_a] + vcpu_a
+        vg = self.vt.vcpu_off[vm_a] + vcpu_a
         return (self.vr.cr0[vg] & int(X86_CR0_PG)) != 0
 
     # ------------------------------------------------------------------ TDP with guest paging (2D walks)
@@ -339,7 +337,7 @@ class GuestPaging:
         out = self._mmu_kind[:self._maxphyaddr.shape[0]] == S.MMU_SHADOW
         pg = np.nonzero(self.vr.cr0 & int(X86_CR0_PG))[0]
         if pg.size:
-            out[np.searchsorted(self.ct.vcpu_off[:self.nvm], pg, side="right") - 1] = True
+            out[np.searchsorted(self.vt.vcpu_off[:self.nvm], pg, side="right") - 1] = True
         return out
 
     def _tdp2d_mask(self, vm_a, vcpu_a, shadow, stores=False):
@@ -453,7 +451,7 @@ class GuestPaging:
         addr = A.exact_int(addr, field, 0, A.I64_MAX, why="must be a non-negative address (integer)")
         bits = self._vcpu_addr_bits(vm, i)
         if addr >> bits:
-            raise bad(field, addr, f"not an address of VM {vm} vCPU {i - int(self.ct.vcpu_off[vm])} in its mode "
+            raise bad(field, addr, f"not an address of VM {vm} vCPU {i - int(self.vt.vcpu_off[vm])} in its mode "
                       f"(takes [0, 2**{bits})): a non-canonical address is a #GP, not a page fault")
         return addr
 

@@ -21,7 +21,7 @@ class Vcpus:
         vm = self._check_vm(vm)
         if isinstance(vcpu, bool) or not isinstance(vcpu, (int, np.integer)) or not 0 <= vcpu < self._vcpus[vm]:
             raise bad("vcpu", vcpu, f"VM {vm} has {int(self._vcpus[vm])} vCPUs")
-        return int(self.ct.vcpu_off[vm] + vcpu)
+        return int(self.vt.vcpu_off[vm] + vcpu)
 
     def set_vcpu_regs(self, vm, vcpu, cr0=None, cr3=None, cr4=None, efer=None, rflags=None, pkru=None):
         """KVM_SET_SREGS/KVM_SET_REGS for one vCPU (None leaves a register as it is).  Under the shadow MMU
@@ -62,7 +62,7 @@ class Vcpus:
         if not pg.any():
             return self._maxphyaddr[owner], mpa, mpa
         bits = addr_bits(vr.cr0, vr.cr4, vr.efer, self._maxphyaddr[owner])
-        first = self.ct.vcpu_off[:nvm]
+        first = self.vt.vcpu_off[:nvm]
         return bits, np.minimum.reduceat(bits, first), np.maximum.reduceat(bits, first)
 
     # ------------------------------------------------------------------ guest memory

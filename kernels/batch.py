@@ -39,6 +39,7 @@ from .mmu_internal import (
     RET_PF_OOM,
     RET_PF_RETRY,
     SC_RUNNING_VCPU,
+    scratch,
 )
 from .paging_tmpl import invalidate_addr, shadow_page_fault
 from .state import (
@@ -75,6 +76,7 @@ from .state import (
     STOP_NEED_PAGES,
     VM_DIRTY_MODE,
     VM_MAXPHYADDR,
+    VM_VCPU_OFF,
     VR_CR0,
     VR_CR4,
     VR_EFER,
@@ -135,22 +137,23 @@ def shadow_event_batch(m, ev, start, res):
     Returns (next_event, STOP_*)."""
     n = ev.shape[0]
     sh = m.sh
-    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.cfg[CFG_PML] else 0)
+    sc = scratch(sh)
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.host[CFG_PML] else 0)
     for i in range(start, n):
-        sh.scratch[SC_RUNNING_VCPU] = -1
+        sc[SC_RUNNING_VCPU] = -1
         if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or sh.ctl[SH_PL_AVAIL] < MAX_PL_PER_EVENT or \
                 sh.ctl[SH_RN_AVAIL] < MAX_RN_PER_EVENT or \
                 not gm_room(m.gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
         vm = ev[i, EV_VM]
-        vg = m.ct.vcpu_off[vm] + ev[i, EV_VCPU]
+        vg = m.vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
         res[i, RES_ERROR] = 0
         if (m.vt.rec[vm, VM_DIRTY_MODE] & DM_RING) and dirty_ring_soft_full(m.ct, vg, ring_rsvd):
             # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
             m.vt.stats[vm, ST_DIRTY_RING_FULL] += 1
             res[i, RES_OUTCOME] = OUT_RING_FULL
             continue
-        sh.scratch[SC_RUNNING_VCPU] = vg
+        sc[SC_RUNNING_VCPU] = vg
         op = ev[i, EV_OP]
         addr = ev[i, EV_ADDR]
         kind = ev[i, EV_KIND]
@@ -170,7 +173,7 @@ def shadow_event_batch(m, ev, start, res):
                     continue
             o, e = shadow_access(m, vm, vg, addr, kind, ev[i, EV_VALUE], ev[i, EV_SIZE], mode, mp)
             if o < 0:
-                sh.scratch[SC_RUNNING_VCPU] = -1
+                sc[SC_RUNNING_VCPU] = -1
                 return i, STOP_HOST_OOM
             res[i, RES_OUTCOME] = o
             res[i, RES_ERROR] = e
@@ -199,5 +202,5 @@ def shadow_event_batch(m, ev, start, res):
             res[i, RES_OUTCOME] = OUT_EMULATED
         if entry_work_needed(m, vm, vg):
             vcpu_reenter(m, vm, vg, mode, mp)  # the guest resumes: requests raised by the exit are serviced
-    sh.scratch[SC_RUNNING_VCPU] = -1
+    sc[SC_RUNNING_VCPU] = -1
     return n, STOP_DONE

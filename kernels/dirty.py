@@ -48,6 +48,7 @@ from .state import (
     VM_FMT,
     VM_LEVELS,
     VM_ROOT,
+    VM_VCPU_OFF,
 )
 from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
 from .walk import next_gfn, walk_to_leaf
@@ -83,7 +84,7 @@ def pml_log(vt, st, ct, vm, vcpu_g, gfn):
 def pml_flush_vm(vt, st, ct, vm, nvcpus):
     """kvm_arch_sync_dirty_log: kick every vCPU so its PML buffer reaches the log."""
     for c in range(nvcpus):
-        pml_flush(vt, st, ct, vm, ct.vcpu_off[vm] + c)
+        pml_flush(vt, st, ct, vm, vt.rec[vm, VM_VCPU_OFF] + c)
 
 
 # ----------------------------------------------------------------------------- SPTE walks

@@ -1,6 +1,9 @@
 """mmu_internal.h: RET_PF_* and the simulator's own fault results, event ops, the scratch layout."""
 
 import numpy as np
+from numba import njit
+
+from .state import SH_SCRATCH
 
 # RET_PF_* (mmu_internal.h)
 RET_PF_CONTINUE = 0
@@ -41,13 +44,13 @@ GFN_MASK_64 = np.int64(0x000FFFFFFFFFF000)
 RMAP_RECYCLE_THRESHOLD = 1000
 KVM_PAGE_ARRAY_NR = 16
 
-# scratch layout (sh.scratch): walker output at 0, small arrays after it
+# scratch layout (``scratch(sh)``, the tail of ShadowState.ctl): walker output at 0, small arrays after it
 SC_WK = 0
 SC_PVEC_SP = 64      # 16 rows
 SC_PVEC_IDX = 80     # index of the entry in its parent
 SC_PVEC_PAR = 96     # pvec index of the parent entry (-1 root)
 SC_STACK = 112       # DFS stack: 16 (row, next bit) pairs
-SC_INVALID_HEAD = 160  # head of invalid_list (rows linked through sh.anext)
+SC_INVALID_HEAD = 160  # head of invalid_list (rows linked through SP_ANEXT)
 SC_PREFETCH = 168    # 8 gptes of the prefetch group
 SC_MARK_STACK = 176  # stack of mark_parents_unsync (pages whose unsync_children went 0 -> 1)
 SC_MARK_STACK_LEN = 80
@@ -55,5 +58,12 @@ SC_SIZE = 256
 # kvm_get_running_vcpu(): the global vCPU index while a shadow event runs, else -1 (the last word of the
 # walker's block: the walk uses WK_SIZE words, kernels/tdp2d.py one more)
 SC_RUNNING_VCPU = 63
+
+
+@njit(inline="always", _nrt=False)
+def scratch(sh):
+    """The scratch block of ShadowState ``sh`` (SC_* offsets): a view of ``sh.ctl`` past the SH_* words."""
+    return sh.ctl[SH_SCRATCH:]
+
 
 MAX_EXITS = 4

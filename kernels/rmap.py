@@ -19,6 +19,7 @@ from .state import (
     SH_RN_FREE,
     SL_BASE_GFN,
     SL_RMAP_OFF,
+    SP_PARENT_HEAD,
 )
 
 
@@ -98,14 +99,15 @@ def pte_list_remove(sh, h, sptep):
 
 
 @njit(inline="always", _nrt=False)
-def parent_add(sh, row, sptep):
-    """mmu_page_add_parent_pte."""
-    sh.parent_head[row] = _list_push(sh.parent_head[row], sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
+def parent_add(pa, sh, row, sptep):
+    """mmu_page_add_parent_pte: the list head is the page's SP_PARENT_HEAD."""
+    pa.meta[row, SP_PARENT_HEAD] = _list_push(pa.meta[row, SP_PARENT_HEAD], sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL,
+                                              sptep)
 
 
 @njit(inline="always", _nrt=False)
-def parent_remove(sh, row, sptep):
+def parent_remove(pa, sh, row, sptep):
     """mmu_page_remove_parent_pte."""
-    head, found = _list_unlink(sh.parent_head[row], sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
+    head, found = _list_unlink(pa.meta[row, SP_PARENT_HEAD], sh.pl, sh.ctl, SH_PL_FREE, SH_PL_AVAIL, sptep)
     if found:
-        sh.parent_head[row] = head
+        pa.meta[row, SP_PARENT_HEAD] = head

@@ -26,6 +26,7 @@ from .mmu_internal import (
     SC_PVEC_PAR,
     SC_PVEC_SP,
     SC_STACK,
+    scratch,
 )
 from .rmap import parent_remove, pte_list_add, pte_list_remove, rmap_index, sptep_idx, sptep_row
 from .spte import (
@@ -63,8 +64,10 @@ from .state import (
     SP_HNEXT,
     SP_LEVEL,
     SP_PARENT,
+    SP_PARENT_HEAD,
     SP_ROLE,
     SP_ROOT_COUNT,
+    SP_UBITMAP,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
     SP_VM,
@@ -250,7 +253,7 @@ def mmu_spte_update(m, row, idx, new):
 @helper
 def drop_parent_pte(m, child, prow, pidx):
     # drop_parent_pte: unlink and clear the parent SPTE
-    parent_remove(m.sh, child, prow * 512 + pidx)
+    parent_remove(m.pa, m.sh, child, prow * 512 + pidx)
     m.pa.spt[prow, pidx] = SHADOW_NONPRESENT_VALUE
 
 
@@ -343,11 +346,11 @@ def alloc_shadow_page(m, vm, gfn, role):
     m.pa.meta[row, SP_UNSYNC] = 0
     m.pa.meta[row, SP_UNSYNC_CHILDREN] = 0
     for k in range(8):
-        sh.ubitmap[row, k] = 0
+        m.pa.meta[row, SP_UBITMAP + k] = 0
     m.pa.meta[row, SP_ROOT_COUNT] = 0
     m.pa.meta[row, SP_FLOOD] = 0
     m.pa.meta[row, SP_GEN] = m.vt.rec[vm, VM_VALID_GEN]
-    sh.parent_head[row] = -1
+    m.pa.meta[row, SP_PARENT_HEAD] = -1
     # list_add(&sp->link, &kvm->arch.active_mmu_pages): newest at the head
     head = m.vt.rec[vm, VM_ACT_HEAD]
     m.pa.meta[row, SP_ANEXT] = head
@@ -412,8 +415,8 @@ def kvm_unlink_unsync_page(m, vm, row):
 def clear_unsync_child_bit(m, row, idx):
     w = idx >> 6
     bit = np.int64(1) << np.int64(idx & 63)
-    if m.sh.ubitmap[row, w] & bit:
-        m.sh.ubitmap[row, w] &= ~bit
+    if m.pa.meta[row, SP_UBITMAP + w] & bit:
+        m.pa.meta[row, SP_UBITMAP + w] &= ~bit
         m.pa.meta[row, SP_UNSYNC_CHILDREN] -= 1
 
 
@@ -421,13 +424,13 @@ def clear_unsync_child_bit(m, row, idx):
 def mark_parents_unsync(m, row):
     """kvm_mmu_mark_parents_unsync: set the child bit in every parent, recursing on 0 -> 1."""
     sh = m.sh
-    sc = sh.scratch
+    sc = scratch(sh)
     sc[SC_MARK_STACK] = row
     sp_ = 1
     while sp_ > 0:
         sp_ -= 1
         r = sc[SC_MARK_STACK + sp_]
-        n = sh.parent_head[r]
+        n = m.pa.meta[r, SP_PARENT_HEAD]
         while n >= 0:
             sptep = sh.pl[n, NODE_VAL]
             n = sh.pl[n, NODE_NEXT]
@@ -435,9 +438,9 @@ def mark_parents_unsync(m, row):
             pidx = sptep_idx(sptep)
             w = pidx >> 6
             bit = np.int64(1) << np.int64(pidx & 63)
-            if sh.ubitmap[prow, w] & bit:
+            if m.pa.meta[prow, SP_UBITMAP + w] & bit:
                 continue
-            sh.ubitmap[prow, w] |= bit
+            m.pa.meta[prow, SP_UBITMAP + w] |= bit
             c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
             m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0 and sp_ < SC_MARK_STACK_LEN:
@@ -450,7 +453,7 @@ def mmu_unsync_walk(m, row):
     """mmu_unsync_walk: collect up to 16 entries (``row`` first, then tables with unsync children and
     unsync last-level pages, depth first) into the pvec.  Returns the number of entries."""
     sh, pa = m.sh, m.pa
-    sc = sh.scratch
+    sc = scratch(sh)
     if m.pa.meta[row, SP_UNSYNC_CHILDREN] == 0:
         return 0
     nr = 0
@@ -470,10 +473,10 @@ def mmu_unsync_walk(m, row):
         found = False
         while bit < 512:
             w = bit >> 6
-            if sh.ubitmap[sp, w] == 0:
+            if m.pa.meta[sp, SP_UBITMAP + w] == 0:
                 bit = (w + 1) << 6
                 continue
-            if not (sh.ubitmap[sp, w] >> np.int64(bit & 63)) & 1:
+            if not (m.pa.meta[sp, SP_UBITMAP + w] >> np.int64(bit & 63)) & 1:
                 bit += 1
                 continue
             i = bit
@@ -524,7 +527,7 @@ def mmu_unsync_walk(m, row):
 @helper
 def mmu_pages_clear_parents(m, pv):
     """mmu_pages_clear_parents: clear the bit of ``pv`` in its parent, upwards while a parent runs out."""
-    sc = m.sh.scratch
+    sc = scratch(m.sh)
     while True:
         par = sc[SC_PVEC_PAR + pv]
         if par < 0:
@@ -538,7 +541,7 @@ def mmu_pages_clear_parents(m, pv):
 
 @helper
 def invalid_list_add(m, row):
-    sc = m.sh.scratch
+    sc = scratch(m.sh)
     m.pa.meta[row, SP_ANEXT] = sc[SC_INVALID_HEAD]
     sc[SC_INVALID_HEAD] = row
 
@@ -546,7 +549,7 @@ def invalid_list_add(m, row):
 @helper
 def commit_zap_page(m, vm):
     """kvm_mmu_commit_zap_page: one flush, then free every page on invalid_list."""
-    sc = m.sh.scratch
+    sc = scratch(m.sh)
     row = sc[SC_INVALID_HEAD]
     if row < 0:
         return False
@@ -569,7 +572,7 @@ def prepare_zap_one(m, vm, row):
         if pa.spt[row, i] != SHADOW_NONPRESENT_VALUE:
             mmu_page_zap_pte(m, vm, row, i)
     # kvm_mmu_unlink_parents
-    n = sh.parent_head[row]
+    n = m.pa.meta[row, SP_PARENT_HEAD]
     while n >= 0:
         sptep = sh.pl[n, NODE_VAL]
         nxt = sh.pl[n, NODE_NEXT]

@@ -31,6 +31,7 @@ from .state import (
     SL_VM,
     SP_APREV,
     SP_GEN,
+    SP_PARENT_HEAD,
     SP_ROLE,
     SP_VM,
     VM_ACT_TAIL,
@@ -255,12 +256,12 @@ def shadow_footprint_counts(m, vm, out):
     for k in range(5):
         out[k] = 0
     for row in range(m.pa.meta.shape[0]):
-        if m.pa.meta[row, SP_VM] != vm or row >= m.sh.parent_head.shape[0]:
+        if m.pa.meta[row, SP_VM] != vm:
             continue
         if sp_has_gptes(m.pa.meta[row, SP_ROLE]):
             out[0] += 1
         c = 0
-        n = m.sh.parent_head[row]
+        n = m.pa.meta[row, SP_PARENT_HEAD]
         while n >= 0:
             c += 1
             n = m.sh.pl[n, NODE_NEXT]

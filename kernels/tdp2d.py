@@ -56,7 +56,7 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import dirty_ring_soft_full, gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
-from .mmu_internal import EV_ADDR, EV_KIND, EV_SIZE, EV_VALUE, EV_VCPU, EV_VM, RES_ERROR, RES_OUTCOME
+from .mmu_internal import EV_ADDR, EV_KIND, EV_SIZE, EV_VALUE, EV_VCPU, EV_VM, RES_ERROR, RES_OUTCOME, scratch
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -96,6 +96,7 @@ from .state import (
     VM_LEVELS,
     VM_MAXPHYADDR,
     VM_ROOT,
+    VM_VCPU_OFF,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -117,7 +118,7 @@ SC_OOM_GPA = WK_SIZE
 
 
 @helper
-def tdp_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
+def tdp_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
     """One EPT violation / misconfiguration / #NPF of a 2D walk: kvm_handle_exit, not inlined.
 
     kvm_handle_exit counts the access and the references of its own re-walk of the one gpa (right
@@ -127,7 +128,7 @@ def tdp_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res,
     """
     acc = vt.stats[vm, ST_ACCESSES]
     refs = vt.stats[vm, ST_WALK_REFS]
-    o, e = kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
+    o, e = kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
     vt.stats[vm, ST_ACCESSES] = acc
     vt.stats[vm, ST_WALK_REFS] = refs
     return o, e
@@ -274,7 +275,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
             # an exit: KVM's TDP fault path, then the guest re-executes the access
             if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
                 return _NEED_ROWS, err, refs
-            o, e = tdp_exit(pa, vt, st, ct, m.host, m.cfg, vcpu_g, vm, fmt, gfn, w, f, res, spte)
+            o, e = tdp_exit(pa, vt, st, ct, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
             if o < 0:
                 wk[SC_OOM_GPA] = gfn << 12
                 return -1, err, refs
@@ -313,13 +314,13 @@ def tdp2d_batch(m, ev, start, res):
     """
     n = ev.shape[0]
     vt, ct, gm = m.vt, m.ct, m.gm
-    wk = m.sh.scratch
-    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.cfg[CFG_PML] else 0)
+    wk = scratch(m.sh)
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.host[CFG_PML] else 0)
     for i in range(start, n):
         if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or not gm_room(gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
         vm = ev[i, EV_VM]
-        vcpu_g = ct.vcpu_off[vm] + ev[i, EV_VCPU]
+        vcpu_g = vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
         dmode = vt.rec[vm, VM_DIRTY_MODE]
         if dmode & DM_RING:
             if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
