@@ -23,6 +23,7 @@ from .kernels.events import (
     EV_BAD_VM,
     EV_OK,
     group_by_vm,
+    pack_events,
     ungroup_results,
     validate_events,
 )
@@ -33,11 +34,10 @@ from .units import format_size
 
 def event_record(vm, vcpu, addr, kind=0, op=MI.OP_ACCESS, value=0, size=0):
     """An int64[n, NEVF] event batch (kernels/mmu_internal.py EV_* columns) from equal-length arrays or
-    scalars (a scalar applies to every event; n is the length of ``vm``)."""
+    scalars (a scalar applies to every event; n is the length of ``vm``); ``op`` is one OP_* for all."""
     ev = np.empty((np.size(vm), MI.NEVF), np.int64)
-    for col, x in ((MI.EV_VM, vm), (MI.EV_VCPU, vcpu), (MI.EV_OP, op), (MI.EV_ADDR, addr), (MI.EV_KIND, kind),
-                   (MI.EV_VALUE, value), (MI.EV_SIZE, size)):
-        ev[:, col] = x
+    pack_events(*(np.ascontiguousarray(x, np.int64).reshape(-1) for x in (vm, vcpu, addr, kind, value, size)),
+                int(op), ev)
     return ev
 
 
