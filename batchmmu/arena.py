@@ -23,8 +23,8 @@ def _grow(arr, new_len, fill=0):
 class Pool:
     """A growable flat array with a bump allocator."""
 
-    def __init__(self, dtype, cap=1024):
-        self.arr = np.zeros(cap, dtype=dtype)
+    def __init__(self, dtype, cap=1024, width=None):
+        self.arr = np.zeros(cap if width is None else (cap, width), dtype=dtype)  # width: a pool of records
         self.used = 0
 
     def alloc(self, n):
@@ -56,7 +56,7 @@ def _grow_records(rec, new_cap, fills):
     return out
 
 
-SP_FILLS = {S.SP_VM: -1, S.SP_PARENT: -1, S.SP_HNEXT: -1, S.SP_ANEXT: -1, S.SP_APREV: -1}
+SP_FILLS = {S.SP_VM: -1, S.SP_PARENT: -1, S.SP_HNEXT: -1, S.SP_ANEXT: -1, S.SP_APREV: -1, S.SP_PARENT_HEAD: -1}
 VM_FILLS = {S.VM_ROOT: -1, S.VM_SLOT_LAST: -1, S.VM_HASH_OFF: -1, S.VM_ACT_HEAD: -1, S.VM_ACT_TAIL: -1}
 SL_FILLS = {S.SL_VM: -1, S.SL_SLOT_ID: -1, S.SL_DIRTY_OFF: -1, S.SL_WTRACK_OFF: -1,
             **{S.SL_RMAP_OFF + i: -1 for i in range(3)}}
@@ -155,21 +155,20 @@ def bytes_per_row():
     return ROW_BYTES + 8 * S.NSP + 8
 
 
-def new_vcpu_table(nvm_cap=16, nvcpu_cap=16, pml=False):
+def new_vcpu_table(nvcpu_cap=16, pml=False):
     return S.VcpuTable(
-        vcpu_off=np.zeros(nvm_cap, np.int64), rec=np.zeros((nvcpu_cap, S.NVCF), np.int64),
+        rec=np.zeros((nvcpu_cap, S.NVCF), np.int64),
         pml_buf=np.zeros((nvcpu_cap if pml else 0, S.PML_ENTITY_NUM), np.int64),
-        ring_slot=np.zeros(0, np.int32), ring_gfn=np.zeros(0, np.int64), ring_flags=np.zeros(0, np.int8),
+        ring=np.zeros((0, S.NRGF), np.int64),
     )
 
 
-def grow_vcpu_table(ct, nvm_need, nvcpu_need, pml):
-    """Room for ``nvm_need`` VMs and ``nvcpu_need`` vCPUs (ring pools are grown separately)."""
+def grow_vcpu_table(ct, nvcpu_need, pml):
+    """Room for ``nvcpu_need`` vCPUs (ring pools are grown separately)."""
     def more(a, need):
         return _grow(a, max(need, 2 * a.shape[0])) if need > a.shape[0] else a
 
-    return ct._replace(vcpu_off=more(ct.vcpu_off, nvm_need), rec=more(ct.rec, nvcpu_need),
-                       pml_buf=more(ct.pml_buf, nvcpu_need if pml else 0))
+    return ct._replace(rec=more(ct.rec, nvcpu_need), pml_buf=more(ct.pml_buf, nvcpu_need if pml else 0))
 
 
 def slot_bytes(npages, shadow=False, ages=False):
@@ -178,7 +177,7 @@ def slot_bytes(npages, shadow=False, ages=False):
     words = (npages + 63) // 64
     b = 320 + ((npages >> 9) + (npages >> 18) + 4) * 4 + words * 8 * 3 + (64 * words if ages else 0)
     if shadow:
-        b += (npages + (npages >> 9) + (npages >> 18) + 3) * 12 + npages * 4
+        b += (npages + (npages >> 9) + (npages >> 18) + 3) * 8 * S.NRMF + npages * 4
     return b
 
 

@@ -14,6 +14,7 @@ from . import reclaim as _reclaim
 from .arena import grow_page_arena
 from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, FIXED, HIT, SPURIOUS
 from .errors import HostMemoryExhausted, bad
+from .kernels import mmu_internal as MI
 from .kernels import state as S
 from .kernels.events import (
     EV_BAD_ADDR,
@@ -22,12 +23,27 @@ from .kernels.events import (
     EV_BAD_VM,
     EV_OK,
     group_by_vm,
+    pack_events,
     ungroup_results,
     validate_events,
 )
 from .kernels.fault import access_batch
 from .kernels.guest_walk import X86_CR0_PG
 from .units import format_size
+
+
+def event_record(vm, vcpu, addr, kind=0, op=MI.OP_ACCESS, value=0, size=0):
+    """An int64[n, NEVF] event batch (kernels/mmu_internal.py EV_* columns) from equal-length arrays or
+    scalars (a scalar applies to every event; n is the length of ``vm``); ``op`` is one OP_* for all."""
+    ev = np.empty((np.size(vm), MI.NEVF), np.int64)
+    pack_events(*(np.ascontiguousarray(x, np.int64).reshape(-1) for x in (vm, vcpu, addr, kind, value, size)),
+                int(op), ev)
+    return ev
+
+
+def results(res):
+    """(outcome int8[n], error code int32[n]) of an int64[n, NRESF] result record."""
+    return res[:, MI.RES_OUTCOME].astype(np.int8), res[:, MI.RES_ERROR].astype(np.int32)
 
 
 class AccessResult(NamedTuple):
@@ -63,11 +79,11 @@ class Batches:
                                   ACC_VALID_MASK, ACC_WRITE, ACC_FETCH)
         if code == EV_OK and (lo != hi).any():  # vCPUs of one VM in different modes: check each event
             sel = np.nonzero((lo != hi)[vm_a])[0]
-            over = np.nonzero(addr_a[sel] >> bits[self.ct.vcpu_off[vm_a[sel]] + vcpu_a[sel]])[0]
+            over = np.nonzero(addr_a[sel] >> bits[self.vt.vcpu_off[vm_a[sel]] + vcpu_a[sel]])[0]
             if over.size:
                 j, code = int(sel[over[0]]), EV_BAD_ADDR
         if code == EV_BAD_ADDR:
-            g = int(self.ct.vcpu_off[vm_a[j]] + vcpu_a[j])
+            g = int(self.vt.vcpu_off[vm_a[j]] + vcpu_a[j])
             if self.vr.cr0[g] & int(X86_CR0_PG):
                 raise bad("addr", int(addr_a[j]), f"not a gva of VM {int(vm_a[j])} vCPU {int(vcpu_a[j])} in its "
                           f"paging mode (takes [0, 2**{int(bits[g])})): a non-canonical address is a #GP, not a "
@@ -89,9 +105,8 @@ class Batches:
         if not shadow.any() and not twod.any():
             return self._run_tdp_accesses(vm_a, vcpu_a, addr_a, kind_a)
         n = vm_a.size
-        if value_a is None:
-            value_a = np.zeros(n, np.int64)
-            size_a = np.zeros(n, np.int64)
+        ev = event_record(vm_a, vcpu_a, addr_a, kind_a, MI.OP_ACCESS, 0 if value_a is None else value_a,
+                          0 if size_a is None else size_a)
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
         done = np.zeros(n, bool)  # events of the sub-batches that completed (VMs are independent)
@@ -100,12 +115,11 @@ class Batches:
             if not idx.size:
                 continue
             try:
+                sub = ev if idx.size == n else ev[idx]
                 if run == "shadow":
-                    o, e = self._run_shadow(vm_a[idx], vcpu_a[idx], np.zeros(idx.size, np.int64), addr_a[idx],
-                                            kind_a[idx], value_a[idx], size_a[idx])
+                    o, e = self._run_shadow(sub)
                 elif run == "2d":
-                    o, e = self._run_tdp2d(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx], value_a[idx],
-                                           size_a[idx])
+                    o, e = self._run_tdp2d(sub)
                 else:
                     o, e = self._run_tdp_accesses(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx])
             except HostMemoryExhausted as exc:
@@ -129,7 +143,7 @@ class Batches:
         i = 0
         oom_at = -1
         while i < n:
-            i, stop = access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, vm_a, vcpu_a,
+            i, stop = access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
                                    addr_a, kind_a, i, out, err)
             if stop == S.STOP_NEED_PAGES:
                 self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))

@@ -171,7 +171,7 @@ class DirtyLog:
         entries = A.exact_int(entries, "entries", rsvd + 1, 65536, why=why, errno=errno.EINVAL)
         if entries & (entries - 1):
             raise einval("entries", entries, why)
-        g = int(self.ct.vcpu_off[vm])
+        g = int(self.vt.vcpu_off[vm])
         ran = int(self.vt.root[vm]) >= 0 or int(self.vt.stats[vm, S.ST_ACCESSES]) > 0 \
             or bool((self.vr.root[g:g + int(self._vcpus[vm])] != -1).any())
         if ran or int(self.vt.dirty_mode[vm]) & S.DM_RING:
@@ -181,11 +181,10 @@ class DirtyLog:
         off = self._ring.alloc(entries * nv)
         total = self._ring.arr.shape[0]
         ct = self.ct
-        if ct.ring_gfn.shape[0] < total:
+        if ct.ring.shape[0] < total:
             from .arena import _grow
-            self.ct = ct = ct._replace(ring_gfn=_grow(ct.ring_gfn, total), ring_slot=_grow(ct.ring_slot, total),
-                                       ring_flags=_grow(ct.ring_flags, total))
-        g = int(ct.vcpu_off[vm])
+            self.ct = ct = ct._replace(ring=_grow(ct.ring, total))
+        g = int(self.vt.vcpu_off[vm])
         ct.ring_size[g:g + nv] = entries
         ct.ring_off[g:g + nv] = off + entries * np.arange(nv)
         ct.ring_dirty[g:g + nv] = ct.ring_reset[g:g + nv] = ct.ring_fetch[g:g + nv] = 0
@@ -203,10 +202,10 @@ class DirtyLog:
         out = []
         while True:
             idx = int(ct.ring_off[g]) + (int(ct.ring_fetch[g]) & (size - 1))
-            if not ct.ring_flags[idx] & S.KVM_DIRTY_GFN_F_DIRTY or ct.ring_fetch[g] >= ct.ring_dirty[g]:
+            if not ct.ring[idx, S.RG_FLAGS] & S.KVM_DIRTY_GFN_F_DIRTY or ct.ring_fetch[g] >= ct.ring_dirty[g]:
                 break
-            out.append((int(ct.ring_slot[idx]), int(ct.ring_gfn[idx])))
-            ct.ring_flags[idx] = S.KVM_DIRTY_GFN_F_RESET
+            out.append((int(ct.ring[idx, S.RG_SLOT]), int(ct.ring[idx, S.RG_OFFSET])))
+            ct.ring[idx, S.RG_FLAGS] = S.KVM_DIRTY_GFN_F_RESET
             ct.ring_fetch[g] += 1
         return np.array(out, np.int64).reshape(-1, 2)
 
@@ -219,7 +218,7 @@ class DirtyLog:
         for sl, r in self._slot_rec.of_vm(vm):
             slot_recs[((sl >> 16) << 15) | (sl & 0x7FFF)] = r
         total = 0
-        g0 = int(self.ct.vcpu_off[vm])
+        g0 = int(self.vt.vcpu_off[vm])
         masks = np.zeros((max(int(self.ct.ring_size[g0]), 1), 3), np.int64)
         for c in range(int(self._vcpus[vm])):
             cnt, nm = dirty_ring_reset(self.ct, g0 + c, masks)

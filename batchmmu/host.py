@@ -85,7 +85,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self.nx_recovery_period_ms = A.exact_int(nx_huge_pages_recovery_period_ms,
                                                  "nx_huge_pages_recovery_period_ms", 0, 1 << 40)
         pml = flags["pml"]
-        self.cfg = np.zeros(S.NCFG, np.int64)
+        self.host_ctl = np.zeros(S.NHOST, np.int64)   # HOST_* words and the CFG_* configuration
+        self.host_ctl[S.HOST_BUDGET_BYTES] = self.memory
         self.cfg[S.CFG_MMIO_CACHING] = int(flags["mmio_caching"])
         self.cfg[S.CFG_NX_HUGE_PAGES] = int(flags["nx_huge_pages"])
         self.cfg[S.CFG_TDP_MAX_LEVEL] = tdp_huge_page_level
@@ -93,8 +94,6 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._nx_next_ms = None
         self.cfg[S.CFG_EAGER_SPLIT] = int(flags["eager_page_split"])
         self.cfg[S.CFG_PML] = int(pml)
-        self.host_ctl = np.zeros(S.NHOST, np.int64)
-        self.host_ctl[S.HOST_BUDGET_BYTES] = self.memory
         self.pa = new_page_arena()
         self.vt = new_vm_table()
         self.st = new_slot_table()
@@ -108,12 +107,21 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._order = Pool(np.int64)
         self._order_cap = np.zeros(16, np.int64)
         self._vcpus = np.zeros(16, np.int64)
-        self._maxphyaddr = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
         self._slot_rec = ms.SlotIndex()  # (vm, slot) -> record, and each VM's own slots
         self._paging_init()
         _reclaim.configure(self, overcommit, watermarks)
         self._sync_pools()
+
+    @property
+    def cfg(self):
+        """The host words array, read for its CFG_* configuration words (module parameters)."""
+        return self.host_ctl
+
+    @property
+    def _maxphyaddr(self):
+        """Per VM (VMTable capacity): the guest MAXPHYADDR (a column view of the VM records)."""
+        return self.vt.maxphyaddr
 
     def _check_vm(self, vm, field="vm"):
         if not A.is_int(vm):
@@ -166,7 +174,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         first, k = self.nvm, count
         need = first + k
         self.vt = grow_vm_table(self.vt, need)
-        for name in ("_order_cap", "_vcpus", "_maxphyaddr", "_gen_as1"):
+        for name in ("_order_cap", "_vcpus", "_gen_as1"):
             arr = getattr(self, name)
             if arr.shape[0] < need:
                 setattr(self, name, np.concatenate([arr, np.zeros(max(need, 2 * arr.shape[0]) - arr.shape[0],
@@ -184,10 +192,10 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
         nv = self._paging_add_vms(vms, int(vcpus), mmu == "shadow")
-        self.ct = grow_vcpu_table(self.ct, need, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
-        self.ct.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
+        self.ct = grow_vcpu_table(self.ct, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
+        vt.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
         vt.dirty_mode[vms] = 0
-        self._maxphyaddr[vms] = maxphyaddr
+        vt.maxphyaddr[vms] = maxphyaddr
         self.nvm = need
         self._add_slot0(vms, size, bcode)  # slot 0 at gpa 0: one KVM_SET_USER_MEMORY_REGION per VM
         if mmu == "shadow":
@@ -306,7 +314,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         vcpus = self._vcpus[vms]
         if self.cfg[S.CFG_PML]:
             out["pml_buffers"] = int(vcpus.sum()) * 4096  # one PML page per vCPU
-        g = self.ct.vcpu_off[vms]
+        g = self.vt.vcpu_off[vms]
         out["dirty_rings"] = int(sum(int(self.ct.ring_size[o:o + c].sum()) for o, c in zip(g, vcpus, strict=True))) * 16
         out["kvm_total"] = sum(v for k, v in out.items() if k not in ("guest_memory", "guest_swapped"))
         arrays = [*self.pa, *self.vt, *self.st, *self.ct, *self.sh, *self.gm, *self.vr]

@@ -9,8 +9,10 @@ import numpy as np
 
 from . import args as A
 from .arena import Pool, _grow, _records
+from .batch import event_record, results
 from .errors import bad, einval
 from .kernels import gmem as GM
+from .kernels import mmu_internal as MI
 from .kernels import shadow as K
 from .kernels import state as S
 from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57, X86_CR4_PAE, cpu_mode, mode_levels
@@ -64,10 +66,9 @@ VR_FILLS = {S.VR_CR0: CR0_RESET, S.VR_RFLAGS: 2, S.VR_ROOT: -1, **{S.VR_PREV_ROO
 
 def _new_shadow_state(rows):
     return S.ShadowState(
-        ubitmap=np.zeros((rows, 8), np.int64), parent_head=np.full(rows, -1, np.int64),
         trans=np.zeros((rows, 512), np.int64), pl=np.zeros((0, 2), np.int64), rn=np.zeros((0, 2), np.int64),
-        rmap_head=np.zeros(0, np.int64), rmap_cnt=np.zeros(0, np.int32), wtrack=np.zeros(0, np.int32),
-        hash=np.zeros(0, np.int64), ctl=np.zeros(S.NSHCTL, np.int64), scratch=np.full(K.SC_SIZE, -1, np.int64),
+        rmap=np.zeros((0, S.NRMF), np.int64), wtrack=np.zeros(0, np.int32),
+        hash=np.zeros(0, np.int64), ctl=np.concatenate([np.zeros(S.SH_SCRATCH, np.int64), np.full(K.SC_SIZE, -1)]),
     )
 
 
@@ -76,9 +77,15 @@ def _new_vcpu_regs(n):
 
 
 def _new_guest_mem(rows=16, hcap=64):
-    return S.GuestMem(key=np.full(hcap, -1, np.int64), row=np.zeros(hcap, np.int64),
-                      page=np.zeros((rows, 512), np.int64), free=np.zeros(rows, np.int64),
+    return S.GuestMem(hash=_gm_table(hcap), page=np.zeros((rows, 512), np.int64), free=np.zeros(rows, np.int64),
                       ctl=np.zeros(GM.NGMCTL, np.int64))
+
+
+def _gm_table(hcap):
+    """An empty guest-memory key table of ``hcap`` (key, row) slots."""
+    ht = np.zeros((hcap, S.NGMH), np.int64)
+    ht[:, S.GMH_KEY] = -1
+    return ht
 
 
 class GuestPaging:
@@ -90,8 +97,7 @@ class GuestPaging:
         self.sh = _new_shadow_state(0)
         self._mmu_kind = np.zeros(16, np.int8)
         self._hash_pool = Pool(np.int64, 0)
-        self._rmap_pool = Pool(np.int64, 0)
-        self._rmapcnt_pool = Pool(np.int32, 0)
+        self._rmap_pool = Pool(np.int64, 0, S.NRMF)
         self._wtrack_pool = Pool(np.int32, 0)
         self._nr_requested = {}    # vm -> KVM_SET_NR_MMU_PAGES value
         self._vm_order = []        # kvm vm_list order for the shrinker (scanned VMs move to the tail)
@@ -128,13 +134,11 @@ class GuestPaging:
                 shift = 9 * (level - 1)
                 cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
                 off = self._rmap_pool.alloc(cnt)
-                self._rmap_pool.arr[off:off + cnt] = -1
-                self._rmapcnt_pool.alloc(cnt)
+                self._rmap_pool.arr[off:off + cnt] = (-1, 0)  # RM_HEAD, RM_COUNT: empty
                 st.rmap_off[rec, level - 1] = off
             st.wtrack_off[rec] = self._wtrack_pool.alloc(n)
             self._wtrack_pool.arr[st.wtrack_off[rec]:st.wtrack_off[rec] + n] = 0
-        self.sh = sh._replace(rmap_head=self._rmap_pool.arr, rmap_cnt=self._rmapcnt_pool.arr,
-                              wtrack=self._wtrack_pool.arr)
+        self.sh = sh._replace(rmap=self._rmap_pool.arr, wtrack=self._wtrack_pool.arr)
 
     def _paging_topup(self):
         """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""
@@ -142,9 +146,8 @@ class GuestPaging:
             self.reserve_tables(4 * S.MAX_ROWS_PER_EVENT)
         sh = self.sh
         rows = self.pa.spt.shape[0]
-        if sh.parent_head.shape[0] < rows:
-            sh = sh._replace(ubitmap=_grow(sh.ubitmap, rows), parent_head=_grow(sh.parent_head, rows, -1),
-                             trans=_grow(sh.trans, rows))
+        if sh.trans.shape[0] < rows:
+            sh = sh._replace(trans=_grow(sh.trans, rows))
         for name, free_i, avail_i, want in (("pl", S.SH_PL_FREE, S.SH_PL_AVAIL, 64),
                                             ("rn", S.SH_RN_FREE, S.SH_RN_AVAIL, 256)):
             if sh.ctl[avail_i] >= want:
@@ -169,15 +172,14 @@ class GuestPaging:
         if page.shape[0] - used + nfree < n:
             page = _grow(page, max(2 * page.shape[0], used + n))
             free = _grow(free, page.shape[0])
-        key, row = gm.key, gm.row
-        if GM.GM_MAX_LOAD * (keys + n) > key.shape[0]:
-            cap = key.shape[0]
+        ht = gm.hash
+        if GM.GM_MAX_LOAD * (keys + n) > ht.shape[0]:
+            cap = ht.shape[0]
             while GM.GM_MAX_LOAD * (keys + n) > cap:
                 cap *= 2
-            key = np.full(cap, -1, np.int64)
-            row = np.zeros(cap, np.int64)
-            GM.gm_rehash(gm.key, gm.row, key, row)
-        self.gm = S.GuestMem(key=key, row=row, page=page, free=free, ctl=gm.ctl)
+            ht = _gm_table(cap)
+            GM.gm_rehash(gm.hash, ht)
+        self.gm = S.GuestMem(hash=ht, page=page, free=free, ctl=gm.ctl)
 
     def _slot_map(self):
         return S.SlotMap(self.vt.rec, self.st.order, self.st.rec)
@@ -243,7 +245,7 @@ class GuestPaging:
         return order + [v for v in range(self.nvm) if v not in seen]
 
     def _mmu_bundle(self):
-        return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.cfg, self.sh, self.gm, self.vr)
+        return S.MMU(self.pa, self.vt, self.st, self.ct, self.host_ctl, self.sh, self.gm, self.vr)
 
     # ------------------------------------------------------------------ guest memory
     def _gm_unmapped(self, vm, gpa, n):
@@ -325,7 +327,7 @@ class GuestPaging:
             K.kvm_mmu_reset_context(self._mmu_bundle(), vm, i)
 
     def _guest_paging_on(self, vm_a, vcpu_a):
-        vg = self.ct.vcpu_off[vm_a] + vcpu_a
+        vg = self.vt.vcpu_off[vm_a] + vcpu_a
         return (self.vr.cr0[vg] & int(X86_CR0_PG)) != 0
 
     # ------------------------------------------------------------------ TDP with guest paging (2D walks)
@@ -335,7 +337,7 @@ class GuestPaging:
         out = self._mmu_kind[:self._maxphyaddr.shape[0]] == S.MMU_SHADOW
         pg = np.nonzero(self.vr.cr0 & int(X86_CR0_PG))[0]
         if pg.size:
-            out[np.searchsorted(self.ct.vcpu_off[:self.nvm], pg, side="right") - 1] = True
+            out[np.searchsorted(self.vt.vcpu_off[:self.nvm], pg, side="right") - 1] = True
         return out
 
     def _tdp2d_mask(self, vm_a, vcpu_a, shadow, stores=False):
@@ -348,20 +350,21 @@ class GuestPaging:
             return pg
         return np.isin(vm_a, np.unique(vm_a[pg]))
 
-    def _run_tdp2d(self, vm_a, vcpu_a, addr_a, kind_a, value_a, size_a):
-        """Run TDP events through the 2D-walk kernel; ``size_a[i]`` > 0 makes event i a store."""
+    def _run_tdp2d(self, ev):
+        """Run TDP events (an EV_* record batch, accesses) through the 2D-walk kernel; EV_SIZE > 0 makes an
+        event a store.  Returns (outcome, error code)."""
         from . import reclaim as _reclaim
         from .arena import grow_page_arena
         from .kernels.tdp2d import SC_OOM_GPA, tdp2d_batch
-        n = vm_a.size
-        pg = self._guest_paging_on(vm_a, vcpu_a)
+        n = ev.shape[0]
+        vm_a, addr_a = ev[:, MI.EV_VM], ev[:, MI.EV_ADDR]
+        pg = self._guest_paging_on(vm_a, ev[:, MI.EV_VCPU])
         big = ~pg & ((addr_a >> self._maxphyaddr[vm_a]) != 0)
         if big.any():
             j = int(np.nonzero(big)[0][0])
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
                       "(the vCPU has paging off)")
-        out = np.zeros(n, np.int8)
-        err = np.zeros(n, np.int32)
+        res = np.zeros((n, MI.NRESF), np.int64)
         i = 0
         oom_at = -1
         while i < n:
@@ -369,21 +372,20 @@ class GuestPaging:
             if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
                 self.pa = grow_page_arena(self.pa, max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
-            i, stop = tdp2d_batch(self._mmu_bundle(), vm_a, vcpu_a, addr_a, kind_a, value_a, size_a,
-                                  self._maxphyaddr, i, out, err)
+            i, stop = tdp2d_batch(self._mmu_bundle(), ev, i, res)
             if stop == S.STOP_HOST_OOM and i != oom_at and \
                     _reclaim.direct_reclaim(self, int(vm_a[i]), int(self.sh.scratch[SC_OOM_GPA])):
                 oom_at = i  # overcommit: reclaimed; the event runs again
             elif stop == S.STOP_HOST_OOM:
                 raise self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}", np.arange(n) < i, "",
-                                             out, err)
-        return out, err
+                                             *results(res))
+        return results(res)
 
     # ------------------------------------------------------------------ shadow events
-    def _run_shadow(self, vm_a, vcpu_a, op_a, addr_a, kind_a, value_a, size_a):
-        n = vm_a.size
-        out = np.zeros(n, np.int8)
-        err = np.zeros(n, np.int32)
+    def _run_shadow(self, ev):
+        """Run an EV_* record batch of shadow-MMU VMs; returns (outcome, error code)."""
+        n = ev.shape[0]
+        vm_a, vcpu_a = ev[:, MI.EV_VM], ev[:, MI.EV_VCPU]
         other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
         if other.size:
             raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
@@ -392,16 +394,17 @@ class GuestPaging:
             j = int(np.nonzero(~pg)[0][0])
             raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])}: shadow-MMU vCPUs must run with paging on "
                       "(set CR0.PG, CR4.PAE, EFER.LME|LMA and CR3 with set_vcpu_regs); real mode is not simulated")
+        res = np.zeros((n, MI.NRESF), np.int64)
         i = 0
         while i < n:
             self._paging_topup()
-            i, stop = K.shadow_event_batch(self._mmu_bundle(), vm_a, vcpu_a, op_a, addr_a, kind_a, value_a, size_a,
-                                           self._maxphyaddr, i, out, err)
+            i, stop = K.shadow_event_batch(self._mmu_bundle(), ev, i, res)
             if stop == S.STOP_NEED_PAGES:
                 continue
             if stop == S.STOP_HOST_OOM:
-                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(addr_a[i]):#x}", np.arange(n) < i, "", out, err)
-        return out, err
+                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(ev[i, MI.EV_ADDR]):#x}", np.arange(n) < i, "",
+                                             *results(res))
+        return results(res)
 
     def emulated_access(self, vm, vcpu, addr, kind=0, value=0, size=8):
         """Memory operand of an instruction that KVM's emulator executes (CPL0 code under kvm_pvm,
@@ -418,8 +421,7 @@ class GuestPaging:
         if value.size != 1:
             raise bad("value", value, "must be one integer")
         addr = self._gva_arg(vm, i, addr)
-        out, err = self._run_shadow(np.array([vm]), np.array([vcpu]), np.array([K.OP_EMULATED]), np.array([addr]),
-                                    np.array([kind]), value.view(np.int64), np.array([size]))
+        out, err = self._run_shadow(event_record(vm, vcpu, addr, kind, MI.OP_EMULATED, value.view(np.int64), size))
         return AccessResult(out, err)
 
     def mov_cr3(self, vm, vcpu, cr3):
@@ -436,8 +438,7 @@ class GuestPaging:
                 # PAE: the processor loads the four PDPTEs at MOV CR3 (no exit under TDP)
                 self.vr.pdptr[i] = self._gm_read_words(int(vm), int(cr3) & 0xFFFFFFE0, 4).view(np.int64)
             return
-        self._run_shadow(np.array([int(vm)]), np.array([vcpu]), np.array([K.OP_MOV_CR3]), np.array([cr3]),
-                         np.array([0]), np.array([0]), np.array([0]))
+        self._run_shadow(event_record(int(vm), vcpu, cr3, op=MI.OP_MOV_CR3))
 
     def _vcpu_addr_bits(self, vm, i):
         """Address bits vCPU ``i`` takes (addr_bits for one vCPU)."""
@@ -450,7 +451,7 @@ class GuestPaging:
         addr = A.exact_int(addr, field, 0, A.I64_MAX, why="must be a non-negative address (integer)")
         bits = self._vcpu_addr_bits(vm, i)
         if addr >> bits:
-            raise bad(field, addr, f"not an address of VM {vm} vCPU {i - int(self.ct.vcpu_off[vm])} in its mode "
+            raise bad(field, addr, f"not an address of VM {vm} vCPU {i - int(self.vt.vcpu_off[vm])} in its mode "
                       f"(takes [0, 2**{bits})): a non-canonical address is a #GP, not a page fault")
         return addr
 
@@ -458,6 +459,5 @@ class GuestPaging:
         self._vcpu_index(vm, vcpu)
         if self._mmu_kind[int(vm)] != S.MMU_SHADOW:
             return False
-        self._run_shadow(np.array([int(vm)]), np.array([int(vcpu)]), np.array([op]), np.array([addr]), np.array([0]),
-                         np.array([0]), np.array([0]))
+        self._run_shadow(event_record(int(vm), int(vcpu), addr, op=op))
         return True

@@ -21,7 +21,7 @@ class Vcpus:
         vm = self._check_vm(vm)
         if isinstance(vcpu, bool) or not isinstance(vcpu, (int, np.integer)) or not 0 <= vcpu < self._vcpus[vm]:
             raise bad("vcpu", vcpu, f"VM {vm} has {int(self._vcpus[vm])} vCPUs")
-        return int(self.ct.vcpu_off[vm] + vcpu)
+        return int(self.vt.vcpu_off[vm] + vcpu)
 
     def set_vcpu_regs(self, vm, vcpu, cr0=None, cr3=None, cr4=None, efer=None, rflags=None, pkru=None):
         """KVM_SET_SREGS/KVM_SET_REGS for one vCPU (None leaves a register as it is).  Under the shadow MMU
@@ -54,7 +54,7 @@ class Vcpus:
         mode), 48 or 57 (LA57: gvas in their 48/57-bit form, upper half with bit 47/56 set); with paging
         off the VM's MAXPHYADDR."""
         vr, nvm = self.vr, self.nvm
-        mpa = self._maxphyaddr[:max(nvm, 1)]
+        mpa = np.ascontiguousarray(self._maxphyaddr[:max(nvm, 1)])  # a kernel argument (one signature)
         if nvm == 0 or vr.cr0.size == 0:
             return np.zeros(0, np.int64), mpa, mpa
         owner = np.repeat(np.arange(nvm), self._vcpus[:nvm])
@@ -62,7 +62,7 @@ class Vcpus:
         if not pg.any():
             return self._maxphyaddr[owner], mpa, mpa
         bits = addr_bits(vr.cr0, vr.cr4, vr.efer, self._maxphyaddr[owner])
-        first = self.ct.vcpu_off[:nvm]
+        first = self.vt.vcpu_off[:nvm]
         return bits, np.minimum.reduceat(bits, first), np.maximum.reduceat(bits, first)
 
     # ------------------------------------------------------------------ guest memory

@@ -58,11 +58,11 @@ def probe_lengths(key, absent, hit_out, miss_out):
 
 
 @njit(cache=True)
-def lookup_loop(key, row, keys, rounds):
+def lookup_loop(ht, keys, rounds):
     s = 0
     for _ in range(rounds):
         for i in range(keys.shape[0]):
-            s += gm_find(key, row, keys[i])
+            s += gm_find(ht, keys[i])
     return s
 
 
@@ -80,13 +80,13 @@ def measure(nvm, mem, repeats):
     absent = absent[~np.isin(absent, stored)]
     hit = np.zeros(stored.size, np.int64)
     miss = np.zeros(absent.size, np.int64)
-    probe_lengths(gm.key, absent, hit, miss)
+    probe_lengths(np.ascontiguousarray(gm.key), absent, hit, miss)
     rounds = max(1, (1 << 22) // stored.size)
-    lookup_loop(gm.key, gm.row, stored[:1], 1)
+    lookup_loop(gm.hash, stored[:1], 1)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        lookup_loop(gm.key, gm.row, stored, rounds)
+        lookup_loop(gm.hash, stored, rounds)
         times.append(time.perf_counter() - t)
     return {"vms": nvm, "keys": int(stored.size), "load": stored.size / gm.key.size, "hit_mean": hit.mean(),
             "hit_max": int(hit.max()), "miss_mean": miss.mean(),

@@ -19,17 +19,27 @@ from .memslot import (
 )
 from .mmu import entry_work_needed, free_roots, kvm_set_cr3, sync_roots, vcpu_reenter
 from .mmu_internal import (
+    EV_ADDR,
+    EV_KIND,
+    EV_OP,
+    EV_SIZE,
+    EV_VALUE,
+    EV_VCPU,
+    EV_VM,
     HW_FAULT,
     MAX_EXITS,
     OP_ACCESS,
     OP_EMULATED,
     OP_INVLPG,
     OP_MOV_CR3,
+    RES_ERROR,
+    RES_OUTCOME,
     RET_PF_GUEST,
     RET_PF_MMIO,
     RET_PF_OOM,
     RET_PF_RETRY,
     SC_RUNNING_VCPU,
+    scratch,
 )
 from .paging_tmpl import invalidate_addr, shadow_page_fault
 from .state import (
@@ -65,6 +75,8 @@ from .state import (
     STOP_HOST_OOM,
     STOP_NEED_PAGES,
     VM_DIRTY_MODE,
+    VM_MAXPHYADDR,
+    VM_VCPU_OFF,
     VR_CR0,
     VR_CR4,
     VR_EFER,
@@ -120,62 +132,62 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
 
 
 @kernel
-def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_size, maxphy, start,
-                       out_outcome, out_err):
-    """Run events ev[start:] of shadow-MMU VMs in order.  Returns (next_event, STOP_*)."""
-    n = ev_vm.shape[0]
+def shadow_event_batch(m, ev, start, res):
+    """Run events ev[start:] (EV_* records) of shadow-MMU VMs in order, results in ``res`` (RES_* records).
+    Returns (next_event, STOP_*)."""
+    n = ev.shape[0]
     sh = m.sh
-    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.cfg[CFG_PML] else 0)
+    sc = scratch(sh)
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.host[CFG_PML] else 0)
     for i in range(start, n):
-        sh.scratch[SC_RUNNING_VCPU] = -1
+        sc[SC_RUNNING_VCPU] = -1
         if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or sh.ctl[SH_PL_AVAIL] < MAX_PL_PER_EVENT or \
                 sh.ctl[SH_RN_AVAIL] < MAX_RN_PER_EVENT or \
                 not gm_room(m.gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
-        vm = ev_vm[i]
-        vg = m.ct.vcpu_off[vm] + ev_vcpu[i]
+        vm = ev[i, EV_VM]
+        vg = m.vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
+        res[i, RES_ERROR] = 0
         if (m.vt.rec[vm, VM_DIRTY_MODE] & DM_RING) and dirty_ring_soft_full(m.ct, vg, ring_rsvd):
             # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
             m.vt.stats[vm, ST_DIRTY_RING_FULL] += 1
-            out_outcome[i] = OUT_RING_FULL
-            out_err[i] = 0
+            res[i, RES_OUTCOME] = OUT_RING_FULL
             continue
-        sh.scratch[SC_RUNNING_VCPU] = vg
-        op = ev_op[i]
-        addr = ev_addr[i]
-        kind = ev_kind[i]
-        mp = maxphy[vm]
+        sc[SC_RUNNING_VCPU] = vg
+        op = ev[i, EV_OP]
+        addr = ev[i, EV_ADDR]
+        kind = ev[i, EV_KIND]
+        mp = m.vt.rec[vm, VM_MAXPHYADDR]
         regs = m.vr.rec[vg]
         mode = cpu_mode(regs[VR_CR0], regs[VR_CR4], regs[VR_EFER], regs[VR_RFLAGS]) | MODE_PSE36_KVM
         if entry_work_needed(m, vm, vg):
             vcpu_reenter(m, vm, vg, mode, mp)
-        out_err[i] = 0
         if op == OP_ACCESS:
-            if ev_size[i] == 0:
+            if ev[i, EV_SIZE] == 0:
                 # the common case, a translation the shadow tables already hold: no call
                 e, gpa, refs, row, idx = shadow_hw_walk(m, vm, vg, addr, kind, mode)
                 if e == 0:
                     m.vt.stats[vm, ST_ACCESSES] += 1
                     m.vt.stats[vm, ST_WALK_REFS] += refs
-                    out_outcome[i] = OUT_HIT
+                    res[i, RES_OUTCOME] = OUT_HIT
                     continue
-            o, e = shadow_access(m, vm, vg, addr, kind, ev_value[i], ev_size[i], mode, mp)
+            o, e = shadow_access(m, vm, vg, addr, kind, ev[i, EV_VALUE], ev[i, EV_SIZE], mode, mp)
             if o < 0:
-                sh.scratch[SC_RUNNING_VCPU] = -1
+                sc[SC_RUNNING_VCPU] = -1
                 return i, STOP_HOST_OOM
-            out_outcome[i] = o
-            out_err[i] = e
+            res[i, RES_OUTCOME] = o
+            res[i, RES_ERROR] = e
         elif op == OP_EMULATED:
-            o, e = emulated_access(m, vm, vg, addr, kind, ev_value[i], ev_size[i], mode, mp)
-            out_outcome[i] = o
-            out_err[i] = e
+            o, e = emulated_access(m, vm, vg, addr, kind, ev[i, EV_VALUE], ev[i, EV_SIZE], mode, mp)
+            res[i, RES_OUTCOME] = o
+            res[i, RES_ERROR] = e
         elif op == OP_INVLPG:
             invalidate_addr(m, vm, vg, addr, mode, mp, np.bool_(True))  # kvm_mmu_invlpg: every root
             m.vt.stats[vm, ST_INVLPG] += 1
-            out_outcome[i] = OUT_EMULATED
+            res[i, RES_OUTCOME] = OUT_EMULATED
         elif op == OP_MOV_CR3:
             kvm_set_cr3(m, vm, vg, addr, mp)
-            out_outcome[i] = OUT_EMULATED
+            res[i, RES_OUTCOME] = OUT_EMULATED
         else:
             # kvm_vcpu_flush_tlb_guest: sync the current root, free unsync prev roots
             m.vt.stats[vm, ST_TLB_FLUSH] += 1
@@ -187,8 +199,8 @@ def shadow_event_batch(m, ev_vm, ev_vcpu, ev_op, ev_addr, ev_kind, ev_value, ev_
                     mask |= 2 << k
             if mask:
                 free_roots(m, vm, vg, mask)
-            out_outcome[i] = OUT_EMULATED
+            res[i, RES_OUTCOME] = OUT_EMULATED
         if entry_work_needed(m, vm, vg):
             vcpu_reenter(m, vm, vg, mode, mp)  # the guest resumes: requests raised by the exit are serviced
-    sh.scratch[SC_RUNNING_VCPU] = -1
+    sc[SC_RUNNING_VCPU] = -1
     return n, STOP_DONE

@@ -32,6 +32,9 @@ from .state import (
     DM_MANUAL_PROTECT,
     KVM_DIRTY_GFN_F_RESET,
     PML_ENTITY_NUM,
+    RG_FLAGS,
+    RG_OFFSET,
+    RG_SLOT,
     SL_BASE_GFN,
     SL_DIRTY_OFF,
     SL_NPAGES,
@@ -49,6 +52,7 @@ from .state import (
     VM_FMT,
     VM_LEVELS,
     VM_ROOT,
+    VM_VCPU_OFF,
 )
 from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
 from .tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start, walk_to_leaf
@@ -84,7 +88,7 @@ def pml_log(vt, st, ct, vm, vcpu_g, gfn):
 def pml_flush_vm(vt, st, ct, vm, nvcpus):
     """kvm_arch_sync_dirty_log: kick every vCPU so its PML buffer reaches the log."""
     for c in range(nvcpus):
-        pml_flush(vt, st, ct, vm, ct.vcpu_off[vm] + c)
+        pml_flush(vt, st, ct, vm, vt.rec[vm, VM_VCPU_OFF] + c)
 
 
 # ----------------------------------------------------------------------------- SPTE walks
@@ -290,11 +294,11 @@ def dirty_ring_reset(ct, vcpu_g, masks):
     cur_off = np.int64(0)
     while ct.rec[vcpu_g, VC_RING_RESET] < ct.rec[vcpu_g, VC_RING_DIRTY]:
         idx = ct.rec[vcpu_g, VC_RING_OFF] + (ct.rec[vcpu_g, VC_RING_RESET] & (size - 1))
-        if not ct.ring_flags[idx] & KVM_DIRTY_GFN_F_RESET:
+        if not ct.ring[idx, RG_FLAGS] & KVM_DIRTY_GFN_F_RESET:
             break
-        nslot = ct.ring_slot[idx]
-        noff = ct.ring_gfn[idx]
-        ct.ring_flags[idx] = 0
+        nslot = ct.ring[idx, RG_SLOT]
+        noff = ct.ring[idx, RG_OFFSET]
+        ct.ring[idx, RG_FLAGS] = 0
         ct.rec[vcpu_g, VC_RING_RESET] += 1
         count += 1
         if mask != 0:

@@ -18,7 +18,7 @@ from .memslot import (
     slot_map,
     slot_readonly,
 )
-from .mmu_internal import SC_RUNNING_VCPU
+from .mmu_internal import SC_RUNNING_VCPU, scratch
 from .page_track import track_write
 from .paging_tmpl import set_ad_and_log
 from .state import (
@@ -51,7 +51,7 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
     """emulator_read_write_onepage: software walk (A/D set), memory through the memslots, and for a
     write kvm_mmu_track_write."""
     gm = m.gm
-    wk = m.sh.scratch
+    wk = scratch(m.sh)
     if mode_levels(mode) == 0:
         gpa = gva
     else:
@@ -75,6 +75,6 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
             nbytes = 8
             value = gm_read64(gm, slot_map(m.vt, m.st), vm, gpa)
         gm_write_bytes(gm, slot_map(m.vt, m.st), vm, gpa, value, nbytes)
-        mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, gpa >> 12)
+        mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, gpa >> 12)
         track_write(m, vm, gpa, nbytes, mode)
     return OUT_EMULATED, 0

@@ -1,6 +1,9 @@
-"""Validation of event batches in one pass (the API must never hand a kernel bad input)."""
+"""Event batches: validation in one pass (the API must never hand a kernel bad input), the event record."""
+
+from numba import njit
 
 from .jit import kernel
+from .mmu_internal import EV_ADDR, EV_KIND, EV_OP, EV_SIZE, EV_VALUE, EV_VCPU, EV_VM
 
 EV_OK = 0
 EV_BAD_VM = 1
@@ -48,6 +51,26 @@ def group_by_vm(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, counts, g_vm, g_vcpu, g_a
         g_addr[j] = ev_addr[i]
         g_kind[j] = ev_kind[i]
         orig[j] = i
+
+
+@njit(inline="always", _nrt=False)
+def _at(a, i):
+    """a[i], or a[0] for a one-element array (a scalar broadcast over the batch)."""
+    return a[0] if a.shape[0] == 1 else a[i]
+
+
+@kernel
+def pack_events(vm, vcpu, addr, kind, value, size, op, ev):
+    """Fill the event record ``ev`` (int64[n, NEVF]) from its fields (int64 arrays of n or 1 entries) in one
+    pass; every event gets the op ``op``."""
+    for i in range(ev.shape[0]):
+        ev[i, EV_VM] = _at(vm, i)
+        ev[i, EV_VCPU] = _at(vcpu, i)
+        ev[i, EV_OP] = op
+        ev[i, EV_ADDR] = _at(addr, i)
+        ev[i, EV_KIND] = _at(kind, i)
+        ev[i, EV_VALUE] = _at(value, i)
+        ev[i, EV_SIZE] = _at(size, i)
 
 
 @kernel

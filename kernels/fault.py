@@ -91,6 +91,7 @@ from .state import (
     VM_MAX_GFN,
     VM_MEMSLOTS_GEN,
     VM_ROOT,
+    VM_VCPU_OFF,
 )
 from .tdp import (
     account_pf_result,
@@ -205,7 +206,7 @@ def host_page_needs_budget(st, host, rec, gfn):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
+def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
     """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
     ad_enabled_vm = vt.rec[vm, VM_AD_DISABLED] == 0
     if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
@@ -213,8 +214,8 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec,
         if r != RET_PF_INVALID:
             vt.stats[vm, ST_PF_FAST] += 1
             return r
-    mmio_caching = cfg[CFG_MMIO_CACHING] != 0
-    nx_huge_pages = cfg[CFG_NX_HUGE_PAGES] != 0
+    mmio_caching = host[CFG_MMIO_CACHING] != 0
+    nx_huge_pages = host[CFG_NX_HUGE_PAGES] != 0
     huge_page_disallowed = fetch and nx_huge_pages
     pfn4k = 0
     map_writable = False
@@ -236,7 +237,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec,
         pfn4k = gfn_to_hva(st, rec, gfn) >> 12
         # kvm_mmu_hugepage_adjust
         if not slot_dirty_logging(st, rec):
-            max_level = min(KVM_MAX_HUGEPAGE_LEVEL, cfg[CFG_TDP_MAX_LEVEL])
+            max_level = min(KVM_MAX_HUGEPAGE_LEVEL, host[CFG_TDP_MAX_LEVEL])
             req_level = invalidation_clamp_level(vt, vm, gfn, kvm_mmu_max_mapping_level(st, rec, gfn, max_level))
             if req_level > 1 and not huge_page_disallowed:
                 goal_level = req_level
@@ -282,7 +283,7 @@ MAX_EXITS_PER_ACCESS = 4
 
 
 @njit(inline="always", _nrt=False)
-def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
+def kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
     """TDP exits of one access (EPT violation / misconfiguration, #NPF): kvm_mmu_page_fault, then
     the guest re-executes the access, which may exit again (a fault fixed for the access KVM saw
     is not always enough for the access the guest made).
@@ -290,7 +291,7 @@ def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetc
     Returns (outcome, error code of the last exit); outcome -1 means the host budget cannot back
     the page and nothing was changed.
     """
-    mmio_caching = cfg[CFG_MMIO_CACHING] != 0
+    mmio_caching = host[CFG_MMIO_CACHING] != 0
     stats = vt.stats
     if vt.rec[vm, VM_DIRTY_MODE] & DM_PML_ACTIVE:
         pml_flush(vt, st, ct, vm, vcpu_g)  # vmx_handle_exit flushes the PML buffer on every exit
@@ -311,7 +312,7 @@ def kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetc
         stats[vm, ST_WALK_REFS] += refs
         stats[vm, ST_PF_TAKEN] += 1
         present = (err & PFERR_PRESENT_MASK) != 0
-        r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, rec, present,
+        r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, rec, present,
                                    (err & PFERR_RSVD_MASK) != 0, (err & PFERR_WRITE_MASK) != 0,
                                    (err & PFERR_FETCH_MASK) != 0)
         if r == RET_PF_RETRY:
@@ -338,13 +339,13 @@ def _flush_pending(stats, vm, n_acc, n_refs):
 
 
 @kernel
-def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, start, out_outcome, out_err):
+def access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, start, out_outcome, out_err):
     """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*)."""
     n = ev_vm.shape[0]
     # Hot arrays as locals: helpers that take whole bundles pay reference counting per call.
     spt, ctl, stats = pa.spt, pa.ctl, vt.stats
     vrec = vt.rec
-    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if cfg[CFG_PML] else 0)
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if host[CFG_PML] else 0)
     # HIT statistics of a run of events for one VM are summed locally and flushed on change.
     pend_vm, pend_acc, pend_refs = -1, 0, 0
     # The last walk's leaf table: a later walk of the same VM under the same upper entries
@@ -362,7 +363,7 @@ def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, st
         fmt = vrec[vm, VM_FMT]
         gfn = gpa >> 12
         mode = vrec[vm, VM_DIRTY_MODE]
-        vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]
+        vcpu_g = vrec[vm, VM_VCPU_OFF] + ev_vcpu[i]
         if mode & DM_RING:
             if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
                 # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
@@ -399,7 +400,7 @@ def access_batch(pa, vt, st, ct, host, cfg, ev_vm, ev_vcpu, ev_addr, ev_kind, st
         pend_vm, pend_acc, pend_refs = -1, 0, 0
         memo_vm = -1
         # An exit: EPT violation / misconfig, or #NPF.
-        outcome, err = kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, refs,
+        outcome, err = kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs,
                                        spte)
         if outcome < 0:
             return i, STOP_HOST_OOM  # nothing applied for this event; pending stats flushed above

@@ -13,8 +13,8 @@ at most a quarter full (a lookup probes ~1.2 slots) and tops the page pool up be
 never allocate.  Removal (MADV_DONTNEED, a slot's memory unmapped) shifts the cluster back (no tombstones)
 and returns the row to a free stack.
 
-Arrays (``GuestMem`` in state.py): ``key`` int64[hcap] ((vm << GM_VM_SHIFT) | hva page, -1 = empty),
-``row`` int64[hcap], ``page`` int64[cap, 512] (u64 words stored as int64), ``free`` int64[cap] (released
+Arrays (``GuestMem`` in state.py): ``hash`` int64[hcap, 2] (GMH_KEY: (vm << GM_VM_SHIFT) | hva page, -1 =
+empty; GMH_ROW: its row), ``page`` int64[cap, 512] (u64 words stored as int64), ``free`` int64[cap] (released
 rows), ``ctl`` int64[NGMCTL].  Translations read a ``SlotMap`` (state.py, built by memslot.slot_map).
 """
 
@@ -26,6 +26,8 @@ from .memslot import search_memslots
 from .state import (
     BACKING_HUGETLB_1G,
     BACKING_HUGETLB_2M,
+    GMH_KEY,
+    GMH_ROW,
     SL_BACKING,
     SL_BASE_GFN,
     SL_HVA,
@@ -72,28 +74,29 @@ def gm_page_key(sm, vm, gpa):
 
 
 @njit(inline="always", _nrt=False)
-def gm_slot(key, k):
-    """Key-table slot of key ``k``: where it is, or the empty slot where it would go."""
-    mask = key.shape[0] - 1
+def gm_slot(ht, k):
+    """Slot of key ``k`` in the key table ``ht``: where it is, or the empty slot where it would go."""
+    mask = ht.shape[0] - 1
     h = gm_hash(k, mask)
-    while key[h] != k and key[h] != -1:
+    while ht[h, GMH_KEY] != k and ht[h, GMH_KEY] != -1:
         h = (h + 1) & mask
     return h
 
 
 @njit(inline="always", _nrt=False)
-def gm_find(key, row, k):
-    """Row holding the page of key ``k``, or -1 (the page reads as zeros)."""
-    h = gm_slot(key, k)
-    return row[h] if key[h] != -1 else -1
+def gm_find(ht, k):
+    """Row holding the page of key ``k`` (key table ``ht``), or -1 (the page reads as zeros)."""
+    h = gm_slot(ht, k)
+    return ht[h, GMH_ROW] if ht[h, GMH_KEY] != -1 else -1
 
 
 @njit(inline="always", _nrt=False)
 def gm_get_or_add(gm, k):
     """Row of the page of key ``k``, adding a zeroed row if it has none (capacity topped up by Python)."""
-    h = gm_slot(gm.key, k)
-    if gm.key[h] != -1:
-        return gm.row[h]
+    ht = gm.hash
+    h = gm_slot(ht, k)
+    if ht[h, GMH_KEY] != -1:
+        return ht[h, GMH_ROW]
     nf = gm.ctl[GM_NFREE]
     if nf > 0:
         r = gm.free[nf - 1]
@@ -104,8 +107,8 @@ def gm_get_or_add(gm, k):
     gm.ctl[GM_KEYS] += 1
     for i in range(512):
         gm.page[r, i] = 0
-    gm.key[h] = k
-    gm.row[h] = r
+    ht[h, GMH_KEY] = k
+    ht[h, GMH_ROW] = r
     return r
 
 
@@ -113,30 +116,30 @@ def gm_get_or_add(gm, k):
 def gm_room(gm, n):
     """True when ``n`` more pages fit without Python topping up (free rows, key-table load)."""
     return gm.page.shape[0] - gm.ctl[GM_USED] + gm.ctl[GM_NFREE] >= n and \
-        GM_MAX_LOAD * (gm.ctl[GM_KEYS] + n) <= gm.key.shape[0]
+        GM_MAX_LOAD * (gm.ctl[GM_KEYS] + n) <= gm.hash.shape[0]
 
 
 @njit(inline="always", _nrt=False)
 def _remove_at(gm, h):
     """Drop the key in slot ``h`` (its row goes to the free stack) and shift its cluster back."""
-    key, row = gm.key, gm.row
-    mask = key.shape[0] - 1
-    gm.free[gm.ctl[GM_NFREE]] = row[h]
+    ht = gm.hash
+    mask = ht.shape[0] - 1
+    gm.free[gm.ctl[GM_NFREE]] = ht[h, GMH_ROW]
     gm.ctl[GM_NFREE] += 1
     gm.ctl[GM_KEYS] -= 1
     i = h
     j = h
     while True:
         j = (j + 1) & mask
-        if key[j] == -1:
+        if ht[j, GMH_KEY] == -1:
             break
-        home = gm_hash(key[j], mask)
-        # key[j] stays unless the hole at i lies cyclically between its home slot and j
+        home = gm_hash(ht[j, GMH_KEY], mask)
+        # key j stays unless the hole at i lies cyclically between its home slot and j
         if (i < j and (home <= i or home > j)) or (i > j and home <= i and home > j):
-            key[i] = key[j]
-            row[i] = row[j]
+            ht[i, GMH_KEY] = ht[j, GMH_KEY]
+            ht[i, GMH_ROW] = ht[j, GMH_ROW]
             i = j
-    key[i] = -1
+    ht[i, GMH_KEY] = -1
 
 
 @njit(inline="always", _nrt=False)
@@ -146,17 +149,17 @@ def _drop_range(gm, k0, k1):
     keys = gm.ctl[GM_KEYS]
     if keys == 0 or k1 <= k0:
         return n
-    key = gm.key
+    ht = gm.hash
     if k1 - k0 <= 2 * keys:
         for k in range(k0, k1):
-            h = gm_slot(key, k)
-            if key[h] != -1:
+            h = gm_slot(ht, k)
+            if ht[h, GMH_KEY] != -1:
                 _remove_at(gm, h)
                 n += 1
         return n
     i = 0
-    while i < key.shape[0]:  # a removal may shift a later key into slot i: look at it again
-        if k0 <= key[i] < k1:
+    while i < ht.shape[0]:  # a removal may shift a later key into slot i: look at it again
+        if k0 <= ht[i, GMH_KEY] < k1:
             _remove_at(gm, i)
             n += 1
         else:
@@ -191,13 +194,13 @@ def gm_discard_slots(gm, st, vm, recs, p0s, p1s):
 
 
 @kernel
-def gm_rehash(old_key, old_row, key, row):
-    """Insert every key of the old table into the new (empty) ``key`` / ``row``."""
-    for i in range(old_key.shape[0]):
-        if old_key[i] != -1:
-            h = gm_slot(key, old_key[i])
-            key[h] = old_key[i]
-            row[h] = old_row[i]
+def gm_rehash(old, ht):
+    """Insert every key of the old key table into the new (empty) one ``ht``."""
+    for i in range(old.shape[0]):
+        if old[i, GMH_KEY] != -1:
+            h = gm_slot(ht, old[i, GMH_KEY])
+            ht[h, GMH_KEY] = old[i, GMH_KEY]
+            ht[h, GMH_ROW] = old[i, GMH_ROW]
 
 
 @njit(inline="always", _nrt=False)
@@ -206,7 +209,7 @@ def gm_read64(gm, sm, vm, gpa):
     k = gm_page_key(sm, vm, gpa)
     if k < 0:
         return np.int64(0)
-    r = gm_find(gm.key, gm.row, k)
+    r = gm_find(gm.hash, k)
     if r < 0:
         return np.int64(0)
     return gm.page[r, (gpa >> 3) & 511]
@@ -218,7 +221,7 @@ def gm_read_group(gm, sm, vm, base, size, n, out, off):
     ``out[off:off + n]``, zero-extended: one memslot and hash lookup for the group (FNAME(prefetch_gpte)
     reads the 8 gptes of a prefetch group with one kvm_read_guest_atomic)."""
     k = gm_page_key(sm, vm, base)
-    r = gm_find(gm.key, gm.row, k) if k >= 0 else np.int64(-1)
+    r = gm_find(gm.hash, k) if k >= 0 else np.int64(-1)
     for i in range(n):
         a = base + size * i
         w = gm.page[r, (a >> 3) & 511] if r >= 0 else np.int64(0)
@@ -307,5 +310,5 @@ def gm_read_words(gm, sm, vm, gpa, out):
         a = gpa + 8 * i
         if i == 0 or (a & 4095) == 0:
             k = gm_page_key(sm, vm, a)
-            r = gm_find(gm.key, gm.row, k) if k >= 0 else np.int64(-1)
+            r = gm_find(gm.hash, k) if k >= 0 else np.int64(-1)
         out[i] = gm.page[r, (a >> 3) & 511] if r >= 0 else 0

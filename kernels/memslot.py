@@ -14,6 +14,9 @@ from .state import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
+    RG_FLAGS,
+    RG_OFFSET,
+    RG_SLOT,
     SL_BACKING,
     SL_BASE_GFN,
     SL_DIRTY_OFF,
@@ -218,9 +221,9 @@ def mark_page_dirty(st, ct, vcpu_g, rec, gfn):
     if size > 0:
         # kvm_dirty_ring_push: the ring never overruns (the soft limit stops the vCPU first)
         idx = ct.rec[vcpu_g, VC_RING_OFF] + (ct.rec[vcpu_g, VC_RING_DIRTY] & (size - 1))
-        ct.ring_slot[idx] = st.rec[rec, SL_SLOT_ID]
-        ct.ring_gfn[idx] = rel
-        ct.ring_flags[idx] = KVM_DIRTY_GFN_F_DIRTY
+        ct.ring[idx, RG_FLAGS] = KVM_DIRTY_GFN_F_DIRTY
+        ct.ring[idx, RG_SLOT] = st.rec[rec, SL_SLOT_ID]
+        ct.ring[idx, RG_OFFSET] = rel
         ct.rec[vcpu_g, VC_RING_DIRTY] += 1
         return
     off = st.rec[rec, SL_DIRTY_OFF]

@@ -1,6 +1,9 @@
 """mmu_internal.h: RET_PF_* and the simulator's own fault results, event ops, the scratch layout."""
 
 import numpy as np
+from numba import njit
+
+from .state import SH_SCRATCH
 
 # RET_PF_* (mmu_internal.h)
 RET_PF_CONTINUE = 0
@@ -15,11 +18,25 @@ RET_PF_GUEST = 8  # simulator: the guest walk refused the access (#PF injected; 
 HW_FAULT = np.int64(1) << np.int64(40)  # shadow_hw_walk: set with the error code when the walk faults
 
 # event ops
-OP_ACCESS = 0        # native access (a store when ev_size > 0: ev_value written on success)
+OP_ACCESS = 0        # native access (a store when EV_SIZE > 0: EV_VALUE written on success)
 OP_EMULATED = 1      # access by KVM's instruction emulator (write when kind has W)
 OP_INVLPG = 2
 OP_MOV_CR3 = 3       # guest MOV to CR3 (kvm_set_cr3)
 OP_FLUSH = 4         # guest TLB flush (kvm_vcpu_flush_tlb_guest)
+
+# an event batch of the guest-paging loops (shadow_event_batch, tdp2d_batch): one int64 record per event
+EV_VM = 0
+EV_VCPU = 1          # vCPU index within the VM
+EV_OP = 2            # OP_* (tdp2d_batch runs accesses only)
+EV_ADDR = 3          # gva (gpa with paging off); OP_MOV_CR3: the new CR3
+EV_KIND = 4          # PFERR-style access bits
+EV_VALUE = 5         # a store's value (its low EV_SIZE bytes)
+EV_SIZE = 6          # bytes stored (0: no store)
+NEVF = 7
+# their results: one int64 record per event
+RES_OUTCOME = 0      # OUT_*
+RES_ERROR = 1        # error code of the exit or of the #PF delivered to the guest
+NRESF = 2
 
 PT32E_ROOT_LEVEL = 3
 PAE_ROOT = -2        # vr.root value while the vCPU runs on its 4 PAE roots (32-bit and PAE guests)
@@ -27,13 +44,13 @@ GFN_MASK_64 = np.int64(0x000FFFFFFFFFF000)
 RMAP_RECYCLE_THRESHOLD = 1000
 KVM_PAGE_ARRAY_NR = 16
 
-# scratch layout (sh.scratch): walker output at 0, small arrays after it
+# scratch layout (``scratch(sh)``, the tail of ShadowState.ctl): walker output at 0, small arrays after it
 SC_WK = 0
 SC_PVEC_SP = 64      # 16 rows
 SC_PVEC_IDX = 80     # index of the entry in its parent
 SC_PVEC_PAR = 96     # pvec index of the parent entry (-1 root)
 SC_STACK = 112       # DFS stack: 16 (row, next bit) pairs
-SC_INVALID_HEAD = 160  # head of invalid_list (rows linked through sh.anext)
+SC_INVALID_HEAD = 160  # head of invalid_list (rows linked through SP_ANEXT)
 SC_PREFETCH = 168    # 8 gptes of the prefetch group
 SC_MARK_STACK = 176  # stack of mark_parents_unsync (pages whose unsync_children went 0 -> 1)
 SC_MARK_STACK_LEN = 80
@@ -41,5 +58,12 @@ SC_SIZE = 256
 # kvm_get_running_vcpu(): the global vCPU index while a shadow event runs, else -1 (the last word of the
 # walker's block: the walk uses WK_SIZE words, kernels/tdp2d.py one more)
 SC_RUNNING_VCPU = 63
+
+
+@njit(inline="always", _nrt=False)
+def scratch(sh):
+    """The scratch block of ShadowState ``sh`` (SC_* offsets): a view of ``sh.ctl`` past the SH_* words."""
+    return sh.ctl[SH_SCRATCH:]
+
 
 MAX_EXITS = 4

@@ -53,6 +53,7 @@ from .mmu_internal import (
     SC_PREFETCH,
     SC_PVEC_SP,
     SC_RUNNING_VCPU,
+    scratch,
 )
 from .page_track import clear_flood_on_walk
 from .rmap import parent_add
@@ -124,6 +125,7 @@ from .state import (
     SP_GFN,
     SP_HNEXT,
     SP_ROLE,
+    SP_UBITMAP,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
     ST_MMU_CACHE_MISS,
@@ -205,7 +207,7 @@ def kvm_sync_page(m, vm, vg, row, mode, maxphyaddr):
 @helper
 def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
     """mmu_sync_children: write-protect and sync every unsync page below ``parent``, 16 at a time."""
-    sc = m.sh.scratch
+    sc = scratch(m.sh)
     flush = False
     while True:
         nr = mmu_unsync_walk(m, parent)
@@ -283,13 +285,13 @@ def link_shadow_page(m, vm, prow, pidx, child):
         drop_spte(m, vm, prow, pidx)  # drop_large_spte
         flush_remote_tlbs(m, vm)
     mmu_spte_set(m.pa.spt, prow, pidx, make_nonleaf_spte(FMT_NPT, child, False))
-    parent_add(m.sh, child, prow * 512 + pidx)
+    parent_add(m.pa, m.sh, child, prow * 512 + pidx)
     if m.pa.meta[child, SP_UNSYNC_CHILDREN] or m.pa.meta[child, SP_UNSYNC]:
         # mark_unsync(sptep)
         w = pidx >> 6
         bit = np.int64(1) << np.int64(pidx & 63)
-        if not (m.sh.ubitmap[prow, w] & bit):
-            m.sh.ubitmap[prow, w] |= bit
+        if not (m.pa.meta[prow, SP_UBITMAP + w] & bit):
+            m.pa.meta[prow, SP_UBITMAP + w] |= bit
             c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
             m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0:
@@ -326,7 +328,7 @@ def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchro
     wrprot = False
     if not prefetch or synchronizing:
         spte |= NPT_A
-    if level > 1 and (pte_access & ACC_EXEC_MASK) and m.cfg[CFG_NX_HUGE_PAGES]:
+    if level > 1 and (pte_access & ACC_EXEC_MASK) and m.host[CFG_NX_HUGE_PAGES]:
         pte_access &= ~ACC_EXEC_MASK
     if not (pte_access & ACC_EXEC_MASK):
         spte |= NPT_NX
@@ -348,7 +350,7 @@ def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchro
     if prefetch and not synchronizing:
         spte &= ~NPT_A  # mark_spte_for_access_track with A/D enabled
     if (spte & PT_WRITABLE_MASK) and rec >= 0 and slot_dirty_logging(m.st, rec):
-        mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, gfn)
+        mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, gfn)
     return spte, wrprot
 
 
@@ -446,7 +448,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
         if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
             continue
         # FNAME(prefetch_gpte)
-        gpte = m.sh.scratch[SC_PREFETCH + i - start]
+        gpte = scratch(m.sh)[SC_PREFETCH + i - start]
         if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
             break
         gfn = (gpte & GFN_MASK_64) >> 12
@@ -534,7 +536,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
 @njit(inline="always", _nrt=False)  # one call site (shadow_access): no bundle pushed for it
 def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     """kvm_mmu_do_page_fault -> FNAME(page_fault).  Returns (RET_PF_*, guest error code or 0)."""
-    wk = m.sh.scratch  # the walker output lives at SC_WK == 0
+    wk = scratch(m.sh)  # the walker output lives at SC_WK == 0
     gm = m.gm
     pfec = err & (PFERR_WRITE | PFERR_USER | PFERR_FETCH)
     write = (err & PFERR_WRITE) != 0
@@ -559,7 +561,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     if wk[WK_LEAF_LEVEL] == 1:
         size = 4 if mode_levels(mode) == 2 else 8
         base = wk[WK_PTE_GPA + 1] & ~np.int64(size * PTE_PREFETCH_NUM - 1)
-        gm_read_group(gm, slot_map(m.vt, m.st), vm, base, size, PTE_PREFETCH_NUM, m.sh.scratch, SC_PREFETCH)
+        gm_read_group(gm, slot_map(m.vt, m.st), vm, base, size, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
     # kvm_faultin_pfn
     if rec < 0:
         return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
@@ -593,7 +595,7 @@ def set_ad_and_log(m, vm, wk, pfec):
             tg = wk[WK_PTE_GPA + level] >> 12
             rec = gfn_to_memslot(m.vt, m.st, vm, tg)
             if rec >= 0:
-                mark_page_dirty(m.st, m.ct, m.sh.scratch[SC_RUNNING_VCPU], rec, tg)
+                mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, tg)
 
 
 @helper

@@ -26,8 +26,9 @@ from .mmu_internal import (
     SC_PVEC_PAR,
     SC_PVEC_SP,
     SC_STACK,
+    scratch,
 )
-from .rmap import parent_remove, pte_list_add, pte_list_remove, rmap_index, sptep_idx, sptep_row
+from .rmap import parent_remove, pte_list_add, pte_list_remove, rmap_get_next, rmap_index
 from .spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
     NPT_MMU_WRITABLE,
@@ -47,8 +48,7 @@ from .state import (
     CTL_FREE_TOP,
     CTL_USED,
     KVM_MMU_HASH_SIZE,
-    NODE_NEXT,
-    NODE_VAL,
+    RM_HEAD,
     SL_BASE_GFN,
     SL_LPAGE_OFF,
     SL_RMAP_OFF,
@@ -62,8 +62,10 @@ from .state import (
     SP_HNEXT,
     SP_LEVEL,
     SP_PARENT,
+    SP_PARENT_HEAD,
     SP_ROLE,
     SP_ROOT_COUNT,
+    SP_UBITMAP,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
     SP_VM,
@@ -211,11 +213,10 @@ def rmap_add(m, vm, rec, row, idx, gfn, access):
         m.vt.stats[vm, ST_MAX_MMU_RMAP_SIZE] = cnt
     if cnt > RMAP_RECYCLE_THRESHOLD:
         # kvm_zap_all_rmap_sptes + flush
-        n = sh.rmap_head[h]
+        n = sh.rmap[h, RM_HEAD]
         while n >= 0:
-            sptep = sh.rn[n, NODE_VAL]
-            n = sh.rn[n, NODE_NEXT]
-            drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
+            r, i, n = rmap_get_next(sh.rn, n)
+            drop_spte(m, vm, r, i)
         flush_remote_tlbs(m, vm)
 
 
@@ -277,7 +278,7 @@ def drop_spte(m, vm, row, idx):
 @helper
 def drop_parent_pte(m, child, prow, pidx):
     # drop_parent_pte: unlink and clear the parent SPTE
-    parent_remove(m.sh, child, prow * 512 + pidx)
+    parent_remove(m.pa, m.sh, child, prow * 512 + pidx)
     mmu_spte_clear_no_track(m.pa.spt, prow, pidx)
 
 
@@ -302,12 +303,9 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
         if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
             continue
-        n = sh.rmap_head[rmap_index(sh, m.st, rec, level, gfn)]
+        n = sh.rmap[rmap_index(sh, m.st, rec, level, gfn), RM_HEAD]
         while n >= 0:
-            sptep = sh.rn[n, NODE_VAL]
-            n = sh.rn[n, NODE_NEXT]
-            row = sptep_row(sptep)
-            idx = sptep_idx(sptep)
+            row, idx, n = rmap_get_next(sh.rn, n)
             spte = m.pa.spt[row, idx]
             # spte_write_protect
             if not (spte & PT_WRITABLE_MASK) and not (pt_protect and is_mmu_writable(spte)):
@@ -370,11 +368,11 @@ def alloc_shadow_page(m, vm, gfn, role):
     m.pa.meta[row, SP_UNSYNC] = 0
     m.pa.meta[row, SP_UNSYNC_CHILDREN] = 0
     for k in range(8):
-        sh.ubitmap[row, k] = 0
+        m.pa.meta[row, SP_UBITMAP + k] = 0
     m.pa.meta[row, SP_ROOT_COUNT] = 0
     m.pa.meta[row, SP_FLOOD] = 0
     m.pa.meta[row, SP_GEN] = m.vt.rec[vm, VM_VALID_GEN]
-    sh.parent_head[row] = -1
+    m.pa.meta[row, SP_PARENT_HEAD] = -1
     # list_add(&sp->link, &kvm->arch.active_mmu_pages): newest at the head
     head = m.vt.rec[vm, VM_ACT_HEAD]
     m.pa.meta[row, SP_ANEXT] = head
@@ -439,8 +437,8 @@ def kvm_unlink_unsync_page(m, vm, row):
 def clear_unsync_child_bit(m, row, idx):
     w = idx >> 6
     bit = np.int64(1) << np.int64(idx & 63)
-    if m.sh.ubitmap[row, w] & bit:
-        m.sh.ubitmap[row, w] &= ~bit
+    if m.pa.meta[row, SP_UBITMAP + w] & bit:
+        m.pa.meta[row, SP_UBITMAP + w] &= ~bit
         m.pa.meta[row, SP_UNSYNC_CHILDREN] -= 1
 
 
@@ -448,23 +446,20 @@ def clear_unsync_child_bit(m, row, idx):
 def mark_parents_unsync(m, row):
     """kvm_mmu_mark_parents_unsync: set the child bit in every parent, recursing on 0 -> 1."""
     sh = m.sh
-    sc = sh.scratch
+    sc = scratch(sh)
     sc[SC_MARK_STACK] = row
     sp_ = 1
     while sp_ > 0:
         sp_ -= 1
         r = sc[SC_MARK_STACK + sp_]
-        n = sh.parent_head[r]
+        n = m.pa.meta[r, SP_PARENT_HEAD]
         while n >= 0:
-            sptep = sh.pl[n, NODE_VAL]
-            n = sh.pl[n, NODE_NEXT]
-            prow = sptep_row(sptep)
-            pidx = sptep_idx(sptep)
+            prow, pidx, n = rmap_get_next(sh.pl, n)
             w = pidx >> 6
             bit = np.int64(1) << np.int64(pidx & 63)
-            if sh.ubitmap[prow, w] & bit:
+            if m.pa.meta[prow, SP_UBITMAP + w] & bit:
                 continue
-            sh.ubitmap[prow, w] |= bit
+            m.pa.meta[prow, SP_UBITMAP + w] |= bit
             c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
             m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0 and sp_ < SC_MARK_STACK_LEN:
@@ -477,7 +472,7 @@ def mmu_unsync_walk(m, row):
     """mmu_unsync_walk: collect up to 16 entries (``row`` first, then tables with unsync children and
     unsync last-level pages, depth first) into the pvec.  Returns the number of entries."""
     sh, pa = m.sh, m.pa
-    sc = sh.scratch
+    sc = scratch(sh)
     if m.pa.meta[row, SP_UNSYNC_CHILDREN] == 0:
         return 0
     nr = 0
@@ -497,10 +492,10 @@ def mmu_unsync_walk(m, row):
         found = False
         while bit < 512:
             w = bit >> 6
-            if sh.ubitmap[sp, w] == 0:
+            if m.pa.meta[sp, SP_UBITMAP + w] == 0:
                 bit = (w + 1) << 6
                 continue
-            if not (sh.ubitmap[sp, w] >> np.int64(bit & 63)) & 1:
+            if not (m.pa.meta[sp, SP_UBITMAP + w] >> np.int64(bit & 63)) & 1:
                 bit += 1
                 continue
             i = bit
@@ -551,7 +546,7 @@ def mmu_unsync_walk(m, row):
 @helper
 def mmu_pages_clear_parents(m, pv):
     """mmu_pages_clear_parents: clear the bit of ``pv`` in its parent, upwards while a parent runs out."""
-    sc = m.sh.scratch
+    sc = scratch(m.sh)
     while True:
         par = sc[SC_PVEC_PAR + pv]
         if par < 0:
@@ -565,7 +560,7 @@ def mmu_pages_clear_parents(m, pv):
 
 @helper
 def invalid_list_add(m, row):
-    sc = m.sh.scratch
+    sc = scratch(m.sh)
     m.pa.meta[row, SP_ANEXT] = sc[SC_INVALID_HEAD]
     sc[SC_INVALID_HEAD] = row
 
@@ -573,7 +568,7 @@ def invalid_list_add(m, row):
 @helper
 def commit_zap_page(m, vm):
     """kvm_mmu_commit_zap_page: one flush, then free every page on invalid_list."""
-    sc = m.sh.scratch
+    sc = scratch(m.sh)
     row = sc[SC_INVALID_HEAD]
     if row < 0:
         return False
@@ -596,12 +591,10 @@ def prepare_zap_one(m, vm, row):
         if pa.spt[row, i] != SHADOW_NONPRESENT_VALUE:
             mmu_page_zap_pte(m, vm, row, i)
     # kvm_mmu_unlink_parents
-    n = sh.parent_head[row]
+    n = m.pa.meta[row, SP_PARENT_HEAD]
     while n >= 0:
-        sptep = sh.pl[n, NODE_VAL]
-        nxt = sh.pl[n, NODE_NEXT]
-        drop_parent_pte(m, row, sptep_row(sptep), sptep_idx(sptep))
-        n = nxt
+        prow, pidx, n = rmap_get_next(sh.pl, n)
+        drop_parent_pte(m, row, prow, pidx)
     role = pa.meta[row, SP_ROLE]
     if not (role & ROLE_INVALID) and sp_has_gptes(role):
         unaccount_shadowed(m, vm, row)

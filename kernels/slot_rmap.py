@@ -8,7 +8,7 @@ from .jit import helper, kernel
 from .memslot import (
     kvm_mmu_max_mapping_level,
 )
-from .rmap import kvm_mmu_slot_lpages, rmap_index, sptep_idx, sptep_row
+from .rmap import kvm_mmu_slot_lpages, pte_list_count, pte_list_next, rmap_get_next, rmap_index, sptep_idx, sptep_row
 from .shadow_mmu import (
     commit_zap_page,
     drop_spte,
@@ -28,8 +28,8 @@ from .spte import (
 from .state import (
     DM_INITIALLY_SET,
     DM_MANUAL_PROTECT,
-    NODE_NEXT,
-    NODE_VAL,
+    RM_COUNT,
+    RM_HEAD,
     SL_BASE_GFN,
     SL_DIRTY_OFF,
     SL_NPAGES,
@@ -37,6 +37,7 @@ from .state import (
     SL_VM,
     SP_APREV,
     SP_GEN,
+    SP_PARENT_HEAD,
     SP_ROLE,
     SP_VM,
     VM_ACT_TAIL,
@@ -73,12 +74,9 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
         shift = (level - 1) * 9
         n_heads = kvm_mmu_slot_lpages(m.st.rec[rec, SL_BASE_GFN], m.st.rec[rec, SL_NPAGES], shift)
         for h in range(off, off + n_heads):
-            n = m.sh.rmap_head[h]
+            n = m.sh.rmap[h, RM_HEAD]
             while n >= 0:
-                sptep = m.sh.rn[n, NODE_VAL]
-                n = m.sh.rn[n, NODE_NEXT]
-                row = sptep_row(sptep)
-                idx = sptep_idx(sptep)
+                row, idx, n = rmap_get_next(m.sh.rn, n)
                 spte = m.pa.spt[row, idx]
                 if spte & PT_WRITABLE_MASK:
                     mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~PT_WRITABLE_MASK)  # spte_write_protect
@@ -127,12 +125,9 @@ def shadow_wrprot_masked(m, vm, rec, first, mask):
 @helper
 def rmap_write_protect_gfn_level(m, rec, gfn, level):
     # rmap_write_protect(pt_protect=false) on one rmap head
-    n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gfn)]
+    n = m.sh.rmap[rmap_index(m.sh, m.st, rec, level, gfn), RM_HEAD]
     while n >= 0:
-        sptep = m.sh.rn[n, NODE_VAL]
-        n = m.sh.rn[n, NODE_NEXT]
-        row = sptep_row(sptep)
-        idx = sptep_idx(sptep)
+        row, idx, n = rmap_get_next(m.sh.rn, n)
         spte = m.pa.spt[row, idx]
         if spte & PT_WRITABLE_MASK:
             mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~PT_WRITABLE_MASK)
@@ -185,10 +180,9 @@ def shadow_zap_collapsible(m, vm, rec):
     if off < 0:
         return False
     for h in range(off, off + m.st.rec[rec, SL_NPAGES]):
-        n = m.sh.rmap_head[h]
+        n = m.sh.rmap[h, RM_HEAD]
         while n >= 0:
-            sptep = m.sh.rn[n, NODE_VAL]
-            n = m.sh.rn[n, NODE_NEXT]
+            sptep, n = pte_list_next(m.sh.rn, n)
             row = sptep_row(sptep)
             if (m.pa.meta[row, SP_ROLE] & ROLE_DIRECT) and \
                     role_level(m.pa.meta[row, SP_ROLE]) < kvm_mmu_max_mapping_level(
@@ -210,11 +204,10 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
         while g < end:
             if g >= m.st.rec[rec, SL_BASE_GFN] or level > 1:
                 gg = max(g, m.st.rec[rec, SL_BASE_GFN])
-                n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+                n = m.sh.rmap[rmap_index(m.sh, m.st, rec, level, gg), RM_HEAD]
                 while n >= 0:
-                    sptep = m.sh.rn[n, NODE_VAL]
-                    n = m.sh.rn[n, NODE_NEXT]
-                    drop_spte(m, vm, sptep_row(sptep), sptep_idx(sptep))
+                    row, idx, n = rmap_get_next(m.sh.rn, n)
+                    drop_spte(m, vm, row, idx)
                     flush = True
             g += np.int64(1) << np.int64(shift)
     return flush
@@ -232,13 +225,10 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
         g = (start >> shift) << shift
         while g < end:
             gg = max(g, m.st.rec[rec, SL_BASE_GFN])
-            n = m.sh.rmap_head[rmap_index(m.sh, m.st, rec, level, gg)]
+            n = m.sh.rmap[rmap_index(m.sh, m.st, rec, level, gg), RM_HEAD]
             hit = False
             while n >= 0:
-                sptep = m.sh.rn[n, NODE_VAL]
-                n = m.sh.rn[n, NODE_NEXT]
-                row = sptep_row(sptep)
-                idx = sptep_idx(sptep)
+                row, idx, n = rmap_get_next(m.sh.rn, n)
                 spte = m.pa.spt[row, idx]
                 if spte & NPT_A:
                     hit = True
@@ -262,15 +252,11 @@ def shadow_footprint_counts(m, vm, out):
     for k in range(5):
         out[k] = 0
     for row in range(m.pa.meta.shape[0]):
-        if m.pa.meta[row, SP_VM] != vm or row >= m.sh.parent_head.shape[0]:
+        if m.pa.meta[row, SP_VM] != vm:
             continue
         if sp_has_gptes(m.pa.meta[row, SP_ROLE]):
             out[0] += 1
-        c = 0
-        n = m.sh.parent_head[row]
-        while n >= 0:
-            c += 1
-            n = m.sh.pl[n, NODE_NEXT]
+        c = pte_list_count(m.sh.pl, m.pa.meta[row, SP_PARENT_HEAD])
         if c >= 2:
             out[2] += (c + 13) // 14  # PTE_LIST_EXT = 14 pointers per descriptor
     for rec in range(m.st.rec.shape[0]):
@@ -282,7 +268,7 @@ def shadow_footprint_counts(m, vm, out):
             out[3] += nh
             off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]
             for h in range(off, off + nh):
-                c = m.sh.rmap_cnt[h]
+                c = m.sh.rmap[h, RM_COUNT]
                 if c >= 2:
                     out[1] += (c + 13) // 14
         out[4] += m.st.rec[rec, SL_NPAGES]

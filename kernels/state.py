@@ -38,19 +38,17 @@ NCTL = 4
 SPF_NX_DISALLOWED = 1    # kvm_mmu_page.nx_huge_page_disallowed
 SPF_NX_TRACKED = 2       # on possible_nx_huge_pages (counted in nx_lpage_splits)
 
-# --- host control words ------------------------------------------------------------------
+# --- host words (one int64 array, MMU.host): control words, then the configuration ------------
 HOST_USED_BYTES = 0
 HOST_BUDGET_BYTES = 1
 HOST_SWAPPED_BYTES = 2   # guest pages reclaimed to swap (batchmmu/reclaim.py)
-NHOST = 4
-
-# --- configuration words (module parameters) -------------------------------------------
-CFG_MMIO_CACHING = 0
-CFG_NX_HUGE_PAGES = 1
-CFG_TDP_MAX_LEVEL = 2      # max_huge_page_level for TDP (3 = 1G)
-CFG_EAGER_SPLIT = 3        # kvm.eager_page_split
-CFG_PML = 4                # VMX page-modification logging (cpu_dirty_log_size = 512)
-NCFG = 8
+# configuration words (module parameters); a kernel that reads only these calls the array ``cfg``
+CFG_MMIO_CACHING = 3
+CFG_NX_HUGE_PAGES = 4
+CFG_TDP_MAX_LEVEL = 5      # max_huge_page_level for TDP (3 = 1G)
+CFG_EAGER_SPLIT = 6        # kvm.eager_page_split
+CFG_PML = 7                # VMX page-modification logging (cpu_dirty_log_size = 512)
+NHOST = 8
 
 PML_ENTITY_NUM = 512
 KVM_DIRTY_RING_RSVD_ENTRIES = 64
@@ -113,7 +111,9 @@ SP_GEN = 12            # mmu_valid_gen
 SP_HNEXT = 13          # next SP in the hash bucket
 SP_ANEXT = 14          # next (older) SP on active_mmu_pages
 SP_APREV = 15          # previous (newer) SP
-NSP = 16
+SP_PARENT_HEAD = 16    # first parent-pte link (ShadowState.pl), -1 none
+SP_UBITMAP = 17        # 8 columns: unsync_child_bitmap
+NSP = 25
 
 
 class PageArena(NamedTuple):
@@ -138,6 +138,8 @@ class PageArena(NamedTuple):
     hnext = _cols("meta", SP_HNEXT)
     anext = _cols("meta", SP_ANEXT)
     aprev = _cols("meta", SP_APREV)
+    parent_head = _cols("meta", SP_PARENT_HEAD)
+    ubitmap = _cols("meta", SP_UBITMAP, 8)
 
 
 # --- struct kvm / kvm_arch: one int64 record per VM (VMTable.rec) -----------------------------
@@ -162,7 +164,9 @@ VM_ACT_TAIL = 16       # oldest SP
 VM_INDIRECT = 17       # indirect_shadow_pages
 VM_VALID_GEN = 18      # kvm->arch.mmu_valid_gen
 VM_N_MAX = 19          # n_max_mmu_pages
-NVMF = 20
+VM_MAXPHYADDR = 20     # guest MAXPHYADDR (bits; kvm_vcpu_arch.maxphyaddr, the same for every vCPU here)
+VM_VCPU_OFF = 21       # global index of the VM's vCPU 0 (VcpuTable / VcpuRegs rows)
+NVMF = 22
 
 
 class VMTable(NamedTuple):
@@ -189,6 +193,8 @@ class VMTable(NamedTuple):
     indirect = _cols("rec", VM_INDIRECT)
     valid_gen = _cols("rec", VM_VALID_GEN)
     n_max = _cols("rec", VM_N_MAX)
+    maxphyaddr = _cols("rec", VM_MAXPHYADDR)
+    vcpu_off = _cols("rec", VM_VCPU_OFF)
 
 
 DM_MANUAL_PROTECT = 1
@@ -205,15 +211,18 @@ VC_RING_RESET = 4      # reset_index
 VC_RING_FETCH = 5      # userspace's fetch index (harvest)
 NVCF = 6
 
+# --- struct kvm_dirty_gfn: one int64 record per dirty-ring entry (VcpuTable.ring) ---------------
+RG_FLAGS = 0           # KVM_DIRTY_GFN_F_*
+RG_SLOT = 1            # (as_id << 16) | slot id
+RG_OFFSET = 2          # gfn offset in the slot
+NRGF = 3
+
 
 class VcpuTable(NamedTuple):
-    """Per-vCPU state (global vCPU index = vcpu_off[vm] + vcpu): PML buffer, dirty ring."""
-    vcpu_off: np.ndarray       # int64[nvm]: first global vCPU index of each VM
+    """Per-vCPU state (global vCPU index = VMTable.rec[vm, VM_VCPU_OFF] + vcpu): PML buffer, dirty ring."""
     rec: np.ndarray            # int64[nvcpu, NVCF]
     pml_buf: np.ndarray        # int64[nvcpu or 0, 512]: logged gfns (4K)
-    ring_slot: np.ndarray      # int32[pool]: (as_id << 16) | slot id
-    ring_gfn: np.ndarray       # int64[pool]: offset in the slot
-    ring_flags: np.ndarray     # int8[pool]
+    ring: np.ndarray           # int64[pool, NRGF]: the dirty rings' entries (ring_off per vCPU)
     pml_count = _cols("rec", VC_PML_COUNT)
     ring_size = _cols("rec", VC_RING_SIZE)
     ring_off = _cols("rec", VC_RING_OFF)
@@ -270,7 +279,7 @@ SH_PL_FREE = 0                 # head of the free list of parent-pte links
 SH_PL_AVAIL = 1
 SH_RN_FREE = 2                 # head of the free list of rmap nodes
 SH_RN_AVAIL = 3
-NSHCTL = 8
+SH_SCRATCH = 8                 # ShadowState.ctl[SH_SCRATCH:]: scratch (SC_* offsets, mmu_internal.py)
 # worst case of links / rmap nodes one event can take (a fault: a parent link per level, 8 SPTEs)
 MAX_PL_PER_EVENT = 8
 MAX_RN_PER_EVENT = 16
@@ -280,22 +289,23 @@ MAX_GM_PER_EVENT = 8           # guest-memory rows: a page-crossing store + walk
 # parent-pte links and rmap nodes (ShadowState.pl / .rn): one (value, next) pair per node
 NODE_VAL = 0           # the SPTE pointer: row * 512 + index
 NODE_NEXT = 1          # next node, -1 at the end
+# rmap heads (ShadowState.rmap, struct kvm_rmap_head): one (first node, length) pair per slot, level and gfn
+RM_HEAD = 0            # first rmap node, -1 empty
+RM_COUNT = 1           # SPTEs on the list (KVM keeps it in the pte_list_desc blocks)
+NRMF = 2
 
 
 class ShadowState(NamedTuple):
     """Shadow-MMU state (``mmu.c``) beyond the page, VM and memslot records: rmaps, parent-pte lists,
     the per-VM hash buckets, write tracking."""
-    ubitmap: np.ndarray         # int64[cap, 8]: unsync_child_bitmap
-    parent_head: np.ndarray     # int64[cap]: first parent-pte link (-1 none)
     trans: np.ndarray           # int64[cap, 512]: shadowed_translation (gfn << 12 | access)
     pl: np.ndarray              # int64[P, 2]: parent-pte links (NODE_VAL, NODE_NEXT)
     rn: np.ndarray              # int64[R, 2]: rmap nodes
-    rmap_head: np.ndarray       # int64[H]: per slot, level, gfn index: first rmap node (-1 empty)
-    rmap_cnt: np.ndarray        # int32[H]
+    rmap: np.ndarray            # int64[H, NRMF]: per slot, level, gfn index: RM_HEAD, RM_COUNT
     wtrack: np.ndarray          # int32[W]: gfn_write_track per 4K gfn of each slot
     hash: np.ndarray            # int64[nshadow * 4096]
-    ctl: np.ndarray             # int64[NSHCTL]
-    scratch: np.ndarray         # int64[256]: walker output and small stacks
+    ctl: np.ndarray             # int64[SH_SCRATCH + SC_SIZE]: SH_* words, then the scratch block
+    scratch = property(lambda self: self.ctl[SH_SCRATCH:], doc="ctl[SH_SCRATCH:]: walker output, small stacks")
 
 
 # --- vCPU paging registers and MMU roots: one int64 record per vCPU (VcpuRegs.rec) -------------
@@ -331,13 +341,20 @@ class VcpuRegs(NamedTuple):
     pae_root = _cols("rec", VR_PAE_ROOT, 4)
 
 
+# guest-memory key table (GuestMem.hash): one (key, row) pair per slot of the open-addressing table
+GMH_KEY = 0            # (vm << GM_VM_SHIFT) | hva page, -1 empty
+GMH_ROW = 1            # row of ``page`` holding the contents
+NGMH = 2
+
+
 class GuestMem(NamedTuple):
     """Guest memory contents, keyed by host page (kernels/gmem.py)."""
-    key: np.ndarray             # int64[hcap]: (vm << GM_VM_SHIFT) | hva page, -1 empty
-    row: np.ndarray             # int64[hcap]
+    hash: np.ndarray            # int64[hcap, NGMH]: key table (GMH_KEY, GMH_ROW)
     page: np.ndarray            # int64[cap, 512]
     free: np.ndarray            # int64[cap]: stack of released rows
     ctl: np.ndarray             # int64[3]: GM_USED, GM_KEYS, GM_NFREE
+    key = _cols("hash", GMH_KEY)
+    row = _cols("hash", GMH_ROW)
 
 
 class SlotMap(NamedTuple):
@@ -354,8 +371,7 @@ class MMU(NamedTuple):
     vt: VMTable
     st: SlotTable
     ct: VcpuTable
-    host: np.ndarray
-    cfg: np.ndarray
+    host: np.ndarray            # HOST_* and CFG_* words
     sh: ShadowState
     gm: GuestMem
     vr: VcpuRegs

@@ -56,6 +56,7 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import dirty_ring_soft_full, gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
+from .mmu_internal import EV_ADDR, EV_KIND, EV_SIZE, EV_VALUE, EV_VCPU, EV_VM, RES_ERROR, RES_OUTCOME, scratch
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -93,7 +94,9 @@ from .state import (
     VM_DIRTY_MODE,
     VM_FMT,
     VM_LEVELS,
+    VM_MAXPHYADDR,
     VM_ROOT,
+    VM_VCPU_OFF,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -115,7 +118,7 @@ SC_OOM_GPA = WK_SIZE
 
 
 @helper
-def tdp_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
+def tdp_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
     """One EPT violation / misconfiguration / #NPF of a 2D walk: kvm_handle_exit, not inlined.
 
     kvm_handle_exit counts the access and the references of its own re-walk of the one gpa (right
@@ -125,7 +128,7 @@ def tdp_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res,
     """
     acc = vt.stats[vm, ST_ACCESSES]
     refs = vt.stats[vm, ST_WALK_REFS]
-    o, e = kvm_handle_exit(pa, vt, st, ct, host, cfg, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
+    o, e = kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
     vt.stats[vm, ST_ACCESSES] = acc
     vt.stats[vm, ST_WALK_REFS] = refs
     return o, e
@@ -272,7 +275,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
             # an exit: KVM's TDP fault path, then the guest re-executes the access
             if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
                 return _NEED_ROWS, err, refs
-            o, e = tdp_exit(pa, vt, st, ct, m.host, m.cfg, vcpu_g, vm, fmt, gfn, w, f, res, spte)
+            o, e = tdp_exit(pa, vt, st, ct, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
             if o < 0:
                 wk[SC_OOM_GPA] = gfn << 12
                 return -1, err, refs
@@ -303,20 +306,21 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
 
 
 @kernel
-def tdp2d_batch(m, ev_vm, ev_vcpu, ev_addr, ev_kind, ev_value, ev_size, maxphy, start, out_outcome, out_err):
-    """Run events ev[start:] of TDP VMs whose vCPUs may page (addr = gva when CR0.PG=1, else gpa).
+def tdp2d_batch(m, ev, start, res):
+    """Run events ev[start:] (EV_* records, accesses) of TDP VMs whose vCPUs may page (EV_ADDR = gva when
+    CR0.PG=1, else gpa), results in ``res`` (RES_* records).
 
-    ``ev_size[i]`` > 0 makes event i a store of ev_value[i]'s low bytes.  Returns (next_event, STOP_*).
+    ``ev[i, EV_SIZE]`` > 0 makes event i a store of EV_VALUE's low bytes.  Returns (next_event, STOP_*).
     """
-    n = ev_vm.shape[0]
+    n = ev.shape[0]
     vt, ct, gm = m.vt, m.ct, m.gm
-    wk = m.sh.scratch
-    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.cfg[CFG_PML] else 0)
+    wk = scratch(m.sh)
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.host[CFG_PML] else 0)
     for i in range(start, n):
         if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or not gm_room(gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
-        vm = ev_vm[i]
-        vcpu_g = ct.vcpu_off[vm] + ev_vcpu[i]
+        vm = ev[i, EV_VM]
+        vcpu_g = vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
         dmode = vt.rec[vm, VM_DIRTY_MODE]
         if dmode & DM_RING:
             if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
@@ -324,16 +328,17 @@ def tdp2d_batch(m, ev_vm, ev_vcpu, ev_addr, ev_kind, ev_value, ev_size, maxphy, 
                 vt.stats[vm, ST_DIRTY_RING_FULL] += 1
                 if dmode & DM_PML_ACTIVE:
                     pml_flush(vt, m.st, ct, vm, vcpu_g)
-                out_outcome[i] = OUT_RING_FULL
-                out_err[i] = 0
+                res[i, RES_OUTCOME] = OUT_RING_FULL
+                res[i, RES_ERROR] = 0
                 continue
-        o, e, refs = access_2d(m, vm, vcpu_g, ev_addr[i], ev_kind[i], ev_value[i], ev_size[i], maxphy[vm], wk)
+        o, e, refs = access_2d(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
+                               vt.rec[vm, VM_MAXPHYADDR], wk)
         if o == _NEED_ROWS:
             return i, STOP_NEED_PAGES
         if o < 0:
             return i, STOP_HOST_OOM
         vt.stats[vm, ST_ACCESSES] += 1
         vt.stats[vm, ST_WALK_REFS] += refs
-        out_outcome[i] = o
-        out_err[i] = e
+        res[i, RES_OUTCOME] = o
+        res[i, RES_ERROR] = e
     return n, STOP_DONE

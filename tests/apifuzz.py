@@ -78,7 +78,7 @@ def snapshot(h):
             if off >= 0:
                 words = (int(st.npages[rec]) + 63) // 64
                 out[f"vm{vm}"][f"dirty{m['slot']}"] = st.dirty[off:off + 2 * words].copy()
-        g, n = int(ct.vcpu_off[vm]), int(h._vcpus[vm])
+        g, n = int(h.vt.vcpu_off[vm]), int(h._vcpus[vm])
         out[f"vm{vm}"]["ring"] = [getattr(ct, k)[g:g + n].copy() for k in
                                   ("ring_size", "ring_dirty", "ring_reset", "ring_fetch", "pml_count")]
     gm = h.gm
@@ -104,7 +104,7 @@ def probe(h):
             except bm.BatchMMUError as e:
                 out.append(e.errno)
         out.append(h.read_guest_memory(vm, 0x1000, 4).tolist())
-    out.append(h.harvest_dirty_ring(2, 0).tolist() if h.nvm > 2 and h.ct.ring_size[h.ct.vcpu_off[2]] else None)
+    out.append(h.harvest_dirty_ring(2, 0).tolist() if h.nvm > 2 and h.ct.ring_size[h.vt.vcpu_off[2]] else None)
     out.append(h.stats())
     return out
 

@@ -103,7 +103,7 @@ def leaves(h, vm):
         return out
     spt, role, sgfn, trans = h.pa.spt, h.pa.sp_role, h.pa.sp_gfn, h.sh.trans
     roots = set()
-    g0 = int(h.ct.vcpu_off[vm])
+    g0 = int(h.vt.vcpu_off[vm])
     for g in range(g0, g0 + int(h._vcpus[vm])):
         for r in [int(h.vr.root[g])] + [int(x) for x in h.vr.pae_root[g]] + [int(x) for x in h.vr.prev_root[g]]:
             if r >= 0:

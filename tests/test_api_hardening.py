@@ -50,7 +50,7 @@ def test_int8_counts_do_not_wrap():
     h = bm.Host(memory="1GiB")
     vms = h.create_vms(np.int8(100), memory="4MiB", vcpus=np.int8(100))
     assert len(vms) == 100 and int(h._vcpus[99]) == 100
-    assert int(h.ct.vcpu_off[99]) == 99 * 100                       # not 100*100 wrapped in int8
+    assert int(h.vt.vcpu_off[99]) == 99 * 100                       # not 100*100 wrapped in int8
     r = h.access(99, 99, 0x1000, bm.ACC_WRITE)
     assert r.outcome[0] == bm.FIXED
     h.set_memslot(99, 1, 1 << 30, 2 * MiB, flags=bm.MEM_LOG_DIRTY_PAGES)

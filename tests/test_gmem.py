@@ -10,7 +10,7 @@ import errno
 import numpy as np
 import pytest
 from batchmmu.kernels import gmem as GM
-from batchmmu.kernels.state import GuestMem
+from batchmmu.kernels.state import GMH_KEY, NGMH, GuestMem
 
 import batchmmu as bm
 
@@ -221,8 +221,10 @@ def test_hash_spreads_vms():
 
 
 def _table(rows=8, hcap=32):
-    return GuestMem(key=np.full(hcap, -1, np.int64), row=np.zeros(hcap, np.int64), page=np.zeros((rows, 512), np.int64),
-                    free=np.zeros(rows, np.int64), ctl=np.zeros(GM.NGMCTL, np.int64))
+    ht = np.zeros((hcap, NGMH), np.int64)
+    ht[:, GMH_KEY] = -1
+    return GuestMem(hash=ht, page=np.zeros((rows, 512), np.int64), free=np.zeros(rows, np.int64),
+                    ctl=np.zeros(GM.NGMCTL, np.int64))
 
 
 def test_removal_keeps_every_other_key_findable():
@@ -245,7 +247,7 @@ def test_removal_keeps_every_other_key_findable():
                     del model[k]
             assert int(gm.ctl[GM.GM_KEYS]) == len(model) == int((gm.key != -1).sum())
             for k, v in model.items():
-                r = int(GM.gm_find(gm.key, gm.row, np.int64(k)))
+                r = int(GM.gm_find(gm.hash, np.int64(k)))
                 assert r >= 0 and gm.page[r, 0] == v
             used = sorted(int(gm.row[i]) for i in np.flatnonzero(gm.key != -1))
             free = sorted(gm.free[:gm.ctl[GM.GM_NFREE]].tolist())

@@ -53,8 +53,10 @@ def put32(mem, gpa, value):
 def new_gmem(pages=16, keys=64):
     """Empty guest memory of VM 0 and a SlotMap with one memslot over every gpa (hva = gpa)."""
     one = lambda v: np.array([v], np.int64)  # noqa: E731
-    gm = GuestMem(key=np.full(keys, -1, np.int64), row=np.zeros(keys, np.int64), page=np.zeros((pages, 512), np.int64),
-                  free=np.zeros(pages, np.int64), ctl=np.zeros(NGMCTL, np.int64))
+    ht = np.zeros((keys, S.NGMH), np.int64)
+    ht[:, S.GMH_KEY] = -1
+    gm = GuestMem(hash=ht, page=np.zeros((pages, 512), np.int64), free=np.zeros(pages, np.int64),
+                  ctl=np.zeros(NGMCTL, np.int64))
     vrec = np.zeros((1, S.NVMF), np.int64)
     vrec[0, S.VM_SLOT_LAST], vrec[0, S.VM_SLOT_CNT] = -1, 1
     srec = np.zeros((1, S.NSLF), np.int64)
@@ -502,7 +504,7 @@ def _drive(gm, sm, mem_start, mem_gpa, mem_val, acc_start, modes, cr3s, pdptrs, 
     """Per case: fresh guest memory, its accesses in order (walk, A/D on success), memory read back."""
     wk = np.zeros(G.WK_SIZE, np.int64)
     for c in range(modes.shape[0]):
-        gm.key[:] = -1
+        gm.hash[:, S.GMH_KEY] = -1
         gm.ctl[:] = 0
         for j in range(mem_start[c], mem_start[c + 1]):
             gm_write64(gm, sm, 0, mem_gpa[j], mem_val[j])

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from batchmmu.kernels import mmu_internal as MI
 from batchmmu.kernels import state as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,14 +18,17 @@ def test_no_module_over_800_lines():
 
 
 @pytest.mark.nojit
-@pytest.mark.parametrize("prefix, width, widths", [
-    ("SP_", S.NSP, {}), ("VM_", S.NVMF, {}), ("VC_", S.NVCF, {}),
-    ("SL_", S.NSLF, {"SL_LPAGE_OFF": 2, "SL_RMAP_OFF": 3}),
-    ("VR_", S.NVRF, {"VR_PDPTR": 4, "VR_PREV_ROOT": 3, "VR_PREV_PGD": 3, "VR_PAE_ROOT": 4}),
+@pytest.mark.parametrize("mod, prefix, width, widths", [
+    (S, "SP_", S.NSP, {"SP_UBITMAP": 8}), (S, "VM_", S.NVMF, {}), (S, "VC_", S.NVCF, {}),
+    (S, "SL_", S.NSLF, {"SL_LPAGE_OFF": 2, "SL_RMAP_OFF": 3}),
+    (S, "VR_", S.NVRF, {"VR_PDPTR": 4, "VR_PREV_ROOT": 3, "VR_PREV_PGD": 3, "VR_PAE_ROOT": 4}),
+    (S, "RG_", S.NRGF, {}), (S, "RM_", S.NRMF, {}), (S, "GMH_", S.NGMH, {}), (S, "NODE_", 2, {}),
+    (MI, "EV_", MI.NEVF, {}), (MI, "RES_", MI.NRESF, {}),
+    (S, ("HOST_", "CFG_"), S.NHOST, {}),
 ])
-def test_record_columns_tile_the_record(prefix, width, widths):
+def test_record_columns_tile_the_record(mod, prefix, width, widths):
     """Every column of a record belongs to exactly one field (no overlap, no gap, nothing past the width)."""
-    cols = {n: v for n, v in vars(S).items() if n.startswith(prefix) and isinstance(v, int)
+    cols = {n: v for n, v in vars(mod).items() if n.startswith(prefix) and isinstance(v, int)
             and n not in ("VM_R", "VM_W", "VM_X")}
     used = np.zeros(width + 8, np.int64)
     for n, c in cols.items():
@@ -41,6 +45,11 @@ def test_field_views_write_the_records():
     vr.pdptr[1, 3] = 5
     assert vt.rec[1, S.VM_ROOT] == 7 and vt.rec[2, S.VM_HASH_OFF] == 9 and vr.rec[1, S.VR_PDPTR + 3] == 5
     assert int(vt.rec.sum()) == 16 and int(vr.rec.sum()) == 5
+    gm = S.GuestMem(hash=np.zeros((4, S.NGMH), np.int64), page=None, free=None, ctl=None)
+    gm.key[2], gm.row[2] = 11, 3
+    sh = S.ShadowState(*[None] * 6, ctl=np.zeros(S.SH_SCRATCH + MI.SC_SIZE, np.int64))
+    sh.scratch[MI.SC_RUNNING_VCPU] = 4
+    assert gm.hash[2].tolist() == [11, 3] and sh.ctl[S.SH_SCRATCH + MI.SC_RUNNING_VCPU] == 4
 
 
 def _spt_stores():
