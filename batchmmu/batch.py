@@ -140,31 +140,43 @@ class Batches:
             vm_a, vcpu_a, addr_a, kind_a, perm = grouped
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
-        i = 0
-        oom_at = -1
-        while i < n:
-            i, stop = access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
-                                   addr_a, kind_a, i, out, err)
-            if stop == S.STOP_NEED_PAGES:
-                self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
-            elif stop == S.STOP_HOST_OOM and i != oom_at and _reclaim.direct_reclaim(self, int(vm_a[i]),
-                                                                                     int(addr_a[i])):
-                oom_at = i  # overcommit: reclaimed; the event runs again
-            elif stop == S.STOP_HOST_OOM:
-                applied = np.zeros(n, bool)
-                applied[perm[:i] if perm is not None else slice(0, i)] = True
-                if perm is not None:
-                    out_c, err_c = np.zeros_like(out), np.zeros_like(err)
-                    out_c[perm[:i]], err_c[perm[:i]] = out[:i], err[:i]
-                    out, err = out_c, err_c
-                raise self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", applied,
-                                             " (err.applied says which: each VM's events run in order, VM by VM)",
-                                             out, err)
+
+        def fail(i):
+            applied = np.zeros(n, bool)
+            applied[perm[:i] if perm is not None else slice(0, i)] = True
+            o, e = out, err
+            if perm is not None:
+                o, e = np.zeros_like(out), np.zeros_like(err)
+                o[perm[:i]], e[perm[:i]] = out[:i], err[:i]
+            return self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", applied,
+                                          " (err.applied says which: each VM's events run in order, VM by VM)", o, e)
+        self._resume(n, lambda i: access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
+                                               addr_a, kind_a, i, out, err),
+                     fail, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(addr_a[i]))
         if perm is not None:
             out_c, err_c = np.empty_like(out), np.empty_like(err)
             ungroup_results(perm, out, err, out_c, err_c)
             out, err = out_c, err_c
         return AccessResult(out, err)
+
+    def _resume(self, n, run, fail, topup=None, oom_vm=None, oom_gpa=None):
+        """The one resume loop of every event batch: ``topup()`` (mmu_topup_memory_caches), ``run(i)`` the
+        kernel from event i -> (next event, STOP_*); STOP_NEED_PAGES: top up again (without ``topup``: double the
+        page arena) and go on;
+        STOP_HOST_OOM: with overcommit and ``oom_gpa``, reclaim once for that event and run it again, else raise
+        ``fail(i)``."""
+        i, oom_at = 0, -1
+        while i < n:
+            if topup is not None:
+                topup()
+            i, stop = run(i)
+            if stop == S.STOP_NEED_PAGES and topup is None:
+                self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
+            elif stop == S.STOP_HOST_OOM:
+                if oom_gpa is not None and i != oom_at and _reclaim.direct_reclaim(self, oom_vm(i), oom_gpa(i)):
+                    oom_at = i  # overcommit: reclaimed; the event runs again
+                else:
+                    raise fail(i)
 
     def _budget_exhausted(self, vm, where, applied, how="", out=None, err=None):
         """The HostMemoryExhausted a batch raises when the host budget cannot back an event's page;

@@ -199,15 +199,15 @@ class DirtyLog:
         if not size:
             raise einval("vm", vm, "this VM has no dirty ring")
         self._sync_pml(int(vm))
-        out = []
-        while True:
-            idx = int(ct.ring_off[g]) + (int(ct.ring_fetch[g]) & (size - 1))
-            if not ct.ring[idx, S.RG_FLAGS] & S.KVM_DIRTY_GFN_F_DIRTY or ct.ring_fetch[g] >= ct.ring_dirty[g]:
-                break
-            out.append((int(ct.ring[idx, S.RG_SLOT]), int(ct.ring[idx, S.RG_OFFSET])))
-            ct.ring[idx, S.RG_FLAGS] = S.KVM_DIRTY_GFN_F_RESET
-            ct.ring_fetch[g] += 1
-        return np.array(out, np.int64).reshape(-1, 2)
+        # the entries from fetch up to the first one not (yet) marked dirty, at most up to dirty_index
+        fetch = int(ct.ring_fetch[g])
+        idx = int(ct.ring_off[g]) + (np.arange(fetch, max(fetch, int(ct.ring_dirty[g])), dtype=np.int64) & (size - 1))
+        clean = np.nonzero((ct.ring[idx, S.RG_FLAGS] & S.KVM_DIRTY_GFN_F_DIRTY) == 0)[0]
+        idx = idx[:clean[0]] if clean.size else idx
+        out = ct.ring[idx][:, [S.RG_SLOT, S.RG_OFFSET]].astype(np.int64)
+        ct.ring[idx, S.RG_FLAGS] = S.KVM_DIRTY_GFN_F_RESET
+        ct.ring_fetch[g] += idx.size
+        return out.reshape(-1, 2)
 
     def reset_dirty_rings(self, vm):
         """KVM_RESET_DIRTY_RINGS: recycle harvested entries, re-protect their pages; returns the count."""

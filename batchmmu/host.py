@@ -109,6 +109,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._vcpus = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
         self._slot_rec = ms.SlotIndex()  # (vm, slot) -> record, and each VM's own slots
+        self._aliases = {}               # reclaim: (vm, hva, npages, backing) -> host_off of shared host pages
+        self._alias_users = {}           # reclaim: host_off -> live records using it
         self._paging_init()
         _reclaim.configure(self, overcommit, watermarks)
         self._sync_pools()

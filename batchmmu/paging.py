@@ -353,7 +353,6 @@ class GuestPaging:
     def _run_tdp2d(self, ev):
         """Run TDP events (an EV_* record batch, accesses) through the 2D-walk kernel; EV_SIZE > 0 makes an
         event a store.  Returns (outcome, error code)."""
-        from . import reclaim as _reclaim
         from .arena import grow_page_arena
         from .kernels.tdp2d import SC_OOM_GPA, tdp2d_batch
         n = ev.shape[0]
@@ -365,20 +364,15 @@ class GuestPaging:
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
                       "(the vCPU has paging off)")
         res = np.zeros((n, MI.NRESF), np.int64)
-        i = 0
-        oom_at = -1
-        while i < n:
-            # top-up: table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores
+        def topup():
+            # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores
             if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
                 self.pa = grow_page_arena(self.pa, max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
-            i, stop = tdp2d_batch(self._mmu_bundle(), ev, i, res)
-            if stop == S.STOP_HOST_OOM and i != oom_at and \
-                    _reclaim.direct_reclaim(self, int(vm_a[i]), int(self.sh.scratch[SC_OOM_GPA])):
-                oom_at = i  # overcommit: reclaimed; the event runs again
-            elif stop == S.STOP_HOST_OOM:
-                raise self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}", np.arange(n) < i, "",
-                                             *results(res))
+        self._resume(n, lambda i: tdp2d_batch(self._mmu_bundle(), ev, i, res),
+                     lambda i: self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}",
+                                                      np.arange(n) < i, "", *results(res)),
+                     topup, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(self.sh.scratch[SC_OOM_GPA]))
         return results(res)
 
     # ------------------------------------------------------------------ shadow events
@@ -395,15 +389,11 @@ class GuestPaging:
             raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])}: shadow-MMU vCPUs must run with paging on "
                       "(set CR0.PG, CR4.PAE, EFER.LME|LMA and CR3 with set_vcpu_regs); real mode is not simulated")
         res = np.zeros((n, MI.NRESF), np.int64)
-        i = 0
-        while i < n:
-            self._paging_topup()
-            i, stop = K.shadow_event_batch(self._mmu_bundle(), ev, i, res)
-            if stop == S.STOP_NEED_PAGES:
-                continue
-            if stop == S.STOP_HOST_OOM:
-                raise self._budget_exhausted(int(vm_a[i]), f"gva {int(ev[i, MI.EV_ADDR]):#x}", np.arange(n) < i, "",
-                                             *results(res))
+        # a host out of memory stops a shadow batch (no direct reclaim for shadow VMs)
+        self._resume(n, lambda i: K.shadow_event_batch(self._mmu_bundle(), ev, i, res),
+                     lambda i: self._budget_exhausted(int(vm_a[i]), f"gva {int(ev[i, MI.EV_ADDR]):#x}",
+                                                      np.arange(n) < i, "", *results(res)),
+                     self._paging_topup)
         return results(res)
 
     def emulated_access(self, vm, vcpu, addr, kind=0, value=0, size=8):

@@ -193,8 +193,7 @@ def discard(host, vm, start, end):
 def note_aliases(host, first, k):
     """Slots of one VM over the same hva range with the same backing (one memfd in several memslots,
     as max_guest_memory_test makes) share their host pages: a new record takes its alias's bitmaps."""
-    aliases = host.__dict__.setdefault("_aliases", {})      # (vm, hva, npages, backing) -> host_off
-    users = host.__dict__.setdefault("_alias_users", {})    # host_off -> live records using it
+    aliases, users = host._aliases, host._alias_users
     st = host.st
     for rec in range(first, first + k):
         key = (int(st.vm[rec]), int(st.hva[rec]), int(st.npages[rec]), int(st.backing[rec]))
@@ -208,7 +207,7 @@ def note_aliases(host, first, k):
 
 def drop_alias(host, rec):
     """A slot goes: True if another slot still maps its host pages (nothing is released then)."""
-    users = host.__dict__.get("_alias_users", {})
+    users = host._alias_users
     off = int(host.st.host_off[rec])
     users[off] = users.get(off, 1) - 1
     return users[off] > 0

@@ -189,25 +189,25 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
 
 @kernel
 def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
-    """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D off on 4K leaves."""
+    """clear_dirty_gfn_range (PML enable, kvm_mmu_slot_leaf_clear_dirty): D (W without A/D) off on every leaf."""
     fmt = vt.rec[vm, VM_FMT]
     root_level = np.int64(vt.rec[vm, VM_LEVELS])
     spt, meta = pa.spt, pa.meta
     dmask = shadow_dirty_mask(fmt)
     count = 0
+    # tdp_root_for_each_leaf_pte: leaves at every level (huge ones too)
     row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
     while valid and gfn < end:
-        if level == PG_LEVEL_4K:
-            idx = spte_index(gfn, level)
-            run = tdp_iter_run(gfn, level, end)
-            for k in range(idx, idx + run):
-                spte = spt[row, k]
-                if is_shadow_present_pte(spte):
-                    dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
-                    if spte & dbit:
-                        tdp_clear_spte_bits(spt, row, k, dbit)
-                        count += 1
-            gfn += run - 1
+        idx = spte_index(gfn, level)
+        run = tdp_iter_run(gfn, level, end)
+        for k in range(idx, idx + run):
+            spte = spt[row, k]
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level):
+                dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+                if spte & dbit:
+                    tdp_clear_spte_bits(spt, row, k, dbit)
+                    count += 1
+        gfn += run - 1
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 

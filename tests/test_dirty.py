@@ -106,6 +106,24 @@ def test_pml_logs_writes_without_faults():
     assert _bits(h.get_dirty_log(vm, 1)) == {7}
 
 
+@pytest.mark.nojit
+def test_pml_enable_clears_dirty_on_huge_leaves_too():
+    """kvm_mmu_slot_leaf_clear_dirty (clear_dirty_gfn_range) walks every leaf level: a 2M leaf left in place
+    (no eager split) loses D, and W (write-protected at >= 2M, so a write splits it)."""
+    h = bm.Host(memory="8GiB", backing="thp", pml=True, eager_page_split=False)
+    vm = int(h.create_vms(1, memory="2MiB", backing="4k")[0])
+    h.set_memslot(vm, 1, GiB, 4 * MiB, backing="thp")
+    h.access(vm, 0, [GiB, GiB + 2 * MiB + 4096], W)
+    huge = h.spte_dump(vm)
+    assert {g: lv for g, (lv, _) in huge.items() if g >= GiB >> 12} == {GiB >> 12: 2, (GiB + 2 * MiB) >> 12: 2}
+    assert all(s & (1 << 9) for g, (_, s) in huge.items() if g >= GiB >> 12)    # D set by the writes
+    h.set_memslot(vm, 1, GiB, 4 * MiB, flags=bm.MEM_LOG_DIRTY_PAGES)
+    after = h.spte_dump(vm)
+    for g in (GiB >> 12, (GiB + 2 * MiB) >> 12):
+        level, spte = after[g]
+        assert level == 2 and not spte & (1 << 9) and not spte & 2
+
+
 def test_dirty_ring_fills_stops_and_resets():
     h, vm = _host(backing="4k")
     h.enable_dirty_ring(vm, 128)                                 # soft limit 128 - 64 = 64
