@@ -271,7 +271,7 @@ def _cmd_warmup(args):
     from .kernels import CACHE_DIR
     from .warm import cache_is_cold, warm_jobs
     cold = cache_is_cold()
-    jobs = args.jobs or warm_jobs()
+    jobs = warm_jobs(args.jobs)
     how = f"compiling kernels in {jobs} process{'es' if jobs > 1 else ''}" if cold else "loading kernels"
     print(f"{how} (cache {CACHE_DIR}) ...", flush=True)
     t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True), jobs=jobs)
@@ -282,7 +282,7 @@ def _cmd_warmup(args):
 def _add_warmup(sub):
     w = sub.add_parser("warmup", help="compile every kernel now (or load them from the cache), with progress")
     w.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="compile an empty cache in N processes at once (default: the usable CPUs)")
+                   help="compile an empty cache in N processes at once (default: the usable CPUs, at most 3)")
     w.set_defaults(func=_cmd_warmup)
 
 

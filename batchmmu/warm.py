@@ -8,6 +8,9 @@ prints the groups as they finish.
 import gc
 import multiprocessing
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,31 +212,70 @@ def cache_is_cold():
     return not Path(CACHE_DIR).exists() or not any(Path(CACHE_DIR).rglob("*.nbi"))
 
 
-def warm_jobs():
-    """Processes a cold warm-up compiles in: the CPUs this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def warm_jobs(jobs=None):
+    """Processes a cold warm-up compiles in: ``jobs`` (default: the CPUs this process may use), at most as many
+    as there are independent groups."""
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(jobs), _INDEPENDENT))
+
+
+def _spawn(i):
+    """Group ``i`` in a fresh interpreter (``python -m batchmmu.warm i``): nothing of the caller's script runs
+    there, and a worker that dies (out of memory, a crash) is seen by its exit status."""
+    err = tempfile.TemporaryFile()
+    return subprocess.Popen([sys.executable, "-m", "batchmmu.warm", str(i)], stdout=subprocess.DEVNULL,
+                            stderr=err), err
+
+
+def _compile_in_processes(jobs, progress):
+    """Run every group in its own process, ``jobs`` at a time: the first _INDEPENDENT (longest first), then the
+    others, which find most of their kernels in the cache.  Reports each group as it ends; a failed group
+    stops the others and raises."""
+    done = 0
+    for stage in (list(range(_INDEPENDENT)), list(range(_INDEPENDENT, len(GROUPS)))):
+        running = {}
+        try:
+            while stage or running:
+                while stage and len(running) < jobs:
+                    i = stage.pop(0)
+                    running[i] = (*_spawn(i), time.perf_counter())
+                time.sleep(0.05)
+                for i, (proc, err, t) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del running[i]
+                    if proc.returncode != 0:
+                        err.seek(0)
+                        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+                        raise RuntimeError(f"warm-up group {GROUPS[i][0]!r} failed in its process (exit status "
+                                           f"{proc.returncode}):\n" + "\n".join(tail))
+                    err.close()
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(GROUPS), GROUPS[i][0], time.perf_counter() - t)
+        finally:
+            for proc, err, _ in running.values():
+                proc.kill()
+                proc.wait()
+                err.close()
 
 
 def warmup(progress=None, jobs=None):
     """Compile (or load from numba's cache) every kernel on tiny batches; returns seconds taken.
 
     ``progress(done, total, group, seconds)`` is called after each kernel group.  With an empty cache the
-    groups compile in ``jobs`` processes at once (default: the CPUs this process may use; longest group
-    first), then load here from the cache; ``jobs=1`` (and a daemonic pool worker) compiles them one after
+    groups compile in up to ``jobs`` processes at once (default: the CPUs this process may use), then load
+    here from the cache; ``jobs=1``, a daemonic pool worker and numba's JIT switched off run them one after
     the other in this process.
     """
     global READY
+    import numba
     t0 = time.perf_counter()
-    jobs = warm_jobs() if jobs is None else int(jobs)
-    done = 0
-    if jobs > 1 and not multiprocessing.current_process().daemon and cache_is_cold():
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(jobs, _INDEPENDENT), maxtasksperchild=1) as pool:
-            for stage in (range(_INDEPENDENT), range(_INDEPENDENT, len(GROUPS))):
-                for i, seconds in pool.imap_unordered(_run_group, stage):
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(GROUPS), GROUPS[i][0], seconds)
+    jobs = warm_jobs(jobs)
+    if jobs > 1 and not numba.config.DISABLE_JIT and not multiprocessing.current_process().daemon \
+            and cache_is_cold():
+        _compile_in_processes(jobs, progress)
         for i in range(len(GROUPS)):   # load what the workers compiled
             _run_group(i)
     else:
@@ -273,3 +315,7 @@ def kernel_signatures():
                 width = max((sum(_arrays_in(t) for t in sig) for sig in d.signatures), default=0)
                 out[f"{info.name}.{name}"] = (len(d.signatures), entry, width)
     return out
+
+
+if __name__ == "__main__":   # one group of a parallel warm-up (_spawn)
+    _run_group(int(sys.argv[1]))

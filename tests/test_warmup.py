@@ -119,36 +119,69 @@ def test_read_only_install_caches_in_the_users_cache_dir(tmp_path):
     assert not list(pkg.rglob("*.nbi"))
 
 
+class _Proc:
+    """A stand-in for a group's process: the group runs when it is first polled."""
+
+    def __init__(self, i, log, status):
+        self.i, self.log, self.status, self.returncode = i, log, status, None
+
+    def poll(self):
+        if self.returncode is None:
+            self.log.append(("ran", self.i))
+            self.returncode = self.status(self.i)
+        return self.returncode
+
+    def kill(self):
+        self.log.append(("killed", self.i))
+
+    def wait(self):
+        return self.returncode
+
+
+def _fake_groups(monkeypatch, status=lambda i: 0):
+    import io
+    log = []
+    monkeypatch.setattr(warm, "GROUPS", tuple((f"g{i}", lambda i=i: log.append(("here", i))) for i in range(6)))
+    monkeypatch.setattr(warm, "cache_is_cold", lambda: True)
+    monkeypatch.setattr(warm, "_spawn", lambda i: (log.append(("spawn", i)) or _Proc(i, log, status),
+                                                   io.BytesIO(b"Traceback ...\nMemoryError\n")))
+    return log
+
+
 @pytest.mark.nojit
 def test_cold_warmup_compiles_groups_in_processes_then_loads_them(monkeypatch):
-    """With an empty cache the groups run in a process pool (the independent ones first), each reported
-    once, then every group runs again here to load what the workers compiled."""
-    ran, pools = [], []
-    groups = tuple((f"g{i}", lambda i=i: ran.append(i)) for i in range(6))
-
-    class Pool:   # runs the tasks in this process, in order
-        def __init__(self, n, maxtasksperchild=None):
-            pools.append(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def imap_unordered(self, fn, items):
-            ran.append("stage")
-            return map(fn, items)
-
-    ctx = type("Ctx", (), {"Pool": Pool})
-    monkeypatch.setattr(warm, "GROUPS", groups)
-    monkeypatch.setattr(warm, "cache_is_cold", lambda: True)
-    monkeypatch.setattr(warm.multiprocessing, "get_context", lambda method: ctx)
+    """With an empty cache each group runs in its own process, the independent ones first (at most ``jobs``
+    at a time), each reported once; then every group runs here to load what they compiled."""
+    import numba
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
+    log = _fake_groups(monkeypatch)
     seen = []
-    warm.warmup(lambda done, total, name, s: seen.append((done, total, name)), jobs=8)
-    assert pools == [warm._INDEPENDENT]
-    assert ran == ["stage", 0, 1, 2, "stage", 3, 4, 5, 0, 1, 2, 3, 4, 5]
-    assert seen == [(i + 1, 6, f"g{i}") for i in range(6)]
-    ran.clear()
-    warm.warmup(jobs=1)   # one process: no pool
-    assert ran == list(range(6)) and pools == [warm._INDEPENDENT]
+    warm.warmup(lambda done, total, name, s: seen.append((done, total, name)), jobs=2)
+    spawned = [i for what, i in log if what == "spawn"]
+    assert spawned == list(range(6))
+    first_late = log.index(("spawn", warm._INDEPENDENT))
+    assert all(log.index(("ran", i)) < first_late for i in range(warm._INDEPENDENT))   # stage 2 after stage 1
+    assert log.index(("spawn", 2)) > log.index(("ran", 0))                             # two at a time
+    assert [x for x in log if x[0] == "here"] == [("here", i) for i in range(6)]        # then loaded here
+    assert [d for d, *_ in seen] == list(range(1, 7)) and {n for *_, n in seen} == {f"g{i}" for i in range(6)}
+    log.clear()
+    warm.warmup(jobs=1)   # one process: no worker
+    assert log == [("here", i) for i in range(6)]
+
+
+@pytest.mark.nojit
+def test_a_failed_warmup_process_stops_the_others_and_says_which(monkeypatch):
+    import numba
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
+    log = _fake_groups(monkeypatch, status=lambda i: 137 if i == 1 else 0)
+    with pytest.raises(RuntimeError, match=r"(?s)'g1' failed .*exit status 137.*MemoryError"):
+        warm.warmup(jobs=3)
+    assert ("killed", 2) in log or ("ran", 2) in log
+    assert not [x for x in log if x[0] == "here"]
+
+
+def test_a_warmup_group_runs_as_its_own_program():
+    """``python -m batchmmu.warm I``, what the parallel warm-up starts (the reclaim group: small)."""
+    r = subprocess.run([sys.executable, "-m", "batchmmu.warm", str(len(warm.GROUPS) - 1)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
