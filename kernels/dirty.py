@@ -55,7 +55,7 @@ from .state import (
     VM_VCPU_OFF,
 )
 from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
-from .tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start, walk_to_leaf
+from .tdp_iter import tdp_iter_next_leaf, tdp_iter_run, tdp_iter_start_leaf, walk_to_leaf
 
 
 # ----------------------------------------------------------------------------- PML
@@ -107,12 +107,12 @@ def count_huge_leaves(pa, vt, vm, start, end):
     spt, meta = pa.spt, pa.meta
     rows = 0
     # a 4K leaf table holds nothing to split: the walk stays at 2M and above
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_2M)
     while valid and gfn < end:
         spte = spt[row, spte_index(gfn, level)]
         if level > PG_LEVEL_4K and is_shadow_present_pte(spte) and is_last_spte(spte, level):
             rows += 1 if level == PG_LEVEL_2M else 513
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M)
+        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M, end)
     return rows
 
 
@@ -125,7 +125,7 @@ def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
     nx = cfg[CFG_NX_HUGE_PAGES] != 0
     root_level = np.int64(vt.rec[vm, VM_LEVELS])
     spt, meta = pa.spt, pa.meta
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, target_level + 1)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
         spte = spt[row, idx]
@@ -133,7 +133,8 @@ def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
             child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, gfn, meta[row, SP_ROLE], row, idx)
             tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
             vt.stats[vm, ST_PAGES_SPLIT] += 1
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, target_level + 1)
+        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level,
+                                                         target_level + 1, end)
 
 
 @helper
@@ -166,7 +167,7 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     end = gfn + 64
     count = 0
     # tdp_root_for_each_leaf_pte(gfn + __ffs(mask), gfn + BITS_PER_LONG); huge leaves are left alone
-    row, level, g, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, gfn + first)
+    row, level, g, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, gfn + first, PG_LEVEL_4K)
     while valid and g < end and mask != 0:
         if level == PG_LEVEL_4K:
             idx = spte_index(g, level)
@@ -183,7 +184,7 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
             # the bits of this run are done
             mask = np.int64(0) if b0 + run >= 64 else mask & ~((np.int64(1) << (b0 + run)) - 1)
             g += run - 1
-        row, level, g, nlg, valid = tdp_iter_next(spt, meta, row, level, g, nlg, root_level, PG_LEVEL_4K)
+        row, level, g, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, g, nlg, root_level, PG_LEVEL_4K, end)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
@@ -196,7 +197,7 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     dmask = shadow_dirty_mask(fmt)
     count = 0
     # tdp_root_for_each_leaf_pte: leaves at every level (huge ones too)
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_4K)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
         run = tdp_iter_run(gfn, level, end)
@@ -208,7 +209,8 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
                     tdp_clear_spte_bits(spt, row, k, dbit)
                     count += 1
         gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
+        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
+                                                         end)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 

@@ -27,7 +27,7 @@ from .state import (
     VM_ROOT,
 )
 from .tdp import tdp_clear_spte_bits, tdp_set_spte
-from .tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start
+from .tdp_iter import tdp_iter_next_leaf, tdp_iter_run, tdp_iter_start_leaf
 
 
 @kernel
@@ -37,7 +37,7 @@ def tdp_zap_leafs(pa, vt, vm, start, end):
     root_level = np.int64(vt.rec[vm, VM_LEVELS])  # read once: a store to spt may alias the record for LLVM
     spt, meta = pa.spt, pa.meta
     n = 0
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_4K)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
         run = tdp_iter_run(gfn, level, end)
@@ -47,7 +47,8 @@ def tdp_zap_leafs(pa, vt, vm, start, end):
                 tdp_set_spte(pa, vt, vm, row, k, level, SHADOW_NONPRESENT_VALUE)
                 n += 1
         gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
+        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
+                                                         end)
     vt.stats[vm, ST_MMU_NOTIFIER_ZAPPED] += n
     return n
 
@@ -69,7 +70,7 @@ def tdp_age_range(pa, vt, vm, start, end, clear, young):
     spt, meta = pa.spt, pa.meta
     any_young = False
     # tdp_root_for_each_leaf_pte
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_4K)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
         run = tdp_iter_run(gfn, level, end)
@@ -88,5 +89,6 @@ def tdp_age_range(pa, vt, vm, start, end, clear, young):
                         tdp_set_spte(pa, vt, vm, row, k, level, mark_spte_for_access_track(fmt, spte))
                     vt.stats[vm, ST_PAGES_AGED] += 1
         gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
+        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
+                                                         end)
     return any_young

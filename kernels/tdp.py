@@ -38,6 +38,7 @@ from .spte import (
     make_nonleaf_spte,
     make_small_spte,
     modify_spte_protections,
+    pages_per_hpage,
     shadow_nx_mask,
     shadow_x_mask,
     spte_index,
@@ -83,7 +84,7 @@ from .state import (
     VM_MEMSLOTS_GEN,
     VM_ROOT,
 )
-from .tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start
+from .tdp_iter import tdp_iter_next, tdp_iter_next_leaf, tdp_iter_run, tdp_iter_start, tdp_iter_start_leaf
 
 
 @njit(inline="always", _nrt=False)
@@ -326,7 +327,7 @@ def tdp_mmu_spte_dump(pa, vt, cfg, vm, out):
     spt, meta = pa.spt, pa.meta
     n = 0
     end = np.int64(1) << (root_level * 9)
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, 0)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, 0, PG_LEVEL_4K)
     while valid:
         idx = spte_index(gfn, level)
         run = tdp_iter_run(gfn, level, end)
@@ -343,7 +344,8 @@ def tdp_mmu_spte_dump(pa, vt, cfg, vm, out):
                     out[n, 2] = spte
                 n += 1
         gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K)
+        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
+                                                         end)
     return n
 
 
@@ -372,7 +374,7 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     root_level = np.int64(vt.rec[vm, VM_LEVELS])
     spt, meta = pa.spt, pa.meta
     count = 0
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, min_level)
     while valid and gfn < end:
         idx = spte_index(gfn, level)
         if level == PG_LEVEL_4K:
@@ -388,7 +390,7 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
             if is_shadow_present_pte(spte) and is_last_spte(spte, level) and (spte & PT_WRITABLE_MASK):
                 tdp_clear_spte_bits(spt, row, idx, PT_WRITABLE_MASK)
                 count += 1
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level)
+        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, min_level, end)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
     return count
 
@@ -409,12 +411,13 @@ def tdp_mmu_make_huge_spte(pa, fmt, row, level, gfn, nx_huge_pages):
     from the first present leaf below it.  Returns (spte, found)."""
     spt, meta = pa.spt, pa.meta
     # tdp_root_for_each_leaf_pte over the child table
-    r, lv, g, nlg, valid = tdp_iter_start(row, level - 1, gfn)
-    while valid:
+    end = gfn + pages_per_hpage(level)
+    r, lv, g, nlg, valid = tdp_iter_start_leaf(spt, row, level - 1, gfn, PG_LEVEL_4K)
+    while valid and g < end:
         spte = spt[r, spte_index(g, lv)]
         if is_shadow_present_pte(spte) and is_last_spte(spte, lv):
             return make_huge_spte(fmt, spte, level, nx_huge_pages), True
-        r, lv, g, nlg, valid = tdp_iter_next(spt, meta, r, lv, g, nlg, level - 1, PG_LEVEL_4K)
+        r, lv, g, nlg, valid = tdp_iter_next_leaf(spt, meta, r, lv, g, nlg, level - 1, PG_LEVEL_4K, end)
     return np.int64(0), False
 
 

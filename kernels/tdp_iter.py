@@ -61,6 +61,38 @@ def tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level):
 
 
 @njit(inline="always", _nrt=False)
+def _step_down_tables(spt, row, level, gfn, nlg, min_level):
+    # try_step_down while the current SPTE is a present table: what a leaf-only body would skip anyway
+    while level > min_level:
+        spte = spt[row, spte_index(gfn, level)]
+        if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+            break
+        level -= 1
+        row = spte_to_child_row(spte)
+        gfn = gfn_round_for_level(nlg, level)
+    return row, level, gfn
+
+
+@njit(inline="always", _nrt=False)
+def tdp_iter_start_leaf(spt, root, root_level, start, min_level):
+    """tdp_iter_start for ``tdp_root_for_each_leaf_pte``-style loops, whose body skips present tables: the
+    iterator is already stepped down past them (the same SPTEs reach the body, without a step each)."""
+    row, level, gfn, nlg, valid = tdp_iter_start(root, root_level, start)
+    if valid:
+        row, level, gfn = _step_down_tables(spt, row, level, gfn, nlg, min_level)
+    return row, level, gfn, nlg, valid
+
+
+@njit(inline="always", _nrt=False)
+def tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, min_level, end):
+    """tdp_iter_next, then past present tables (as tdp_iter_start_leaf) while before ``end``."""
+    row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level)
+    if valid and gfn < end:
+        row, level, gfn = _step_down_tables(spt, row, level, gfn, nlg, min_level)
+    return row, level, gfn, nlg, valid
+
+
+@njit(inline="always", _nrt=False)
 def tdp_iter_run(gfn, level, end):
     """SPTEs a body may take at once from the current one: 1 above 4K; in a 4K table every entry from
     here to the table's end or ``end``, whichever comes first.  The body then adds ``run - 1`` to gfn so

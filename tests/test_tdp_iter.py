@@ -5,25 +5,43 @@ import random
 
 import numpy as np
 import pytest
-from batchmmu.kernels.tdp_iter import tdp_iter_next, tdp_iter_run, tdp_iter_start
+from batchmmu.kernels.tdp_iter import (
+    tdp_iter_next,
+    tdp_iter_next_leaf,
+    tdp_iter_run,
+    tdp_iter_start,
+    tdp_iter_start_leaf,
+)
 from reference.tdp_iter import for_each_tdp_pte
 
 import batchmmu as bm
 
 
-def _iterate(h, vm, min_level, start, end, runs=False):
-    """The iterator's visits; with ``runs`` a body takes 4K leaves a run at a time (tdp_iter_run)."""
+def _iterate(h, vm, min_level, start, end, runs=False, leaf=False):
+    """The iterator's visits; with ``runs`` a body takes 4K leaves a run at a time (tdp_iter_run); with
+    ``leaf`` the iterator steps past present tables (tdp_iter_start_leaf / tdp_iter_next_leaf)."""
     spt, meta = h.pa.spt, h.pa.meta
-    root_level = int(h.vt.levels[vm])
-    row, level, gfn, nlg, valid = tdp_iter_start(np.int64(h.vt.root[vm]), np.int64(root_level), np.int64(start))
+    root, root_level, lo = np.int64(h.vt.root[vm]), np.int64(h.vt.levels[vm]), np.int64(min_level)
+    if leaf:
+        row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, np.int64(start), lo)
+    else:
+        row, level, gfn, nlg, valid = tdp_iter_start(root, root_level, np.int64(start))
     out = []
     while valid and gfn < end:
         run = int(tdp_iter_run(gfn, level, end)) if runs else 1
         out += [(int(row), int(level), int(gfn) + k) for k in range(run)]
         gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, np.int64(root_level),
-                                                    np.int64(min_level))
+        if leaf:
+            row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, lo,
+                                                             np.int64(end))
+        else:
+            row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, lo)
     return out
+
+
+def _is_table(h, row, level, gfn, min_level):
+    spte = int(h.pa.spt[row, (gfn >> (9 * (level - 1))) & 511])
+    return level > min_level and spte & (1 << 11) and not spte & (1 << 7)
 
 
 def _host(seed, backing, levels):
@@ -53,6 +71,8 @@ def test_iterator_visits_what_the_reference_visits(backing, levels):
             assert got == want, (backing, levels, start, end, min_level)
             assert got or start >= end
             assert _iterate(h, vm, min_level, start, end, runs=True) == want
+            tables_skipped = [e for e in want if not _is_table(h, *e, min_level)]
+            assert _iterate(h, vm, min_level, start, end, runs=True, leaf=True) == tables_skipped
 
 
 @pytest.mark.nojit
