@@ -61,16 +61,17 @@ def tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level):
 
 
 @njit(inline="always", _nrt=False)
-def _step_down_tables(spt, row, level, gfn, nlg, min_level):
-    # try_step_down while the current SPTE is a present table: what a leaf-only body would skip anyway
-    while level > min_level:
-        spte = spt[row, spte_index(gfn, level)]
+def _step_down_tables(spt, row, level, nlg, min_level):
+    """try_step_down while the current SPTE is a present table (what a leaf-only body skips anyway); returns
+    (row, level, gfn).  Written as walk_to_leaf is: LLVM makes a slower loop of ``while level > min_level``."""
+    while True:
+        if level == min_level:
+            return row, level, gfn_round_for_level(nlg, level)
+        spte = spt[row, spte_index(nlg, level)]
         if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
-            break
-        level -= 1
+            return row, level, gfn_round_for_level(nlg, level)
         row = spte_to_child_row(spte)
-        gfn = gfn_round_for_level(nlg, level)
-    return row, level, gfn
+        level -= 1
 
 
 @njit(inline="always", _nrt=False)
@@ -79,7 +80,7 @@ def tdp_iter_start_leaf(spt, root, root_level, start, min_level):
     iterator is already stepped down past them (the same SPTEs reach the body, without a step each)."""
     row, level, gfn, nlg, valid = tdp_iter_start(root, root_level, start)
     if valid:
-        row, level, gfn = _step_down_tables(spt, row, level, gfn, nlg, min_level)
+        row, level, gfn = _step_down_tables(spt, row, level, nlg, min_level)
     return row, level, gfn, nlg, valid
 
 
@@ -88,7 +89,7 @@ def tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, min_level, e
     """tdp_iter_next, then past present tables (as tdp_iter_start_leaf) while before ``end``."""
     row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, min_level)
     if valid and gfn < end:
-        row, level, gfn = _step_down_tables(spt, row, level, gfn, nlg, min_level)
+        row, level, gfn = _step_down_tables(spt, row, level, nlg, min_level)
     return row, level, gfn, nlg, valid
 
 
