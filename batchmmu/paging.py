@@ -331,15 +331,6 @@ class GuestPaging:
         return (self.vr.cr0[vg] & int(X86_CR0_PG)) != 0
 
     # ------------------------------------------------------------------ TDP with guest paging (2D walks)
-    def _gva_vms(self):
-        """Per VM (as long as ``_maxphyaddr``): True where access addresses may be gvas (a shadow VM, or a
-        VM with a vCPU that has CR0.PG set)."""
-        out = self._mmu_kind[:self._maxphyaddr.shape[0]] == S.MMU_SHADOW
-        pg = np.nonzero(self.vr.cr0 & int(X86_CR0_PG))[0]
-        if pg.size:
-            out[np.searchsorted(self.vt.vcpu_off[:self.nvm], pg, side="right") - 1] = True
-        return out
-
     def _tdp2d_mask(self, vm_a, vcpu_a, shadow, stores=False):
         """Events for kernels/tdp2d.py: every event of a TDP VM that has a paging vCPU in the batch (so a
         VM's events keep their order), and with ``stores`` every TDP event (the kernel writes values)."""
