@@ -203,7 +203,7 @@ def _run_group(i):
         if gc_on:
             gc.enable()
     gc.collect()
-    return i, time.perf_counter() - t
+    return time.perf_counter() - t
 
 
 def cache_is_cold():
@@ -280,7 +280,7 @@ def warmup(progress=None, jobs=None):
             _run_group(i)
     else:
         for i in range(len(GROUPS)):
-            _, seconds = _run_group(i)
+            seconds = _run_group(i)
             if progress is not None:
                 progress(i + 1, len(GROUPS), GROUPS[i][0], seconds)
     READY = True
