@@ -11,7 +11,7 @@ import numpy as np
 
 from . import args as A
 from . import reclaim as _reclaim
-from .arena import grow_page_arena
+from .arena import tdp_rows_bound
 from .constants import ACC_FETCH, ACC_VALID_MASK, ACC_WRITE, FIXED, HIT, SPURIOUS
 from .errors import HostMemoryExhausted, bad
 from .kernels import mmu_internal as MI
@@ -150,19 +150,22 @@ class Batches:
                 o[perm[:i]], e[perm[:i]] = out[:i], err[:i]
             return self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", applied,
                                           " (err.applied says which: each VM's events run in order, VM by VM)", o, e)
+        def grow(i):   # the page arena sized from the events left, not doubled
+            self.arena.grow_pages_for(tdp_rows_bound(self.vt, self.st, self.nrec, self.nvm, vm_a[i:]))
+
         self._resume(n, lambda i: access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
                                                addr_a, kind_a, i, out, err),
-                     fail, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(addr_a[i]))
+                     fail, grow=grow, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(addr_a[i]))
         if perm is not None:
             out_c, err_c = np.empty_like(out), np.empty_like(err)
             ungroup_results(perm, out, err, out_c, err_c)
             out, err = out_c, err_c
         return AccessResult(out, err)
 
-    def _resume(self, n, run, fail, topup=None, oom_vm=None, oom_gpa=None):
+    def _resume(self, n, run, fail, topup=None, grow=None, oom_vm=None, oom_gpa=None):
         """The one resume loop of every event batch: ``topup()`` (mmu_topup_memory_caches), ``run(i)`` the
-        kernel from event i -> (next event, STOP_*); STOP_NEED_PAGES: top up again (without ``topup``: double the
-        page arena) and go on;
+        kernel from event i -> (next event, STOP_*); STOP_NEED_PAGES: top up again (without ``topup``: ``grow(i)``
+        the page arena for the events left, the first time in a batch, else double it) and go on;
         STOP_HOST_OOM: with overcommit and ``oom_gpa``, reclaim once for that event and run it again, else raise
         ``fail(i)``."""
         i, oom_at = 0, -1
@@ -171,7 +174,11 @@ class Batches:
                 topup()
             i, stop = run(i)
             if stop == S.STOP_NEED_PAGES and topup is None:
-                self.pa = grow_page_arena(self.pa, max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
+                if grow is not None:
+                    grow(i)
+                    grow = None   # a bound that fell short (huge pages split, say): double from now on
+                else:
+                    self.arena.grow_pages(max(S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
             elif stop == S.STOP_HOST_OOM:
                 if oom_gpa is not None and i != oom_at and _reclaim.direct_reclaim(self, oom_vm(i), oom_gpa(i)):
                     oom_at = i  # overcommit: reclaimed; the event runs again

@@ -133,9 +133,7 @@ class DirtyLog:
             return
         npages = int(st.npages[rec])
         words = (npages + 63) // 64
-        st.dirty_off[rec] = off = self._dirty.alloc(2 * words)
-        self._sync_pools()
-        self.st.dirty[off:off + 2 * words] = 0
+        st.dirty_off[rec] = off = self.arena.alloc("dirty", 2 * words, fill=0)
         if self._initially_set(int(st.vm[rec])) and not int(self.vt.dirty_mode[int(st.vm[rec])]) & S.DM_RING:
             self.st.dirty[off:off + words] = -1
             if npages % 64:
@@ -178,12 +176,8 @@ class DirtyLog:
             # kvm_vm_ioctl_enable_dirty_log_ring: -EINVAL once kvm->created_vcpus (here: once a vCPU ran)
             raise einval("vm", vm, "enable the dirty ring once, before the VM's first access")
         nv = int(self._vcpus[vm])
-        off = self._ring.alloc(entries * nv)
-        total = self._ring.arr.shape[0]
+        off = self.arena.alloc("ring", entries * nv)
         ct = self.ct
-        if ct.ring.shape[0] < total:
-            from .arena import _grow
-            self.ct = ct = ct._replace(ring=_grow(ct.ring, total))
         g = int(self.vt.vcpu_off[vm])
         ct.ring_size[g:g + nv] = entries
         ct.ring_off[g:g + nv] = off + entries * np.arange(nv)

@@ -9,19 +9,7 @@ import numpy as np
 from . import args as A
 from . import memslot as ms
 from . import reclaim as _reclaim
-from .arena import (
-    ROW_BYTES,
-    Pool,
-    bytes_per_row,
-    grow_page_arena,
-    grow_vcpu_table,
-    grow_vm_table,
-    new_page_arena,
-    new_slot_table,
-    new_vcpu_table,
-    new_vm_table,
-    vm_group_bytes,
-)
+from .arena import ROW_BYTES, Arena, bytes_per_row, vm_group_bytes
 from .batch import AccessResult, Batches
 from .dirtylog import DirtyLog
 from .errors import bad, einval
@@ -94,17 +82,9 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._nx_next_ms = None
         self.cfg[S.CFG_EAGER_SPLIT] = int(flags["eager_page_split"])
         self.cfg[S.CFG_PML] = int(pml)
-        self.pa = new_page_arena()
-        self.vt = new_vm_table()
-        self.st = new_slot_table()
-        self.ct = new_vcpu_table(pml=bool(pml))
-        self._ring = Pool(np.int64, 0)
+        self.arena = Arena(pml=bool(pml))
         self.nvm = 0
         self.nrec = 0
-        self._lpage = Pool(np.int32)
-        self._dirty = Pool(np.int64)
-        self._hostbits = Pool(np.int64)
-        self._order = Pool(np.int64)
         self._order_cap = np.zeros(16, np.int64)
         self._vcpus = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
@@ -113,7 +93,16 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._alias_users = {}           # reclaim: host_off -> live records using it
         self._paging_init()
         _reclaim.configure(self, overcommit, watermarks)
-        self._sync_pools()
+        self.arena.ages = self.overcommit is not None   # reclaim keeps an age per host page
+
+    # the Arena's structs, read-only here: they grow only through the Arena
+    pa = property(lambda self: self.arena.pa, doc="Page arena (kvm_mmu_page rows).")
+    vt = property(lambda self: self.arena.vt, doc="VM records and statistics.")
+    st = property(lambda self: self.arena.st, doc="Memslot records and their pools.")
+    ct = property(lambda self: self.arena.ct, doc="vCPU PML buffers and dirty rings.")
+    vr = property(lambda self: self.arena.vr, doc="vCPU registers and roots.")
+    sh = property(lambda self: self.arena.sh, doc="Shadow-MMU extras.")
+    gm = property(lambda self: self.arena.gm, doc="Guest memory contents.")
 
     @property
     def cfg(self):
@@ -175,7 +164,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
 
         first, k = self.nvm, count
         need = first + k
-        self.vt = grow_vm_table(self.vt, need)
+        self.arena.grow_vms(need)
         for name in ("_order_cap", "_vcpus", "_gen_as1"):
             arr = getattr(self, name)
             if arr.shape[0] < need:
@@ -194,7 +183,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
         nv = self._paging_add_vms(vms, int(vcpus), mmu == "shadow")
-        self.ct = grow_vcpu_table(self.ct, nv + vcpus * k, bool(self.cfg[S.CFG_PML]))
+        self.arena.grow_vcpus(nv + vcpus * k)
         vt.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
         vt.dirty_mode[vms] = 0
         vt.maxphyaddr[vms] = maxphyaddr
@@ -319,7 +308,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         g = self.vt.vcpu_off[vms]
         out["dirty_rings"] = int(sum(int(self.ct.ring_size[o:o + c].sum()) for o, c in zip(g, vcpus, strict=True))) * 16
         out["kvm_total"] = sum(v for k, v in out.items() if k not in ("guest_memory", "guest_swapped"))
-        arrays = [*self.pa, *self.vt, *self.st, *self.ct, *self.sh, *self.gm, *self.vr]
+        arrays = [a for t in self.arena.tuples() for a in t]
         sim = sum(a.nbytes for a in arrays)
         out["simulator_bytes"] = int(sim if vm is None else sim * (len(vms) / max(1, self.nvm)))
         return out
@@ -330,7 +319,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         A.check_alloc((rows + S.MAX_ROWS_PER_EVENT) * bytes_per_row(), "rows", rows, f"{rows} page-table pages")
         free = int(self.pa.ctl[S.CTL_FREE_TOP])
         if rows + S.MAX_ROWS_PER_EVENT > free:
-            self.pa = grow_page_arena(self.pa, rows + S.MAX_ROWS_PER_EVENT, exact=True)
+            self.arena.grow_pages(rows + S.MAX_ROWS_PER_EVENT, exact=True)
 
     def host_memory(self):
         """(used, budget) bytes of host memory."""

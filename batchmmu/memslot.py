@@ -11,12 +11,7 @@ import numpy as np
 
 from . import args as A
 from . import reclaim as _reclaim
-from .arena import (
-    grow_slot_records,
-    lpage_entries,
-    slot_bytes,
-    sync_host_pools,
-)
+from .arena import lpage_entries, slot_bytes
 from .errors import BatchMMUError, InvalidationInProgress, bad, einval
 from .kernels import shadow as SK
 from .kernels import state as S
@@ -236,8 +231,7 @@ class Memslots:
             st.base_gfn[rec] = gpa >> 12
             for li, level in enumerate((2, 3)):  # kvm_alloc_memslot_metadata for the moved slot
                 n = lpage_entries(gpa >> 12, int(st.npages[rec]), level)
-                off = self._lpage.alloc(n)
-                self._sync_pools()
+                off = self.arena.alloc("lpage", n)
                 st = self.st
                 st.lpage_off[rec, li] = off
                 seed_lpage_info(st.lpage, off, gpa >> 12, int(st.npages[rec]), int(st.hva[rec]), level)
@@ -319,7 +313,7 @@ class Memslots:
         """Create one memslot record per VM in ``vms`` (all alike but for the VM)."""
         k = len(vms)
         first = self.nrec
-        self.st = grow_slot_records(self.st, first + k)
+        self.arena.grow_slots(first + k)
         r = slice(first, first + k)
         st = self.st
         st.vm[r] = vms
@@ -331,17 +325,15 @@ class Memslots:
         st.backing[r] = backing
         for li, level in enumerate((2, 3)):
             n = lpage_entries(base_gfn, npages, level)
-            offs = self._lpage.alloc_many(n, k)
+            offs = self.arena.alloc_many("lpage", n, k)
             st.lpage_off[r, li] = offs
-            self._sync_pools()
             tmpl = np.zeros(n, np.int32)
             seed_lpage_info(tmpl, 0, base_gfn, npages, hva, level)
             if tmpl.any():
                 self.st.lpage[offs[0]:offs[0] + n * k] = np.tile(tmpl, k)
         words = (npages + 63) // 64
-        st.host_off[r] = self._hostbits.alloc_many(words, k)
+        st.host_off[r] = self.arena.alloc_many("host", words, k)
         st.dirty_off[r] = -1
-        self._sync_pools()
         if flags & S.KVM_MEM_LOG_DIRTY_PAGES:
             for rec in range(first, first + k):
                 self._set_dirty_bitmap(rec, True)
@@ -357,19 +349,13 @@ class Memslots:
         k = len(vms)
         vt = self.vt
         recs = self._new_records(vms, 0, 0, size >> 12, HVA_BASE, 0, bcode)
-        offs = self._order.alloc_many(4, k)
-        self._sync_pools()
+        offs = self.arena.alloc_many("order", 4, k)
         self._order_cap[vms] = 4
         vt.slot_off[vms] = offs
         self.st.order[offs] = recs + np.arange(k)
         vt.slot_cnt[vms] = 1
         vt.slot_last[vms] = -1
         vt.memslots_gen[vms] += GEN_STEP
-
-    def _sync_pools(self):
-        self.st = self.st._replace(lpage=self._lpage.arr, dirty=self._dirty.arr, host=self._hostbits.arr,
-                                   order=self._order.arr)
-        self.st = sync_host_pools(self.st, self.overcommit is not None)
 
     def _bump_generation(self, vm, as_id=0):
         # kvm_swap_active_memslots + kvm_arch_memslots_updated / kvm_mmu_invalidate_mmio_sptes.
@@ -388,9 +374,8 @@ class Memslots:
         recs = recs[np.argsort(self.st.base_gfn[recs], kind="stable")]
         if recs.size > self._order_cap[vm]:
             cap = max(int(recs.size), 2 * int(self._order_cap[vm]), 4)
-            self.vt.slot_off[vm] = self._order.alloc(cap)
+            self.vt.slot_off[vm] = self.arena.alloc("order", cap)
             self._order_cap[vm] = cap
-            self._sync_pools()
         off = int(self.vt.slot_off[vm])
         self.st.order[off:off + recs.size] = recs
         self.vt.slot_cnt[vm] = recs.size

@@ -8,7 +8,7 @@ up before a batch and runs the shadow kernels (kernels/shadow.py re-exports them
 import numpy as np
 
 from . import args as A
-from .arena import Pool, _grow, _records
+from .arena import CR0_RESET, _grow  # noqa: F401 (CR0_RESET: paging's public name)
 from .batch import event_record, results
 from .errors import bad, einval
 from .kernels import gmem as GM
@@ -25,7 +25,6 @@ def addr_bits(cr0, cr4, efer, maxphyaddr):
     return np.where(cr0 & int(X86_CR0_PG), np.where(efer & int(EFER_LMA), long_bits, 32), maxphyaddr)
 
 
-CR0_RESET = 0x60000010          # CD | NW | ET
 CR0_PE = 1
 X86_CR0_NW = 1 << 29
 X86_CR0_CD = 1 << 30
@@ -60,45 +59,11 @@ def check_sregs(cr0, cr3, cr4, efer, maxphyaddr):
         raise einval("efer", efer, "EFER.LMA outside long mode (needs EFER.LME and CR0.PG)")
 
 
-VR_FILLS = {S.VR_CR0: CR0_RESET, S.VR_RFLAGS: 2, S.VR_ROOT: -1, **{S.VR_PREV_ROOT + i: -1 for i in range(3)},
-            **{S.VR_PAE_ROOT + i: -1 for i in range(4)}}
-
-
-def _new_shadow_state(rows):
-    return S.ShadowState(
-        trans=np.zeros((rows, 512), np.int64), pl=np.zeros((0, 2), np.int64), rn=np.zeros((0, 2), np.int64),
-        rmap=np.zeros((0, S.NRMF), np.int64), wtrack=np.zeros(0, np.int32),
-        hash=np.zeros(0, np.int64), ctl=np.concatenate([np.zeros(S.SH_SCRATCH, np.int64), np.full(K.SC_SIZE, -1)]),
-    )
-
-
-def _new_vcpu_regs(n):
-    return S.VcpuRegs(rec=_records(n, S.NVRF, VR_FILLS))
-
-
-def _new_guest_mem(rows=16, hcap=64):
-    return S.GuestMem(hash=_gm_table(hcap), page=np.zeros((rows, 512), np.int64), free=np.zeros(rows, np.int64),
-                      ctl=np.zeros(GM.NGMCTL, np.int64))
-
-
-def _gm_table(hcap):
-    """An empty guest-memory key table of ``hcap`` (key, row) slots."""
-    ht = np.zeros((hcap, S.NGMH), np.int64)
-    ht[:, S.GMH_KEY] = -1
-    return ht
-
-
 class GuestPaging:
     """Mixin: guest memory, vCPU paging registers and the shadow MMU of a Host."""
 
     def _paging_init(self):
-        self.gm = _new_guest_mem()
-        self.vr = _new_vcpu_regs(0)
-        self.sh = _new_shadow_state(0)
         self._mmu_kind = np.zeros(16, np.int8)
-        self._hash_pool = Pool(np.int64, 0)
-        self._rmap_pool = Pool(np.int64, 0, S.NRMF)
-        self._wtrack_pool = Pool(np.int32, 0)
         self._nr_requested = {}    # vm -> KVM_SET_NR_MMU_PAGES value
         self._vm_order = []        # kvm vm_list order for the shrinker (scanned VMs move to the tail)
 
@@ -109,18 +74,13 @@ class GuestPaging:
         if self._mmu_kind.shape[0] < need:
             self._mmu_kind = _grow(self._mmu_kind, max(need, 2 * self._mmu_kind.shape[0]))
         self._mmu_kind[vms] = S.MMU_SHADOW if shadow else S.MMU_TDP
-        nv_old = self.vr.rec.shape[0]
-        self.vr = S.VcpuRegs(rec=np.concatenate([self.vr.rec, _new_vcpu_regs(vcpus * len(vms)).rec]))
+        nv_old = self.arena.add_vcpu_regs(vcpus * len(vms))
         if shadow:
-            offs = self._hash_pool.alloc_many(S.KVM_MMU_HASH_SIZE, len(vms))
-            self._hash_pool.arr[offs[0]:offs[0] + S.KVM_MMU_HASH_SIZE * len(vms)] = -1
-            self.sh = self.sh._replace(hash=self._hash_pool.arr)
-            self.vt.hash_off[vms] = offs
+            self.vt.hash_off[vms] = self.arena.alloc_many("hash", S.KVM_MMU_HASH_SIZE, len(vms), fill=-1)
         return nv_old
 
     def _paging_new_records(self, first, k):
         """Rmap heads and write-track counts for new memslot records of shadow VMs (kvm_alloc_memslot_metadata)."""
-        sh = self.sh
         need = first + k
         st = self.st
         for rec in range(first, need):
@@ -133,53 +93,19 @@ class GuestPaging:
             for level in (1, 2, 3):
                 shift = 9 * (level - 1)
                 cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
-                off = self._rmap_pool.alloc(cnt)
-                self._rmap_pool.arr[off:off + cnt] = (-1, 0)  # RM_HEAD, RM_COUNT: empty
-                st.rmap_off[rec, level - 1] = off
-            st.wtrack_off[rec] = self._wtrack_pool.alloc(n)
-            self._wtrack_pool.arr[st.wtrack_off[rec]:st.wtrack_off[rec] + n] = 0
-        self.sh = sh._replace(rmap=self._rmap_pool.arr, wtrack=self._wtrack_pool.arr)
+                st.rmap_off[rec, level - 1] = self.arena.alloc("rmap", cnt, fill=(-1, 0))  # RM_HEAD, RM_COUNT
+            st.wtrack_off[rec] = self.arena.alloc("wtrack", n, fill=0)
 
     def _paging_topup(self):
         """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""
         if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
             self.reserve_tables(4 * S.MAX_ROWS_PER_EVENT)
-        sh = self.sh
-        rows = self.pa.spt.shape[0]
-        if sh.trans.shape[0] < rows:
-            sh = sh._replace(trans=_grow(sh.trans, rows))
-        for name, free_i, avail_i, want in (("pl", S.SH_PL_FREE, S.SH_PL_AVAIL, 64),
-                                            ("rn", S.SH_RN_FREE, S.SH_RN_AVAIL, 256)):
-            if sh.ctl[avail_i] >= want:
-                continue
-            old = getattr(sh, name).shape[0]
-            new = max(2 * old, old + want)
-            nodes = _grow(getattr(sh, name), new)
-            # chain the new nodes in front of the free list
-            nodes[old:new - 1, S.NODE_NEXT] = np.arange(old + 1, new)
-            nodes[new - 1, S.NODE_NEXT] = sh.ctl[free_i] if sh.ctl[avail_i] > 0 else -1
-            sh.ctl[free_i] = old
-            sh.ctl[avail_i] += new - old
-            sh = sh._replace(**{name: nodes})
-        self.sh = sh
+        self.arena.topup_shadow()
         self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
 
     def _gm_reserve(self, n):
-        """Room for ``n`` more guest-memory pages: free rows, and a key table at most 1/GM_MAX_LOAD full."""
-        gm = self.gm
-        used, keys, nfree = (int(gm.ctl[i]) for i in (GM.GM_USED, GM.GM_KEYS, GM.GM_NFREE))
-        page, free = gm.page, gm.free
-        if page.shape[0] - used + nfree < n:
-            page = _grow(page, max(2 * page.shape[0], used + n))
-            free = _grow(free, page.shape[0])
-        ht = gm.hash
-        if GM.GM_MAX_LOAD * (keys + n) > ht.shape[0]:
-            cap = ht.shape[0]
-            while GM.GM_MAX_LOAD * (keys + n) > cap:
-                cap *= 2
-            ht = _gm_table(cap)
-            GM.gm_rehash(gm.hash, ht)
-        self.gm = S.GuestMem(hash=ht, page=page, free=free, ctl=gm.ctl)
+        """Room for ``n`` more guest-memory pages (Arena.reserve_guest_mem)."""
+        self.arena.reserve_guest_mem(n)
 
     def _slot_map(self):
         return S.SlotMap(self.vt.rec, self.st.order, self.st.rec)
@@ -344,7 +270,6 @@ class GuestPaging:
     def _run_tdp2d(self, ev):
         """Run TDP events (an EV_* record batch, accesses) through the 2D-walk kernel; EV_SIZE > 0 makes an
         event a store.  Returns (outcome, error code)."""
-        from .arena import grow_page_arena
         from .kernels.tdp2d import SC_OOM_GPA, tdp2d_batch
         n = ev.shape[0]
         vm_a, addr_a = ev[:, MI.EV_VM], ev[:, MI.EV_ADDR]
@@ -358,7 +283,7 @@ class GuestPaging:
         def topup():
             # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores
             if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
-                self.pa = grow_page_arena(self.pa, max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
+                self.arena.grow_pages(max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
         self._resume(n, lambda i: tdp2d_batch(self._mmu_bundle(), ev, i, res),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}",

@@ -178,18 +178,17 @@ def _guest_os():
 
 
 READY = False   # set once every group ran in this process
-# A parallel warm-up compiles the first _INDEPENDENT groups at once (the longest first), then the others,
-# which mostly reuse their kernels (the TDP fault path, the 2D loop, the shadow event loop) from the cache.
-_INDEPENDENT = 3
+# (name, run, the groups whose kernels it reuses): a parallel warm-up starts a group once those are compiled
 GROUPS = (
-    ("shadow MMU, all guest modes", lambda: _guest_paging("shadow")),
-    ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp")),
-    ("TDP MMU and dirty logging", _tdp),
-    ("2D walks with PML", lambda: _guest_paging("tdp", pml=True)),
-    ("guest OS workload", _guest_os),
-    ("notifiers, NX recovery, shrinker", _notifiers),
-    ("reclaim", _reclaim),
+    ("shadow MMU, all guest modes", lambda: _guest_paging("shadow"), ()),
+    ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp"), ()),
+    ("TDP MMU and dirty logging", _tdp, ()),
+    ("2D walks with PML", lambda: _guest_paging("tdp", pml=True), (1, 2)),
+    ("guest OS workload", _guest_os, (0, 1)),
+    ("notifiers, NX recovery, shrinker", _notifiers, (2,)),
+    ("reclaim", _reclaim, (2,)),
 )
+_INDEPENDENT = sum(1 for g in GROUPS if not g[2])   # groups that can start at once
 
 
 def _run_group(i):
@@ -229,36 +228,36 @@ def _spawn(i):
 
 
 def _compile_in_processes(jobs, progress):
-    """Run every group in its own process, ``jobs`` at a time: the first _INDEPENDENT (longest first), then the
-    others, which find most of their kernels in the cache.  Reports each group as it ends; a failed group
-    stops the others and raises."""
-    done = 0
-    for stage in (list(range(_INDEPENDENT)), list(range(_INDEPENDENT, len(GROUPS)))):
-        running = {}
-        try:
-            while stage or running:
-                while stage and len(running) < jobs:
-                    i = stage.pop(0)
-                    running[i] = (*_spawn(i), time.perf_counter())
-                time.sleep(0.05)
-                for i, (proc, err, t) in list(running.items()):
-                    if proc.poll() is None:
-                        continue
-                    del running[i]
-                    if proc.returncode != 0:
-                        err.seek(0)
-                        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
-                        raise RuntimeError(f"warm-up group {GROUPS[i][0]!r} failed in its process (exit status "
-                                           f"{proc.returncode}):\n" + "\n".join(tail))
-                    err.close()
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(GROUPS), GROUPS[i][0], time.perf_counter() - t)
-        finally:
-            for proc, err, _ in running.values():
-                proc.kill()
-                proc.wait()
+    """Run every group in its own process, ``jobs`` at a time, each as soon as the groups it reuses are done (the
+    independent ones first, longest first), so that no kernel is compiled twice and no CPU waits for a stage.
+    Reports each group as it ends; a failed group stops the others and raises."""
+    pending, finished, running = list(range(len(GROUPS))), set(), {}
+    try:
+        while pending or running:
+            for i in [i for i in pending if finished.issuperset(GROUPS[i][2])]:
+                if len(running) >= jobs:
+                    break
+                pending.remove(i)
+                running[i] = (*_spawn(i), time.perf_counter())
+            time.sleep(0.05)
+            for i, (proc, err, t) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                if proc.returncode != 0:
+                    err.seek(0)
+                    tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+                    raise RuntimeError(f"warm-up group {GROUPS[i][0]!r} failed in its process (exit status "
+                                       f"{proc.returncode}):\n" + "\n".join(tail))
                 err.close()
+                finished.add(i)
+                if progress is not None:
+                    progress(len(finished), len(GROUPS), GROUPS[i][0], time.perf_counter() - t)
+    finally:
+        for proc, err, _ in running.values():
+            proc.kill()
+            proc.wait()
+            err.close()
 
 
 def warmup(progress=None, jobs=None):

@@ -305,16 +305,12 @@ def profile_case(case, host, results, repeats, rng):
         prof["hit_sequential_kernel_ns_per_event"] = max(0.0, total_s - med_s) / n * 1e9
         prof["validate_share_of_hit_sequential"] = med_s / total_s
     # first touch with the page arena grown before the timer: the cost of growth by doubling
-    try:
-        from batchmmu.arena import grow_page_arena
-    except ImportError:
-        return prof
     rows = int(host.stats()["mmu_pages"].sum()) + 64
     vm_t, addr_t = touch_events(case, "random", rng)
 
     def setup():
         h = new_host(case)
-        h.pa = grow_page_arena(h.pa, rows)
+        h.reserve_tables(rows)
         return h
     med, _, last = timed(lambda h: h.access(vm_t, 0, addr_t, bm.ACC_WRITE), repeats, setup=setup)
     check_outcomes(last, bm.FIXED, f"{case.name} first touch (arena pre-grown)")

@@ -141,7 +141,9 @@ class _Proc:
 def _fake_groups(monkeypatch, status=lambda i: 0):
     import io
     log = []
-    monkeypatch.setattr(warm, "GROUPS", tuple((f"g{i}", lambda i=i: log.append(("here", i))) for i in range(6)))
+    deps = ((), (), (), (1, 2), (0,), (2,))
+    monkeypatch.setattr(warm, "GROUPS", tuple((f"g{i}", lambda i=i: log.append(("here", i)), deps[i])
+                                              for i in range(6)))
     monkeypatch.setattr(warm, "cache_is_cold", lambda: True)
     monkeypatch.setattr(warm, "_spawn", lambda i: (log.append(("spawn", i)) or _Proc(i, log, status),
                                                    io.BytesIO(b"Traceback ...\nMemoryError\n")))
@@ -150,18 +152,21 @@ def _fake_groups(monkeypatch, status=lambda i: 0):
 
 @pytest.mark.nojit
 def test_cold_warmup_compiles_groups_in_processes_then_loads_them(monkeypatch):
-    """With an empty cache each group runs in its own process, the independent ones first (at most ``jobs``
-    at a time), each reported once; then every group runs here to load what they compiled."""
+    """With an empty cache each group runs in its own process, at most ``jobs`` at a time, each once the groups
+    it reuses have run, each reported once; then every group runs here to load what they compiled."""
     import numba
     monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
     log = _fake_groups(monkeypatch)
     seen = []
     warm.warmup(lambda done, total, name, s: seen.append((done, total, name)), jobs=2)
-    spawned = [i for what, i in log if what == "spawn"]
-    assert spawned == list(range(6))
-    first_late = log.index(("spawn", warm._INDEPENDENT))
-    assert all(log.index(("ran", i)) < first_late for i in range(warm._INDEPENDENT))   # stage 2 after stage 1
-    assert log.index(("spawn", 2)) > log.index(("ran", 0))                             # two at a time
+    assert sorted(i for what, i in log if what == "spawn") == list(range(6))
+    for i, (_, _, after) in enumerate(warm.GROUPS):
+        assert all(log.index(("ran", d)) < log.index(("spawn", i)) for d in after)    # after what it reuses
+    running = 0
+    for what, _ in log:                                                                # two at a time
+        running += {"spawn": 1, "ran": -1}.get(what, 0)
+        assert running <= 2
+    assert log.index(("spawn", 2)) > log.index(("ran", 0))
     assert [x for x in log if x[0] == "here"] == [("here", i) for i in range(6)]        # then loaded here
     assert [d for d, *_ in seen] == list(range(1, 7)) and {n for *_, n in seen} == {f"g{i}" for i in range(6)}
     log.clear()
