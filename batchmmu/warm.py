@@ -163,6 +163,33 @@ def _guest_paging(mmu, pml=False):
     h.footprint()
 
 
+def _shadow_host():
+    """The shadow MMU's host side on VMs whose vCPUs have not run (memslot flags, GET / CLEAR, the dirty ring,
+    notifiers, KVM_SET_NR_MMU_PAGES, the shrinker, footprint): compiled beside the shadow fault path, which then
+    finds these kernels in the cache."""
+    h = Host(memory="64MiB", backing="4k")
+    vm, vm2, vm3 = (int(v) for v in h.create_vms(3, memory="8MiB", mmu="shadow"))
+    h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=MEM_LOG_DIRTY_PAGES)
+    h.get_dirty_log(vm, 1)
+    h.set_memslot(vm, 1, 1 << 30, 1 << 21, flags=0)
+    h.set_memslot(vm, 1, 1 << 30, 0)
+    h.enable_manual_dirty_log_protect(vm2, initially_set=True)
+    h.set_memslot(vm2, 0, 0, 8 << 20, flags=MEM_LOG_DIRTY_PAGES)
+    h.clear_dirty_log(vm2, 0, 0, 64, [-1])
+    h.get_dirty_log(vm2, 0)
+    h.enable_dirty_ring(vm3, 1024)
+    h.set_memslot(vm3, 0, 0, 8 << 20, flags=MEM_LOG_DIRTY_PAGES)
+    h.harvest_dirty_ring(vm3, 0)
+    h.reset_dirty_rings(vm3)
+    h.age_hva_range(vm, 1 << 40, (1 << 40) + (8 << 20))
+    h.test_young(vm, 1 << 40, (1 << 40) + (8 << 20))
+    h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (8 << 20))
+    h.set_nr_mmu_pages(vm, 64)
+    h.shrink(10)
+    h.mmu_notifier_release(vm)
+    h.footprint()
+
+
 def _guest_os():
     """The guest OS workload (batchmmu.guestos) on both MMUs."""
     from .guestos import GuestOS, tdp_guest_paging_unsupported
@@ -181,10 +208,11 @@ READY = False   # set once every group ran in this process
 # (name, run, the groups whose kernels it reuses): a parallel warm-up starts a group once those are compiled
 GROUPS = (
     ("shadow MMU, all guest modes", lambda: _guest_paging("shadow"), ()),
-    ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp"), ()),
+    ("shadow MMU host side", _shadow_host, ()),
     ("TDP MMU and dirty logging", _tdp, ()),
-    ("2D walks with PML", lambda: _guest_paging("tdp", pml=True), (1, 2)),
-    ("guest OS workload", _guest_os, (0, 1)),
+    ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp"), ()),
+    ("2D walks with PML", lambda: _guest_paging("tdp", pml=True), (2, 3)),
+    ("guest OS workload", _guest_os, (0, 3)),
     ("notifiers, NX recovery, shrinker", _notifiers, (2,)),
     ("reclaim", _reclaim, (2,)),
 )

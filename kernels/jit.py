@@ -9,7 +9,7 @@ function, and helpers called only from other kernels need no CPython entry eithe
 import copy
 
 from numba import njit
-from numba.core import inline_closurecall, ir
+from numba.core import inline_closurecall, ir, targetconfig
 
 # called from Python (batchmmu/, tests, bench): one CPython entry, no cfunc wrapper
 kernel = njit(cache=True, _nrt=False, no_cfunc_wrapper=True)
@@ -64,3 +64,20 @@ class _OneMemoPerIRCopy:
 
 if getattr(inline_closurecall, "copy", None) is copy:
     inline_closurecall.copy = _OneMemoPerIRCopy()
+
+
+_option_defaults = {}
+
+
+def _config_values(self):
+    """TargetConfig.values without a property call per option (numba compares compile flags this way in every
+    overload-cache lookup of type inference): the defaults, overridden by the options set."""
+    cls = type(self)
+    d = _option_defaults.get(cls)
+    if d is None:
+        d = _option_defaults[cls] = {k: opt.default for k, opt in cls.options.items()}
+    return {**d, **self._values}
+
+
+if hasattr(targetconfig.TargetConfig, "values") and hasattr(targetconfig.TargetConfig, "options"):
+    targetconfig.TargetConfig.values = _config_values

@@ -190,3 +190,70 @@ def test_a_warmup_group_runs_as_its_own_program():
     r = subprocess.run([sys.executable, "-m", "batchmmu.warm", str(len(warm.GROUPS) - 1)], capture_output=True,
                        text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
+
+
+_INLINE_TREE = r"""
+import numpy as np
+from numba import njit
+from numba.core import inline_closurecall, targetconfig
+from batchmmu.kernels import jit
+
+assert isinstance(inline_closurecall.copy, jit._OneMemoPerIRCopy)
+assert targetconfig.TargetConfig.values is jit._config_values
+
+@njit(inline="always")
+def leaf(a, i):
+    t = 0
+    for k in range(i):
+        if a[k] & 1:
+            t += a[k]
+        else:
+            t -= 1
+    return t
+
+@njit(inline="always")
+def mid(a, i):
+    x = leaf(a, i)
+    y = leaf(a, i + 1)
+    return x * 3 + y if x > y else y - x
+
+@njit
+def top(a):
+    s = 0
+    for i in range(a.size - 2):
+        s += mid(a, i) - mid(a, i + 1)
+    return s
+
+a = np.arange(1, 40, dtype=np.int64) * 7 % 11
+print(top(a), top.py_func(a))
+"""
+
+
+def test_the_inliner_patches_are_in_place_and_inline_trees_still_compute_the_same():
+    """kernels/jit.py makes numba's IR inliner copy a callee once per call site (not once per block) and compares
+    compile flags without a property call per option; a nested inline tree inlined at several sites must still
+    compute what Python computes (in a fresh interpreter, so numba compiles it here)."""
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules.pop('batchmmu', None)\n" + _INLINE_TREE],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got, want = r.stdout.split()
+    assert got == want
+
+
+@pytest.mark.nojit
+def test_one_ir_copy_shares_one_scope_and_a_second_copy_gets_its_own():
+    from batchmmu.kernels import jit
+    from numba.core import ir
+    loc = ir.Loc("f", 1)
+    scope = ir.Scope(None, loc)
+    v = scope.define("v", loc)
+    blocks = [ir.Block(scope, loc) for _ in range(3)]
+    for b in blocks:
+        b.append(ir.Assign(ir.Const(1, loc), v, loc))
+    c = jit._OneMemoPerIRCopy()
+    first = [c.deepcopy(b) for b in blocks]
+    assert len({id(b.scope) for b in first}) == 1 and first[0].scope is not scope
+    assert first[0].body[0].target is first[2].body[0].target                   # one variable, as in the original
+    second = [c.deepcopy(b) for b in blocks]                                     # the same blocks again: a new copy
+    assert second[0].scope is not first[0].scope
+    assert c.deepcopy([1, [2]]) == [1, [2]]
