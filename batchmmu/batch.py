@@ -88,6 +88,10 @@ class Batches:
                 raise bad("addr", int(addr_a[j]), f"not a gva of VM {int(vm_a[j])} vCPU {int(vcpu_a[j])} in its "
                           f"paging mode (takes [0, 2**{int(bits[g])})): a non-canonical address is a #GP, not a "
                           "page fault")
+            if self._mmu_kind[vm_a[j]] == S.MMU_SHADOW and not addr_a[j] >> int(self._maxphyaddr[vm_a[j]]):
+                raise bad("addr", int(addr_a[j]), f"VM {int(vm_a[j])} vCPU {int(vcpu_a[j])} has paging off: under the "
+                          "shadow MMU its addresses are 32-bit gpas (KVM's nonpaging context maps them through a PAE "
+                          "root, 4 GiB)")
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space")
         if code == EV_BAD_VM:
             raise bad("vm", int(vm_a[j]), f"no such VM (this host has {self.nvm})")

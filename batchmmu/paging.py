@@ -295,15 +295,10 @@ class GuestPaging:
     def _run_shadow(self, ev):
         """Run an EV_* record batch of shadow-MMU VMs; returns (outcome, error code)."""
         n = ev.shape[0]
-        vm_a, vcpu_a = ev[:, MI.EV_VM], ev[:, MI.EV_VCPU]
+        vm_a = ev[:, MI.EV_VM]
         other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
         if other.size:
             raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
-        pg = self._guest_paging_on(vm_a, vcpu_a)
-        if not pg.all():
-            j = int(np.nonzero(~pg)[0][0])
-            raise bad("vcpu", int(vcpu_a[j]), f"VM {int(vm_a[j])}: shadow-MMU vCPUs must run with paging on "
-                      "(set CR0.PG, CR4.PAE, EFER.LME|LMA and CR3 with set_vcpu_regs); real mode is not simulated")
         res = np.zeros((n, MI.NRESF), np.int64)
         # a host out of memory stops a shadow batch (no direct reclaim for shadow VMs)
         self._resume(n, lambda i: K.shadow_event_batch(self._mmu_bundle(), ev, i, res),
@@ -349,7 +344,7 @@ class GuestPaging:
     def _vcpu_addr_bits(self, vm, i):
         """Address bits vCPU ``i`` takes (addr_bits for one vCPU)."""
         vr = self.vr
-        return int(addr_bits(vr.cr0[i], vr.cr4[i], vr.efer[i], int(self._maxphyaddr[vm])))
+        return int(addr_bits(vr.cr0[i], vr.cr4[i], vr.efer[i], int(self._paging_off_bits(slice(vm, vm + 1))[0])))
 
     def _gva_arg(self, vm, i, addr, field="addr"):
         """An address vCPU ``i`` can use: a gva in its 48-bit (57 with LA57) form, the upper half with bit

@@ -49,19 +49,26 @@ class Vcpus:
         return {k: int(np.int64(getattr(self.vr, k)[i]).view(np.uint64))
                 for k in ("cr0", "cr3", "cr4", "efer", "rflags", "pkru")}
 
+    def _paging_off_bits(self, vms):
+        """Address bits of vCPUs with paging off, per VM: the MAXPHYADDR, and at most 32 on the shadow MMU (its
+        nonpaging context maps gpas through a PAE root: 4 GiB, the linear space outside long mode)."""
+        mpa = self._maxphyaddr[vms]
+        return np.ascontiguousarray(np.where(self._mmu_kind[vms] == S.MMU_SHADOW, np.minimum(mpa, 32), mpa),
+                                    dtype=np.int64)
+
     def _addr_bits(self):
         """(per vCPU, per VM min, per VM max) address bits an access may use: with paging 32 (no long
         mode), 48 or 57 (LA57: gvas in their 48/57-bit form, upper half with bit 47/56 set); with paging
         off the VM's MAXPHYADDR."""
         vr, nvm = self.vr, self.nvm
-        mpa = np.ascontiguousarray(self._maxphyaddr[:max(nvm, 1)])  # a kernel argument (one signature)
+        mpa = self._paging_off_bits(slice(0, max(nvm, 1)))  # a kernel argument (one signature)
         if nvm == 0 or vr.cr0.size == 0:
             return np.zeros(0, np.int64), mpa, mpa
         owner = np.repeat(np.arange(nvm), self._vcpus[:nvm])
         pg = (vr.cr0 & int(X86_CR0_PG)) != 0
         if not pg.any():
-            return self._maxphyaddr[owner], mpa, mpa
-        bits = addr_bits(vr.cr0, vr.cr4, vr.efer, self._maxphyaddr[owner])
+            return mpa[owner], mpa, mpa
+        bits = addr_bits(vr.cr0, vr.cr4, vr.efer, mpa[owner])
         first = self.vt.vcpu_off[:nvm]
         return bits, np.minimum.reduceat(bits, first), np.maximum.reduceat(bits, first)
 

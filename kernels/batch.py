@@ -7,6 +7,7 @@ from numba import njit
 from .emulate import emulated_access
 from .gmem import gm_room, gm_write_bytes
 from .guest_walk import (
+    MODE_PG,
     MODE_PSE36_KVM,
     PFERR_PRESENT,
     cpu_mode,
@@ -17,7 +18,7 @@ from .memslot import (
     dirty_ring_soft_full,
     slot_map,
 )
-from .mmu import entry_work_needed, free_roots, kvm_set_cr3, sync_roots, vcpu_reenter
+from .mmu import entry_work_needed, free_roots, kvm_set_cr3, nonpaging_page_fault, sync_roots, vcpu_reenter
 from .mmu_internal import (
     EV_ADDR,
     EV_KIND,
@@ -105,7 +106,10 @@ def shadow_access(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
         e &= ~HW_FAULT
         err = e
         stats[vm, ST_PF_TAKEN] += 1
-        r, gerr = shadow_page_fault(m, vm, vg, gva, e, mode, maxphyaddr)
+        if mode & MODE_PG:
+            r, gerr = shadow_page_fault(m, vm, vg, gva, e, mode, maxphyaddr)
+        else:
+            r, gerr = nonpaging_page_fault(m, vm, vg, gva, e), np.int64(0)
         if r == RET_PF_OOM:
             stats[vm, ST_PF_TAKEN] -= 1
             stats[vm, ST_WALK_REFS] -= refs

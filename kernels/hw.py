@@ -6,6 +6,7 @@ from numba import njit
 
 from .guest_walk import (
     MODE_AC,
+    MODE_PG,
     MODE_SMAP,
     MODE_SMEP,
     PFERR_FETCH,
@@ -47,7 +48,7 @@ def shadow_hw_walk(m, vm, vg, gva, pfec, mode):
             if (write and not (spte & PT_WRITABLE_MASK)) or (user and not (spte & NPT_U)) or \
                     (fetch and spte < 0):
                 return pfec | PFERR_PRESENT | HW_FAULT, 0, refs, row, idx
-            if not user and (spte & NPT_U):
+            if not user and (spte & NPT_U) and (mode & MODE_PG):   # SMEP/SMAP only with guest paging on
                 from_smep = fetch and (mode & MODE_SMEP) != 0
                 from_smap = not fetch and (mode & MODE_SMAP) != 0 and (mode & MODE_AC) == 0
                 if from_smep or from_smap:

@@ -1,5 +1,6 @@
 """mmu.c's roots: kvm_mmu_load, free_roots, prev_roots and kvm_mmu_new_pgd, CR3 loads, vCPU entry and its
-requests (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_MMU_RELOAD)."""
+requests (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_MMU_RELOAD); and the direct fault path of the shadow MMU
+(nonpaging_page_fault -> direct_page_fault -> fast_page_fault / direct_map) for guests with paging off."""
 
 import numpy as np
 from numba import njit
@@ -7,29 +8,86 @@ from numba import njit
 from .gmem import gm_read64
 from .guest_walk import (
     MODE_PSE36_KVM,
+    PFERR_FETCH,
+    PFERR_PRESENT,
+    PFERR_WRITE,
     cpu_mode,
     cpu_role_word,
     mode_levels,
 )
 from .jit import helper, kernel
 from .memslot import (
+    gfn_to_hva,
+    gfn_to_memslot,
+    host_fault_in,
+    host_page_pages,
+    invalidation_clamp_level,
+    kvm_mmu_max_mapping_level,
+    mark_page_dirty,
+    slot_dirty_logging,
     slot_map,
+    slot_readonly,
 )
-from .mmu_internal import GFN_MASK_64, PAE_ROOT, PT32E_ROOT_LEVEL
-from .paging_tmpl import get_shadow_page, mmu_sync_children
-from .shadow_mmu import commit_zap_page, make_mmu_pages_available, prepare_zap_page, sp_valid
+from .mmu_internal import (
+    GFN_MASK_64,
+    PAE_ROOT,
+    PT32E_ROOT_LEVEL,
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_INVALID,
+    RET_PF_MMIO,
+    RET_PF_OOM,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    SC_RUNNING_VCPU,
+    scratch,
+)
+from .paging_tmpl import (
+    direct_pte_prefetch,
+    get_shadow_page,
+    link_shadow_page,
+    mmu_set_spte,
+    mmu_sync_children,
+)
+from .shadow_mmu import (
+    commit_zap_page,
+    gfn_write_tracked,
+    make_mmu_pages_available,
+    prepare_zap_page,
+    role_level,
+    sp_valid,
+    walk_start,
+)
 from .spte import (
+    ACC_ALL,
+    FMT_NPT,
+    PT_WRITABLE_MASK,
+    ROLE_ACCESS_SHIFT,
+    ROLE_DIRECT,
     ROLE_EFER_NX,
     ROLE_INVALID,
+    ROLE_PASSTHROUGH,
+    gfn_round_for_level,
+    is_large_pte,
+    is_last_spte,
+    is_mmu_writable_spte,
+    is_shadow_present_pte,
+    spte_to_child_row,
 )
 from .state import (
+    HOST_BUDGET_BYTES,
+    HOST_USED_BYTES,
     KVM_MMU_NUM_PREV_ROOTS,
     SP_FLOOD,
     SP_ROLE,
     SP_ROOT_COUNT,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
+    ST_PF_FAST,
     ST_TLB_FLUSH,
+    VM_INVAL_COUNT,
+    VM_INVAL_END,
+    VM_INVAL_START,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -113,9 +171,13 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
         m.pa.meta[row, SP_ROOT_COUNT] += 1
         m.vr.rec[vg, VR_ROOT] = row
     else:
-        # mmu_alloc_shadow_roots for 32-bit and PAE guests: four level-2 roots behind pae_root
+        # mmu_alloc_shadow_roots for 32-bit and PAE guests, mmu_alloc_direct_roots with paging off: four
+        # level-2 roots behind pae_root
         for i in range(4):
-            if levels == 3:
+            if levels == 0:
+                gfn = np.int64(i) << 18   # i << (30 - PAGE_SHIFT)
+                quadrant = 0
+            elif levels == 3:
                 pdpte = m.vr.rec[vg, VR_PDPTR + i]
                 if not (pdpte & 1):
                     m.vr.rec[vg, VR_PAE_ROOT + i] = -1
@@ -130,7 +192,7 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
             m.pa.meta[row, SP_ROOT_COUNT] += 1
             m.vr.rec[vg, VR_PAE_ROOT + i] = row
         m.vr.rec[vg, VR_ROOT] = PAE_ROOT
-    m.vr.rec[vg, VR_ROOT_PGD] = m.vr.rec[vg, VR_CR3]
+    m.vr.rec[vg, VR_ROOT_PGD] = m.vr.rec[vg, VR_CR3] if levels else 0   # root.pgd is ignored for direct MMUs
     sync_roots(m, vm, vg, mode, maxphyaddr)
     m.vt.stats[vm, ST_TLB_FLUSH] += 1  # flush_tlb_current on a new root
 
@@ -269,3 +331,118 @@ def entry_work_needed(m, vm, vg):
         if r >= 0 and not sp_valid(m, vm, r):
             return True
     return False
+
+
+# ---------------------------------------------------------------- direct_page_fault (paging off)
+@njit(inline="always", _nrt=False)
+def shadow_access_allowed(spte, write, fetch):
+    # is_access_allowed for a shadow SPTE (x86 PTE format)
+    if fetch:
+        return spte >= 0   # NX clear
+    if write:
+        return (spte & PT_WRITABLE_MASK) != 0
+    return True
+
+
+@njit(inline="always", _nrt=False)
+def shadow_fast_page_fault(m, vm, vg, gpa, gfn, rec, present, write, fetch):
+    """fast_page_fault for direct shadow pages: a write to a present SPTE that is only write-protected (dirty
+    logging) made writable without the MMU lock.  RET_PF_INVALID when the slow path must run."""
+    if not present or not write:
+        return RET_PF_INVALID  # page_fault_can_be_fast: KVM always uses A/D bits for shadow pages
+    # fast_pf_get_last_sptep
+    row, level = walk_start(m, vg, gpa)
+    if row < 0:
+        return RET_PF_INVALID
+    while True:
+        idx = (gpa >> (12 + 9 * (level - 1))) & 511
+        spte = m.pa.spt[row, idx]
+        if not is_shadow_present_pte(spte):
+            return RET_PF_INVALID
+        if is_last_spte(spte, level):
+            break
+        row = spte_to_child_row(spte)
+        level -= 1
+    if shadow_access_allowed(spte, write, fetch):
+        return RET_PF_SPURIOUS
+    new = spte
+    if is_mmu_writable_spte(FMT_NPT, spte):
+        new |= PT_WRITABLE_MASK
+        if level > 1 and rec >= 0 and slot_dirty_logging(m.st, rec):
+            return RET_PF_INVALID
+    if new == spte or not shadow_access_allowed(new, write, fetch):
+        return RET_PF_INVALID
+    m.pa.spt[row, idx] = new  # fast_pf_fix_direct_spte: cmpxchg outside mmu_spte_update
+    if rec >= 0:
+        mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, gfn)
+    return RET_PF_FIXED
+
+
+@njit(inline="always", _nrt=False)
+def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable):
+    """direct_map: direct shadow pages (ACC_ALL) down to ``goal_level``, then mmu_set_spte and the prefetch."""
+    row, level = walk_start(m, vg, gpa)
+    while True:
+        idx = (gpa >> (12 + 9 * (level - 1))) & 511
+        if level == goal_level:
+            break
+        spte = m.pa.spt[row, idx]
+        if is_shadow_present_pte(spte) and not is_large_pte(spte):
+            row = spte_to_child_row(spte)  # kvm_mmu_get_child_sp -> -EEXIST
+            level -= 1
+            continue
+        # kvm_mmu_child_role(sptep, direct=true, ACC_ALL)
+        role = (m.pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)
+                & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(ACC_ALL << ROLE_ACCESS_SHIFT) \
+            | np.int32(ROLE_DIRECT)
+        child = get_shadow_page(m, vm, vg, gfn_round_for_level(gfn, level), np.int64(role), np.int64(0),
+                                np.int64(0))
+        link_shadow_page(m, vm, row, idx, child)
+        row = child
+        level -= 1
+    pfn_al = gfn_round_for_level(pfn, level)
+    ret = mmu_set_spte(m, vm, rec, row, idx, np.int64(ACC_ALL), gfn_round_for_level(gfn, level), pfn_al,
+                       np.bool_(True), write, host_writable)
+    if ret == RET_PF_SPURIOUS:
+        return ret
+    # direct_pte_prefetch
+    if role_level(m.pa.meta[row, SP_ROLE]) == 1 and m.vt.rec[vm, VM_INVAL_COUNT] == 0:
+        direct_pte_prefetch(m, vm, row, idx)
+    return ret
+
+
+@helper
+def nonpaging_page_fault(m, vm, vg, gpa, err):
+    """nonpaging_page_fault -> direct_page_fault (paging off: gva == gpa, 2M pages at most).  Returns RET_PF_*."""
+    gfn = gpa >> 12
+    write = (err & PFERR_WRITE) != 0
+    present = (err & PFERR_PRESENT) != 0
+    fetch = (err & PFERR_FETCH) != 0
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if rec >= 0 and not (write and slot_readonly(m.st, rec)) and \
+            m.host[HOST_USED_BYTES] + (host_page_pages(m.st, rec, gfn) << 12) > m.host[HOST_BUDGET_BYTES]:
+        return RET_PF_OOM  # the host cannot back the page: stop before any change
+    # page_fault_handle_page_track
+    if present and write and gfn_write_tracked(m, rec, gfn):
+        return RET_PF_EMULATE
+    r = shadow_fast_page_fault(m, vm, vg, gpa, gfn, rec, present, write, fetch)
+    if r != RET_PF_INVALID:
+        m.vt.stats[vm, ST_PF_FAST] += 1
+        return r
+    # kvm_mmu_faultin_pfn
+    if rec < 0:
+        return RET_PF_MMIO  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
+    if m.vt.rec[vm, VM_INVAL_COUNT] > 0 and m.vt.rec[vm, VM_INVAL_START] <= gfn < m.vt.rec[vm, VM_INVAL_END]:
+        return RET_PF_RETRY
+    if write and slot_readonly(m.st, rec):
+        return RET_PF_EMULATE
+    host_writable = not slot_readonly(m.st, rec)
+    host_fault_in(m.st, m.vt, m.host, rec, gfn, vm)
+    pfn = gfn_to_hva(m.st, rec, gfn) >> 12
+    if not make_mmu_pages_available(m, vm):
+        return RET_PF_RETRY  # -ENOSPC: every page is a pinned root
+    # kvm_mmu_hugepage_adjust (fault->max_level = PG_LEVEL_2M: a PAE table)
+    goal = 1
+    if not slot_dirty_logging(m.st, rec):
+        goal = max(1, invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, 2)))
+    return direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal, write, np.bool_(host_writable))

@@ -7,6 +7,7 @@ from numba import njit
 
 from .gmem import gm_read_group
 from .guest_walk import (
+    MODE_PG,
     MODE_SMEP,
     MODE_WP,
     PFERR_FETCH,
@@ -410,40 +411,47 @@ def prefetch_slot(m, vm, gfn, writable):
     return rec
 
 
+@njit(inline="always", _nrt=False)
+def direct_pte_prefetch(m, vm, row, idx):
+    """__direct_pte_prefetch: runs of non-present SPTEs around ``idx`` in its aligned group of 8, mapped to pages
+    the host has resident (gup-fast); the caller checked the level and invalidations."""
+    start = idx & ~(PTE_PREFETCH_NUM - 1)
+    access = role_access(m.pa.meta[row, SP_ROLE])
+    i = start
+    while i < start + PTE_PREFETCH_NUM:
+        if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
+            i += 1
+            continue
+        j = i
+        while j < start + PTE_PREFETCH_NUM and j != idx and not is_shadow_present_pte(m.pa.spt[row, j]):
+            j += 1
+        gfn = sp_get_gfn(m, row, i)
+        rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
+        if rec < 0:
+            return
+        got = 0
+        for k in range(j - i):
+            g = gfn + k
+            if g >= m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] or not host_page_resident(m, rec, g):
+                break
+            got += 1
+        if got == 0:
+            return
+        for k in range(got):
+            mmu_set_spte(m, vm, rec, row, i + k, access, gfn + k, gfn_to_hva(m.st, rec, gfn + k) >> 12,
+                         np.bool_(False), np.bool_(False), np.bool_(True))
+        i = j
+
+
 @njit(inline="always", _nrt=False)  # one call site (fetch): no bundle pushed for it
 def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
     """FNAME(pte_prefetch): map the aligned group of 8 around a new 4K SPTE."""
     if role_level(m.pa.meta[row, SP_ROLE]) > 1 or m.vt.rec[vm, VM_INVAL_COUNT] > 0:
         return
-    start = idx & ~(PTE_PREFETCH_NUM - 1)
     if m.pa.meta[row, SP_ROLE] & ROLE_DIRECT:
-        # __direct_pte_prefetch: runs of non-present SPTEs, pages the host has mapped (gup-fast)
-        access = role_access(m.pa.meta[row, SP_ROLE])
-        i = start
-        while i < start + PTE_PREFETCH_NUM:
-            if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
-                i += 1
-                continue
-            j = i
-            while j < start + PTE_PREFETCH_NUM and j != idx and not is_shadow_present_pte(m.pa.spt[row, j]):
-                j += 1
-            gfn = sp_get_gfn(m, row, i)
-            rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
-            if rec < 0:
-                return
-            got = 0
-            for k in range(j - i):
-                g = gfn + k
-                if g >= m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] or not host_page_resident(m, rec, g):
-                    break
-                got += 1
-            if got == 0:
-                return
-            for k in range(got):
-                mmu_set_spte(m, vm, rec, row, i + k, access, gfn + k, gfn_to_hva(m.st, rec, gfn + k) >> 12,
-                             np.bool_(False), np.bool_(False), np.bool_(True))
-            i = j
+        direct_pte_prefetch(m, vm, row, idx)
         return
+    start = idx & ~(PTE_PREFETCH_NUM - 1)
     for i in range(start, start + PTE_PREFETCH_NUM):
         if i == idx or is_shadow_present_pte(m.pa.spt[row, i]):
             continue
@@ -601,6 +609,8 @@ def set_ad_and_log(m, vm, wk, pfec):
 @helper
 def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
     """kvm_mmu_invalidate_addr over the current root (and the previous roots when ``all_roots``)."""
+    if not mode & MODE_PG:
+        return  # nonpaging_init_context: no sync_spte, nothing to invalidate
     for r in range(1 + (KVM_MMU_NUM_PREV_ROOTS if all_roots else 0)):
         if r == 0:
             row, level = walk_start(m, vg, gva)

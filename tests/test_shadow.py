@@ -272,11 +272,12 @@ def test_slot_delete_zaps_every_shadow_page():
     assert host.stats(vm)["mmu_pages"] == 5
 
 
-def test_shadow_needs_paging_and_no_pkeys():
+def test_shadow_without_paging_takes_32_bit_gpas_and_no_pkeys():
     host = bm.Host(memory="1GiB")
     vm = int(host.create_vms(1, memory="16MiB", mmu="shadow")[0])
-    with pytest.raises(bm.BatchMMUError, match="vcpu"):
-        host.access(vm, 0, 0x1000)
+    assert host.access(vm, 0, 0x1000).outcome[0] == bm.FIXED      # paging off: the nonpaging context
+    with pytest.raises(bm.BatchMMUError, match="addr"):
+        host.access(vm, 0, 1 << 32)
     with pytest.raises(bm.BatchMMUError, match="cr4"):
         host.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=0x20 | (1 << 22), efer=0xD01, cr3=0x10000)
     assert host.vcpu_regs(vm, 0)["cr0"] == 0x60000010  # nothing changed on error

@@ -274,7 +274,8 @@ def setup(draw, mode=None, layout_draw=None):
         pair.call("touch_host_memory", 0, memory, vcpu=False)
     elif touch == "half":
         pair.call("touch_host_memory", 0, memory // 2, vcpu=False)
-    pair.call("set_vcpu_regs", **lay.regs(draw))
+    pair.regs = lay.regs(draw)
+    pair.call("set_vcpu_regs", **pair.regs)
     pair.check()
     return pair, lay, manual
 
@@ -302,13 +303,35 @@ def gva_of(draw, lay):
     return lay.high + draw.int(1, 64) * 2 * MiB + draw.int(0, 4095)             # probably unmapped
 
 
+def toggle_paging(pair, state):
+    """CR0.PG off (EFER.LME/LMA with it, as long mode needs paging) or back on: the nonpaging context maps gpas
+    through direct shadow pages; the guest's tables stay in memory and their shadow pages in the hash."""
+    state["pg"] ^= 1
+    if state["pg"]:
+        pair.call("set_vcpu_regs", **pair.regs)
+    else:
+        pair.call("set_vcpu_regs", cr0=pair.regs["cr0"] & ~(1 << 31), efer=pair.regs["efer"] & ~0x500)
+    pair.check()
+
+
 def step(draw, pair, lay, state):
+    if draw.int(0, 39) == 0:
+        toggle_paging(pair, state)
+        return
+    if not state["pg"]:                           # paging off: addresses are 32-bit gpas
+        gva_of_mode = gva_of
+        return step_addrs(draw, pair, lay, state, lambda d, lay: gva_of_mode(d, lay) & 0xFFFFFFFF)
+    return step_addrs(draw, pair, lay, state, gva_of)
+
+
+def step_addrs(draw, pair, lay, state, gva_of):
     r = draw.int(0, 101)
     user = bm.ACC_USER
     if r >= 100:                                  # sweep the wide window (shadow pages beyond n_max)
         span = 1 << (12 + lay.bits)
         for k in range(1, lay.wide + 1):
-            pair.outcome("access", lay.high + k * span + 4096 * (k & 7), user)
+            gva = lay.high + k * span + 4096 * (k & 7)
+            pair.outcome("access", gva if state["pg"] else gva & 0xFFFFFFFF, user)
         return
     if r < 30:                                    # CPL3 read / write / fetch
         kind = user | draw.pick([0, 0, bm.ACC_WRITE, bm.ACC_FETCH])
@@ -391,7 +414,7 @@ def step(draw, pair, lay, state):
 
 def run_stream(draw, nops, mode=None, layout_draw=None):
     pair, lay, manual = setup(draw, mode, layout_draw)
-    state = {"log": 0, "slot1": 0, "manual": manual}
+    state = {"log": 0, "slot1": 0, "manual": manual, "pg": 1}
     for _ in range(nops):
         step(draw, pair, lay, state)
     pair.check({gpa >> 12 for gpa in pair.m.mem})          # every page the guest or KVM wrote

@@ -39,7 +39,7 @@ RETRY, EMULATE, FIXED, SPURIOUS = "retry", "emulate", "fixed", "spurious"     # 
 GUEST = "guest"       # RET_PF_RETRY after injecting the guest's #PF
 REQ_FREE_OBSOLETE, REQ_SYNC, REQ_FLUSH_GUEST = "free_obsolete_roots", "mmu_sync", "tlb_flush_guest"
 LOG_DIRTY = 1
-STATS = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_guest", "invlpg", "mmu_cache_miss",
+STATS = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast", "pf_guest", "invlpg", "mmu_cache_miss",
          "mmu_shadow_zapped", "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_unsync", "mmu_recycled",
          "pages_4k", "pages_2m", "pages_1g", "max_mmu_rmap_size", "remote_tlb_flush_requests", "mmu_pages",
          "rmap_entries")
@@ -202,11 +202,16 @@ class RefShadowHost:
             return "pae", 3, 8
         return "32bit", 2, 4
 
+    def _paging(self):
+        return _bit(self.cr0, 31)
+
     def _pae_paging(self):
         return _bit(self.cr0, 31) and self._mode()[0] == "pae"
 
     def _root_role(self):
         # kvm_calc_cpu_role + kvm_init_shadow_mmu: level >= 3, efer_nx forced, access ACC_ALL
+        if not self._paging():
+            return 3 | 1 << 7 | ACC_ALL << 8 | 1 << 12       # nonpaging: a direct PAE-sized root
         _, top, size = self._mode()
         wp = _bit(self.cr0, 16)
         return (max(top, 3) | (size == 4) << 4 | ACC_ALL << 8 | 1 << 12 | wp << 13
@@ -496,8 +501,11 @@ class RefShadowHost:
                                             self.pdptrs, 0, self.maxphyaddr, gva, pfec, pse36_kvm=True)
         if gpa is None:
             return None, err
-        old, self.mem = self.mem, new_mem
         gw = GuestWalker()
+        if not self._paging():                         # nonpaging_gva_to_gpa
+            gw.level, gw.gfn, gw.pte_access = 1, gpa >> 12, ACC_ALL
+            return gw, 0
+        old, self.mem = self.mem, new_mem
         mode, top, size = self._mode()
         bits = 10 if size == 4 else 9
         if mode == "pae":
@@ -557,7 +565,7 @@ class RefShadowHost:
             if _child_link(e):
                 continue
             deny = (write and not e & W) or (fetch and e & NX) or (user and not e & U)
-            if not user and e & U:
+            if not user and e & U and self._paging():       # SMEP/SMAP only with guest paging
                 deny |= bool(fetch and _bit(self.cr4, 20)) or bool(not fetch and _bit(self.cr4, 21)
                                                                  and not _bit(self.rflags, 18))
             if deny:
@@ -571,7 +579,10 @@ class RefShadowHost:
     def _page_fault(self, gva, code):
         """kvm_mmu_page_fault -> FNAME(page_fault): (RET_PF_*, guest error code, mmio)."""
         self.st["pf_taken"] += 1
-        r, err, mmio = self._paging_page_fault(gva, code)
+        if self._paging():
+            r, err, mmio = self._paging_page_fault(gva, code)
+        else:
+            r, err, mmio = self._nonpaging_page_fault(gva, code)
         for ret, name in ((FIXED, "pf_fixed"), (EMULATE, "pf_emulate"), (SPURIOUS, "pf_spurious")):
             if r == ret:
                 self.st[name] += 1
@@ -600,6 +611,66 @@ class RefShadowHost:
             return RETRY, 0, False                      # is_page_fault_stale
         self._make_mmu_pages_available()
         return self._fetch(gva, gw, write), 0, False
+
+    def _nonpaging_page_fault(self, gva, code):
+        """nonpaging_page_fault -> direct_page_fault: gva == gpa, ACC_ALL, 2M pages at most."""
+        gfn, write = gva >> 12, code & PF_W
+        slot = self._slot_of(gfn)
+        if code & PF_P and write and slot is not None and self.write_track.get(gfn):
+            return EMULATE, 0, False                    # page_fault_handle_page_track
+        r = self._fast_page_fault(gva, gfn, code)
+        if r is not None:
+            self.st["pf_fast"] += 1
+            return r, 0, False
+        if slot is None:
+            return EMULATE, 0, True                     # kvm_handle_noslot_fault, MMIO caching off
+        self._fault_in(gfn)
+        if REQ_FREE_OBSOLETE in self.requests:
+            return RETRY, 0, False                      # is_page_fault_stale
+        self._make_mmu_pages_available()
+        return self._direct_map(gva, gfn, write), 0, False
+
+    def _fast_page_fault(self, gva, gfn, code):
+        """fast_page_fault on direct pages: None for RET_PF_INVALID (the slow path runs)."""
+        if not (code & PF_P and code & PF_W):
+            return None                                 # page_fault_can_be_fast (A/D bits on)
+        last = None
+        for sp, i in self._shadow_walk(gva):
+            e = sp.spt.get(i)
+            if e is None:
+                return None
+            if not _child_link(e):
+                last = sp, i, e
+        if last is None:
+            return None
+        sp, i, e = last
+        if e & W:
+            return SPURIOUS
+        if not e & MMU_WRITABLE or (sp.level > 1 and self.dirty is not None and self._slot_of(gfn) == 0):
+            return None
+        sp.spt[i] = e | W                               # fast_pf_fix_direct_spte
+        self._mark_page_dirty(gfn)
+        return FIXED
+
+    def _direct_map(self, gva, gfn, write):
+        """direct_map: direct pages (ACC_ALL) down to the goal level, mmu_set_spte, direct_pte_prefetch."""
+        goal = 1
+        if self.dirty is None:
+            lvl = 2
+            while lvl > 1 and self.disallow.get((lvl, gfn >> (9 * (lvl - 1)))):
+                lvl -= 1
+            goal = min(lvl, self._host_level(gfn)) if lvl > 1 else 1
+        sp, i = next(self._shadow_walk(gva))
+        while sp.level != goal:
+            if not _child_link(sp.spt.get(i)):
+                base = gfn & ~((1 << (9 * (sp.level - 1))) - 1)
+                self._link(sp, i, self._get_shadow_page(base, self._child_role(sp, i, 1, ACC_ALL)))
+            sp, i = sp.spt[i], (gva >> (12 + 9 * (sp.level - 2))) & 511
+        base = gfn & ~((1 << (9 * (goal - 1))) - 1)
+        ret = self._mmu_set_spte(sp, i, ACC_ALL, base, write_fault=bool(write))
+        if ret != SPURIOUS:
+            self._pte_prefetch(sp, i)
+        return ret
 
     def _fetch(self, gva, gw, write):
         sp, i = next(self._shadow_walk(gva), (None, None))
@@ -823,7 +894,9 @@ class RefShadowHost:
             self._flush()
 
     def _invalidate_addr(self, gva, root):
-        """__kvm_mmu_invalidate_addr on one root."""
+        """__kvm_mmu_invalidate_addr on one root (nothing with paging off: no sync_spte)."""
+        if not self._paging():
+            return
         for sp, i in self._shadow_walk(gva, root):
             if sp.unsync and i in sp.spt:
                 ret = self._sync_spte(sp, i)
@@ -927,6 +1000,13 @@ class RefShadowHost:
         """kvm_mmu_load -> mmu_alloc_shadow_roots, then kvm_mmu_sync_roots."""
         mode, top, _ = self._mode()
         self._make_mmu_pages_available()
+        if not self._paging():                          # mmu_alloc_direct_roots: 4 level-2 roots
+            self.root = [self._get_shadow_page(i << 18, (self._root_role() & ~15) | 2) for i in range(4)]
+            for sp in self.root:
+                sp.root_count += 1
+            self.root_pgd = 0
+            self._sync_roots()
+            return
         if top >= 4:
             sp = self._get_shadow_page(self.cr3 >> 12 & ((1 << 40) - 1), self._root_role())
             sp.root_count += 1
