@@ -1,6 +1,6 @@
 """Security-invariant fuzzer: random memslot / MMU-notifier / dirty-log / register / access sequences on
-a TDP VM (paging off), a shadow-MMU VM and a TDP VM whose guest pages (2D walks), with the MMU's
-guarantees checked after every step (docs/guarantees.md):
+a TDP VM (paging off), a shadow-MMU VM, a TDP VM whose guest pages (2D walks) and a shadow-MMU VM with paging
+off (direct shadow pages), with the MMU's guarantees checked after every step (docs/guarantees.md):
 
 - every leaf SPTE maps host memory inside the slot of its gfn, at that gfn's hva;
 - no SPTE is writable for a read-only slot;
@@ -311,19 +311,19 @@ def step(st, log):
         else:
             log.append(f"invalidate_hva_range [{lo:#x}, {hi:#x})")
             h.invalidate_hva_range(vm, lo, hi)
-    elif r < 90 and st.kind != "tdp":
+    elif r < 90 and st.kind in ("shadow", "2d"):
         vcpu = int(rng.integers(0, st.vcpus))
         st.wp = not st.wp if rng.integers(0, 2) else st.wp
         log.append(f"set_vcpu_regs vcpu{vcpu} cr0.wp={int(st.wp)} cr3={PML4:#x}")
         h.set_vcpu_regs(vm, vcpu, cr0=0x80010033 if st.wp else 0x80000033, cr3=PML4)
-    elif r < 94 and st.kind == "shadow" and s1 is not None:
+    elif r < 94 and st.kind in ("shadow", "nonpaging") and s1 is not None:
         vcpu = int(rng.integers(0, st.vcpus))
         page = int(rng.integers(0, SLOT1 >> 12))
         log.append(f"emulated write vcpu{vcpu} {s1[0] + page * 4096:#x}")
         res = h.emulated_access(vm, vcpu, s1[0] + page * 4096, bm.ACC_WRITE, 0x5A5A, 8)
         if int(res.outcome[0]) == bm.EMULATED and not s1[2] & bm.MEM_READONLY and _logging(st, 1):
             st.pending[1].add(page)
-    elif st.kind == "shadow":
+    elif st.kind in ("shadow", "nonpaging"):
         vcpu = int(rng.integers(0, st.vcpus))
         op = int(rng.integers(0, 3))
         log.append(f"{('invlpg', 'flush_tlb', 'mov_cr3')[op]} vcpu{vcpu}")
@@ -362,15 +362,15 @@ def make_case(seed):
     h = bm.Host(memory="4GiB", backing="4k", mmio_caching=bool(rng.integers(0, 2)), pml=pml,
                 eager_page_split=bool(rng.integers(0, 2)))
     states = []
-    for kind in ("tdp", "shadow", "2d"):
-        vm = int(h.create_vms(1, memory=MEM, vcpus=2, mmu="shadow" if kind == "shadow" else "tdp")[0])
+    for kind in ("tdp", "shadow", "2d", "nonpaging"):
+        vm = int(h.create_vms(1, memory=MEM, vcpus=2, mmu="shadow" if kind in ("shadow", "nonpaging") else "tdp")[0])
         mode = MODES[int(rng.integers(0, len(MODES)))]
         if mode in ("manual", "initially_set"):
             h.enable_manual_dirty_log_protect(vm, initially_set=(mode == "initially_set"))
         if mode == "ring":
             h.enable_dirty_ring(vm, 1024 if pml else 128)
         st = VMState(h, vm, kind, mode, rng)
-        if kind != "tdp":
+        if kind in ("shadow", "2d"):
             _identity_tables(h, vm, huge_windows=bool(rng.integers(0, 2)))
             for c in range(2):
                 h.set_vcpu_regs(vm, c, cr0=0x80010033, cr4=0x20, efer=0xD01, cr3=PML4)
@@ -384,7 +384,7 @@ def make_case(seed):
 
 
 def run_case(seed, steps=60):
-    """One random case: ``steps`` operations on each of three VMs, interleaved; returns SPTE checks made."""
+    """One random case: ``steps`` operations on each of the four VMs, interleaved; returns SPTE checks made."""
     h, states = make_case(seed)
     logs = {st.vm: [f"seed {seed}: {st.kind} VM, dirty mode {st.mode}"] for st in states}
     checks = 0
