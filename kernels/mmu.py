@@ -44,6 +44,7 @@ from .mmu_internal import (
 )
 from .paging_tmpl import (
     direct_pte_prefetch,
+    disallowed_hugepage_adjust,
     get_shadow_page,
     link_shadow_page,
     mmu_set_spte,
@@ -75,14 +76,17 @@ from .spte import (
     spte_to_child_row,
 )
 from .state import (
+    CFG_NX_HUGE_PAGES,
     HOST_BUDGET_BYTES,
     HOST_USED_BYTES,
     KVM_MMU_NUM_PREV_ROOTS,
+    SP_FLAGS,
     SP_FLOOD,
     SP_ROLE,
     SP_ROOT_COUNT,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
+    SPF_NX_DISALLOWED,
     ST_PF_FAST,
     ST_TLB_FLUSH,
     VM_INVAL_COUNT,
@@ -379,14 +383,15 @@ def shadow_fast_page_fault(m, vm, vg, gpa, gfn, rec, present, write, fetch):
 
 
 @njit(inline="always", _nrt=False)
-def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable):
+def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable, huge_disallowed):
     """direct_map: direct shadow pages (ACC_ALL) down to ``goal_level``, then mmu_set_spte and the prefetch."""
     row, level = walk_start(m, vg, gpa)
     while True:
         idx = (gpa >> (12 + 9 * (level - 1))) & 511
+        spte = m.pa.spt[row, idx]
+        goal_level = disallowed_hugepage_adjust(m, spte, level, goal_level)
         if level == goal_level:
             break
-        spte = m.pa.spt[row, idx]
         if is_shadow_present_pte(spte) and not is_large_pte(spte):
             row = spte_to_child_row(spte)  # kvm_mmu_get_child_sp -> -EEXIST
             level -= 1
@@ -398,6 +403,8 @@ def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable):
         child = get_shadow_page(m, vm, vg, gfn_round_for_level(gfn, level), np.int64(role), np.int64(0),
                                 np.int64(0))
         link_shadow_page(m, vm, row, idx, child)
+        if huge_disallowed:
+            m.pa.meta[child, SP_FLAGS] |= SPF_NX_DISALLOWED   # account_nx_huge_page (not tracked for recovery)
         row = child
         level -= 1
     pfn_al = gfn_round_for_level(pfn, level)
@@ -441,8 +448,10 @@ def nonpaging_page_fault(m, vm, vg, gpa, err):
     pfn = gfn_to_hva(m.st, rec, gfn) >> 12
     if not make_mmu_pages_available(m, vm):
         return RET_PF_RETRY  # -ENOSPC: every page is a pinned root
-    # kvm_mmu_hugepage_adjust (fault->max_level = PG_LEVEL_2M: a PAE table)
+    # kvm_mmu_hugepage_adjust (fault->max_level = PG_LEVEL_2M: a PAE table); an executable fault under the NX
+    # huge page workaround stays 4K
+    huge_disallowed = fetch and m.host[CFG_NX_HUGE_PAGES] != 0
     goal = 1
-    if not slot_dirty_logging(m.st, rec):
+    if not slot_dirty_logging(m.st, rec) and not huge_disallowed:
         goal = max(1, invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, 2)))
-    return direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal, write, np.bool_(host_writable))
+    return direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal, write, np.bool_(host_writable), huge_disallowed)

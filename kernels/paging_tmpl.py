@@ -122,6 +122,7 @@ from .state import (
     SL_BASE_GFN,
     SL_HOST_OFF,
     SL_NPAGES,
+    SP_FLAGS,
     SP_FLOOD,
     SP_GFN,
     SP_HNEXT,
@@ -129,6 +130,7 @@ from .state import (
     SP_UBITMAP,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
+    SPF_NX_DISALLOWED,
     ST_MMU_CACHE_MISS,
     ST_MMU_UNSYNC,
     VM_HASH_OFF,
@@ -297,6 +299,16 @@ def link_shadow_page(m, vm, prow, pidx, child):
             m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0:
                 mark_parents_unsync(m, prow)
+
+
+@njit(inline="always", _nrt=False)
+def disallowed_hugepage_adjust(m, spte, level, goal_level):
+    """disallowed_hugepage_adjust: one level lower where a table made for an executable (NX huge page) fault
+    would be replaced by a huge SPTE.  Returns the goal level."""
+    if m.host[CFG_NX_HUGE_PAGES] and level > 1 and level == goal_level and is_shadow_present_pte(spte) \
+            and not is_large_pte(spte) and m.pa.meta[spte_to_child_row(spte), SP_FLAGS] & SPF_NX_DISALLOWED:
+        return goal_level - 1
+    return goal_level
 
 
 @njit(inline="always", _nrt=False)
@@ -469,7 +481,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
 
 
 @njit(inline="always", _nrt=False)  # one call site (shadow_page_fault): no bundle pushed for it
-def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writable, mode, maxphyaddr):
+def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
     pa = m.pa
@@ -503,14 +515,17 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
         level -= 1
     # kvm_mmu_hugepage_adjust
     goal_level = 1
+    huge_disallowed = exec_fault and m.host[CFG_NX_HUGE_PAGES] != 0
     if gw_level > 1 and rec >= 0 and not slot_dirty_logging(m.st, rec):
         req = invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level))
-        huge_disallowed = False  # the NX huge page workaround is off on shadow hosts we model
         if req > 1 and not huge_disallowed:
             goal_level = req
     direct_access = pte_access
-    while level > goal_level:
+    while True:
         spte = pa.spt[row, idx]
+        goal_level = disallowed_hugepage_adjust(m, spte, level, goal_level)
+        if level == goal_level:
+            break
         # validate_direct_spte
         if is_shadow_present_pte(spte) and not is_large_pte(spte):
             child = spte_to_child_row(spte)
@@ -528,6 +543,8 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, host_writa
                 role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
             child = get_shadow_page(m, vm, vg, base, np.int64(role), mode, maxphyaddr)
             link_shadow_page(m, vm, row, idx, child)
+            if huge_disallowed:
+                pa.meta[child, SP_FLAGS] |= SPF_NX_DISALLOWED   # account_nx_huge_page (not tracked for recovery)
             row = child
         level -= 1
         idx = (gva >> (12 + 9 * (level - 1))) & 511
@@ -588,7 +605,8 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
             pte_access &= ~ACC_EXEC_MASK
     if not make_mmu_pages_available(m, vm):
         return RET_PF_RETRY, 0  # -ENOSPC: every page is a pinned root
-    r = fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write, host_writable, mode, maxphyaddr)
+    r = fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write, (err & PFERR_FETCH) != 0, host_writable, mode,
+              maxphyaddr)
     return r, 0
 
 

@@ -147,3 +147,39 @@ def test_addresses_beyond_4g_with_paging_off_are_refused():
     h2 = bm.Host(memory="1GiB")
     t = int(h2.create_vms(1, memory="16MiB", mmu="tdp", maxphyaddr=40)[0])
     assert h2.access(t, 0, 1 << 32, 0).outcome[0] == bm.MMIO          # TDP: gpas up to MAXPHYADDR
+
+
+def _nx_fetches(h, vm, base):
+    """A fetch, a read beside it, a read in the next 2M page, then a fetch there: (outcomes, pages_4k, pages_2m)."""
+    out = []
+    for addr, kind in ((base, bm.ACC_FETCH), (base, bm.ACC_FETCH), (base + 0x1000, 0),
+                       (base + 2 * MiB, 0), (base + 2 * MiB + 0x3000, bm.ACC_FETCH), (base + 2 * MiB + 0x3000, 0)):
+        out.append(int(h.access(vm, 0, addr, kind).outcome[0]))
+    s = h.stats(vm)
+    return out, s["pages_4k"], s["pages_2m"]
+
+
+@pytest.mark.parametrize("paging", [False, True])
+def test_nx_huge_pages_map_executable_faults_4k_and_keep_their_tables(paging):
+    """kvm_mmu_hugepage_adjust: an executable fault under the NX huge page workaround maps 4K
+    (huge_page_disallowed); disallowed_hugepage_adjust keeps a later read from replacing that table with a huge
+    SPTE; a fetch in a region mapped 2M splits it.  (Before, the 2M SPTE lost its exec bit in make_spte and the
+    fetch faulted again and again: SPURIOUS.)"""
+    from invariant_fuzz import PML4, _identity_tables
+    h = bm.Host(memory="1GiB", backing="thp", mmio_caching=False, nx_huge_pages=True)
+    vm = int(h.create_vms(1, memory="16MiB", mmu="shadow")[0])
+    base = 4 * MiB
+    if paging:                                     # 2M guest pages in the [1G, 2G) window, slot 1 there
+        _identity_tables(h, vm, huge_windows=True)
+        h.set_memslot(vm, 1, 1 << 30, 4 * MiB, hva=1 << 40, backing="thp")
+        h.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=0x20, efer=0xD01, cr3=PML4)
+        base = 1 << 30
+    h.touch_host_memory(vm, base, 4 * MiB)
+    out, p4k, p2m = _nx_fetches(h, vm, base)
+    assert out == [bm.FIXED, bm.HIT, bm.HIT if p4k > 1 else bm.FIXED, bm.FIXED, bm.FIXED, bm.HIT], out
+    assert p2m == 0 and p4k >= 2                    # the second 2M page was split by the fetch
+    h2 = bm.Host(memory="1GiB", backing="thp", mmio_caching=False, nx_huge_pages=False)
+    vm2 = int(h2.create_vms(1, memory="16MiB", mmu="shadow")[0])
+    if not paging:
+        h2.touch_host_memory(vm2, base, 4 * MiB)
+        assert _nx_fetches(h2, vm2, base)[2] == 2     # without the workaround both are 2M mappings
