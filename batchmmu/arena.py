@@ -123,22 +123,14 @@ def lpage_entries(base_gfn, npages, level):
 
 def table_rows(pages, leaf_level, levels):
     """Page-table pages a TDP tree needs to map ``pages`` contiguous 4K pages with leaves at
-    ``leaf_level`` (1 = 4K, 2 = 2M, 3 = 1G): one more per level for a misaligned start, plus the root."""
-    rows = 1
-    for level in range(leaf_level, levels):
-        span = 512 ** level  # 4K pages one table at this level covers
-        rows += -(-pages // span) + 1
-    return rows
-
-
-def tree_rows(pages, levels):
-    """``table_rows(pages, 1, levels)`` for arrays of page counts and levels (4 or 5)."""
+    ``leaf_level`` (1 = 4K, 2 = 2M, 3 = 1G): one more per level for a misaligned start, plus the root.
+    ``pages`` and ``levels`` (4 or 5) may be arrays, one tree each; scalars give an int."""
     pages = np.asarray(pages, np.int64)
     rows = np.ones_like(pages)
-    for level in range(1, 5):
-        span = 512 ** level
-        rows += np.where(level < levels, -(-pages // span) + 1, 0)
-    return rows
+    for level in range(leaf_level, 5):
+        span = 512 ** level  # 4K pages one table at this level covers
+        rows += np.where(level < np.asarray(levels), -(-pages // span) + 1, 0)
+    return rows if rows.ndim else int(rows)
 
 
 def tdp_rows_bound(vt, st, nrec, nvm, vm_a):
@@ -147,7 +139,7 @@ def tdp_rows_bound(vt, st, nrec, nvm, vm_a):
     events = np.bincount(vm_a, minlength=nvm)[:nvm]
     live = np.nonzero(st.vm[:nrec] >= 0)[0]
     svm = st.vm[live]
-    full = np.bincount(svm, weights=tree_rows(st.npages[live], vt.levels[svm]), minlength=nvm)[:nvm]
+    full = np.bincount(svm, weights=table_rows(st.npages[live], 1, vt.levels[svm]), minlength=nvm)[:nvm]
     levels = vt.levels[:nvm]
     held = vt.stats[:nvm, S.ST_MMU_PAGES]
     return int(np.maximum(0, np.minimum(events * levels, full.astype(np.int64) - held)).sum())

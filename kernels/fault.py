@@ -16,7 +16,7 @@ from .memslot import (
     gfn_to_hva,
     gfn_to_memslot,
     host_fault_in,
-    host_page_pages,
+    host_page_needs_budget,
     invalidation_clamp_level,
     kvm_mmu_max_mapping_level,
     mark_page_dirty,
@@ -61,8 +61,6 @@ from .state import (
     CTL_FREE_TOP,
     DM_PML_ACTIVE,
     DM_RING,
-    HOST_BUDGET_BYTES,
-    HOST_USED_BYTES,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     MAX_ROWS_PER_EVENT,
     OUT_EMULATED,
@@ -170,6 +168,33 @@ def is_access_allowed(fmt, spte, write, fetch):
 
 
 @njit(inline="always", _nrt=False)
+def fast_pf_new_spte(fmt, spte, level, write, fetch, ad_enabled_vm, dirty_logging):
+    """fast_page_fault once the last SPTE is found (present, a leaf): (RET_PF_SPURIOUS, spte) when the access
+    is allowed already, (RET_PF_FIXED, new spte) when restoring access tracking or the MMU-writable bit allows
+    it, else (RET_PF_INVALID, spte): the slow path runs.  Shared by the TDP MMU and direct shadow pages."""
+    if is_access_allowed(fmt, spte, write, fetch):
+        return RET_PF_SPURIOUS, spte
+    new = spte
+    if not ad_enabled_vm and is_access_track_spte(fmt, spte):
+        new = restore_acc_track_spte(new) | shadow_accessed_mask(fmt)  # v6.13+: mark it accessed
+    if write and is_mmu_writable_spte(fmt, spte):
+        new |= PT_WRITABLE_MASK
+        if level > 1 and dirty_logging:
+            return RET_PF_INVALID, spte
+    if new == spte or not is_access_allowed(fmt, new, write, fetch):
+        return RET_PF_INVALID, spte
+    return RET_PF_FIXED, new
+
+
+@njit(inline="always", _nrt=False)
+def fast_pf_fix_direct_spte(spt, st, ct, vcpu_g, row, idx, spte, new, rec, gfn):
+    # fast_pf_fix_direct_spte: KVM's cmpxchg, outside the MMU's SPTE chokepoint; a newly writable page is dirty
+    spt[row, idx] = new
+    if (new & PT_WRITABLE_MASK) and not (spte & PT_WRITABLE_MASK) and rec >= 0:
+        mark_page_dirty(st, ct, vcpu_g, rec, gfn)
+
+
+@njit(inline="always", _nrt=False)
 def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
     """fast_page_fault (mmu.c), TDP MMU flavour.  Returns a RET_PF_* code."""
     # page_fault_can_be_fast (the fault is never RSVD here)
@@ -182,27 +207,10 @@ def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, f
     row, idx, level, spte = walk_to_leaf(pa.spt, vt.rec[vm, VM_ROOT], np.int64(vt.rec[vm, VM_LEVELS]), gfn)
     if not is_shadow_present_pte(spte):
         return RET_PF_INVALID
-    if is_access_allowed(fmt, spte, write, fetch):
-        return RET_PF_SPURIOUS
-    new = spte
-    if not ad_enabled_vm and is_access_track_spte(fmt, spte):
-        new = restore_acc_track_spte(new) | shadow_accessed_mask(fmt)  # v6.13+: mark it accessed
-    if write and is_mmu_writable_spte(fmt, spte):
-        new |= PT_WRITABLE_MASK
-        if level > 1 and rec >= 0 and slot_dirty_logging(st, rec):
-            return RET_PF_INVALID
-    if new == spte or not is_access_allowed(fmt, new, write, fetch):
-        return RET_PF_INVALID
-    pa.spt[row, idx] = new  # fast_pf_fix_direct_spte: cmpxchg outside handle_changed_spte
-    if (new & PT_WRITABLE_MASK) and not (spte & PT_WRITABLE_MASK) and rec >= 0:
-        mark_page_dirty(st, ct, vcpu_g, rec, gfn)
-    return RET_PF_FIXED
-
-
-@njit(inline="always", _nrt=False)
-def host_page_needs_budget(st, host, rec, gfn):
-    """True when faulting this gfn in would exceed the host memory budget."""
-    return host[HOST_USED_BYTES] + (host_page_pages(st, rec, gfn) << 12) > host[HOST_BUDGET_BYTES]
+    r, new = fast_pf_new_spte(fmt, spte, level, write, fetch, ad_enabled_vm, rec >= 0 and slot_dirty_logging(st, rec))
+    if r == RET_PF_FIXED:
+        fast_pf_fix_direct_spte(pa.spt, st, ct, vcpu_g, row, idx, spte, new, rec, gfn)
+    return r
 
 
 @njit(inline="always", _nrt=False)

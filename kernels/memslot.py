@@ -166,6 +166,12 @@ def host_page_pages(st, rec, gfn):
 
 
 @njit(inline="always", _nrt=False)
+def host_page_needs_budget(st, host, rec, gfn):
+    """True when faulting this gfn in would exceed the host memory budget."""
+    return host[HOST_USED_BYTES] + (host_page_pages(st, rec, gfn) << 12) > host[HOST_BUDGET_BYTES]
+
+
+@njit(inline="always", _nrt=False)
 def host_fault_in(st, vt, host, rec, gfn, vm):
     """Make the host page behind gfn resident (get_user_pages).  False: host budget exhausted."""
     npg = host_page_pages(st, rec, gfn)

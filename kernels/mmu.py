@@ -5,6 +5,7 @@ requests (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_MMU_RELOAD); and the direct f
 import numpy as np
 from numba import njit
 
+from .fault import fast_pf_fix_direct_spte, fast_pf_new_spte
 from .gmem import gm_read64
 from .guest_walk import (
     MODE_PSE36_KVM,
@@ -17,13 +18,10 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import (
-    gfn_to_hva,
     gfn_to_memslot,
-    host_fault_in,
-    host_page_pages,
+    host_page_needs_budget,
     invalidation_clamp_level,
     kvm_mmu_max_mapping_level,
-    mark_page_dirty,
     slot_dirty_logging,
     slot_map,
     slot_readonly,
@@ -32,10 +30,10 @@ from .mmu_internal import (
     GFN_MASK_64,
     PAE_ROOT,
     PT32E_ROOT_LEVEL,
+    RET_PF_CONTINUE,
     RET_PF_EMULATE,
     RET_PF_FIXED,
     RET_PF_INVALID,
-    RET_PF_MMIO,
     RET_PF_OOM,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
@@ -46,6 +44,8 @@ from .paging_tmpl import (
     direct_pte_prefetch,
     disallowed_hugepage_adjust,
     get_shadow_page,
+    kvm_mmu_child_role,
+    kvm_mmu_faultin_pfn,
     link_shadow_page,
     mmu_set_spte,
     mmu_sync_children,
@@ -62,23 +62,16 @@ from .shadow_mmu import (
 from .spte import (
     ACC_ALL,
     FMT_NPT,
-    PT_WRITABLE_MASK,
-    ROLE_ACCESS_SHIFT,
-    ROLE_DIRECT,
     ROLE_EFER_NX,
     ROLE_INVALID,
-    ROLE_PASSTHROUGH,
     gfn_round_for_level,
     is_large_pte,
     is_last_spte,
-    is_mmu_writable_spte,
     is_shadow_present_pte,
     spte_to_child_row,
 )
 from .state import (
     CFG_NX_HUGE_PAGES,
-    HOST_BUDGET_BYTES,
-    HOST_USED_BYTES,
     KVM_MMU_NUM_PREV_ROOTS,
     SP_FLAGS,
     SP_FLOOD,
@@ -90,8 +83,6 @@ from .state import (
     ST_PF_FAST,
     ST_TLB_FLUSH,
     VM_INVAL_COUNT,
-    VM_INVAL_END,
-    VM_INVAL_START,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -339,16 +330,6 @@ def entry_work_needed(m, vm, vg):
 
 # ---------------------------------------------------------------- direct_page_fault (paging off)
 @njit(inline="always", _nrt=False)
-def shadow_access_allowed(spte, write, fetch):
-    # is_access_allowed for a shadow SPTE (x86 PTE format)
-    if fetch:
-        return spte >= 0   # NX clear
-    if write:
-        return (spte & PT_WRITABLE_MASK) != 0
-    return True
-
-
-@njit(inline="always", _nrt=False)
 def shadow_fast_page_fault(m, vm, vg, gpa, gfn, rec, present, write, fetch):
     """fast_page_fault for direct shadow pages: a write to a present SPTE that is only write-protected (dirty
     logging) made writable without the MMU lock.  RET_PF_INVALID when the slow path must run."""
@@ -367,19 +348,11 @@ def shadow_fast_page_fault(m, vm, vg, gpa, gfn, rec, present, write, fetch):
             break
         row = spte_to_child_row(spte)
         level -= 1
-    if shadow_access_allowed(spte, write, fetch):
-        return RET_PF_SPURIOUS
-    new = spte
-    if is_mmu_writable_spte(FMT_NPT, spte):
-        new |= PT_WRITABLE_MASK
-        if level > 1 and rec >= 0 and slot_dirty_logging(m.st, rec):
-            return RET_PF_INVALID
-    if new == spte or not shadow_access_allowed(new, write, fetch):
-        return RET_PF_INVALID
-    m.pa.spt[row, idx] = new  # fast_pf_fix_direct_spte: cmpxchg outside mmu_spte_update
-    if rec >= 0:
-        mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, gfn)
-    return RET_PF_FIXED
+    # shadow pages are x86-format (FMT_NPT's bits), A/D always on
+    r, new = fast_pf_new_spte(FMT_NPT, spte, level, write, fetch, True, rec >= 0 and slot_dirty_logging(m.st, rec))
+    if r == RET_PF_FIXED:
+        fast_pf_fix_direct_spte(m.pa.spt, m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], row, idx, spte, new, rec, gfn)
+    return r
 
 
 @njit(inline="always", _nrt=False)
@@ -396,12 +369,8 @@ def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable, 
             row = spte_to_child_row(spte)  # kvm_mmu_get_child_sp -> -EEXIST
             level -= 1
             continue
-        # kvm_mmu_child_role(sptep, direct=true, ACC_ALL)
-        role = (m.pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)
-                & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(ACC_ALL << ROLE_ACCESS_SHIFT) \
-            | np.int32(ROLE_DIRECT)
-        child = get_shadow_page(m, vm, vg, gfn_round_for_level(gfn, level), np.int64(role), np.int64(0),
-                                np.int64(0))
+        role = kvm_mmu_child_role(m.pa.meta[row, SP_ROLE], idx, True, ACC_ALL)
+        child = get_shadow_page(m, vm, vg, gfn_round_for_level(gfn, level), role, np.int64(0), np.int64(0))
         link_shadow_page(m, vm, row, idx, child)
         if huge_disallowed:
             m.pa.meta[child, SP_FLAGS] |= SPF_NX_DISALLOWED   # account_nx_huge_page (not tracked for recovery)
@@ -426,8 +395,7 @@ def nonpaging_page_fault(m, vm, vg, gpa, err):
     present = (err & PFERR_PRESENT) != 0
     fetch = (err & PFERR_FETCH) != 0
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    if rec >= 0 and not (write and slot_readonly(m.st, rec)) and \
-            m.host[HOST_USED_BYTES] + (host_page_pages(m.st, rec, gfn) << 12) > m.host[HOST_BUDGET_BYTES]:
+    if rec >= 0 and not (write and slot_readonly(m.st, rec)) and host_page_needs_budget(m.st, m.host, rec, gfn):
         return RET_PF_OOM  # the host cannot back the page: stop before any change
     # page_fault_handle_page_track
     if present and write and gfn_write_tracked(m, rec, gfn):
@@ -436,16 +404,9 @@ def nonpaging_page_fault(m, vm, vg, gpa, err):
     if r != RET_PF_INVALID:
         m.vt.stats[vm, ST_PF_FAST] += 1
         return r
-    # kvm_mmu_faultin_pfn
-    if rec < 0:
-        return RET_PF_MMIO  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
-    if m.vt.rec[vm, VM_INVAL_COUNT] > 0 and m.vt.rec[vm, VM_INVAL_START] <= gfn < m.vt.rec[vm, VM_INVAL_END]:
-        return RET_PF_RETRY
-    if write and slot_readonly(m.st, rec):
-        return RET_PF_EMULATE
-    host_writable = not slot_readonly(m.st, rec)
-    host_fault_in(m.st, m.vt, m.host, rec, gfn, vm)
-    pfn = gfn_to_hva(m.st, rec, gfn) >> 12
+    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
+    if r != RET_PF_CONTINUE:
+        return r
     if not make_mmu_pages_available(m, vm):
         return RET_PF_RETRY  # -ENOSPC: every page is a pinned root
     # kvm_mmu_hugepage_adjust (fault->max_level = PG_LEVEL_2M: a PAE table); an executable fault under the NX

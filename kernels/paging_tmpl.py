@@ -34,7 +34,7 @@ from .memslot import (
     gfn_to_hva,
     gfn_to_memslot,
     host_fault_in,
-    host_page_pages,
+    host_page_needs_budget,
     invalidation_clamp_level,
     kvm_mmu_max_mapping_level,
     mark_page_dirty,
@@ -44,6 +44,7 @@ from .memslot import (
 )
 from .mmu_internal import (
     GFN_MASK_64,
+    RET_PF_CONTINUE,
     RET_PF_EMULATE,
     RET_PF_FIXED,
     RET_PF_GUEST,
@@ -115,8 +116,6 @@ from .spte import (
 )
 from .state import (
     CFG_NX_HUGE_PAGES,
-    HOST_BUDGET_BYTES,
-    HOST_USED_BYTES,
     KVM_MMU_NUM_PREV_ROOTS,
     PTE_PREFETCH_NUM,
     SL_BASE_GFN,
@@ -299,6 +298,34 @@ def link_shadow_page(m, vm, prow, pidx, child):
             m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0:
                 mark_parents_unsync(m, prow)
+
+
+@njit(inline="always", _nrt=False)
+def kvm_mmu_faultin_pfn(m, vm, rec, gfn, write):
+    """kvm_mmu_faultin_pfn for the shadow MMU: (RET_PF_CONTINUE, pfn, host_writable) once the host page is in;
+    RET_PF_MMIO without a memslot (emulated: MMIO caching is off on shadow hosts we model), RET_PF_RETRY while an
+    invalidation covers gfn, RET_PF_EMULATE for a write to a read-only slot."""
+    if rec < 0:
+        return RET_PF_MMIO, np.int64(0), False
+    if m.vt.rec[vm, VM_INVAL_COUNT] > 0 and m.vt.rec[vm, VM_INVAL_START] <= gfn < m.vt.rec[vm, VM_INVAL_END]:
+        return RET_PF_RETRY, np.int64(0), False
+    if write and slot_readonly(m.st, rec):
+        return RET_PF_EMULATE, np.int64(0), False
+    host_fault_in(m.st, m.vt, m.host, rec, gfn, vm)
+    return RET_PF_CONTINUE, gfn_to_hva(m.st, rec, gfn) >> 12, not slot_readonly(m.st, rec)
+
+
+@njit(inline="always", _nrt=False)
+def kvm_mmu_child_role(parent_role, idx, direct, access):
+    """kvm_mmu_child_role: the parent's role one level down, with ``access`` and ``direct``, passthrough off; a
+    4-byte-gpte table takes its quadrant from the PDE index."""
+    role = (parent_role & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT) & ~np.int32(ROLE_DIRECT)
+            & ~np.int32(ROLE_PASSTHROUGH)) | np.int32((parent_role & 0xF) - 1) | np.int32(access << ROLE_ACCESS_SHIFT)
+    if direct:
+        role |= np.int32(ROLE_DIRECT)
+    if role & ROLE_HAS_4_BYTE_GPTE:
+        role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
+    return np.int64(role)
 
 
 @njit(inline="always", _nrt=False)
@@ -502,12 +529,8 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault
             continue
         table_gfn = wk[WK_TABLE_GFN + level - 1]
         access = wk[WK_PT_ACCESS + level - 1]
-        # kvm_mmu_child_role
-        role = (pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT) & ~np.int32(ROLE_DIRECT)
-                & ~np.int32(ROLE_PASSTHROUGH)) | np.int32(level - 1) | np.int32(access << ROLE_ACCESS_SHIFT)
-        if role & ROLE_HAS_4_BYTE_GPTE:
-            role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
-        child = get_shadow_page(m, vm, vg, table_gfn, np.int64(role), mode, maxphyaddr)
+        role = kvm_mmu_child_role(pa.meta[row, SP_ROLE], idx, False, access)
+        child = get_shadow_page(m, vm, vg, table_gfn, role, mode, maxphyaddr)
         if m.pa.meta[child, SP_UNSYNC_CHILDREN]:
             mmu_sync_children(m, vm, vg, child, mode, maxphyaddr)
         link_shadow_page(m, vm, row, idx, child)
@@ -537,11 +560,8 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault
             row = spte_to_child_row(spte)
         else:
             base = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
-            role = (pa.meta[row, SP_ROLE] & ~np.int32(0xF) & ~np.int32(7 << ROLE_ACCESS_SHIFT)) | np.int32(level - 1) \
-                | np.int32(direct_access << ROLE_ACCESS_SHIFT) | np.int32(ROLE_DIRECT)
-            if role & ROLE_HAS_4_BYTE_GPTE:
-                role = (role & ~np.int32(3 << 5)) | np.int32((idx & 1) << 5)
-            child = get_shadow_page(m, vm, vg, base, np.int64(role), mode, maxphyaddr)
+            role = kvm_mmu_child_role(pa.meta[row, SP_ROLE], idx, True, direct_access)
+            child = get_shadow_page(m, vm, vg, base, role, mode, maxphyaddr)
             link_shadow_page(m, vm, row, idx, child)
             if huge_disallowed:
                 pa.meta[child, SP_FLAGS] |= SPF_NX_DISALLOWED   # account_nx_huge_page (not tracked for recovery)
@@ -574,7 +594,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     gfn = wk[WK_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec >= 0 and not (write and slot_readonly(m.st, rec)) and \
-            m.host[HOST_USED_BYTES] + (host_page_pages(m.st, rec, gfn) << 12) > m.host[HOST_BUDGET_BYTES]:
+            host_page_needs_budget(m.st, m.host, rec, gfn):
         return RET_PF_OOM, 0  # the host cannot back the page: stop before any change
     set_ad_and_log(m, vm, wk, pfec)
     # page_fault_handle_page_track
@@ -587,16 +607,9 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
         size = 4 if mode_levels(mode) == 2 else 8
         base = wk[WK_PTE_GPA + 1] & ~np.int64(size * PTE_PREFETCH_NUM - 1)
         gm_read_group(gm, slot_map(m.vt, m.st), vm, base, size, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
-    # kvm_faultin_pfn
-    if rec < 0:
-        return RET_PF_MMIO, 0  # no memslot: MMIO, emulated (MMIO caching is off on shadow hosts we model)
-    if m.vt.rec[vm, VM_INVAL_COUNT] > 0 and m.vt.rec[vm, VM_INVAL_START] <= gfn < m.vt.rec[vm, VM_INVAL_END]:
-        return RET_PF_RETRY, 0
-    if write and slot_readonly(m.st, rec):
-        return RET_PF_EMULATE, 0
-    host_writable = not slot_readonly(m.st, rec)
-    host_fault_in(m.st, m.vt, m.host, rec, gfn, vm)
-    pfn = gfn_to_hva(m.st, rec, gfn) >> 12
+    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
+    if r != RET_PF_CONTINUE:
+        return r, 0
     # CR0.WP=0: a supervisor write through a read-only gpte maps the page writable for the kernel only
     user = (err & PFERR_USER) != 0
     if write and not (pte_access & ACC_WRITE_MASK) and not (mode & MODE_WP) and not user:

@@ -6,7 +6,7 @@ import pytest
 from batchmmu.kernels import state as S
 
 from batchmmu import ACC_WRITE, FIXED, Host
-from batchmmu.arena import Arena, tdp_rows_bound, tree_rows
+from batchmmu.arena import Arena, table_rows, tdp_rows_bound
 
 
 @pytest.mark.nojit
@@ -45,7 +45,7 @@ def test_host_structs_are_the_arenas_and_only_it_replaces_them():
 def test_tdp_rows_bound_is_a_full_tree_at_most_and_levels_per_event():
     h = Host(memory="8GiB", backing="4k")
     vms = h.create_vms(2, memory="1GiB")
-    assert tree_rows(np.array([262144]), np.array([4])).tolist() == [1 + 513 + 2 + 2]
+    assert table_rows(np.array([262144]), 1, np.array([4])).tolist() == [1 + 513 + 2 + 2]
     bound = tdp_rows_bound(h.vt, h.st, h.nrec, h.nvm, np.repeat(vms, [3, 10 ** 6]))
     assert bound == 3 * 4 + 518
     h.access(int(vms[1]), 0, np.arange(1 << 18) << 12, ACC_WRITE)

@@ -79,8 +79,7 @@ def test_spte_stores_go_through_each_mmus_chokepoint():
         ("tdp.py", "_wrprot_leaf_run"),              # the same, a run of 4K leaves at once
         ("tdp.py", "tdp_mmu_alloc_sp"),              # a fresh page's fill (the memory cache's init value)
         ("tdp.py", "tdp_mmu_split_huge_page"),       # the new child's SPTEs, before it is linked
-        ("fault.py", "fast_page_fault"),             # fast_pf_fix_direct_spte: KVM's cmpxchg, no bookkeeping
-        ("mmu.py", "shadow_fast_page_fault"),        # the same on direct shadow pages (paging off)
+        ("fault.py", "fast_pf_fix_direct_spte"),     # KVM's cmpxchg, no bookkeeping (TDP and direct shadow pages)
         ("fault.py", "tdp_hw_walk_from"),            # the processor setting A/D
         ("shadow_mmu.py", "mmu_spte_update_no_track"),   # the shadow MMU's mmu_spte_* family
         ("shadow_mmu.py", "alloc_shadow_page"),      # a fresh page's fill
