@@ -314,7 +314,7 @@ def kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, re
             return OUT_MMIO, err
         rec = gfn_to_memslot(vt, st, vm, gfn)
         if attempt == 0:
-            if rec >= 0 and not (write and slot_readonly(st, rec)) and host_page_needs_budget(st, host, rec, gfn):
+            if host_page_needs_budget(st, host, rec, gfn, write):
                 return -1, 0
             stats[vm, ST_ACCESSES] += 1
         stats[vm, ST_WALK_REFS] += refs

@@ -31,10 +31,10 @@ def _memo_run_untyped_passes(self, func, enable_ssa=False):
         return _run_untyped_passes(self, func, enable_ssa)
     self.flags.enable_ssa = enable_ssa   # the original sets it on the caller's flags
     key = (func, enable_ssa)
-    ir = _untyped_ir.get(key)
-    if ir is None:
-        ir = _untyped_ir[key] = _run_untyped_passes(self, func, enable_ssa)
-    return ir
+    func_ir = _untyped_ir.get(key)
+    if func_ir is None:
+        func_ir = _untyped_ir[key] = _run_untyped_passes(self, func, enable_ssa)
+    return func_ir
 
 
 inline_closurecall.InlineWorker.run_untyped_passes = _memo_run_untyped_passes

@@ -166,9 +166,11 @@ def host_page_pages(st, rec, gfn):
 
 
 @njit(inline="always", _nrt=False)
-def host_page_needs_budget(st, host, rec, gfn):
-    """True when faulting this gfn in would exceed the host memory budget."""
-    return host[HOST_USED_BYTES] + (host_page_pages(st, rec, gfn) << 12) > host[HOST_BUDGET_BYTES]
+def host_page_needs_budget(st, host, rec, gfn, write):
+    """True when the fault would fault a host page in (gfn in memslot ``rec``, not a write to a read-only slot)
+    and that page does not fit the host memory budget: the batch stops before any change."""
+    return rec >= 0 and not (write and slot_readonly(st, rec)) and \
+        host[HOST_USED_BYTES] + (host_page_pages(st, rec, gfn) << 12) > host[HOST_BUDGET_BYTES]
 
 
 @njit(inline="always", _nrt=False)

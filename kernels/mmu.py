@@ -24,7 +24,6 @@ from .memslot import (
     kvm_mmu_max_mapping_level,
     slot_dirty_logging,
     slot_map,
-    slot_readonly,
 )
 from .mmu_internal import (
     GFN_MASK_64,
@@ -395,7 +394,7 @@ def nonpaging_page_fault(m, vm, vg, gpa, err):
     present = (err & PFERR_PRESENT) != 0
     fetch = (err & PFERR_FETCH) != 0
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    if rec >= 0 and not (write and slot_readonly(m.st, rec)) and host_page_needs_budget(m.st, m.host, rec, gfn):
+    if host_page_needs_budget(m.st, m.host, rec, gfn, write):
         return RET_PF_OOM  # the host cannot back the page: stop before any change
     # page_fault_handle_page_track
     if present and write and gfn_write_tracked(m, rec, gfn):

@@ -593,8 +593,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
         return RET_PF_GUEST, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault, then RET_PF_RETRY
     gfn = wk[WK_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    if rec >= 0 and not (write and slot_readonly(m.st, rec)) and \
-            host_page_needs_budget(m.st, m.host, rec, gfn):
+    if host_page_needs_budget(m.st, m.host, rec, gfn, write):
         return RET_PF_OOM, 0  # the host cannot back the page: stop before any change
     set_ad_and_log(m, vm, wk, pfec)
     # page_fault_handle_page_track
