@@ -231,7 +231,7 @@ class Batches:
             val = np.full(vm_a.size, val[0], np.uint64)
         if val.size != vm_a.size:
             raise bad("value", f"length {val.size}", "must match the addresses")
-        if np.any(self._mmu_kind[vm_a] == S.MMU_SHADOW) or self._guest_paging_on(vm_a, vcpu_a).any():
+        if np.any(self._mmu_kind[vm_a] != S.MMU_TDP) or self._guest_paging_on(vm_a, vcpu_a).any():
             return self._shadow_store(vm_a, vcpu_a, addr_a, kind_a, val.view(np.int64))
         # A host out-of-memory stop keeps what ran: the stores that completed get their values written and
         # err.applied names them; a page-crossing store whose second page was not backed wrote nothing.

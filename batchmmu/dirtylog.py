@@ -43,7 +43,7 @@ class DirtyLog:
                 self._flush_remote_tlbs(vm)
             return out.view(np.uint64)
         out = np.zeros(words, np.int64)
-        if self._mmu_kind[vm] == S.MMU_SHADOW:
+        if self._rmaps(vm):
             if SK.shadow_get_dirty_log(self._mmu_bundle(), vm, rec, out):
                 self._flush_remote_tlbs(vm)
             return out.view(np.uint64)
@@ -108,7 +108,7 @@ class DirtyLog:
             rows = count_huge_leaves(self.pa, self.vt, vm, base + first_page, base + first_page + num_pages)
             if rows:
                 self.reserve_tables(rows)
-        if self._mmu_kind[vm] == S.MMU_SHADOW:
+        if self._rmaps(vm):
             cleared = int(SK.shadow_clear_dirty_log(self._mmu_bundle(), vm, rec, first_page, num_pages, bm))
         else:
             cleared = int(clear_dirty_log_protect(self.pa, self.vt, self.st, self.cfg, vm, rec, first_page,
@@ -217,7 +217,7 @@ class DirtyLog:
         for c in range(int(self._vcpus[vm])):
             cnt, nm = dirty_ring_reset(self.ct, g0 + c, masks)
             total += int(cnt)
-            if self._mmu_kind[vm] == S.MMU_SHADOW:
+            if self._rmaps(vm):
                 SK.shadow_ring_reset_masks(self._mmu_bundle(), vm, masks, nm, slot_recs)
             else:
                 tdp_ring_reset_masks(self.pa, self.vt, self.st, self.cfg, vm, masks, nm, slot_recs)

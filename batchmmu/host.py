@@ -16,7 +16,7 @@ from .errors import bad, einval
 from .kernels import shadow as SK
 from .kernels import state as S
 from .kernels.gmem import GM_MAX_VMS
-from .kernels.spte import FMT_EPT, FMT_NPT
+from .kernels.spte import FMT_EPT, FMT_NPT, ROLE_INVALID
 from .kernels.tdp import recover_nx_huge_pages
 from .memslot import Memslots
 from .notifier import Notifiers
@@ -58,7 +58,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
     def __init__(self, memory="64GiB", backing="thp", *, mmio_caching=True, nx_huge_pages=False,
                  nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
                  tdp_huge_page_level=3, eager_page_split=True, pml=False, overcommit=False,
-                 watermarks=(0.90, 0.95)):
+                 watermarks=(0.90, 0.95), tdp_mmu=True):
         self.memory = parse_size(memory, "memory")
         if not 0 < self.memory <= A.I64_MAX:
             raise bad("memory", memory, "must be positive and below 2**63 bytes")
@@ -67,7 +67,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
                                           why="must be 1 (4K), 2 (2M) or 3 (1G)")
         flags = {name: A.bool_arg(v, name) for name, v in (
             ("mmio_caching", mmio_caching), ("nx_huge_pages", nx_huge_pages),
-            ("eager_page_split", eager_page_split), ("pml", pml))}
+            ("eager_page_split", eager_page_split), ("pml", pml), ("tdp_mmu", tdp_mmu))}
+        self.tdp_mmu = flags["tdp_mmu"]   # kvm.tdp_mmu: False builds TDP VMs' tables with the shadow MMU's code
         self.nx_recovery_ratio = A.exact_int(nx_huge_pages_recovery_ratio, "nx_huge_pages_recovery_ratio", 0,
                                              1 << 32)
         self.nx_recovery_period_ms = A.exact_int(nx_huge_pages_recovery_period_ms,
@@ -127,11 +128,13 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
 
     # ------------------------------------------------------------------ VMs
     def create_vms(self, count, memory="1GiB", vcpus=1, mmu="tdp", *, tdp_format="ept", tdp_levels=4,
-                   maxphyaddr=46, backing=None, ept_ad=True):
+                   maxphyaddr=46, backing=None, ept_ad=True, tdp_mmu=None):
         """Create ``count`` VMs, each with ``vcpus`` vCPUs and slot 0 of ``memory`` at gpa 0.
 
         Returns the new VM ids.  ``tdp_format`` "ept" (Intel) or "npt" (AMD); ``tdp_levels`` 4 or 5;
-        ``ept_ad=False`` runs EPT without accessed/dirty bits (access tracking).
+        ``ept_ad=False`` runs EPT without accessed/dirty bits (access tracking).  ``tdp_mmu`` (None: the Host's)
+        picks the TDP MMU (True) or the legacy one (False: the shadow MMU's code with direct pages) for these
+        VMs; it means nothing for ``mmu="shadow"`` (KVM ignores kvm.tdp_mmu without TDP).
         """
         count = A.exact_int(count, "count", 1, A.I64_MAX, why="must be a positive integer")
         size = parse_size(memory, "memory")
@@ -143,6 +146,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         tdp_levels = A.exact_int(tdp_levels, "tdp_levels", 4, 5)
         maxphyaddr = A.exact_int(maxphyaddr, "maxphyaddr", 36, 52)
         ept_ad = A.bool_arg(ept_ad, "ept_ad")
+        tdp_mmu = self.tdp_mmu if tdp_mmu is None else A.bool_arg(tdp_mmu, "tdp_mmu")
+        kind = S.MMU_SHADOW if mmu == "shadow" else S.MMU_TDP if tdp_mmu else S.MMU_LEGACY
         if tdp_levels == 4 and maxphyaddr > 48:
             raise bad("maxphyaddr", maxphyaddr, "4-level TDP maps at most 48 physical address bits")
         if size > (1 << maxphyaddr):
@@ -152,7 +157,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         bcode = self.backing if backing is None else ms.backing_code(backing)
         ms.check_backing_alignment(bcode, ms.HVA_BASE, size)
         # kvm_create_vm + vCPUs + slot 0: refuse before allocating what cannot fit (O(1), not per VM)
-        A.check_alloc(vm_group_bytes(count, vcpus, size >> 12, mmu == "shadow", bool(self.cfg[S.CFG_PML]),
+        A.check_alloc(vm_group_bytes(count, vcpus, size >> 12, kind != S.MMU_TDP, bool(self.cfg[S.CFG_PML]),
                                      self.overcommit is not None), "count", count,
                       f"{count} VMs of {format_size(size)} with {vcpus} vCPUs")
         if self.nvm + count > GM_MAX_VMS:  # guest-memory keys hold the VM id above 35 hva-page bits
@@ -173,23 +178,24 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         vms = np.arange(first, need, dtype=np.int64)
         vt = self.vt
         vt.root[vms] = -1
-        vt.fmt[vms] = FMT_EPT if tdp_format == "ept" else FMT_NPT
+        # shadow paging builds x86-format SPTEs with A/D bits (the NPT layout)
+        vt.fmt[vms] = FMT_EPT if tdp_format == "ept" and kind != S.MMU_SHADOW else FMT_NPT
         vt.levels[vms] = tdp_levels
-        vt.ad_disabled[vms] = 0 if ept_ad else 1
+        vt.ad_disabled[vms] = 0 if ept_ad or kind == S.MMU_SHADOW else 1
         vt.max_gfn[vms] = (1 << (maxphyaddr - 12)) - 1
         vt.memslots_gen[vms] = 0
         self._gen_as1[vms] = 1  # kvm_create_vm: slots->generation = as_id
         vt.stats[vms] = 0
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
-        nv = self._paging_add_vms(vms, int(vcpus), mmu == "shadow")
+        nv = self._paging_add_vms(vms, int(vcpus), kind)
         self.arena.grow_vcpus(nv + vcpus * k)
         vt.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
         vt.dirty_mode[vms] = 0
         vt.maxphyaddr[vms] = maxphyaddr
         self.nvm = need
         self._add_slot0(vms, size, bcode)  # slot 0 at gpa 0: one KVM_SET_USER_MEMORY_REGION per VM
-        if mmu == "shadow":
+        if kind != S.MMU_TDP:
             for v in vms:
                 self._default_mmu_pages(int(v))
         return vms
@@ -240,7 +246,9 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
             rows = rows[np.argsort(pa.sp_seq[rows], kind="stable")]
             splits = int(self.vt.stats[vm, S.ST_NX_LPAGE_SPLITS])
             to_zap = -(-splits // self.nx_recovery_ratio)
-            if recover_nx_huge_pages(pa, self.vt, self.st, int(vm), rows, to_zap):
+            if self._rmaps(int(vm)):
+                SK.shadow_recover_nx_huge_pages(self._mmu_bundle(), int(vm), rows, to_zap)  # flushes if it zapped
+            elif recover_nx_huge_pages(pa, self.vt, self.st, int(vm), rows, to_zap):
                 self._flush_remote_tlbs(int(vm))
 
     # ------------------------------------------------------------------ reports
@@ -270,7 +278,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
             live = np.nonzero(st.vm[:self.nrec] >= 0)[0]
         else:
             live = np.array(sorted(r for _, r in self._slot_rec.of_vm(int(vms[0]))), np.int64)
-        shadow_vms = vms[self._mmu_kind[vms] == S.MMU_SHADOW]
+        shadow_vms = vms[self._mmu_kind[vms] != S.MMU_TDP]   # the shadow MMU's pages: shadow paging, legacy TDP
         pages = int(self.vt.stats[vms, S.ST_MMU_PAGES].sum())
         spages = int(self.vt.stats[shadow_vms, S.ST_MMU_PAGES].sum())
         counts = np.zeros(5, np.int64)
@@ -355,12 +363,19 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         return int(self.host_ctl[S.HOST_SWAPPED_BYTES])
 
     def spte_dump(self, vm):
-        """Every leaf and MMIO SPTE reachable from the VM's TDP root: dict gfn -> (level, spte as uint64)."""
+        """Every leaf and MMIO SPTE reachable from the VM's TDP root (with the legacy TDP MMU: the direct root its
+        vCPUs share; a shadow-paging VM has none: {}): dict gfn -> (level, spte as uint64)."""
         from .kernels.tdp import tdp_mmu_spte_dump
         vm = self._check_vm(vm)
+        root = int(self.vt.root[vm])   # -1 for a shadow-MMU VM: no TDP root, {}
+        if self._mmu_kind[vm] == S.MMU_LEGACY:
+            g0 = int(self.vt.vcpu_off[vm])
+            roots = self.vr.root[g0:g0 + int(self._vcpus[vm])]
+            valid = [int(r) for r in roots if r >= 0 and not int(self.pa.sp_role[r]) & ROLE_INVALID]
+            root = valid[0] if valid else -1
         out = np.zeros((0, 3), np.int64)
-        n = tdp_mmu_spte_dump(self.pa, self.vt, self.cfg, np.int64(vm), out)
+        n = tdp_mmu_spte_dump(self.pa, self.vt, self.cfg, np.int64(vm), np.int64(root), out)
         if n:
             out = np.zeros((n, 3), np.int64)
-            tdp_mmu_spte_dump(self.pa, self.vt, self.cfg, np.int64(vm), out)
+            tdp_mmu_spte_dump(self.pa, self.vt, self.cfg, np.int64(vm), np.int64(root), out)
         return {g: (lv, s & 0xFFFFFFFFFFFFFFFF) for g, lv, s in out.tolist()}

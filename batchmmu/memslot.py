@@ -197,7 +197,7 @@ class Memslots:
                 if hva + size > TASK_SIZE_MAX:
                     raise einval("gpa", gpa, "no user address space left for a congruent hva")
             check_backing_alignment(bcode, hva, size)
-            A.check_alloc(slot_bytes(size >> 12, self._mmu_kind[vm] == S.MMU_SHADOW, self.overcommit is not None),
+            A.check_alloc(slot_bytes(size >> 12, self._rmaps(vm), self.overcommit is not None),
                           "size", size, f"a memslot of {format_size(size)}")
         self._sync_pml(vm)  # the vCPUs are out of the guest: their PML buffers were flushed
         if change == "none":
@@ -267,13 +267,17 @@ class Memslots:
                 self._flush_remote_tlbs(vm)
             return
         base, n = int(st.base_gfn[rec]), int(st.npages[rec])
-        if self._mmu_kind[vm] == S.MMU_SHADOW:
+        if self._rmaps(vm):
             m = self._mmu_bundle()
             if not logging_on:
                 if SK.shadow_zap_collapsible(m, vm, rec):
                     self._flush_remote_tlbs(vm)
             elif not self._initially_set(vm):
-                SK.shadow_slot_wrprot(m, vm, rec, 1)  # kvm_mmu_slot_remove_write_access
+                if self.cfg[S.CFG_PML] and self._mmu_kind[vm] == S.MMU_LEGACY:
+                    SK.shadow_slot_leaf_clear_dirty(m, vm, rec)   # kvm_mmu_slot_leaf_clear_dirty
+                    SK.shadow_slot_wrprot(m, vm, rec, 2)
+                else:
+                    SK.shadow_slot_wrprot(m, vm, rec, 1)  # kvm_mmu_slot_remove_write_access
                 self._flush_remote_tlbs(vm)
             return
         if not logging_on:
@@ -401,7 +405,7 @@ class Memslots:
 
     def _zap_all(self, vm):
         """kvm_arch_flush_shadow_memslot: the fast zap of every MMU page of the VM."""
-        if self._mmu_kind[vm] == S.MMU_SHADOW:
+        if self._rmaps(vm):
             SK.shadow_zap_all_fast(self._mmu_bundle(), vm)
         else:
             tdp_mmu_zap_all(self.pa, self.vt, vm)

@@ -35,7 +35,7 @@ class Notifiers:
                 vt.inval_start[vm] = min(int(vt.inval_start[vm]), g0)
                 vt.inval_end[vm] = max(int(vt.inval_end[vm]), g1)
             if int(self.st.slot_id[rec]) >> 16 == 0:
-                if self._mmu_kind[vm] == S.MMU_SHADOW:
+                if self._rmaps(vm):
                     before = int(self.vt.stats[vm, S.ST_RMAP_ENTRIES])
                     SK.shadow_zap_gfn_range(self._mmu_bundle(), vm, rec, g0, g1)  # kvm_unmap_gfn_range
                     zapped += before - int(self.vt.stats[vm, S.ST_RMAP_ENTRIES])
@@ -107,7 +107,7 @@ class Notifiers:
                 continue
             hva0 = int(self.st.hva[rec]) + ((g0 - int(self.st.base_gfn[rec])) << 12)
             part = np.zeros(g1 - g0, np.int8)
-            if self._mmu_kind[vm] == S.MMU_SHADOW:
+            if self._rmaps(vm):
                 flush |= bool(SK.shadow_age_gfn_range(self._mmu_bundle(), vm, rec, g0, g1, clear, part))
             else:
                 flush |= bool(tdp_age_range(self.pa, self.vt, vm, g0, g1, clear, part))

@@ -68,26 +68,31 @@ class GuestPaging:
         self._vm_order = []        # kvm vm_list order for the shrinker (scanned VMs move to the tail)
 
     # ------------------------------------------------------------------ arenas
-    def _paging_add_vms(self, vms, vcpus, shadow):
-        """Grow the per-VM and per-vCPU paging arrays for new VMs."""
+    def _paging_add_vms(self, vms, vcpus, kind):
+        """Grow the per-VM and per-vCPU paging arrays for new VMs of MMU ``kind`` (S.MMU_*)."""
         need = int(vms[-1]) + 1
         if self._mmu_kind.shape[0] < need:
             self._mmu_kind = _grow(self._mmu_kind, max(need, 2 * self._mmu_kind.shape[0]))
-        self._mmu_kind[vms] = S.MMU_SHADOW if shadow else S.MMU_TDP
+        self._mmu_kind[vms] = kind
+        self.vt.mmu[vms] = kind
         nv_old = self.arena.add_vcpu_regs(vcpus * len(vms))
-        if shadow:
+        if kind != S.MMU_TDP:   # the shadow MMU's code builds this VM's tables: mmu_page_hash
             self.vt.hash_off[vms] = self.arena.alloc_many("hash", S.KVM_MMU_HASH_SIZE, len(vms), fill=-1)
         return nv_old
 
+    def _rmaps(self, vm):
+        """kvm_memslots_have_rmaps: the shadow MMU's code builds the VM's tables (shadow paging, legacy TDP)."""
+        return self._mmu_kind[vm] != S.MMU_TDP
+
     def _paging_new_records(self, first, k):
-        """Rmap heads and write-track counts for new memslot records of shadow VMs (kvm_alloc_memslot_metadata)."""
+        """Rmap heads and write-track counts for new memslot records of rmap VMs (kvm_alloc_memslot_metadata)."""
         need = first + k
         st = self.st
         for rec in range(first, need):
             st.rmap_off[rec] = -1
             st.wtrack_off[rec] = -1
             vm = int(st.vm[rec])
-            if self._mmu_kind[vm] != S.MMU_SHADOW:
+            if not self._rmaps(vm):
                 continue
             base, n = int(st.base_gfn[rec]), int(st.npages[rec])
             for level in (1, 2, 3):
@@ -127,7 +132,7 @@ class GuestPaging:
     # ------------------------------------------------------------------ page budget and shrinker
     def _default_mmu_pages(self, vm):
         """kvm_arch_commit_memory_region: n_max = max(memslot pages / 50, 64) unless userspace set it."""
-        if self._mmu_kind[vm] != S.MMU_SHADOW or self._nr_requested.get(vm):
+        if not self._rmaps(vm) or self._nr_requested.get(vm):
             return
         pages = sum(int(self.st.npages[r]) for _, r in self._slot_rec.of_vm(vm))
         K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, max(pages // 50, 64))
@@ -137,12 +142,13 @@ class GuestPaging:
         vm = self._check_vm(vm)
         n = A.exact_int(n, "n", 64, A.I64_MAX, why="must be an integer >= 64 (KVM_MIN_ALLOC_MMU_PAGES)")
         self._nr_requested[vm] = n
-        if self._mmu_kind[vm] == S.MMU_SHADOW:
+        if self._rmaps(vm):
             K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, int(n))
 
     def shrink_count(self):
-        """mmu_shrink_count: shadow pages in use over all VMs (TDP MMU pages are not counted)."""
-        shadow = np.nonzero(self._mmu_kind[:self.nvm] == S.MMU_SHADOW)[0]
+        """mmu_shrink_count: shadow-MMU pages (shadow paging, legacy TDP) in use over all VMs (TDP MMU pages
+        are not counted)."""
+        shadow = np.nonzero(self._mmu_kind[:self.nvm] != S.MMU_TDP)[0]
         return int(self.vt.stats[shadow, S.ST_MMU_PAGES].sum())
 
     def shrink(self, nr_to_scan, mode="zap"):
@@ -157,7 +163,7 @@ class GuestPaging:
             return 0
         order = self._vm_list()
         for k, vm in enumerate(order[:nr_to_scan]):
-            if self._mmu_kind[vm] != S.MMU_SHADOW or self.vt.stats[vm, S.ST_MMU_PAGES] == 0:
+            if not self._rmaps(vm) or self.vt.stats[vm, S.ST_MMU_PAGES] == 0:
                 continue
             freed = int(K.zap_oldest_mmu_pages(self._mmu_bundle(), vm, int(nr_to_scan)))
             self._vm_order = [v for v in order if v != vm] + [vm]  # list_move_tail
@@ -262,7 +268,8 @@ class GuestPaging:
         VM's events keep their order), and with ``stores`` every TDP event (the kernel writes values)."""
         if stores:
             return ~shadow
-        pg = ~shadow & self._guest_paging_on(vm_a, vcpu_a)
+        # and every event of a legacy-TDP VM (its faults are there, whatever the guest's paging)
+        pg = ~shadow & (self._guest_paging_on(vm_a, vcpu_a) | (self._mmu_kind[vm_a] == S.MMU_LEGACY))
         if not pg.any():
             return pg
         return np.isin(vm_a, np.unique(vm_a[pg]))
@@ -280,10 +287,14 @@ class GuestPaging:
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
                       "(the vCPU has paging off)")
         res = np.zeros((n, MI.NRESF), np.int64)
+        legacy = bool(np.any(self._mmu_kind[vm_a] == S.MMU_LEGACY))
         def topup():
-            # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores
+            # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores; the legacy
+            # TDP MMU's links and rmap nodes
             if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
                 self.arena.grow_pages(max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
+            if legacy:
+                self.arena.topup_shadow()
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
         self._resume(n, lambda i: tdp2d_batch(self._mmu_bundle(), ev, i, res),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}",

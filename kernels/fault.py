@@ -195,16 +195,18 @@ def fast_pf_fix_direct_spte(spt, st, ct, vcpu_g, row, idx, spte, new, rec, gfn):
 
 
 @njit(inline="always", _nrt=False)
-def fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm):
-    """fast_page_fault (mmu.c), TDP MMU flavour.  Returns a RET_PF_* code."""
+def fast_page_fault(pa, st, ct, vcpu_g, fmt, root, root_level, gfn, rec, present, write, fetch, ad_enabled_vm):
+    """fast_page_fault (mmu.c) on the table below ``root`` (of ``root_level``): the TDP MMU's root
+    (kvm_tdp_mmu_fast_pf_get_last_sptep) or a direct shadow root (fast_pf_get_last_sptep).  Returns RET_PF_*."""
     # page_fault_can_be_fast (the fault is never RSVD here)
     if not present:
         if ad_enabled_vm:
             return RET_PF_INVALID
     elif not write:
         return RET_PF_INVALID
-    # kvm_tdp_mmu_fast_pf_get_last_sptep
-    row, idx, level, spte = walk_to_leaf(pa.spt, vt.rec[vm, VM_ROOT], np.int64(vt.rec[vm, VM_LEVELS]), gfn)
+    if root < 0:
+        return RET_PF_INVALID
+    row, idx, level, spte = walk_to_leaf(pa.spt, root, np.int64(root_level), gfn)
     if not is_shadow_present_pte(spte):
         return RET_PF_INVALID
     r, new = fast_pf_new_spte(fmt, spte, level, write, fetch, ad_enabled_vm, rec >= 0 and slot_dirty_logging(st, rec))
@@ -218,7 +220,8 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, rec, pres
     """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
     ad_enabled_vm = vt.rec[vm, VM_AD_DISABLED] == 0
     if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
-        r = fast_page_fault(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, present, write, fetch, ad_enabled_vm)
+        r = fast_page_fault(pa, st, ct, vcpu_g, fmt, vt.rec[vm, VM_ROOT], vt.rec[vm, VM_LEVELS], gfn, rec, present,
+                            write, fetch, ad_enabled_vm)
         if r != RET_PF_INVALID:
             vt.stats[vm, ST_PF_FAST] += 1
             return r

@@ -1,11 +1,21 @@
 """mmu.c's roots: kvm_mmu_load, free_roots, prev_roots and kvm_mmu_new_pgd, CR3 loads, vCPU entry and its
 requests (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_MMU_RELOAD); and the direct fault path of the shadow MMU
-(nonpaging_page_fault -> direct_page_fault -> fast_page_fault / direct_map) for guests with paging off."""
+(direct_page_fault -> fast_page_fault / direct_map) for guests with paging off (nonpaging_page_fault) and for
+VMs on the legacy TDP MMU (kvm.tdp_mmu=N: legacy_tdp_exit)."""
 
 import numpy as np
 from numba import njit
 
-from .fault import fast_pf_fix_direct_spte, fast_pf_new_spte
+from .dirty import pml_flush
+from .fault import (
+    MAX_EXITS_PER_ACCESS,
+    WALK_OK,
+    WALK_RSVD,
+    exit_error_code,
+    fast_page_fault,
+    handle_mmio_page_fault,
+    tdp_hw_walk,
+)
 from .gmem import gm_read64
 from .guest_walk import (
     MODE_PSE36_KVM,
@@ -31,13 +41,11 @@ from .mmu_internal import (
     PT32E_ROOT_LEVEL,
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
-    RET_PF_FIXED,
     RET_PF_INVALID,
     RET_PF_OOM,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
-    SC_RUNNING_VCPU,
-    scratch,
+    account_nx_huge_page,
 )
 from .paging_tmpl import (
     direct_pte_prefetch,
@@ -60,28 +68,42 @@ from .shadow_mmu import (
 )
 from .spte import (
     ACC_ALL,
-    FMT_NPT,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    PFERR_RSVD_MASK,
     ROLE_EFER_NX,
     ROLE_INVALID,
     gfn_round_for_level,
     is_large_pte,
-    is_last_spte,
     is_shadow_present_pte,
     spte_to_child_row,
 )
 from .state import (
+    CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
+    CFG_TDP_MAX_LEVEL,
+    DM_PML_ACTIVE,
     KVM_MMU_NUM_PREV_ROOTS,
-    SP_FLAGS,
+    MMU_LEGACY,
+    OUT_EMULATED,
+    OUT_FIXED,
+    OUT_MMIO,
+    OUT_RETRY,
     SP_FLOOD,
     SP_ROLE,
     SP_ROOT_COUNT,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
-    SPF_NX_DISALLOWED,
     ST_PF_FAST,
+    ST_PF_RETRY,
+    ST_PF_TAKEN,
     ST_TLB_FLUSH,
+    VM_AD_DISABLED,
+    VM_DIRTY_MODE,
+    VM_FMT,
     VM_INVAL_COUNT,
+    VM_LEVELS,
+    VM_MAX_GFN,
+    VM_MMU,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -94,6 +116,7 @@ from .state import (
     VR_ROOT,
     VR_ROOT_PGD,
 )
+from .tdp import account_pf_result, tdp_mmu_root_role
 
 
 @njit(inline="always", _nrt=False)
@@ -155,10 +178,17 @@ def sync_roots(m, vm, vg, mode, maxphyaddr):
 
 @helper
 def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
-    """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush."""
+    """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush; a legacy-TDP VM's vCPUs
+    share one direct root of the TDP level (mmu_alloc_direct_roots, found in the hash after the first)."""
+    make_mmu_pages_available(m, vm)
+    if m.vt.rec[vm, VM_MMU] == MMU_LEGACY:
+        row = get_shadow_page(m, vm, vg, np.int64(0), np.int64(tdp_mmu_root_role(m.vt, vm)), mode, maxphyaddr)
+        m.pa.meta[row, SP_ROOT_COUNT] += 1
+        m.vr.rec[vg, VR_ROOT] = row
+        m.vr.rec[vg, VR_ROOT_PGD] = 0
+        return   # as the TDP MMU's root load: no flush counted
     role = shadow_root_role(mode)
     levels = mode_levels(mode)
-    make_mmu_pages_available(m, vm)
     if levels >= 4:
         gfn = (m.vr.rec[vg, VR_CR3] & GFN_MASK_64) >> 12
         row = get_shadow_page(m, vm, vg, gfn, np.int64(role), mode, maxphyaddr)
@@ -327,35 +357,9 @@ def entry_work_needed(m, vm, vg):
     return False
 
 
-# ---------------------------------------------------------------- direct_page_fault (paging off)
+# ---------------------------------------------------------------- direct_page_fault
 @njit(inline="always", _nrt=False)
-def shadow_fast_page_fault(m, vm, vg, gpa, gfn, rec, present, write, fetch):
-    """fast_page_fault for direct shadow pages: a write to a present SPTE that is only write-protected (dirty
-    logging) made writable without the MMU lock.  RET_PF_INVALID when the slow path must run."""
-    if not present or not write:
-        return RET_PF_INVALID  # page_fault_can_be_fast: KVM always uses A/D bits for shadow pages
-    # fast_pf_get_last_sptep
-    row, level = walk_start(m, vg, gpa)
-    if row < 0:
-        return RET_PF_INVALID
-    while True:
-        idx = (gpa >> (12 + 9 * (level - 1))) & 511
-        spte = m.pa.spt[row, idx]
-        if not is_shadow_present_pte(spte):
-            return RET_PF_INVALID
-        if is_last_spte(spte, level):
-            break
-        row = spte_to_child_row(spte)
-        level -= 1
-    # shadow pages are x86-format (FMT_NPT's bits), A/D always on
-    r, new = fast_pf_new_spte(FMT_NPT, spte, level, write, fetch, True, rec >= 0 and slot_dirty_logging(m.st, rec))
-    if r == RET_PF_FIXED:
-        fast_pf_fix_direct_spte(m.pa.spt, m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], row, idx, spte, new, rec, gfn)
-    return r
-
-
-@njit(inline="always", _nrt=False)
-def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable, huge_disallowed):
+def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, req_level, write, host_writable, huge_disallowed):
     """direct_map: direct shadow pages (ACC_ALL) down to ``goal_level``, then mmu_set_spte and the prefetch."""
     row, level = walk_start(m, vg, gpa)
     while True:
@@ -372,7 +376,7 @@ def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable, 
         child = get_shadow_page(m, vm, vg, gfn_round_for_level(gfn, level), role, np.int64(0), np.int64(0))
         link_shadow_page(m, vm, row, idx, child)
         if huge_disallowed:
-            m.pa.meta[child, SP_FLAGS] |= SPF_NX_DISALLOWED   # account_nx_huge_page (not tracked for recovery)
+            account_nx_huge_page(m.pa, m.vt, vm, child, req_level >= level)
         row = child
         level -= 1
     pfn_al = gfn_round_for_level(pfn, level)
@@ -387,31 +391,86 @@ def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, write, host_writable, 
 
 
 @helper
-def nonpaging_page_fault(m, vm, vg, gpa, err):
-    """nonpaging_page_fault -> direct_page_fault (paging off: gva == gpa, 2M pages at most).  Returns RET_PF_*."""
+def direct_page_fault(m, vm, vg, gpa, err, max_level, mmio_caching):
+    """direct_page_fault: a guest with paging off under the shadow MMU (nonpaging_page_fault, 2M at most, no
+    MMIO SPTEs) or a legacy-TDP VM (kvm_tdp_page_fault with kvm.tdp_mmu=N).  Returns RET_PF_*."""
     gfn = gpa >> 12
     write = (err & PFERR_WRITE) != 0
     present = (err & PFERR_PRESENT) != 0
     fetch = (err & PFERR_FETCH) != 0
+    rsvd = (err & PFERR_RSVD_MASK) != 0
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if host_page_needs_budget(m.st, m.host, rec, gfn, write):
         return RET_PF_OOM  # the host cannot back the page: stop before any change
     # page_fault_handle_page_track
-    if present and write and gfn_write_tracked(m, rec, gfn):
+    if present and write and not rsvd and gfn_write_tracked(m, rec, gfn):
         return RET_PF_EMULATE
-    r = shadow_fast_page_fault(m, vm, vg, gpa, gfn, rec, present, write, fetch)
-    if r != RET_PF_INVALID:
-        m.vt.stats[vm, ST_PF_FAST] += 1
-        return r
-    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
-    if r != RET_PF_CONTINUE:
-        return r
+    if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
+        row, level = walk_start(m, vg, gpa)
+        r = fast_page_fault(m.pa, m.st, m.ct, vg, m.vt.rec[vm, VM_FMT], row, level, gfn, rec, present, write, fetch,
+                            m.vt.rec[vm, VM_AD_DISABLED] == 0)
+        if r != RET_PF_INVALID:
+            m.vt.stats[vm, ST_PF_FAST] += 1
+            return r
+    if rec < 0 and mmio_caching:
+        # kvm_handle_noslot_fault: an MMIO SPTE (4K), unless the gfn is beyond the guest's MAXPHYADDR
+        if gfn > m.vt.rec[vm, VM_MAX_GFN]:
+            return RET_PF_EMULATE
+        pfn, host_writable = np.int64(-1), False
+    else:
+        r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
+        if r != RET_PF_CONTINUE:
+            return r
     if not make_mmu_pages_available(m, vm):
         return RET_PF_RETRY  # -ENOSPC: every page is a pinned root
-    # kvm_mmu_hugepage_adjust (fault->max_level = PG_LEVEL_2M: a PAE table); an executable fault under the NX
-    # huge page workaround stays 4K
+    # kvm_mmu_hugepage_adjust; an executable fault under the NX huge page workaround stays 4K
     huge_disallowed = fetch and m.host[CFG_NX_HUGE_PAGES] != 0
     goal = 1
-    if not slot_dirty_logging(m.st, rec) and not huge_disallowed:
-        goal = max(1, invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, 2)))
-    return direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal, write, np.bool_(host_writable), huge_disallowed)
+    req = 1
+    if rec >= 0 and not slot_dirty_logging(m.st, rec):
+        req = max(1, invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, max_level)))
+        if not huge_disallowed:
+            goal = req
+    return direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal, req, write, np.bool_(host_writable), huge_disallowed)
+
+
+@njit(inline="always", _nrt=False)
+def nonpaging_page_fault(m, vm, vg, gpa, err):
+    # nonpaging_page_fault: gva == gpa below a PAE-shaped root (2M pages at most); MMIO is emulated
+    return direct_page_fault(m, vm, vg, gpa, err, np.int64(2), False)
+
+
+@helper
+def legacy_tdp_exit(m, vm, vg, gfn, write, fetch, res, spte):
+    """An EPT violation / misconfiguration / #NPF of a legacy-TDP VM (kvm.tdp_mmu=N): kvm_handle_exit's loop
+    with kvm_tdp_page_fault -> direct_page_fault over the direct shadow pages below the vCPU's root, and the
+    guest's re-executed access.  Returns (outcome, error code) as kernels/tdp2d.py's tdp_exit does (the 2D walk
+    counts the access and its references); outcome -1: the host cannot back the page, nothing changed."""
+    vt = m.vt
+    fmt = vt.rec[vm, VM_FMT]
+    mmio_caching = m.host[CFG_MMIO_CACHING] != 0
+    max_level = min(KVM_MAX_HUGEPAGE_LEVEL, m.host[CFG_TDP_MAX_LEVEL])
+    if vt.rec[vm, VM_DIRTY_MODE] & DM_PML_ACTIVE:
+        pml_flush(vt, m.st, m.ct, vm, vg)  # vmx_handle_exit flushes the PML buffer on every exit
+    outcome = OUT_FIXED
+    err = np.int64(0)
+    for _attempt in range(MAX_EXITS_PER_ACCESS):
+        err = exit_error_code(fmt, res, spte, write, fetch)
+        if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
+            return OUT_MMIO, err
+        vt.stats[vm, ST_PF_TAKEN] += 1
+        r = direct_page_fault(m, vm, vg, gfn << 12, err, max_level, mmio_caching)
+        if r == RET_PF_OOM:
+            vt.stats[vm, ST_PF_TAKEN] -= 1
+            return -1, err  # only a first exit needs a new host page: nothing has changed
+        if r == RET_PF_RETRY:
+            vt.stats[vm, ST_PF_RETRY] += 1
+            return OUT_RETRY, err
+        outcome = account_pf_result(vt.stats, vm, r)
+        if outcome == OUT_EMULATED:
+            return (OUT_MMIO if gfn_to_memslot(vt, m.st, vm, gfn) < 0 else OUT_EMULATED), err
+        res, refs, row, idx, level, spte = tdp_hw_walk(m.pa.spt, fmt, m.vr.rec[vg, VR_ROOT], vt.rec[vm, VM_LEVELS],
+                                                       gfn, write, fetch, vt.rec[vm, VM_AD_DISABLED] == 0)
+        if res == WALK_OK:
+            return outcome, err
+    return outcome, err

@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit
 
-from .state import SH_SCRATCH
+from .state import CTL_NX_SEQ, SH_SCRATCH, SP_FLAGS, SP_SEQ, SPF_NX_DISALLOWED, SPF_NX_TRACKED, ST_NX_LPAGE_SPLITS
 
 # RET_PF_* (mmu_internal.h)
 RET_PF_CONTINUE = 0
@@ -67,3 +67,30 @@ def scratch(sh):
 
 
 MAX_EXITS = 4
+
+
+@njit(inline="always", _nrt=False)
+def account_nx_huge_page(pa, vt, vm, row, nx_huge_page_possible):
+    """account_nx_huge_page: a table made for an executable fault under the NX huge page workaround; when
+    a huge page could map there (track_possible_nx_huge_page) it joins the VM's recovery list, oldest first."""
+    pa.meta[row, SP_FLAGS] |= SPF_NX_DISALLOWED
+    if nx_huge_page_possible and not pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:  # a reused page may be on it
+        pa.meta[row, SP_FLAGS] |= SPF_NX_TRACKED
+        pa.meta[row, SP_SEQ] = pa.ctl[CTL_NX_SEQ]
+        pa.ctl[CTL_NX_SEQ] += 1
+        vt.stats[vm, ST_NX_LPAGE_SPLITS] += 1
+
+
+@njit(inline="always", _nrt=False)
+def untrack_possible_nx_huge_page(pa, vt, vm, row):
+    # untrack_possible_nx_huge_page: off the recovery list (the page keeps nx_huge_page_disallowed)
+    if pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
+        pa.meta[row, SP_FLAGS] &= ~SPF_NX_TRACKED
+        vt.stats[vm, ST_NX_LPAGE_SPLITS] -= 1
+
+
+@njit(inline="always", _nrt=False)
+def unaccount_nx_huge_page(pa, vt, vm, row):
+    # unaccount_nx_huge_page: a huge page may map there again
+    pa.meta[row, SP_FLAGS] &= ~SPF_NX_DISALLOWED
+    untrack_possible_nx_huge_page(pa, vt, vm, row)

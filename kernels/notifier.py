@@ -5,12 +5,12 @@ Models ``tdp_mmu.c`` ``tdp_mmu_zap_leafs`` (kvm_tdp_mmu_unmap_gfn_range), ``age_
 """
 
 import numpy as np
-from numba import njit
 
 from .jit import kernel
 from .spte import (
     PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
+    is_accessed_spte,
     is_last_spte,
     is_shadow_present_pte,
     mark_spte_for_access_track,
@@ -51,14 +51,6 @@ def tdp_zap_leafs(pa, vt, vm, start, end):
                                                          end)
     vt.stats[vm, ST_MMU_NOTIFIER_ZAPPED] += n
     return n
-
-
-@njit(inline="always", _nrt=False)
-def is_accessed_spte(fmt, spte):
-    # is_accessed_spte (spte.h)
-    if spte_ad_enabled(spte):
-        return (spte & shadow_accessed_mask(fmt)) != 0
-    return (spte & 7) != 0  # not access-tracked
 
 
 @kernel

@@ -55,6 +55,7 @@ from .mmu_internal import (
     SC_PREFETCH,
     SC_PVEC_SP,
     SC_RUNNING_VCPU,
+    account_nx_huge_page,
     scratch,
 )
 from .page_track import clear_flood_on_walk
@@ -92,25 +93,22 @@ from .spte import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
     ACC_WRITE_MASK,
-    FMT_NPT,
-    NPT_A,
-    NPT_D,
-    NPT_HOST_WRITABLE,
-    NPT_MMU_WRITABLE,
-    NPT_NX,
-    NPT_P,
-    NPT_U,
-    PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
     ROLE_ACCESS_SHIFT,
+    ROLE_AD_DISABLED,
     ROLE_DIRECT,
     ROLE_HAS_4_BYTE_GPTE,
     ROLE_PASSTHROUGH,
-    SPTE_MMU_PRESENT_MASK,
     is_large_pte,
     is_last_spte,
     is_shadow_present_pte,
+    make_leaf_spte,
+    make_mmio_spte,
     make_nonleaf_spte,
+    mark_spte_for_access_track,
+    shadow_dirty_mask,
+    shadow_host_writable_mask,
+    shadow_mmu_writable_mask,
     spte_to_child_row,
     spte_to_pfn,
 )
@@ -125,6 +123,8 @@ from .state import (
     SP_FLOOD,
     SP_GFN,
     SP_HNEXT,
+    SP_PARENT,
+    SP_PARENT_INDEX,
     SP_ROLE,
     SP_UBITMAP,
     SP_UNSYNC,
@@ -132,10 +132,13 @@ from .state import (
     SPF_NX_DISALLOWED,
     ST_MMU_CACHE_MISS,
     ST_MMU_UNSYNC,
+    ST_PF_MMIO_SPTE_CREATED,
+    VM_FMT,
     VM_HASH_OFF,
     VM_INVAL_COUNT,
     VM_INVAL_END,
     VM_INVAL_START,
+    VM_MEMSLOTS_GEN,
     VR_CR3,
     VR_PDPTR,
     VR_PKRU,
@@ -188,9 +191,10 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
         return 0
     m.sh.trans[row, i] = (gfn << 12) | access
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    fmt = m.vt.rec[vm, VM_FMT]
     new, wrprot = make_spte(m, vm, rec, row, access, gfn, spte_to_pfn(spte), spte, True, True,
-                            (spte & NPT_HOST_WRITABLE) != 0)
-    return 1 if mmu_spte_update(m.pa.spt, row, i, new) else 0
+                            (spte & shadow_host_writable_mask(fmt)) != 0)
+    return 1 if mmu_spte_update(m.pa.spt, fmt, row, i, new) else 0
 
 
 @helper
@@ -286,8 +290,11 @@ def link_shadow_page(m, vm, prow, pidx, child):
     if is_shadow_present_pte(old) and is_large_pte(old):
         drop_spte(m, vm, prow, pidx)  # drop_large_spte
         flush_remote_tlbs(m, vm)
-    mmu_spte_set(m.pa.spt, prow, pidx, make_nonleaf_spte(FMT_NPT, child, False))
+    mmu_spte_set(m.pa.spt, prow, pidx, make_nonleaf_spte(m.vt.rec[vm, VM_FMT], child,
+                                                         (m.pa.meta[child, SP_ROLE] & ROLE_AD_DISABLED) != 0))
     parent_add(m.pa, m.sh, child, prow * 512 + pidx)
+    m.pa.meta[child, SP_PARENT] = prow   # the last link (a direct page has one: the legacy TDP MMU's iterators)
+    m.pa.meta[child, SP_PARENT_INDEX] = pidx
     if m.pa.meta[child, SP_UNSYNC_CHILDREN] or m.pa.meta[child, SP_UNSYNC]:
         # mark_unsync(sptep)
         w = pidx >> 6
@@ -362,33 +369,21 @@ def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
 
 @njit(inline="always", _nrt=False)
 def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchronizing, host_writable):
-    """make_spte (spte.c) for a shadow page: (spte, wrprot)."""
-    level = role_level(m.pa.meta[row, SP_ROLE])
-    spte = SPTE_MMU_PRESENT_MASK | NPT_P
+    """make_spte (spte.c) for a shadow page, in the VM's SPTE format (x86 for shadow paging, EPT or NPT for
+    the legacy TDP MMU): (spte, wrprot).  The bits are make_leaf_spte's; a fault's SPTE is accessed, a
+    prefetched one is not (mark_spte_for_access_track), and a gfn that is shadowed stays write-protected."""
+    fmt = m.vt.rec[vm, VM_FMT]
+    role = m.pa.meta[row, SP_ROLE]
+    level = role_level(role)
+    spte = make_leaf_spte(fmt, level, pte_access, pfn, host_writable, (role & ROLE_AD_DISABLED) != 0,
+                          m.host[CFG_NX_HUGE_PAGES] != 0)
     wrprot = False
-    if not prefetch or synchronizing:
-        spte |= NPT_A
-    if level > 1 and (pte_access & ACC_EXEC_MASK) and m.host[CFG_NX_HUGE_PAGES]:
-        pte_access &= ~ACC_EXEC_MASK
-    if not (pte_access & ACC_EXEC_MASK):
-        spte |= NPT_NX
-    if pte_access & ACC_USER_MASK:
-        spte |= NPT_U
-    if level > 1:
-        spte |= PT_PAGE_SIZE_MASK
-    if host_writable:
-        spte |= NPT_HOST_WRITABLE
-    else:
-        pte_access &= ~ACC_WRITE_MASK
-    spte |= pfn << 12
-    if pte_access & ACC_WRITE_MASK:
-        if (not is_last_spte(old_spte, level) or not is_writable_spte(old_spte)) and \
-                mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
-            wrprot = True
-        else:
-            spte |= PT_WRITABLE_MASK | NPT_MMU_WRITABLE | NPT_D
+    if (spte & PT_WRITABLE_MASK) and (not is_last_spte(old_spte, level) or not is_writable_spte(old_spte)) and \
+            mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
+        wrprot = True
+        spte &= ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(fmt) | shadow_dirty_mask(fmt))
     if prefetch and not synchronizing:
-        spte &= ~NPT_A  # mark_spte_for_access_track with A/D enabled
+        spte = mark_spte_for_access_track(fmt, spte)
     if (spte & PT_WRITABLE_MASK) and rec >= 0 and slot_dirty_logging(m.st, rec):
         mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, gfn)
     return spte, wrprot
@@ -402,6 +397,12 @@ def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fau
     flush = False
     was_rmapped = False
     prefetch = not is_fault
+    if rec < 0:
+        # is_noslot_pfn (the legacy TDP MMU with MMIO caching): an MMIO SPTE, emulated
+        m.vt.stats[vm, ST_PF_MMIO_SPTE_CREATED] += 1
+        mmu_spte_set(m.pa.spt, row, idx, make_mmio_spte(m.vt.rec[vm, VM_FMT], gfn, pte_access,
+                                                        m.vt.rec[vm, VM_MEMSLOTS_GEN]))   # mark_mmio_spte
+        return RET_PF_EMULATE
     old = m.pa.spt[row, idx]
     if is_shadow_present_pte(old):
         if prefetch and is_last_spte(old, level) and spte_to_pfn(old) == pfn:
@@ -419,7 +420,7 @@ def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fau
     if old == spte:
         ret = RET_PF_SPURIOUS
     else:
-        flush |= mmu_spte_update(m.pa.spt, row, idx, spte)
+        flush |= mmu_spte_update(m.pa.spt, m.vt.rec[vm, VM_FMT], row, idx, spte)
     if wrprot and write_fault:
         ret = RET_PF_EMULATE  # RET_PF_WRITE_PROTECTED: the write is emulated
     if flush:
@@ -538,11 +539,12 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault
         level -= 1
     # kvm_mmu_hugepage_adjust
     goal_level = 1
+    req_level = 1
     huge_disallowed = exec_fault and m.host[CFG_NX_HUGE_PAGES] != 0
     if gw_level > 1 and rec >= 0 and not slot_dirty_logging(m.st, rec):
-        req = invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level))
-        if req > 1 and not huge_disallowed:
-            goal_level = req
+        req_level = invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level))
+        if req_level > 1 and not huge_disallowed:
+            goal_level = req_level
     direct_access = pte_access
     while True:
         spte = pa.spt[row, idx]
@@ -564,7 +566,7 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault
             child = get_shadow_page(m, vm, vg, base, role, mode, maxphyaddr)
             link_shadow_page(m, vm, row, idx, child)
             if huge_disallowed:
-                pa.meta[child, SP_FLAGS] |= SPF_NX_DISALLOWED   # account_nx_huge_page (not tracked for recovery)
+                account_nx_huge_page(pa, m.vt, vm, child, req_level >= level)
             row = child
         level -= 1
         idx = (gva >> (12 + 9 * (level - 1))) & 511

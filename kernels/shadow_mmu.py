@@ -1,9 +1,11 @@
 """mmu.c's shadow half: the (gfn, role) hash, shadow-page alloc/free and the active list, rmaps and the
 ``mmu_spte_*`` chokepoint, unsync bookkeeping, zapping, the page budget and shrinker.
 
-Shadow SPTEs use the legacy (NPT) layout with A/D bits.  The shadow MMU's functions take the ``MMU``
-bundle ``m`` (kernels/state.py).  Single-threaded: no mmu_lock, no races, so KVM's re-checks after taking
-the lock (``gpte_changed``, ``is_page_fault_stale``) never fire except for MMU-notifier invalidations.
+Shadow SPTEs use the legacy (NPT) layout with A/D bits; the direct pages of the legacy TDP MMU (a VM with
+kvm.tdp_mmu=N) use the VM's TDP format (``VM_FMT``: EPT, with A/D bits or not, or NPT).  The shadow MMU's
+functions take the ``MMU`` bundle ``m`` (kernels/state.py).  Single-threaded: no mmu_lock, no races, so KVM's
+re-checks after taking the lock (``gpte_changed``, ``is_page_fault_stale``) never fire except for MMU-notifier
+invalidations.
 """
 
 import numpy as np
@@ -27,11 +29,11 @@ from .mmu_internal import (
     SC_PVEC_SP,
     SC_STACK,
     scratch,
+    unaccount_nx_huge_page,
 )
 from .rmap import parent_remove, pte_list_add, pte_list_remove, rmap_get_next, rmap_index
 from .spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
-    NPT_MMU_WRITABLE,
     PT_WRITABLE_MASK,
     ROLE_ACCESS_SHIFT,
     ROLE_DIRECT,
@@ -41,7 +43,9 @@ from .spte import (
     SHADOW_NONPRESENT_VALUE,
     is_large_pte,
     is_last_spte,
+    is_mmu_writable_spte,
     is_shadow_present_pte,
+    shadow_mmu_writable_mask,
     spte_to_child_row,
 )
 from .state import (
@@ -69,6 +73,7 @@ from .state import (
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
     SP_VM,
+    SPF_NX_DISALLOWED,
     ST_MAX_MMU_RMAP_SIZE,
     ST_MMU_PAGES,
     ST_MMU_RECYCLED,
@@ -80,6 +85,7 @@ from .state import (
     ST_RMAP_ENTRIES,
     VM_ACT_HEAD,
     VM_ACT_TAIL,
+    VM_FMT,
     VM_HASH_OFF,
     VM_INDIRECT,
     VM_N_MAX,
@@ -195,11 +201,6 @@ def is_writable_spte(spte):
 
 
 @njit(inline="always", _nrt=False)
-def is_mmu_writable(spte):
-    return (spte & NPT_MMU_WRITABLE) != 0
-
-
-@njit(inline="always", _nrt=False)
 def rmap_add(m, vm, rec, row, idx, gfn, access):
     # __rmap_add: record the translation, count the page, chain the SPTE
     sh = m.sh
@@ -232,12 +233,12 @@ def mmu_spte_update_no_track(spt, row, idx, new):
 
 
 @njit(inline="always", _nrt=False)
-def mmu_spte_update(spt, row, idx, new):
+def mmu_spte_update(spt, fmt, row, idx, new):
     """mmu_spte_update: returns True when the change needs a TLB flush (MMU-writable dropped)."""
     old = mmu_spte_update_no_track(spt, row, idx, new)
     if not is_shadow_present_pte(old):
         return False
-    return is_mmu_writable(old) and not is_mmu_writable(new)
+    return is_mmu_writable_spte(fmt, old) and not is_mmu_writable_spte(fmt, new)
 
 
 @njit(inline="always", _nrt=False)
@@ -299,6 +300,7 @@ def mmu_page_zap_pte(m, vm, row, idx):
 def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
     """kvm_mmu_slot_gfn_write_protect over the rmaps: True if a flush is needed."""
     sh = m.sh
+    fmt = m.vt.rec[vm, VM_FMT]
     flush = False
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
         if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
@@ -308,12 +310,12 @@ def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
             row, idx, n = rmap_get_next(sh.rn, n)
             spte = m.pa.spt[row, idx]
             # spte_write_protect
-            if not (spte & PT_WRITABLE_MASK) and not (pt_protect and is_mmu_writable(spte)):
+            if not (spte & PT_WRITABLE_MASK) and not (pt_protect and is_mmu_writable_spte(fmt, spte)):
                 continue
             new = spte & ~PT_WRITABLE_MASK
             if pt_protect:
-                new &= ~NPT_MMU_WRITABLE
-            flush |= mmu_spte_update(m.pa.spt, row, idx, new)
+                new &= ~shadow_mmu_writable_mask(fmt)
+            flush |= mmu_spte_update(m.pa.spt, fmt, row, idx, new)
     return flush
 
 
@@ -598,6 +600,8 @@ def prepare_zap_one(m, vm, row):
     role = pa.meta[row, SP_ROLE]
     if not (role & ROLE_INVALID) and sp_has_gptes(role):
         unaccount_shadowed(m, vm, row)
+    if pa.meta[row, SP_FLAGS] & SPF_NX_DISALLOWED:
+        unaccount_nx_huge_page(pa, m.vt, vm, row)
     if m.pa.meta[row, SP_UNSYNC]:
         kvm_unlink_unsync_page(m, vm, row)
     if m.pa.meta[row, SP_ROOT_COUNT] == 0:

@@ -1,13 +1,18 @@
 """mmu.c's rmap-driven operations over memslots and gfn ranges (slot_rmap_walk): zap all, write-protect
-and dirty logging, zap collapsible / gfn range, aging, the shadow footprint."""
+and dirty logging (with PML for the legacy TDP MMU: dirty bits cleared instead), zap collapsible / gfn range,
+aging, NX huge page recovery, the footprint of rmaps and shadow pages."""
 
 import numpy as np
+from numba import njit
 
 from .dirty import ring_mask_target
 from .jit import helper, kernel
 from .memslot import (
+    gfn_to_memslot,
     kvm_mmu_max_mapping_level,
+    slot_dirty_logging,
 )
+from .mmu_internal import unaccount_nx_huge_page
 from .rmap import kvm_mmu_slot_lpages, pte_list_count, pte_list_next, rmap_get_next, rmap_index, sptep_idx, sptep_row
 from .shadow_mmu import (
     commit_zap_page,
@@ -20,14 +25,19 @@ from .shadow_mmu import (
 )
 from .spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
-    NPT_A,
     PT_WRITABLE_MASK,
     ROLE_DIRECT,
     ROLE_INVALID,
+    is_accessed_spte,
+    mark_spte_for_access_track,
+    shadow_dirty_mask,
+    spte_ad_enabled,
 )
 from .state import (
+    CFG_PML,
     DM_INITIALLY_SET,
     DM_MANUAL_PROTECT,
+    MMU_SHADOW,
     RM_COUNT,
     RM_HEAD,
     SL_BASE_GFN,
@@ -36,12 +46,20 @@ from .state import (
     SL_RMAP_OFF,
     SL_VM,
     SP_APREV,
+    SP_FLAGS,
     SP_GEN,
+    SP_GFN,
     SP_PARENT_HEAD,
     SP_ROLE,
     SP_VM,
+    SPF_NX_TRACKED,
+    ST_NX_LPAGE_RECOVERED,
+    ST_PAGES_AGED,
+    ST_PAGES_WRITE_PROTECTED,
     VM_ACT_TAIL,
     VM_DIRTY_MODE,
+    VM_FMT,
+    VM_MMU,
     VM_VALID_GEN,
 )
 
@@ -80,7 +98,43 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
                 spte = m.pa.spt[row, idx]
                 if spte & PT_WRITABLE_MASK:
                     mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~PT_WRITABLE_MASK)  # spte_write_protect
+                    m.vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
                     flush = True
+    return flush
+
+
+@njit(inline="always", _nrt=False)
+def rmap_clear_dirty(m, vm, row, idx):
+    """__rmap_clear_dirty for one SPTE: the dirty bit off (the write-protect bit for SPTEs without A/D), so
+    the next write sets it again and PML logs the page.  True if it changed."""
+    spte = m.pa.spt[row, idx]
+    dbit = shadow_dirty_mask(m.vt.rec[vm, VM_FMT]) if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+    if not spte & dbit:
+        return False
+    mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~dbit)
+    m.vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
+    return True
+
+
+@njit(inline="always", _nrt=False)
+def vm_uses_pml(m, vm):
+    # kvm_x86_ops.cpu_dirty_log_size: VMX with PML logs the legacy TDP MMU's writes too (never shadow paging)
+    return m.host[CFG_PML] != 0 and m.vt.rec[vm, VM_MMU] != MMU_SHADOW
+
+
+@kernel
+def shadow_slot_leaf_clear_dirty(m, vm, rec):
+    """kvm_mmu_slot_leaf_clear_dirty (rmap part, walk_slot_rmaps_4k): clear the dirty bit of every 4K SPTE of
+    the slot when PML starts logging it.  True if any changed."""
+    flush = False
+    off = m.st.rec[rec, SL_RMAP_OFF + 0]
+    if off < 0:
+        return False
+    for h in range(off, off + m.st.rec[rec, SL_NPAGES]):
+        n = m.sh.rmap[h, RM_HEAD]
+        while n >= 0:
+            row, idx, n = rmap_get_next(m.sh.rn, n)
+            flush |= rmap_clear_dirty(m, vm, row, idx)
     return flush
 
 
@@ -115,22 +169,22 @@ def shadow_ring_reset_masks(m, vm, masks, n, slot_recs):
 
 @helper
 def shadow_wrprot_masked(m, vm, rec, first, mask):
-    """kvm_mmu_write_protect_pt_masked: write-protect the 4K SPTEs of the gfns in a 64-page mask."""
+    """kvm_mmu_write_protect_pt_masked, or with PML kvm_mmu_clear_dirty_pt_masked: re-arm the 4K SPTEs of the
+    gfns in a 64-page mask."""
+    pml = vm_uses_pml(m, vm)
     for b in range(64):
         if (mask >> np.int64(b)) & 1:
             gfn = m.st.rec[rec, SL_BASE_GFN] + first + b
-            rmap_write_protect_gfn_level(m, rec, gfn, 1)
-
-
-@helper
-def rmap_write_protect_gfn_level(m, rec, gfn, level):
-    # rmap_write_protect(pt_protect=false) on one rmap head
-    n = m.sh.rmap[rmap_index(m.sh, m.st, rec, level, gfn), RM_HEAD]
-    while n >= 0:
-        row, idx, n = rmap_get_next(m.sh.rn, n)
-        spte = m.pa.spt[row, idx]
-        if spte & PT_WRITABLE_MASK:
-            mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~PT_WRITABLE_MASK)
+            n = m.sh.rmap[rmap_index(m.sh, m.st, rec, 1, gfn), RM_HEAD]
+            while n >= 0:
+                row, idx, n = rmap_get_next(m.sh.rn, n)
+                if pml:
+                    rmap_clear_dirty(m, vm, row, idx)
+                    continue
+                spte = m.pa.spt[row, idx]
+                if spte & PT_WRITABLE_MASK:   # rmap_write_protect(pt_protect=false)
+                    mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~PT_WRITABLE_MASK)
+                    m.vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
 
 
 @kernel
@@ -215,8 +269,10 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
 
 @kernel
 def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
-    """kvm_age_gfn / kvm_test_age_gfn over the rmaps (A/D enabled: clear the accessed bit).
-    ``young[gfn - start]`` is set for each accessed 4K page.  Returns True if any was young."""
+    """kvm_age_gfn / kvm_test_age_gfn over the rmaps (kvm_rmap_age_gfn_range: clear the accessed bit, or
+    access-track an SPTE without A/D bits).  ``young[gfn - start]`` is set for each accessed 4K page.  Returns
+    True if any was young."""
+    fmt = m.vt.rec[vm, VM_FMT]
     any_young = False
     for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
         if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
@@ -230,10 +286,11 @@ def shadow_age_gfn_range(m, vm, rec, start, end, clear, young):
             while n >= 0:
                 row, idx, n = rmap_get_next(m.sh.rn, n)
                 spte = m.pa.spt[row, idx]
-                if spte & NPT_A:
+                if is_accessed_spte(fmt, spte):
                     hit = True
                     if clear:
-                        mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~NPT_A)  # clear_bit(A)
+                        mmu_spte_update_no_track(m.pa.spt, row, idx, mark_spte_for_access_track(fmt, spte))
+                        m.vt.stats[vm, ST_PAGES_AGED] += 1
             if hit:
                 any_young = True
                 lo = max(g, start)
@@ -272,3 +329,27 @@ def shadow_footprint_counts(m, vm, out):
                 if c >= 2:
                     out[1] += (c + 13) // 14
         out[4] += m.st.rec[rec, SL_NPAGES]
+
+
+@kernel
+def shadow_recover_nx_huge_pages(m, vm, rows, to_zap):
+    """kvm_recover_nx_huge_pages for a VM of the shadow or legacy TDP MMU: as the TDP MMU's
+    (kernels/tdp.py), with kvm_mmu_prepare_zap_page for the zap.  Returns the number zapped."""
+    zapped = 0
+    done = 0
+    for k in range(rows.shape[0]):
+        if done == to_zap:
+            break
+        row = rows[k]
+        if not m.pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
+            continue  # freed by an earlier zap in this pass
+        done += 1
+        rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.meta[row, SP_GFN])
+        if rec >= 0 and slot_dirty_logging(m.st, rec):
+            unaccount_nx_huge_page(m.pa, m.vt, vm, row)
+            continue
+        prepare_zap_page(m, vm, row)
+        m.vt.stats[vm, ST_NX_LPAGE_RECOVERED] += 1
+        zapped += 1
+    commit_zap_page(m, vm)   # the flush: kvm_mmu_remote_flush_or_zap
+    return zapped

@@ -276,6 +276,14 @@ def is_access_track_spte(fmt, spte):
 
 
 @njit(inline="always", _nrt=False)
+def is_accessed_spte(fmt, spte):
+    # is_accessed_spte (spte.h)
+    if spte_ad_enabled(spte):
+        return (spte & shadow_accessed_mask(fmt)) != 0
+    return (spte & 7) != 0  # not access-tracked
+
+
+@njit(inline="always", _nrt=False)
 def spte_to_pfn(spte):
     return (spte >> PAGE_SHIFT) & PFN_MASK
 

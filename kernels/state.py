@@ -166,7 +166,8 @@ VM_VALID_GEN = 18      # kvm->arch.mmu_valid_gen
 VM_N_MAX = 19          # n_max_mmu_pages
 VM_MAXPHYADDR = 20     # guest MAXPHYADDR (bits; kvm_vcpu_arch.maxphyaddr, the same for every vCPU here)
 VM_VCPU_OFF = 21       # global index of the VM's vCPU 0 (VcpuTable / VcpuRegs rows)
-NVMF = 22
+VM_MMU = 22            # MMU_TDP, MMU_SHADOW or MMU_LEGACY (which MMU builds the VM's SPTEs)
+NVMF = 23
 
 
 class VMTable(NamedTuple):
@@ -195,6 +196,7 @@ class VMTable(NamedTuple):
     n_max = _cols("rec", VM_N_MAX)
     maxphyaddr = _cols("rec", VM_MAXPHYADDR)
     vcpu_off = _cols("rec", VM_VCPU_OFF)
+    mmu = _cols("rec", VM_MMU)
 
 
 DM_MANUAL_PROTECT = 1
@@ -377,5 +379,6 @@ class MMU(NamedTuple):
     vr: VcpuRegs
 
 
-MMU_TDP = 0
-MMU_SHADOW = 1
+MMU_TDP = 0       # the TDP MMU (tdp_mmu.c): gpa -> hpa, kvm.tdp_mmu=Y
+MMU_SHADOW = 1    # shadow paging (no EPT/NPT): gva -> hpa through shadow pages
+MMU_LEGACY = 2    # TDP built by the shadow MMU's code (kvm.tdp_mmu=N): direct shadow pages, hash, rmaps

@@ -15,7 +15,14 @@ from .memslot import (
     mark_page_dirty,
     slot_dirty_logging,
 )
-from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS
+from .mmu_internal import (
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_SPURIOUS,
+    account_nx_huge_page,
+    unaccount_nx_huge_page,
+    untrack_possible_nx_huge_page,
+)
 from .spte import (
     ACC_ALL,
     KVM_MAX_HUGEPAGE_LEVEL,
@@ -50,7 +57,6 @@ from .state import (
     CFG_NX_HUGE_PAGES,
     CFG_TDP_MAX_LEVEL,
     CTL_FREE_TOP,
-    CTL_NX_SEQ,
     CTL_USED,
     OUT_EMULATED,
     OUT_FIXED,
@@ -63,13 +69,11 @@ from .state import (
     SP_PARENT,
     SP_PARENT_INDEX,
     SP_ROLE,
-    SP_SEQ,
     SP_VM,
     SPF_NX_DISALLOWED,
     SPF_NX_TRACKED,
     ST_MMU_PAGES,
     ST_NX_LPAGE_RECOVERED,
-    ST_NX_LPAGE_SPLITS,
     ST_PAGES_4K,
     ST_PAGES_WRITE_PROTECTED,
     ST_PF_EMULATE,
@@ -147,8 +151,7 @@ def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
 @njit(inline="always", _nrt=False)
 def tdp_mmu_free_sp(pa, vt, vm, row):
     # tdp_unaccount_mmu_page + untrack_possible_nx_huge_page + tdp_mmu_free_sp
-    if pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
-        vt.stats[vm, ST_NX_LPAGE_SPLITS] -= 1
+    untrack_possible_nx_huge_page(pa, vt, vm, row)
     pa.meta[row, SP_FLAGS] = 0
     pa.meta[row, SP_PARENT] = -1
     pa.meta[row, SP_VM] = -1
@@ -271,11 +274,7 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
         else:
             tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child)
         if huge_page_disallowed and req_level >= level:
-            # track_possible_nx_huge_page: appended to the VM's list (oldest first)
-            pa.meta[child, SP_FLAGS] |= SPF_NX_TRACKED
-            pa.meta[child, SP_SEQ] = pa.ctl[CTL_NX_SEQ]
-            pa.ctl[CTL_NX_SEQ] += 1
-            vt.stats[vm, ST_NX_LPAGE_SPLITS] += 1
+            account_nx_huge_page(pa, vt, vm, child, True)
         row = child
         level -= 1
 
@@ -318,16 +317,17 @@ def tdp_mmu_zap_all(pa, vt, vm):
 
 
 @kernel
-def tdp_mmu_spte_dump(pa, vt, cfg, vm, out):
-    """Every present leaf and MMIO SPTE of the VM's TDP root, in gfn order: out[k] = (gfn, level, spte)
-    for the first ``out.shape[0]``.  Returns how many there are (a caller sizes ``out`` from a first call)."""
+def tdp_mmu_spte_dump(pa, vt, cfg, vm, root, out):
+    """Every present leaf and MMIO SPTE below ``root`` (the VM's TDP root, or a legacy-TDP vCPU's direct root),
+    in gfn order: out[k] = (gfn, level, spte) for the first ``out.shape[0]``.  Returns how many there are (a
+    caller sizes ``out`` from a first call)."""
     fmt = vt.rec[vm, VM_FMT]
     root_level = np.int64(vt.rec[vm, VM_LEVELS])
     mmio_caching = cfg[CFG_MMIO_CACHING] != 0
     spt, meta = pa.spt, pa.meta
     n = 0
     end = np.int64(1) << (root_level * 9)
-    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, 0, PG_LEVEL_4K)
+    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, 0, PG_LEVEL_4K)
     while valid:
         idx = spte_index(gfn, level)
         run = tdp_iter_run(gfn, level, end)
@@ -466,8 +466,7 @@ def recover_nx_huge_pages(pa, vt, st, vm, rows, to_zap):
         done += 1
         rec = gfn_to_memslot(vt, st, vm, pa.meta[row, SP_GFN])
         if rec >= 0 and slot_dirty_logging(st, rec):
-            pa.meta[row, SP_FLAGS] &= ~SPF_NX_TRACKED  # unaccount_nx_huge_page only
-            vt.stats[vm, ST_NX_LPAGE_SPLITS] -= 1
+            unaccount_nx_huge_page(pa, vt, vm, row)
             continue
         parent = pa.meta[row, SP_PARENT]
         # kvm_tdp_mmu_zap_sp: the SPTE that points at the page becomes non-present

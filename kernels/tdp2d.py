@@ -56,7 +56,19 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import dirty_ring_soft_full, gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
-from .mmu_internal import EV_ADDR, EV_KIND, EV_SIZE, EV_VALUE, EV_VCPU, EV_VM, RES_ERROR, RES_OUTCOME, scratch
+from .mmu import entry_work_needed, legacy_tdp_exit, vcpu_reenter
+from .mmu_internal import (
+    EV_ADDR,
+    EV_KIND,
+    EV_SIZE,
+    EV_VALUE,
+    EV_VCPU,
+    EV_VM,
+    RES_ERROR,
+    RES_OUTCOME,
+    SC_RUNNING_VCPU,
+    scratch,
+)
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -73,7 +85,10 @@ from .state import (
     DM_RING,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     MAX_GM_PER_EVENT,
+    MAX_PL_PER_EVENT,
+    MAX_RN_PER_EVENT,
     MAX_ROWS_PER_EVENT,
+    MMU_LEGACY,
     OUT_EMULATED,
     OUT_FIXED,
     OUT_GUEST_FAULT,
@@ -83,6 +98,8 @@ from .state import (
     OUT_RING_FULL,
     OUT_SPURIOUS,
     PML_ENTITY_NUM,
+    SH_PL_AVAIL,
+    SH_RN_AVAIL,
     ST_ACCESSES,
     ST_DIRTY_RING_FULL,
     ST_PF_GUEST,
@@ -95,6 +112,7 @@ from .state import (
     VM_FMT,
     VM_LEVELS,
     VM_MAXPHYADDR,
+    VM_MMU,
     VM_ROOT,
     VM_VCPU_OFF,
     VR_CR0,
@@ -104,6 +122,7 @@ from .state import (
     VR_PDPTR,
     VR_PKRU,
     VR_RFLAGS,
+    VR_ROOT,
 )
 from .tdp import mmu_alloc_root
 
@@ -194,6 +213,15 @@ def _ad_write(wk, level, leaf, write):
     return level == leaf and write and (g & PT_DIRTY_MASK) == 0
 
 
+@njit(inline="always", _nrt=False)
+def _room(m, legacy):
+    """mmu_topup_memory_caches has left enough for one exit: table rows, and for the legacy TDP MMU parent-pte
+    links and rmap nodes."""
+    if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
+        return False
+    return not legacy or (m.sh.ctl[SH_PL_AVAIL] >= MAX_PL_PER_EVENT and m.sh.ctl[SH_RN_AVAIL] >= MAX_RN_PER_EVENT)
+
+
 @njit(inline="always", _nrt=False)  # one call site (tdp2d_batch): no bundle pushed for it
 def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     """One guest access of a TDP VM (2D walk when the vCPU pages): (outcome, error code, refs).
@@ -208,6 +236,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     tdp_levels = vt.rec[vm, VM_LEVELS]
     ad_vm = vt.rec[vm, VM_AD_DISABLED] == 0
     pml = (vt.rec[vm, VM_DIRTY_MODE] & DM_PML_ACTIVE) != 0
+    legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY   # kvm.tdp_mmu=N: the vCPU's direct shadow root (tdp2d_batch loads it)
     write = (kind & PFERR_WRITE_MASK) != 0
     fetch = (kind & PFERR_FETCH_MASK) != 0
     mode = cpu_mode(vr.rec[vcpu_g, VR_CR0], vr.rec[vcpu_g, VR_CR4], vr.rec[vcpu_g, VR_EFER], vr.rec[vcpu_g, VR_RFLAGS])
@@ -256,7 +285,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                 gfn = gpa >> 12
                 w = write
                 f = fetch
-            root = vt.rec[vm, VM_ROOT]
+            root = vr.rec[vcpu_g, VR_ROOT] if legacy else vt.rec[vm, VM_ROOT]
             if root < 0:
                 if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
                     return _NEED_ROWS, err, refs
@@ -273,9 +302,12 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                     gm_write_bytes(gm, slot_map(vt, st), vm, gpa, value, nbytes)
                 return outcome, err, refs
             # an exit: KVM's TDP fault path, then the guest re-executes the access
-            if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
+            if not _room(m, legacy):
                 return _NEED_ROWS, err, refs
-            o, e = tdp_exit(pa, vt, st, ct, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
+            if legacy:
+                o, e = legacy_tdp_exit(m, vm, vcpu_g, gfn, w, f, res, spte)
+            else:
+                o, e = tdp_exit(pa, vt, st, ct, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
             if o < 0:
                 wk[SC_OOM_GPA] = gfn << 12
                 return -1, err, refs
@@ -317,9 +349,11 @@ def tdp2d_batch(m, ev, start, res):
     wk = scratch(m.sh)
     ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.host[CFG_PML] else 0)
     for i in range(start, n):
-        if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT or not gm_room(gm, MAX_GM_PER_EVENT):
-            return i, STOP_NEED_PAGES
+        wk[SC_RUNNING_VCPU] = -1
         vm = ev[i, EV_VM]
+        legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY
+        if not _room(m, legacy) or not gm_room(gm, MAX_GM_PER_EVENT):
+            return i, STOP_NEED_PAGES
         vcpu_g = vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
         dmode = vt.rec[vm, VM_DIRTY_MODE]
         if dmode & DM_RING:
@@ -331,14 +365,18 @@ def tdp2d_batch(m, ev, start, res):
                 res[i, RES_OUTCOME] = OUT_RING_FULL
                 res[i, RES_ERROR] = 0
                 continue
+        if legacy:
+            wk[SC_RUNNING_VCPU] = vcpu_g   # the vCPU whose faults mark pages dirty (its dirty ring)
+            if entry_work_needed(m, vm, vcpu_g):
+                vcpu_reenter(m, vm, vcpu_g, np.int64(0), np.int64(0))  # kvm_mmu_reload: the direct root
         o, e, refs = access_2d(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
                                vt.rec[vm, VM_MAXPHYADDR], wk)
-        if o == _NEED_ROWS:
-            return i, STOP_NEED_PAGES
-        if o < 0:
-            return i, STOP_HOST_OOM
+        if o == _NEED_ROWS or o < 0:
+            wk[SC_RUNNING_VCPU] = -1
+            return i, (STOP_NEED_PAGES if o == _NEED_ROWS else STOP_HOST_OOM)
         vt.stats[vm, ST_ACCESSES] += 1
         vt.stats[vm, ST_WALK_REFS] += refs
         res[i, RES_OUTCOME] = o
         res[i, RES_ERROR] = e
+    wk[SC_RUNNING_VCPU] = -1
     return n, STOP_DONE

@@ -46,13 +46,16 @@ def build(pml=False):
     h.enable_dirty_ring(2, 1024)
     h.set_memslot(2, 1, 1 << 30, 1 << 21, flags=LOG)
     h.create_vms(1, memory="8MiB", mmu="shadow")                  # 3: shadow MMU
+    h.create_vms(1, memory="4MiB", tdp_mmu=False)                 # 4: legacy TDP MMU
+    h.set_memslot(4, 1, 1 << 30, 1 << 21, flags=LOG)
     for vm, vcpu in ((0, 1), (3, 0)):
         # 1:1 map of the first 8 MiB with 2M pages; tables at 0x10000
         h.write_guest_memory(vm, 0x10000, [0x11000 | P | W | U | A])
         h.write_guest_memory(vm, 0x11000, [0x12000 | P | W | U | A])
         h.write_guest_memory(vm, 0x12000, [(k << 21) | P | W | U | A | D | PS for k in range(4)])
         h.set_vcpu_regs(vm, vcpu, cr0=CR0, cr4=CR4, efer=EFER, cr3=0x10000)
-    h.access([0, 0, 1, 2, 3], [0, 1, 0, 0, 0], [0x1000, 0x3000, 0x2000, 1 << 30, 0x5000], bm.ACC_WRITE)
+    h.access([0, 0, 1, 2, 3, 4, 4], [0, 1, 0, 0, 0, 0, 0], [0x1000, 0x3000, 0x2000, 1 << 30, 0x5000, 0x3000, 1 << 30],
+             bm.ACC_WRITE)
     h.access([0, 1], 0, [(1 << 30) + 0x1000, (1 << 30) + 0x1000], bm.ACC_WRITE)
     return h
 

@@ -311,7 +311,7 @@ def step(st, log):
         else:
             log.append(f"invalidate_hva_range [{lo:#x}, {hi:#x})")
             h.invalidate_hva_range(vm, lo, hi)
-    elif r < 90 and st.kind in ("shadow", "2d"):
+    elif r < 90 and st.kind in ("shadow", "2d", "legacy2d"):
         vcpu = int(rng.integers(0, st.vcpus))
         st.wp = not st.wp if rng.integers(0, 2) else st.wp
         log.append(f"set_vcpu_regs vcpu{vcpu} cr0.wp={int(st.wp)} cr3={PML4:#x}")
@@ -356,21 +356,26 @@ def _note_writes(st, slot, pages, outcome, write, vals, addr):
         # an alias that logs the same host pages does not see writes through the other gpa (per-slot logs)
 
 
+# the VMs of a case: TDP MMU (paging off / 2D), shadow paging (paging on / off), legacy TDP MMU (off / 2D)
+KINDS = ("tdp", "shadow", "2d", "nonpaging", "legacy", "legacy2d")
+
+
 def make_case(seed):
     rng = np.random.default_rng(seed)
     pml = bool(rng.integers(0, 4) == 0)
     h = bm.Host(memory="4GiB", backing="4k", mmio_caching=bool(rng.integers(0, 2)), pml=pml,
                 eager_page_split=bool(rng.integers(0, 2)))
     states = []
-    for kind in ("tdp", "shadow", "2d", "nonpaging"):
-        vm = int(h.create_vms(1, memory=MEM, vcpus=2, mmu="shadow" if kind in ("shadow", "nonpaging") else "tdp")[0])
+    for kind in KINDS:
+        vm = int(h.create_vms(1, memory=MEM, vcpus=2, mmu="shadow" if kind in ("shadow", "nonpaging") else "tdp",
+                              tdp_mmu=not kind.startswith("legacy"))[0])
         mode = MODES[int(rng.integers(0, len(MODES)))]
         if mode in ("manual", "initially_set"):
             h.enable_manual_dirty_log_protect(vm, initially_set=(mode == "initially_set"))
         if mode == "ring":
             h.enable_dirty_ring(vm, 1024 if pml else 128)
         st = VMState(h, vm, kind, mode, rng)
-        if kind in ("shadow", "2d"):
+        if kind in ("shadow", "2d", "legacy2d"):
             _identity_tables(h, vm, huge_windows=bool(rng.integers(0, 2)))
             for c in range(2):
                 h.set_vcpu_regs(vm, c, cr0=0x80010033, cr4=0x20, efer=0xD01, cr3=PML4)
@@ -384,7 +389,7 @@ def make_case(seed):
 
 
 def run_case(seed, steps=60):
-    """One random case: ``steps`` operations on each of the four VMs, interleaved; returns SPTE checks made."""
+    """One random case: ``steps`` operations on each VM of KINDS, interleaved; returns SPTE checks made."""
     h, states = make_case(seed)
     logs = {st.vm: [f"seed {seed}: {st.kind} VM, dirty mode {st.mode}"] for st in states}
     checks = 0

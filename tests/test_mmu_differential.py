@@ -50,13 +50,18 @@ def regs(levels, wp, nxe, smep, smap, ac, cr3=TABLE_BASE):
 
 
 class Pair:
-    """One guest on both MMUs: a TDP VM and a shadow VM with the same memory and registers."""
+    """One guest on both MMUs: a TDP VM and a shadow VM with the same memory and registers (``second="legacy"``:
+    a VM of the legacy TDP MMU in place of the shadow VM)."""
 
-    def __init__(self, tdp_format="ept", ept_ad=True, backing="4k"):
+    def __init__(self, tdp_format="ept", ept_ad=True, backing="4k", second="shadow"):
         self.tdp = bm.Host(memory="512MiB", backing=backing)
-        self.sh = bm.Host(memory="512MiB", backing=backing, mmio_caching=False)
         self.vt = int(self.tdp.create_vms(1, memory=MEM, tdp_format=tdp_format, ept_ad=ept_ad)[0])
-        self.vs = int(self.sh.create_vms(1, memory=MEM, mmu="shadow")[0])
+        if second == "legacy":
+            self.sh = bm.Host(memory="512MiB", backing=backing, tdp_mmu=False)
+            self.vs = int(self.sh.create_vms(1, memory=MEM, tdp_format=tdp_format, ept_ad=ept_ad)[0])
+        else:
+            self.sh = bm.Host(memory="512MiB", backing=backing, mmio_caching=False)
+            self.vs = int(self.sh.create_vms(1, memory=MEM, mmu="shadow")[0])
 
     def both(self):
         return ((self.tdp, self.vt), (self.sh, self.vs))
@@ -360,11 +365,11 @@ def random_gva(rng, guest):
 
 
 def run_random(seed, levels, wp, nxe, smep, smap, ac, n_events=120, tdp_format="ept", ept_ad=True,
-               code0=CODE0_ACCESSES):
+               code0=CODE0_ACCESSES, second="shadow"):
     """Run one random guest on both MMUs; returns a list of divergences (empty when they agree)."""
     rng = np.random.default_rng(seed)
     guest = Guest(rng, levels) if levels >= 4 else LegacyGuest(rng, levels == 3)
-    pair = Pair(tdp_format, ept_ad)
+    pair = Pair(tdp_format, ept_ad, second=second)
     pair.write(guest.mem)
     r = regs(levels, wp, nxe, smep, smap, ac)
     pair.regs(**r)
