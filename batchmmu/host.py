@@ -263,7 +263,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
     def footprint(self, vm=None):
         """Bytes by category, as KVM would allocate them, plus the simulator's own arrays.
 
-        Categories: ``tdp_page_tables`` and ``shadow_page_tables`` (4 KiB table pages, SecPageTables),
+        Categories: ``tdp_page_tables`` (the TDP MMU's) and ``shadow_page_tables`` (the shadow MMU code's:
+        shadow paging and the legacy TDP MMU) (4 KiB table pages, SecPageTables),
         ``mmu_page_headers`` (struct kvm_mmu_page), ``shadowed_translation`` (a 4 KiB array per shadow
         page with gptes), ``rmaps`` (8-byte heads per slot page at 4K/2M/1G; the TDP MMU keeps none),
         ``pte_list_descs`` (rmap and parent-pte chains of 2+ entries, 14 per descriptor), ``write_track``
@@ -288,6 +289,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
             one = np.zeros(5, np.int64)
             for v in shadow_vms:
                 SK.shadow_footprint_counts(m, int(v), one)
+                if self._mmu_kind[v] == S.MMU_LEGACY:
+                    one[4] = 0   # no gfn_write_track arrays under TDP (kvm_page_track_write_tracking_enabled)
                 counts += one
         npg = st.npages[live]
         base = st.base_gfn[live]

@@ -99,7 +99,9 @@ class GuestPaging:
                 shift = 9 * (level - 1)
                 cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
                 st.rmap_off[rec, level - 1] = self.arena.alloc("rmap", cnt, fill=(-1, 0))  # RM_HEAD, RM_COUNT
-            st.wtrack_off[rec] = self.arena.alloc("wtrack", n, fill=0)
+            if self._mmu_kind[vm] == S.MMU_SHADOW:
+                # kvm_page_track_write_tracking_enabled: with TDP (the legacy MMU) only once a shadow root exists
+                st.wtrack_off[rec] = self.arena.alloc("wtrack", n, fill=0)
 
     def _paging_topup(self):
         """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""

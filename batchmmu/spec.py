@@ -4,8 +4,9 @@ A scenario names its parameters in ``[params]`` (overridable with ``--set name=v
 any other value written as ``"${name}"`` takes the parameter's value.  Sections:
 
 ``[host]``         Host(...) keyword arguments (``memory`` may be ``"auto"``: what the VMs need).
-``[[vm_group]]``   create_vms(...) arguments: count, memory (slot 0 at gpa 0), vcpus, tdp_format,
-                   tdp_levels, maxphyaddr, backing, ept_ad.
+``[[vm_group]]``   create_vms(...) arguments: count, memory (slot 0 at gpa 0), vcpus, mmu, tdp_format,
+                   tdp_levels, maxphyaddr, backing, ept_ad, tdp_mmu (false: the legacy TDP MMU; the
+                   default is ``[host] tdp_mmu``, true unless set).
 ``[workload]``     the test region and the guest that runs on it: ``bytes_per_vcpu``, ``region`` "top"
                    (memstress: test memslots at the top of guest physical memory) or "slot0",
                    ``region_bytes`` or ``region_pages`` (the whole region, instead of vCPUs x
@@ -185,9 +186,10 @@ def _resolve(obj, params, where, used=None):
 SECTIONS = ("name", "description", "params", "host", "vm_group", "workload", "phase", "guest_os")
 _KNOWN = {
     "host": {"memory", "backing", "mmio_caching", "nx_huge_pages", "tdp_huge_page_level", "eager_page_split",
-             "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms", "overcommit", "watermarks"},
+             "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms", "overcommit", "watermarks",
+             "tdp_mmu"},
     "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
-                 "ept_ad"},
+                 "ept_ad", "tdp_mmu"},
     "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
                  "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
                  "dirty_ring", "verify"} | trace.KEYS,
@@ -330,6 +332,9 @@ def _check_group(g):
         if m <= 0 or m % 4096:
             raise BatchMMUError(f"vm_group.memory={g['memory']!r}: must be a positive multiple of 4096",
                                 field="vm_group.memory", value=g["memory"])
+    for k in ("tdp_mmu", "ept_ad"):
+        if k in g and not isinstance(g[k], bool):
+            raise BatchMMUError(f"vm_group.{k}={g[k]!r}: use true or false", field=f"vm_group.{k}", value=g[k])
     for k, choices in _GROUP_CHOICES.items():
         if k in g and (isinstance(g[k], bool) or g[k] not in choices):
             raise BatchMMUError(f"vm_group.{k}={g[k]!r}: use one of {', '.join(map(str, choices))}",
@@ -511,9 +516,16 @@ def prepare(scenario, sets=(), seed=None):
     return Prepared(data, text, origin, spec, run_seed, used, overrides)
 
 
+def group_mmu(spec, g):
+    """The MMU that builds a [[vm_group]]'s tables: "tdp", "legacy" (kvm.tdp_mmu=N) or "shadow"."""
+    if g.get("mmu", "tdp") == "shadow":
+        return "shadow"
+    return "tdp" if g.get("tdp_mmu", spec.get("host", {}).get("tdp_mmu", True)) is not False else "legacy"
+
+
 def group_labels(spec):
-    """One label per [[vm_group]]: its MMU ("tdp", "shadow"), numbered where two groups share one."""
-    mmus = [g.get("mmu", "tdp") for g in spec["groups"]]
+    """One label per [[vm_group]]: its MMU ("tdp", "legacy", "shadow"), numbered where two groups share one."""
+    mmus = [group_mmu(spec, g) for g in spec["groups"]]
     return [m if mmus.count(m) == 1 else f"{m}{i}" for i, m in enumerate(mmus)]
 
 

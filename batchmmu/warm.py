@@ -80,6 +80,38 @@ def _notifiers():
     h.footprint()
 
 
+def _legacy():
+    """The legacy TDP MMU (kvm.tdp_mmu=N): faults and MMIO SPTEs in direct shadow pages, dirty logging with and
+    without PML, notifiers, NX recovery over shadow pages, n_max_mmu_pages, memslot deletion."""
+    for pml in (False, True):
+        h = Host(memory="64MiB", backing="thp", pml=pml, tdp_mmu=False, nx_huge_pages=True,
+                 nx_huge_pages_recovery_ratio=1)
+        for fmt, ad in (("ept", True), ("npt", True), ("ept", False)):
+            if pml and (fmt != "ept" or not ad):
+                continue
+            vm = int(h.create_vms(1, memory="4MiB", vcpus=2, tdp_format=fmt, ept_ad=ad)[0])
+            h.access([vm, vm, vm], [0, 1, 0], [0, 0x1000, 1 << 30], [ACC_FETCH, ACC_WRITE, 0])
+            h.spte_dump(vm)
+            _dirty_modes(h, vm, 1 << 30)
+        h.advance_time(3600)
+        h.age_hva_range(vm, 1 << 40, (1 << 40) + (4 << 20))
+        h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (1 << 20))
+        vm = int(h.create_vms(1, memory="4MiB")[0])
+        h.enable_manual_dirty_log_protect(vm, initially_set=True)
+        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+        h.access(vm, 0, 0, ACC_WRITE)
+        h.clear_dirty_log(vm, 0, 0, 64, [-1])
+        vm = int(h.create_vms(1, memory="4MiB")[0])
+        h.enable_dirty_ring(vm, 1024)
+        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+        h.access(vm, 0, 0, ACC_WRITE)
+        h.harvest_dirty_ring(vm, 0)
+        h.reset_dirty_rings(vm)
+        h.set_nr_mmu_pages(vm, 64)
+        h.shrink(10)
+        h.footprint()
+
+
 def _reclaim():
     """Overcommitted host: reclaim, refaults, discard (MADV_DONTNEED)."""
     from .kernels.reclaim import madvise_dontneed
@@ -215,6 +247,7 @@ GROUPS = (
     ("guest OS workload", _guest_os, (0, 3)),
     ("notifiers, NX recovery, shrinker", _notifiers, (2,)),
     ("reclaim", _reclaim, (2,)),
+    ("legacy TDP MMU", _legacy, (0, 1, 3)),
 )
 _INDEPENDENT = sum(1 for g in GROUPS if not g[2])   # groups that can start at once
 

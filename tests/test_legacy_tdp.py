@@ -35,10 +35,6 @@ def pair(tdp_format="ept", ept_ad=True, vcpus=2, memory=16 * MiB, backing="thp",
     return out
 
 
-def _both(p, fn):
-    return [fn(h, vm) for h, vm in p]
-
-
 def seen(res):
     """What the guest sees of each access: translated (HIT, FIXED, SPURIOUS: one class) or its outcome."""
     o = res.outcome.astype(np.int64)
@@ -71,6 +67,9 @@ def random_stream(seed, tdp_format, ept_ad, manual, pml=False):
 
     log = []
 
+    def call(name, *args, **kw):
+        return [getattr(h, name)(vm, *args, **kw) for h, vm in p]
+
     def same(what, vals):
         log.append(what)
         a, b = vals
@@ -92,10 +91,10 @@ def random_stream(seed, tdp_format, ept_ad, manual, pml=False):
             n = int(rng.integers(1, 200))
             addr, vcpu = gpas(n), rng.integers(0, 2, n)
             kind = rng.choice([0, bm.ACC_WRITE, bm.ACC_FETCH], n, p=[0.5, 0.4, 0.1])
-            same("access", _both(p, lambda h, vm: seen(h.access(vm, vcpu, addr, kind))))
+            same("access", [seen(r) for r in call("access", vcpu, addr, kind)])
         elif x < 0.55:
             addr, val = gpas(4), rng.integers(0, 1 << 62, 4)
-            same("store", _both(p, lambda h, vm: seen(h.store(vm, 0, addr, val))))
+            same("store", [seen(r) for r in call("store", 0, addr, val)])
         elif x < 0.67:
             # slot 1: create, change flags, move or delete
             r = rng.random()
@@ -103,43 +102,41 @@ def random_stream(seed, tdp_format, ept_ad, manual, pml=False):
                 npages = int(rng.integers(1, 4)) * 512 + int(rng.integers(0, 2)) * 17
                 flags = int(rng.choice([0, bm.MEM_LOG_DIRTY_PAGES, bm.MEM_READONLY]))
                 if slot1 is not None:
-                    _both(p, lambda h, vm: h.set_memslot(vm, 1, slot1[0], 0))
+                    call("set_memslot", 1, slot1[0], 0)
                 slot1 = (SLOT1_GPA, npages, flags)
             elif r < 0.7:
                 slot1 = (slot1[0], slot1[1], slot1[2] ^ bm.MEM_LOG_DIRTY_PAGES if not slot1[2] & bm.MEM_READONLY
                          else slot1[2])
             elif r < 0.85:
-                _both(p, lambda h, vm: h.set_memslot(vm, 1, slot1[0], 0))
+                call("set_memslot", 1, slot1[0], 0)
                 slot1 = (SLOT1_GPA + (2 << 30) if slot1[0] == SLOT1_GPA else SLOT1_GPA, slot1[1], slot1[2])
             else:
-                _both(p, lambda h, vm: h.set_memslot(vm, 1, slot1[0], 0))
+                call("set_memslot", 1, slot1[0], 0)
                 slot1 = None
             log.append(f"slot1 {slot1}")
             if slot1 is not None:
                 s = slot1
-                _both(p, lambda h, vm: h.set_memslot(vm, 1, s[0], s[1] << 12, flags=s[2], hva=SLOT1_HVA))
+                call("set_memslot", 1, s[0], s[1] << 12, flags=s[2], hva=SLOT1_HVA)
         elif x < 0.77 and slot1 is not None and slot1[2] & bm.MEM_LOG_DIRTY_PAGES:
             if manual:
                 words = (slot1[1] + 63) // 64
-                got = _both(p, lambda h, vm: h.get_dirty_log(vm, 1))
-                same("dirty", got)
+                same("dirty", call("get_dirty_log", 1))
                 first = 64 * int(rng.integers(0, words))
-                same("clear", _both(p, lambda h, vm: h.clear_dirty_log(vm, 1, first, slot1[1] - first,
-                                                                        [-1] * words)))
+                same("clear", call("clear_dirty_log", 1, first, slot1[1] - first, [-1] * words))
             else:
-                same("dirty", _both(p, lambda h, vm: h.get_dirty_log(vm, 1)))
+                same("dirty", call("get_dirty_log", 1))
         elif x < 0.87:
             lo = HVA0 + int(rng.integers(0, 4096)) * 4096
             hi = lo + int(rng.integers(1, 1024)) * 4096
             if rng.random() < 0.5:
-                _both(p, lambda h, vm: h.invalidate_hva_range(vm, lo, hi))   # counts differ: prefetched SPTEs
+                call("invalidate_hva_range", lo, hi)   # counts differ: prefetched SPTEs
             else:
-                same("young", _both(p, lambda h, vm: h.age_hva_range(vm, lo, hi)))
+                same("young", call("age_hva_range", lo, hi))
         else:
-            same("test_young", _both(p, lambda h, vm: h.test_young(vm, HVA0, HVA0 + 16 * MiB)))
-    same("memory", _both(p, lambda h, vm: h.read_guest_memory(vm, 0, 16 * MiB // 8)))
+            same("test_young", call("test_young", HVA0, HVA0 + 16 * MiB))
+    same("memory", call("read_guest_memory", 0, 16 * MiB // 8))
     if slot1 is not None:
-        same("memory1", _both(p, lambda h, vm: h.read_guest_memory(vm, slot1[0], slot1[1] * 512)))
+        same("memory1", call("read_guest_memory", slot1[0], slot1[1] * 512))
     if backing != "4k":
         return bad
     # every gfn the TDP MMU maps, the legacy MMU maps to the same page at the same level (a prefetched SPTE
@@ -194,7 +191,7 @@ def test_direct_pages_come_from_the_hash_and_carry_rmaps():
     # footprint: the legacy MMU's tables are shadow pages, with rmap heads; the TDP MMU's have none
     ft, fl = ht.footprint(vt), hl.footprint(vl)
     assert ft["tdp_page_tables"] == fl["shadow_page_tables"] and fl["tdp_page_tables"] == 0
-    assert ft["rmaps"] == 0 < fl["rmaps"]
+    assert ft["rmaps"] == 0 < fl["rmaps"] and fl["write_track"] == 0   # no gfn_write_track under TDP
 
 
 def test_memslot_deletion_obsoletes_the_root_and_every_vcpu_reloads():
