@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from batchmmu.kernels import state as S
 from batchmmu.kernels.spte import ROLE_INVALID, SPTE_BASE_ADDR_MASK, is_accessed_spte
+from reference.shadow_model import RefShadowHost
 from test_mmu_differential import CPU_STATES, run_random
+from test_shadow_reference_diff import Pair
 
 import batchmmu as bm
 
@@ -274,3 +276,81 @@ def test_a_vm_takes_the_host_default_or_its_own_choice():
         h.create_vms(1, memory="4MiB", tdp_mmu=1.5)
     with pytest.raises(bm.BatchMMUError, match="tdp_mmu"):
         bm.Host(tdp_mmu="no")
+
+
+# ---------------------------------------------------------------------------- against the reference model
+class LegacyPair(Pair):
+    """A legacy-TDP VM (NPT, MMIO caching off) and the reference shadow model in its legacy-TDP mode
+    (tests/reference/shadow_model.py ``legacy_tdp_levels``), driven by the same calls."""
+
+    def __init__(self, memory, backing, levels):
+        self.h = bm.Host(memory="1GiB", backing=backing, mmio_caching=False, tdp_mmu=False)
+        self.vm = int(self.h.create_vms(1, memory=memory, tdp_format="npt", tdp_levels=levels)[0])
+        self.m = RefShadowHost(memory, backing, legacy_tdp_levels=levels)
+        self.log = [f"Host(backing={backing!r}, tdp_mmu=False), memory={memory:#x}, {levels}-level NPT"]
+
+
+def legacy_reference_stream(seed, nops=150):
+    """Random gpa accesses and stores (slot 0, a second slot, no slot), dirty logging on / off / GET / CLEAR,
+    the second slot created and deleted (a fast zap), host memory touched: after every operation the
+    outcome, the #NPF error code and every statistic the model keeps agree; the written pages at the end."""
+    rng = np.random.default_rng(seed)
+    memory = int(rng.choice([8 * MiB, 32 * MiB]))
+    backing = str(rng.choice(["4k", "thp"]))
+    pair = LegacyPair(memory, backing, int(rng.choice([4, 5])))
+    npages = memory >> 12
+    manual = [None, False, True][seed % 3]
+    if manual is not None:
+        pair.call("enable_manual_dirty_log_protect", initially_set=manual, vcpu=False)
+    if rng.integers(0, 2):
+        pair.call("touch_host_memory", 0, memory // 2, vcpu=False)
+    state = {"log": 0, "slot1": 0}
+
+    def gpa():
+        r = int(rng.integers(0, 10))
+        if r < 7:
+            return int(rng.integers(0, memory))
+        if r < 9:
+            return SLOT1_GPA + int(rng.integers(0, 2 * MiB)) if state["slot1"] else int(rng.integers(0, memory))
+        return MMIO + int(rng.integers(0, 16)) * 4096
+
+    for _ in range(nops):
+        r = int(rng.integers(0, 100))
+        if r < 55:
+            kind = bm.ACC_USER | int(rng.choice([0, 0, bm.ACC_WRITE, bm.ACC_FETCH]))
+            pair.outcome("access", gpa(), kind)
+        elif r < 70:
+            pair.outcome("store", gpa() & ~7, int(rng.integers(0, 1 << 62)), kind=bm.ACC_USER)
+        elif r < 80:
+            state["log"] ^= 1
+            pair.call("set_memslot", 0, 0, memory, flags=bm.MEM_LOG_DIRTY_PAGES * state["log"], vcpu=False)
+            pair.check()
+        elif r < 90 and state["log"]:
+            a, b = pair.call("get_dirty_log", 0, vcpu=False)
+            if [int(x) for x in a] != b:
+                pair.fail(f"get_dirty_log: {a.tolist()} != model {b}")
+            pair.check()
+            if manual is not None:
+                words = (npages + 63) // 64
+                first = int(rng.integers(0, words))
+                n = int(rng.integers(1, words - first + 1))
+                bitmap = [int(rng.integers(0, 1 << 63)) | int(rng.integers(0, 2)) << 63 for _ in range(n)]
+                num = min(64 * n, npages - 64 * first)
+                a, b = pair.call("clear_dirty_log", 0, 64 * first, num, np.array(bitmap, np.uint64), vcpu=False)
+                if int(a) != b:
+                    pair.fail(f"clear_dirty_log cleared {a} != model {b}")
+                pair.check()
+        elif r < 96:
+            state["slot1"] ^= 1   # 4K host pages (the model's slots other than 0 have no THP)
+            size = (2 * MiB) * state["slot1"]
+            pair.log.append(f"set_memslot(1, {SLOT1_GPA:#x}, {size:#x}, backing='4k')")
+            pair.h.set_memslot(pair.vm, 1, SLOT1_GPA, size, **({"backing": "4k"} if size else {}))
+            pair.m.set_memslot(1, SLOT1_GPA, size)
+            pair.check()
+    pair.check({g >> 12 for g in pair.m.mem})
+    return pair
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_legacy_mmu_against_the_reference_model(seed):
+    legacy_reference_stream(500 + seed)

@@ -86,7 +86,7 @@ class RefShadowHost:
     """KVM's shadow MMU for one VM with one vCPU; the API of batchmmu.Host without vm/vcpu arguments."""
 
     def __init__(self, memory, backing="4k", mmio_caching=False, maxphyaddr=46, lazy_requests=False,
-                 zap_unsync_children=False):
+                 zap_unsync_children=False, legacy_tdp_levels=None):
         """``lazy_requests=True`` mimics batchmmu where it is known to differ from KVM: requests raised
         while handling an exit (a root zapped by an emulated write) stay pending until the next guest
         operation instead of being serviced as the vCPU re-enters the guest, and obsolete roots are
@@ -94,8 +94,12 @@ class RefShadowHost:
         ``zap_unsync_children=True`` zaps the unsync children of a zapped upper-level page first, as
         upstream mmu.c __kvm_mmu_prepare_zap_page (mmu_zap_unsync_children) reads; the kernel measured
         here (6.18 kvm_pvm) leaves them linked nowhere but unsync, with their SPTEs (tests/test_realkvm.py),
-        which is the default."""
+        which is the default.
+        ``legacy_tdp_levels=4`` (or 5) makes the VM one of the legacy TDP MMU (kvm.tdp_mmu=N, NPT, paging off
+        for the model: accesses are gpas): kvm_tdp_page_fault -> direct_page_fault below one direct root of
+        that level (mmu_alloc_direct_roots), 1G pages at most; the processor's #NPF error codes."""
         assert not mmio_caching and backing in ("4k", "thp")
+        self.legacy = legacy_tdp_levels
         self.lazy = lazy_requests
         self.zap_unsync_children = zap_unsync_children
         self.npages = memory >> 12
@@ -203,13 +207,15 @@ class RefShadowHost:
         return "32bit", 2, 4
 
     def _paging(self):
-        return _bit(self.cr0, 31)
+        return _bit(self.cr0, 31) and not self.legacy
 
     def _pae_paging(self):
         return _bit(self.cr0, 31) and self._mode()[0] == "pae"
 
     def _root_role(self):
         # kvm_calc_cpu_role + kvm_init_shadow_mmu: level >= 3, efer_nx forced, access ACC_ALL
+        if self.legacy:                                     # kvm_calc_tdp_mmu_root_page_role
+            return self.legacy | 1 << 7 | ACC_ALL << 8 | 1 << 12 | 1 << 13
         if not self._paging():
             return 3 | 1 << 7 | ACC_ALL << 8 | 1 << 12       # nonpaging: a direct PAE-sized root
         _, top, size = self._mode()
@@ -558,6 +564,8 @@ class RefShadowHost:
         """The processor's walk of the shadow tables: (gpa, None) or (None, error code for KVM)."""
         write, user, fetch = kind & PF_W, kind & PF_U, kind & PF_I
         code = (kind & (PF_W | PF_U)) | (PF_I if fetch else 0)
+        if self.legacy:
+            code |= PF_U                                # #NPF: the nested walk is a user access
         for sp, i in self._shadow_walk(gva):
             e = sp.spt.get(i)
             if e is None:
@@ -656,7 +664,7 @@ class RefShadowHost:
         """direct_map: direct pages (ACC_ALL) down to the goal level, mmu_set_spte, direct_pte_prefetch."""
         goal = 1
         if self.dirty is None:
-            lvl = 2
+            lvl = 3 if self.legacy else 2               # max_level: KVM_MAX_HUGEPAGE_LEVEL, PG_LEVEL_2M for a PAE root
             while lvl > 1 and self.disallow.get((lvl, gfn >> (9 * (lvl - 1)))):
                 lvl -= 1
             goal = min(lvl, self._host_level(gfn)) if lvl > 1 else 1
@@ -1000,6 +1008,11 @@ class RefShadowHost:
         """kvm_mmu_load -> mmu_alloc_shadow_roots, then kvm_mmu_sync_roots."""
         mode, top, _ = self._mode()
         self._make_mmu_pages_available()
+        if self.legacy:                                 # mmu_alloc_direct_roots: one root of the TDP level
+            self.root = self._get_shadow_page(0, self._root_role())
+            self.root.root_count += 1
+            self.root_pgd = 0
+            return
         if not self._paging():                          # mmu_alloc_direct_roots: 4 level-2 roots
             self.root = [self._get_shadow_page(i << 18, (self._root_role() & ~15) | 2) for i in range(4)]
             for sp in self.root:
@@ -1263,6 +1276,9 @@ class RefShadowHost:
         else:
             base, n = self.slots.pop(slot)
             self._seed_lpage_info(base, n, -1)
+            self.resident -= set(range(base, base + n))   # the VMM unmaps it: its host pages are freed
+            for g in [a for a in self.mem if base <= a >> 12 < base + n]:
+                del self.mem[g]                            # ... and their contents
             self._zap_all_fast()                        # kvm_arch_flush_shadow_memslot (quirk on)
             self._update_n_max()
 
