@@ -265,7 +265,7 @@ def _writes(shard, lvm, gpa0, pages, extra, kind=ACC_WRITE):
 def _dontneed(shard, lvm, lay, recs, first_page, count, chunk):
     s, p0, p1 = _dontneed_calls(lay, first_page, count, chunk)
     h = shard.host
-    madvise_dontneed(h.pa, h.vt, h.st, h.host_ctl, lvm, recs[s], p0, p1)
+    madvise_dontneed(h._mmu_bundle(), lvm, np.stack([recs[s], p0, p1]))
     gm_discard_slots(h.gm, h.st, lvm, recs[s], p0, p1)  # anonymous memory reads back as zeros
 
 

@@ -36,9 +36,7 @@ class Notifiers:
                 vt.inval_end[vm] = max(int(vt.inval_end[vm]), g1)
             if int(self.st.slot_id[rec]) >> 16 == 0:
                 if self._rmaps(vm):
-                    before = int(self.vt.stats[vm, S.ST_RMAP_ENTRIES])
-                    SK.shadow_zap_gfn_range(self._mmu_bundle(), vm, rec, g0, g1)  # kvm_unmap_gfn_range
-                    zapped += before - int(self.vt.stats[vm, S.ST_RMAP_ENTRIES])
+                    zapped += int(SK.shadow_zap_gfn_range(self._mmu_bundle(), vm, rec, g0, g1))  # kvm_unmap_gfn_range
                 else:
                     zapped += int(tdp_zap_leafs(self.pa, self.vt, vm, g0, g1))
         if zapped:
@@ -99,21 +97,21 @@ class Notifiers:
     def _age(self, vm, start, end, clear):
         vm = self._check_vm(vm)
         start, end = self._hva_args(start, end)
-        A.check_alloc(2 * ((end - start) >> 12), "end", end, f"a page map of [{start:#x}, {end:#x})")
+        A.check_alloc(9 * ((end - start) >> 12), "end", end, f"a page map of [{start:#x}, {end:#x})")
         young = np.zeros(-(-(end - start) // 4096), np.int8)
         flush = False
         for rec, g0, g1 in self._hva_ranges(vm, start, end):
             if int(self.st.slot_id[rec]) >> 16:
                 continue
             hva0 = int(self.st.hva[rec]) + ((g0 - int(self.st.base_gfn[rec])) << 12)
-            part = np.zeros(g1 - g0, np.int8)
+            part = np.zeros(g1 - g0, np.int64)   # (int64: the young maps of every aging kernel)
             if self._rmaps(vm):
                 flush |= bool(SK.shadow_age_gfn_range(self._mmu_bundle(), vm, rec, g0, g1, clear, part))
             else:
                 flush |= bool(tdp_age_range(self.pa, self.vt, vm, g0, g1, clear, part))
             off = (hva0 - start) >> 12
             lo = max(0, -off)
-            young[off + lo:off + lo + part.size - lo] |= part[lo:]
+            young[off + lo:off + lo + part.size - lo] |= part[lo:].astype(np.int8)
         return young.astype(bool), flush
 
     def discard_hva_range(self, vm, start, end):

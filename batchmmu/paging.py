@@ -279,7 +279,7 @@ class GuestPaging:
     def _run_tdp2d(self, ev):
         """Run TDP events (an EV_* record batch, accesses) through the 2D-walk kernel; EV_SIZE > 0 makes an
         event a store.  Returns (outcome, error code)."""
-        from .kernels.tdp2d import SC_OOM_GPA, tdp2d_batch
+        from .kernels.tdp2d import tdp2d_batch
         n = ev.shape[0]
         vm_a, addr_a = ev[:, MI.EV_VM], ev[:, MI.EV_ADDR]
         pg = self._guest_paging_on(vm_a, ev[:, MI.EV_VCPU])
@@ -301,7 +301,7 @@ class GuestPaging:
         self._resume(n, lambda i: tdp2d_batch(self._mmu_bundle(), ev, i, res),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}",
                                                       np.arange(n) < i, "", *results(res)),
-                     topup, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(self.sh.scratch[SC_OOM_GPA]))
+                     topup, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
         return results(res)
 
     # ------------------------------------------------------------------ shadow events
@@ -313,11 +313,12 @@ class GuestPaging:
         if other.size:
             raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
         res = np.zeros((n, MI.NRESF), np.int64)
-        # a host out of memory stops a shadow batch (no direct reclaim for shadow VMs)
+        # a host out of memory: direct reclaim for the gpa the fault could not back, then the event again
         self._resume(n, lambda i: K.shadow_event_batch(self._mmu_bundle(), ev, i, res),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"gva {int(ev[i, MI.EV_ADDR]):#x}",
                                                       np.arange(n) < i, "", *results(res)),
-                     self._paging_topup)
+                     self._paging_topup, oom_vm=lambda i: int(vm_a[i]),
+                     oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
         return results(res)
 
     def emulated_access(self, vm, vcpu, addr, kind=0, value=0, size=8):

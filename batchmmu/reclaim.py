@@ -93,10 +93,7 @@ def vm_records(host):
     id, one per set of aliases), and the slots sharing recs[k]'s host pages are
     arecs[aptr[k]:aptr[k + 1]]."""
     groups = {}
-    kind = getattr(host, "_mmu_kind", None)
     for (vm, _slot), rec in sorted(host._slot_rec.items()):
-        if kind is not None and kind[vm] != S.MMU_TDP:
-            continue  # shadow-MMU VMs: aging and unmapping through rmaps is not modelled yet
         groups.setdefault((vm, int(host.st.host_off[rec])), []).append(rec)
     owners, recs, aptr, arecs = [], [], [0], []
     for (vm, _off), members in groups.items():  # VM by VM, in the slot order of each set's first
@@ -109,16 +106,28 @@ def vm_records(host):
     return ptr, np.array(recs, np.int64), np.array(aptr, np.int64), np.array(arecs, np.int64)
 
 
+def vm_layout(ptr, recs, aptr, arecs, vm):
+    """VM ``vm``'s slots for the reclaim kernels in one array (kernels/reclaim.py ``_lay``): [n, its n records,
+    the n + 1 offsets of their alias lists, the alias lists], or None when it has no slot."""
+    a, b = int(ptr[vm]), int(ptr[vm + 1])
+    if b <= a:
+        return None
+    offs = aptr[a:b + 1]
+    return np.concatenate([[b - a], recs[a:b], offs - offs[0], arecs[offs[0]:offs[-1]]]).astype(np.int64)
+
+
 def scan(host):
     """Age every resident evictable folio; returns int64 (nvm, NAGES) pages by age."""
     _require(host)
-    ptr, recs, aptr, arecs = vm_records(host)
+    layout = vm_records(host)
     hist = np.zeros((host.nvm, NAGES), np.int64)
-    scratch = np.zeros(512, np.int8)
+    work = np.zeros(NAGES + 512, np.int64)   # a VM's histogram, then one folio's young map
     for vm in range(host.nvm):
-        a, b = int(ptr[vm]), int(ptr[vm + 1])
-        if b > a:
-            reclaim_scan(host.pa, host.vt, host.st, vm, recs[a:b], aptr[a:b + 1], arecs, hist[vm], scratch)
+        lay = vm_layout(*layout, vm)
+        if lay is not None:
+            work[:NAGES] = 0
+            reclaim_scan(host._mmu_bundle(), vm, lay, work)
+            hist[vm] = work[:NAGES]
     return hist
 
 
@@ -128,15 +137,14 @@ def evict(host, threshold, at_threshold):
     at = np.asarray(at_threshold, np.int64)
     if at.shape != (host.nvm,):
         raise bad("at_threshold", f"shape {at.shape}", f"needs one entry per VM ({host.nvm})")
-    ptr, recs, aptr, arecs = vm_records(host)
+    layout = vm_records(host)
     out = np.zeros(host.nvm, np.int64)
     if threshold >= NAGES:
         return out
     for vm in range(host.nvm):
-        a, b = int(ptr[vm]), int(ptr[vm + 1])
-        if b > a:
-            out[vm] = reclaim_evict(host.pa, host.vt, host.st, host.host_ctl, vm, recs[a:b], aptr[a:b + 1],
-                                    arecs, int(threshold), int(at[vm]))
+        lay = vm_layout(*layout, vm)
+        if lay is not None:
+            out[vm] = reclaim_evict(host._mmu_bundle(), vm, lay, int(threshold), int(at[vm]))
     return out
 
 

@@ -45,7 +45,9 @@ from .mmu_internal import (
     RET_PF_OOM,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
+    SC_OOM_GPA,
     account_nx_huge_page,
+    scratch,
 )
 from .paging_tmpl import (
     direct_pte_prefetch,
@@ -401,6 +403,7 @@ def direct_page_fault(m, vm, vg, gpa, err, max_level, mmio_caching):
     rsvd = (err & PFERR_RSVD_MASK) != 0
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if host_page_needs_budget(m.st, m.host, rec, gfn, write):
+        scratch(m.sh)[SC_OOM_GPA] = gpa
         return RET_PF_OOM  # the host cannot back the page: stop before any change
     # page_fault_handle_page_track
     if present and write and not rsvd and gfn_write_tracked(m, rec, gfn):

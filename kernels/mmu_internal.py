@@ -57,6 +57,7 @@ SC_MARK_STACK_LEN = 80
 SC_SIZE = 256
 # kvm_get_running_vcpu(): the global vCPU index while a shadow event runs, else -1 (the last word of the
 # walker's block: the walk uses WK_SIZE words, kernels/tdp2d.py one more)
+SC_OOM_GPA = 36     # a host-OOM stop leaves the gpa it could not back here (after the walker's WK_SIZE words)
 SC_RUNNING_VCPU = 63
 
 

@@ -52,6 +52,7 @@ from .mmu_internal import (
     RET_PF_OOM,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
+    SC_OOM_GPA,
     SC_PREFETCH,
     SC_PVEC_SP,
     SC_RUNNING_VCPU,
@@ -596,6 +597,7 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     gfn = wk[WK_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if host_page_needs_budget(m.st, m.host, rec, gfn, write):
+        scratch(m.sh)[SC_OOM_GPA] = gfn << 12
         return RET_PF_OOM, 0  # the host cannot back the page: stop before any change
     set_ad_and_log(m, vm, wk, pfec)
     # page_fault_handle_page_track

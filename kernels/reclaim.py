@@ -13,12 +13,14 @@ from numba import njit
 from .jit import kernel
 from .memslot import host_pfn_mapping_level
 from .notifier import tdp_age_range, tdp_zap_leafs
+from .slot_rmap import shadow_age_gfn_range, shadow_zap_gfn_range
 from .state import (
     BACKING_HUGETLB_1G,
     BACKING_HUGETLB_2M,
     BACKING_THP,
     HOST_SWAPPED_BYTES,
     HOST_USED_BYTES,
+    MMU_TDP,
     SL_BACKING,
     SL_BASE_GFN,
     SL_HOST_OFF,
@@ -31,6 +33,7 @@ from .state import (
     ST_REMOTE_TLB_FLUSH,
     ST_REMOTE_TLB_FLUSH_REQUESTS,
     VM_HOST_BYTES,
+    VM_MMU,
 )
 
 MAX_AGE = 255          # ages saturate here (a byte per page)
@@ -103,14 +106,43 @@ def _next_resident(st, off, p, n):
     return n
 
 
+@njit(inline="always", _nrt=False)
+def _age_range(m, vm, rec, g0, g1, young):
+    # kvm_age_gfn for [g0, g1) of slot rec: the TDP MMU's walk, or the rmaps (shadow paging, legacy TDP)
+    if m.vt.rec[vm, VM_MMU] == MMU_TDP:
+        return tdp_age_range(m.pa, m.vt, vm, g0, g1, np.bool_(True), young)
+    return shadow_age_gfn_range(m, vm, rec, g0, g1, np.bool_(True), young)
+
+
+@njit(inline="always", _nrt=False)
+def _zap_range(m, vm, rec, g0, g1):
+    # kvm_unmap_gfn_range for [g0, g1) of slot rec: SPTEs zapped
+    if m.vt.rec[vm, VM_MMU] == MMU_TDP:
+        return tdp_zap_leafs(m.pa, m.vt, vm, g0, g1)
+    return shadow_zap_gfn_range(m, vm, rec, g0, g1)
+
+
+@njit(inline="always", _nrt=False)
+def _lay(lay, k):
+    """A VM's slots for reclaim in one array (batchmmu/reclaim.py ``vm_layout``): lay[0] = n, the records at
+    lay[1:1+n], the offsets of their alias lists at lay[1+n:2+2n], the alias lists after them.  Returns
+    (record k, first and end index in ``lay`` of the records sharing its host pages)."""
+    n = lay[0]
+    base = 2 + 2 * n
+    return lay[1 + k], base + lay[1 + n + k], base + lay[2 + n + k]
+
+
 @kernel
-def reclaim_scan(pa, vt, st, vm, recs, aptr, arecs, hist, scratch):
-    """One aging pass of the LRU over the VM's slots ``recs`` (folio_referenced ->
-    mmu_notifier clear_young -> kvm_age_gfn, no flush on x86): a folio any of whose SPTEs was
-    accessed becomes age 0, others get one older.  hist[age] += pages of evictable folios.
-    The slots sharing recs[k]'s host pages (same hva range) are arecs[aptr[k]:aptr[k + 1]]."""
-    for k in range(recs.shape[0]):
-        rec = recs[k]
+def reclaim_scan(m, vm, lay, work):
+    """One aging pass of the LRU over the VM's slots (``lay``: see _lay; folio_referenced -> mmu_notifier
+    clear_young -> kvm_age_gfn, no flush on x86): a folio any of whose SPTEs was accessed becomes age 0,
+    others get one older.  work[age] += pages of evictable folios (work[:NAGES]); work[NAGES:] is the young
+    map of one folio."""
+    st = m.st
+    hist = work[:NAGES]
+    scratch = work[NAGES:]
+    for k in range(lay[0]):
+        rec, a0, a1 = _lay(lay, k)
         if not _evictable(st, rec):
             continue
         off = st.rec[rec, SL_HOST_OFF]
@@ -120,11 +152,11 @@ def reclaim_scan(pa, vt, st, vm, recs, aptr, arecs, hist, scratch):
         while p < n:
             first, cnt = _folio(st, rec, p)
             young = False
-            for a in range(aptr[k], aptr[k + 1]):
-                r = arecs[a]
+            for a in range(a0, a1):
+                r = lay[a]
                 if (st.rec[r, SL_SLOT_ID] >> 16) == 0:
                     g = st.rec[r, SL_BASE_GFN] + first
-                    young |= tdp_age_range(pa, vt, vm, g, g + cnt, np.bool_(True), scratch)
+                    young |= _age_range(m, vm, r, g, g + cnt, scratch)
             age = np.int64(st.age[aoff + first])
             if young:
                 age = 0
@@ -137,17 +169,18 @@ def reclaim_scan(pa, vt, st, vm, recs, aptr, arecs, hist, scratch):
 
 
 @njit(inline="always", _nrt=False)
-def _evict_folio(pa, vt, st, host, vm, rec, first, cnt, take, aptr, arecs, k):
+def _evict_folio(m, vm, rec, first, cnt, take, lay, a0, a1):
     """shrink_folio_list for one folio: try_to_unmap (split_huge_pmd for a THP) runs the MMU
     notifier over its hva range, in every slot that maps it; a THP is split (split_huge_page) and
     its first ``take`` pages go to swap (all of them unless the reclaim target is met first)."""
+    vt, st, host = m.vt, m.st, m.host
     off = st.rec[rec, SL_HOST_OFF]
     zapped = 0
-    for a in range(aptr[k], aptr[k + 1]):
-        r = arecs[a]
+    for a in range(a0, a1):
+        r = lay[a]
         if (st.rec[r, SL_SLOT_ID] >> 16) == 0:
             g = st.rec[r, SL_BASE_GFN] + first
-            zapped += tdp_zap_leafs(pa, vt, vm, g, g + cnt)
+            zapped += _zap_range(m, vm, r, g, g + cnt)
     if zapped > 0:
         vt.stats[vm, ST_REMOTE_TLB_FLUSH_REQUESTS] += 1   # kvm_flush_remote_tlbs on the notifier's return
         vt.stats[vm, ST_REMOTE_TLB_FLUSH] += 1
@@ -165,14 +198,15 @@ def _evict_folio(pa, vt, st, host, vm, rec, first, cnt, take, aptr, arecs, k):
 
 
 @kernel
-def reclaim_evict(pa, vt, st, host, vm, recs, aptr, arecs, threshold, at_threshold):
-    """Swap out the VM's evictable folios older than ``threshold`` and, in slot and page order,
+def reclaim_evict(m, vm, lay, threshold, at_threshold):
+    """Swap out the VM's evictable folios (``lay``: see _lay) older than ``threshold`` and, in slot and page order,
     ``at_threshold`` pages of age ``threshold`` (a THP across that count is split and only the pages
     needed go).  Returns pages swapped out."""
+    st = m.st
     total = 0
     taken = 0
-    for k in range(recs.shape[0]):
-        rec = recs[k]
+    for k in range(lay[0]):
+        rec, a0, a1 = _lay(lay, k)
         if not _evictable(st, rec):
             continue
         off = st.rec[rec, SL_HOST_OFF]
@@ -189,7 +223,7 @@ def reclaim_evict(pa, vt, st, host, vm, recs, aptr, arecs, threshold, at_thresho
                 take = min(cnt, at_threshold - taken)
                 taken += take
             if take > 0:
-                _evict_folio(pa, vt, st, host, vm, rec, first, cnt, take, aptr, arecs, k)
+                _evict_folio(m, vm, rec, first, cnt, take, lay, a0, a1)
                 total += take
             p = _next_resident(st, off, first + cnt, n)
     return total
@@ -245,17 +279,19 @@ def discard_pages(vt, st, host, vm, rec, p0, p1):
 
 
 @kernel
-def madvise_dontneed(pa, vt, st, host, vm, recs, p0s, p1s):
-    """madvise(MADV_DONTNEED) calls, one per entry, each within one slot (no aliases): the MMU
-    notifier zaps the SPTEs of slot pages [p0s[i], p1s[i]) (a flush when any went), then
+def madvise_dontneed(m, vm, calls):
+    """madvise(MADV_DONTNEED) calls, one per column of ``calls`` (record, first page, end page), each within one
+    slot (no aliases): the MMU notifier zaps the SPTEs of slot pages [p0, p1) (a flush when any went), then
     discard_pages frees the host pages.  Returns bytes freed."""
+    vt, st = m.vt, m.st
+    recs, p0s, p1s = calls[0], calls[1], calls[2]
     freed = 0
     for i in range(recs.shape[0]):
         rec = recs[i]
         if (st.rec[rec, SL_SLOT_ID] >> 16) == 0:
             g = st.rec[rec, SL_BASE_GFN]
-            if tdp_zap_leafs(pa, vt, vm, g + p0s[i], g + p1s[i]) > 0:
+            if _zap_range(m, vm, rec, g + p0s[i], g + p1s[i]) > 0:
                 vt.stats[vm, ST_REMOTE_TLB_FLUSH_REQUESTS] += 1
                 vt.stats[vm, ST_REMOTE_TLB_FLUSH] += 1
-        freed += discard_pages(vt, st, host, vm, rec, p0s[i], p1s[i])
+        freed += discard_pages(vt, st, m.host, vm, rec, p0s[i], p1s[i])
     return freed

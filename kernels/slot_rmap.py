@@ -53,6 +53,7 @@ from .state import (
     SP_ROLE,
     SP_VM,
     SPF_NX_TRACKED,
+    ST_MMU_NOTIFIER_ZAPPED,
     ST_NX_LPAGE_RECOVERED,
     ST_PAGES_AGED,
     ST_PAGES_WRITE_PROTECTED,
@@ -248,8 +249,9 @@ def shadow_zap_collapsible(m, vm, rec):
 
 @kernel
 def shadow_zap_gfn_range(m, vm, rec, start, end):
-    """kvm_unmap_gfn_range over the rmaps (MMU notifier): every SPTE of [start, end) at every level."""
-    flush = False
+    """kvm_unmap_gfn_range over the rmaps (MMU notifier): every SPTE of [start, end) at every level.  Returns
+    how many were zapped (mmu_notifier_zapped; > 0: a flush)."""
+    n_zapped = 0
     for level in range(1, KVM_MAX_HUGEPAGE_LEVEL + 1):
         if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
             continue
@@ -262,9 +264,10 @@ def shadow_zap_gfn_range(m, vm, rec, start, end):
                 while n >= 0:
                     row, idx, n = rmap_get_next(m.sh.rn, n)
                     drop_spte(m, vm, row, idx)
-                    flush = True
+                    n_zapped += 1
             g += np.int64(1) << np.int64(shift)
-    return flush
+    m.vt.stats[vm, ST_MMU_NOTIFIER_ZAPPED] += n_zapped
+    return n_zapped
 
 
 @kernel

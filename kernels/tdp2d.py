@@ -48,7 +48,6 @@ from .guest_walk import (
     WK_LEAF_LEVEL,
     WK_MAX_LEVEL,
     WK_PTE_GPA,
-    WK_SIZE,
     cpu_mode,
     guest_set_ad,
     guest_walk,
@@ -66,6 +65,7 @@ from .mmu_internal import (
     EV_VM,
     RES_ERROR,
     RES_OUTCOME,
+    SC_OOM_GPA,
     SC_RUNNING_VCPU,
     scratch,
 )
@@ -133,7 +133,6 @@ MAX_RESTARTS = 32
 # result of a step of the walk that needs KVM
 _NEED_ROWS = -2
 # scratch slot (after the walker's WK_* slots) where a host-OOM stop leaves the gpa it could not back
-SC_OOM_GPA = WK_SIZE
 
 
 @helper

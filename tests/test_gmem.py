@@ -130,7 +130,7 @@ def test_gm_discard_slots_zeroes_the_madvised_pages():
     h.write_guest_memory(vm, 0x5000, [9])
     h.write_guest_memory(vm, 0x9000, [10])
     recs, p0, p1 = np.zeros(1, np.int64), np.array([5], np.int64), np.array([6], np.int64)
-    madvise_dontneed(h.pa, h.vt, h.st, h.host_ctl, vm, recs, p0, p1)
+    madvise_dontneed(h._mmu_bundle(), vm, np.stack([recs, p0, p1]))
     assert gm_discard_slots(h.gm, h.st, vm, recs, p0, p1) == 1
     assert words(h, vm, 0x5000) == [0] and words(h, vm, 0x9000) == [10]
 

@@ -61,9 +61,13 @@ def test_plan_matches_the_reference_rule(rows, need):
 
 
 # ----------------------------------------------------------------------------- one host
-def test_lru_takes_the_idle_vm_and_refaults_are_major():
+@pytest.mark.parametrize("mmu", ["tdp", "legacy", "shadow"])
+def test_lru_takes_the_idle_vm_and_refaults_are_major(mmu):
+    """The same on every MMU: the TDP MMU's notifier walks its tables; the legacy TDP MMU and shadow paging
+    (here with paging off) age and zap through the rmaps."""
     h = _host(640 * 4096)
-    a, b, c = (int(v) for v in h.create_vms(3, memory="1MiB"))
+    a, b, c = (int(v) for v in h.create_vms(3, memory="1MiB", mmu="shadow" if mmu == "shadow" else "tdp",
+                                            tdp_mmu=mmu != "legacy"))
     _touch(h, a, range(256))
     _touch(h, b, range(256))
     h.reclaim(force=False)                     # below the low watermark: nothing happens
