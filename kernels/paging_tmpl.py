@@ -398,12 +398,6 @@ def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fau
     flush = False
     was_rmapped = False
     prefetch = not is_fault
-    if rec < 0:
-        # is_noslot_pfn (the legacy TDP MMU with MMIO caching): an MMIO SPTE, emulated
-        m.vt.stats[vm, ST_PF_MMIO_SPTE_CREATED] += 1
-        mmu_spte_set(m.pa.spt, row, idx, make_mmio_spte(m.vt.rec[vm, VM_FMT], gfn, pte_access,
-                                                        m.vt.rec[vm, VM_MEMSLOTS_GEN]))   # mark_mmio_spte
-        return RET_PF_EMULATE
     old = m.pa.spt[row, idx]
     if is_shadow_present_pte(old):
         if prefetch and is_last_spte(old, level) and spte_to_pfn(old) == pfn:
@@ -416,6 +410,14 @@ def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fau
             flush = True
         else:
             was_rmapped = True
+    if rec < 0:
+        # is_noslot_pfn (the legacy TDP MMU with MMIO caching): an MMIO SPTE, emulated
+        m.vt.stats[vm, ST_PF_MMIO_SPTE_CREATED] += 1
+        mmu_spte_set(m.pa.spt, row, idx, make_mmio_spte(m.vt.rec[vm, VM_FMT], gfn, pte_access,
+                                                        m.vt.rec[vm, VM_MEMSLOTS_GEN]))   # mark_mmio_spte
+        if flush:
+            flush_remote_tlbs(m, vm)   # kvm_flush_remote_tlbs_gfn
+        return RET_PF_EMULATE
     old = m.pa.spt[row, idx]
     spte, wrprot = make_spte(m, vm, rec, row, pte_access, gfn, pfn, old, prefetch, False, host_writable)
     if old == spte:
@@ -454,8 +456,11 @@ def prefetch_slot(m, vm, gfn, writable):
 
 @njit(inline="always", _nrt=False)
 def direct_pte_prefetch(m, vm, row, idx):
-    """__direct_pte_prefetch: runs of non-present SPTEs around ``idx`` in its aligned group of 8, mapped to pages
-    the host has resident (gup-fast); the caller checked the level and invalidations."""
+    """direct_pte_prefetch / __direct_pte_prefetch: runs of non-present SPTEs around ``idx`` in its aligned group
+    of 8, mapped to pages the host has resident (gup-fast); none without A/D bits (the caller checked the level
+    and invalidations); a run that leaves its memslot stops the prefetch (kvm_prefetch_pages)."""
+    if m.pa.meta[row, SP_ROLE] & ROLE_AD_DISABLED:
+        return   # sp_ad_disabled: without accessed bits a prefetched SPTE would look young forever
     start = idx & ~(PTE_PREFETCH_NUM - 1)
     access = role_access(m.pa.meta[row, SP_ROLE])
     i = start
@@ -470,11 +475,12 @@ def direct_pte_prefetch(m, vm, row, idx):
         rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
         if rec < 0:
             return
+        if gfn + (j - i) > m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES]:
+            return   # gfn_to_hva_many: fewer pages left in the slot than the run
         got = 0
         for k in range(j - i):
-            g = gfn + k
-            if g >= m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES] or not host_page_resident(m, rec, g):
-                break
+            if not host_page_resident(m, rec, gfn + k):
+                break   # get_user_pages_fast_only: the resident prefix
             got += 1
         if got == 0:
             return

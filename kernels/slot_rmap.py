@@ -35,8 +35,10 @@ from .spte import (
 )
 from .state import (
     CFG_PML,
+    CFG_TDP_MAX_LEVEL,
     DM_INITIALLY_SET,
     DM_MANUAL_PROTECT,
+    MMU_LEGACY,
     MMU_SHADOW,
     RM_COUNT,
     RM_HEAD,
@@ -229,21 +231,27 @@ def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
 
 @kernel
 def shadow_zap_collapsible(m, vm, rec):
-    """kvm_mmu_zap_collapsible_sptes (rmap part): drop 4K SPTEs of direct pages that could be huge."""
+    """kvm_rmap_zap_collapsible_sptes: drop the 4K and 2M SPTEs of direct pages that could map a larger page
+    (kvm_mmu_max_mapping_level of the page's gfn, up to max_huge_page_level: the TDP one for the legacy MMU)."""
     flush = False
-    off = m.st.rec[rec, SL_RMAP_OFF + 0]
-    if off < 0:
-        return False
-    for h in range(off, off + m.st.rec[rec, SL_NPAGES]):
-        n = m.sh.rmap[h, RM_HEAD]
-        while n >= 0:
-            sptep, n = pte_list_next(m.sh.rn, n)
-            row = sptep_row(sptep)
-            if (m.pa.meta[row, SP_ROLE] & ROLE_DIRECT) and \
-                    role_level(m.pa.meta[row, SP_ROLE]) < kvm_mmu_max_mapping_level(
-                        m.st, rec, m.st.rec[rec, SL_BASE_GFN] + h - off, KVM_MAX_HUGEPAGE_LEVEL):
-                drop_spte(m, vm, row, sptep_idx(sptep))
-                flush = True
+    cap = KVM_MAX_HUGEPAGE_LEVEL
+    if m.vt.rec[vm, VM_MMU] == MMU_LEGACY:
+        cap = min(cap, m.host[CFG_TDP_MAX_LEVEL])
+    for level in range(1, KVM_MAX_HUGEPAGE_LEVEL):
+        off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]
+        if off < 0:
+            continue
+        n_heads = kvm_mmu_slot_lpages(m.st.rec[rec, SL_BASE_GFN], m.st.rec[rec, SL_NPAGES], (level - 1) * 9)
+        for h in range(off, off + n_heads):
+            n = m.sh.rmap[h, RM_HEAD]
+            while n >= 0:
+                sptep, n = pte_list_next(m.sh.rn, n)
+                row = sptep_row(sptep)
+                role = m.pa.meta[row, SP_ROLE]
+                if (role & ROLE_DIRECT) and \
+                        role_level(role) < kvm_mmu_max_mapping_level(m.st, rec, m.pa.meta[row, SP_GFN], cap):
+                    drop_spte(m, vm, row, sptep_idx(sptep))
+                    flush = True
     return flush
 
 

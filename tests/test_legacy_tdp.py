@@ -354,3 +354,29 @@ def legacy_reference_stream(seed, nops=150):
 @pytest.mark.parametrize("seed", range(12))
 def test_legacy_mmu_against_the_reference_model(seed):
     legacy_reference_stream(500 + seed)
+
+
+@pytest.mark.parametrize("ept_ad", [True, False])
+def test_prefetch_maps_resident_neighbours_only_with_accessed_bits(ept_ad):
+    """direct_pte_prefetch: the resident pages of the fault's aligned group of 8, and none on an SP without A/D
+    bits (sp_ad_disabled): a prefetched SPTE there could never be told apart from an accessed one."""
+    h = bm.Host(memory="1GiB", backing="4k", tdp_mmu=False)
+    vm = int(h.create_vms(1, memory="4MiB", ept_ad=ept_ad)[0])
+    h.touch_host_memory(vm, 0, 8 * 4096)
+    h.access(vm, 0, 3 * 4096, 0)
+    assert h.stats(vm)["pages_4k"] == (8 if ept_ad else 1)
+
+
+def test_prefetch_stops_where_the_run_leaves_its_memslot():
+    """kvm_prefetch_pages: a run of empty SPTEs longer than what is left of the slot prefetches nothing."""
+    h = bm.Host(memory="1GiB", backing="4k", tdp_mmu=False)
+    vm = int(h.create_vms(1, memory="4MiB")[0])
+    h.set_memslot(vm, 1, SLOT1_GPA, 4 * 4096, hva=SLOT1_HVA)      # 4 pages: the group of 8 runs past its end
+    h.touch_host_memory(vm, SLOT1_GPA, 4 * 4096)
+    h.access(vm, 0, SLOT1_GPA, 0)
+    assert h.stats(vm)["pages_4k"] == 1
+    h.access(vm, 0, 3 * 4096, 0)                                    # slot 0: the whole group is inside
+    assert h.stats(vm)["pages_4k"] == 1 + 1                         # (slot 0 pages are not resident)
+    h.touch_host_memory(vm, 0, 8 * 4096)
+    h.access(vm, 0, 5 * 4096, 0)
+    assert h.stats(vm)["pages_4k"] == 2 + 7                         # 5 and its 6 resident empty neighbours
