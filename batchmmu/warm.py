@@ -246,7 +246,7 @@ GROUPS = (
     ("guest OS workload", _guest_os, (0, 3)),
     ("notifiers, NX recovery, shrinker", _notifiers, (2,)),
     ("legacy TDP MMU", _legacy, (0, 1, 3)),
-    ("reclaim", _reclaim, (2,)),
+    ("reclaim", _reclaim, (1, 2)),
 )
 _INDEPENDENT = sum(1 for g in GROUPS if not g[2])   # groups that can start at once
 

@@ -447,8 +447,9 @@ def nonpaging_page_fault(m, vm, vg, gpa, err):
 def legacy_tdp_exit(m, vm, vg, gfn, write, fetch, res, spte):
     """An EPT violation / misconfiguration / #NPF of a legacy-TDP VM (kvm.tdp_mmu=N): kvm_handle_exit's loop
     with kvm_tdp_page_fault -> direct_page_fault over the direct shadow pages below the vCPU's root, and the
-    guest's re-executed access.  Returns (outcome, error code) as kernels/tdp2d.py's tdp_exit does (the 2D walk
-    counts the access and its references); outcome -1: the host cannot back the page, nothing changed."""
+    guest's re-executed access.  Returns (outcome, error code, refs) as kernels/tdp2d.py's tdp_exit does (the 2D
+    walk counts the access and its references); outcome -1: the host cannot back the page, nothing changed;
+    ``refs`` >= 0: the re-executed access translated, with that many references (-1: it did not)."""
     vt = m.vt
     fmt = vt.rec[vm, VM_FMT]
     mmio_caching = m.host[CFG_MMIO_CACHING] != 0
@@ -460,20 +461,20 @@ def legacy_tdp_exit(m, vm, vg, gfn, write, fetch, res, spte):
     for _attempt in range(MAX_EXITS_PER_ACCESS):
         err = exit_error_code(fmt, res, spte, write, fetch)
         if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
-            return OUT_MMIO, err
+            return OUT_MMIO, err, np.int64(-1)
         vt.stats[vm, ST_PF_TAKEN] += 1
         r = direct_page_fault(m, vm, vg, gfn << 12, err, max_level, mmio_caching)
         if r == RET_PF_OOM:
             vt.stats[vm, ST_PF_TAKEN] -= 1
-            return -1, err  # only a first exit needs a new host page: nothing has changed
+            return -1, err, np.int64(-1)  # only a first exit needs a new host page: nothing has changed
         if r == RET_PF_RETRY:
             vt.stats[vm, ST_PF_RETRY] += 1
-            return OUT_RETRY, err
+            return OUT_RETRY, err, np.int64(-1)
         outcome = account_pf_result(vt.stats, vm, r)
         if outcome == OUT_EMULATED:
-            return (OUT_MMIO if gfn_to_memslot(vt, m.st, vm, gfn) < 0 else OUT_EMULATED), err
+            return (OUT_MMIO if gfn_to_memslot(vt, m.st, vm, gfn) < 0 else OUT_EMULATED), err, np.int64(-1)
         res, refs, row, idx, level, spte = tdp_hw_walk(m.pa.spt, fmt, m.vr.rec[vg, VR_ROOT], vt.rec[vm, VM_LEVELS],
                                                        gfn, write, fetch, vt.rec[vm, VM_AD_DISABLED] == 0)
         if res == WALK_OK:
-            return outcome, err
-    return outcome, err
+            return outcome, err, np.int64(refs)
+    return outcome, err, np.int64(-1)

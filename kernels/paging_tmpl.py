@@ -136,6 +136,7 @@ from .state import (
     ST_PF_MMIO_SPTE_CREATED,
     VM_FMT,
     VM_HASH_OFF,
+    VM_INDIRECT,
     VM_INVAL_COUNT,
     VM_INVAL_END,
     VM_INVAL_START,
@@ -351,6 +352,8 @@ def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
     """mmu_try_to_unsync_pages: 0 = may be writable; 1 = must stay write-protected."""
     if gfn_write_tracked(m, rec, gfn):
         return 1
+    if m.vt.rec[vm, VM_INDIRECT] == 0:
+        return 0   # no page with gptes anywhere (the legacy TDP MMU): the bucket holds none
     sh, pa = m.sh, m.pa
     row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
     while row >= 0:

@@ -303,8 +303,9 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
             # an exit: KVM's TDP fault path, then the guest re-executes the access
             if not _room(m, legacy):
                 return _NEED_ROWS, err, refs
+            done = np.int64(-1)
             if legacy:
-                o, e = legacy_tdp_exit(m, vm, vcpu_g, gfn, w, f, res, spte)
+                o, e, done = legacy_tdp_exit(m, vm, vcpu_g, gfn, w, f, res, spte)
             else:
                 o, e = tdp_exit(pa, vt, st, ct, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
             if o < 0:
@@ -315,6 +316,13 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                 return OUT_RETRY, err, refs
             if o == OUT_FIXED or o == OUT_SPURIOUS:
                 outcome = o
+                if done >= 0 and glevels == 0:
+                    # paging off: the access the exit re-executed is the one a restart would make (the same
+                    # walk of the same tables): it translated, so it is done
+                    refs += done
+                    if nbytes > 0:
+                        gm_write_bytes(gm, slot_map(vt, st), vm, gva, value, nbytes)
+                    return outcome, err, refs
                 restart = True
                 break
             if step == nsteps:
