@@ -383,3 +383,18 @@ def test_prefetch_stops_where_the_run_leaves_its_memslot():
     h.touch_host_memory(vm, 0, 8 * 4096)
     h.access(vm, 0, 5 * 4096, 0)
     assert h.stats(vm)["pages_4k"] == 2 + 7                         # 5 and its 6 resident empty neighbours
+
+
+def test_tdp_vs_legacy_scenario_is_the_same_for_any_worker_count():
+    """The bundled tdp_vs_legacy scenario: its two groups' totals differ only where KVM's MMUs do, and the
+    statistics are the same on 1 worker and on 3 (serial) and 2 (process backend)."""
+    sets = ["vms=2", "vcpus=2", "bytes_per_vcpu=2MiB", "iterations=2"]
+    a = bm.run_scenario("tdp_vs_legacy", workers=1, seed=5, sets=sets)
+    for kw in ({"workers": 3}, {"workers": 2, "backend": "process"}):
+        b = bm.run_scenario("tdp_vs_legacy", seed=5, sets=sets, **kw)
+        assert a.totals == b.totals and a.per_vm == b.per_vm
+    tdp, legacy = slice(0, 2), slice(2, 4)
+    for name, vals in a.per_vm.items():
+        if name not in LEGACY_ONLY | {"mmu_shadow_zapped"}:
+            assert vals[tdp] == vals[legacy], name
+    assert all(v > 0 for v in a.per_vm["rmap_entries"][legacy]) and not any(a.per_vm["rmap_entries"][tdp])
