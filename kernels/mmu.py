@@ -388,7 +388,7 @@ def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, req_level, write, host
         return ret
     # direct_pte_prefetch
     if role_level(m.pa.meta[row, SP_ROLE]) == 1 and m.vt.rec[vm, VM_INVAL_COUNT] == 0:
-        direct_pte_prefetch(m, vm, row, idx)
+        direct_pte_prefetch(m, vm, row, idx, rec)
     return ret
 
 
@@ -443,7 +443,7 @@ def nonpaging_page_fault(m, vm, vg, gpa, err):
     return direct_page_fault(m, vm, vg, gpa, err, np.int64(2), False)
 
 
-@helper
+@njit(inline="always", _nrt=False)  # one call site (tdp2d's access_2d): no bundle pushed for it
 def legacy_tdp_exit(m, vm, vg, gfn, write, fetch, res, spte):
     """An EPT violation / misconfiguration / #NPF of a legacy-TDP VM (kvm.tdp_mmu=N): kvm_handle_exit's loop
     with kvm_tdp_page_fault -> direct_page_fault over the direct shadow pages below the vCPU's root, and the

@@ -445,9 +445,11 @@ def host_page_resident(m, rec, gfn):
 
 
 @njit(inline="always", _nrt=False)
-def prefetch_slot(m, vm, gfn, writable):
-    # gfn_to_memslot_dirty_bitmap(no_dirty_log=true)
-    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+def prefetch_slot(m, vm, gfn, writable, hint):
+    # gfn_to_memslot_dirty_bitmap(no_dirty_log=true); ``hint``: the fault's slot, the answer when it holds gfn
+    rec = hint
+    if rec < 0 or not m.st.rec[rec, SL_BASE_GFN] <= gfn < m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES]:
+        rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec < 0:
         return -1
     if writable and slot_dirty_logging(m.st, rec):
@@ -458,7 +460,7 @@ def prefetch_slot(m, vm, gfn, writable):
 
 
 @njit(inline="always", _nrt=False)
-def direct_pte_prefetch(m, vm, row, idx):
+def direct_pte_prefetch(m, vm, row, idx, rec_hint):
     """direct_pte_prefetch / __direct_pte_prefetch: runs of non-present SPTEs around ``idx`` in its aligned group
     of 8, mapped to pages the host has resident (gup-fast); none without A/D bits (the caller checked the level
     and invalidations); a run that leaves its memslot stops the prefetch (kvm_prefetch_pages)."""
@@ -475,7 +477,7 @@ def direct_pte_prefetch(m, vm, row, idx):
         while j < start + PTE_PREFETCH_NUM and j != idx and not is_shadow_present_pte(m.pa.spt[row, j]):
             j += 1
         gfn = sp_get_gfn(m, row, i)
-        rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
+        rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0, rec_hint)
         if rec < 0:
             return
         if gfn + (j - i) > m.st.rec[rec, SL_BASE_GFN] + m.st.rec[rec, SL_NPAGES]:
@@ -499,7 +501,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
     if role_level(m.pa.meta[row, SP_ROLE]) > 1 or m.vt.rec[vm, VM_INVAL_COUNT] > 0:
         return
     if m.pa.meta[row, SP_ROLE] & ROLE_DIRECT:
-        direct_pte_prefetch(m, vm, row, idx)
+        direct_pte_prefetch(m, vm, row, idx, np.int64(-1))
         return
     start = idx & ~(PTE_PREFETCH_NUM - 1)
     for i in range(start, start + PTE_PREFETCH_NUM):
@@ -511,7 +513,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
             break
         gfn = (gpte & GFN_MASK_64) >> 12
         access = protect_clean_gpte(role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte), gpte)
-        rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0)
+        rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0, np.int64(-1))
         if rec < 0 or not host_page_resident(m, rec, gfn):
             break
         mmu_set_spte(m, vm, rec, row, i, access, gfn, gfn_to_hva(m.st, rec, gfn) >> 12, np.bool_(False),
