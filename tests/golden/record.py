@@ -18,6 +18,7 @@ SCENARIOS = [
     ("access_tracking_perf", "", ["vcpus=2", "bytes_per_vcpu=8MiB"]),
     ("access_tracking_perf", "noad", ["vcpus=2", "bytes_per_vcpu=8MiB", "ept_ad=false"]),
     ("demand_paging", "", ["vms=3", "vcpus=2", "bytes_per_vcpu=8MiB"]),
+    ("demand_paging", "legacy", ["vms=2", "vcpus=2", "bytes_per_vcpu=8MiB", "tdp_mmu=false", "backing=thp"]),
     ("demand_paging", "thp-npt-random", ["vms=2", "bytes_per_vcpu=8MiB", "backing=thp", "tdp_format=npt",
                                          "access_order=random", "write_percent=50"]),
     ("dirty_log", "", ["pages=4099", "iterations=3", "writes=512"]),
@@ -35,6 +36,8 @@ SCENARIOS = [
     ("memslot_perf", "", ["slots=64", "loops=2"]),
     ("nx_huge_pages", "", []),
     ("overcommit", "", ["busy_vms=4", "idle_vms=4", "bytes_per_vcpu=8MiB", "memory=48MiB"]),
+    ("tdp_vs_legacy", "", ["vms=1", "bytes_per_vcpu=4MiB", "iterations=2"]),
+    ("tdp_vs_legacy", "pml-thp", ["vms=1", "bytes_per_vcpu=4MiB", "pml=true", "backing=thp", "manual_protect=false"]),
     ("trace_replay", "", ["vms=2", "vcpus=2"]),
     ("trace_replay", "thp-npt", ["backing=thp", "tdp_format=npt", "repeat=2", "vcpus=2"]),
 ]
