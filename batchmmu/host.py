@@ -16,8 +16,8 @@ from .errors import bad, einval
 from .kernels import shadow as SK
 from .kernels import state as S
 from .kernels.gmem import GM_MAX_VMS
+from .kernels.mmu import recover_nx_huge_pages
 from .kernels.spte import FMT_EPT, FMT_NPT, ROLE_INVALID
-from .kernels.tdp import recover_nx_huge_pages
 from .memslot import Memslots
 from .notifier import Notifiers
 from .paging import GuestPaging
@@ -246,10 +246,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
             rows = rows[np.argsort(pa.sp_seq[rows], kind="stable")]
             splits = int(self.vt.stats[vm, S.ST_NX_LPAGE_SPLITS])
             to_zap = -(-splits // self.nx_recovery_ratio)
-            if self._rmaps(int(vm)):
-                SK.shadow_recover_nx_huge_pages(self._mmu_bundle(), int(vm), rows, to_zap)  # flushes if it zapped
-            elif recover_nx_huge_pages(pa, self.vt, self.st, int(vm), rows, to_zap):
-                self._flush_remote_tlbs(int(vm))
+            recover_nx_huge_pages(self._mmu_bundle(), int(vm), rows, to_zap)   # flushes if it zapped
 
     # ------------------------------------------------------------------ reports
     def stats(self, vm=None):

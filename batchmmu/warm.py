@@ -40,6 +40,24 @@ def _dirty_modes(h, vm, slot_gpa):
     h.set_memslot(vm, 1, slot_gpa, 0)
 
 
+def _manual_and_ring(h):
+    """Manual protect with INITIALLY_SET (CLEAR, then GET), then the dirty ring, each on a new VM of ``h``'s
+    kind; returns the ring's VM."""
+    vm = int(h.create_vms(1, memory="4MiB")[0])
+    h.enable_manual_dirty_log_protect(vm, initially_set=True)
+    h.access(vm, 0, 0, ACC_WRITE)
+    h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+    h.clear_dirty_log(vm, 0, 0, 64, [-1])
+    h.get_dirty_log(vm, 0)
+    vm = int(h.create_vms(1, memory="4MiB")[0])
+    h.enable_dirty_ring(vm, 1024)
+    h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
+    h.access(vm, 0, 0, ACC_WRITE)
+    h.harvest_dirty_ring(vm, 0)
+    h.reset_dirty_rings(vm)
+    return vm
+
+
 def _tdp():
     """TDP MMU (EPT / NPT, 4 / 5 levels, with and without EPT A/D bits) and dirty logging."""
     for pml in (False, True):
@@ -54,17 +72,7 @@ def _tdp():
             _dirty_modes(h, vm, 1 << 30)
         vm = int(h.create_vms(1, memory="4MiB")[0])
         h.access([vm, vm - 1], 0, [0, 0], [0, 0])   # VMs out of order: grouped, then ungrouped
-        h.enable_manual_dirty_log_protect(vm, initially_set=True)
-        h.access(vm, 0, 0, ACC_WRITE)
-        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
-        h.clear_dirty_log(vm, 0, 0, 64, [-1])
-        h.get_dirty_log(vm, 0)
-        vm = int(h.create_vms(1, memory="4MiB")[0])
-        h.enable_dirty_ring(vm, 1024)
-        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
-        h.access(vm, 0, 0, ACC_WRITE)
-        h.harvest_dirty_ring(vm, 0)
-        h.reset_dirty_rings(vm)
+        _manual_and_ring(h)
 
 
 def _notifiers():
@@ -96,17 +104,7 @@ def _legacy():
         h.advance_time(3600)
         h.age_hva_range(vm, 1 << 40, (1 << 40) + (4 << 20))
         h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (1 << 20))
-        vm = int(h.create_vms(1, memory="4MiB")[0])
-        h.enable_manual_dirty_log_protect(vm, initially_set=True)
-        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
-        h.access(vm, 0, 0, ACC_WRITE)
-        h.clear_dirty_log(vm, 0, 0, 64, [-1])
-        vm = int(h.create_vms(1, memory="4MiB")[0])
-        h.enable_dirty_ring(vm, 1024)
-        h.set_memslot(vm, 0, 0, 4 << 20, flags=MEM_LOG_DIRTY_PAGES)
-        h.access(vm, 0, 0, ACC_WRITE)
-        h.harvest_dirty_ring(vm, 0)
-        h.reset_dirty_rings(vm)
+        vm = _manual_and_ring(h)
         h.set_nr_mmu_pages(vm, 64)
         h.shrink(10)
         h.footprint()
@@ -244,7 +242,7 @@ GROUPS = (
     ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp"), ()),
     ("2D walks with PML", lambda: _guest_paging("tdp", pml=True), (2, 3)),
     ("guest OS workload", _guest_os, (0, 3)),
-    ("notifiers, NX recovery, shrinker", _notifiers, (2,)),
+    ("notifiers, NX recovery, shrinker", _notifiers, (1, 2)),
     ("legacy TDP MMU", _legacy, (0, 1, 3)),
     ("reclaim", _reclaim, (1, 2)),
 )

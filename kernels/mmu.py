@@ -48,6 +48,7 @@ from .mmu_internal import (
     SC_OOM_GPA,
     account_nx_huge_page,
     scratch,
+    unaccount_nx_huge_page,
 )
 from .paging_tmpl import (
     direct_pte_prefetch,
@@ -61,6 +62,7 @@ from .paging_tmpl import (
 )
 from .shadow_mmu import (
     commit_zap_page,
+    flush_remote_tlbs,
     gfn_write_tracked,
     make_mmu_pages_available,
     prepare_zap_page,
@@ -74,6 +76,7 @@ from .spte import (
     PFERR_RSVD_MASK,
     ROLE_EFER_NX,
     ROLE_INVALID,
+    SHADOW_NONPRESENT_VALUE,
     gfn_round_for_level,
     is_large_pte,
     is_shadow_present_pte,
@@ -86,15 +89,23 @@ from .state import (
     DM_PML_ACTIVE,
     KVM_MMU_NUM_PREV_ROOTS,
     MMU_LEGACY,
+    MMU_TDP,
     OUT_EMULATED,
     OUT_FIXED,
     OUT_MMIO,
     OUT_RETRY,
+    SP_FLAGS,
     SP_FLOOD,
+    SP_GFN,
+    SP_LEVEL,
+    SP_PARENT,
+    SP_PARENT_INDEX,
     SP_ROLE,
     SP_ROOT_COUNT,
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
+    SPF_NX_TRACKED,
+    ST_NX_LPAGE_RECOVERED,
     ST_PF_FAST,
     ST_PF_RETRY,
     ST_PF_TAKEN,
@@ -118,7 +129,7 @@ from .state import (
     VR_ROOT,
     VR_ROOT_PGD,
 )
-from .tdp import account_pf_result, tdp_mmu_root_role
+from .tdp import account_pf_result, tdp_mmu_root_role, tdp_set_spte
 
 
 @njit(inline="always", _nrt=False)
@@ -478,3 +489,38 @@ def legacy_tdp_exit(m, vm, vg, gfn, write, fetch, res, spte):
         if res == WALK_OK:
             return outcome, err, np.int64(refs)
     return outcome, err, np.int64(-1)
+
+
+# ---------------------------------------------------------------- NX huge page recovery
+@kernel
+def recover_nx_huge_pages(m, vm, rows, to_zap):
+    """kvm_recover_nx_huge_pages for one VM: ``to_zap`` times, the oldest page still on the list (``rows``: its
+    tracked pages, oldest first; a zap may free younger ones too) is zapped so that a huge page can come back
+    (a TDP MMU page: its parent SPTE goes, kvm_tdp_mmu_zap_sp; a shadow page of shadow paging or the legacy TDP
+    MMU: kvm_mmu_prepare_zap_page), or only unaccounted if its gfn's slot is dirty-logged; then
+    kvm_mmu_remote_flush_or_zap.  Returns the number zapped."""
+    zapped = 0
+    done = 0
+    tdp_flush = False
+    for k in range(rows.shape[0]):
+        if done == to_zap:
+            break
+        row = rows[k]
+        if not m.pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
+            continue  # freed by an earlier zap in this pass
+        done += 1
+        rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.meta[row, SP_GFN])
+        if rec >= 0 and slot_dirty_logging(m.st, rec):
+            unaccount_nx_huge_page(m.pa, m.vt, vm, row)
+            continue
+        if m.vt.rec[vm, VM_MMU] == MMU_TDP:
+            tdp_set_spte(m.pa, m.vt, vm, m.pa.meta[row, SP_PARENT], m.pa.meta[row, SP_PARENT_INDEX],
+                         m.pa.meta[row, SP_LEVEL] + 1, SHADOW_NONPRESENT_VALUE)
+            tdp_flush = True
+        else:
+            prepare_zap_page(m, vm, row)
+        m.vt.stats[vm, ST_NX_LPAGE_RECOVERED] += 1
+        zapped += 1
+    if not commit_zap_page(m, vm) and tdp_flush:
+        flush_remote_tlbs(m, vm)
+    return zapped

@@ -17,7 +17,6 @@ from .slot_rmap import (
     shadow_clear_dirty_log,
     shadow_footprint_counts,
     shadow_get_dirty_log,
-    shadow_recover_nx_huge_pages,
     shadow_ring_reset_masks,
     shadow_slot_leaf_clear_dirty,
     shadow_slot_wrprot,
@@ -29,7 +28,7 @@ from .slot_rmap import (
 __all__ = [
     "OP_ACCESS", "OP_EMULATED", "OP_FLUSH", "OP_INVLPG", "OP_MOV_CR3", "SC_SIZE", "kvm_mmu_change_mmu_pages",
     "kvm_mmu_reset_context", "shadow_age_gfn_range", "shadow_clear_dirty_log", "shadow_event_batch",
-    "shadow_footprint_counts", "shadow_get_dirty_log", "shadow_recover_nx_huge_pages", "shadow_ring_reset_masks",
+    "shadow_footprint_counts", "shadow_get_dirty_log", "shadow_ring_reset_masks",
     "shadow_slot_leaf_clear_dirty", "shadow_slot_wrprot",
     "shadow_zap_all_fast", "shadow_zap_collapsible", "shadow_zap_gfn_range", "zap_oldest_mmu_pages",
 ]

@@ -8,11 +8,8 @@ from numba import njit
 from .dirty import ring_mask_target
 from .jit import helper, kernel
 from .memslot import (
-    gfn_to_memslot,
     kvm_mmu_max_mapping_level,
-    slot_dirty_logging,
 )
-from .mmu_internal import unaccount_nx_huge_page
 from .rmap import kvm_mmu_slot_lpages, pte_list_count, pte_list_next, rmap_get_next, rmap_index, sptep_idx, sptep_row
 from .shadow_mmu import (
     commit_zap_page,
@@ -48,15 +45,12 @@ from .state import (
     SL_RMAP_OFF,
     SL_VM,
     SP_APREV,
-    SP_FLAGS,
     SP_GEN,
     SP_GFN,
     SP_PARENT_HEAD,
     SP_ROLE,
     SP_VM,
-    SPF_NX_TRACKED,
     ST_MMU_NOTIFIER_ZAPPED,
-    ST_NX_LPAGE_RECOVERED,
     ST_PAGES_AGED,
     ST_PAGES_WRITE_PROTECTED,
     VM_ACT_TAIL,
@@ -340,27 +334,3 @@ def shadow_footprint_counts(m, vm, out):
                 if c >= 2:
                     out[1] += (c + 13) // 14
         out[4] += m.st.rec[rec, SL_NPAGES]
-
-
-@kernel
-def shadow_recover_nx_huge_pages(m, vm, rows, to_zap):
-    """kvm_recover_nx_huge_pages for a VM of the shadow or legacy TDP MMU: as the TDP MMU's
-    (kernels/tdp.py), with kvm_mmu_prepare_zap_page for the zap.  Returns the number zapped."""
-    zapped = 0
-    done = 0
-    for k in range(rows.shape[0]):
-        if done == to_zap:
-            break
-        row = rows[k]
-        if not m.pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
-            continue  # freed by an earlier zap in this pass
-        done += 1
-        rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.meta[row, SP_GFN])
-        if rec >= 0 and slot_dirty_logging(m.st, rec):
-            unaccount_nx_huge_page(m.pa, m.vt, vm, row)
-            continue
-        prepare_zap_page(m, vm, row)
-        m.vt.stats[vm, ST_NX_LPAGE_RECOVERED] += 1
-        zapped += 1
-    commit_zap_page(m, vm)   # the flush: kvm_mmu_remote_flush_or_zap
-    return zapped

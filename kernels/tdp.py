@@ -9,7 +9,6 @@ from numba import njit
 
 from .jit import helper, kernel
 from .memslot import (
-    gfn_to_memslot,
     invalidation_clamp_level,
     kvm_mmu_max_mapping_level,
     mark_page_dirty,
@@ -20,7 +19,6 @@ from .mmu_internal import (
     RET_PF_FIXED,
     RET_PF_SPURIOUS,
     account_nx_huge_page,
-    unaccount_nx_huge_page,
     untrack_possible_nx_huge_page,
 )
 from .spte import (
@@ -71,9 +69,7 @@ from .state import (
     SP_ROLE,
     SP_VM,
     SPF_NX_DISALLOWED,
-    SPF_NX_TRACKED,
     ST_MMU_PAGES,
-    ST_NX_LPAGE_RECOVERED,
     ST_PAGES_4K,
     ST_PAGES_WRITE_PROTECTED,
     ST_PF_EMULATE,
@@ -447,31 +443,3 @@ def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
                 flush = True
         row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M)
     return flush
-
-
-@kernel
-def recover_nx_huge_pages(pa, vt, st, vm, rows, to_zap):
-    """kvm_recover_nx_huge_pages for one VM: ``to_zap`` times, the oldest page still on the list
-    (``rows``: its tracked pages, oldest first; a zap may free younger ones too) is zapped (its parent
-    SPTE goes, so a huge page can come back), or only untracked if its gfn's slot is dirty-logged.
-    Returns the number zapped (> 0: one flush)."""
-    zapped = 0
-    done = 0
-    for k in range(rows.shape[0]):
-        if done == to_zap:
-            break
-        row = rows[k]
-        if not pa.meta[row, SP_FLAGS] & SPF_NX_TRACKED:
-            continue  # freed by an earlier zap in this pass
-        done += 1
-        rec = gfn_to_memslot(vt, st, vm, pa.meta[row, SP_GFN])
-        if rec >= 0 and slot_dirty_logging(st, rec):
-            unaccount_nx_huge_page(pa, vt, vm, row)
-            continue
-        parent = pa.meta[row, SP_PARENT]
-        # kvm_tdp_mmu_zap_sp: the SPTE that points at the page becomes non-present
-        tdp_set_spte(pa, vt, vm, parent, pa.meta[row, SP_PARENT_INDEX], pa.meta[row, SP_LEVEL] + 1,
-                     SHADOW_NONPRESENT_VALUE)
-        vt.stats[vm, ST_NX_LPAGE_RECOVERED] += 1
-        zapped += 1
-    return zapped

@@ -16,7 +16,7 @@ from batchmmu.kernels import state as S
 from batchmmu.kernels.spte import ROLE_INVALID, SPTE_BASE_ADDR_MASK, is_accessed_spte
 from reference.shadow_model import RefShadowHost
 from test_mmu_differential import CPU_STATES, run_random
-from test_shadow_reference_diff import Pair
+from test_shadow_reference_diff import Pair, RngDraw, get_and_clear
 
 import batchmmu as bm
 
@@ -296,7 +296,8 @@ def legacy_reference_stream(seed, nops=150):
     """Random gpa accesses and stores (slot 0, a second slot, no slot), dirty logging on / off / GET / CLEAR,
     the second slot created and deleted (a fast zap), host memory touched: after every operation the
     outcome, the #NPF error code and every statistic the model keeps agree; the written pages at the end."""
-    rng = np.random.default_rng(seed)
+    draw = RngDraw(seed)
+    rng = draw.rng
     memory = int(rng.choice([8 * MiB, 32 * MiB]))
     backing = str(rng.choice(["4k", "thp"]))
     pair = LegacyPair(memory, backing, int(rng.choice([4, 5])))
@@ -328,20 +329,7 @@ def legacy_reference_stream(seed, nops=150):
             pair.call("set_memslot", 0, 0, memory, flags=bm.MEM_LOG_DIRTY_PAGES * state["log"], vcpu=False)
             pair.check()
         elif r < 90 and state["log"]:
-            a, b = pair.call("get_dirty_log", 0, vcpu=False)
-            if [int(x) for x in a] != b:
-                pair.fail(f"get_dirty_log: {a.tolist()} != model {b}")
-            pair.check()
-            if manual is not None:
-                words = (npages + 63) // 64
-                first = int(rng.integers(0, words))
-                n = int(rng.integers(1, words - first + 1))
-                bitmap = [int(rng.integers(0, 1 << 63)) | int(rng.integers(0, 2)) << 63 for _ in range(n)]
-                num = min(64 * n, npages - 64 * first)
-                a, b = pair.call("clear_dirty_log", 0, 64 * first, num, np.array(bitmap, np.uint64), vcpu=False)
-                if int(a) != b:
-                    pair.fail(f"clear_dirty_log cleared {a} != model {b}")
-                pair.check()
+            get_and_clear(draw, pair, npages, manual is not None)
         elif r < 96:
             state["slot1"] ^= 1   # 4K host pages (the model's slots other than 0 have no THP)
             size = (2 * MiB) * state["slot1"]

@@ -391,24 +391,30 @@ def step_addrs(draw, pair, lay, state, gva_of):
         pair.call("set_memslot", 0, 0, lay.npages << 12, flags=bm.MEM_LOG_DIRTY_PAGES * state["log"], vcpu=False)
         pair.check()
     elif r < 97 and state["log"]:
-        a, b = pair.call("get_dirty_log", 0, vcpu=False)
-        if [int(x) for x in a] != b:
-            pair.fail(f"get_dirty_log: {a.tolist()} != model {b}")
-        pair.check()
-        if state["manual"] is not None:
-            words = (lay.npages + 63) // 64
-            first = draw.int(0, words - 1)
-            n = draw.int(1, words - first)
-            bitmap = [b[first + k] & draw.int(0, (1 << 64) - 1) if draw.int(0, 3) else draw.int(0, (1 << 64) - 1)
-                      for k in range(n)]
-            num = min(64 * n, lay.npages - 64 * first)
-            a, b = pair.call("clear_dirty_log", 0, 64 * first, num, np.array(bitmap, np.uint64), vcpu=False)
-            if int(a) != b:
-                pair.fail(f"clear_dirty_log cleared {a} != model {b}")
-            pair.check()
+        get_and_clear(draw, pair, lay.npages, state["manual"] is not None)
     elif r < 100:                                 # a second memslot: create, or delete (fast zap)
         state["slot1"] ^= 1
         pair.call("set_memslot", 1, SLOT1, (2 * MiB) * state["slot1"], vcpu=False)
+        pair.check()
+
+
+def get_and_clear(draw, pair, npages, manual):
+    """GET slot 0's dirty log on both (the same bitmap), and with manual protect CLEAR a drawn range of it (mostly
+    bits that were set; the same count cleared)."""
+    a, b = pair.call("get_dirty_log", 0, vcpu=False)
+    if [int(x) for x in a] != b:
+        pair.fail(f"get_dirty_log: {a.tolist()} != model {b}")
+    pair.check()
+    if manual:
+        words = (npages + 63) // 64
+        first = draw.int(0, words - 1)
+        n = draw.int(1, words - first)
+        bitmap = [b[first + k] & draw.int(0, (1 << 64) - 1) if draw.int(0, 3) else draw.int(0, (1 << 64) - 1)
+                  for k in range(n)]
+        num = min(64 * n, npages - 64 * first)
+        a, b = pair.call("clear_dirty_log", 0, 64 * first, num, np.array(bitmap, np.uint64), vcpu=False)
+        if int(a) != b:
+            pair.fail(f"clear_dirty_log cleared {a} != model {b}")
         pair.check()
 
 

@@ -41,7 +41,7 @@ def test_warmup_compiles_every_kernel_once_and_a_guest_os_run_compiles_nothing()
     # what Python calls is loaded on its own (a kernel only other kernels call lives inside its callers)
     python_entries = ("fault.access_batch", "tdp2d.tdp2d_batch", "batch.shadow_event_batch", "events.validate_events",
                       "dirty.get_dirty_log_protect", "slot_rmap.shadow_get_dirty_log", "notifier.tdp_age_range",
-                      "reclaim.reclaim_scan", "tdp.recover_nx_huge_pages")
+                      "reclaim.reclaim_scan", "mmu.recover_nx_huge_pages")
     assert {n: before[n][0] for n in python_entries} == dict.fromkeys(python_entries, 1)
     assert {n: k for n, (k, *_) in before.items() if k > 1} == {}       # one signature per kernel
     assert {n: (before[n][0], k) for n, (k, *_) in after.items() if k != before[n][0]} == {}
