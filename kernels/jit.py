@@ -11,7 +11,18 @@ from collections import defaultdict
 
 import llvmlite.binding as ll
 from numba import njit
-from numba.core import analysis, codegen, inline_closurecall, ir, ir_utils, ssa, targetconfig, typed_passes
+from numba.core import (
+    analysis,
+    codegen,
+    inline_closurecall,
+    ir,
+    ir_utils,
+    postproc,
+    ssa,
+    targetconfig,
+    transforms,
+    typed_passes,
+)
 
 # called from Python (batchmmu/, tests, bench): one CPython entry, no cfunc wrapper
 kernel = njit(cache=True, _nrt=False, no_cfunc_wrapper=True)
@@ -291,3 +302,24 @@ if all(hasattr(codegen.CPUCodeLibrary, n) for n in (
     _Library._unserialize = classmethod(_lib_unserialize)
     typed_passes.BaseNativeLowering.run_pass = _lowering_run_pass
     codegen.JITCPUCodegen.set_env = _set_env
+
+
+# numba's PostProcessor runs after most front-end passes (1,400 times in the shadow group): it canonicalizes
+# the CFG, then computes use/def sets, liveness, dead maps and each block's live variables.  Those feed only
+# del insertion (asked for explicitly), object-mode lowering and generators; the variable lifetimes are
+# computed lazily anyway.  For this package's (nopython, non-generator) functions, only the CFG work is done.
+_postproc_run = postproc.PostProcessor.run
+
+
+def _postproc(self, emit_dels=False, extend_lifetimes=False):
+    fir = self.func_ir
+    if emit_dels or fir.is_generator or \
+            not getattr(getattr(fir.func_id, "func", None), "__module__", "").startswith(__package__ + "."):
+        return _postproc_run(self, emit_dels, extend_lifetimes)
+    fir.blocks = transforms.canonicalize_cfg(fir.blocks)
+    fir.variable_lifetime = postproc.VariableLifetime(fir.blocks)
+    fir.generator_info = None
+
+
+if hasattr(postproc, "VariableLifetime") and hasattr(transforms, "canonicalize_cfg"):
+    postproc.PostProcessor.run = _postproc
