@@ -234,17 +234,18 @@ def _guest_os():
 
 
 READY = False   # set once every group ran in this process
-# (name, run, the groups whose kernels it reuses): a parallel warm-up starts a group once those are compiled
+# (name, run, the groups whose kernels it reuses): a parallel warm-up starts a group once those are compiled;
+# of the groups ready, the first listed (the longer ones first)
 GROUPS = (
     ("shadow MMU, all guest modes", lambda: _guest_paging("shadow"), ()),
     ("shadow MMU host side", _shadow_host, ()),
     ("TDP MMU and dirty logging", _tdp, ()),
     ("2D walks (guest paging under EPT/NPT)", lambda: _guest_paging("tdp"), ()),
+    ("reclaim", _reclaim, (1, 2)),
+    ("notifiers, NX recovery, shrinker", _notifiers, (1, 2)),
     ("2D walks with PML", lambda: _guest_paging("tdp", pml=True), (2, 3)),
     ("guest OS workload", _guest_os, (0, 3)),
-    ("notifiers, NX recovery, shrinker", _notifiers, (1, 2)),
     ("legacy TDP MMU", _legacy, (0, 1, 3)),
-    ("reclaim", _reclaim, (1, 2)),
 )
 _INDEPENDENT = sum(1 for g in GROUPS if not g[2])   # groups that can start at once
 
