@@ -230,7 +230,7 @@ if _numba_run_ssa is not None and all(hasattr(ssa, n) for n in (
 # into every caller's module and makes machine code there.  numba also makes machine code for the helper's
 # own module, which nothing runs (a tenth of a cold compile).  Helpers of this package are made
 # "link only": their module is optimized as before and handed to callers, but never turned into machine
-# code; the cache keeps that module as bitcode.  Callers get the same IR, so the same machine code.
+# code; the cache keeps that module as bitcode (docs/compile.md).
 _LINK_ONLY = "batchmmu-link-only"
 _Library = codegen.JITCodeLibrary
 _finalize_final_module = _Library._finalize_final_module
