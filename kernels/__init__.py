@@ -42,10 +42,10 @@ def _user_cache_dir():
 
 
 if os.environ.get("NUMBA_CACHE_DIR"):
-    CACHE_DIR = Path(os.environ["NUMBA_CACHE_DIR"])
-    if BOUNDSCHECK:
-        CACHE_DIR = CACHE_DIR / "batchmmu-boundscheck"
-        numba.config.CACHE_DIR = str(CACHE_DIR)
+    # one subdirectory per source hash there too: numba keys entries on each function's own file only, and a
+    # checkout without kernels/jit.py's patches cannot read the link-only entries of one with them
+    CACHE_DIR = Path(os.environ["NUMBA_CACHE_DIR"]) / f"batchmmu-{SOURCE_HASH}{_SUFFIX}"
+    numba.config.CACHE_DIR = str(CACHE_DIR)
 else:
     CACHE_DIR = _user_cache_dir()
     numba.config.CACHE_DIR = str(CACHE_DIR)

@@ -246,6 +246,9 @@ def _link_only(lib):
 
 
 def _lib_finalize_final_module(self):
+    if _link_only(self) and any(gv.name.startswith(codegen.RuntimeLinker.PREFIX)
+                                for gv in self._final_module.global_variables):
+        self._batchmmu_link_only = False   # a recursive call, resolved only when the JIT links it: numba's way
     if not _link_only(self):
         return _finalize_final_module(self)
     self._finalize_dynamic_globals()
@@ -279,7 +282,8 @@ def _lib_unserialize(cls, codegen_, state):
 
 def _set_env(self, env_name, env):
     """JITCPUCodegen.set_env, skipping an environment whose global is in no machine code (a link-only helper's:
-    no CPython entry, so nothing reads it)."""
+    no CPython entry; helpers must not need their environment either: no raise with run-time values, print or
+    objmode, which tests/test_warmup.py checks)."""
     if self._engine.get_global_value_address(env_name):
         _codegen_set_env(self, env_name, env)
 

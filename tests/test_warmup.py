@@ -349,3 +349,18 @@ def test_helpers_are_linked_into_callers_without_machine_code_of_their_own():
     r = subprocess.run([sys.executable, "-c", _LINK_ONLY], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.nojit
+def test_no_kernel_code_needs_its_numba_environment():
+    """Link-only helpers have no environment set (kernels/jit.py): compiled code must not raise with run-time
+    values, print or enter object mode, the uses numba keeps an environment for."""
+    import ast
+    found = []
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        if path.name in ("jit.py", "__init__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) or (isinstance(node, ast.Name) and node.id in ("print", "objmode")):
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []
