@@ -200,6 +200,8 @@ from batchmmu.kernels import jit
 
 assert isinstance(inline_closurecall.copy, jit._OneMemoPerIRCopy)
 assert targetconfig.TargetConfig.values is jit._config_values
+from numba.core import analysis, ir_utils, ssa
+assert analysis.compute_live_map is ir_utils.compute_live_map is jit._live_map and ssa._run_ssa is jit._run_ssa
 
 @njit(inline="always")
 def leaf(a, i):
