@@ -3,6 +3,7 @@
 import numpy as np
 from numba import njit
 
+from .guest_walk import WK_SIZE
 from .state import CTL_NX_SEQ, SH_SCRATCH, SP_FLAGS, SP_SEQ, SPF_NX_DISALLOWED, SPF_NX_TRACKED, ST_NX_LPAGE_SPLITS
 
 # RET_PF_* (mmu_internal.h)
@@ -55,9 +56,9 @@ SC_PREFETCH = 168    # 8 gptes of the prefetch group
 SC_MARK_STACK = 176  # stack of mark_parents_unsync (pages whose unsync_children went 0 -> 1)
 SC_MARK_STACK_LEN = 80
 SC_SIZE = 256
+SC_OOM_GPA = WK_SIZE   # a host-OOM stop leaves the gpa it could not back here (after the walker's words)
 # kvm_get_running_vcpu(): the global vCPU index while a shadow event runs, else -1 (the last word of the
-# walker's block: the walk uses WK_SIZE words, kernels/tdp2d.py one more)
-SC_OOM_GPA = 36     # a host-OOM stop leaves the gpa it could not back here (after the walker's WK_SIZE words)
+# walker's block: the walk uses WK_SIZE words, SC_OOM_GPA one more)
 SC_RUNNING_VCPU = 63
 
 

@@ -132,7 +132,6 @@ from .tdp import mmu_alloc_root
 MAX_RESTARTS = 32
 # result of a step of the walk that needs KVM
 _NEED_ROWS = -2
-# scratch slot (after the walker's WK_* slots) where a host-OOM stop leaves the gpa it could not back
 
 
 @helper
