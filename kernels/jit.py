@@ -30,6 +30,12 @@ kernel = njit(cache=True, _nrt=False, no_cfunc_wrapper=True)
 helper = njit(cache=True, _nrt=False, no_cfunc_wrapper=True, no_cpython_wrapper=True)
 
 
+def _ours(func):
+    """Whether ``func`` (a Python function, or None) is one of this package's kernels: the patches below change
+    numba's behaviour for those only."""
+    return getattr(func, "__module__", "").startswith(__package__ + ".")
+
+
 # numba's IR inliner (``inline="always"``) runs the untyped front end of the callee again at every call
 # site, nested inlines included, so a helper inlined at n sites of a tree is rebuilt n times and a deep
 # tree grows with the product of its fan-outs.  The inliner deep-copies what it gets before changing it,
@@ -40,7 +46,7 @@ _run_untyped_passes = inline_closurecall.InlineWorker.run_untyped_passes
 
 def _memo_run_untyped_passes(self, func, enable_ssa=False):
     """InlineWorker.run_untyped_passes, built once per (function, SSA) for functions of this package."""
-    if not getattr(func, "__module__", "").startswith(__package__ + "."):
+    if not _ours(func):
         return _run_untyped_passes(self, func, enable_ssa)
     self.flags.enable_ssa = enable_ssa   # the original sets it on the caller's flags
     key = (func, enable_ssa)
@@ -290,8 +296,7 @@ def _set_env(self, env_name, env):
 
 def _lowering_run_pass(self, state):
     flags = state.flags
-    if state.library is None and flags.no_cpython_wrapper and flags.no_cfunc_wrapper and \
-            getattr(state.func_id.func, "__module__", "").startswith(__package__ + "."):
+    if state.library is None and flags.no_cpython_wrapper and flags.no_cfunc_wrapper and _ours(state.func_id.func):
         state.library = state.targetctx.codegen().create_library(state.func_id.func_qualname)
         state.library.enable_object_caching()
         state.library._batchmmu_link_only = True
@@ -317,8 +322,7 @@ _postproc_run = postproc.PostProcessor.run
 
 def _postproc(self, emit_dels=False, extend_lifetimes=False):
     fir = self.func_ir
-    if emit_dels or fir.is_generator or \
-            not getattr(getattr(fir.func_id, "func", None), "__module__", "").startswith(__package__ + "."):
+    if emit_dels or fir.is_generator or not _ours(getattr(fir.func_id, "func", None)):
         return _postproc_run(self, emit_dels, extend_lifetimes)
     fir.blocks = transforms.canonicalize_cfg(fir.blocks)
     fir.variable_lifetime = postproc.VariableLifetime(fir.blocks)
