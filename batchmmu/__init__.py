@@ -10,6 +10,7 @@ from .constants import (
     FIXED,
     GUEST_FAULT,
     HIT,
+    L1_EXIT,
     MEM_LOG_DIRTY_PAGES,
     MEM_READONLY,
     MMIO,
@@ -33,7 +34,7 @@ from .units import parse_size
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACC_FETCH", "ACC_READ", "ACC_USER", "ACC_WRITE", "BACKINGS", "EMULATED", "FIXED", "GUEST_FAULT", "HIT",
+    "ACC_FETCH", "ACC_READ", "ACC_USER", "ACC_WRITE", "BACKINGS", "EMULATED", "FIXED", "GUEST_FAULT", "HIT", "L1_EXIT",
     "MEM_LOG_DIRTY_PAGES", "MEM_READONLY", "MMIO", "OUTCOME_NAMES", "PFERR_FETCH", "PFERR_PK", "PFERR_PRESENT",
     "PFERR_RSVD", "PFERR_USER", "PFERR_WRITE", "RETRY", "RING_FULL", "SPURIOUS", "STAT_NAMES", "AccessResult",
     "BatchMMUError", "Host", "HostMemoryExhausted", "InvalidationInProgress", "parse_size", "warmup",

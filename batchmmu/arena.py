@@ -186,7 +186,8 @@ def vm_group_bytes(count, vcpus, npages, shadow=False, pml=False, ages=False):
 
 CR0_RESET = 0x60000010   # CR0 after RESET / INIT: CD, NW, ET
 VR_FILLS = {S.VR_CR0: CR0_RESET, S.VR_RFLAGS: 2, S.VR_ROOT: -1, **{S.VR_PREV_ROOT + i: -1 for i in range(3)},
-            **{S.VR_PAE_ROOT + i: -1 for i in range(4)}}
+            **{S.VR_PAE_ROOT + i: -1 for i in range(4)}, S.VR_EPTP: -1,
+            S.VR_ALT_ROOT: -1, **{S.VR_ALT_ROOT + (S.VR_PREV_ROOT - S.VR_ROOT) + i: -1 for i in range(3)}}
 
 
 def new_shadow_state(rows):

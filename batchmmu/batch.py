@@ -41,15 +41,32 @@ def event_record(vm, vcpu, addr, kind=0, op=MI.OP_ACCESS, value=0, size=0):
     return ev
 
 
+def result_record(n):
+    """An int64[n, NRESF] result record for a kernel: RES_FAULT_GPA -1 (the kernels write only L1 exits')."""
+    res = np.zeros((n, MI.NRESF), np.int64)
+    res[:, MI.RES_FAULT_GPA] = -1
+    return res
+
+
 def results(res):
-    """(outcome int8[n], error code int32[n]) of an int64[n, NRESF] result record."""
-    return res[:, MI.RES_OUTCOME].astype(np.int8), res[:, MI.RES_ERROR].astype(np.int32)
+    """(outcome int8[n], error code int32[n], fault gpa int64[n]) of an int64[n, NRESF] result record."""
+    return (res[:, MI.RES_OUTCOME].astype(np.int8), res[:, MI.RES_ERROR].astype(np.int32),
+            res[:, MI.RES_FAULT_GPA].copy())
 
 
 class AccessResult(NamedTuple):
-    """Per-access results: ``outcome`` (bm.HIT ...) and the error code of the exit or #PF."""
+    """Per-access results: ``outcome`` (bm.HIT ...), the error code of the exit or #PF (for bm.L1_EXIT the exit
+    qualification L1 receives) and, for bm.L1_EXIT, the L2 gpa that faulted (-1 for other outcomes)."""
     outcome: np.ndarray
     error_code: np.ndarray
+    fault_gpa: np.ndarray = None
+
+    @classmethod
+    def of(cls, outcome, error_code, fault_gpa=None):
+        """An AccessResult; ``fault_gpa`` None: -1 for every access."""
+        if fault_gpa is None:
+            fault_gpa = np.full(np.shape(outcome), -1, np.int64)
+        return cls(outcome, error_code, fault_gpa)
 
 
 class Batches:
@@ -113,6 +130,7 @@ class Batches:
                           0 if size_a is None else size_a)
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int32)
+        fgpa = np.full(n, -1, np.int64)
         done = np.zeros(n, bool)  # events of the sub-batches that completed (VMs are independent)
         for idx, run in ((np.nonzero(shadow)[0], "shadow"), (np.nonzero(twod)[0], "2d"),
                          (np.nonzero(~shadow & ~twod)[0], "tdp")):
@@ -121,16 +139,16 @@ class Batches:
             try:
                 sub = ev if idx.size == n else ev[idx]
                 if run == "shadow":
-                    o, e = self._run_shadow(sub)
+                    o, e, f = self._run_shadow(sub)
                 elif run == "2d":
-                    o, e = self._run_tdp2d(sub)
+                    o, e, f = self._run_tdp2d(sub)
                 else:
-                    o, e = self._run_tdp_accesses(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx])
+                    o, e, f = self._run_tdp_accesses(vm_a[idx], vcpu_a[idx], addr_a[idx], kind_a[idx])
             except HostMemoryExhausted as exc:
                 raise self._partial(exc, idx, n, out, err, done) from None
-            out[idx], err[idx] = o, e
+            out[idx], err[idx], fgpa[idx] = o, e, f
             done[idx] = True
-        return AccessResult(out, err)
+        return AccessResult(out, err, fgpa)
 
     def _run_tdp_accesses(self, vm_a, vcpu_a, addr_a, kind_a):
         """Run a validated batch.  VMs are independent, so a batch that interleaves VMs runs
@@ -164,7 +182,7 @@ class Batches:
             out_c, err_c = np.empty_like(out), np.empty_like(err)
             ungroup_results(perm, out, err, out_c, err_c)
             out, err = out_c, err_c
-        return AccessResult(out, err)
+        return AccessResult.of(out, err)
 
     def _resume(self, n, run, fail, topup=None, grow=None, oom_vm=None, oom_gpa=None):
         """The one resume loop of every event batch: ``topup()`` (mmu_topup_memory_caches), ``run(i)`` the
@@ -265,7 +283,7 @@ class Batches:
             self._write_bytes(int(vm_a[j]), int(addr_a[j]), int(val[j]))
         if exc is not None:
             raise self._exhausted_over(exc, ran, out, err) from None
-        return AccessResult(out, err)
+        return AccessResult.of(out, err)
 
     def _shadow_store(self, vm_a, vcpu_a, addr_a, kind_a, val):
         """Stores under guest paging: the kernel writes guest memory once the store translates (or the
@@ -278,7 +296,7 @@ class Batches:
             res = self._run_accesses(vm_a, vcpu_a, addr_a, kind_a, val, first)
         except HostMemoryExhausted as e:  # what ran is kept: its second halves run below
             exc, ran = e, e.applied
-            res = AccessResult(e.outcome.copy(), e.error_code.copy())
+            res = AccessResult.of(e.outcome.copy(), e.error_code.copy())
         cross = np.nonzero((first < 8) & ran & np.isin(res.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED)))[0]
         if cross.size:
             rest = (val[cross].view(np.uint64) >> (8 * first[cross]).astype(np.uint64)).view(np.int64)
@@ -288,10 +306,11 @@ class Batches:
             except HostMemoryExhausted as e:
                 exc = exc or e
                 ran[cross] &= e.applied
-                r2 = AccessResult(e.outcome, e.error_code)
+                r2 = AccessResult.of(e.outcome, e.error_code)
             bad2 = ~np.isin(r2.outcome, (HIT, FIXED, SPURIOUS, S.OUT_EMULATED)) & ran[cross]
             res.outcome[cross[bad2]] = r2.outcome[bad2]
             res.error_code[cross[bad2]] = r2.error_code[bad2]
+            res.fault_gpa[cross[bad2]] = r2.fault_gpa[bad2]
         if exc is not None:
             raise self._exhausted_over(exc, ran, res.outcome, res.error_code) from None
         return res

@@ -19,6 +19,7 @@ from .kernels.gmem import GM_MAX_VMS
 from .kernels.mmu import recover_nx_huge_pages
 from .kernels.spte import FMT_EPT, FMT_NPT, ROLE_INVALID
 from .memslot import Memslots
+from .nested import Nested
 from .notifier import Notifiers
 from .paging import GuestPaging
 from .units import format_size, parse_size
@@ -34,7 +35,7 @@ MAX_SECONDS = 2.0 ** 53 / 1000   # simulated time stays an exact number of milli
 __all__ = ["AccessResult", "Host"]
 
 
-class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
+class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
     """One host: a memory budget, module parameters and any number of VMs.
 
     ``memory``: host RAM that guest pages may take (bytes or "64GiB").
@@ -89,6 +90,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         self._order_cap = np.zeros(16, np.int64)
         self._vcpus = np.zeros(16, np.int64)
         self._gen_as1 = np.zeros(16, np.int64)
+        self._nested = np.zeros(16, np.int64)   # the VM's guest has VMX (nested virtualization)
+        self._write_tracking = np.zeros(16, np.int64)   # a TDP VM made a shadow root: gfn_write_track arrays
         self._slot_rec = ms.SlotIndex()  # (vm, slot) -> record, and each VM's own slots
         self._aliases = {}               # reclaim: (vm, hva, npages, backing) -> host_off of shared host pages
         self._alias_users = {}           # reclaim: host_off -> live records using it
@@ -128,13 +131,15 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
 
     # ------------------------------------------------------------------ VMs
     def create_vms(self, count, memory="1GiB", vcpus=1, mmu="tdp", *, tdp_format="ept", tdp_levels=4,
-                   maxphyaddr=46, backing=None, ept_ad=True, tdp_mmu=None):
+                   maxphyaddr=46, backing=None, ept_ad=True, tdp_mmu=None, nested=False):
         """Create ``count`` VMs, each with ``vcpus`` vCPUs and slot 0 of ``memory`` at gpa 0.
 
         Returns the new VM ids.  ``tdp_format`` "ept" (Intel) or "npt" (AMD); ``tdp_levels`` 4 or 5;
         ``ept_ad=False`` runs EPT without accessed/dirty bits (access tracking).  ``tdp_mmu`` (None: the Host's)
         picks the TDP MMU (True) or the legacy one (False: the shadow MMU's code with direct pages) for these
-        VMs; it means nothing for ``mmu="shadow"`` (KVM ignores kvm.tdp_mmu without TDP).
+        VMs; it means nothing for ``mmu="shadow"`` (KVM ignores kvm.tdp_mmu without TDP).  ``nested=True`` offers
+        VMX to the guest, which may then run L2 guests (``nested_enter``; docs/nested.md): for now an EPT VM
+        on the legacy TDP MMU (``tdp_mmu=False``) of a Host without PML.
         """
         count = A.exact_int(count, "count", 1, A.I64_MAX, why="must be a positive integer")
         size = parse_size(memory, "memory")
@@ -148,6 +153,18 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         ept_ad = A.bool_arg(ept_ad, "ept_ad")
         tdp_mmu = self.tdp_mmu if tdp_mmu is None else A.bool_arg(tdp_mmu, "tdp_mmu")
         kind = S.MMU_SHADOW if mmu == "shadow" else S.MMU_TDP if tdp_mmu else S.MMU_LEGACY
+        nested = A.bool_arg(nested, "nested")
+        if nested:
+            if kind == S.MMU_SHADOW:
+                raise bad("nested", nested, "KVM offers nested EPT/NPT only on a TDP host (mmu=\"tdp\")")
+            if tdp_format != "ept":
+                raise bad("nested", nested, "nested NPT (SVM, tdp_format=\"npt\") is not modelled yet: use EPT")
+            if kind == S.MMU_TDP:
+                raise bad("nested", nested, "nested EPT is modelled on the legacy TDP MMU for now: pass "
+                          "tdp_mmu=False (docs/nested.md)")
+            if self.cfg[S.CFG_PML]:
+                raise bad("nested", nested, "nested EPT with PML (write-protected guest_mode SPTEs) is not "
+                          "modelled yet: use a Host(pml=False)")
         if tdp_levels == 4 and maxphyaddr > 48:
             raise bad("maxphyaddr", maxphyaddr, "4-level TDP maps at most 48 physical address bits")
         if size > (1 << maxphyaddr):
@@ -170,7 +187,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         first, k = self.nvm, count
         need = first + k
         self.arena.grow_vms(need)
-        for name in ("_order_cap", "_vcpus", "_gen_as1"):
+        for name in ("_order_cap", "_vcpus", "_gen_as1", "_nested", "_write_tracking"):
             arr = getattr(self, name)
             if arr.shape[0] < need:
                 setattr(self, name, np.concatenate([arr, np.zeros(max(need, 2 * arr.shape[0]) - arr.shape[0],
@@ -188,6 +205,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
         vt.stats[vms] = 0
         vt.host_bytes[vms] = 0
         self._vcpus[vms] = vcpus
+        self._nested[vms] = int(nested)
+        self._write_tracking[vms] = 0
         nv = self._paging_add_vms(vms, int(vcpus), kind)
         self.arena.grow_vcpus(nv + vcpus * k)
         vt.vcpu_off[vms] = nv + vcpus * np.arange(k)  # global index of each VM's vCPU 0
@@ -286,7 +305,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging):
             one = np.zeros(5, np.int64)
             for v in shadow_vms:
                 SK.shadow_footprint_counts(m, int(v), one)
-                if self._mmu_kind[v] == S.MMU_LEGACY:
+                if self._mmu_kind[v] == S.MMU_LEGACY and not self._write_tracking[v]:
                     one[4] = 0   # no gfn_write_track arrays under TDP (kvm_page_track_write_tracking_enabled)
                 counts += one
         npg = st.npages[live]

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import args as A
 from .arena import CR0_RESET, _grow  # noqa: F401 (CR0_RESET: paging's public name)
-from .batch import event_record, results
+from .batch import event_record, result_record, results
 from .errors import bad, einval
 from .kernels import gmem as GM
 from .kernels import mmu_internal as MI
@@ -99,9 +99,19 @@ class GuestPaging:
                 shift = 9 * (level - 1)
                 cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
                 st.rmap_off[rec, level - 1] = self.arena.alloc("rmap", cnt, fill=(-1, 0))  # RM_HEAD, RM_COUNT
-            if self._mmu_kind[vm] == S.MMU_SHADOW:
+            if self._mmu_kind[vm] == S.MMU_SHADOW or self._write_tracking[vm]:
                 # kvm_page_track_write_tracking_enabled: with TDP (the legacy MMU) only once a shadow root exists
                 st.wtrack_off[rec] = self.arena.alloc("wtrack", n, fill=0)
+
+    def _first_shadow_root_alloc(self, vm):
+        """mmu_first_shadow_root_alloc for a TDP VM whose guest_mmu gets its first root (nested EPT): the
+        gfn_write_track arrays of every memslot (the rmaps exist already on the legacy TDP MMU)."""
+        if self._write_tracking[vm]:
+            return
+        self._write_tracking[vm] = 1
+        st = self.st
+        for _, rec in self._slot_rec.of_vm(vm):
+            st.wtrack_off[rec] = self.arena.alloc("wtrack", int(st.npages[rec]), fill=0)
 
     def _paging_topup(self):
         """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""
@@ -115,7 +125,7 @@ class GuestPaging:
         self.arena.reserve_guest_mem(n)
 
     def _slot_map(self):
-        return S.SlotMap(self.vt.rec, self.st.order, self.st.rec)
+        return S.SlotMap(self.vt.rec, self.st.order, self.st.rec, self.vt.rec, np.int64(-1), np.int64(0))
 
     def _gm_drop_unmapped(self, vm, rec):
         """Slot ``rec`` goes and the VMM unmaps its memory: its hva pages that no other slot of the VM
@@ -288,7 +298,7 @@ class GuestPaging:
             j = int(np.nonzero(big)[0][0])
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
                       "(the vCPU has paging off)")
-        res = np.zeros((n, MI.NRESF), np.int64)
+        res = result_record(n)
         legacy = bool(np.any(self._mmu_kind[vm_a] == S.MMU_LEGACY))
         def topup():
             # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores; the legacy
@@ -300,7 +310,7 @@ class GuestPaging:
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
         self._resume(n, lambda i: tdp2d_batch(self._mmu_bundle(), ev, i, res),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}",
-                                                      np.arange(n) < i, "", *results(res)),
+                                                      np.arange(n) < i, "", *results(res)[:2]),
                      topup, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
         return results(res)
 
@@ -312,11 +322,11 @@ class GuestPaging:
         other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
         if other.size:
             raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
-        res = np.zeros((n, MI.NRESF), np.int64)
+        res = result_record(n)
         # a host out of memory: direct reclaim for the gpa the fault could not back, then the event again
         self._resume(n, lambda i: K.shadow_event_batch(self._mmu_bundle(), ev, i, res),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"gva {int(ev[i, MI.EV_ADDR]):#x}",
-                                                      np.arange(n) < i, "", *results(res)),
+                                                      np.arange(n) < i, "", *results(res)[:2]),
                      self._paging_topup, oom_vm=lambda i: int(vm_a[i]),
                      oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
         return results(res)
@@ -336,8 +346,8 @@ class GuestPaging:
         if value.size != 1:
             raise bad("value", value, "must be one integer")
         addr = self._gva_arg(vm, i, addr)
-        out, err = self._run_shadow(event_record(vm, vcpu, addr, kind, MI.OP_EMULATED, value.view(np.int64), size))
-        return AccessResult(out, err)
+        return AccessResult(*self._run_shadow(event_record(vm, vcpu, addr, kind, MI.OP_EMULATED,
+                                                            value.view(np.int64), size)))
 
     def mov_cr3(self, vm, vcpu, cr3):
         """The guest writes CR3 (MOV to CR3, no PCID): under shadow paging KVM switches roots (cached in

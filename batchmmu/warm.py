@@ -90,7 +90,7 @@ def _notifiers():
 
 def _legacy():
     """The legacy TDP MMU (kvm.tdp_mmu=N): faults and MMIO SPTEs in direct shadow pages, dirty logging with and
-    without PML, notifiers, NX recovery over shadow pages, n_max_mmu_pages, memslot deletion."""
+    without PML, notifiers, NX recovery over shadow pages, n_max_mmu_pages, memslot deletion; nested EPT."""
     for pml in (False, True):
         h = Host(memory="64MiB", backing="thp", pml=pml, tdp_mmu=False, nx_huge_pages=True,
                  nx_huge_pages_recovery_ratio=1)
@@ -107,7 +107,39 @@ def _legacy():
         vm = _manual_and_ring(h)
         h.set_nr_mmu_pages(vm, 64)
         h.shrink(10)
+        if not pml:
+            _nested(h)
         h.footprint()
+
+
+def _nested(h):
+    """An L2 guest under nested EPT: EPT12 at 1 MiB mapping L2 gpa 0 -> L1 2 MiB (4K), L2 with paging off and on,
+    an L1 exit, INVEPT, L1's store into EPT12 (emulated), L2 without nested EPT."""
+    vm = int(h.create_vms(1, memory="4MiB", vcpus=2, nested=True)[0])
+    words = np.zeros(4 * 512, np.int64)
+    for lv in range(3):                                   # PML4 -> PDPT -> PD -> PT, RWX tables
+        words[512 * lv] = (0x101000 + 0x1000 * lv) | 7
+    words[3 * 512:3 * 512 + 16] = 0x200000 + 0x1000 * np.arange(16) | 7 | (6 << 3)
+    h.write_guest_memory(vm, 0x100000, words.view(np.uint64))
+    pt = np.zeros(3 * 512, np.int64)                      # L2's 4-level tables at L2 gpa 0x1000.. (one 4K page)
+    pt[0], pt[512], pt[1024] = 0x2000 | 7, 0x3000 | 7, 0x4000 | 7
+    h.write_guest_memory(vm, 0x201000, pt.view(np.uint64))
+    h.write_guest_memory(vm, 0x204000, np.array([0x5000 | 7], np.uint64))
+    eptp = 0x100000 | 6 | (3 << 3) | (1 << 6)
+    h.nested_enter(vm, 0, eptp=eptp, cr0=0x11, cr3=0, cr4=0, efer=0)
+    h.access(vm, 0, [0x5000, 0x5000, 0x6000, 1 << 30], [0, ACC_WRITE, ACC_FETCH, 0])
+    h.store(vm, 0, 0x5008, 1)
+    h.nested_exit(vm, 0)
+    h.nested_enter(vm, 0, eptp=eptp, cr0=0x80000011, cr3=0x1000, cr4=0x20, efer=0x500)
+    h.access(vm, 0, [0, 8, 0x1000], [0, ACC_WRITE, 0])
+    h.store(vm, 0, 16, 2)
+    h.nested_exit(vm, 0)
+    h.store(vm, 0, 0x101000, 0x102000 | 7)               # a write-tracked EPT12 table: emulated
+    h.invept(vm, 0, eptp)
+    h.invept(vm, 0)
+    h.nested_enter(vm, 1, cr0=0x11, cr3=0, cr4=0, efer=0)
+    h.access(vm, 1, 0x5000, 0)
+    h.nested_exit(vm, 1)
 
 
 def _reclaim():

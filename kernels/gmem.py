@@ -23,6 +23,7 @@ from numba import njit
 
 from .jit import kernel
 from .memslot import search_memslots
+from .spte import is_last_spte, is_shadow_present_pte, spte_to_child_row, spte_to_pfn
 from .state import (
     BACKING_HUGETLB_1G,
     BACKING_HUGETLB_2M,
@@ -65,12 +66,33 @@ def gm_hash(k, mask):
 
 @njit(inline="always", _nrt=False)
 def gm_page_key(sm, vm, gpa):
-    """Key of the host page behind ``gpa`` of ``vm`` (SlotMap ``sm``), -1 when no memslot maps it."""
+    """Key of the host page behind ``gpa`` of ``vm`` (SlotMap ``sm``), -1 when no memslot maps it; for an L2
+    map (``sm.root`` >= 0) the host page its shadow tables map ``gpa`` to, -1 when they do not."""
     gfn = gpa >> 12
+    if sm.root >= 0:
+        return l2_page_key(sm, vm, gfn)
     rec = search_memslots(sm, vm, gfn)
     if rec < 0:
         return np.int64(-1)
     return (np.int64(vm) << GM_VM_SHIFT) | ((sm.srec[rec, SL_HVA] >> 12) + gfn - sm.srec[rec, SL_BASE_GFN])
+
+
+@njit(inline="always", _nrt=False)
+def l2_page_key(sm, vm, gfn):
+    """The processor's view of L2 memory: ``gfn`` (an L2 gfn) through the shadow EPT/NPT tables at ``sm.root``
+    (their leaf holds the host page, an hva page of L1's memory here), -1 where they map nothing.  The caller
+    walked them with the access's permissions first, as the processor does."""
+    row = sm.root
+    level = sm.levels
+    while True:
+        spte = sm.spt[row, (gfn >> np.int64(9 * (level - 1))) & 511]
+        if not is_shadow_present_pte(spte):
+            return np.int64(-1)
+        if is_last_spte(spte, level):
+            pfn = spte_to_pfn(spte) + (gfn & ((np.int64(1) << np.int64(9 * (level - 1))) - 1))
+            return (np.int64(vm) << GM_VM_SHIFT) | pfn
+        row = spte_to_child_row(spte)
+        level -= 1
 
 
 @njit(inline="always", _nrt=False)

@@ -47,7 +47,7 @@ from .state import (
 @njit(inline="always", _nrt=False)
 def slot_map(vt, st):
     """The SlotMap of these tables (what a gpa -> hva translation reads)."""
-    return SlotMap(vt.rec, st.order, st.rec)
+    return SlotMap(vt.rec, st.order, st.rec, vt.rec, np.int64(-1), np.int64(0))
 
 
 @njit(inline="always", _nrt=False)

@@ -50,6 +50,7 @@ from .mmu_internal import (
     scratch,
     unaccount_nx_huge_page,
 )
+from .paging_ept import MODE_EPT, ept_root_role
 from .paging_tmpl import (
     direct_pte_prefetch,
     disallowed_hugepage_adjust,
@@ -75,6 +76,7 @@ from .spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
     PFERR_RSVD_MASK,
     ROLE_EFER_NX,
+    ROLE_GUEST_MODE,
     ROLE_INVALID,
     SHADOW_NONPRESENT_VALUE,
     gfn_round_for_level,
@@ -121,6 +123,8 @@ from .state import (
     VR_CR3,
     VR_CR4,
     VR_EFER,
+    VR_EPTP,
+    VR_GUEST_MODE,
     VR_PAE_ROOT,
     VR_PDPTR,
     VR_PREV_PGD,
@@ -134,7 +138,10 @@ from .tdp import account_pf_result, tdp_mmu_root_role, tdp_set_spte
 
 @njit(inline="always", _nrt=False)
 def shadow_root_role(mode):
-    # kvm_calc_shadow_mmu_root_page_role: the cpu role, at least PAE-sized, EFER.NX forced on
+    # kvm_calc_shadow_mmu_root_page_role: the cpu role, at least PAE-sized, EFER.NX forced on (nested EPT:
+    # kvm_calc_shadow_ept_root_page_role)
+    if mode & MODE_EPT:
+        return ept_root_role(mode)
     role = cpu_role_word(mode)
     lvl = role & 0xF
     if lvl < PT32E_ROOT_LEVEL:
@@ -194,8 +201,20 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush; a legacy-TDP VM's vCPUs
     share one direct root of the TDP level (mmu_alloc_direct_roots, found in the hash after the first)."""
     make_mmu_pages_available(m, vm)
+    if mode & MODE_EPT:
+        # guest_mmu under nested EPT: mmu_alloc_shadow_roots for the EPTP's table (an indirect root), synced
+        eptp = m.vr.rec[vg, VR_EPTP]
+        row = get_shadow_page(m, vm, vg, (eptp & GFN_MASK_64) >> 12, np.int64(shadow_root_role(mode)), mode,
+                              maxphyaddr)
+        m.pa.meta[row, SP_ROOT_COUNT] += 1
+        m.vr.rec[vg, VR_ROOT] = row
+        m.vr.rec[vg, VR_ROOT_PGD] = eptp
+        sync_roots(m, vm, vg, mode, maxphyaddr)
+        return   # flush_tlb_current on a new root: not a tlb_flush statistic
     if m.vt.rec[vm, VM_MMU] == MMU_LEGACY:
-        row = get_shadow_page(m, vm, vg, np.int64(0), np.int64(tdp_mmu_root_role(m.vt, vm)), mode, maxphyaddr)
+        # L2 without nested paging runs on its own direct root (role.guest_mode, kvm_calc_cpu_role)
+        role = tdp_mmu_root_role(m.vt, vm) | (ROLE_GUEST_MODE if m.vr.rec[vg, VR_GUEST_MODE] else 0)
+        row = get_shadow_page(m, vm, vg, np.int64(0), np.int64(role), mode, maxphyaddr)
         m.pa.meta[row, SP_ROOT_COUNT] += 1
         m.vr.rec[vg, VR_ROOT] = row
         m.vr.rec[vg, VR_ROOT_PGD] = 0

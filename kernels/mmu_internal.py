@@ -37,7 +37,8 @@ NEVF = 7
 # their results: one int64 record per event
 RES_OUTCOME = 0      # OUT_*
 RES_ERROR = 1        # error code of the exit or of the #PF delivered to the guest
-NRESF = 2
+RES_FAULT_GPA = 2    # nested: the L2 gpa of an L1_EXIT (Python fills -1; the kernels write only L1 exits)
+NRESF = 3
 
 PT32E_ROOT_LEVEL = 3
 PAE_ROOT = -2        # vr.root value while the vCPU runs on its 4 PAE roots (32-bit and PAE guests)

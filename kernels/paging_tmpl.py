@@ -60,6 +60,7 @@ from .mmu_internal import (
     scratch,
 )
 from .page_track import clear_flood_on_walk
+from .paging_ept import MODE_EPT, ept_gpte_access, ept_prefetch_invalid, ept_protect_clean_gpte
 from .rmap import parent_add
 from .shadow_mmu import (
     alloc_shadow_page,
@@ -151,15 +152,21 @@ from .state import (
 @njit(inline="always", _nrt=False)
 def prefetch_invalid_gpte(m, vm, row, idx, gpte, mode, maxphyaddr):
     """FNAME(prefetch_invalid_gpte): drop the SPTE when the gpte is not present, not accessed or reserved."""
-    if (gpte & 1) == 0 or (gpte & PT_ACCESSED_MASK) == 0 or (gpte & gpte_rsvd_mask(mode, maxphyaddr, 1, gpte)):
+    if mode & MODE_EPT:
+        bad = ept_prefetch_invalid(mode, maxphyaddr, gpte)
+    else:
+        bad = (gpte & 1) == 0 or (gpte & PT_ACCESSED_MASK) == 0 or (gpte & gpte_rsvd_mask(mode, maxphyaddr, 1, gpte))
+    if bad:
         drop_spte(m, vm, row, idx)
         return True
     return False
 
 
 @njit(inline="always", _nrt=False)
-def gpte_access(gpte):
-    # FNAME(gpte_access) for 64-bit gptes
+def gpte_access(gpte, mode):
+    # FNAME(gpte_access): 64-bit gptes, or EPT12 entries
+    if mode & MODE_EPT:
+        return ept_gpte_access(gpte)
     access = gpte & (ACC_WRITE_MASK | ACC_USER_MASK)
     if gpte >= 0:  # NX (bit 63) clear
         access |= ACC_EXEC_MASK
@@ -167,8 +174,10 @@ def gpte_access(gpte):
 
 
 @njit(inline="always", _nrt=False)
-def protect_clean_gpte(access, gpte):
+def protect_clean_gpte(access, gpte, mode):
     # FNAME(protect_clean_gpte): write access only once the guest's D bit is set
+    if mode & MODE_EPT:
+        return ept_protect_clean_gpte(mode, access, gpte)
     if not (gpte & PT_DIRTY_MASK):
         access &= ~ACC_WRITE_MASK
     return access
@@ -184,8 +193,8 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
         return 1
     gfn = (gpte & GFN_MASK_64) >> 12
-    access = role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte)
-    access = protect_clean_gpte(access, gpte)
+    access = role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte, mode)
+    access = protect_clean_gpte(access, gpte, mode)
     if gfn != sp_get_gfn(m, row, i):
         drop_spte(m, vm, row, i)
         return 1
@@ -512,7 +521,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
         if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
             break
         gfn = (gpte & GFN_MASK_64) >> 12
-        access = protect_clean_gpte(role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte), gpte)
+        access = protect_clean_gpte(role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte, mode), gpte, mode)
         rec = prefetch_slot(m, vm, gfn, (access & ACC_WRITE_MASK) != 0, np.int64(-1))
         if rec < 0 or not host_page_resident(m, rec, gfn):
             break
@@ -520,7 +529,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
                      np.bool_(False), np.bool_(True))
 
 
-@njit(inline="always", _nrt=False)  # one call site (shadow_page_fault): no bundle pushed for it
+@njit(inline="always", _nrt=False)  # inlined into shadow_page_fault and nested.ept_page_fault
 def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
@@ -654,7 +663,7 @@ def set_ad_and_log(m, vm, wk, pfec):
 @helper
 def invalidate_addr(m, vm, vg, gva, mode, maxphyaddr, all_roots):
     """kvm_mmu_invalidate_addr over the current root (and the previous roots when ``all_roots``)."""
-    if not mode & MODE_PG:
+    if not mode & (MODE_PG | MODE_EPT):
         return  # nonpaging_init_context: no sync_spte, nothing to invalidate
     for r in range(1 + (KVM_MMU_NUM_PREV_ROOTS if all_roots else 0)):
         if r == 0:

@@ -19,13 +19,15 @@ STAT_NAMES = (
     "host_pages_faulted_in", "pages_write_protected", "pml_flushes", "pml_full_exits", "dirty_ring_full",
     "pages_split", "pf_retry", "mmu_notifier_zapped", "pages_aged", "nx_lpage_recovered",
     "host_major_faults", "host_pages_reclaimed", "host_pages_swapped", "host_thp_splits",
+    "nested_run", "guest_mode",
 )
 for _i, _n in enumerate(STAT_NAMES):
     globals()["ST_" + _n.upper()] = _i
 NSTAT = len(STAT_NAMES)
 # Gauges (instant values) as opposed to counters; sums over VMs are still meaningful.
 GAUGE_STATS = frozenset({"pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "mmu_unsync",
-                         "mmu_pages", "rmap_entries", "max_mmu_rmap_size", "host_pages_swapped"})
+                         "mmu_pages", "rmap_entries", "max_mmu_rmap_size", "host_pages_swapped",
+                         "guest_mode"})
 
 # --- page arena control words --------------------------------------------------------
 CTL_FREE_TOP = 0     # number of rows on the free stack
@@ -76,7 +78,8 @@ OUT_EMULATED = 4
 OUT_GUEST_FAULT = 5
 OUT_RING_FULL = 6
 OUT_RETRY = 7
-OUTCOME_NAMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT", "RING_FULL", "RETRY")
+OUT_L1_EXIT = 8        # nested: an EPT violation / #NPF that L1's tables refuse, reflected to L1
+OUTCOME_NAMES = ("HIT", "FIXED", "SPURIOUS", "MMIO", "EMULATED", "GUEST_FAULT", "RING_FULL", "RETRY", "L1_EXIT")
 
 STOP_DONE = 0
 STOP_NEED_PAGES = 1
@@ -323,7 +326,15 @@ VR_ROOT_PGD = 11
 VR_PREV_ROOT = 12      # 3 columns
 VR_PREV_PGD = 15       # 3 columns
 VR_PAE_ROOT = 18       # 4 columns: PAE roots (rows, -1 invalid)
-NVRF = 22
+# nested (vmx/nested.c, svm/nested.c): the vCPU runs L2 while VR_GUEST_MODE is 1; VR_CR0..VR_PDPTR then hold
+# L2's registers and VR_ROOT..VR_PREV_PGD the MMU L2 runs on (guest_mmu with nested EPT/NPT), while L1's
+# registers and root_mmu's roots wait in the VR_L1_* and VR_ALT_* columns (swapped at VM-entry and VM-exit)
+VR_GUEST_MODE = 22
+VR_EPTP = 23           # vmcs12 EPTP (VMX) or nCR3 (SVM) of nested paging, -1: L1 does not use it
+VR_L1_CR0 = 24         # 4 columns: L1's CR0, CR3, CR4, EFER
+VR_L1_PDPTR = 28       # 4 columns
+VR_ALT_ROOT = 32       # 8 columns, laid out as VR_ROOT..VR_PREV_PGD: the other MMU's roots
+NVRF = 40
 
 
 class VcpuRegs(NamedTuple):
@@ -341,6 +352,8 @@ class VcpuRegs(NamedTuple):
     prev_root = _cols("rec", VR_PREV_ROOT, 3)
     prev_pgd = _cols("rec", VR_PREV_PGD, 3)
     pae_root = _cols("rec", VR_PAE_ROOT, 4)
+    guest_mode = _cols("rec", VR_GUEST_MODE)
+    eptp = _cols("rec", VR_EPTP)
 
 
 # guest-memory key table (GuestMem.hash): one (key, row) pair per slot of the open-addressing table
@@ -361,10 +374,17 @@ class GuestMem(NamedTuple):
 
 class SlotMap(NamedTuple):
     """What gpa -> memslot -> hva needs (search_memslots, __gfn_to_hva_memslot): the VM and memslot
-    records, for kernels that only translate (built by kernels/memslot.py ``slot_map``)."""
+    records, for kernels that only translate (built by kernels/memslot.py ``slot_map``).
+
+    For an L2 guest under nested EPT/NPT the processor reaches memory through the shadow tables instead:
+    ``root`` >= 0 makes the map translate an L2 gpa through the tables at row ``root`` of ``spt`` (``levels``
+    deep) to the host page (kernels/gmem.py gm_page_key); otherwise ``spt`` is a placeholder (``vrec``)."""
     vrec: np.ndarray            # VMTable.rec
     order: np.ndarray           # SlotTable.order
     srec: np.ndarray            # SlotTable.rec
+    spt: np.ndarray             # PageArena.spt (L2) or vrec
+    root: np.int64              # row of the shadow root, -1: translate through the memslots
+    levels: np.int64
 
 
 class MMU(NamedTuple):

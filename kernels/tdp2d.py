@@ -64,11 +64,14 @@ from .mmu_internal import (
     EV_VCPU,
     EV_VM,
     RES_ERROR,
+    RES_FAULT_GPA,
     RES_OUTCOME,
     SC_OOM_GPA,
     SC_RUNNING_VCPU,
     scratch,
 )
+from .nested import access_l2
+from .page_track import track_write
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -93,6 +96,7 @@ from .state import (
     OUT_FIXED,
     OUT_GUEST_FAULT,
     OUT_HIT,
+    OUT_L1_EXIT,
     OUT_MMIO,
     OUT_RETRY,
     OUT_RING_FULL,
@@ -110,6 +114,7 @@ from .state import (
     VM_AD_DISABLED,
     VM_DIRTY_MODE,
     VM_FMT,
+    VM_INDIRECT,
     VM_LEVELS,
     VM_MAXPHYADDR,
     VM_MMU,
@@ -119,6 +124,8 @@ from .state import (
     VR_CR3,
     VR_CR4,
     VR_EFER,
+    VR_EPTP,
+    VR_GUEST_MODE,
     VR_PDPTR,
     VR_PKRU,
     VR_RFLAGS,
@@ -200,6 +207,22 @@ def emulate_access(vt, st, ct, gm, vm, vcpu_g, wk, gerr, pfec, mode, value, nbyt
             gm_write_bytes(gm, slot_map(vt, st), vm, gpa, value, nbytes)
         mark_page_dirty(st, ct, vcpu_g, rec, gpa >> 12)
     return OUT_EMULATED, 0
+
+
+@helper
+def emulated_tracked_write(m, vm, vcpu_g, gpa, value, nbytes, mode):
+    """The emulator's write of a legacy-TDP VM to a write-tracked gfn (a table page of an L2 guest's EPT12 that
+    guest_mmu shadows): the bytes through the memslots, the dirty log, kvm_mmu_track_write."""
+    rec = gfn_to_memslot(m.vt, m.st, vm, gpa >> 12)
+    if rec < 0 or slot_readonly(m.st, rec):
+        return
+    if nbytes > 0:
+        gm_write_bytes(m.gm, slot_map(m.vt, m.st), vm, gpa, value, nbytes)
+    else:
+        gpa &= ~np.int64(7)   # an access given without a value: the operand is the 8 bytes already there
+        nbytes = 8
+    mark_page_dirty(m.st, m.ct, vcpu_g, rec, gpa >> 12)
+    track_write(m, vm, gpa, nbytes, mode)
 
 
 @njit(inline="always", _nrt=False)
@@ -325,7 +348,9 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                 restart = True
                 break
             if step == nsteps:
-                return o, err, refs  # the data gpa: MMIO or a write KVM emulates (read-only slot)
+                if legacy and o == OUT_EMULATED and w and vt.rec[vm, VM_INDIRECT] > 0:
+                    emulated_tracked_write(m, vm, vcpu_g, gpa, value, nbytes, mode)
+                return o, err, refs  # the data gpa: MMIO or a write KVM emulates (read-only slot, tracked gfn)
             if res != WALK_RSVD and (e & (PFERR_PRESENT_MASK | PFERR_WRITE_MASK)) == \
                     (PFERR_PRESENT_MASK | PFERR_WRITE_MASK):
                 # kvm_mmu_page_fault: PFERR_NESTED_GUEST_PAGE on a direct MMU unprotects and re-enters
@@ -371,12 +396,19 @@ def tdp2d_batch(m, ev, start, res):
                 res[i, RES_OUTCOME] = OUT_RING_FULL
                 res[i, RES_ERROR] = 0
                 continue
+        nested_ept = m.vr.rec[vcpu_g, VR_GUEST_MODE] != 0 and m.vr.rec[vcpu_g, VR_EPTP] >= 0
         if legacy:
             wk[SC_RUNNING_VCPU] = vcpu_g   # the vCPU whose faults mark pages dirty (its dirty ring)
-            if entry_work_needed(m, vm, vcpu_g):
+            if not nested_ept and entry_work_needed(m, vm, vcpu_g):
                 vcpu_reenter(m, vm, vcpu_g, np.int64(0), np.int64(0))  # kvm_mmu_reload: the direct root
-        o, e, refs = access_2d(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
-                               vt.rec[vm, VM_MAXPHYADDR], wk)
+        if nested_ept:
+            o, e, refs, fgpa = access_l2(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE],
+                                         ev[i, EV_SIZE], vt.rec[vm, VM_MAXPHYADDR], wk)
+            if o == OUT_L1_EXIT:
+                res[i, RES_FAULT_GPA] = fgpa
+        else:
+            o, e, refs = access_2d(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
+                                   vt.rec[vm, VM_MAXPHYADDR], wk)
         if o == _NEED_ROWS or o < 0:
             wk[SC_RUNNING_VCPU] = -1
             return i, (STOP_NEED_PAGES if o == _NEED_ROWS else STOP_HOST_OOM)

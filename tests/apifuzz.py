@@ -57,7 +57,19 @@ def build(pml=False):
     h.access([0, 0, 1, 2, 3, 4, 4], [0, 1, 0, 0, 0, 0, 0], [0x1000, 0x3000, 0x2000, 1 << 30, 0x5000, 0x3000, 1 << 30],
              bm.ACC_WRITE)
     h.access([0, 1], 0, [(1 << 30) + 0x1000, (1 << 30) + 0x1000], bm.ACC_WRITE)
+    if not pml:
+        # 5: nested (legacy TDP MMU, VMX): EPT12 at 0x100000 maps L2 gpas 0-2 MiB onto L1 2-4 MiB; vCPU 1 runs L2
+        h.create_vms(1, memory="4MiB", vcpus=2, tdp_mmu=False, nested=True)
+        h.write_guest_memory(5, 0x100000, [0x101000 | 7])
+        h.write_guest_memory(5, 0x101000, [0x102000 | 7])
+        h.write_guest_memory(5, 0x102000, [0x200000 | 7 | WB | PS])
+        h.nested_enter(5, 1, eptp=EPTP, cr0=0x11, cr3=0, cr4=0, efer=0)
+        h.access(5, 1, [0x1000, 0x2000], bm.ACC_WRITE)
     return h
+
+
+WB = 6 << 3
+EPTP = 0x100000 | 6 | (3 << 3) | 0x40
 
 
 # ----------------------------------------------------------------------------- observable state
@@ -84,6 +96,7 @@ def snapshot(h):
         g, n = int(h.vt.vcpu_off[vm]), int(h._vcpus[vm])
         out[f"vm{vm}"]["ring"] = [getattr(ct, k)[g:g + n].copy() for k in
                                   ("ring_size", "ring_dirty", "ring_reset", "ring_fetch", "pml_count")]
+    out["vcpu_records"] = h.vr.rec.copy()   # registers, roots, guest mode (nested)
     gm = h.gm
     live = gm.key >= 0
     out["guest_memory"] = {int(k): gm.page[r].tobytes() for k, r in zip(gm.key[live], gm.row[live], strict=True)}
@@ -230,6 +243,8 @@ class Kinds:
             return self.npify(pick([0, bm.ACC_WRITE, bm.ACC_USER]))
         if kind == "cr3":
             return self.npify(pick([0x10000, 0x11000]))
+        if kind == "eptp_opt":
+            return pick([None, self.npify(EPTP), self.npify(EPTP & ~0x40)])
         if kind == "count":
             return self.npify(1)
         if kind == "vmem":
@@ -269,7 +284,8 @@ class Kinds:
             "mflags": [-1, 4, 2 ** 64, 10 ** 30], "hva_opt": [-4096, 4095, 2 ** 63 - 8192, np.int64(2 ** 63 - 8192),
                                                             2 ** 64, 1 << 47],
             "backing_opt": ["x", 1, "THP"], "bool": ["no", "yes", 2, -1, 0.0, "True"], "as_id": [2, -1, *HUGE],
-            "reg": [2 ** 64, -1, 10 ** 30], "gpa8": [-8, 4, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
+            "reg": [2 ** 64, -1, 10 ** 30], "eptp_opt": [2 ** 64, -1, EPTP | 0x80, EPTP & ~7 | 1, 1 << 50,
+                                                        0x40000000 | 0x5E, EPTP & ~0x38], "gpa8": [-8, 4, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
             "gpa_any": [-8, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
             "words": [[2 ** 64], np.zeros((2, 2), np.int64), [[1], [2, 3]]],
             "n": [-1, 1 << 60, 2 ** 64, *HUGE], "u64": [2 ** 64, -2 ** 63 - 1], "values": [[2 ** 64], [1, [2]]],
@@ -283,7 +299,7 @@ class Kinds:
             "nvcpus": [0, 4097, -1, *HUGE], "mmu": ["x", 1, None, "TDP"], "fmt": ["x", None, 1],
             "levels": [3, 6, *HUGE], "maxphy": [35, 53, -1, *HUGE], "threshold": [-1, *HUGE[:-1]],
         }[kind]
-        if kind in ("reg", "hva_opt", "backing_opt", "vm_opt"):
+        if kind in ("reg", "hva_opt", "backing_opt", "vm_opt", "eptp_opt"):
             pool = [v for v in pool if v is not None]
         if kind == "bool":
             pool = [v for v in pool if not isinstance(v, (bool, np.bool_))]
@@ -339,6 +355,10 @@ METHODS = [
     ("emulated_access", [("vm", "vm"), ("vcpu", "vcpu"), ("addr", "addr"), ("kind", "ekind"), ("value", "u64"),
                          ("size", "esize")]),
     ("mov_cr3", [("vm", "vm"), ("vcpu", "vcpu"), ("cr3", "cr3")]),
+    ("nested_enter", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "eptp_opt"), ("cr0", "reg"), ("cr3", "reg"),
+                      ("cr4", "reg"), ("efer", "reg"), ("flush", "bool")]),
+    ("nested_exit", [("vm", "vm"), ("vcpu", "vcpu")]),
+    ("invept", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "eptp_opt")]),
 ]
 # a length mismatch in a batch is reported on the first short array
 BATCH_FIELDS = {"vm", "vcpu", "addr", "kind", "value"}

@@ -61,7 +61,7 @@ def new_gmem(pages=16, keys=64):
     vrec[0, S.VM_SLOT_LAST], vrec[0, S.VM_SLOT_CNT] = -1, 1
     srec = np.zeros((1, S.NSLF), np.int64)
     srec[0, S.SL_NPAGES] = 1 << 40
-    return gm, SlotMap(vrec=vrec, order=one(0), srec=srec)
+    return gm, SlotMap(vrec=vrec, order=one(0), srec=srec, spt=vrec, root=np.int64(-1), levels=np.int64(0))
 
 
 def regs_mode(cr0, cr4, efer, rflags=0, pse36_kvm=False):

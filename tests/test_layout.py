@@ -21,7 +21,8 @@ def test_no_module_over_800_lines():
 @pytest.mark.parametrize("mod, prefix, width, widths", [
     (S, "SP_", S.NSP, {"SP_UBITMAP": 8}), (S, "VM_", S.NVMF, {}), (S, "VC_", S.NVCF, {}),
     (S, "SL_", S.NSLF, {"SL_LPAGE_OFF": 2, "SL_RMAP_OFF": 3}),
-    (S, "VR_", S.NVRF, {"VR_PDPTR": 4, "VR_PREV_ROOT": 3, "VR_PREV_PGD": 3, "VR_PAE_ROOT": 4}),
+    (S, "VR_", S.NVRF, {"VR_PDPTR": 4, "VR_PREV_ROOT": 3, "VR_PREV_PGD": 3, "VR_PAE_ROOT": 4, "VR_L1_CR0": 4,
+                        "VR_L1_PDPTR": 4, "VR_ALT_ROOT": 8}),
     (S, "RG_", S.NRGF, {}), (S, "RM_", S.NRMF, {}), (S, "GMH_", S.NGMH, {}), (S, "NODE_", 2, {}),
     (MI, "EV_", MI.NEVF, {}), (MI, "RES_", MI.NRESF, {}),
     (S, ("HOST_", "CFG_"), S.NHOST, {}),

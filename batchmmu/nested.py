@@ -1,0 +1,131 @@
+"""Nested virtualization on the Host (vmx/nested.c): VM-entry to an L2 guest and back, INVEPT.
+
+A VM made with ``create_vms(..., nested=True)`` offers VMX to its guest (an EPT-format VM).  ``nested_enter``
+models VMLAUNCH/VMRESUME with the vmcs12 state that matters to the MMU: the EPTP of nested EPT (or none: L1
+does not use EPT for L2) and L2's paging registers.  While a vCPU is in guest mode, ``access`` / ``store``
+addresses are L2 gvas (L2 gpas with L2's paging off); ``nested_exit`` is the VM-exit back to L1.
+docs/nested.md says what is modelled and what is not.
+"""
+
+import numpy as np
+
+from . import args as A
+from .errors import bad
+from .kernels import state as S
+from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_PAE
+from .paging import check_sregs
+
+EPTP_PA_MASK = ((1 << 52) - 1) & ~0xFFF
+_ROOTS = slice(S.VR_ROOT, S.VR_ROOT + 8)          # one kvm_mmu's roots: root, pgd, 3 prev roots, 3 prev pgds
+_ALT = slice(S.VR_ALT_ROOT, S.VR_ALT_ROOT + 8)
+_REGS = (S.VR_CR0, S.VR_CR3, S.VR_CR4, S.VR_EFER)
+
+
+class Nested:
+    """Mixin of ``batchmmu.host.Host``: nested_enter, nested_exit, invept."""
+
+    def _nested_vcpu(self, vm, i, what):
+        if not self._nested[vm]:
+            raise bad("vm", vm, f"{what} needs a VM created with nested=True (the guest has no VMX)")
+        return vm, i
+
+    def _check_eptp(self, vm, eptp, field="eptp"):
+        """nested_vmx_check_eptp: the EPTP values KVM refuses (VM-entry fails, INVEPT fails)."""
+        mt, pwl = eptp & 7, ((eptp >> 3) & 7) + 1
+        if mt not in (0, 6):
+            raise bad(field, eptp, "memory type (bits 2:0) must be UC (0) or WB (6)")
+        if pwl != 4 and not (pwl == 5 and int(self.vt.levels[vm]) == 5):
+            raise bad(field, eptp, "page-walk length (bits 5:3) must be 4 levels (value 3)"
+                      + ("" if int(self.vt.levels[vm]) != 5 else " or 5 (value 4)"))
+        if eptp & 0xF80:
+            raise bad(field, eptp, "bits 11:7 are reserved")
+        if eptp >> int(self._maxphyaddr[vm]):
+            raise bad(field, eptp, f"beyond the guest's MAXPHYADDR ({int(self._maxphyaddr[vm])} bits)")
+        if eptp & 0x40 and self.vt.ad_disabled[vm]:
+            raise bad(field, eptp, "EPT A/D bits (bit 6) are not offered to a VM made with ept_ad=False")
+        return eptp
+
+    def nested_enter(self, vm, vcpu, *, eptp=None, ncr3=None, cr0=None, cr3=None, cr4=None, efer=None,
+                     flush=False):
+        """VM-entry to L2 (VMLAUNCH/VMRESUME) on one vCPU of a nested VM.
+
+        ``eptp``: vmcs12's EPT pointer with nested EPT (memory type, walk length, A/D enable and the L1 gpa of
+        the top table as the SDM lays them out); None: L1 does not use EPT for L2 (L2 runs on its own TDP root,
+        role.guest_mode).  ``cr0``..``efer``: L2's registers (None: L1's value).  ``flush``: vmcs12 has no
+        VPID, or a new one (nested_vmx_transition_tlb_flush: a guest TLB flush, counted in tlb_flush; it never
+        syncs guest_mmu).  Counts ``nested_run``; the vCPU is in guest mode until ``nested_exit``.
+        """
+        i = self._vcpu_index(vm, vcpu)
+        vm = int(vm)
+        # every argument's type first, then what KVM checks (an error names the argument that is wrong)
+        flush = A.bool_arg(flush, "flush")
+        if eptp is not None:
+            eptp = A.exact_int(eptp, "eptp", 0, A.U64_MAX, why="must be a 64-bit EPT pointer")
+        regs = {"cr0": cr0, "cr3": cr3, "cr4": cr4, "efer": efer}
+        l2 = {}
+        for (name, v), col in zip(regs.items(), _REGS, strict=True):
+            l2[name] = int(np.int64(self.vr.rec[i, col]).view(np.uint64)) if v is None else \
+                A.exact_int(v, name, 0, A.U64_MAX, why=f"must be L2's {name.upper()} (an unsigned 64-bit integer)")
+        if eptp is not None:
+            self._check_eptp(vm, eptp)
+            if self._gm_unmapped(vm, eptp & EPTP_PA_MASK, 1) >= 0:
+                raise bad("eptp", eptp, "its top table lies in no memslot (KVM runs L2 on a dummy root then; "
+                          "not modelled)")
+        check_sregs(l2["cr0"], l2["cr3"], l2["cr4"], l2["efer"], int(self._maxphyaddr[vm]))
+        if l2["cr0"] & int(X86_CR0_PG) and l2["cr4"] & int(X86_CR4_PAE) and not l2["efer"] & int(EFER_LMA):
+            raise bad("cr4", l2["cr4"], "an L2 in PAE paging takes its PDPTEs from vmcs12 (not modelled): use "
+                      "4- or 5-level paging, 32-bit paging or paging off")
+        if ncr3 is not None:
+            raise bad("ncr3", ncr3, f"VM {vm} offers VMX (an EPT VM): give eptp; ncr3 is SVM's nested CR3")
+        self._nested_vcpu(vm, i, "nested_enter")
+        if self.vr.guest_mode[i]:
+            raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} is already running L2 (VMLAUNCH in guest mode exits "
+                      "to L1; call nested_exit first)")
+        rec = self.vr.rec
+        rec[i, S.VR_L1_CR0:S.VR_L1_CR0 + 4] = rec[i, list(_REGS)]
+        rec[i, S.VR_L1_PDPTR:S.VR_L1_PDPTR + 4] = rec[i, S.VR_PDPTR:S.VR_PDPTR + 4]
+        for v, col in zip(l2.values(), _REGS, strict=True):
+            rec[i, col] = np.uint64(v).view(np.int64)
+        rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()   # vcpu->arch.mmu switches
+        rec[i, S.VR_GUEST_MODE] = 1
+        rec[i, S.VR_EPTP] = -1 if eptp is None else np.uint64(eptp).view(np.int64)
+        st = self.vt.stats
+        st[vm, S.ST_NESTED_RUN] += 1
+        st[vm, S.ST_GUEST_MODE] += 1
+        if flush:
+            st[vm, S.ST_TLB_FLUSH] += 1
+        from .kernels.nested import nested_enter_mmu
+        if eptp is not None:
+            self._first_shadow_root_alloc(vm)
+        self.arena.topup_shadow()
+        nested_enter_mmu(self._mmu_bundle(), np.int64(vm), np.int64(i))
+
+    def nested_exit(self, vm, vcpu):
+        """VM-exit from L2 to L1 on one vCPU: L1's registers and root_mmu come back; guest_mmu's roots stay
+        cached for the next entry (nested_ept_uninit_mmu_context)."""
+        i = self._vcpu_index(vm, vcpu)
+        vm, i = self._nested_vcpu(int(vm), i, "nested_exit")
+        if not self.vr.guest_mode[i]:
+            raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} is not running L2")
+        rec = self.vr.rec
+        rec[i, list(_REGS)] = rec[i, S.VR_L1_CR0:S.VR_L1_CR0 + 4]
+        rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = rec[i, S.VR_L1_PDPTR:S.VR_L1_PDPTR + 4]
+        rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()
+        rec[i, S.VR_GUEST_MODE] = 0
+        rec[i, S.VR_EPTP] = -1
+        self.vt.stats[vm, S.ST_GUEST_MODE] -= 1
+
+    def invept(self, vm, vcpu, eptp=None):
+        """INVEPT by L1 (handle_invept) on guest_mmu: single-context for ``eptp`` (the current and previous roots
+        whose EPTP has the same table address are freed) or, with None, global (every guest_mmu root)."""
+        i = self._vcpu_index(vm, vcpu)
+        vm = int(vm)
+        single = eptp is not None
+        if single:
+            eptp = A.exact_int(eptp, "eptp", 0, A.U64_MAX, why="must be a 64-bit EPT pointer")
+        eptp = self._check_eptp(vm, eptp) if single else 0
+        self._nested_vcpu(vm, i, "invept")
+        if self.vr.guest_mode[i]:
+            raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} runs L2: INVEPT in L2 exits to L1 (call nested_exit)")
+        from .kernels.nested import handle_invept
+        handle_invept(self._mmu_bundle(), np.int64(vm), np.int64(i), np.int64(eptp & EPTP_PA_MASK), single)

@@ -1,0 +1,355 @@
+"""``vmx/nested.c``'s MMU side: an L2 guest under nested EPT.
+
+L0 shadows L1's EPT12 in ``guest_mmu``: indirect shadow pages keyed by the L1 gfn of each EPT12 table page, root
+role ``guest_mode``, ``ad_disabled`` from the EPTP (``paging_ept.ept_root_role``), built by the shadow MMU's fetch
+over a walk of EPT12 (``paging_ept.ept_walk``).  The processor runs L2 on those shadow tables (EPT02): a 2D walk
+of L2's own page tables, each table gpa and the data gpa translated through EPT02 (``access_l2``, the nested
+twin of ``tdp2d.access_2d``).  An EPT02 miss exits to L0 (``ept_page_fault``); what EPT12 refuses is reflected
+to L1 as an EPT violation (``OUT_L1_EXIT``, nested_ept_inject_page_fault) and the modelled L1 resumes L2.
+
+While a vCPU is in guest mode its VcpuRegs row holds L2's registers and guest_mmu's roots (state.py VR_*).
+"""
+
+import numpy as np
+from numba import njit
+
+from .fault import WALK_OK, exit_error_code, tdp_hw_walk
+from .gmem import gm_read_group, gm_write_bytes
+from .guest_walk import (
+    MODE_NXE,
+    PFERR_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    WK_GFN,
+    WK_GPA,
+    WK_GPTE,
+    WK_LEAF_LEVEL,
+    WK_MAX_LEVEL,
+    WK_PTE_ACCESS,
+    WK_PTE_ACCESS_CLEAN,
+    WK_PTE_GPA,
+    cpu_mode,
+    guest_set_ad,
+    guest_walk,
+    mode_levels,
+)
+from .jit import helper, kernel
+from .memslot import gfn_to_memslot, host_page_needs_budget, mark_page_dirty, slot_map, slot_readonly
+from .mmu import entry_work_needed, free_roots, kvm_mmu_new_pgd, vcpu_reenter
+from .mmu_internal import (
+    RET_PF_CONTINUE,
+    RET_PF_EMULATE,
+    RET_PF_GUEST,
+    RET_PF_MMIO,
+    RET_PF_OOM,
+    RET_PF_RETRY,
+    SC_OOM_GPA,
+    SC_PREFETCH,
+    SC_RUNNING_VCPU,
+    scratch,
+)
+from .page_track import clear_flood_on_walk, track_write
+from .paging_ept import (
+    EPT_MISCONFIG,
+    EPT_VIOLATION_GVA_IS_VALID,
+    EPT_VIOLATION_GVA_TRANSLATED,
+    MODE_EPT_AD,
+    ept_mode,
+    ept_set_ad,
+    ept_walk,
+)
+from .paging_tmpl import fetch, invalidate_addr, kvm_mmu_faultin_pfn
+from .shadow_mmu import gfn_write_tracked, make_mmu_pages_available
+from .spte import (
+    FMT_EPT,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    ROLE_DIRECT,
+    ROLE_GUEST_MODE,
+    ROLE_INVALID,
+)
+from .state import (
+    CTL_FREE_TOP,
+    KVM_MMU_NUM_PREV_ROOTS,
+    MAX_ROWS_PER_EVENT,
+    OUT_EMULATED,
+    OUT_FIXED,
+    OUT_GUEST_FAULT,
+    OUT_HIT,
+    OUT_L1_EXIT,
+    OUT_MMIO,
+    OUT_RETRY,
+    OUT_SPURIOUS,
+    PTE_PREFETCH_NUM,
+    SH_PL_AVAIL,
+    SH_RN_AVAIL,
+    SP_ROLE,
+    ST_NESTED_RUN,
+    ST_PF_RETRY,
+    ST_PF_TAKEN,
+    VM_AD_DISABLED,
+    VR_ALT_ROOT,
+    VR_CR0,
+    VR_CR3,
+    VR_CR4,
+    VR_EFER,
+    VR_EPTP,
+    VR_PDPTR,
+    VR_PKRU,
+    VR_PREV_PGD,
+    VR_PREV_ROOT,
+    VR_RFLAGS,
+    VR_ROOT,
+    VR_ROOT_PGD,
+    SlotMap,
+)
+from .tdp import account_pf_result, tdp_mmu_root_role
+
+MAX_RESTARTS = 32   # as tdp2d.access_2d
+EPTP_PA_MASK = np.int64(((1 << 52) - 1) & ~4095)
+MAX_PL_PER_EVENT = 8
+MAX_RN_PER_EVENT = 16
+
+
+@njit(inline="always", _nrt=False)
+def nested_ept_mode(vr, vg):
+    """The mode word of guest_mmu for the vCPU's vmcs12 EPTP (execute-only translations are offered to L1)."""
+    return ept_mode(vr.rec[vg, VR_EPTP], True)
+
+
+@helper
+def ept_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
+    """ept_page_fault -> FNAME(page_fault) for PTTYPE_EPT: walk EPT12 for L2 gpa ``gpa``; a refusal goes to L1
+    (RET_PF_GUEST, with the exit qualification bits the walk computed), else FNAME(fetch) builds EPT02.
+    Returns (RET_PF_*, exit qualification or 0)."""
+    wk = scratch(m.sh)
+    pfec = err & (PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK)
+    write = (err & PFERR_WRITE_MASK) != 0
+    present = (err & PFERR_PRESENT_MASK) != 0
+    gerr = ept_walk(m.gm, m.vt, m.st, vm, mode, m.vr.rec[vg, VR_EPTP], maxphyaddr, gpa, pfec, wk)
+    if gerr != 0:
+        qual = gerr & ~np.int64(1 << 62)
+        # kvm_inject_emulated_page_fault: a present, non-reserved fault first invalidates the address
+        if (qual & EPT_MISCONFIG) == 0 and (qual & np.int64(0x38)) != 0:
+            invalidate_addr(m, vm, vg, gpa, mode, maxphyaddr, False)
+        return RET_PF_GUEST, qual
+    gfn = wk[WK_GFN]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if host_page_needs_budget(m.st, m.host, rec, gfn, write):
+        scratch(m.sh)[SC_OOM_GPA] = gfn << 12
+        return RET_PF_OOM, np.int64(0)  # the host cannot back the page: stop before any change
+    changed = ept_set_ad(m.gm, m.vt, m.st, vm, wk, pfec)
+    for level in range(1, 6):
+        if (changed >> level) & 1:
+            tg = wk[WK_PTE_GPA + level] >> 12
+            mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], gfn_to_memslot(m.vt, m.st, vm, tg), tg)
+    # page_fault_handle_page_track
+    if present and write and gfn_write_tracked(m, rec, gfn):
+        clear_flood_on_walk(m, vm, vg, gpa)
+        return RET_PF_EMULATE, np.int64(0)
+    pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
+    if wk[WK_LEAF_LEVEL] == 1:
+        base = wk[WK_PTE_GPA + 1] & ~np.int64(8 * PTE_PREFETCH_NUM - 1)
+        gm_read_group(m.gm, slot_map(m.vt, m.st), vm, base, 8, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
+    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
+    if r != RET_PF_CONTINUE:
+        return r, np.int64(0)
+    if not make_mmu_pages_available(m, vm):
+        return RET_PF_RETRY, np.int64(0)
+    r = fetch(m, vm, vg, gpa, wk, gfn, rec, pfn, pte_access, write, (err & PFERR_FETCH_MASK) != 0, host_writable,
+              mode, maxphyaddr)
+    return r, np.int64(0)
+
+
+@njit(inline="always", _nrt=False)
+def _room(m):
+    return m.pa.ctl[CTL_FREE_TOP] >= MAX_ROWS_PER_EVENT and m.sh.ctl[SH_PL_AVAIL] >= MAX_PL_PER_EVENT and \
+        m.sh.ctl[SH_RN_AVAIL] >= MAX_RN_PER_EVENT
+
+
+@njit(inline="always", _nrt=False)
+def _ad_write(wk, level, leaf, write):
+    g = wk[WK_GPTE + level]
+    if (g & PT_ACCESSED_MASK) == 0:
+        return True
+    return level == leaf and write and (g & PT_DIRTY_MASK) == 0
+
+
+@njit(inline="always", _nrt=False)  # one call site (tdp2d_batch)
+def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
+    """One access of an L2 guest under nested EPT: (outcome, error code, refs, fault gpa).
+
+    The processor's 2D walk of L2's page tables through EPT02 (guest_mmu's root); every EPT02 miss is an exit
+    to L0 (pf_taken; ept_page_fault), after which the access restarts.  ``OUT_L1_EXIT``: EPT12 refused, the
+    error code is the exit qualification L1 receives and the fault gpa the L2 gpa that faulted (a table page of
+    L2 or the data page); the modelled L1 resumes L2 at once (nested_run).  Outcome -1: the host cannot back a
+    page; -2: the arenas need a top-up first (both restart the access later).
+    """
+    pa, vt, st, ct, gm, vr = m.pa, m.vt, m.st, m.ct, m.gm, m.vr
+    emode = nested_ept_mode(vr, vg)
+    tdp_levels = mode_levels(emode)
+    ad_hw = (emode & MODE_EPT_AD) != 0 and vt.rec[vm, VM_AD_DISABLED] == 0
+    write = (kind & PFERR_WRITE_MASK) != 0
+    fetch_ = (kind & PFERR_FETCH_MASK) != 0
+    mode = cpu_mode(vr.rec[vg, VR_CR0], vr.rec[vg, VR_CR4], vr.rec[vg, VR_EFER], vr.rec[vg, VR_RFLAGS])
+    glevels = mode_levels(mode)
+    if glevels == 2:
+        mode &= ~MODE_NXE   # as tdp2d.access_2d
+    outcome = OUT_HIT
+    err = np.int64(0)
+    refs = np.int64(0)
+    for _attempt in range(MAX_RESTARTS):
+        if not _room(m):
+            return -2, err, refs, np.int64(-1)
+        if entry_work_needed(m, vm, vg):
+            vcpu_reenter(m, vm, vg, emode, maxphy)   # vcpu_enter_guest after the exit: kvm_mmu_reload
+        root = vr.rec[vg, VR_ROOT]
+        sm = SlotMap(vt.rec, st.order, st.rec, pa.spt, root, tdp_levels)   # what the processor reads
+        gerr = np.int64(0)
+        top = 0
+        stop = 1
+        if glevels != 0:
+            gerr = guest_walk(gm, sm, vm, mode, vr.rec[vg, VR_CR3], vr.rec[vg, VR_PDPTR:VR_PDPTR + 4],
+                              vr.rec[vg, VR_PKRU], maxphy, gva, kind, wk)
+            top = wk[WK_MAX_LEVEL]
+            stop = wk[WK_LEAF_LEVEL]
+        nsteps = max(top - stop + 1, 0) if glevels != 0 else 0
+        restart = False
+        for step in range(nsteps + 1):
+            table = step < nsteps
+            if table:
+                level = top - step
+                l2gpa = wk[WK_PTE_GPA + level]
+                if l2gpa < 0:
+                    continue   # PAE PDPTE: a register
+                w = ad_hw or (gerr == 0 and _ad_write(wk, level, stop, write))
+                f = False
+            else:
+                if gerr != 0:
+                    return OUT_GUEST_FAULT, gerr & PFERR_MASK, refs, np.int64(-1)   # L2's own #PF
+                if glevels != 0:
+                    l2gpa = wk[WK_GPA]
+                else:
+                    l2gpa = gva
+                w = write
+                f = fetch_
+            gfn = l2gpa >> 12
+            res, r, row, idx, lvl, spte = tdp_hw_walk(pa.spt, FMT_EPT, root, tdp_levels, gfn, w, f, ad_hw)
+            refs += r
+            if res == WALK_OK:
+                if table:
+                    refs += 1
+                    continue
+                if glevels != 0:
+                    # L2's A/D bits once the final translation is allowed (FNAME(walk_addr_generic) translates
+                    # the final gfn before update_accessed_dirty_bits: an L1 exit leaves them as they were)
+                    guest_set_ad(gm, sm, vm, wk, kind)
+                if nbytes > 0:
+                    gm_write_bytes(gm, sm, vm, l2gpa, value, nbytes)
+                return outcome, err, refs, np.int64(-1)
+            # EPT violation: handle_ept_violation's error code (a paging-structure access that writes is a
+            # read and a write), then kvm_mmu_page_fault on guest_mmu
+            e = exit_error_code(FMT_EPT, res, spte, w, f)
+            if table and w:
+                e |= PFERR_USER_MASK
+            hw_qual = EPT_VIOLATION_GVA_IS_VALID | (0 if table else EPT_VIOLATION_GVA_TRANSLATED)
+            vt.stats[vm, ST_PF_TAKEN] += 1
+            rpf, qual = ept_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
+            if rpf == RET_PF_OOM:
+                vt.stats[vm, ST_PF_TAKEN] -= 1
+                return -1, err, refs, np.int64(-1)
+            err = e
+            if rpf == RET_PF_GUEST:
+                # nested_ept_inject_page_fault: an EPT violation (or misconfiguration: qualification 0) for L1,
+                # which resumes L2 at once (VMRESUME: nested_run)
+                vt.stats[vm, ST_NESTED_RUN] += 1
+                q = np.int64(0) if qual & EPT_MISCONFIG else qual | hw_qual
+                return OUT_L1_EXIT, q, refs, l2gpa
+            if rpf == RET_PF_RETRY:
+                vt.stats[vm, ST_PF_RETRY] += 1
+                return OUT_RETRY, err, refs, np.int64(-1)
+            o = account_pf_result(vt.stats, vm, rpf)
+            if o == OUT_FIXED or o == OUT_SPURIOUS:
+                outcome = o
+                restart = True
+                break
+            if rpf == RET_PF_MMIO:
+                return OUT_MMIO, err, refs, np.int64(-1)
+            if rpf == RET_PF_EMULATE and not table and w:
+                # the emulator writes L1's page (a write-tracked gfn: an EPT12 table) and tracks the write
+                l1gpa = wk[WK_GPA]
+                rec = gfn_to_memslot(vt, st, vm, l1gpa >> 12)
+                if rec < 0:
+                    return OUT_MMIO, err, refs, np.int64(-1)
+                if not slot_readonly(st, rec):
+                    n = nbytes
+                    if n > 0:
+                        gm_write_bytes(gm, slot_map(vt, st), vm, l1gpa, value, n)
+                    else:
+                        l1gpa &= ~np.int64(7)
+                        n = 8
+                    mark_page_dirty(st, ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, l1gpa >> 12)
+                    track_write(m, vm, l1gpa, n, mode)
+            return OUT_EMULATED, err, refs, np.int64(-1)
+        if not restart:
+            break
+    return OUT_RETRY, err, refs, np.int64(-1)
+
+
+@njit(inline="always", _nrt=False)
+def _swap_mmus(vr, vg):
+    # vcpu->arch.mmu switches between root_mmu and guest_mmu: the two sets of root columns trade places
+    for k in range(8):
+        t = vr.rec[vg, VR_ROOT + k]
+        vr.rec[vg, VR_ROOT + k] = vr.rec[vg, VR_ALT_ROOT + k]
+        vr.rec[vg, VR_ALT_ROOT + k] = t
+
+
+@njit(inline="always", _nrt=False)
+def _roots_mask(m, vg, keep_role, eptp_pa, single):
+    """kvm_mmu_free_roots mask of the vCPU's current root set: roots whose role is not ``keep_role`` (>= 0), or
+    (``keep_role`` < 0) indirect roots, all of them or, when ``single``, those whose EPTP table address is
+    ``eptp_pa`` (nested_ept_root_matches)."""
+    mask = np.int64(0)
+    for k in range(1 + KVM_MMU_NUM_PREV_ROOTS):
+        row = m.vr.rec[vg, VR_ROOT if k == 0 else VR_PREV_ROOT + k - 1]
+        pgd = m.vr.rec[vg, VR_ROOT_PGD if k == 0 else VR_PREV_PGD + k - 1]
+        if row < 0:
+            continue
+        role = m.pa.meta[row, SP_ROLE]
+        if keep_role >= 0:
+            drop = (role & ~ROLE_INVALID) != keep_role
+        else:
+            drop = (role & ROLE_DIRECT) == 0 and (not single or (pgd & EPTP_PA_MASK) == eptp_pa)
+        if drop:
+            mask |= np.int64(1) << np.int64(k)
+    return mask
+
+
+@kernel
+def nested_enter_mmu(m, vm, vg):
+    """The MMU side of VM-entry to L2, once Python has switched the registers and the root set: with nested EPT
+    kvm_init_shadow_ept_mmu -> kvm_mmu_new_pgd(vmcs12 EPTP) (a usable cached root is kept); without it L2 runs on
+    a direct root of role guest_mode, and roots of another role in the set are put.  The first access loads
+    what is missing (kvm_mmu_reload)."""
+    if m.vr.rec[vg, VR_EPTP] >= 0:
+        kvm_mmu_new_pgd(m, vm, vg, m.vr.rec[vg, VR_EPTP], nested_ept_mode(m.vr, vg))
+        return
+    mask = _roots_mask(m, vg, np.int64(tdp_mmu_root_role(m.vt, vm) | ROLE_GUEST_MODE), np.int64(0), False)
+    if mask:
+        free_roots(m, vm, vg, mask)
+
+
+@kernel
+def handle_invept(m, vm, vg, eptp_pa, single):
+    """handle_invept on guest_mmu (its roots wait in the VR_ALT_* columns while L1 runs): single-context frees
+    the current and previous roots whose EPTP has table address ``eptp_pa``, global every one
+    (KVM_MMU_ROOTS_ALL); the pages stay hashed for the next root unless a zap made them invalid."""
+    _swap_mmus(m.vr, vg)
+    mask = _roots_mask(m, vg, np.int64(-1), eptp_pa, single)
+    if mask:
+        free_roots(m, vm, vg, mask)
+    _swap_mmus(m.vr, vg)

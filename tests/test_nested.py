@@ -1,0 +1,461 @@
+"""Nested EPT (issue #12): an L2 guest on L0's shadow of L1's EPT12.
+
+Checks against the pure-Python reference (tests/reference/nested_ept.py: L2 cannot tell, L1_EXIT exactly where
+EPT12 refuses), kvm-unit-tests' ept_access_test_* cases, the selftests nested_tdp_fault_test (hardware path) and
+nested_dirty_log_test, INVEPT and the cached roots, L1's edits of EPT12, and the API's refusals.
+"""
+
+import random
+
+import numpy as np
+import pytest
+
+import batchmmu as bm
+from batchmmu.kernels import state as S
+
+from reference.nested_ept import MISCONFIG, ref_ept_walk, ref_l2_access
+
+R, W, X = 1, 2, 4
+WB = 6 << 3
+LARGE = 1 << 7
+EPT_A, EPT_D = 1 << 8, 1 << 9
+P, RW, US, A_, D_ = 1, 2, 4, 32, 64
+CR0_PG_PE = 0x80000011
+CR4_PAE = 0x20
+EFER_LME_LMA = 0x500
+QV, QT = 0x80, 0x100          # GVA_IS_VALID, GVA_TRANSLATED
+OK = (bm.HIT, bm.FIXED, bm.SPURIOUS)
+
+
+class Nest:
+    """A nested VM (VMX, legacy TDP MMU) whose EPT12 and L2 page tables the test writes into L1 memory.
+
+    ``mem`` mirrors what the test wrote (L1 gpa -> word); ``flush`` copies it into the VM."""
+
+    def __init__(self, ept_ad=True, memory="64MiB", host_ad=True, **host):
+        self.h = bm.Host(memory="4GiB", tdp_mmu=False, **host)
+        self.vm = int(self.h.create_vms(1, memory=memory, nested=True, ept_ad=host_ad)[0])
+        self.ad = ept_ad
+        self.mem = {}
+        self.dirty_pages = set()
+        self.next = 0x100000                 # EPT12 tables and L1 pages behind L2's tables from 1 MiB
+        self.root = self.page()
+        self.l2_next = 0x10000               # L2 gpas of L2's page tables
+        self.cr3 = None
+
+    def page(self):
+        p = self.next
+        self.next += 4096
+        return p
+
+    def put(self, gpa, word):
+        self.mem[gpa] = word & ((1 << 64) - 1)
+        self.dirty_pages.add(gpa & ~4095)
+
+    @property
+    def eptp(self):
+        return self.root | 6 | (3 << 3) | (0x40 if self.ad else 0)
+
+    def ept_entry_gpa(self, l2gpa, level=1, table_perms=R | W | X):
+        """The L1 gpa of the EPT12 entry for ``l2gpa`` at ``level`` (tables made on the way)."""
+        table = self.root
+        for lv in range(4, level, -1):
+            e = table + 8 * ((l2gpa >> (12 + 9 * (lv - 1))) & 511)
+            if not self.mem.get(e, 0) & 7:
+                self.put(e, self.page() | table_perms)
+            table = self.mem[e] & ~0xFFF & ((1 << 52) - 1)
+        return table + 8 * ((l2gpa >> (12 + 9 * (level - 1))) & 511)
+
+    def ept_map(self, l2gpa, l1gpa, perms=R | W | X, level=1, extra=WB):
+        self.put(self.ept_entry_gpa(l2gpa, level), l1gpa | perms | extra | (LARGE if level > 1 else 0))
+
+    def l2_table(self, perms=R | W | X):
+        """A page for L2's page tables: an L2 gpa, mapped by EPT12 to a fresh L1 page."""
+        l2 = self.l2_next
+        self.l2_next += 4096
+        self.ept_map(l2, self.page(), perms)
+        return l2
+
+    def l1_of(self, l2gpa):
+        out, _ = ref_ept_walk(self.mem, self.eptp, l2gpa, False, False, False)
+        return out
+
+    def l2_map(self, gva, l2gpa, flags=P | RW | US):
+        """L2's 4-level tables: ``gva`` -> ``l2gpa`` (tables get P|RW|US)."""
+        if self.cr3 is None:
+            self.cr3 = self.l2_table()
+        table = self.cr3
+        for lv in range(4, 1, -1):
+            e = self.l1_of(table) + 8 * ((gva >> (12 + 9 * (lv - 1))) & 511)
+            if not self.mem.get(e, 0) & P:
+                self.put(e, self.l2_table() | P | RW | US)
+            table = self.mem[e] & ~0xFFF & ((1 << 52) - 1)
+        self.put(self.l1_of(table) + 8 * ((gva >> 12) & 511), l2gpa | flags)
+
+    def flush(self):
+        for pg in sorted(self.dirty_pages):
+            self.h.write_guest_memory(self.vm, pg, [self.mem.get(pg + 8 * i, 0) for i in range(512)])
+        self.dirty_pages.clear()
+
+    def enter(self, paging=True, **kw):
+        self.flush()
+        regs = dict(cr0=CR0_PG_PE, cr3=self.cr3, cr4=CR4_PAE, efer=EFER_LME_LMA) if paging else \
+            dict(cr0=0x11, cr3=0, cr4=0, efer=0)
+        self.regs = (regs["cr0"], regs["cr3"], regs["cr4"], regs["efer"])
+        self.h.nested_enter(self.vm, 0, eptp=self.eptp, **regs, **kw)
+
+    def read(self, gpa):
+        return int(self.h.read_guest_memory(self.vm, gpa, 1)[0])
+
+
+def _outcome(o):
+    return "ok" if o in OK else "guest_fault" if o == bm.GUEST_FAULT else "l1_exit" if o == bm.L1_EXIT else int(o)
+
+
+# ------------------------------------------------------------------ L2 cannot tell (reference differential)
+@pytest.mark.parametrize("seed,ad", [pytest.param(1, True, marks=pytest.mark.nojit), (2, False), (3, True),
+                                     (4, False)])
+def test_l2_accesses_match_the_reference(seed, ad):
+    rng = random.Random(seed)
+    n = Nest(ept_ad=ad)
+    data = 0x200000                                  # L2 gpas of data pages
+    perms = [R | W | X] * 6 + [R | W, R, R | X, X, 0, W]   # W alone: an EPT misconfiguration
+    gvas = []
+    for k in range(48):
+        gva = 0x7f0000000000 + k * 4096 + rng.choice([0, 1 << 21, 1 << 30]) * (k % 3)
+        l2 = data + 4096 * k
+        n.ept_map(l2, 0x1000000 + 4096 * rng.randrange(512), rng.choice(perms))
+        n.l2_map(gva, l2, rng.choice([P | RW | US, P | RW, P | US, P | RW | US | A_, 0]))
+        gvas.append(gva)
+    # some of L2's table pages read-only or unmapped in EPT12 (faults on paging-structure accesses)
+    for l2tab in rng.sample(range(0x11000, n.l2_next, 4096), 2):
+        e = n.ept_entry_gpa(l2tab)
+        n.put(e, n.mem[e] & ~W if rng.random() < 0.5 else 0)
+    n.enter()
+    ref = dict(n.mem)
+    for i in range(400):
+        gva = rng.choice(gvas) + 8 * rng.randrange(512)
+        kind = rng.choice([0, 2, 4, 6, 0x10, 0x14])
+        if kind & 2 and rng.random() < 0.5:
+            val = rng.getrandbits(64)
+            got = n.h.store(n.vm, 0, gva, val, kind=kind)
+            want = ref_l2_access(ref, n.eptp, n.regs, gva, kind, value=val, nbytes=8)
+        else:
+            got = n.h.access(n.vm, 0, gva, kind)
+            want = ref_l2_access(ref, n.eptp, n.regs, gva, kind)
+        o = _outcome(int(got.outcome[0]))
+        assert (o, int(got.error_code[0]) if o != "ok" else 0, int(got.fault_gpa[0])) == want, (i, hex(gva), kind)
+    # guest memory as L2 left it: every page either side wrote (EPT12's A/D bits are KVM's business: masked)
+    ept_pages = {a & ~4095 for a in n.mem} - {n.l1_of(t) for t in range(0x10000, n.l2_next, 4096)}
+    for pg in sorted({a & ~4095 for a in ref}):
+        got = n.h.read_guest_memory(n.vm, pg, 512).view(np.int64).astype(object) & ((1 << 64) - 1)
+        want = [ref.get(pg + 8 * i, 0) for i in range(512)]
+        if pg in ept_pages:
+            got = [g & ~(EPT_A | EPT_D) for g in got]
+            want = [w & ~(EPT_A | EPT_D) for w in want]
+        assert list(got) == want, hex(pg)
+    st = n.h.stats(n.vm)
+    assert st["guest_mode"] == 1 and st["nested_run"] >= 1 and st["pf_taken"] > 0
+
+
+# ------------------------------------------------------------------ kvm-unit-tests ept_access_test_*
+EPT_ACCESS = [   # (name, EPT perms of the data page, {op: expected}) from x86/vmx_tests.c
+    ("not_present", 0, {"read": 0x1, "write": 0x2, "exec": 0x4}),
+    ("read_only", R, {"read": None, "write": 0x2 | 0x8, "exec": 0x4 | 0x8}),
+    ("write_only", W, {"read": MISCONFIG, "write": MISCONFIG, "exec": MISCONFIG}),
+    ("read_write", R | W, {"read": None, "write": None, "exec": 0x4 | 0x8 | 0x10}),
+    ("execute_only", X, {"read": 0x1 | 0x20, "write": 0x2 | 0x20, "exec": None}),
+    ("read_execute", R | X, {"read": None, "write": 0x2 | 0x8 | 0x20, "exec": None}),
+    ("write_execute", W | X, {"read": MISCONFIG, "write": MISCONFIG, "exec": MISCONFIG}),
+    ("read_write_execute", R | W | X, {"read": None, "write": None, "exec": None}),
+]
+OPS = {"read": 0, "write": bm.ACC_WRITE, "exec": bm.ACC_FETCH}
+
+
+@pytest.mark.parametrize("name,perms,expect", EPT_ACCESS, ids=[c[0] for c in EPT_ACCESS])
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_ept_access(name, perms, expect, level):
+    """The permission of the data page set at one EPT12 level (the others RWX), as ept_access_violation /
+    ept_access_allowed / ept_access_misconfig twiddle it; L2's paging on, its tables and code elsewhere."""
+    n = Nest(ept_ad=False)
+    gpa = 1 << 39                                   # data page (as KUT: its own EPT12 entry at every level)
+    n.ept_map(gpa, 0x2000000)
+    n.l2_map(0x7f0000000000, gpa)
+    if level == 1:
+        n.ept_map(gpa, 0x2000000, perms)
+    else:
+        e = n.ept_entry_gpa(gpa, level)
+        n.put(e, (n.mem[e] & ~7) | perms)
+    n.enter()
+    for op, want in expect.items():
+        r = n.h.access(n.vm, 0, 0x7f0000000000 + 8, OPS[op])
+        if want is None:
+            assert r.outcome[0] in OK, op
+        elif want == MISCONFIG:
+            assert (r.outcome[0], r.error_code[0]) == (bm.L1_EXIT, 0), op
+        else:
+            assert (r.outcome[0], r.error_code[0], r.fault_gpa[0]) == (bm.L1_EXIT, want | QV | QT, gpa + 8), op
+
+
+def test_ept_access_reserved_and_ignored_bits():
+    n = Nest(ept_ad=False)
+    gpa = 1 << 39
+    n.ept_map(gpa, 0x2000000)
+    n.l2_map(0x7f0000000000, gpa)
+    n.enter()
+    base = n.mem[n.ept_entry_gpa(gpa)]
+    cases = [(1 << 46, MISCONFIG), (1 << 51, MISCONFIG), (2 << 3, MISCONFIG), (7 << 3, MISCONFIG),
+             (1 << 8, None), (1 << 9, None), (1 << 10, None), (1 << 11, None), (1 << 52, None), (1 << 63, None)]
+    for bit, want in cases:   # each bit alone on the leaf (with memory types 2 and 7 in place of WB)
+        n.h.nested_exit(n.vm, 0)
+        n.h.store(n.vm, 0, n.ept_entry_gpa(gpa), (base & ~(7 << 3)) | bit if bit in (2 << 3, 7 << 3) else base | bit)
+        n.h.invept(n.vm, 0, eptp=n.eptp)        # L1 invalidates what it changed, as KUT's twiddles do
+        n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
+        r = n.h.access(n.vm, 0, 0x7f0000000000, 0)
+        if want is None:
+            assert r.outcome[0] in OK, hex(bit)
+        else:
+            assert (r.outcome[0], r.error_code[0]) == (bm.L1_EXIT, 0), hex(bit)
+    # reserved bits are ignored in a non-present entry: a violation, not a misconfiguration
+    n.h.nested_exit(n.vm, 0)
+    n.h.store(n.vm, 0, n.ept_entry_gpa(gpa), (base & ~7) | (1 << 46))
+    n.h.invept(n.vm, 0, eptp=n.eptp)
+    n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
+    r = n.h.access(n.vm, 0, 0x7f0000000000, 0)
+    assert (r.outcome[0], r.error_code[0]) == (bm.L1_EXIT, 0x1 | QV | QT)
+
+
+def test_ept_access_force_2m_page():
+    n = Nest(ept_ad=False)
+    gpa = 1 << 39
+    n.ept_map(gpa, 0x2000000, R | W | X, level=2)
+    n.l2_map(0x7f0000000000, gpa)
+    n.enter()
+    assert n.h.access(n.vm, 0, 0x7f0000000000, 0).outcome[0] in OK
+    n.h.nested_exit(n.vm, 0)
+    n.h.store(n.vm, 0, n.ept_entry_gpa(gpa, 2), 0x2000000 | R | WB | LARGE)   # L1 edits EPT12: emulated
+    n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
+    r = n.h.access(n.vm, 0, 0x7f0000000000, bm.ACC_WRITE)
+    assert (r.outcome[0], r.error_code[0], r.fault_gpa[0]) == (bm.L1_EXIT, 0x2 | 0x8 | QV | QT, gpa)
+    assert n.h.stats(n.vm)["mmu_pte_write"] >= 1
+
+
+PADDR = [   # (name, EPTP A/D, perms of the EPT12 leaf mapping L2's level-1 page table, expected qualification)
+    ("paddr_not_present_ad_disabled", False, 0, 0x1),
+    ("paddr_not_present_ad_enabled", True, 0, 0x3),
+    ("paddr_read_only_ad_enabled", True, R, 0x3 | 0x8),
+    ("paddr_read_execute_ad_enabled", True, R | X, 0x3 | 0x8 | 0x20),
+    ("paddr_read_write", False, R | W, None),
+    ("paddr_read_write_execute", False, R | W | X, None),
+]
+
+
+@pytest.mark.parametrize("name,ad,perms,want", PADDR, ids=[c[0] for c in PADDR])
+@pytest.mark.parametrize("op", ["read", "write", "exec"])
+def test_ept_access_paddr(name, ad, perms, want, op):
+    """The EPT12 leaf of L2's level-1 page-table page restricted: the processor's walk faults on the table
+    (guest-physical address = that entry, qualification without GVA_TRANSLATED)."""
+    n = Nest(ept_ad=ad)
+    gpa = 1 << 39
+    n.ept_map(gpa, 0x2000000)
+    n.l2_map(0x7f0000000000, gpa, P | RW | US | A_ | D_)
+    pt = [t for t in range(0x10000, n.l2_next, 4096)][-1]        # the last L2 table made: the level-1 one
+    n.ept_map(pt, n.l1_of(pt), perms)
+    n.enter()
+    r = n.h.access(n.vm, 0, 0x7f0000000000, OPS[op])
+    if want is None:
+        assert r.outcome[0] in OK
+    else:
+        assert (r.outcome[0], r.error_code[0], r.fault_gpa[0]) == (bm.L1_EXIT, want | QV, pt)
+
+
+@pytest.mark.parametrize("pte_ad,op,want", [(0, "read", 0xB), (A_, "read", None), (A_, "write", 0xB),
+                                             (A_ | D_, "write", None)])
+def test_ept_access_paddr_read_only_ad_disabled(pte_ad, op, want):
+    """EPT A/D off: a walk that must set the gpte's A (or D) bit writes the table page; one that need not
+    only reads it (ept_access_test_paddr_read_only_ad_disabled)."""
+    n = Nest(ept_ad=False)
+    gpa = 1 << 39
+    n.ept_map(gpa, 0x2000000)
+    n.l2_map(0x7f0000000000, gpa, P | RW | US | pte_ad)
+    tables = list(range(0x10000, n.l2_next, 4096))
+    for t in tables[:-1]:                                            # A already set above the leaf PTE
+        for a in [a for a in list(n.mem) if a & ~4095 == n.l1_of(t) and n.mem[a] & P]:
+            n.put(a, n.mem[a] | A_)
+    for t in tables:                                                 # every L2 table page read-only
+        n.ept_map(t, n.l1_of(t), R)
+    n.enter()
+    r = n.h.access(n.vm, 0, 0x7f0000000000, OPS[op])
+    if want is None:
+        assert r.outcome[0] in OK
+    else:
+        assert (r.outcome[0], r.error_code[0]) == (bm.L1_EXIT, want | QV)
+
+
+# ------------------------------------------------------------------ selftests
+@pytest.mark.nojit
+@pytest.mark.parametrize("case,write,want", [("final_unmapped", False, 0x181), ("pt_unmapped", False, 0x083),
+                                             ("final_wrprot", True, 0x1AA), ("pt_wrprot", False, 0x0AB)])
+def test_nested_tdp_fault(case, write, want):
+    """nested_tdp_fault_test's four cases, VMX, through the processor's walk with EPT A/D on (L2 accesses to
+    its page tables are read+write): exit GPA and qualification."""
+    n = Nest(ept_ad=True)
+    gpa = 0x40000000
+    n.ept_map(gpa, 0x2000000, R | X)
+    if case != "final_wrprot":
+        n.ept_map(gpa, 0x2000000)
+    n.l2_map(0x7f0000000000, gpa)
+    pt = list(range(0x10000, n.l2_next, 4096))[-1]
+    if case == "final_unmapped":
+        n.ept_map(gpa, 0x2000000, 0)
+    elif case == "pt_unmapped":
+        n.ept_map(pt, n.l1_of(pt), 0)
+    elif case == "pt_wrprot":
+        n.ept_map(pt, n.l1_of(pt), R | X)
+    n.enter()
+    r = n.h.access(n.vm, 0, 0x7f0000000000, bm.ACC_WRITE if write else 0)
+    assert r.outcome[0] == bm.L1_EXIT and r.error_code[0] == want
+    assert r.fault_gpa[0] == (gpa if case.startswith("final") else pt)   # the entry read is at index 0
+
+
+@pytest.mark.nojit
+def test_nested_dirty_log():
+    """nested_dirty_log_test: L2 gpas 0xc0002000 / 0xc0003000 alias L1 0xc0000000 / 0xc0001000 (EPT12 leaves
+    with D preset); the dirty log (by L1 gpa) shows exactly the page an L2 write or a read fault made dirty."""
+    n = Nest(ept_ad=True)
+    base = 0xc0000000
+    n.h.set_memslot(n.vm, 1, base, 4 * 4096, flags=bm.MEM_LOG_DIRTY_PAGES)
+    for k in range(4):
+        n.ept_map(base + 4096 * k, base + 4096 * k, R | W | X, extra=WB | EPT_D)
+    for k in (2, 3):
+        n.ept_map(base + 4096 * k, base + 4096 * (k - 2), R | W | X, extra=WB | EPT_D)
+    for k in range(4):
+        n.l2_map(base + 4096 * k, base + 4096 * k)
+    n.enter()
+    n.h.get_dirty_log(n.vm, 1)
+
+    def step(page, write):
+        gva = base + 4096 * (2 + page)
+        if write:
+            r = n.h.store(n.vm, 0, gva, 1)
+        else:
+            r = n.h.access(n.vm, 0, gva, 0)
+        assert r.outcome[0] in OK
+        return list(np.unpackbits(n.h.get_dirty_log(n.vm, 1).view(np.uint8), bitorder="little")[:4])
+
+    assert step(0, False) == [1, 0, 0, 0]      # READ_FAULT: a writable SPTE (EPT12 D set) marks the gfn
+    assert step(0, True) == [1, 0, 0, 0]       # WRITE_FAULT
+    assert step(0, False) == [0, 0, 0, 0]      # NO_FAULT
+    assert step(1, True) == [0, 1, 0, 0]
+    assert step(1, True) == [0, 1, 0, 0]
+    assert step(1, False) == [0, 0, 0, 0]
+    assert n.read(base) == 1 and n.read(base + 4096) == 1
+    assert n.read(base + 2 * 4096) == 0
+
+
+# ------------------------------------------------------------------ roots, INVEPT, L1's edits
+def test_cached_roots_by_eptp_and_invept():
+    n = Nest(ept_ad=True)
+    n.ept_map(0x200000, 0x2000000)
+    n.enter(paging=False)
+    first = n.h.access(n.vm, 0, 0x200000, 0)
+    assert first.outcome[0] == bm.FIXED
+    root = int(n.h.vr.root[0])
+    n.h.nested_exit(n.vm, 0)
+    assert int(n.h.vr.rec[0, S.VR_ALT_ROOT]) == root               # guest_mmu's root stays cached
+    n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert n.h.access(n.vm, 0, 0x200000, 0).outcome[0] == bm.HIT     # same EPTP: the same root
+    # another EPT12 (a copy of the root table): a new root; the old one waits in prev_roots
+    other = n.page()
+    for i in range(512):
+        if n.mem.get(n.root + 8 * i):
+            n.put(other + 8 * i, n.mem[n.root + 8 * i])
+    n.flush()
+    n.h.nested_exit(n.vm, 0)
+    eptp2 = other | (n.eptp & 0xFFF)
+    n.h.nested_enter(n.vm, 0, eptp=eptp2, cr0=0x11, cr3=0, cr4=0, efer=0)
+    taken = n.h.stats(n.vm)["pf_taken"]
+    # an exit: the new root is empty; below it the shared EPT12 tables' shadow pages are found in the hash and
+    # the leaf SPTE is there already (SPURIOUS)
+    assert n.h.access(n.vm, 0, 0x200000, 0).outcome[0] == bm.SPURIOUS and n.h.stats(n.vm)["pf_taken"] == taken + 1
+    assert int(n.h.vr.root[0]) != root and int(n.h.vr.prev_root[0, 0]) == root
+    n.h.nested_exit(n.vm, 0)
+    pages = n.h.stats(n.vm)["mmu_pages"]
+    n.h.invept(n.vm, 0, eptp=n.eptp)                                 # single context: the first root only
+    alt = n.h.vr.rec[0, S.VR_ALT_ROOT:S.VR_ALT_ROOT + 8]
+    assert alt[0] >= 0 and alt[2] == -1
+    n.h.invept(n.vm, 0)                                              # global
+    alt = n.h.vr.rec[0, S.VR_ALT_ROOT:S.VR_ALT_ROOT + 8]
+    assert alt[0] == -1 and (alt[2:5] == -1).all()
+    assert n.h.stats(n.vm)["mmu_pages"] == pages                     # freed roots stay hashed
+    n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert n.h.access(n.vm, 0, 0x200000, 0).outcome[0] == bm.HIT     # found again in the hash
+
+
+def test_l1_edits_ept12_through_stores():
+    """L1 rewrites an EPT12 leaf with an ordinary store: its frame is write-protected (tracked or rmap-wrprot),
+    the write is emulated or unsyncs the page, and L2 then sees the new mapping."""
+    n = Nest(ept_ad=True)
+    gpa = 0x200000
+    n.ept_map(gpa, 0x2000000)
+    n.enter(paging=False)
+    assert n.h.access(n.vm, 0, gpa, 0).outcome[0] == bm.FIXED
+    n.h.nested_exit(n.vm, 0)
+    n.h.store(n.vm, 0, n.ept_entry_gpa(gpa), 0)                        # unmap it
+    n.h.invept(n.vm, 0, eptp=n.eptp)
+    n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=0x11, cr3=0, cr4=0, efer=0)
+    r = n.h.access(n.vm, 0, gpa, 0)
+    assert (r.outcome[0], r.error_code[0], r.fault_gpa[0]) == (bm.L1_EXIT, 0x1 | QV | QT, gpa)
+    # a table page of EPT12 (upper level) is write-tracked: L1's store there is emulated (mmu_pte_write)
+    n.h.nested_exit(n.vm, 0)
+    before = n.h.stats(n.vm)["mmu_pte_write"]
+    r = n.h.store(n.vm, 0, n.ept_entry_gpa(gpa, 2), 0)
+    assert r.outcome[0] == bm.EMULATED and n.h.stats(n.vm)["mmu_pte_write"] == before + 1
+
+
+def test_l2_without_nested_ept_gets_its_own_root():
+    """No EPTP: L2 runs on a direct root of role guest_mode (L1 gpas), apart from L1's."""
+    n = Nest()
+    h, vm = n.h, n.vm
+    h.access(vm, 0, 0x3000000, 0)
+    l1_root = int(h.vr.root[0])
+    pages = h.stats(vm)["mmu_pages"]
+    h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert h.access(vm, 0, 0x3000000, 0).outcome[0] == bm.FIXED      # a new root: L1's mapping is not shared
+    assert int(h.vr.root[0]) != l1_root and h.stats(vm)["mmu_pages"] > pages
+    h.nested_exit(vm, 0)
+    assert int(h.vr.root[0]) == l1_root and h.access(vm, 0, 0x3000000, 0).outcome[0] == bm.HIT
+
+
+# ------------------------------------------------------------------ the API refuses
+@pytest.mark.nojit
+def test_nested_api_refusals():
+    h = bm.Host(memory="1GiB", tdp_mmu=False)
+    plain = int(h.create_vms(1, memory="16MiB")[0])
+    vm = int(h.create_vms(1, memory="16MiB", nested=True)[0])
+    with pytest.raises(bm.BatchMMUError, match="nested=True"):
+        h.nested_enter(plain, 0, eptp=0x1000 | 0x1E)
+    for eptp, what in ((0x1000 | 0x18 | 1, "memory type"), (0x1000 | 0x10 | 6, "walk length"),
+                       (0x1000 | 0x1E | 0x80, "reserved"), ((1 << 47) | 0x1E, "MAXPHYADDR"),
+                       (0x40000000 | 0x1E, "no memslot"), (-1, "64-bit"), (1.5, "64-bit")):
+        with pytest.raises(bm.BatchMMUError, match=what):
+            h.nested_enter(vm, 0, eptp=eptp)
+    with pytest.raises(bm.BatchMMUError, match="ncr3"):
+        h.nested_enter(vm, 0, ncr3=0x1000)
+    with pytest.raises(bm.BatchMMUError, match="not running L2"):
+        h.nested_exit(vm, 0)
+    assert h.stats(vm)["nested_run"] == 0
+    h.nested_enter(vm, 0, eptp=0x1000 | 0x1E)
+    with pytest.raises(bm.BatchMMUError, match="already running L2"):
+        h.nested_enter(vm, 0, eptp=0x1000 | 0x1E)
+    with pytest.raises(bm.BatchMMUError, match="INVEPT in L2"):
+        h.invept(vm, 0)
+    with pytest.raises(bm.BatchMMUError, match="legacy TDP MMU"):
+        bm.Host(memory="1GiB").create_vms(1, memory="16MiB", nested=True)
+    with pytest.raises(bm.BatchMMUError, match="NPT"):
+        h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt")
+    with pytest.raises(bm.BatchMMUError, match="TDP host"):
+        h.create_vms(1, memory="16MiB", nested=True, mmu="shadow")
+    no_ad = int(h.create_vms(1, memory="16MiB", nested=True, ept_ad=False)[0])
+    with pytest.raises(bm.BatchMMUError, match="A/D"):
+        h.nested_enter(no_ad, 0, eptp=0x1000 | 0x5E)
