@@ -129,3 +129,29 @@ class Nested:
             raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} runs L2: INVEPT in L2 exits to L1 (call nested_exit)")
         from .kernels.nested import handle_invept
         handle_invept(self._mmu_bundle(), np.int64(vm), np.int64(i), np.int64(eptp & EPTP_PA_MASK), single)
+
+
+GiB = 1 << 30
+
+
+def enter_identity_l2(host, vm, ranges):
+    """memstress_setup_nested / memstress_setup_ept: L1 maps the gpa ``ranges`` [(start, size)] 1:1 for L2 with
+    1G EPT12 pages (WB, RWX; EPT A/D when the VM has them), its tables in the last pages of slot 0, and every
+    vCPU enters L2 with paging off, so the guest's accesses run in L2 at the same addresses.  Returns the EPTP."""
+    slot0 = next(m for m in host.memslots(vm) if m["slot"] == 0)
+    pml4_idx = sorted({k >> 9 for start, size in ranges for k in range(start // GiB, -(-(start + size) // GiB))})
+    tables = slot0["gpa"] + slot0["size"] - 4096 * (1 + len(pml4_idx))
+    if tables < slot0["gpa"]:
+        raise bad("vm_group.memory", slot0["size"], "slot 0 is too small for the EPT12 tables of nested=true")
+    words = np.zeros(512 * (1 + len(pml4_idx)), np.int64)
+    for n, p in enumerate(pml4_idx):
+        words[p] = (tables + 4096 * (1 + n)) | 7
+    for start, size in ranges:
+        for k in range(start // GiB, -(-(start + size) // GiB)):
+            n = pml4_idx.index(k >> 9)
+            words[512 * (1 + n) + (k & 511)] = (k * GiB) | 7 | (6 << 3) | (1 << 7)
+    host.write_guest_memory(vm, tables, words.view(np.uint64))
+    eptp = tables | 6 | (3 << 3) | (0 if host.vt.ad_disabled[vm] else 0x40)
+    for vcpu in range(int(host._vcpus[vm])):
+        host.nested_enter(vm, vcpu, eptp=eptp, cr0=0x11, cr3=0, cr4=0, efer=0)
+    return eptp

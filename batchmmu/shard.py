@@ -18,6 +18,7 @@ from . import memstress as ms
 from .constants import ACC_FETCH, ACC_WRITE, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES
 from .errors import BatchMMUError
 from .host import Host
+from .nested import enter_identity_l2
 from .reclaim import host_figures, shard_step
 from .units import parse_size
 
@@ -176,6 +177,9 @@ class Shard:
                     for s in range(self.nslots):
                         self.host.set_memslot(int(vm), TEST_SLOT + s, gpa + s * per, per, backing=backing)
                 self.test_base[i:j] = gpa
+            if g.get("nested"):
+                for vm in local:   # memstress_setup_nested: every vCPU runs L2 on an identity EPT12
+                    enter_identity_l2(self.host, int(vm), [(0, 1 << 32), (int(self.test_base[i]), size)])
             self.region_pages[i:j] = size // 4096
             self.large_page[i:j] = page
             i = j

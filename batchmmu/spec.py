@@ -6,7 +6,8 @@ any other value written as ``"${name}"`` takes the parameter's value.  Sections:
 ``[host]``         Host(...) keyword arguments (``memory`` may be ``"auto"``: what the VMs need).
 ``[[vm_group]]``   create_vms(...) arguments: count, memory (slot 0 at gpa 0), vcpus, mmu, tdp_format,
                    tdp_levels, maxphyaddr, backing, ept_ad, tdp_mmu (false: the legacy TDP MMU; the
-                   default is ``[host] tdp_mmu``, true unless set).
+                   default is ``[host] tdp_mmu``, true unless set), nested (true: every vCPU runs an L2 guest
+                   under nested EPT that L1 maps 1:1 with 1G pages, as memstress ``-n`` does).
 ``[workload]``     the test region and the guest that runs on it: ``bytes_per_vcpu``, ``region`` "top"
                    (memstress: test memslots at the top of guest physical memory) or "slot0",
                    ``region_bytes`` or ``region_pages`` (the whole region, instead of vCPUs x
@@ -189,7 +190,7 @@ _KNOWN = {
              "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms", "overcommit", "watermarks",
              "tdp_mmu"},
     "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
-                 "ept_ad", "tdp_mmu"},
+                 "ept_ad", "tdp_mmu", "nested"},
     "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
                  "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
                  "dirty_ring", "verify"} | trace.KEYS,
@@ -332,7 +333,7 @@ def _check_group(g):
         if m <= 0 or m % 4096:
             raise BatchMMUError(f"vm_group.memory={g['memory']!r}: must be a positive multiple of 4096",
                                 field="vm_group.memory", value=g["memory"])
-    for k in ("tdp_mmu", "ept_ad"):
+    for k in ("tdp_mmu", "ept_ad", "nested"):
         if k in g and not isinstance(g[k], bool):
             raise BatchMMUError(f"vm_group.{k}={g[k]!r}: use true or false", field=f"vm_group.{k}", value=g[k])
     for k, choices in _GROUP_CHOICES.items():
@@ -356,6 +357,9 @@ def resolve(data, text="", origin="<dict>", used=None):
     for g in groups:
         _check_keys("vm_group", g, text, origin)
         _check_group(g)
+        if g.get("nested") and (group_mmu(r, g) != "legacy" or g.get("tdp_format", "ept") != "ept"):
+            raise BatchMMUError("vm_group.nested=true: nested EPT runs on EPT VMs of the legacy TDP MMU for now "
+                                "(set tdp_mmu=false; docs/nested.md)", field="vm_group.nested", value=True)
     raw = r.get("phase", [])
     if not raw:
         raise BatchMMUError(f"{origin}: needs at least one [[phase]]", field="phase", value=None)

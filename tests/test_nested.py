@@ -9,11 +9,10 @@ import random
 
 import numpy as np
 import pytest
+from batchmmu.kernels import state as S
+from reference.nested_ept import MISCONFIG, ref_ept_walk, ref_l2_access
 
 import batchmmu as bm
-from batchmmu.kernels import state as S
-
-from reference.nested_ept import MISCONFIG, ref_ept_walk, ref_l2_access
 
 R, W, X = 1, 2, 4
 WB = 6 << 3
@@ -459,3 +458,23 @@ def test_nested_api_refusals():
     no_ad = int(h.create_vms(1, memory="16MiB", nested=True, ept_ad=False)[0])
     with pytest.raises(bm.BatchMMUError, match="A/D"):
         h.nested_enter(no_ad, 0, eptp=0x1000 | 0x5E)
+
+
+# ------------------------------------------------------------------ scenario: dirty_log_perf -n
+@pytest.mark.parametrize("manual", [True, False])
+def test_dirty_log_perf_nested(manual):
+    """memstress -n: every vCPU in L2 on an identity EPT12 of 1G pages; every write is in the dirty log by L1
+    gpa (verify=exact fails the run on a lost or invented one); write-protection faults are nested faults
+    (L0's shadow-EPT path: pf_fixed, never fast_page_fault)."""
+    pages = 2 * 1024
+    rep = bm.run_scenario("dirty_log_perf", sets=["nested=true", "tdp_mmu=false", "bytes_per_vcpu=4MiB",
+                                                  f"manual_protect={str(manual).lower()}", "verify=exact",
+                                                  "iterations=3", "write_percent=50", "random_access=true"])
+    ph = {p["name"]: p for p in rep.phases}
+    assert ph["Populate memory"]["stats"]["pf_fixed"] == pages and ph["Populate memory"]["stats"]["nested_run"] == 2
+    assert ph["Populate memory"]["stats"]["guest_mode"] == 2
+    for i in (2, 3):
+        d = ph[f"Iteration {i} dirty memory"]["delta"]
+        assert d.get("pf_fixed", 0) > 0 and d.get("pf_fast", 0) == 0
+    with pytest.raises(bm.BatchMMUError, match="vm_group.nested"):
+        bm.run_scenario("dirty_log_perf", sets=["nested=true"])

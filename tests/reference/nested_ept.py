@@ -8,7 +8,7 @@ so an access either completes, faults in L2 (#PF) or is refused by EPT12 (an EPT
 for L1).  It does not model EPT12's A/D bits (KVM sets them only when its shadow tables miss).
 """
 
-from .guest_walk import A, D, MASK64, _range, ref_walk
+from .guest_walk import MASK64, A, D, _range, ref_walk
 
 R, W, X = 1, 2, 4
 LARGE, EPT_A, EPT_D = 1 << 7, 1 << 8, 1 << 9
