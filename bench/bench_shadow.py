@@ -43,7 +43,9 @@ DEFAULT_JSON = REPO / "bench" / "results" / "shadow-latest.json"
 MiB = 1 << 20
 P, W, U, A, D = 1, 2, 4, 0x20, 0x40
 TBL, DATA = 0x10000, 4 * MiB
-TARGETS = {"shadow_faults": 5e6, "warm_2d_walks": 10e6, "walk_vs_reference": 100.0}
+# issue #11: shadow first-touch faults >= 3 M/s (1 VM x 1 GiB, A/D clear), warm 2D walks >= 5 M/s, cold 2D first
+# touch >= 2 M/s; >= 100x the pure-Python reference
+TARGETS = {"shadow_faults": 3e6, "warm_2d_walks": 5e6, "cold_2d_walks": 2e6, "walk_vs_reference": 100.0}
 
 
 def build(nvm, mem, mmu="shadow", ad=True):
@@ -238,11 +240,12 @@ def main(argv=None):
         out["tdp_2d"] = {"skipped": why}
         print(f"2D walks: skipped ({why})")
     best = max(r["faults_per_s"] for r in out["shadow"] if not r["ad_preset"])
-    print("\ntargets: shadow faults/s >= 5 M: " + ("met" if best >= TARGETS["shadow_faults"] else "NOT met")
+    print("\ntargets: shadow faults/s >= 3 M: " + ("met" if best >= TARGETS["shadow_faults"] else "NOT met")
           + f" ({best / 1e6:.2f} M, A/D clear); guest walk vs reference >= 100x: "
           + ("met" if out["guest_walk"]["vs_reference"] >= 100 else "NOT met")
-          + "; warm 2D walks >= 10 M/s: " + ("n/a" if why else
-                                            "met" if out["tdp_2d"]["warm"]["walks_per_s"] >= 10e6 else "NOT met"))
+          + "; warm 2D walks >= 5 M/s: " + ("n/a" if why else
+                                           "met" if out["tdp_2d"]["warm"]["walks_per_s"] >= TARGETS["warm_2d_walks"]
+                                           else "NOT met"))
     out["seconds"] = time.perf_counter() - t0
     path = Path(a.json) if a.json else DEFAULT_JSON
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from .guest_walk import (
     PFERR_MASK,
     PT_ACCESSED_MASK,
     PT_DIRTY_MASK,
+    WK_AD_NEEDED,
     WK_GFN,
     WK_GPA,
     WK_GPTE,
@@ -243,7 +244,7 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
                 if table:
                     refs += 1
                     continue
-                if glevels != 0:
+                if glevels != 0 and wk[WK_AD_NEEDED]:
                     # L2's A/D bits once the final translation is allowed (FNAME(walk_addr_generic) translates
                     # the final gfn before update_accessed_dirty_bits: an L1 exit leaves them as they were)
                     guest_set_ad(gm, sm, vm, wk, kind)

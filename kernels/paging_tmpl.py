@@ -17,6 +17,7 @@ from .guest_walk import (
     PFERR_WRITE,
     PT_ACCESSED_MASK,
     PT_DIRTY_MASK,
+    WK_AD_NEEDED,
     WK_GFN,
     WK_LEAF_LEVEL,
     WK_PT_ACCESS,
@@ -649,6 +650,8 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
 @njit(inline="always", _nrt=False)
 def set_ad_and_log(m, vm, wk, pfec):
     """FNAME(update_accessed_dirty_bits): set guest A/D, and log the dirtied table pages."""
+    if wk[WK_AD_NEEDED] == 0:
+        return   # every A (and the leaf's D for a write) set already: nothing to write
     changed = guest_set_ad(m.gm, slot_map(m.vt, m.st), vm, wk, pfec)
     if changed == 0:
         return

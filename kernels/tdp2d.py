@@ -42,6 +42,7 @@ from .guest_walk import (
     PFERR_MASK,
     PT_ACCESSED_MASK,
     PT_DIRTY_MASK,
+    WK_AD_NEEDED,
     WK_GPA,
     WK_GPTE,
     WK_GPTE_SIZE,
@@ -299,7 +300,8 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                     # the guest's #PF: straight to the guest, KVM never sees it
                     return OUT_GUEST_FAULT, gerr & PFERR_MASK, refs
                 if glevels != 0:
-                    guest_set_ad(gm, slot_map(vt, st), vm, wk, kind)  # the walk's A/D writes
+                    if wk[WK_AD_NEEDED]:
+                        guest_set_ad(gm, slot_map(vt, st), vm, wk, kind)  # the walk's A/D writes
                     gpa = wk[WK_GPA]
                 else:
                     gpa = gva
