@@ -49,8 +49,8 @@ def result_record(n):
 
 
 def results(res):
-    """(outcome int8[n], error code int32[n], fault gpa int64[n]) of an int64[n, NRESF] result record."""
-    return (res[:, MI.RES_OUTCOME].astype(np.int8), res[:, MI.RES_ERROR].astype(np.int32),
+    """(outcome int8[n], error code int64[n], fault gpa int64[n]) of an int64[n, NRESF] result record."""
+    return (res[:, MI.RES_OUTCOME].astype(np.int8), res[:, MI.RES_ERROR].copy(),
             res[:, MI.RES_FAULT_GPA].copy())
 
 
@@ -129,7 +129,7 @@ class Batches:
         ev = event_record(vm_a, vcpu_a, addr_a, kind_a, MI.OP_ACCESS, 0 if value_a is None else value_a,
                           0 if size_a is None else size_a)
         out = np.zeros(n, np.int8)
-        err = np.zeros(n, np.int32)
+        err = np.zeros(n, np.int64)
         fgpa = np.full(n, -1, np.int64)
         done = np.zeros(n, bool)  # events of the sub-batches that completed (VMs are independent)
         for idx, run in ((np.nonzero(shadow)[0], "shadow"), (np.nonzero(twod)[0], "2d"),
@@ -161,7 +161,7 @@ class Batches:
             group_by_vm(vm_a, vcpu_a, addr_a, kind_a, self.nvm, np.empty(self.nvm + 1, np.int64), *grouped)
             vm_a, vcpu_a, addr_a, kind_a, perm = grouped
         out = np.zeros(n, np.int8)
-        err = np.zeros(n, np.int32)
+        err = np.zeros(n, np.int64)
 
         def fail(i):
             applied = np.zeros(n, bool)
@@ -216,8 +216,8 @@ class Batches:
             field="memory", value=self.memory)
         e.applied = applied
         e.outcome = np.where(applied, out, 0).astype(np.int8) if out is not None else np.zeros(applied.size, np.int8)
-        e.error_code = np.where(applied, err, 0).astype(np.int32) if err is not None \
-            else np.zeros(applied.size, np.int32)
+        e.error_code = np.where(applied, err, 0).astype(np.int64) if err is not None \
+            else np.zeros(applied.size, np.int64)
         return e
 
     def _partial(self, e, idx, n, out, err, before):
@@ -235,7 +235,7 @@ class Batches:
                                  "(err.applied says which). Give the Host more memory.", field=e.field, value=e.value)
         e2.applied = applied
         e2.outcome = np.where(applied, out, 0).astype(np.int8)
-        e2.error_code = np.where(applied, err, 0).astype(np.int32)
+        e2.error_code = np.where(applied, err, 0).astype(np.int64)
         return e2
 
     def store(self, vm, vcpu, addr, value, kind=ACC_WRITE):

@@ -138,8 +138,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
         ``ept_ad=False`` runs EPT without accessed/dirty bits (access tracking).  ``tdp_mmu`` (None: the Host's)
         picks the TDP MMU (True) or the legacy one (False: the shadow MMU's code with direct pages) for these
         VMs; it means nothing for ``mmu="shadow"`` (KVM ignores kvm.tdp_mmu without TDP).  ``nested=True`` offers
-        VMX to the guest, which may then run L2 guests (``nested_enter``; docs/nested.md): for now an EPT VM
-        on the legacy TDP MMU (``tdp_mmu=False``) of a Host without PML.
+        VMX (an EPT VM) or SVM (an NPT VM) to the guest, which may then run L2 guests (``nested_enter``;
+        docs/nested.md): for now on the legacy TDP MMU (``tdp_mmu=False``) of a Host without PML.
         """
         count = A.exact_int(count, "count", 1, A.I64_MAX, why="must be a positive integer")
         size = parse_size(memory, "memory")
@@ -157,8 +157,9 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
         if nested:
             if kind == S.MMU_SHADOW:
                 raise bad("nested", nested, "KVM offers nested EPT/NPT only on a TDP host (mmu=\"tdp\")")
-            if tdp_format != "ept":
-                raise bad("nested", nested, "nested NPT (SVM, tdp_format=\"npt\") is not modelled yet: use EPT")
+            if tdp_format == "npt" and tdp_levels != 4:
+                raise bad("tdp_levels", tdp_levels, "nested NPT under a 4-level L1 on 5-level NPT (passthrough "
+                          "roots) is not modelled: use tdp_levels=4")
             if kind == S.MMU_TDP:
                 raise bad("nested", nested, "nested EPT is modelled on the legacy TDP MMU for now: pass "
                           "tdp_mmu=False (docs/nested.md)")

@@ -1,10 +1,10 @@
-"""Nested virtualization on the Host (vmx/nested.c): VM-entry to an L2 guest and back, INVEPT.
+"""Nested virtualization on the Host (vmx/nested.c, svm/nested.c): VM-entry to an L2 guest and back, INVEPT.
 
-A VM made with ``create_vms(..., nested=True)`` offers VMX to its guest (an EPT-format VM).  ``nested_enter``
-models VMLAUNCH/VMRESUME with the vmcs12 state that matters to the MMU: the EPTP of nested EPT (or none: L1
-does not use EPT for L2) and L2's paging registers.  While a vCPU is in guest mode, ``access`` / ``store``
-addresses are L2 gvas (L2 gpas with L2's paging off); ``nested_exit`` is the VM-exit back to L1.
-docs/nested.md says what is modelled and what is not.
+A VM made with ``create_vms(..., nested=True)`` offers VMX (an EPT VM) or SVM (an NPT VM) to its guest.
+``nested_enter`` models VMLAUNCH/VMRESUME or VMRUN with the vmcs12 / vmcb12 state that matters to the MMU: the
+EPTP of nested EPT or the nCR3 of nested NPT (or neither: L1 does not use nested paging for L2) and L2's paging
+registers.  While a vCPU is in guest mode, ``access`` / ``store`` addresses are L2 gvas (L2 gpas with L2's
+paging off); ``nested_exit`` is the VM-exit / #VMEXIT back to L1.  docs/nested.md says what is modelled.
 """
 
 import numpy as np
@@ -13,6 +13,7 @@ from . import args as A
 from .errors import bad
 from .kernels import state as S
 from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_PAE
+from .kernels.spte import FMT_EPT
 from .paging import check_sregs
 
 EPTP_PA_MASK = ((1 << 52) - 1) & ~0xFFF
@@ -47,13 +48,16 @@ class Nested:
 
     def nested_enter(self, vm, vcpu, *, eptp=None, ncr3=None, cr0=None, cr3=None, cr4=None, efer=None,
                      flush=False):
-        """VM-entry to L2 (VMLAUNCH/VMRESUME) on one vCPU of a nested VM.
+        """VM-entry to L2 (VMLAUNCH/VMRESUME, or VMRUN) on one vCPU of a nested VM.
 
-        ``eptp``: vmcs12's EPT pointer with nested EPT (memory type, walk length, A/D enable and the L1 gpa of
-        the top table as the SDM lays them out); None: L1 does not use EPT for L2 (L2 runs on its own TDP root,
-        role.guest_mode).  ``cr0``..``efer``: L2's registers (None: L1's value).  ``flush``: vmcs12 has no
-        VPID, or a new one (nested_vmx_transition_tlb_flush: a guest TLB flush, counted in tlb_flush; it never
-        syncs guest_mmu).  Counts ``nested_run``; the vCPU is in guest mode until ``nested_exit``.
+        ``eptp`` (VMX): vmcs12's EPT pointer with nested EPT (memory type, walk length, A/D enable and the L1 gpa
+        of the top table as the SDM lays them out); ``ncr3`` (SVM): vmcb12's nested CR3 (L1's NPT12 is 4-level
+        x86 paging in L1's mode: L1 must be in long mode); neither: L1 does not use nested paging (L2 runs on its
+        own TDP root, role.guest_mode).  ``cr0``..``efer``: L2's registers (None: L1's value).  ``flush`` (VMX):
+        vmcs12 has no VPID, or a new one (nested_vmx_transition_tlb_flush: a guest TLB flush, counted in
+        tlb_flush; it never syncs guest_mmu); SVM flushes and syncs at every VMRUN and #VMEXIT whatever
+        TLB_CONTROL says (KVM does not honour it).  Counts ``nested_run``; the vCPU is in guest mode until
+        ``nested_exit``.
         """
         i = self._vcpu_index(vm, vcpu)
         vm = int(vm)
@@ -61,23 +65,38 @@ class Nested:
         flush = A.bool_arg(flush, "flush")
         if eptp is not None:
             eptp = A.exact_int(eptp, "eptp", 0, A.U64_MAX, why="must be a 64-bit EPT pointer")
+        if ncr3 is not None:
+            ncr3 = A.exact_int(ncr3, "ncr3", 0, A.U64_MAX, why="must be the guest-physical address of L1's NPT "
+                               "root (an unsigned 64-bit integer)")
         regs = {"cr0": cr0, "cr3": cr3, "cr4": cr4, "efer": efer}
         l2 = {}
         for (name, v), col in zip(regs.items(), _REGS, strict=True):
             l2[name] = int(np.int64(self.vr.rec[i, col]).view(np.uint64)) if v is None else \
                 A.exact_int(v, name, 0, A.U64_MAX, why=f"must be L2's {name.upper()} (an unsigned 64-bit integer)")
+        svm = int(self.vt.fmt[vm]) != FMT_EPT
         if eptp is not None:
             self._check_eptp(vm, eptp)
             if self._gm_unmapped(vm, eptp & EPTP_PA_MASK, 1) >= 0:
                 raise bad("eptp", eptp, "its top table lies in no memslot (KVM runs L2 on a dummy root then; "
                           "not modelled)")
+        if ncr3 is not None:
+            if ncr3 >> int(self._maxphyaddr[vm]):
+                raise bad("ncr3", ncr3, f"beyond the guest's MAXPHYADDR ({int(self._maxphyaddr[vm])} bits)")
+            if self._gm_unmapped(vm, ncr3 & EPTP_PA_MASK, 1) >= 0:
+                raise bad("ncr3", ncr3, "its top table lies in no memslot (KVM runs L2 on a dummy root then; "
+                          "not modelled)")
         check_sregs(l2["cr0"], l2["cr3"], l2["cr4"], l2["efer"], int(self._maxphyaddr[vm]))
         if l2["cr0"] & int(X86_CR0_PG) and l2["cr4"] & int(X86_CR4_PAE) and not l2["efer"] & int(EFER_LMA):
             raise bad("cr4", l2["cr4"], "an L2 in PAE paging takes its PDPTEs from vmcs12 (not modelled): use "
                       "4- or 5-level paging, 32-bit paging or paging off")
-        if ncr3 is not None:
+        if ncr3 is not None and not svm:
             raise bad("ncr3", ncr3, f"VM {vm} offers VMX (an EPT VM): give eptp; ncr3 is SVM's nested CR3")
+        if eptp is not None and svm:
+            raise bad("eptp", eptp, f"VM {vm} offers SVM (an NPT VM): give ncr3; eptp is VMX's EPT pointer")
         self._nested_vcpu(vm, i, "nested_enter")
+        if ncr3 is not None and not self.vr.efer[i] & int(EFER_LMA):
+            raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu}: nested NPT of an L1 outside long mode (its NPT12 "
+                      "in 32-bit or PAE format) is not modelled")
         if self.vr.guest_mode[i]:
             raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} is already running L2 (VMLAUNCH in guest mode exits "
                       "to L1; call nested_exit first)")
@@ -87,15 +106,16 @@ class Nested:
         for v, col in zip(l2.values(), _REGS, strict=True):
             rec[i, col] = np.uint64(v).view(np.int64)
         rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()   # vcpu->arch.mmu switches
+        pgd = eptp if eptp is not None else ncr3
         rec[i, S.VR_GUEST_MODE] = 1
-        rec[i, S.VR_EPTP] = -1 if eptp is None else np.uint64(eptp).view(np.int64)
+        rec[i, S.VR_EPTP] = -1 if pgd is None else np.uint64(pgd).view(np.int64)
         st = self.vt.stats
         st[vm, S.ST_NESTED_RUN] += 1
         st[vm, S.ST_GUEST_MODE] += 1
-        if flush:
+        if flush or svm:   # SVM: nested_svm_transition_tlb_flush on every VMRUN (TLB_CONTROL is not honoured)
             st[vm, S.ST_TLB_FLUSH] += 1
         from .kernels.nested import nested_enter_mmu
-        if eptp is not None:
+        if pgd is not None:
             self._first_shadow_root_alloc(vm)
         self.arena.topup_shadow()
         nested_enter_mmu(self._mmu_bundle(), np.int64(vm), np.int64(i))
@@ -114,6 +134,8 @@ class Nested:
         rec[i, S.VR_GUEST_MODE] = 0
         rec[i, S.VR_EPTP] = -1
         self.vt.stats[vm, S.ST_GUEST_MODE] -= 1
+        if int(self.vt.fmt[vm]) != FMT_EPT:
+            self.vt.stats[vm, S.ST_TLB_FLUSH] += 1   # SVM's #VMEXIT: nested_svm_transition_tlb_flush
 
     def invept(self, vm, vcpu, eptp=None):
         """INVEPT by L1 (handle_invept) on guest_mmu: single-context for ``eptp`` (the current and previous roots
@@ -125,6 +147,8 @@ class Nested:
             eptp = A.exact_int(eptp, "eptp", 0, A.U64_MAX, why="must be a 64-bit EPT pointer")
         eptp = self._check_eptp(vm, eptp) if single else 0
         self._nested_vcpu(vm, i, "invept")
+        if int(self.vt.fmt[vm]) != FMT_EPT:
+            raise bad("vm", vm, "INVEPT is VMX's: this VM offers SVM (an NPT VM)")
         if self.vr.guest_mode[i]:
             raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} runs L2: INVEPT in L2 exits to L1 (call nested_exit)")
         from .kernels.nested import handle_invept

@@ -114,7 +114,7 @@ def _legacy():
 
 def _nested(h):
     """An L2 guest under nested EPT: EPT12 at 1 MiB mapping L2 gpa 0 -> L1 2 MiB (4K), L2 with paging off and on,
-    an L1 exit, INVEPT, L1's store into EPT12 (emulated), L2 without nested EPT."""
+    an L1 exit, INVEPT, L1's store into EPT12 (emulated), L2 without nested EPT; then under nested NPT."""
     vm = int(h.create_vms(1, memory="4MiB", vcpus=2, nested=True)[0])
     words = np.zeros(4 * 512, np.int64)
     for lv in range(3):                                   # PML4 -> PDPT -> PD -> PT, RWX tables
@@ -140,6 +140,15 @@ def _nested(h):
     h.nested_enter(vm, 1, cr0=0x11, cr3=0, cr4=0, efer=0)
     h.access(vm, 1, 0x5000, 0)
     h.nested_exit(vm, 1)
+    # SVM: nested NPT (NPT12 is x86 paging: the same tables read as P|RW|US entries), L1 in long mode
+    vm = int(h.create_vms(1, memory="4MiB", nested=True, tdp_format="npt")[0])
+    h.write_guest_memory(vm, 0x100000, words.view(np.uint64) & ~np.uint64(6 << 3))
+    h.write_guest_memory(vm, 0x300000, np.array([0x301000 | 7, 0], np.uint64))       # L1's own 1G identity map
+    h.write_guest_memory(vm, 0x301000, np.array([0x87], np.uint64))
+    h.set_vcpu_regs(vm, 0, cr0=0x80000011, cr3=0x300000, cr4=0x20, efer=0xD00)
+    h.nested_enter(vm, 0, ncr3=0x100000, cr0=0x11, cr3=0, cr4=0, efer=0)
+    h.access(vm, 0, [0x5000, 0x5000, 1 << 30], [0, ACC_WRITE, 0])
+    h.nested_exit(vm, 0)
 
 
 def _reclaim():

@@ -50,7 +50,7 @@ from .mmu_internal import (
     scratch,
     unaccount_nx_huge_page,
 )
-from .paging_ept import MODE_EPT, ept_root_role
+from .paging_ept import MODE_EPT, MODE_NPT, ept_root_role
 from .paging_tmpl import (
     direct_pte_prefetch,
     disallowed_hugepage_adjust,
@@ -146,6 +146,8 @@ def shadow_root_role(mode):
     lvl = role & 0xF
     if lvl < PT32E_ROOT_LEVEL:
         role = (role & ~np.int64(0xF)) | PT32E_ROOT_LEVEL
+    if mode & MODE_NPT:
+        role |= ROLE_GUEST_MODE   # kvm_calc_shadow_npt_root_page_role: computed in guest mode
     return np.int32(role | ROLE_EFER_NX)
 
 
@@ -201,8 +203,8 @@ def kvm_mmu_load(m, vm, vg, mode, maxphyaddr):
     """kvm_mmu_load: allocate (or find) the root for the guest's CR3, sync it, flush; a legacy-TDP VM's vCPUs
     share one direct root of the TDP level (mmu_alloc_direct_roots, found in the hash after the first)."""
     make_mmu_pages_available(m, vm)
-    if mode & MODE_EPT:
-        # guest_mmu under nested EPT: mmu_alloc_shadow_roots for the EPTP's table (an indirect root), synced
+    if mode & (MODE_EPT | MODE_NPT):
+        # guest_mmu under nested EPT / NPT: mmu_alloc_shadow_roots for the EPTP's or nCR3's table, synced
         eptp = m.vr.rec[vg, VR_EPTP]
         row = get_shadow_page(m, vm, vg, (eptp & GFN_MASK_64) >> 12, np.int64(shadow_root_role(mode)), mode,
                               maxphyaddr)

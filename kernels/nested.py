@@ -1,11 +1,13 @@
-"""``vmx/nested.c``'s MMU side: an L2 guest under nested EPT.
+"""``vmx/nested.c`` and ``svm/nested.c``'s MMU side: an L2 guest under nested EPT or nested NPT.
 
-L0 shadows L1's EPT12 in ``guest_mmu``: indirect shadow pages keyed by the L1 gfn of each EPT12 table page, root
-role ``guest_mode``, ``ad_disabled`` from the EPTP (``paging_ept.ept_root_role``), built by the shadow MMU's fetch
-over a walk of EPT12 (``paging_ept.ept_walk``).  The processor runs L2 on those shadow tables (EPT02): a 2D walk
-of L2's own page tables, each table gpa and the data gpa translated through EPT02 (``access_l2``, the nested
-twin of ``tdp2d.access_2d``).  An EPT02 miss exits to L0 (``ept_page_fault``); what EPT12 refuses is reflected
-to L1 as an EPT violation (``OUT_L1_EXIT``, nested_ept_inject_page_fault) and the modelled L1 resumes L2.
+L0 shadows L1's EPT12 / NPT12 in ``guest_mmu``: indirect shadow pages keyed by the L1 gfn of each table page,
+roles with ``guest_mode``, built by the shadow MMU's fetch over a walk of L1's tables (``paging_ept.ept_walk``
+for EPT; for NPT the x86 walker in L1's paging mode, a user access).  The processor runs L2 on those shadow
+tables (EPT02 / NPT02): a 2D walk of L2's own page tables, each table gpa and the data gpa translated through
+them (``access_l2``, the nested twin of ``tdp2d.access_2d``).  A miss exits to L0 (``ept_page_fault`` /
+``npt_page_fault``); what L1's tables refuse is reflected to L1 (``OUT_L1_EXIT``: an EPT violation with its
+exit qualification, nested_ept_inject_page_fault, or a #NPF with exit_info_1, nested_svm_inject_npf_exit) and
+the modelled L1 resumes L2.
 
 While a vCPU is in guest mode its VcpuRegs row holds L2's registers and guest_mmu's roots (state.py VR_*).
 """
@@ -29,6 +31,7 @@ from .guest_walk import (
     WK_PTE_ACCESS,
     WK_PTE_ACCESS_CLEAN,
     WK_PTE_GPA,
+    X86_CR0_PG,
     cpu_mode,
     guest_set_ad,
     guest_walk,
@@ -36,7 +39,7 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import gfn_to_memslot, host_page_needs_budget, mark_page_dirty, slot_map, slot_readonly
-from .mmu import entry_work_needed, free_roots, kvm_mmu_new_pgd, vcpu_reenter
+from .mmu import entry_work_needed, free_roots, kvm_mmu_new_pgd, sync_roots, vcpu_reenter
 from .mmu_internal import (
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
@@ -55,11 +58,12 @@ from .paging_ept import (
     EPT_VIOLATION_GVA_IS_VALID,
     EPT_VIOLATION_GVA_TRANSLATED,
     MODE_EPT_AD,
+    MODE_NPT,
     ept_mode,
     ept_set_ad,
     ept_walk,
 )
-from .paging_tmpl import fetch, invalidate_addr, kvm_mmu_faultin_pfn
+from .paging_tmpl import fetch, invalidate_addr, kvm_mmu_faultin_pfn, set_ad_and_log
 from .shadow_mmu import gfn_write_tracked, make_mmu_pages_available
 from .spte import (
     FMT_EPT,
@@ -91,13 +95,19 @@ from .state import (
     ST_NESTED_RUN,
     ST_PF_RETRY,
     ST_PF_TAKEN,
+    ST_TLB_FLUSH,
     VM_AD_DISABLED,
+    VM_FMT,
+    VM_LEVELS,
+    VM_MAXPHYADDR,
     VR_ALT_ROOT,
     VR_CR0,
     VR_CR3,
     VR_CR4,
     VR_EFER,
     VR_EPTP,
+    VR_L1_CR0,
+    VR_L1_PDPTR,
     VR_PDPTR,
     VR_PKRU,
     VR_PREV_PGD,
@@ -111,14 +121,58 @@ from .tdp import account_pf_result, tdp_mmu_root_role
 
 MAX_RESTARTS = 32   # as tdp2d.access_2d
 EPTP_PA_MASK = np.int64(((1 << 52) - 1) & ~4095)
+PFERR_GUEST_FINAL = np.int64(1 << 32)   # PFERR_GUEST_FINAL_MASK: the #NPF was on the final translation
+PFERR_GUEST_PAGE = np.int64(1 << 33)    # PFERR_GUEST_PAGE_MASK: on a guest paging-structure access
 MAX_PL_PER_EVENT = 8
 MAX_RN_PER_EVENT = 16
 
 
 @njit(inline="always", _nrt=False)
-def nested_ept_mode(vr, vg):
-    """The mode word of guest_mmu for the vCPU's vmcs12 EPTP (execute-only translations are offered to L1)."""
-    return ept_mode(vr.rec[vg, VR_EPTP], True)
+def nested_mmu_mode(vt, vr, vm, vg):
+    """The mode word of guest_mmu: for VMX the vmcs12 EPTP's (execute-only translations are offered to L1); for
+    SVM L1's paging mode from vmcb01, CR0 = PG alone (kvm_init_shadow_npt_mmu), MODE_NPT set."""
+    if vt.rec[vm, VM_FMT] == FMT_EPT:
+        return ept_mode(vr.rec[vg, VR_EPTP], True)
+    return cpu_mode(X86_CR0_PG, vr.rec[vg, VR_L1_CR0 + 2], vr.rec[vg, VR_L1_CR0 + 3], np.int64(0)) | MODE_NPT
+
+
+@helper
+def npt_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
+    """FNAME(page_fault) for guest_mmu under nested NPT: walk L1's NPT12 at nCR3 as a user access (NPT walks are
+    user walks, translate_nested_gpa); a refusal goes to L1 as a #NPF (RET_PF_GUEST with the walker's error
+    code), else FNAME(fetch) builds the shadow NPT.  Returns (RET_PF_*, error code or 0)."""
+    wk = scratch(m.sh)
+    pfec = (err & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
+    write = (err & PFERR_WRITE_MASK) != 0
+    present = (err & PFERR_PRESENT_MASK) != 0
+    gerr = guest_walk(m.gm, slot_map(m.vt, m.st), vm, mode, m.vr.rec[vg, VR_EPTP],
+                      m.vr.rec[vg, VR_L1_PDPTR:VR_L1_PDPTR + 4], np.int64(0), maxphyaddr, gpa, pfec, wk)
+    if gerr != 0:
+        code = gerr & PFERR_MASK
+        if (code & PFERR_PRESENT_MASK) != 0 and (code & PFERR_RSVD_MASK) == 0:
+            invalidate_addr(m, vm, vg, gpa, mode, maxphyaddr, False)
+        return RET_PF_GUEST, code
+    gfn = wk[WK_GFN]
+    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
+    if host_page_needs_budget(m.st, m.host, rec, gfn, write):
+        scratch(m.sh)[SC_OOM_GPA] = gfn << 12
+        return RET_PF_OOM, np.int64(0)
+    set_ad_and_log(m, vm, wk, pfec)
+    if present and write and gfn_write_tracked(m, rec, gfn):
+        clear_flood_on_walk(m, vm, vg, gpa)
+        return RET_PF_EMULATE, np.int64(0)
+    pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
+    if wk[WK_LEAF_LEVEL] == 1:
+        base = wk[WK_PTE_GPA + 1] & ~np.int64(8 * PTE_PREFETCH_NUM - 1)
+        gm_read_group(m.gm, slot_map(m.vt, m.st), vm, base, 8, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
+    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
+    if r != RET_PF_CONTINUE:
+        return r, np.int64(0)
+    if not make_mmu_pages_available(m, vm):
+        return RET_PF_RETRY, np.int64(0)
+    r = fetch(m, vm, vg, gpa, wk, gfn, rec, pfn, pte_access, write, (err & PFERR_FETCH_MASK) != 0, host_writable,
+              mode, maxphyaddr)
+    return r, np.int64(0)
 
 
 @helper
@@ -190,9 +244,12 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     page; -2: the arenas need a top-up first (both restart the access later).
     """
     pa, vt, st, ct, gm, vr = m.pa, m.vt, m.st, m.ct, m.gm, m.vr
-    emode = nested_ept_mode(vr, vg)
-    tdp_levels = mode_levels(emode)
-    ad_hw = (emode & MODE_EPT_AD) != 0 and vt.rec[vm, VM_AD_DISABLED] == 0
+    emode = nested_mmu_mode(vt, vr, vm, vg)
+    fmt = vt.rec[vm, VM_FMT]
+    svm = fmt != FMT_EPT
+    # the shadow root's level: the EPTP's walk length, or the host's TDP level (nested NPT)
+    tdp_levels = vt.rec[vm, VM_LEVELS] if svm else mode_levels(emode)
+    ad_hw = svm or ((emode & MODE_EPT_AD) != 0 and vt.rec[vm, VM_AD_DISABLED] == 0)
     write = (kind & PFERR_WRITE_MASK) != 0
     fetch_ = (kind & PFERR_FETCH_MASK) != 0
     mode = cpu_mode(vr.rec[vg, VR_CR0], vr.rec[vg, VR_CR4], vr.rec[vg, VR_EFER], vr.rec[vg, VR_RFLAGS])
@@ -238,7 +295,7 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
                 w = write
                 f = fetch_
             gfn = l2gpa >> 12
-            res, r, row, idx, lvl, spte = tdp_hw_walk(pa.spt, FMT_EPT, root, tdp_levels, gfn, w, f, ad_hw)
+            res, r, row, idx, lvl, spte = tdp_hw_walk(pa.spt, fmt, root, tdp_levels, gfn, w, f, ad_hw)
             refs += r
             if res == WALK_OK:
                 if table:
@@ -251,22 +308,33 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
                 if nbytes > 0:
                     gm_write_bytes(gm, sm, vm, l2gpa, value, nbytes)
                 return outcome, err, refs, np.int64(-1)
-            # EPT violation: handle_ept_violation's error code (a paging-structure access that writes is a
-            # read and a write), then kvm_mmu_page_fault on guest_mmu
-            e = exit_error_code(FMT_EPT, res, spte, w, f)
+            # EPT violation / #NPF: handle_ept_violation's error code (a paging-structure access that writes is a
+            # read and a write; #NPF: always a user access), then kvm_mmu_page_fault on guest_mmu
+            e = exit_error_code(fmt, res, spte, w, f)
             if table and w:
                 e |= PFERR_USER_MASK
-            hw_qual = EPT_VIOLATION_GVA_IS_VALID | (0 if table else EPT_VIOLATION_GVA_TRANSLATED)
             vt.stats[vm, ST_PF_TAKEN] += 1
-            rpf, qual = ept_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
+            if svm:
+                hw_qual = PFERR_GUEST_PAGE if table else PFERR_GUEST_FINAL
+                rpf, qual = npt_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
+            else:
+                hw_qual = EPT_VIOLATION_GVA_IS_VALID | (0 if table else EPT_VIOLATION_GVA_TRANSLATED)
+                rpf, qual = ept_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
             if rpf == RET_PF_OOM:
                 vt.stats[vm, ST_PF_TAKEN] -= 1
                 return -1, err, refs, np.int64(-1)
             err = e
             if rpf == RET_PF_GUEST:
-                # nested_ept_inject_page_fault: an EPT violation (or misconfiguration: qualification 0) for L1,
-                # which resumes L2 at once (VMRESUME: nested_run)
+                # nested_ept_inject_page_fault: an EPT violation (or misconfiguration: qualification 0) for L1;
+                # nested_svm_inject_npf_exit: a #NPF, exit_info_1 = the walker's error code | hardware's
+                # GUEST_FINAL / GUEST_PAGE bit.  L1 resumes L2 at once (VMRESUME / VMRUN: nested_run)
                 vt.stats[vm, ST_NESTED_RUN] += 1
+                if svm:
+                    # nested_svm_transition_tlb_flush at the #VMEXIT and at the VMRUN: a flush of the current
+                    # context and KVM_REQ_MMU_SYNC each (guest_mmu is synced when L2 runs again)
+                    vt.stats[vm, ST_TLB_FLUSH] += 2
+                    sync_roots(m, vm, vg, emode, maxphy)
+                    return OUT_L1_EXIT, qual | hw_qual, refs, l2gpa
                 q = np.int64(0) if qual & EPT_MISCONFIG else qual | hw_qual
                 return OUT_L1_EXIT, q, refs, l2gpa
             if rpf == RET_PF_RETRY:
@@ -337,7 +405,10 @@ def nested_enter_mmu(m, vm, vg):
     a direct root of role guest_mode, and roots of another role in the set are put.  The first access loads
     what is missing (kvm_mmu_reload)."""
     if m.vr.rec[vg, VR_EPTP] >= 0:
-        kvm_mmu_new_pgd(m, vm, vg, m.vr.rec[vg, VR_EPTP], nested_ept_mode(m.vr, vg))
+        mode = nested_mmu_mode(m.vt, m.vr, vm, vg)
+        kvm_mmu_new_pgd(m, vm, vg, m.vr.rec[vg, VR_EPTP], mode)
+        if mode & MODE_NPT and m.vr.rec[vg, VR_ROOT] >= 0:
+            sync_roots(m, vm, vg, mode, m.vt.rec[vm, VM_MAXPHYADDR])   # SVM's VMRUN: KVM_REQ_MMU_SYNC
         return
     mask = _roots_mask(m, vg, np.int64(tdp_mmu_root_role(m.vt, vm) | ROLE_GUEST_MODE), np.int64(0), False)
     if mask:

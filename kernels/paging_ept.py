@@ -53,6 +53,9 @@ from .spte import (
 MODE_EPT = np.int64(1 << 16)
 MODE_EPT_AD = np.int64(1 << 17)      # EPTP bit 6: the processor (and KVM's walker) sets EPT A/D bits
 MODE_EPT_XO = np.int64(1 << 18)      # execute-only translations allowed (VMX capability)
+# nested NPT (SVM): the walk of NPT12 is an x86 walk in L1's paging mode (kvm_init_shadow_npt_mmu); this bit
+# on that mode word makes its pages guest_mode ones
+MODE_NPT = np.int64(1 << 19)
 
 # --- EPT entries (vmx.h) ----------------------------------------------------------------------
 VMX_EPT_READABLE_MASK = np.int64(1)

@@ -398,12 +398,13 @@ def tdp2d_batch(m, ev, start, res):
                 res[i, RES_OUTCOME] = OUT_RING_FULL
                 res[i, RES_ERROR] = 0
                 continue
-        nested_ept = m.vr.rec[vcpu_g, VR_GUEST_MODE] != 0 and m.vr.rec[vcpu_g, VR_EPTP] >= 0
+        # an L2 guest on nested paging (vmcs12 EPTP / vmcb12 nCR3): guest_mmu's shadow tables
+        nested_tdp = m.vr.rec[vcpu_g, VR_GUEST_MODE] != 0 and m.vr.rec[vcpu_g, VR_EPTP] >= 0
         if legacy:
             wk[SC_RUNNING_VCPU] = vcpu_g   # the vCPU whose faults mark pages dirty (its dirty ring)
-            if not nested_ept and entry_work_needed(m, vm, vcpu_g):
+            if not nested_tdp and entry_work_needed(m, vm, vcpu_g):
                 vcpu_reenter(m, vm, vcpu_g, np.int64(0), np.int64(0))  # kvm_mmu_reload: the direct root
-        if nested_ept:
+        if nested_tdp:
             o, e, refs, fgpa = access_l2(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE],
                                          ev[i, EV_SIZE], vt.rec[vm, VM_MAXPHYADDR], wk)
             if o == OUT_L1_EXIT:

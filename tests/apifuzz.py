@@ -245,6 +245,8 @@ class Kinds:
             return self.npify(pick([0x10000, 0x11000]))
         if kind == "eptp_opt":
             return pick([None, self.npify(EPTP), self.npify(EPTP & ~0x40)])
+        if kind == "ncr3_opt":
+            return pick([None, None, None, self.npify(0x100000)])
         if kind == "count":
             return self.npify(1)
         if kind == "vmem":
@@ -286,6 +288,7 @@ class Kinds:
             "backing_opt": ["x", 1, "THP"], "bool": ["no", "yes", 2, -1, 0.0, "True"], "as_id": [2, -1, *HUGE],
             "reg": [2 ** 64, -1, 10 ** 30],
             "eptp_opt": [2 ** 64, -1, EPTP | 0x80, EPTP & ~7 | 1, 1 << 50, 0x40000000 | 0x5E, EPTP & ~0x38],
+            "ncr3_opt": [2 ** 64, -1, 1 << 50, 0x40000000],
             "gpa8": [-8, 4, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
             "gpa_any": [-8, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
             "words": [[2 ** 64], np.zeros((2, 2), np.int64), [[1], [2, 3]]],
@@ -300,7 +303,7 @@ class Kinds:
             "nvcpus": [0, 4097, -1, *HUGE], "mmu": ["x", 1, None, "TDP"], "fmt": ["x", None, 1],
             "levels": [3, 6, *HUGE], "maxphy": [35, 53, -1, *HUGE], "threshold": [-1, *HUGE[:-1]],
         }[kind]
-        if kind in ("reg", "hva_opt", "backing_opt", "vm_opt", "eptp_opt"):
+        if kind in ("reg", "hva_opt", "backing_opt", "vm_opt", "eptp_opt", "ncr3_opt"):
             pool = [v for v in pool if v is not None]
         if kind == "bool":
             pool = [v for v in pool if not isinstance(v, (bool, np.bool_))]
@@ -356,8 +359,8 @@ METHODS = [
     ("emulated_access", [("vm", "vm"), ("vcpu", "vcpu"), ("addr", "addr"), ("kind", "ekind"), ("value", "u64"),
                          ("size", "esize")]),
     ("mov_cr3", [("vm", "vm"), ("vcpu", "vcpu"), ("cr3", "cr3")]),
-    ("nested_enter", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "eptp_opt"), ("cr0", "reg"), ("cr3", "reg"),
-                      ("cr4", "reg"), ("efer", "reg"), ("flush", "bool")]),
+    ("nested_enter", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "eptp_opt"), ("ncr3", "ncr3_opt"), ("cr0", "reg"),
+                      ("cr3", "reg"), ("cr4", "reg"), ("efer", "reg"), ("flush", "bool")]),
     ("nested_exit", [("vm", "vm"), ("vcpu", "vcpu")]),
     ("invept", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "eptp_opt")]),
 ]

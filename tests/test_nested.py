@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 from batchmmu.kernels import state as S
-from reference.nested_ept import MISCONFIG, ref_ept_walk, ref_l2_access
+from reference.nested_ept import MISCONFIG, ref_ept_walk, ref_l2_access, ref_npt_walk
 
 import batchmmu as bm
 
@@ -31,9 +31,17 @@ class Nest:
 
     ``mem`` mirrors what the test wrote (L1 gpa -> word); ``flush`` copies it into the VM."""
 
-    def __init__(self, ept_ad=True, memory="64MiB", host_ad=True, **host):
+    def __init__(self, ept_ad=True, memory="64MiB", host_ad=True, svm=False, **host):
         self.h = bm.Host(memory="4GiB", tdp_mmu=False, **host)
-        self.vm = int(self.h.create_vms(1, memory=memory, nested=True, ept_ad=host_ad)[0])
+        self.svm = svm
+        if svm:   # SVM: an NPT VM whose L1 runs in long mode with EFER.NX (its NPT12 is 4-level x86 paging)
+            self.vm = int(self.h.create_vms(1, memory=memory, nested=True, tdp_format="npt")[0])
+            self.h.set_vcpu_regs(self.vm, 0, cr0=CR0_PG_PE, cr3=0x80000, cr4=CR4_PAE, efer=EFER_LME_LMA | 0x800)
+            # L1's own tables: the first 4 GiB 1:1 with 1G pages (its stores into NPT12 use gvas = gpas)
+            self.h.write_guest_memory(self.vm, 0x80000, [0x81000 | 7])
+            self.h.write_guest_memory(self.vm, 0x81000, [(k << 30) | 0x87 for k in range(4)])
+        else:
+            self.vm = int(self.h.create_vms(1, memory=memory, nested=True, ept_ad=host_ad)[0])
         self.ad = ept_ad
         self.mem = {}
         self.dirty_pages = set()
@@ -53,7 +61,8 @@ class Nest:
 
     @property
     def eptp(self):
-        return self.root | 6 | (3 << 3) | (0x40 if self.ad else 0)
+        """vmcs12's EPTP (WB, 4-level, A/D as asked) or, for SVM, vmcb12's nCR3."""
+        return self.root if self.svm else self.root | 6 | (3 << 3) | (0x40 if self.ad else 0)
 
     def ept_entry_gpa(self, l2gpa, level=1, table_perms=R | W | X):
         """The L1 gpa of the EPT12 entry for ``l2gpa`` at ``level`` (tables made on the way)."""
@@ -65,7 +74,9 @@ class Nest:
             table = self.mem[e] & ~0xFFF & ((1 << 52) - 1)
         return table + 8 * ((l2gpa >> (12 + 9 * (level - 1))) & 511)
 
-    def ept_map(self, l2gpa, l1gpa, perms=R | W | X, level=1, extra=WB):
+    def ept_map(self, l2gpa, l1gpa, perms=R | W | X, level=1, extra=None):
+        """The EPT12 leaf (``perms``: R/W/X, memory type WB) or for SVM the NPT12 leaf (``perms``: P/RW/US)."""
+        extra = (0 if self.svm else WB) if extra is None else extra
         self.put(self.ept_entry_gpa(l2gpa, level), l1gpa | perms | extra | (LARGE if level > 1 else 0))
 
     def l2_table(self, perms=R | W | X):
@@ -76,8 +87,22 @@ class Nest:
         return l2
 
     def l1_of(self, l2gpa):
+        if self.svm:
+            out, _ = ref_npt_walk(dict(self.mem), self.eptp, l2gpa, False, False, CR4_PAE, EFER_LME_LMA | 0x800)
+            return out
         out, _ = ref_ept_walk(self.mem, self.eptp, l2gpa, False, False, False)
         return out
+
+    @property
+    def npt(self):
+        """The reference's NPT12 walk mode: L1's CR4 and EFER, or None for VMX."""
+        return (CR4_PAE, EFER_LME_LMA | 0x800) if self.svm else None
+
+    def reenter(self):
+        """VM-entry again with the registers of the last ``enter``."""
+        kw = {"ncr3" if self.svm else "eptp": self.eptp}
+        self.h.nested_enter(self.vm, 0, cr0=self.regs[0], cr3=self.regs[1], cr4=self.regs[2], efer=self.regs[3],
+                            **kw)
 
     def l2_map(self, gva, l2gpa, flags=P | RW | US):
         """L2's 4-level tables: ``gva`` -> ``l2gpa`` (tables get P|RW|US)."""
@@ -101,7 +126,7 @@ class Nest:
         regs = dict(cr0=CR0_PG_PE, cr3=self.cr3, cr4=CR4_PAE, efer=EFER_LME_LMA) if paging else \
             dict(cr0=0x11, cr3=0, cr4=0, efer=0)
         self.regs = (regs["cr0"], regs["cr3"], regs["cr4"], regs["efer"])
-        self.h.nested_enter(self.vm, 0, eptp=self.eptp, **regs, **kw)
+        self.h.nested_enter(self.vm, 0, **{"ncr3" if self.svm else "eptp": self.eptp}, **regs, **kw)
 
     def read(self, gpa):
         return int(self.h.read_guest_memory(self.vm, gpa, 1)[0])
@@ -112,13 +137,15 @@ def _outcome(o):
 
 
 # ------------------------------------------------------------------ L2 cannot tell (reference differential)
-@pytest.mark.parametrize("seed,ad", [pytest.param(1, True, marks=pytest.mark.nojit), (2, False), (3, True),
-                                     (4, False)])
-def test_l2_accesses_match_the_reference(seed, ad):
+@pytest.mark.parametrize("seed,ad,svm", [pytest.param(1, True, False, marks=pytest.mark.nojit), (2, False, False),
+                                         (3, True, False), (4, False, False), (5, True, True), (6, True, True)])
+def test_l2_accesses_match_the_reference(seed, ad, svm):
     rng = random.Random(seed)
-    n = Nest(ept_ad=ad)
+    n = Nest(ept_ad=ad, svm=svm)
     data = 0x200000                                  # L2 gpas of data pages
     perms = [R | W | X] * 6 + [R | W, R, R | X, X, 0, W]   # W alone: an EPT misconfiguration
+    if svm:   # NPT12 leaves: P/RW/US, NX
+        perms = [P | RW | US] * 6 + [P | US, P | RW, P, 0, P | RW | US | (1 << 63), P | US | (1 << 63)]
     gvas = []
     for k in range(48):
         gva = 0x7f0000000000 + k * 4096 + rng.choice([0, 1 << 21, 1 << 30]) * (k % 3)
@@ -138,10 +165,10 @@ def test_l2_accesses_match_the_reference(seed, ad):
         if kind & 2 and rng.random() < 0.5:
             val = rng.getrandbits(64)
             got = n.h.store(n.vm, 0, gva, val, kind=kind)
-            want = ref_l2_access(ref, n.eptp, n.regs, gva, kind, value=val, nbytes=8)
+            want = ref_l2_access(ref, n.eptp, n.regs, gva, kind, value=val, nbytes=8, npt=n.npt)
         else:
             got = n.h.access(n.vm, 0, gva, kind)
-            want = ref_l2_access(ref, n.eptp, n.regs, gva, kind)
+            want = ref_l2_access(ref, n.eptp, n.regs, gva, kind, npt=n.npt)
         o = _outcome(int(got.outcome[0]))
         assert (o, int(got.error_code[0]) if o != "ok" else 0, int(got.fault_gpa[0])) == want, (i, hex(gva), kind)
     # guest memory as L2 left it: every page either side wrote (EPT12's A/D bits are KVM's business: masked)
@@ -149,9 +176,10 @@ def test_l2_accesses_match_the_reference(seed, ad):
     for pg in sorted({a & ~4095 for a in ref}):
         got = n.h.read_guest_memory(n.vm, pg, 512).view(np.int64).astype(object) & ((1 << 64) - 1)
         want = [ref.get(pg + 8 * i, 0) for i in range(512)]
-        if pg in ept_pages:
-            got = [g & ~(EPT_A | EPT_D) for g in got]
-            want = [w & ~(EPT_A | EPT_D) for w in want]
+        if pg in ept_pages:   # L0 sets EPT12's / NPT12's A/D bits only when its shadow tables miss
+            ad_bits = (A_ | D_) if svm else (EPT_A | EPT_D)
+            got = [g & ~ad_bits for g in got]
+            want = [w & ~ad_bits for w in want]
         assert list(got) == want, hex(pg)
     st = n.h.stats(n.vm)
     assert st["guest_mode"] == 1 and st["nested_run"] >= 1 and st["pf_taken"] > 0
@@ -209,7 +237,7 @@ def test_ept_access_reserved_and_ignored_bits():
         n.h.nested_exit(n.vm, 0)
         n.h.store(n.vm, 0, n.ept_entry_gpa(gpa), (base & ~(7 << 3)) | bit if bit in (2 << 3, 7 << 3) else base | bit)
         n.h.invept(n.vm, 0, eptp=n.eptp)        # L1 invalidates what it changed, as KUT's twiddles do
-        n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
+        n.reenter()
         r = n.h.access(n.vm, 0, 0x7f0000000000, 0)
         if want is None:
             assert r.outcome[0] in OK, hex(bit)
@@ -219,7 +247,7 @@ def test_ept_access_reserved_and_ignored_bits():
     n.h.nested_exit(n.vm, 0)
     n.h.store(n.vm, 0, n.ept_entry_gpa(gpa), (base & ~7) | (1 << 46))
     n.h.invept(n.vm, 0, eptp=n.eptp)
-    n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
+    n.reenter()
     r = n.h.access(n.vm, 0, 0x7f0000000000, 0)
     assert (r.outcome[0], r.error_code[0]) == (bm.L1_EXIT, 0x1 | QV | QT)
 
@@ -233,7 +261,7 @@ def test_ept_access_force_2m_page():
     assert n.h.access(n.vm, 0, 0x7f0000000000, 0).outcome[0] in OK
     n.h.nested_exit(n.vm, 0)
     n.h.store(n.vm, 0, n.ept_entry_gpa(gpa, 2), 0x2000000 | R | WB | LARGE)   # L1 edits EPT12: emulated
-    n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
+    n.reenter()
     r = n.h.access(n.vm, 0, 0x7f0000000000, bm.ACC_WRITE)
     assert (r.outcome[0], r.error_code[0], r.fault_gpa[0]) == (bm.L1_EXIT, 0x2 | 0x8 | QV | QT, gpa)
     assert n.h.stats(n.vm)["mmu_pte_write"] >= 1
@@ -451,8 +479,14 @@ def test_nested_api_refusals():
         h.invept(vm, 0)
     with pytest.raises(bm.BatchMMUError, match="legacy TDP MMU"):
         bm.Host(memory="1GiB").create_vms(1, memory="16MiB", nested=True)
-    with pytest.raises(bm.BatchMMUError, match="NPT"):
-        h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt")
+    with pytest.raises(bm.BatchMMUError, match="passthrough"):
+        h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt", tdp_levels=5)
+    svm = int(h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt")[0])
+    with pytest.raises(bm.BatchMMUError, match="outside long mode"):
+        h.nested_enter(svm, 0, ncr3=0x1000)
+    for ncr3, what in ((1 << 47, "MAXPHYADDR"), (0x40000000, "no memslot"), (-1, "64-bit")):
+        with pytest.raises(bm.BatchMMUError, match=what):
+            h.nested_enter(svm, 0, ncr3=ncr3)
     with pytest.raises(bm.BatchMMUError, match="TDP host"):
         h.create_vms(1, memory="16MiB", nested=True, mmu="shadow")
     no_ad = int(h.create_vms(1, memory="16MiB", nested=True, ept_ad=False)[0])
@@ -478,3 +512,169 @@ def test_dirty_log_perf_nested(manual):
         assert d.get("pf_fixed", 0) > 0 and d.get("pf_fast", 0) == 0
     with pytest.raises(bm.BatchMMUError, match="vm_group.nested"):
         bm.run_scenario("dirty_log_perf", sets=["nested=true"])
+
+
+# ------------------------------------------------------------------ SVM: nested NPT
+NPF_FINAL, NPF_PAGE = 1 << 32, 1 << 33
+NX = 1 << 63
+
+NPT_CASES = [   # kvm-unit-tests x86/svm_npt.c: (name, NPT12 leaf flags of the data page, access, exit_info_1)
+    ("npt_np", 0, 0, NPF_FINAL | 0x4),
+    ("npt_us", P | RW, 0, NPF_FINAL | 0x5),
+    ("npt_rw", P | US, bm.ACC_WRITE, NPF_FINAL | 0x7),
+    ("npt_nx", P | RW | US | NX, bm.ACC_FETCH, NPF_FINAL | 0x15),
+    ("npt_rsvd_pte", P | RW | US | (1 << 50), 0, NPF_FINAL | 0xD),
+]
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("name,flags,kind,want", NPT_CASES, ids=[c[0] for c in NPT_CASES])
+def test_svm_npt(name, flags, kind, want):
+    """The NPF exit_info_1 L1 receives (nested_svm_inject_npf_exit: the NPT12 walker's error code, a user access,
+    FETCH with L1's EFER.NX, and the hardware's GUEST_FINAL bit) and exit_info_2 (the L2 gpa)."""
+    n = Nest(svm=True)
+    gpa = 1 << 39
+    n.ept_map(gpa, 0x2000000, flags)
+    n.l2_map(0x7f0000000000, gpa)
+    n.enter()
+    r = n.h.access(n.vm, 0, 0x7f0000000000 + 8, kind)
+    assert (r.outcome[0], int(r.error_code[0]), r.fault_gpa[0]) == (bm.L1_EXIT, want, gpa + 8)
+
+
+def test_svm_npt_rw_pfwalk_and_rsvd_upper_levels():
+    """npt_rw_pfwalk: the NPT12 leaf of L2's top page table read-only: the walk's access to it (a write for NPT)
+    exits with GUEST_PAGE|P|W|U, exit_info_2 = the entry in CR3's page; svm_npt_rsvd_bits_test: a reserved bit
+    in an NPT12 PML4E shared by L2's tables: the table access meets it first (GUEST_PAGE|RSVD|W|U|P)."""
+    n = Nest(svm=True)
+    gpa = 1 << 39
+    n.ept_map(gpa, 0x2000000)
+    n.l2_map(0x7f0000000000, gpa)
+    n.ept_map(n.cr3, n.l1_of(n.cr3), P | US)
+    n.enter()
+    r = n.h.access(n.vm, 0, 0x7f0000000000, 0)
+    assert (r.outcome[0], int(r.error_code[0]), r.fault_gpa[0]) == (bm.L1_EXIT, NPF_PAGE | 0x7,
+                                                                    n.cr3 + 8 * ((0x7f0000000000 >> 39) & 511))
+    n = Nest(svm=True)
+    n.ept_map(0x200000, 0x2000000)
+    n.l2_map(0x7f0000000000, 0x200000)
+    n.put(n.root, n.mem[n.root] | (1 << 7))          # PML4E bit 7 (PS): reserved
+    n.enter()
+    r = n.h.access(n.vm, 0, 0x7f0000000000, 0)
+    assert (r.outcome[0], int(r.error_code[0])) == (bm.L1_EXIT, NPF_PAGE | 0xF)
+
+
+@pytest.mark.parametrize("case,write,want", [("final_unmapped", False, NPF_FINAL | 0x4),
+                                             ("pt_unmapped", False, NPF_PAGE | 0x6),
+                                             ("final_wrprot", True, NPF_FINAL | 0x7),
+                                             ("pt_wrprot", False, NPF_PAGE | 0x7)])
+def test_nested_tdp_fault_svm(case, write, want):
+    """nested_tdp_fault_test's SVM column: exit_info_1 and exit_info_2."""
+    n = Nest(svm=True)
+    gpa = 0x40000000
+    n.ept_map(gpa, 0x2000000)
+    n.l2_map(0x7f0000000000, gpa)
+    pt = list(range(0x10000, n.l2_next, 4096))[-1]
+    if case == "final_unmapped":
+        n.ept_map(gpa, 0x2000000, 0)
+    elif case == "final_wrprot":
+        n.ept_map(gpa, 0x2000000, P | US)
+    elif case == "pt_unmapped":
+        n.ept_map(pt, n.l1_of(pt), 0)
+    else:
+        n.ept_map(pt, n.l1_of(pt), P | US)
+    n.enter()
+    r = n.h.access(n.vm, 0, 0x7f0000000000, bm.ACC_WRITE if write else 0)
+    assert (r.outcome[0], int(r.error_code[0])) == (bm.L1_EXIT, want)
+    assert r.fault_gpa[0] == (gpa if case.startswith("final") else pt)
+
+
+def test_svm_vmrun_flushes_and_syncs():
+    """nested_svm_transition_tlb_flush: every VMRUN and #VMEXIT flushes the current context (tlb_flush) and an
+    L1 exit is a #VMEXIT + VMRUN; an NPT12 leaf L1 rewrote (its shadow page unsync) is resynced at the VMRUN
+    without any INVLPGA (VMX would need INVEPT)."""
+    n = Nest(svm=True)
+    n.ept_map(0x200000, 0x2000000)
+    n.enter(paging=False)
+    assert n.h.stats(n.vm)["tlb_flush"] == 1
+    assert n.h.access(n.vm, 0, 0x200000, 0).outcome[0] == bm.FIXED
+    n.h.nested_exit(n.vm, 0)
+    assert n.h.stats(n.vm)["tlb_flush"] == 2
+    n.h.store(n.vm, 0, n.ept_entry_gpa(0x200000), 0)   # L1 unmaps it: the leaf table's shadow page goes unsync
+    n.reenter()
+    r = n.h.access(n.vm, 0, 0x200000, 0)
+    assert (r.outcome[0], int(r.error_code[0])) == (bm.L1_EXIT, NPF_FINAL | 0x4)
+    assert n.h.stats(n.vm)["tlb_flush"] == 5 and n.h.stats(n.vm)["nested_run"] == 3
+    with pytest.raises(bm.BatchMMUError, match="eptp is VMX"):
+        n.h.nested_exit(n.vm, 0) or n.h.nested_enter(n.vm, 0, eptp=0x1E | n.root)
+    with pytest.raises(bm.BatchMMUError, match="INVEPT is VMX"):
+        n.h.invept(n.vm, 0)
+
+
+# ------------------------------------------------------------------ L2 cannot tell; host events reach EPT02
+@pytest.mark.parametrize("svm", [False, True])
+def test_l2_cannot_tell_it_is_nested(svm):
+    """An L2 guest on an identity EPT12/NPT12 and the same guest run as L1 of a plain VM with the same memory:
+    every access completes or faults alike (outcome class, #PF error code) and leaves the same guest memory."""
+    rng = random.Random(11)
+    n = Nest(svm=svm)
+    for k in range(64):                                   # L1's nested paging maps L2's first 64 MiB 1:1
+        n.ept_map(k << 21, k << 21, (P | RW | US) if svm else (R | W | X), level=2)
+    n.l2_next = 0x10000                                   # L2's tables at L2 = L1 gpas 0x10000..
+    gvas = []
+    for k in range(32):
+        gva = 0x7f0000000000 + k * 4096
+        n.l2_map(gva, 0x1000000 + 4096 * k, rng.choice([P | RW | US, P | US, P | RW, 0]))
+        gvas.append(gva)
+    n.enter()
+    plain = bm.Host(memory="4GiB", tdp_mmu=False)
+    vm = int(plain.create_vms(1, memory="64MiB", tdp_format="npt" if svm else "ept")[0])
+    for pg in sorted({a & ~4095 for a in n.mem}):
+        plain.write_guest_memory(vm, pg, [n.mem.get(pg + 8 * i, 0) for i in range(512)])
+    plain.set_vcpu_regs(vm, 0, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
+    for _ in range(300):
+        gva = rng.choice(gvas) + 8 * rng.randrange(512)
+        kind = rng.choice([0, 2, 4, 6, 0x10, 0x14])
+        val = rng.getrandbits(64)
+        if kind & 2:
+            a, b = n.h.store(n.vm, 0, gva, val, kind=kind), plain.store(vm, 0, gva, val, kind=kind)
+        else:
+            a, b = n.h.access(n.vm, 0, gva, kind), plain.access(vm, 0, gva, kind)
+        assert (_outcome(int(a.outcome[0])), int(a.error_code[0]) if a.outcome[0] == bm.GUEST_FAULT else 0) == \
+            (_outcome(int(b.outcome[0])), int(b.error_code[0]) if b.outcome[0] == bm.GUEST_FAULT else 0)
+    tables = {n.l1_of(t) for t in range(0x10000, n.l2_next, 4096)}
+    for pg in sorted(tables | {0x1000000 + 4096 * k for k in range(32)}):
+        assert (n.h.read_guest_memory(n.vm, pg, 512) == plain.read_guest_memory(vm, pg, 512)).all(), hex(pg)
+
+
+def test_host_events_zap_the_shadow_ept():
+    """EPT02 SPTEs sit in the rmaps of L1 gfns: an MMU-notifier invalidation of L1's memory and a memslot
+    deletion zap them (the next L2 access exits again), and dirty logging write-protects them."""
+    n = Nest(ept_ad=True)
+    base = 0x200000
+    for k in range(8):
+        n.ept_map(base + 4096 * k, 0x2000000 + 4096 * k)
+    n.enter(paging=False)
+    assert (n.h.access(n.vm, 0, base + 4096 * np.arange(8), bm.ACC_WRITE).outcome == bm.FIXED).all()
+    assert (n.h.access(n.vm, 0, base + 4096 * np.arange(8), 0).outcome == bm.HIT).all()
+    hva = int(n.h.memslots(n.vm)[0]["hva"])
+    taken = n.h.stats(n.vm)["pf_taken"]
+    n.h.invalidate_hva_range(n.vm, hva + 0x2000000, hva + 0x2000000 + 4 * 4096)
+    assert n.h.stats(n.vm)["mmu_notifier_zapped"] == 4
+    r = n.h.access(n.vm, 0, base + 4096 * np.arange(8), 0).outcome
+    # the first exits again; its fault prefetches the three zapped neighbours (their host pages are resident)
+    assert r[0] == bm.FIXED and (r[1:] == bm.HIT).all() and n.h.stats(n.vm)["pf_taken"] == taken + 1
+    # a memslot deletion zaps everything (kvm_mmu_zap_all_fast: guest_mmu's roots go obsolete)
+    n.h.set_memslot(n.vm, 1, 1 << 30, 4096)
+    n.h.set_memslot(n.vm, 1, 1 << 30, 0)
+    assert (n.h.access(n.vm, 0, base + 4096 * np.arange(8), 0).outcome[:1] == bm.FIXED).all()
+    # dirty logging by L1 gpa write-protects EPT02's writable SPTEs: the next L2 write faults and is logged
+    n.h.nested_exit(n.vm, 0)
+    n.h.set_memslot(n.vm, 2, 0x4000000, 1 << 21, flags=bm.MEM_LOG_DIRTY_PAGES)
+    n.ept_map(base + 0x100000, 0x4000000)
+    n.flush()
+    n.reenter()
+    assert n.h.store(n.vm, 0, base + 0x100000, 5).outcome[0] == bm.FIXED
+    assert np.unpackbits(n.h.get_dirty_log(n.vm, 2).view(np.uint8), bitorder="little")[0] == 1
+    assert n.h.store(n.vm, 0, base + 0x100000, 6).outcome[0] == bm.FIXED     # re-protected by the GET
+    assert np.unpackbits(n.h.get_dirty_log(n.vm, 2).view(np.uint8), bitorder="little")[0] == 1
+    assert n.read(0x4000000) == 6

@@ -67,14 +67,28 @@ def ref_ept_walk(mem, eptp, gpa, read, write, fetch, maxphyaddr=46, execonly=Tru
     return None, qual
 
 
+def ref_npt_walk(mem, ncr3, gpa, write, fetch, l1_cr4, l1_efer, maxphyaddr=46):
+    """Translate L2 gpa ``gpa`` through L1's NPT12 at ``ncr3``: an x86 walk in L1's paging mode (CR0 = PG alone),
+    always a user access.  Returns ``(l1_gpa, None)`` or ``(None, error code)`` (the #NPF's low bits)."""
+    err, out, _, new = ref_walk(mem, 1 << 31, l1_cr4, l1_efer, 0, ncr3, [0] * 4, 0, maxphyaddr, gpa,
+                                4 | (2 if write else 0) | (0x10 if fetch else 0))
+    if out is None:
+        return None, err
+    mem.update(new)   # NPT has A/D bits: a translation L0 makes sets them
+    return out, None
+
+
 class L2Memory(dict):
     """L2's view of memory: reads of L2 gpas through EPT12 (unmapped: 0); writes go to L1's page."""
 
-    def __init__(self, l1mem, eptp, maxphyaddr):
+    def __init__(self, l1mem, eptp, maxphyaddr, npt=None):
         super().__init__()
-        self.l1mem, self.eptp, self.maxphyaddr = l1mem, eptp, maxphyaddr
+        self.l1mem, self.eptp, self.maxphyaddr, self.npt = l1mem, eptp, maxphyaddr, npt
 
     def l1(self, gpa):
+        if self.npt:
+            out, _ = ref_npt_walk(dict(self.l1mem), self.eptp, gpa, False, False, *self.npt, self.maxphyaddr)
+            return out
         out, _ = ref_ept_walk(self.l1mem, self.eptp, gpa, False, False, False, self.maxphyaddr)
         return out
 
@@ -83,14 +97,25 @@ class L2Memory(dict):
         return default if l1 is None else self.l1mem.get(l1, default)
 
 
-def ref_l2_access(l1mem, eptp, regs, gva, kind, maxphyaddr=46, ept_ad=None, value=None, nbytes=0):
+def ref_l2_access(l1mem, eptp, regs, gva, kind, maxphyaddr=46, ept_ad=None, value=None, nbytes=0, npt=None):
     """One L2 access (``kind``: PFERR-style W=2, U=4, fetch=0x10) with L2 registers ``regs`` (cr0, cr3, cr4,
     efer).  Returns ``(outcome, code, fault_gpa)`` with outcome "ok", "guest_fault" (code: #PF error code) or
     "l1_exit" (code: exit qualification incl. bits 7-8, 0 for a misconfiguration; fault_gpa: the L2 gpa), and
     updates ``l1mem`` with what a completed access writes (L2's A/D bits, the stored bytes)."""
-    ept_ad = bool(eptp & (1 << 6)) if ept_ad is None else ept_ad
+    ept_ad = (npt is not None or bool(eptp & (1 << 6))) if ept_ad is None else ept_ad
     write, fetch = bool(kind & 2), bool(kind & 0x10)
-    view = L2Memory(l1mem, eptp, maxphyaddr)
+    view = L2Memory(l1mem, eptp, maxphyaddr, npt)
+
+    def translate(gpa, read, w, f, final):
+        """(l1 gpa, None) or (None, what L1 receives): exit qualification, or #NPF exit_info_1."""
+        if npt is not None:
+            out, err = ref_npt_walk(l1mem, eptp, gpa, w, f, *npt, maxphyaddr)
+            return out, None if out is not None else err | (1 << 32 if final else 1 << 33)
+        out, q = ref_ept_walk(l1mem, eptp, gpa, read, w, f, maxphyaddr)
+        if q is None:
+            return out, None
+        return None, 0 if q == MISCONFIG else q | Q_GVA_VALID | (Q_GVA_TRANSLATED if final else 0)
+
     cr0, cr3, cr4, efer = regs
     err, gpa, stop, new_view = ref_walk(view, cr0, cr4, efer, 0x2, cr3, [0] * 4, 0, maxphyaddr, gva, kind)
     # the table entries the processor read, top down to the level where the walk ended
@@ -98,14 +123,14 @@ def ref_l2_access(l1mem, eptp, regs, gva, kind, maxphyaddr=46, ept_ad=None, valu
     for entry_gpa, entry, is_leaf, _ in steps:
         sets_ad = gpa is not None and (not entry & A or (is_leaf and write and not entry & D))
         w = ept_ad or sets_ad
-        _, q = ref_ept_walk(l1mem, eptp, entry_gpa, True, w, False, maxphyaddr)
+        _, q = translate(entry_gpa, True, w, False, False)
         if q is not None:
-            return "l1_exit", 0 if q == MISCONFIG else q | Q_GVA_VALID, entry_gpa
+            return "l1_exit", q, entry_gpa
     if gpa is None:
         return "guest_fault", err, -1
-    l1, q = ref_ept_walk(l1mem, eptp, gpa, not write and not fetch, write, fetch, maxphyaddr)
+    l1, q = translate(gpa, not write and not fetch, write, fetch, True)
     if q is not None:
-        return "l1_exit", 0 if q == MISCONFIG else q | Q_GVA_VALID | Q_GVA_TRANSLATED, gpa
+        return "l1_exit", q, gpa
     # the walk's A/D writes, then the data
     for k, v in new_view.items():
         if view.get(k) != v:
