@@ -17,7 +17,7 @@ from .kernels import shadow as SK
 from .kernels import state as S
 from .kernels.gmem import GM_MAX_VMS
 from .kernels.mmu import recover_nx_huge_pages
-from .kernels.spte import FMT_EPT, FMT_NPT, ROLE_INVALID
+from .kernels.spte import FMT_EPT, FMT_NPT, ROLE_DIRECT, ROLE_GUEST_MODE, ROLE_INVALID
 from .memslot import Memslots
 from .nested import Nested
 from .notifier import Notifiers
@@ -389,9 +389,15 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
         vm = self._check_vm(vm)
         root = int(self.vt.root[vm])   # -1 for a shadow-MMU VM: no TDP root, {}
         if self._mmu_kind[vm] == S.MMU_LEGACY:
+            # the vCPUs' root_mmu roots: the current set in L1, the other set while a vCPU runs L2 on nested paging;
+            # the VM's direct TDP root is the one of role level VM_LEVELS without guest_mode
             g0 = int(self.vt.vcpu_off[vm])
-            roots = self.vr.root[g0:g0 + int(self._vcpus[vm])]
-            valid = [int(r) for r in roots if r >= 0 and not int(self.pa.sp_role[r]) & ROLE_INVALID]
+            rec = self.vr.rec[g0:g0 + int(self._vcpus[vm])]
+            nested = (rec[:, S.VR_GUEST_MODE] != 0) & (rec[:, S.VR_EPTP] >= 0)
+            roots = np.where(nested, rec[:, S.VR_ALT_ROOT], rec[:, S.VR_ROOT])
+            want = int(self.vt.levels[vm])
+            valid = [int(r) for r in roots if r >= 0 and not int(self.pa.sp_role[r]) & (ROLE_INVALID | ROLE_GUEST_MODE)
+                     and int(self.pa.sp_role[r]) & 0xF == want and int(self.pa.sp_role[r]) & ROLE_DIRECT]
             root = valid[0] if valid else -1
         out = np.zeros((0, 3), np.int64)
         n = tdp_mmu_spte_dump(self.pa, self.vt, self.cfg, np.int64(vm), np.int64(root), out)

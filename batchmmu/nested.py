@@ -12,7 +12,7 @@ import numpy as np
 from . import args as A
 from .errors import bad
 from .kernels import state as S
-from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_PAE
+from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57, X86_CR4_PAE
 from .kernels.spte import FMT_EPT
 from .paging import check_sregs
 
@@ -94,19 +94,23 @@ class Nested:
         if eptp is not None and svm:
             raise bad("eptp", eptp, f"VM {vm} offers SVM (an NPT VM): give ncr3; eptp is VMX's EPT pointer")
         self._nested_vcpu(vm, i, "nested_enter")
-        if ncr3 is not None and not self.vr.efer[i] & int(EFER_LMA):
-            raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu}: nested NPT of an L1 outside long mode (its NPT12 "
-                      "in 32-bit or PAE format) is not modelled")
+        if ncr3 is not None and (not self.vr.efer[i] & int(EFER_LMA) or self.vr.cr4[i] & int(X86_CR4_LA57)):
+            raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu}: nested NPT of an L1 outside 4-level long mode (its "
+                      "NPT12 in 32-bit, PAE or 5-level format on this 4-level NPT) is not modelled")
         if self.vr.guest_mode[i]:
             raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} is already running L2 (VMLAUNCH in guest mode exits "
                       "to L1; call nested_exit first)")
+        pgd = eptp if eptp is not None else ncr3
+        if pgd is not None:
+            self._first_shadow_root_alloc(vm)   # (allocations first: a refusal leaves the vCPU in L1)
+        self.arena.topup_shadow()
         rec = self.vr.rec
         rec[i, S.VR_L1_CR0:S.VR_L1_CR0 + 4] = rec[i, list(_REGS)]
         rec[i, S.VR_L1_PDPTR:S.VR_L1_PDPTR + 4] = rec[i, S.VR_PDPTR:S.VR_PDPTR + 4]
         for v, col in zip(l2.values(), _REGS, strict=True):
             rec[i, col] = np.uint64(v).view(np.int64)
-        rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()   # vcpu->arch.mmu switches
-        pgd = eptp if eptp is not None else ncr3
+        if pgd is not None:   # vcpu->arch.mmu = &guest_mmu (without nested paging L2 stays on root_mmu)
+            rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()
         rec[i, S.VR_GUEST_MODE] = 1
         rec[i, S.VR_EPTP] = -1 if pgd is None else np.uint64(pgd).view(np.int64)
         st = self.vt.stats
@@ -115,9 +119,6 @@ class Nested:
         if flush or svm:   # SVM: nested_svm_transition_tlb_flush on every VMRUN (TLB_CONTROL is not honoured)
             st[vm, S.ST_TLB_FLUSH] += 1
         from .kernels.nested import nested_enter_mmu
-        if pgd is not None:
-            self._first_shadow_root_alloc(vm)
-        self.arena.topup_shadow()
         nested_enter_mmu(self._mmu_bundle(), np.int64(vm), np.int64(i))
 
     def nested_exit(self, vm, vcpu):
@@ -130,9 +131,15 @@ class Nested:
         rec = self.vr.rec
         rec[i, list(_REGS)] = rec[i, S.VR_L1_CR0:S.VR_L1_CR0 + 4]
         rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = rec[i, S.VR_L1_PDPTR:S.VR_L1_PDPTR + 4]
-        rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()
+        nested_paging = rec[i, S.VR_EPTP] >= 0
         rec[i, S.VR_GUEST_MODE] = 0
         rec[i, S.VR_EPTP] = -1
+        if nested_paging:   # back to root_mmu; guest_mmu's roots stay cached for the next entry
+            rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()
+        else:               # root_mmu back to L1's role
+            from .kernels.nested import nested_exit_mmu
+            self.arena.topup_shadow()
+            nested_exit_mmu(self._mmu_bundle(), np.int64(vm), np.int64(i))
         self.vt.stats[vm, S.ST_GUEST_MODE] -= 1
         if int(self.vt.fmt[vm]) != FMT_EPT:
             self.vt.stats[vm, S.ST_TLB_FLUSH] += 1   # SVM's #VMEXIT: nested_svm_transition_tlb_flush

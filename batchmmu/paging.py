@@ -108,10 +108,12 @@ class GuestPaging:
         gfn_write_track arrays of every memslot (the rmaps exist already on the legacy TDP MMU)."""
         if self._write_tracking[vm]:
             return
-        self._write_tracking[vm] = 1
         st = self.st
-        for _, rec in self._slot_rec.of_vm(vm):
+        recs = [rec for _, rec in self._slot_rec.of_vm(vm)]
+        A.check_alloc(2 * sum(int(st.npages[r]) for r in recs), "vm", vm, f"write tracking of VM {vm}'s memslots")
+        for rec in recs:
             st.wtrack_off[rec] = self.arena.alloc("wtrack", int(st.npages[rec]), fill=0)
+        self._write_tracking[vm] = 1
 
     def _paging_topup(self):
         """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""

@@ -33,6 +33,9 @@ class Vcpus:
             if v is not None:
                 hi = (1 << 32) - 1 if name == "pkru" else A.U64_MAX
                 values[name] = A.exact_int(v, name, 0, hi, why=f"must be an unsigned {hi.bit_length()}-bit integer")
+        if self.vr.guest_mode[i]:
+            raise bad("vcpu", vcpu, f"VM {int(vm)} vCPU {vcpu} runs L2: its registers come from nested_enter "
+                      "(vmcs12 / vmcb12); call nested_exit first")
         now = self.vcpu_regs(vm, vcpu)
         now.update(values)
         check_sregs(now["cr0"], now["cr3"], now["cr4"], now["efer"], int(self._maxphyaddr[int(vm)]))

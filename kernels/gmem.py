@@ -21,7 +21,7 @@ rows), ``ctl`` int64[NGMCTL].  Translations read a ``SlotMap`` (state.py, built 
 import numpy as np
 from numba import njit
 
-from .jit import kernel
+from .jit import helper, kernel
 from .memslot import search_memslots
 from .spte import is_last_spte, is_shadow_present_pte, spte_to_child_row, spte_to_pfn
 from .state import (
@@ -77,7 +77,7 @@ def gm_page_key(sm, vm, gpa):
     return (np.int64(vm) << GM_VM_SHIFT) | ((sm.srec[rec, SL_HVA] >> 12) + gfn - sm.srec[rec, SL_BASE_GFN])
 
 
-@njit(inline="always", _nrt=False)
+@helper   # out of line: gm_page_key is inlined into every guest-memory access, the L2 case is rare
 def l2_page_key(sm, vm, gfn):
     """The processor's view of L2 memory: ``gfn`` (an L2 gfn) through the shadow EPT/NPT tables at ``sm.root``
     (their leaf holds the host page, an hva page of L1's memory here), -1 where they map nothing.  The caller

@@ -119,6 +119,7 @@ from .state import (
     VM_LEVELS,
     VM_MAX_GFN,
     VM_MMU,
+    VR_ALT_ROOT,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -147,7 +148,8 @@ def shadow_root_role(mode):
     if lvl < PT32E_ROOT_LEVEL:
         role = (role & ~np.int64(0xF)) | PT32E_ROOT_LEVEL
     if mode & MODE_NPT:
-        role |= ROLE_GUEST_MODE   # kvm_calc_shadow_npt_root_page_role: computed in guest mode
+        # kvm_calc_shadow_npt_root_page_role: the cpu role (computed in guest mode), EFER.NX as L1 has it
+        return np.int32(role | ROLE_GUEST_MODE)
     return np.int32(role | ROLE_EFER_NX)
 
 
@@ -281,9 +283,15 @@ def root_usable(m, row, pgd, want_pgd, role):
 
 @helper
 def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
-    """kvm_mmu_new_pgd / fast_pgd_switch: reuse the current root or one of 3 prev_roots."""
+    """kvm_mmu_new_pgd: reuse the current root or one of 3 prev_roots (fast_pgd_switch) for the mode's role."""
+    fast_pgd_switch(m, vm, vg, new_pgd, np.int64(shadow_root_role(mode)))
+
+
+@helper
+def fast_pgd_switch(m, vm, vg, new_pgd, role):
+    """fast_pgd_switch: keep the current root if it has ``new_pgd`` and ``role``, else rotate one in from the 3
+    prev_roots, else free the least recently used (the current root, rotated last)."""
     vr = m.vr
-    role = shadow_root_role(mode)
     hit = False
     if vr.rec[vg, VR_ROOT] == PAE_ROOT:
         free_roots(m, vm, vg, np.int64(1))  # special (PAE) roots are never cached
@@ -315,6 +323,16 @@ def kvm_mmu_new_pgd(m, vm, vg, new_pgd, mode):
                 break
     if hit:
         m.pa.meta[vr.rec[vg, VR_ROOT], SP_FLOOD] = 0
+
+
+@njit(inline="always", _nrt=False)
+def swap_mmu_roots(vr, vg):
+    """vcpu->arch.mmu switches between root_mmu and guest_mmu (nested paging): the vCPU's two root sets
+    (VR_ROOT.. and VR_ALT_ROOT..) trade places."""
+    for k in range(8):
+        t = vr.rec[vg, VR_ROOT + k]
+        vr.rec[vg, VR_ROOT + k] = vr.rec[vg, VR_ALT_ROOT + k]
+        vr.rec[vg, VR_ALT_ROOT + k] = t
 
 
 @helper
@@ -354,8 +372,13 @@ def vcpu_enter(m, vm, vg, mode, maxphyaddr):
 @kernel
 def vcpu_reenter(m, vm, vg, mode, maxphyaddr):
     """vcpu_enter_guest after an exit: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (obsolete current and previous
-    roots are put), then kvm_mmu_reload (a root is loaded only when there is none)."""
+    roots are put, of both MMUs of a vCPU that has run an L2 on nested paging), then kvm_mmu_reload (a root is
+    loaded only when there is none)."""
     free_obsolete_roots(m, vm, vg)
+    if m.vr.rec[vg, VR_ALT_ROOT] >= 0 or m.vr.rec[vg, VR_ALT_ROOT + (VR_PREV_ROOT - VR_ROOT)] >= 0:
+        swap_mmu_roots(m.vr, vg)
+        free_obsolete_roots(m, vm, vg)
+        swap_mmu_roots(m.vr, vg)
     if m.vr.rec[vg, VR_ROOT] == -1:
         kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
 

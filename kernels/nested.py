@@ -4,10 +4,10 @@ L0 shadows L1's EPT12 / NPT12 in ``guest_mmu``: indirect shadow pages keyed by t
 roles with ``guest_mode``, built by the shadow MMU's fetch over a walk of L1's tables (``paging_ept.ept_walk``
 for EPT; for NPT the x86 walker in L1's paging mode, a user access).  The processor runs L2 on those shadow
 tables (EPT02 / NPT02): a 2D walk of L2's own page tables, each table gpa and the data gpa translated through
-them (``access_l2``, the nested twin of ``tdp2d.access_2d``).  A miss exits to L0 (``ept_page_fault`` /
-``npt_page_fault``); what L1's tables refuse is reflected to L1 (``OUT_L1_EXIT``: an EPT violation with its
-exit qualification, nested_ept_inject_page_fault, or a #NPF with exit_info_1, nested_svm_inject_npf_exit) and
-the modelled L1 resumes L2.
+them (``access_l2``, the nested twin of ``tdp2d.access_2d``).  A miss exits to L0 (``nested_page_fault``); what
+L1's tables refuse is reflected to L1 (``OUT_L1_EXIT``: an EPT violation with its exit qualification,
+nested_ept_inject_page_fault, or a #NPF with exit_info_1, nested_svm_inject_npf_exit) and the modelled L1
+resumes L2.
 
 While a vCPU is in guest mode its VcpuRegs row holds L2's registers and guest_mmu's roots (state.py VR_*).
 """
@@ -39,7 +39,15 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import gfn_to_memslot, host_page_needs_budget, mark_page_dirty, slot_map, slot_readonly
-from .mmu import entry_work_needed, free_roots, kvm_mmu_new_pgd, sync_roots, vcpu_reenter
+from .mmu import (
+    entry_work_needed,
+    fast_pgd_switch,
+    free_roots,
+    kvm_mmu_new_pgd,
+    swap_mmu_roots,
+    sync_roots,
+    vcpu_reenter,
+)
 from .mmu_internal import (
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
@@ -55,8 +63,10 @@ from .mmu_internal import (
 from .page_track import clear_flood_on_walk, track_write
 from .paging_ept import (
     EPT_MISCONFIG,
+    EPT_PRESENT_FAULT,
     EPT_VIOLATION_GVA_IS_VALID,
     EPT_VIOLATION_GVA_TRANSLATED,
+    MODE_EPT,
     MODE_EPT_AD,
     MODE_NPT,
     ept_mode,
@@ -74,7 +84,6 @@ from .spte import (
     PFERR_WRITE_MASK,
     ROLE_DIRECT,
     ROLE_GUEST_MODE,
-    ROLE_INVALID,
 )
 from .state import (
     CTL_FREE_TOP,
@@ -100,7 +109,6 @@ from .state import (
     VM_FMT,
     VM_LEVELS,
     VM_MAXPHYADDR,
-    VR_ALT_ROOT,
     VR_CR0,
     VR_CR3,
     VR_CR4,
@@ -137,70 +145,45 @@ def nested_mmu_mode(vt, vr, vm, vg):
 
 
 @helper
-def npt_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
-    """FNAME(page_fault) for guest_mmu under nested NPT: walk L1's NPT12 at nCR3 as a user access (NPT walks are
-    user walks, translate_nested_gpa); a refusal goes to L1 as a #NPF (RET_PF_GUEST with the walker's error
-    code), else FNAME(fetch) builds the shadow NPT.  Returns (RET_PF_*, error code or 0)."""
+def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
+    """FNAME(page_fault) for guest_mmu: ept_page_fault (PTTYPE_EPT: the EPT12 walk, EPT A/D) or, for nested NPT,
+    paging64's over L1's NPT12 at nCR3 as a user access (NPT walks are user walks: translate_nested_gpa).  A
+    refusal goes to L1: RET_PF_GUEST with the EPT violation's qualification bits 0-5 (EPT_MISCONFIG for a
+    misconfiguration) or the #NPF's error code; else FNAME(fetch) builds the shadow tables.
+    Returns (RET_PF_*, qualification / error code or 0)."""
     wk = scratch(m.sh)
-    pfec = (err & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
+    ept = (mode & MODE_EPT) != 0
+    pfec = err & (PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK)
+    if not ept:
+        pfec |= PFERR_USER_MASK
     write = (err & PFERR_WRITE_MASK) != 0
     present = (err & PFERR_PRESENT_MASK) != 0
-    gerr = guest_walk(m.gm, slot_map(m.vt, m.st), vm, mode, m.vr.rec[vg, VR_EPTP],
-                      m.vr.rec[vg, VR_L1_PDPTR:VR_L1_PDPTR + 4], np.int64(0), maxphyaddr, gpa, pfec, wk)
+    if ept:
+        gerr = ept_walk(m.gm, m.vt, m.st, vm, mode, m.vr.rec[vg, VR_EPTP], maxphyaddr, gpa, pfec, wk)
+    else:
+        gerr = guest_walk(m.gm, slot_map(m.vt, m.st), vm, mode, m.vr.rec[vg, VR_EPTP],
+                          m.vr.rec[vg, VR_L1_PDPTR:VR_L1_PDPTR + 4], np.int64(0), maxphyaddr, gpa, pfec, wk)
     if gerr != 0:
-        code = gerr & PFERR_MASK
-        if (code & PFERR_PRESENT_MASK) != 0 and (code & PFERR_RSVD_MASK) == 0:
+        code = gerr & ~(np.int64(1 << 62) | EPT_PRESENT_FAULT) if ept else gerr & PFERR_MASK
+        # kvm_inject_emulated_page_fault: a present (permission), non-reserved fault first invalidates the address
+        if (ept and (gerr & EPT_PRESENT_FAULT) != 0) or \
+                (not ept and (code & PFERR_PRESENT_MASK) != 0 and (code & PFERR_RSVD_MASK) == 0):
             invalidate_addr(m, vm, vg, gpa, mode, maxphyaddr, False)
         return RET_PF_GUEST, code
     gfn = wk[WK_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if host_page_needs_budget(m.st, m.host, rec, gfn, write):
         scratch(m.sh)[SC_OOM_GPA] = gfn << 12
-        return RET_PF_OOM, np.int64(0)
-    set_ad_and_log(m, vm, wk, pfec)
-    if present and write and gfn_write_tracked(m, rec, gfn):
-        clear_flood_on_walk(m, vm, vg, gpa)
-        return RET_PF_EMULATE, np.int64(0)
-    pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
-    if wk[WK_LEAF_LEVEL] == 1:
-        base = wk[WK_PTE_GPA + 1] & ~np.int64(8 * PTE_PREFETCH_NUM - 1)
-        gm_read_group(m.gm, slot_map(m.vt, m.st), vm, base, 8, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
-    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
-    if r != RET_PF_CONTINUE:
-        return r, np.int64(0)
-    if not make_mmu_pages_available(m, vm):
-        return RET_PF_RETRY, np.int64(0)
-    r = fetch(m, vm, vg, gpa, wk, gfn, rec, pfn, pte_access, write, (err & PFERR_FETCH_MASK) != 0, host_writable,
-              mode, maxphyaddr)
-    return r, np.int64(0)
-
-
-@helper
-def ept_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
-    """ept_page_fault -> FNAME(page_fault) for PTTYPE_EPT: walk EPT12 for L2 gpa ``gpa``; a refusal goes to L1
-    (RET_PF_GUEST, with the exit qualification bits the walk computed), else FNAME(fetch) builds EPT02.
-    Returns (RET_PF_*, exit qualification or 0)."""
-    wk = scratch(m.sh)
-    pfec = err & (PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK)
-    write = (err & PFERR_WRITE_MASK) != 0
-    present = (err & PFERR_PRESENT_MASK) != 0
-    gerr = ept_walk(m.gm, m.vt, m.st, vm, mode, m.vr.rec[vg, VR_EPTP], maxphyaddr, gpa, pfec, wk)
-    if gerr != 0:
-        qual = gerr & ~np.int64(1 << 62)
-        # kvm_inject_emulated_page_fault: a present, non-reserved fault first invalidates the address
-        if (qual & EPT_MISCONFIG) == 0 and (qual & np.int64(0x38)) != 0:
-            invalidate_addr(m, vm, vg, gpa, mode, maxphyaddr, False)
-        return RET_PF_GUEST, qual
-    gfn = wk[WK_GFN]
-    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    if host_page_needs_budget(m.st, m.host, rec, gfn, write):
-        scratch(m.sh)[SC_OOM_GPA] = gfn << 12
         return RET_PF_OOM, np.int64(0)  # the host cannot back the page: stop before any change
-    changed = ept_set_ad(m.gm, m.vt, m.st, vm, wk, pfec)
-    for level in range(1, 6):
-        if (changed >> level) & 1:
-            tg = wk[WK_PTE_GPA + level] >> 12
-            mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], gfn_to_memslot(m.vt, m.st, vm, tg), tg)
+    if ept:
+        changed = ept_set_ad(m.gm, m.vt, m.st, vm, wk, pfec)
+        for level in range(1, 6):
+            if (changed >> level) & 1:
+                tg = wk[WK_PTE_GPA + level] >> 12
+                mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], gfn_to_memslot(m.vt, m.st, vm, tg),
+                                tg)
+    else:
+        set_ad_and_log(m, vm, wk, pfec)
     # page_fault_handle_page_track
     if present and write and gfn_write_tracked(m, rec, gfn):
         clear_flood_on_walk(m, vm, vg, gpa)
@@ -233,12 +216,12 @@ def _ad_write(wk, level, leaf, write):
     return level == leaf and write and (g & PT_DIRTY_MASK) == 0
 
 
-@njit(inline="always", _nrt=False)  # one call site (tdp2d_batch)
+@helper   # out of line: tdp2d_batch (every 2D access) stays as small as without nested paging
 def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     """One access of an L2 guest under nested EPT: (outcome, error code, refs, fault gpa).
 
     The processor's 2D walk of L2's page tables through EPT02 (guest_mmu's root); every EPT02 miss is an exit
-    to L0 (pf_taken; ept_page_fault), after which the access restarts.  ``OUT_L1_EXIT``: EPT12 refused, the
+    to L0 (pf_taken; nested_page_fault), after which the access restarts.  ``OUT_L1_EXIT``: EPT12 refused, the
     error code is the exit qualification L1 receives and the fault gpa the L2 gpa that faulted (a table page of
     L2 or the data page); the modelled L1 resumes L2 at once (nested_run).  Outcome -1: the host cannot back a
     page; -2: the arenas need a top-up first (both restart the access later).
@@ -316,10 +299,9 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
             vt.stats[vm, ST_PF_TAKEN] += 1
             if svm:
                 hw_qual = PFERR_GUEST_PAGE if table else PFERR_GUEST_FINAL
-                rpf, qual = npt_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
             else:
                 hw_qual = EPT_VIOLATION_GVA_IS_VALID | (0 if table else EPT_VIOLATION_GVA_TRANSLATED)
-                rpf, qual = ept_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
+            rpf, qual = nested_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
             if rpf == RET_PF_OOM:
                 vt.stats[vm, ST_PF_TAKEN] -= 1
                 return -1, err, refs, np.int64(-1)
@@ -369,50 +351,41 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
 
 
 @njit(inline="always", _nrt=False)
-def _swap_mmus(vr, vg):
-    # vcpu->arch.mmu switches between root_mmu and guest_mmu: the two sets of root columns trade places
-    for k in range(8):
-        t = vr.rec[vg, VR_ROOT + k]
-        vr.rec[vg, VR_ROOT + k] = vr.rec[vg, VR_ALT_ROOT + k]
-        vr.rec[vg, VR_ALT_ROOT + k] = t
-
-
-@njit(inline="always", _nrt=False)
-def _roots_mask(m, vg, keep_role, eptp_pa, single):
-    """kvm_mmu_free_roots mask of the vCPU's current root set: roots whose role is not ``keep_role`` (>= 0), or
-    (``keep_role`` < 0) indirect roots, all of them or, when ``single``, those whose EPTP table address is
-    ``eptp_pa`` (nested_ept_root_matches)."""
+def _invept_mask(m, vg, eptp_pa, single):
+    """kvm_mmu_free_roots mask of handle_invept over the vCPU's current root set: every indirect root or, when
+    ``single``, those whose EPTP has table address ``eptp_pa`` (nested_ept_root_matches)."""
     mask = np.int64(0)
     for k in range(1 + KVM_MMU_NUM_PREV_ROOTS):
         row = m.vr.rec[vg, VR_ROOT if k == 0 else VR_PREV_ROOT + k - 1]
         pgd = m.vr.rec[vg, VR_ROOT_PGD if k == 0 else VR_PREV_PGD + k - 1]
-        if row < 0:
-            continue
-        role = m.pa.meta[row, SP_ROLE]
-        if keep_role >= 0:
-            drop = (role & ~ROLE_INVALID) != keep_role
-        else:
-            drop = (role & ROLE_DIRECT) == 0 and (not single or (pgd & EPTP_PA_MASK) == eptp_pa)
-        if drop:
+        if row >= 0 and (m.pa.meta[row, SP_ROLE] & ROLE_DIRECT) == 0 and \
+                (not single or (pgd & EPTP_PA_MASK) == eptp_pa):
             mask |= np.int64(1) << np.int64(k)
     return mask
 
 
 @kernel
 def nested_enter_mmu(m, vm, vg):
-    """The MMU side of VM-entry to L2, once Python has switched the registers and the root set: with nested EPT
-    kvm_init_shadow_ept_mmu -> kvm_mmu_new_pgd(vmcs12 EPTP) (a usable cached root is kept); without it L2 runs on
-    a direct root of role guest_mode, and roots of another role in the set are put.  The first access loads
-    what is missing (kvm_mmu_reload)."""
+    """The MMU side of VM-entry to L2 (Python has switched the registers and, with nested paging, the root set):
+    with nested EPT / NPT kvm_init_shadow_*_mmu -> kvm_mmu_new_pgd(EPTP / nCR3) on guest_mmu (a usable cached
+    root is kept; SVM's VMRUN also syncs it); without, L2 runs on root_mmu with a root of role guest_mode
+    (kvm_init_mmu: fast_pgd_switch; L1's root waits in prev_roots).  The first access loads what is missing."""
     if m.vr.rec[vg, VR_EPTP] >= 0:
         mode = nested_mmu_mode(m.vt, m.vr, vm, vg)
         kvm_mmu_new_pgd(m, vm, vg, m.vr.rec[vg, VR_EPTP], mode)
         if mode & MODE_NPT and m.vr.rec[vg, VR_ROOT] >= 0:
+            sc = scratch(m.sh)
+            sc[SC_RUNNING_VCPU] = vg   # the vCPU whose writes the sync logs
             sync_roots(m, vm, vg, mode, m.vt.rec[vm, VM_MAXPHYADDR])   # SVM's VMRUN: KVM_REQ_MMU_SYNC
+            sc[SC_RUNNING_VCPU] = -1
         return
-    mask = _roots_mask(m, vg, np.int64(tdp_mmu_root_role(m.vt, vm) | ROLE_GUEST_MODE), np.int64(0), False)
-    if mask:
-        free_roots(m, vm, vg, mask)
+    fast_pgd_switch(m, vm, vg, np.int64(0), np.int64(tdp_mmu_root_role(m.vt, vm) | ROLE_GUEST_MODE))
+
+
+@kernel
+def nested_exit_mmu(m, vm, vg):
+    """VM-exit from an L2 without nested paging: root_mmu back to L1's role (fast_pgd_switch)."""
+    fast_pgd_switch(m, vm, vg, np.int64(0), np.int64(tdp_mmu_root_role(m.vt, vm)))
 
 
 @kernel
@@ -420,8 +393,8 @@ def handle_invept(m, vm, vg, eptp_pa, single):
     """handle_invept on guest_mmu (its roots wait in the VR_ALT_* columns while L1 runs): single-context frees
     the current and previous roots whose EPTP has table address ``eptp_pa``, global every one
     (KVM_MMU_ROOTS_ALL); the pages stay hashed for the next root unless a zap made them invalid."""
-    _swap_mmus(m.vr, vg)
-    mask = _roots_mask(m, vg, np.int64(-1), eptp_pa, single)
+    swap_mmu_roots(m.vr, vg)
+    mask = _invept_mask(m, vg, eptp_pa, single)
     if mask:
         free_roots(m, vm, vg, mask)
-    _swap_mmus(m.vr, vg)
+    swap_mmu_roots(m.vr, vg)

@@ -82,6 +82,8 @@ EPT_VIOLATION_GVA_IS_VALID = np.int64(1 << 7)
 EPT_VIOLATION_GVA_TRANSLATED = np.int64(1 << 8)
 # a refused walk that is an EPT misconfiguration, not a violation (PFERR_RSVD_MASK in KVM's walker)
 EPT_MISCONFIG = np.int64(1 << 40)
+# a refused walk that is a permission fault on present entries (PFERR_PRESENT_MASK in KVM's walker's error code)
+EPT_PRESENT_FAULT = np.int64(1 << 41)
 
 
 @njit(inline="always", _nrt=False)
@@ -162,7 +164,7 @@ def ept_prefetch_invalid(mode, maxphyaddr, gpte):
 
 
 @njit(inline="always", _nrt=False)
-def _ept_error(pfec, rwx, misconfig, wk):
+def _ept_error(pfec, rwx, misconfig, wk, present=False):
     # FNAME(walk_addr_generic), label error, #if PTTYPE == PTTYPE_EPT
     wk[WK_FAULT] = 1
     wk[WK_GPA] = -1
@@ -179,7 +181,7 @@ def _ept_error(pfec, rwx, misconfig, wk):
         q |= EPT_VIOLATION_ACC_INSTR
     q |= (rwx & 7) << np.int64(EPT_VIOLATION_RWX_SHIFT)
     wk[WK_ERROR] = q
-    return WALK_FAULT | q
+    return WALK_FAULT | q | (EPT_PRESENT_FAULT if present else np.int64(0))
 
 
 @njit(inline="always", _nrt=False)
@@ -228,7 +230,7 @@ def ept_walk(gm, vt, st, vm, mode, eptp, maxphyaddr, gpa, pfec, wk):
     if ((pfec & PFERR_USER) != 0 and (acc & ACC_USER_MASK) == 0) or \
             ((pfec & PFERR_WRITE) != 0 and (acc & ACC_WRITE_MASK) == 0) or \
             ((pfec & PFERR_FETCH) != 0 and (acc & ACC_EXEC_MASK) == 0):
-        return _ept_error(pfec, pte_access, False, wk)
+        return _ept_error(pfec, pte_access, False, wk, True)
     off_mask = (np.int64(1) << np.int64(12 + 9 * (level - 1))) - 1
     out = (pte & EPT_ADDR_MASK & ~off_mask) | (gpa & off_mask)
     wk[WK_GPA] = out

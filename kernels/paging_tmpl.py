@@ -530,7 +530,7 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
                      np.bool_(False), np.bool_(True))
 
 
-@njit(inline="always", _nrt=False)  # inlined into shadow_page_fault and nested.ept_page_fault
+@helper   # out of line: shadow_page_fault and nested.nested_page_fault call one compiled copy
 def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""

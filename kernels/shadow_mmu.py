@@ -328,8 +328,9 @@ def account_shadowed(m, vm, row):
     if rec < 0:
         return
     if role_level(m.pa.meta[row, SP_ROLE]) > 1:
-        # __kvm_write_track_add_gfn
-        m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] += 1
+        # __kvm_write_track_add_gfn (the arrays exist once a VM has a shadow root: mmu_first_shadow_root_alloc)
+        if m.st.rec[rec, SL_WTRACK_OFF] >= 0:
+            m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] += 1
         update_disallow_lpage(m, rec, gfn, 1)
         if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
             flush_remote_tlbs(m, vm)
@@ -346,7 +347,7 @@ def unaccount_shadowed(m, vm, row):
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if rec < 0:
         return
-    if role_level(m.pa.meta[row, SP_ROLE]) > 1:
+    if role_level(m.pa.meta[row, SP_ROLE]) > 1 and m.st.rec[rec, SL_WTRACK_OFF] >= 0:
         m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] -= 1
     update_disallow_lpage(m, rec, gfn, -1)
 

@@ -482,7 +482,7 @@ def test_nested_api_refusals():
     with pytest.raises(bm.BatchMMUError, match="passthrough"):
         h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt", tdp_levels=5)
     svm = int(h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt")[0])
-    with pytest.raises(bm.BatchMMUError, match="outside long mode"):
+    with pytest.raises(bm.BatchMMUError, match="outside 4-level long mode"):
         h.nested_enter(svm, 0, ncr3=0x1000)
     for ncr3, what in ((1 << 47, "MAXPHYADDR"), (0x40000000, "no memslot"), (-1, "64-bit")):
         with pytest.raises(bm.BatchMMUError, match=what):
@@ -678,3 +678,54 @@ def test_host_events_zap_the_shadow_ept():
     assert n.h.store(n.vm, 0, base + 0x100000, 6).outcome[0] == bm.FIXED     # re-protected by the GET
     assert np.unpackbits(n.h.get_dirty_log(n.vm, 2).view(np.uint8), bitorder="little")[0] == 1
     assert n.read(0x4000000) == 6
+
+
+# ------------------------------------------------------------------ review findings (each once a bug)
+def test_spte_dump_while_a_vcpu_runs_l2():
+    """spte_dump lists the VM's direct TDP mappings by L1 gfn, also while a vCPU runs L2 on the shadow EPT (a
+    5-level VM with a 4-level EPTP once made it walk EPT02 as the direct root)."""
+    h = bm.Host(memory="1GiB", tdp_mmu=False)
+    vm = int(h.create_vms(1, memory="16MiB", tdp_levels=5, nested=True)[0])
+    h.access(vm, 0, 0x5000, bm.ACC_WRITE)
+    before = h.spte_dump(vm)
+    h.write_guest_memory(vm, 0x100000, [0x101000 | 7])
+    h.write_guest_memory(vm, 0x101000, [0x102000 | 7])
+    h.write_guest_memory(vm, 0x102000, [0x103000 | 7])
+    h.write_guest_memory(vm, 0x103000, [0x200000 | 7 | WB])
+    h.nested_enter(vm, 0, eptp=0x100000 | 0x5E, cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert h.access(vm, 0, 0x0, 0).outcome[0] == bm.FIXED
+    after = h.spte_dump(vm)     # L1's 2M mapping, write-protected now (EPT12's tables lie in it: account_shadowed)
+    assert after.keys() == before.keys() and after[0][0] == before[0][0] == 2
+    assert not after[0][1] & 2 and before[0][1] & 2
+
+
+def test_l2_without_nested_paging_keeps_guest_mmu_cached():
+    """An L2 without nested paging runs on root_mmu: guest_mmu's cached EPT02 root stays, and L1's root waits in
+    root_mmu's prev_roots (fast_pgd_switch)."""
+    n = Nest()
+    n.ept_map(0x200000, 0x2000000)
+    n.h.access(n.vm, 0, 0x3000000, 0)
+    l1_root = int(n.h.vr.root[0])
+    n.enter(paging=False)
+    n.h.access(n.vm, 0, 0x200000, 0)
+    ept_root = int(n.h.vr.root[0])
+    n.h.nested_exit(n.vm, 0)
+    n.h.nested_enter(n.vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)           # no EPTP
+    assert int(n.h.vr.rec[0, S.VR_ALT_ROOT]) == ept_root                 # guest_mmu untouched
+    assert n.h.access(n.vm, 0, 0x3000000, 0).outcome[0] == bm.FIXED       # its own guest_mode root
+    assert int(n.h.vr.prev_root[0, 0]) == l1_root
+    n.h.nested_exit(n.vm, 0)
+    assert int(n.h.vr.root[0]) == l1_root and n.h.access(n.vm, 0, 0x3000000, 0).outcome[0] == bm.HIT
+    n.reenter()
+    assert int(n.h.vr.root[0]) == ept_root and n.h.access(n.vm, 0, 0x200000, 0).outcome[0] == bm.HIT
+
+
+def test_refusals_found_by_review():
+    n = Nest(svm=True)
+    n.h.set_vcpu_regs(n.vm, 0, cr4=CR4_PAE | (1 << 12))                  # L1 with LA57: 5-level NPT12
+    with pytest.raises(bm.BatchMMUError, match="4-level long mode"):
+        n.h.nested_enter(n.vm, 0, ncr3=n.root)
+    n.h.set_vcpu_regs(n.vm, 0, cr4=CR4_PAE)
+    n.enter(paging=False)
+    with pytest.raises(bm.BatchMMUError, match="runs L2"):
+        n.h.set_vcpu_regs(n.vm, 0, cr4=CR4_PAE | 0x20)
