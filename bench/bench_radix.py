@@ -22,21 +22,27 @@ from numba import njit
 import batchmmu as bm
 
 
+@njit(inline="always")
+def radix_touch(tables, row, top, g):
+    """Walk 4 levels from ``row`` by page number ``g``, allocating missing rows at ``top``; write the leaf.
+    Returns the new ``top``."""
+    for level in range(4, 1, -1):
+        idx = (g >> (9 * (level - 1))) & 511
+        nxt = tables[row, idx]
+        if nxt == 0:
+            nxt = top
+            top += 1
+            tables[row, idx] = nxt
+        row = nxt
+    tables[row, g & 511] = (g << 12) | 0x7
+    return top
+
+
 @njit(cache=True)
 def probe_touch(tables, roots, top, vm, gfn):
     """First touch of (vm[i], gfn[i]): walk 4 levels, allocating missing rows; returns rows used."""
     for i in range(vm.shape[0]):
-        row = roots[vm[i]]
-        g = gfn[i]
-        for level in range(4, 1, -1):
-            idx = (g >> (9 * (level - 1))) & 511
-            nxt = tables[row, idx]
-            if nxt == 0:
-                nxt = top
-                top += 1
-                tables[row, idx] = nxt
-            row = nxt
-        tables[row, g & 511] = (g << 12) | 0x7
+        top = radix_touch(tables, roots[vm[i]], top, gfn[i])
     return top
 
 

@@ -24,27 +24,12 @@ import numpy as np
 from batchmmu.kernels.gmem import gm_read64, gm_write64
 from batchmmu.kernels.spte import spte_to_child_row
 from batchmmu.kernels.state import VM_VCPU_OFF, VR_ROOT
+from bench_radix import radix_touch
 from numba import njit
 
 import batchmmu as bm
 
 MASK = np.int64(0x000FFFFFFFFFF000)
-
-
-@njit(inline="always", _nrt=False)
-def radix_touch(t, top, key):
-    """A 4-level radix walk by ``key`` (a page number) from row 0, allocating missing rows; the leaf written."""
-    row = 0
-    for level in range(4, 1, -1):
-        idx = (key >> (9 * (level - 1))) & 511
-        nxt = t[row, idx]
-        if nxt == 0:
-            nxt = top
-            top += 1
-            t[row, idx] = nxt
-        row = nxt
-    t[row, key & 511] = (key << 12) | 0x7
-    return top
 
 
 @njit(inline="always", _nrt=False)
@@ -76,7 +61,7 @@ def shadow_first_touch(gm, sm, cr3, t, rmap, gvas, use_hash, flat):
             gm_write64(gm, sm, 0, gpa, pte | 0x60)
         else:
             flat[gpa >> 3] = pte | 0x60
-        top = radix_touch(t, top, g >> 12)
+        top = radix_touch(t, 0, top, g >> 12)
         rmap[(pte & MASK) >> 12] = (top << 9) | ((g >> 12) & 511)
     return top
 
@@ -88,10 +73,10 @@ def walk_2d(gm, sm, cr3, t, gvas, use_hash, flat):
         g = gvas[i]
         pte = cr3
         for level in range(4, 0, -1):
-            top = radix_touch(t, top, (pte & MASK) >> 12)      # the table's gpa through the TDP
+            top = radix_touch(t, 0, top, (pte & MASK) >> 12)      # the table's gpa through the TDP
             gpa = (pte & MASK) + ((g >> (12 + 9 * (level - 1))) & 511) * 8
             pte = gm_read64(gm, sm, 0, gpa) if use_hash else flat[gpa >> 3]
-        top = radix_touch(t, top, (pte & MASK) >> 12)          # the data gpa
+        top = radix_touch(t, 0, top, (pte & MASK) >> 12)          # the data gpa
     return top
 
 
@@ -127,7 +112,7 @@ def radix_hits(t, gvas):
 def radix_fill(t, keys):
     top = 1
     for k in keys:
-        top = radix_touch(t, top, k)
+        top = radix_touch(t, 0, top, k)
     return top
 
 

@@ -78,3 +78,19 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
         mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, gpa >> 12)
         track_write(m, vm, gpa, nbytes, mode)
     return OUT_EMULATED, 0
+
+
+@helper
+def emulated_tracked_write(m, vm, vcpu_g, gpa, value, nbytes, mode):
+    """The emulator's write of a legacy-TDP VM to a write-tracked gfn (a table page of an L2 guest's EPT12 that
+    guest_mmu shadows): the bytes through the memslots, the dirty log, kvm_mmu_track_write."""
+    rec = gfn_to_memslot(m.vt, m.st, vm, gpa >> 12)
+    if rec < 0 or slot_readonly(m.st, rec):
+        return
+    if nbytes > 0:
+        gm_write_bytes(m.gm, slot_map(m.vt, m.st), vm, gpa, value, nbytes)
+    else:
+        gpa &= ~np.int64(7)   # an access given without a value: the operand is the 8 bytes already there
+        nbytes = 8
+    mark_page_dirty(m.st, m.ct, vcpu_g, rec, gpa >> 12)
+    track_write(m, vm, gpa, nbytes, mode)

@@ -416,6 +416,16 @@ def guest_walk(gm, sm, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, wk):
     return np.int64(0)
 
 
+@njit(inline="always", _nrt=False)
+def walk_sets_ad(wk, level, leaf, write):
+    """True when a successful walk sets A (or, on the leaf of a write, D) in the gpte at ``level``: the
+    processor's access to that table page is then a write (for EPT without A/D bits)."""
+    g = wk[WK_GPTE + level]
+    if (g & PT_ACCESSED_MASK) == 0:
+        return True
+    return level == leaf and write and (g & PT_DIRTY_MASK) == 0
+
+
 @kernel
 def guest_set_ad(gm, sm, vm, wk, pfec):
     """Set A in every gpte of a successful walk that lacks it and D in the leaf for a write.

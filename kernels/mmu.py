@@ -88,14 +88,20 @@ from .state import (
     CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
     CFG_TDP_MAX_LEVEL,
+    CTL_FREE_TOP,
     DM_PML_ACTIVE,
     KVM_MMU_NUM_PREV_ROOTS,
+    MAX_PL_PER_EVENT,
+    MAX_RN_PER_EVENT,
+    MAX_ROWS_PER_EVENT,
     MMU_LEGACY,
     MMU_TDP,
     OUT_EMULATED,
     OUT_FIXED,
     OUT_MMIO,
     OUT_RETRY,
+    SH_PL_AVAIL,
+    SH_RN_AVAIL,
     SP_FLAGS,
     SP_FLOOD,
     SP_GFN,
@@ -387,6 +393,15 @@ def vcpu_reenter(m, vm, vg, mode, maxphyaddr):
 def kvm_mmu_reset_context(m, vm, vg):
     # kvm_mmu_reset_context -> kvm_mmu_unload: every root of the vCPU is put
     free_roots(m, vm, vg, np.int64(0xF))
+
+
+@njit(inline="always", _nrt=False)
+def exit_room(m, legacy):
+    """mmu_topup_memory_caches has left enough for one exit: table rows, and for the shadow MMU's code (the legacy
+    TDP MMU, guest_mmu) parent-pte links and rmap nodes."""
+    if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
+        return False
+    return not legacy or (m.sh.ctl[SH_PL_AVAIL] >= MAX_PL_PER_EVENT and m.sh.ctl[SH_RN_AVAIL] >= MAX_RN_PER_EVENT)
 
 
 @njit(inline="always", _nrt=False)

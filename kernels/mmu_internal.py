@@ -97,3 +97,9 @@ def unaccount_nx_huge_page(pa, vt, vm, row):
     # unaccount_nx_huge_page: a huge page may map there again
     pa.meta[row, SP_FLAGS] &= ~SPF_NX_DISALLOWED
     untrack_possible_nx_huge_page(pa, vt, vm, row)
+
+
+# A 2D access (tdp2d.access_2d, nested.access_l2) restarts after every exit KVM fixes; a guest walk of 5 levels
+# meets at most 6 distinct gfns, each may exit a few times (fast path, then the slow one).  Past this the access
+# gives up as RETRY (only a livelock, e.g. page tables in a read-only slot under EPT A/D, gets there).
+MAX_RESTARTS = 32

@@ -15,17 +15,15 @@ While a vCPU is in guest mode its VcpuRegs row holds L2's registers and guest_mm
 import numpy as np
 from numba import njit
 
+from .emulate import emulated_tracked_write
 from .fault import WALK_OK, exit_error_code, tdp_hw_walk
 from .gmem import gm_read_group, gm_write_bytes
 from .guest_walk import (
     MODE_NXE,
     PFERR_MASK,
-    PT_ACCESSED_MASK,
-    PT_DIRTY_MASK,
     WK_AD_NEEDED,
     WK_GFN,
     WK_GPA,
-    WK_GPTE,
     WK_LEAF_LEVEL,
     WK_MAX_LEVEL,
     WK_PTE_ACCESS,
@@ -36,11 +34,13 @@ from .guest_walk import (
     guest_set_ad,
     guest_walk,
     mode_levels,
+    walk_sets_ad,
 )
 from .jit import helper, kernel
-from .memslot import gfn_to_memslot, host_page_needs_budget, mark_page_dirty, slot_map, slot_readonly
+from .memslot import gfn_to_memslot, host_page_needs_budget, mark_page_dirty, slot_map
 from .mmu import (
     entry_work_needed,
+    exit_room,
     fast_pgd_switch,
     free_roots,
     kvm_mmu_new_pgd,
@@ -49,6 +49,7 @@ from .mmu import (
     vcpu_reenter,
 )
 from .mmu_internal import (
+    MAX_RESTARTS,
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
     RET_PF_GUEST,
@@ -60,7 +61,7 @@ from .mmu_internal import (
     SC_RUNNING_VCPU,
     scratch,
 )
-from .page_track import clear_flood_on_walk, track_write
+from .page_track import clear_flood_on_walk
 from .paging_ept import (
     EPT_MISCONFIG,
     EPT_PRESENT_FAULT,
@@ -86,9 +87,7 @@ from .spte import (
     ROLE_GUEST_MODE,
 )
 from .state import (
-    CTL_FREE_TOP,
     KVM_MMU_NUM_PREV_ROOTS,
-    MAX_ROWS_PER_EVENT,
     OUT_EMULATED,
     OUT_FIXED,
     OUT_GUEST_FAULT,
@@ -98,8 +97,6 @@ from .state import (
     OUT_RETRY,
     OUT_SPURIOUS,
     PTE_PREFETCH_NUM,
-    SH_PL_AVAIL,
-    SH_RN_AVAIL,
     SP_ROLE,
     ST_NESTED_RUN,
     ST_PF_RETRY,
@@ -127,12 +124,9 @@ from .state import (
 )
 from .tdp import account_pf_result, tdp_mmu_root_role
 
-MAX_RESTARTS = 32   # as tdp2d.access_2d
 EPTP_PA_MASK = np.int64(((1 << 52) - 1) & ~4095)
 PFERR_GUEST_FINAL = np.int64(1 << 32)   # PFERR_GUEST_FINAL_MASK: the #NPF was on the final translation
 PFERR_GUEST_PAGE = np.int64(1 << 33)    # PFERR_GUEST_PAGE_MASK: on a guest paging-structure access
-MAX_PL_PER_EVENT = 8
-MAX_RN_PER_EVENT = 16
 
 
 @njit(inline="always", _nrt=False)
@@ -202,20 +196,6 @@ def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
     return r, np.int64(0)
 
 
-@njit(inline="always", _nrt=False)
-def _room(m):
-    return m.pa.ctl[CTL_FREE_TOP] >= MAX_ROWS_PER_EVENT and m.sh.ctl[SH_PL_AVAIL] >= MAX_PL_PER_EVENT and \
-        m.sh.ctl[SH_RN_AVAIL] >= MAX_RN_PER_EVENT
-
-
-@njit(inline="always", _nrt=False)
-def _ad_write(wk, level, leaf, write):
-    g = wk[WK_GPTE + level]
-    if (g & PT_ACCESSED_MASK) == 0:
-        return True
-    return level == leaf and write and (g & PT_DIRTY_MASK) == 0
-
-
 @helper   # out of line: tdp2d_batch (every 2D access) stays as small as without nested paging
 def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     """One access of an L2 guest under nested EPT: (outcome, error code, refs, fault gpa).
@@ -226,7 +206,7 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     L2 or the data page); the modelled L1 resumes L2 at once (nested_run).  Outcome -1: the host cannot back a
     page; -2: the arenas need a top-up first (both restart the access later).
     """
-    pa, vt, st, ct, gm, vr = m.pa, m.vt, m.st, m.ct, m.gm, m.vr
+    pa, vt, st, gm, vr = m.pa, m.vt, m.st, m.gm, m.vr
     emode = nested_mmu_mode(vt, vr, vm, vg)
     fmt = vt.rec[vm, VM_FMT]
     svm = fmt != FMT_EPT
@@ -243,7 +223,7 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     err = np.int64(0)
     refs = np.int64(0)
     for _attempt in range(MAX_RESTARTS):
-        if not _room(m):
+        if not exit_room(m, True):
             return -2, err, refs, np.int64(-1)
         if entry_work_needed(m, vm, vg):
             vcpu_reenter(m, vm, vg, emode, maxphy)   # vcpu_enter_guest after the exit: kvm_mmu_reload
@@ -266,7 +246,7 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
                 l2gpa = wk[WK_PTE_GPA + level]
                 if l2gpa < 0:
                     continue   # PAE PDPTE: a register
-                w = ad_hw or (gerr == 0 and _ad_write(wk, level, stop, write))
+                w = ad_hw or (gerr == 0 and walk_sets_ad(wk, level, stop, write))
                 f = False
             else:
                 if gerr != 0:
@@ -332,18 +312,9 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
             if rpf == RET_PF_EMULATE and not table and w:
                 # the emulator writes L1's page (a write-tracked gfn: an EPT12 table) and tracks the write
                 l1gpa = wk[WK_GPA]
-                rec = gfn_to_memslot(vt, st, vm, l1gpa >> 12)
-                if rec < 0:
+                if gfn_to_memslot(vt, st, vm, l1gpa >> 12) < 0:
                     return OUT_MMIO, err, refs, np.int64(-1)
-                if not slot_readonly(st, rec):
-                    n = nbytes
-                    if n > 0:
-                        gm_write_bytes(gm, slot_map(vt, st), vm, l1gpa, value, n)
-                    else:
-                        l1gpa &= ~np.int64(7)
-                        n = 8
-                    mark_page_dirty(st, ct, scratch(m.sh)[SC_RUNNING_VCPU], rec, l1gpa >> 12)
-                    track_write(m, vm, l1gpa, n, mode)
+                emulated_tracked_write(m, vm, vg, l1gpa, value, nbytes, mode)
             return OUT_EMULATED, err, refs, np.int64(-1)
         if not restart:
             break

@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from .dirty import pml_flush, pml_log
+from .emulate import emulated_tracked_write
 from .fault import WALK_OK, WALK_RSVD, kvm_handle_exit, tdp_hw_walk
 from .gmem import gm_room, gm_write32, gm_write64, gm_write_bytes
 from .guest_walk import (
@@ -53,10 +54,11 @@ from .guest_walk import (
     guest_set_ad,
     guest_walk,
     mode_levels,
+    walk_sets_ad,
 )
 from .jit import helper, kernel
 from .memslot import dirty_ring_soft_full, gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
-from .mmu import entry_work_needed, legacy_tdp_exit, vcpu_reenter
+from .mmu import entry_work_needed, exit_room, legacy_tdp_exit, vcpu_reenter
 from .mmu_internal import (
     EV_ADDR,
     EV_KIND,
@@ -64,6 +66,7 @@ from .mmu_internal import (
     EV_VALUE,
     EV_VCPU,
     EV_VM,
+    MAX_RESTARTS,
     RES_ERROR,
     RES_FAULT_GPA,
     RES_OUTCOME,
@@ -72,7 +75,6 @@ from .mmu_internal import (
     scratch,
 )
 from .nested import access_l2
-from .page_track import track_write
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -89,8 +91,6 @@ from .state import (
     DM_RING,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     MAX_GM_PER_EVENT,
-    MAX_PL_PER_EVENT,
-    MAX_RN_PER_EVENT,
     MAX_ROWS_PER_EVENT,
     MMU_LEGACY,
     OUT_EMULATED,
@@ -103,8 +103,6 @@ from .state import (
     OUT_RING_FULL,
     OUT_SPURIOUS,
     PML_ENTITY_NUM,
-    SH_PL_AVAIL,
-    SH_RN_AVAIL,
     ST_ACCESSES,
     ST_DIRTY_RING_FULL,
     ST_PF_GUEST,
@@ -134,10 +132,6 @@ from .state import (
 )
 from .tdp import mmu_alloc_root
 
-# An access restarts after every exit KVM fixes; a guest walk of 5 levels meets at most 6 distinct
-# gfns, each may exit a few times (fast path, then the slow one).  Past this the access gives up
-# as RETRY (only a livelock, e.g. page tables in a read-only slot under EPT A/D, gets there).
-MAX_RESTARTS = 32
 # result of a step of the walk that needs KVM
 _NEED_ROWS = -2
 
@@ -210,40 +204,6 @@ def emulate_access(vt, st, ct, gm, vm, vcpu_g, wk, gerr, pfec, mode, value, nbyt
     return OUT_EMULATED, 0
 
 
-@helper
-def emulated_tracked_write(m, vm, vcpu_g, gpa, value, nbytes, mode):
-    """The emulator's write of a legacy-TDP VM to a write-tracked gfn (a table page of an L2 guest's EPT12 that
-    guest_mmu shadows): the bytes through the memslots, the dirty log, kvm_mmu_track_write."""
-    rec = gfn_to_memslot(m.vt, m.st, vm, gpa >> 12)
-    if rec < 0 or slot_readonly(m.st, rec):
-        return
-    if nbytes > 0:
-        gm_write_bytes(m.gm, slot_map(m.vt, m.st), vm, gpa, value, nbytes)
-    else:
-        gpa &= ~np.int64(7)   # an access given without a value: the operand is the 8 bytes already there
-        nbytes = 8
-    mark_page_dirty(m.st, m.ct, vcpu_g, rec, gpa >> 12)
-    track_write(m, vm, gpa, nbytes, mode)
-
-
-@njit(inline="always", _nrt=False)
-def _ad_write(wk, level, leaf, write):
-    """True when a successful walk sets A (or, on the leaf of a write, D) in the gpte at ``level``."""
-    g = wk[WK_GPTE + level]
-    if (g & PT_ACCESSED_MASK) == 0:
-        return True
-    return level == leaf and write and (g & PT_DIRTY_MASK) == 0
-
-
-@njit(inline="always", _nrt=False)
-def _room(m, legacy):
-    """mmu_topup_memory_caches has left enough for one exit: table rows, and for the legacy TDP MMU parent-pte
-    links and rmap nodes."""
-    if m.pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
-        return False
-    return not legacy or (m.sh.ctl[SH_PL_AVAIL] >= MAX_PL_PER_EVENT and m.sh.ctl[SH_RN_AVAIL] >= MAX_RN_PER_EVENT)
-
-
 @njit(inline="always", _nrt=False)  # one call site (tdp2d_batch): no bundle pushed for it
 def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     """One guest access of a TDP VM (2D walk when the vCPU pages): (outcome, error code, refs).
@@ -293,7 +253,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                 if pte_gpa < 0:
                     continue  # PAE PDPTE: from the PDPTR registers, not memory
                 gfn = pte_gpa >> 12
-                w = tables_write or (gerr == 0 and _ad_write(wk, level, stop, write))
+                w = tables_write or (gerr == 0 and walk_sets_ad(wk, level, stop, write))
                 f = False
             else:
                 if gerr != 0:
@@ -325,7 +285,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                     gm_write_bytes(gm, slot_map(vt, st), vm, gpa, value, nbytes)
                 return outcome, err, refs
             # an exit: KVM's TDP fault path, then the guest re-executes the access
-            if not _room(m, legacy):
+            if not exit_room(m, legacy):
                 return _NEED_ROWS, err, refs
             done = np.int64(-1)
             if legacy:
@@ -385,7 +345,7 @@ def tdp2d_batch(m, ev, start, res):
         wk[SC_RUNNING_VCPU] = -1
         vm = ev[i, EV_VM]
         legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY
-        if not _room(m, legacy) or not gm_room(gm, MAX_GM_PER_EVENT):
+        if not exit_room(m, legacy) or not gm_room(gm, MAX_GM_PER_EVENT):
             return i, STOP_NEED_PAGES
         vcpu_g = vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
         dmode = vt.rec[vm, VM_DIRTY_MODE]

@@ -429,6 +429,9 @@ def test_l1_edits_ept12_through_stores():
     assert n.h.access(n.vm, 0, gpa, 0).outcome[0] == bm.FIXED
     n.h.nested_exit(n.vm, 0)
     n.h.store(n.vm, 0, n.ept_entry_gpa(gpa), 0)                        # unmap it
+    n.reenter()                                                         # without INVEPT: the stale translation
+    assert n.h.access(n.vm, 0, gpa, 0).outcome[0] == bm.HIT
+    n.h.nested_exit(n.vm, 0)
     n.h.invept(n.vm, 0, eptp=n.eptp)
     n.h.nested_enter(n.vm, 0, eptp=n.eptp, cr0=0x11, cr3=0, cr4=0, efer=0)
     r = n.h.access(n.vm, 0, gpa, 0)
