@@ -310,10 +310,24 @@ class GuestPaging:
             if legacy:
                 self.arena.topup_shadow()
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
-        self._resume(n, lambda i: tdp2d_batch(self._mmu_bundle(), ev, i, res),
-                     lambda i: self._budget_exhausted(int(vm_a[i]), f"address {int(addr_a[i]):#x}",
-                                                      np.arange(n) < i, "", *results(res)[:2]),
-                     topup, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
+        # vCPUs running an L2 on nested paging go to nested.l2_batch; the batch runs in order, as runs of
+        # consecutive events of one kernel
+        vg = self.vt.vcpu_off[vm_a] + ev[:, MI.EV_VCPU]
+        l2 = (self.vr.guest_mode[vg] != 0) & (self.vr.eptp[vg] >= 0)
+        cuts = [0, *(np.nonzero(l2[1:] != l2[:-1])[0] + 1).tolist(), n]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            if b <= a:
+                continue
+            if l2[a]:
+                from .kernels.nested import l2_batch as kernel
+            else:
+                kernel = tdp2d_batch
+            sub_ev, sub_res = ev[a:b], res[a:b]
+            self._resume(b - a, lambda i, k=kernel, e=sub_ev, r=sub_res: k(self._mmu_bundle(), e, i, r),
+                         lambda i, a=a: self._budget_exhausted(int(vm_a[a + i]), f"address {int(addr_a[a + i]):#x}",
+                                                               np.arange(n) < a + i, "", *results(res)[:2]),
+                         topup, oom_vm=lambda i, a=a: int(vm_a[a + i]),
+                         oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
         return results(res)
 
     # ------------------------------------------------------------------ shadow events

@@ -90,7 +90,7 @@ def _notifiers():
 
 def _legacy():
     """The legacy TDP MMU (kvm.tdp_mmu=N): faults and MMIO SPTEs in direct shadow pages, dirty logging with and
-    without PML, notifiers, NX recovery over shadow pages, n_max_mmu_pages, memslot deletion; nested EPT."""
+    without PML, notifiers, NX recovery over shadow pages, n_max_mmu_pages, memslot deletion."""
     for pml in (False, True):
         h = Host(memory="64MiB", backing="thp", pml=pml, tdp_mmu=False, nx_huge_pages=True,
                  nx_huge_pages_recovery_ratio=1)
@@ -107,9 +107,14 @@ def _legacy():
         vm = _manual_and_ring(h)
         h.set_nr_mmu_pages(vm, 64)
         h.shrink(10)
-        if not pml:
-            _nested(h)
         h.footprint()
+
+
+def _nested_paging():
+    """L2 guests on nested paging (nested.l2_batch and guest_mmu's fault path)."""
+    h = Host(memory="64MiB", backing="thp", tdp_mmu=False)
+    _nested(h)
+    h.footprint()
 
 
 def _nested(h):
@@ -287,6 +292,7 @@ GROUPS = (
     ("2D walks with PML", lambda: _guest_paging("tdp", pml=True), (2, 3)),
     ("guest OS workload", _guest_os, (0, 3)),
     ("legacy TDP MMU", _legacy, (0, 1, 3)),
+    ("nested paging (L2 guests)", _nested_paging, (0, 1, 3)),
 )
 _INDEPENDENT = sum(1 for g in GROUPS if not g[2])   # groups that can start at once
 

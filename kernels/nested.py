@@ -49,7 +49,13 @@ from .mmu import (
     vcpu_reenter,
 )
 from .mmu_internal import (
+    EV_ADDR,
+    EV_KIND,
+    EV_SIZE,
+    EV_VALUE,
+    EV_VM,
     MAX_RESTARTS,
+    RES_FAULT_GPA,
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
     RET_PF_GUEST,
@@ -87,6 +93,8 @@ from .spte import (
     ROLE_GUEST_MODE,
 )
 from .state import (
+    CFG_PML,
+    KVM_DIRTY_RING_RSVD_ENTRIES,
     KVM_MMU_NUM_PREV_ROOTS,
     OUT_EMULATED,
     OUT_FIXED,
@@ -96,12 +104,15 @@ from .state import (
     OUT_MMIO,
     OUT_RETRY,
     OUT_SPURIOUS,
+    PML_ENTITY_NUM,
     PTE_PREFETCH_NUM,
     SP_ROLE,
     ST_NESTED_RUN,
     ST_PF_RETRY,
     ST_PF_TAKEN,
     ST_TLB_FLUSH,
+    STOP_DONE,
+    STOP_NEED_PAGES,
     VM_AD_DISABLED,
     VM_FMT,
     VM_LEVELS,
@@ -123,6 +134,7 @@ from .state import (
     SlotMap,
 )
 from .tdp import account_pf_result, tdp_mmu_root_role
+from .tdp2d import event_end, event_start
 
 EPTP_PA_MASK = np.int64(((1 << 52) - 1) & ~4095)
 PFERR_GUEST_FINAL = np.int64(1 << 32)   # PFERR_GUEST_FINAL_MASK: the #NPF was on the final translation
@@ -196,7 +208,7 @@ def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
     return r, np.int64(0)
 
 
-@helper   # out of line: tdp2d_batch (every 2D access) stays as small as without nested paging
+@njit(inline="always", _nrt=False)  # one call site (l2_batch)
 def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     """One access of an L2 guest under nested EPT: (outcome, error code, refs, fault gpa).
 
@@ -319,6 +331,31 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
         if not restart:
             break
     return OUT_RETRY, err, refs, np.int64(-1)
+
+
+@kernel
+def l2_batch(m, ev, start, res):
+    """tdp2d_batch for vCPUs running an L2 on nested paging (a kernel of its own: the 2D-walk kernel of every other
+    access does not carry guest_mmu's fault path).  Returns (next_event, STOP_*)."""
+    n = ev.shape[0]
+    wk = scratch(m.sh)
+    ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.host[CFG_PML] else 0)
+    for i in range(start, n):
+        vg = event_start(m, ev, i, res, ring_rsvd)
+        if vg == -1:
+            return i, STOP_NEED_PAGES
+        if vg == -2:
+            continue
+        vm = ev[i, EV_VM]
+        o, e, refs, fgpa = access_l2(m, vm, vg, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
+                                     m.vt.rec[vm, VM_MAXPHYADDR], wk)
+        stop = event_end(m, ev, i, res, o, e, refs)
+        if stop != STOP_DONE:
+            return i, stop
+        if o == OUT_L1_EXIT:
+            res[i, RES_FAULT_GPA] = fgpa
+    wk[SC_RUNNING_VCPU] = -1
+    return n, STOP_DONE
 
 
 @njit(inline="always", _nrt=False)

@@ -68,13 +68,11 @@ from .mmu_internal import (
     EV_VM,
     MAX_RESTARTS,
     RES_ERROR,
-    RES_FAULT_GPA,
     RES_OUTCOME,
     SC_OOM_GPA,
     SC_RUNNING_VCPU,
     scratch,
 )
-from .nested import access_l2
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -97,7 +95,6 @@ from .state import (
     OUT_FIXED,
     OUT_GUEST_FAULT,
     OUT_HIT,
-    OUT_L1_EXIT,
     OUT_MMIO,
     OUT_RETRY,
     OUT_RING_FULL,
@@ -123,8 +120,6 @@ from .state import (
     VR_CR3,
     VR_CR4,
     VR_EFER,
-    VR_EPTP,
-    VR_GUEST_MODE,
     VR_PDPTR,
     VR_PKRU,
     VR_RFLAGS,
@@ -330,54 +325,74 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     return OUT_RETRY, err, refs
 
 
+@njit(inline="always", _nrt=False)
+def event_start(m, ev, i, res, ring_rsvd):
+    """What a 2D-walk batch does for event i before the access: room in the arenas (-1: stop for a top-up), the
+    vCPU's dirty ring (-2: KVM_EXIT_DIRTY_RING_FULL, result written, the vCPU does not run) and, for the shadow
+    MMU's code (legacy TDP MMU), the running vCPU whose faults mark pages dirty.  Returns the global vCPU index."""
+    vt = m.vt
+    wk = scratch(m.sh)
+    wk[SC_RUNNING_VCPU] = -1
+    vm = ev[i, EV_VM]
+    legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY
+    if not exit_room(m, legacy) or not gm_room(m.gm, MAX_GM_PER_EVENT):
+        return np.int64(-1)
+    vcpu_g = vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
+    dmode = vt.rec[vm, VM_DIRTY_MODE]
+    if dmode & DM_RING:
+        if dirty_ring_soft_full(m.ct, vcpu_g, ring_rsvd):
+            # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
+            vt.stats[vm, ST_DIRTY_RING_FULL] += 1
+            if dmode & DM_PML_ACTIVE:
+                pml_flush(vt, m.st, m.ct, vm, vcpu_g)
+            res[i, RES_OUTCOME] = OUT_RING_FULL
+            res[i, RES_ERROR] = 0
+            return np.int64(-2)
+    if legacy:
+        wk[SC_RUNNING_VCPU] = vcpu_g
+    return vcpu_g
+
+
+@njit(inline="always", _nrt=False)
+def event_end(m, ev, i, res, o, e, refs):
+    """After event i's access: STOP_NEED_PAGES / STOP_HOST_OOM to stop before it (nothing of it stays), else the
+    access counted and its result written (STOP_DONE: go on)."""
+    if o == _NEED_ROWS or o < 0:
+        scratch(m.sh)[SC_RUNNING_VCPU] = -1
+        return STOP_NEED_PAGES if o == _NEED_ROWS else STOP_HOST_OOM
+    vm = ev[i, EV_VM]
+    m.vt.stats[vm, ST_ACCESSES] += 1
+    m.vt.stats[vm, ST_WALK_REFS] += refs
+    res[i, RES_OUTCOME] = o
+    res[i, RES_ERROR] = e
+    return STOP_DONE
+
+
 @kernel
 def tdp2d_batch(m, ev, start, res):
     """Run events ev[start:] (EV_* records, accesses) of TDP VMs whose vCPUs may page (EV_ADDR = gva when
-    CR0.PG=1, else gpa), results in ``res`` (RES_* records).
+    CR0.PG=1, else gpa), results in ``res`` (RES_* records).  (vCPUs running an L2 on nested paging:
+    nested.l2_batch.)
 
     ``ev[i, EV_SIZE]`` > 0 makes event i a store of EV_VALUE's low bytes.  Returns (next_event, STOP_*).
     """
     n = ev.shape[0]
-    vt, ct, gm = m.vt, m.ct, m.gm
+    vt = m.vt
     wk = scratch(m.sh)
     ring_rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + (PML_ENTITY_NUM if m.host[CFG_PML] else 0)
     for i in range(start, n):
-        wk[SC_RUNNING_VCPU] = -1
-        vm = ev[i, EV_VM]
-        legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY
-        if not exit_room(m, legacy) or not gm_room(gm, MAX_GM_PER_EVENT):
+        vcpu_g = event_start(m, ev, i, res, ring_rsvd)
+        if vcpu_g == -1:
             return i, STOP_NEED_PAGES
-        vcpu_g = vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
-        dmode = vt.rec[vm, VM_DIRTY_MODE]
-        if dmode & DM_RING:
-            if dirty_ring_soft_full(ct, vcpu_g, ring_rsvd):
-                # KVM_EXIT_DIRTY_RING_FULL: the vCPU does not run until the rings are reset
-                vt.stats[vm, ST_DIRTY_RING_FULL] += 1
-                if dmode & DM_PML_ACTIVE:
-                    pml_flush(vt, m.st, ct, vm, vcpu_g)
-                res[i, RES_OUTCOME] = OUT_RING_FULL
-                res[i, RES_ERROR] = 0
-                continue
-        # an L2 guest on nested paging (vmcs12 EPTP / vmcb12 nCR3): guest_mmu's shadow tables
-        nested_tdp = m.vr.rec[vcpu_g, VR_GUEST_MODE] != 0 and m.vr.rec[vcpu_g, VR_EPTP] >= 0
-        if legacy:
-            wk[SC_RUNNING_VCPU] = vcpu_g   # the vCPU whose faults mark pages dirty (its dirty ring)
-            if not nested_tdp and entry_work_needed(m, vm, vcpu_g):
-                vcpu_reenter(m, vm, vcpu_g, np.int64(0), np.int64(0))  # kvm_mmu_reload: the direct root
-        if nested_tdp:
-            o, e, refs, fgpa = access_l2(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE],
-                                         ev[i, EV_SIZE], vt.rec[vm, VM_MAXPHYADDR], wk)
-            if o == OUT_L1_EXIT:
-                res[i, RES_FAULT_GPA] = fgpa
-        else:
-            o, e, refs = access_2d(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
-                                   vt.rec[vm, VM_MAXPHYADDR], wk)
-        if o == _NEED_ROWS or o < 0:
-            wk[SC_RUNNING_VCPU] = -1
-            return i, (STOP_NEED_PAGES if o == _NEED_ROWS else STOP_HOST_OOM)
-        vt.stats[vm, ST_ACCESSES] += 1
-        vt.stats[vm, ST_WALK_REFS] += refs
-        res[i, RES_OUTCOME] = o
-        res[i, RES_ERROR] = e
+        if vcpu_g == -2:
+            continue
+        vm = ev[i, EV_VM]
+        if vt.rec[vm, VM_MMU] == MMU_LEGACY and entry_work_needed(m, vm, vcpu_g):
+            vcpu_reenter(m, vm, vcpu_g, np.int64(0), np.int64(0))  # kvm_mmu_reload: the direct root
+        o, e, refs = access_2d(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
+                               vt.rec[vm, VM_MAXPHYADDR], wk)
+        stop = event_end(m, ev, i, res, o, e, refs)
+        if stop != STOP_DONE:
+            return i, stop
     wk[SC_RUNNING_VCPU] = -1
     return n, STOP_DONE
