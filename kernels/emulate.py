@@ -61,7 +61,7 @@ def emulated_onepage(m, vm, vg, gva, pfec, value, nbytes, mode, maxphyaddr):
         if gerr != 0:
             m.vt.stats[vm, ST_PF_GUEST] += 1
             return OUT_GUEST_FAULT, gerr & PFERR_MASK
-        set_ad_and_log(m, vm, wk, pfec)
+        set_ad_and_log(m, vm, wk, pfec, mode)
         gpa = wk[WK_GPA]
     rec = gfn_to_memslot(m.vt, m.st, vm, gpa >> 12)
     if rec < 0:

@@ -17,17 +17,14 @@ from numba import njit
 
 from .emulate import emulated_tracked_write
 from .fault import WALK_OK, exit_error_code, tdp_hw_walk
-from .gmem import gm_read_group, gm_write_bytes
+from .gmem import gm_write_bytes
 from .guest_walk import (
     MODE_NXE,
     PFERR_MASK,
     WK_AD_NEEDED,
-    WK_GFN,
     WK_GPA,
     WK_LEAF_LEVEL,
     WK_MAX_LEVEL,
-    WK_PTE_ACCESS,
-    WK_PTE_ACCESS_CLEAN,
     WK_PTE_GPA,
     X86_CR0_PG,
     cpu_mode,
@@ -37,7 +34,7 @@ from .guest_walk import (
     walk_sets_ad,
 )
 from .jit import helper, kernel
-from .memslot import gfn_to_memslot, host_page_needs_budget, mark_page_dirty, slot_map
+from .memslot import gfn_to_memslot, slot_map
 from .mmu import (
     entry_work_needed,
     exit_room,
@@ -56,18 +53,14 @@ from .mmu_internal import (
     EV_VM,
     MAX_RESTARTS,
     RES_FAULT_GPA,
-    RET_PF_CONTINUE,
     RET_PF_EMULATE,
     RET_PF_GUEST,
     RET_PF_MMIO,
     RET_PF_OOM,
     RET_PF_RETRY,
-    SC_OOM_GPA,
-    SC_PREFETCH,
     SC_RUNNING_VCPU,
     scratch,
 )
-from .page_track import clear_flood_on_walk
 from .paging_ept import (
     EPT_MISCONFIG,
     EPT_PRESENT_FAULT,
@@ -77,11 +70,9 @@ from .paging_ept import (
     MODE_EPT_AD,
     MODE_NPT,
     ept_mode,
-    ept_set_ad,
     ept_walk,
 )
-from .paging_tmpl import fetch, invalidate_addr, kvm_mmu_faultin_pfn, set_ad_and_log
-from .shadow_mmu import gfn_write_tracked, make_mmu_pages_available
+from .paging_tmpl import invalidate_addr, page_fault_walked
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -105,7 +96,6 @@ from .state import (
     OUT_RETRY,
     OUT_SPURIOUS,
     PML_ENTITY_NUM,
-    PTE_PREFETCH_NUM,
     SP_ROLE,
     ST_NESTED_RUN,
     ST_PF_RETRY,
@@ -162,8 +152,6 @@ def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
     pfec = err & (PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK)
     if not ept:
         pfec |= PFERR_USER_MASK
-    write = (err & PFERR_WRITE_MASK) != 0
-    present = (err & PFERR_PRESENT_MASK) != 0
     if ept:
         gerr = ept_walk(m.gm, m.vt, m.st, vm, mode, m.vr.rec[vg, VR_EPTP], maxphyaddr, gpa, pfec, wk)
     else:
@@ -176,36 +164,7 @@ def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
                 (not ept and (code & PFERR_PRESENT_MASK) != 0 and (code & PFERR_RSVD_MASK) == 0):
             invalidate_addr(m, vm, vg, gpa, mode, maxphyaddr, False)
         return RET_PF_GUEST, code
-    gfn = wk[WK_GFN]
-    rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    if host_page_needs_budget(m.st, m.host, rec, gfn, write):
-        scratch(m.sh)[SC_OOM_GPA] = gfn << 12
-        return RET_PF_OOM, np.int64(0)  # the host cannot back the page: stop before any change
-    if ept:
-        changed = ept_set_ad(m.gm, m.vt, m.st, vm, wk, pfec)
-        for level in range(1, 6):
-            if (changed >> level) & 1:
-                tg = wk[WK_PTE_GPA + level] >> 12
-                mark_page_dirty(m.st, m.ct, scratch(m.sh)[SC_RUNNING_VCPU], gfn_to_memslot(m.vt, m.st, vm, tg),
-                                tg)
-    else:
-        set_ad_and_log(m, vm, wk, pfec)
-    # page_fault_handle_page_track
-    if present and write and gfn_write_tracked(m, rec, gfn):
-        clear_flood_on_walk(m, vm, vg, gpa)
-        return RET_PF_EMULATE, np.int64(0)
-    pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
-    if wk[WK_LEAF_LEVEL] == 1:
-        base = wk[WK_PTE_GPA + 1] & ~np.int64(8 * PTE_PREFETCH_NUM - 1)
-        gm_read_group(m.gm, slot_map(m.vt, m.st), vm, base, 8, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
-    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
-    if r != RET_PF_CONTINUE:
-        return r, np.int64(0)
-    if not make_mmu_pages_available(m, vm):
-        return RET_PF_RETRY, np.int64(0)
-    r = fetch(m, vm, vg, gpa, wk, gfn, rec, pfn, pte_access, write, (err & PFERR_FETCH_MASK) != 0, host_writable,
-              mode, maxphyaddr)
-    return r, np.int64(0)
+    return page_fault_walked(m, vm, vg, gpa, err, mode, maxphyaddr)
 
 
 @njit(inline="always", _nrt=False)  # one call site (l2_batch)

@@ -61,7 +61,7 @@ from .mmu_internal import (
     scratch,
 )
 from .page_track import clear_flood_on_walk
-from .paging_ept import MODE_EPT, ept_gpte_access, ept_prefetch_invalid, ept_protect_clean_gpte
+from .paging_ept import MODE_EPT, ept_gpte_access, ept_prefetch_invalid, ept_protect_clean_gpte, ept_set_ad
 from .rmap import parent_add
 from .shadow_mmu import (
     alloc_shadow_page,
@@ -608,32 +608,42 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
     wk = scratch(m.sh)  # the walker output lives at SC_WK == 0
     gm = m.gm
     pfec = err & (PFERR_WRITE | PFERR_USER | PFERR_FETCH)
-    write = (err & PFERR_WRITE) != 0
-    present = (err & PFERR_PRESENT) != 0
     gerr = guest_walk(gm, slot_map(m.vt, m.st), vm, mode, m.vr.rec[vg, VR_CR3],
                       m.vr.rec[vg, VR_PDPTR:VR_PDPTR + 4], m.vr.rec[vg, VR_PKRU], maxphyaddr,
                       gva, pfec, wk)
     if gerr != 0:
         return RET_PF_GUEST, gerr & PFERR_MASK  # kvm_inject_emulated_page_fault, then RET_PF_RETRY
+    return page_fault_walked(m, vm, vg, gva, err, mode, maxphyaddr)
+
+
+@njit(inline="always", _nrt=False)
+def page_fault_walked(m, vm, vg, gva, err, mode, maxphyaddr):
+    """FNAME(page_fault) once the walk (in the scratch ``wk``) allowed the access: A/D bits, page tracking, the
+    prefetch group, kvm_mmu_faultin_pfn, FNAME(fetch).  Shared by the shadow MMU and guest_mmu (nested.py).
+    Returns (RET_PF_*, 0)."""
+    wk = scratch(m.sh)
+    pfec = err & (PFERR_WRITE | PFERR_USER | PFERR_FETCH)
+    write = (err & PFERR_WRITE) != 0
+    present = (err & PFERR_PRESENT) != 0
     gfn = wk[WK_GFN]
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
     if host_page_needs_budget(m.st, m.host, rec, gfn, write):
         scratch(m.sh)[SC_OOM_GPA] = gfn << 12
-        return RET_PF_OOM, 0  # the host cannot back the page: stop before any change
-    set_ad_and_log(m, vm, wk, pfec)
+        return RET_PF_OOM, np.int64(0)  # the host cannot back the page: stop before any change
+    set_ad_and_log(m, vm, wk, pfec, mode)
     # page_fault_handle_page_track
     if present and write and gfn_write_tracked(m, rec, gfn):
         clear_flood_on_walk(m, vm, vg, gva)
-        return RET_PF_EMULATE, 0
+        return RET_PF_EMULATE, np.int64(0)
     pte_access = wk[WK_PTE_ACCESS] if write else wk[WK_PTE_ACCESS_CLEAN]
     # prefetch group of the leaf gpte, read now (FNAME(gpte_changed) at level 1)
     if wk[WK_LEAF_LEVEL] == 1:
         size = 4 if mode_levels(mode) == 2 else 8
         base = wk[WK_PTE_GPA + 1] & ~np.int64(size * PTE_PREFETCH_NUM - 1)
-        gm_read_group(gm, slot_map(m.vt, m.st), vm, base, size, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
+        gm_read_group(m.gm, slot_map(m.vt, m.st), vm, base, size, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
     r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
     if r != RET_PF_CONTINUE:
-        return r, 0
+        return r, np.int64(0)
     # CR0.WP=0: a supervisor write through a read-only gpte maps the page writable for the kernel only
     user = (err & PFERR_USER) != 0
     if write and not (pte_access & ACC_WRITE_MASK) and not (mode & MODE_WP) and not user:
@@ -641,18 +651,22 @@ def shadow_page_fault(m, vm, vg, gva, err, mode, maxphyaddr):
         if mode & MODE_SMEP:
             pte_access &= ~ACC_EXEC_MASK
     if not make_mmu_pages_available(m, vm):
-        return RET_PF_RETRY, 0  # -ENOSPC: every page is a pinned root
+        return RET_PF_RETRY, np.int64(0)  # -ENOSPC: every page is a pinned root
     r = fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write, (err & PFERR_FETCH) != 0, host_writable, mode,
               maxphyaddr)
-    return r, 0
+    return r, np.int64(0)
 
 
 @njit(inline="always", _nrt=False)
-def set_ad_and_log(m, vm, wk, pfec):
-    """FNAME(update_accessed_dirty_bits): set guest A/D, and log the dirtied table pages."""
+def set_ad_and_log(m, vm, wk, pfec, mode):
+    """FNAME(update_accessed_dirty_bits): set guest A/D (EPT12's with ``MODE_EPT``), and log the dirtied table
+    pages."""
     if wk[WK_AD_NEEDED] == 0:
         return   # every A (and the leaf's D for a write) set already: nothing to write
-    changed = guest_set_ad(m.gm, slot_map(m.vt, m.st), vm, wk, pfec)
+    if mode & MODE_EPT:
+        changed = ept_set_ad(m.gm, m.vt, m.st, vm, wk, pfec)
+    else:
+        changed = guest_set_ad(m.gm, slot_map(m.vt, m.st), vm, wk, pfec)
     if changed == 0:
         return
     for level in range(1, 6):
