@@ -155,6 +155,8 @@ class Batches:
         grouped by VM (a stable sort: each VM's events keep their order) and the results go
         back to the caller's order; grouped batches keep each VM's tables in cache."""
         n = vm_a.size
+        if self._tm is not None:
+            return self._run_tdp_timed(vm_a, vcpu_a, addr_a, kind_a)
         perm = None
         if n > 1 and np.any(vm_a[1:] < vm_a[:-1]):
             grouped = [np.empty(n, np.int64) for _ in range(5)]
@@ -182,6 +184,20 @@ class Batches:
             out_c, err_c = np.empty_like(out), np.empty_like(err)
             ungroup_results(perm, out, err, out_c, err_c)
             out, err = out_c, err_c
+        return AccessResult.of(out, err)
+
+    def _run_tdp_timed(self, vm_a, vcpu_a, addr_a, kind_a):
+        """_run_tdp_accesses under the time model: vCPUs interleave by their simulated clocks."""
+        from .kernels.timeline import timed_access_batch
+        n = vm_a.size
+        out = np.zeros(n, np.int8)
+        err = np.zeros(n, np.int64)
+        nxt, ran = self._sched(vm_a, vcpu_a)
+        self._resume(n, lambda i: timed_access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
+                                                     addr_a, kind_a, out, err, self._tm, nxt, ran),
+                     lambda i: self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", ran.astype(bool),
+                                                      " (err.applied says which)", out, err),
+                     oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(addr_a[i]))
         return AccessResult.of(out, err)
 
     def _resume(self, n, run, fail, topup=None, grow=None, oom_vm=None, oom_gpa=None):

@@ -59,6 +59,11 @@ def check_run(args):
     if args.workers < 1:
         raise BatchMMUError(f"--workers {args.workers}: must be at least 1", field="workers", value=args.workers)
     prep = prepare(args.scenario, args.set, args.seed)
+    args.time_model = None
+    cm_path = getattr(args, "cost_model", None)
+    if cm_path is not None or getattr(args, "time", False):
+        from .timemodel import CostModel
+        args.time_model = CostModel.load(cm_path) if cm_path is not None else CostModel()
     output_path(args.json, "--json")
     if args.plot:
         output_path(args.plot, "--plot", PLOT_SUFFIXES)
@@ -92,7 +97,7 @@ def _cmd_run(args):
     _say(args, f"kernels ready in {time.perf_counter() - t:.1f} s")
     try:
         rep = sc.run_scenario(prep, workers=args.workers, backend=args.backend, quiet=args.quiet, progress=True,
-                              ray_address=args.ray_address, argv=args.argv)
+                              ray_address=args.ray_address, argv=args.argv, time=args.time_model)
     except sc.Interrupted as e:
         done = len(e.partial.phases) if e.partial else 0
         where = ""
@@ -131,6 +136,10 @@ def _add_run(sub):
                    "overcommit)")
     r.add_argument("--dry-run", action="store_true", help="check everything, print what would run, run nothing")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    r.add_argument("--time", action="store_true", help="simulated time with the default cost table: vCPUs "
+                   "interleave by their clocks, mmu_lock contention, sim_seconds per phase (docs/time.md)")
+    r.add_argument("--cost-model", metavar="FILE", default=None, help="simulated time with this cost table (TOML; "
+                   "implies --time)")
     r.set_defaults(func=_cmd_run)
 
 

@@ -34,6 +34,8 @@ class DirtyLog:
         st = self.st
         words = (int(st.npages[rec]) + 63) // 64
         off = int(st.dirty_off[rec])
+        self._sim_charge(vm, "dirty_log.ioctl")
+        self._sim_charge(vm, "dirty_log.bitmap_word", words)
         if int(self.vt.dirty_mode[vm]) & S.DM_MANUAL_PROTECT:
             return st.dirty[off:off + words].copy().view(np.uint64)
         if int(st.slot_id[rec]) >> 16:  # SMM slot: no roots of its address space to re-protect
@@ -93,6 +95,8 @@ class DirtyLog:
         if bm.size < words:
             raise bad("bitmap", f"{bm.size} words", f"needs at least {words} words")
         bm = bm[:words].view(np.int64)
+        self._sim_charge(vm, "dirty_log.ioctl")
+        self._sim_charge(vm, "dirty_log.bitmap_word", words)
         self._sync_pml(vm)
         if int(self.st.slot_id[rec]) >> 16:  # SMM slot: clear the bits, nothing to re-protect
             off = int(self.st.dirty_off[rec]) + first_page // 64
@@ -221,6 +225,8 @@ class DirtyLog:
                 SK.shadow_ring_reset_masks(self._mmu_bundle(), vm, masks, nm, slot_recs)
             else:
                 tdp_ring_reset_masks(self.pa, self.vt, self.st, self.cfg, vm, masks, nm, slot_recs)
+        self._sim_charge(vm, "dirty_log.ioctl")
+        self._sim_charge(vm, "dirty_log.ring_entry", total)
         if total:
             self._flush_remote_tlbs(vm)
         return total

@@ -22,6 +22,7 @@ from .memslot import Memslots
 from .nested import Nested
 from .notifier import Notifiers
 from .paging import GuestPaging
+from .timemodel import Timing
 from .units import format_size, parse_size
 from .vcpu import Vcpus
 
@@ -35,7 +36,7 @@ MAX_SECONDS = 2.0 ** 53 / 1000   # simulated time stays an exact number of milli
 __all__ = ["AccessResult", "Host"]
 
 
-class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
+class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, Timing):
     """One host: a memory budget, module parameters and any number of VMs.
 
     ``memory``: host RAM that guest pages may take (bytes or "64GiB").
@@ -47,6 +48,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
     (it reclaims instead: see ``reclaim`` and docs/host_memory.md) or "epoch" (faults never fail;
     the owner reclaims between epochs, as the scenario runner does across shards);
     ``watermarks``: (low, high) fractions of ``memory`` for reclaim.
+    ``time``: the time model (docs/time.md): True (the default cost table), a ``bm.CostModel`` or the path of a
+    cost-model TOML file; vCPUs of a VM then interleave by simulated clocks (``sim_begin`` / ``sim_end``).
     """
 
     # KVM's ioctls in order, and where they are: KVM_CREATE_VM + KVM_CREATE_VCPU (create_vms, here);
@@ -59,7 +62,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
     def __init__(self, memory="64GiB", backing="thp", *, mmio_caching=True, nx_huge_pages=False,
                  nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
                  tdp_huge_page_level=3, eager_page_split=True, pml=False, overcommit=False,
-                 watermarks=(0.90, 0.95), tdp_mmu=True):
+                 watermarks=(0.90, 0.95), tdp_mmu=True, time=None):
         self.memory = parse_size(memory, "memory")
         if not 0 < self.memory <= A.I64_MAX:
             raise bad("memory", memory, "must be positive and below 2**63 bytes")
@@ -96,6 +99,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
         self._aliases = {}               # reclaim: (vm, hva, npages, backing) -> host_off of shared host pages
         self._alias_users = {}           # reclaim: host_off -> live records using it
         self._paging_init()
+        self._time_init(time)
         _reclaim.configure(self, overcommit, watermarks)
         self.arena.ages = self.overcommit is not None   # reclaim keeps an age per host page
 
@@ -218,6 +222,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested):
         if kind != S.MMU_TDP:
             for v in vms:
                 self._default_mmu_pages(int(v))
+        self._time_add_vms(vms, vcpus, kind)
         return vms
 
     # ------------------------------------------------------------------ periodic host work

@@ -202,6 +202,7 @@ class Memslots:
         self._sync_pml(vm)  # the vCPUs are out of the guest: their PML buffers were flushed
         if change == "none":
             return
+        self._sim_charge(vm, "memslot.update", 2 if change in ("delete", "move") else 1)  # invalid copy first
         st = self.st
         as0 = (slot >> 16) == 0
         if change == "create":

@@ -323,12 +323,27 @@ class GuestPaging:
             else:
                 kernel = tdp2d_batch
             sub_ev, sub_res = ev[a:b], res[a:b]
-            self._resume(b - a, lambda i, k=kernel, e=sub_ev, r=sub_res: k(self._mmu_bundle(), e, i, r),
-                         lambda i, a=a: self._budget_exhausted(int(vm_a[a + i]), f"address {int(addr_a[a + i]):#x}",
-                                                               np.arange(n) < a + i, "", *results(res)[:2]),
+            run, applied = self._timed_run(kernel, sub_ev, sub_res)
+            self._resume(b - a, run,
+                         lambda i, a=a, ap=applied: self._budget_exhausted(
+                             int(vm_a[a + i]), f"address {int(addr_a[a + i]):#x}",
+                             (np.arange(n) < a) | np.isin(np.arange(n) - a, np.nonzero(ap(i))[0]), "",
+                             *results(res)[:2]),
                          topup, oom_vm=lambda i, a=a: int(vm_a[a + i]),
                          oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
         return results(res)
+
+    def _timed_run(self, kernel, ev, res):
+        """(run(i) for _resume, applied(i): the events that ran when event i stopped) of an EV_* record batch
+        kernel, in simulated-time order under the time model (kernels/timeline.py), else in order."""
+        n = ev.shape[0]
+        if self._tm is None:
+            return (lambda i: kernel(self._mmu_bundle(), ev, i, res)), (lambda i: np.arange(n) < i)
+        from .kernels import timeline as TL
+        timed = {K.shadow_event_batch: TL.timed_shadow_batch, TL.tdp2d_batch: TL.timed_tdp2d_batch,
+                 TL.l2_batch: TL.timed_l2_batch}[kernel]
+        nxt, ran = self._sched(ev[:, MI.EV_VM], ev[:, MI.EV_VCPU])
+        return (lambda i: timed(self._mmu_bundle(), ev, res, self._tm, nxt, ran)), (lambda i: ran.astype(bool))
 
     # ------------------------------------------------------------------ shadow events
     def _run_shadow(self, ev):
@@ -339,10 +354,11 @@ class GuestPaging:
         if other.size:
             raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
         res = result_record(n)
+        run, applied = self._timed_run(K.shadow_event_batch, ev, res)
         # a host out of memory: direct reclaim for the gpa the fault could not back, then the event again
-        self._resume(n, lambda i: K.shadow_event_batch(self._mmu_bundle(), ev, i, res),
+        self._resume(n, run,
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"gva {int(ev[i, MI.EV_ADDR]):#x}",
-                                                      np.arange(n) < i, "", *results(res)[:2]),
+                                                      applied(i), "", *results(res)[:2]),
                      self._paging_topup, oom_vm=lambda i: int(vm_a[i]),
                      oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
         return results(res)

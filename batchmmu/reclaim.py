@@ -27,6 +27,7 @@ from .kernels import state as S
 from .kernels.gmem import gm_discard_slots
 from .kernels.memslot import host_page_pages
 from .kernels.reclaim import NAGES, discard_pages, reclaim_evict, reclaim_scan
+from .timemodel import chain
 
 EPOCH_BUDGET = 1 << 62          # the kernels' budget in "epoch" mode: faults never fail
 DEFAULT_WATERMARKS = (0.90, 0.95)
@@ -262,7 +263,7 @@ def shard_step(shard, step, progress=None):
         _, k, j, n = step
         shard._epoch = (j, n)
         try:
-            return shard.run_phase(k, progress)
+            return shard._run_phase(k, progress)
         finally:
             shard._epoch = None
     host = shard.host
@@ -295,6 +296,8 @@ def _merge(acc, res):
         for key, v in r["extra"].items():
             if isinstance(v, (int, float)):
                 a["extra"][key] = a["extra"].get(key, 0) + v
+        if "sim" in r:
+            a["sim"] = chain(a["sim"], r["sim"]) if "sim" in a else r["sim"]
         a["stats"] = r["stats"]
         a["host_used"] = r["host_used"]
         a["host_swapped"] = r.get("host_swapped", 0)

@@ -20,6 +20,7 @@ from .errors import BatchMMUError
 from .host import Host
 from .nested import enter_identity_l2
 from .reclaim import host_figures, shard_step
+from .timemodel import CostModel
 from .units import parse_size
 
 TEST_SLOT = 1
@@ -143,6 +144,8 @@ class Shard:
         host_kw["memory"] = spec["host_memory"]
         if host_kw.get("overcommit"):
             host_kw["overcommit"] = "epoch"  # the coordinator reclaims for all shards (batchmmu/reclaim.py)
+        if spec.get("time") is not None:   # the time model: the cost table's values (picklable for any backend)
+            host_kw["time"] = CostModel(spec["time"]["values"], spec["time"]["source"])
         self.host = Host(**host_kw)
         n = len(vm_ids)
         self.vcpus = np.array([vms[v][1] for v in vm_ids], np.int64)
@@ -569,6 +572,14 @@ class Shard:
 
     # ------------------------------------------------------------------ phases
     def run_phase(self, k, progress=None):
+        if not self.host.timed:
+            return self._run_phase(k, progress)
+        self.host.sim_begin()   # a phase (or an epoch of one) starts with every vCPU together
+        res = self._run_phase(k, progress)
+        res["sim"] = self.host.sim_end()
+        return res
+
+    def _run_phase(self, k, progress=None):
         if isinstance(k, tuple):  # a host-wide step: an epoch of a phase, or reclaim
             return shard_step(self, k, progress)
         ph = self.spec["phases"][k]
