@@ -96,7 +96,7 @@ class DirtyLog:
             raise bad("bitmap", f"{bm.size} words", f"needs at least {words} words")
         bm = bm[:words].view(np.int64)
         self._sim_charge(vm, "dirty_log.ioctl")
-        self._sim_charge(vm, "dirty_log.bitmap_word", words)
+        self._sim_charge(vm, "dirty_log.clear_word", words)
         self._sync_pml(vm)
         if int(self.st.slot_id[rec]) >> 16:  # SMM slot: clear the bits, nothing to re-protect
             off = int(self.st.dirty_off[rec]) + first_page // 64

@@ -1,0 +1,168 @@
+"""The time model (docs/time.md): scheduler against its reference, time off = unchanged, determinism, the cost
+table's checks, the CLI, and the published scaling comparisons as shapes (factor-of-2 ratios)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from batchmmu.kernels import timeline as T
+from reference.timeline import ref_timed_run
+
+import batchmmu as bm
+from batchmmu.timemodel import CostModel
+
+
+def _batch(vcpus, pages, overlap, seed):
+    """Round-robin accesses of ``vcpus`` vCPUs, each over ``pages`` pages (its own, or shared with overlap)."""
+    rng = np.random.default_rng(seed)
+    vc = np.tile(np.arange(vcpus), pages)
+    page = rng.integers(0, pages * (1 if overlap else vcpus), vc.size) if overlap else \
+        vc * pages + np.repeat(np.arange(pages), vcpus)
+    kind = np.where(rng.random(vc.size) < 0.5, bm.ACC_WRITE, 0)
+    return vc, (page << 12) + (1 << 21), kind
+
+
+def _host(tdp_mmu, time=None, vcpus=4):
+    h = bm.Host(memory="1GiB", backing="4k", tdp_mmu=tdp_mmu, time=time)
+    h.create_vms(2, memory="8MiB", vcpus=vcpus)
+    return h
+
+
+@pytest.mark.parametrize("tdp_mmu", [True, False])
+@pytest.mark.parametrize("seed", [pytest.param(1, marks=pytest.mark.nojit), 2])
+def test_scheduler_matches_reference(tdp_mmu, seed):
+    rng = np.random.default_rng(seed)
+    cm = CostModel({"exit.vm_exit": float(rng.integers(100, 2000)), "shadow_mmu.fault": float(rng.integers(100, 3000)),
+                    "host.fault_in_serial": float(rng.integers(0, 800)), "tdp_mmu.fault": float(rng.integers(0, 900))})
+    vc, addr, kind = _batch(4, 24, overlap=True, seed=seed)
+    vm = np.repeat([0, 1], vc.size)
+    vc, addr, kind = np.tile(vc, 2), np.tile(addr, 2), np.tile(kind, 2)
+    timed = _host(tdp_mmu, cm)
+    timed.sim_begin()
+    res = timed.access(vm, vc, addr, kind)
+    fig = timed.sim_end()
+    kinds = {0: T.KIND_TDP_MMU if tdp_mmu else T.KIND_SHADOW, 1: T.KIND_TDP_MMU if tdp_mmu else T.KIND_SHADOW}
+    ref = _host(tdp_mmu)
+    out, clock, lock = ref_timed_run(ref, cm, vm, vc, addr, kind, kinds)
+    assert np.array_equal(res.outcome, out)
+    assert np.array_equal(timed.vt.stats[:2], ref.vt.stats[:2])
+    for g, t in clock.items():
+        assert timed._tm.clock[g] == t
+    tv = timed._tm.vm
+    for v in (0, 1):
+        assert tv[v, T.TV_RD_ACQ] == lock[v]["rd"] and tv[v, T.TV_WR_ACQ] == lock[v]["wr"]
+        assert tv[v, T.TV_HOLD] == lock[v]["hold"] and tv[v, T.TV_WAIT] == lock[v]["wait"]
+        assert tv[v, T.TV_MM_ACQ] == lock[v]["mm_acq"] and tv[v, T.TV_MM_WAIT] == lock[v]["mm_wait"]
+    assert fig["sim_ps"] == max(clock.values())
+    assert (fig["mmu_lock"]["wait_ps"] > 0) == (not tdp_mmu)   # 4 writers on one lock wait; readers never do
+
+
+@pytest.mark.parametrize("mmu", ["tdp", "legacy", "shadow"])
+def test_time_model_leaves_partitioned_results_unchanged(mmu):
+    """vCPUs on their own pages: the time model reorders the batch, but every result and statistic is the same."""
+    vc, addr, kind = _batch(4, 64, overlap=False, seed=3)
+    hosts = []
+    for time in (None, True):
+        h = bm.Host(memory="1GiB", backing="4k", tdp_mmu=mmu != "legacy", time=time)
+        h.create_vms(1, memory="8MiB", vcpus=4, mmu="shadow" if mmu == "shadow" else "tdp")  # paging off: gpas
+        hosts.append((h, h.access(0, vc, addr, kind)))
+    (a, ra), (b, rb) = hosts
+    assert np.array_equal(ra.outcome, rb.outcome) and np.array_equal(ra.error_code, rb.error_code)
+    assert np.array_equal(a.vt.stats[:1], b.vt.stats[:1])
+
+
+def test_scenario_time_is_deterministic_over_workers():
+    sets = ["vms=2", "vcpus=3", "bytes_per_vcpu=1MiB"]
+    reps = [bm.run_scenario("dirty_log_perf", workers=w, sets=sets, time=True) for w in (1, 2)]
+    for a, b in zip(reps[0].phases, reps[1].phases, strict=True):
+        assert a["sim_seconds"] == b["sim_seconds"] and a["sim"]["mmu_lock"] == b["sim"]["mmu_lock"]
+        assert a["sim"]["fault_latency"] == b["sim"]["fault_latency"]
+    off = bm.run_scenario("dirty_log_perf", sets=sets)
+    assert off.totals == reps[0].totals and "sim_seconds" not in off.phases[0]
+    pop = reps[0].phases[0]
+    assert pop["sim_seconds"] > 0 and pop["sim"]["fault_latency"]["count"] == 2 * 3 * 256
+
+
+def test_cost_model_checks(tmp_path):
+    assert CostModel()["exit.vm_exit"] == CostModel.keys()["exit.vm_exit"][0]
+    for bad in ({"exit.vm_exit": float("nan")}, {"exit.vm_exit": -1}, {"exit.vm_exit": True},
+                {"exit.vm_exit": "1"}, {"exit.vm_exit": 10 ** 30}, {"no.such": 1}):
+        with pytest.raises(bm.BatchMMUError):
+            CostModel(bad)
+    p = tmp_path / "c.toml"
+    p.write_text("[exit]\nvm_exit = 500\n[shadow_mmu]\nfault = 900.5\n")
+    cm = CostModel.load(p)
+    assert cm["exit.vm_exit"] == 500 and cm["shadow_mmu.fault"] == 900.5 and cm["guest.access"] == 3.0
+    p.write_text("[exit]\nvm_exit = 500\nvm_exot = 1\n")
+    with pytest.raises(bm.BatchMMUError, match="line 3.*exit.vm_exot"):
+        CostModel.load(p)
+    for bad in (3, "/nonexistent/costs.toml", 1.5):
+        with pytest.raises(bm.BatchMMUError, match="time|cost model"):
+            bm.Host(memory="1GiB", time=bad)
+    h = bm.Host(memory="1GiB")
+    with pytest.raises(bm.BatchMMUError, match="time model is off"):
+        h.sim_begin()
+    h = bm.Host(memory="1GiB", time=True)
+    with pytest.raises(bm.BatchMMUError, match="sim_begin first"):
+        h.sim_end()
+
+
+def test_cli_time(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "batchmmu.cli", "run", "dirty_log_perf", "--time", "--set", "vcpus=2", "--set",
+           "bytes_per_vcpu=1MiB", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "(simulated; ran" in r.stderr + r.stdout
+    d = json.loads(out.read_text())
+    assert all("sim_seconds" in p for p in d["phases"]) and d["provenance"]["cost_model"]["source"] == "default"
+    bad = tmp_path / "c.toml"
+    bad.write_text("[exit]\nvm_exot = 1\n")
+    r = subprocess.run(cmd[:-2] + ["--cost-model", str(bad)], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "exit.vm_exot" in r.stderr
+
+
+# ---------------------------------------------------------------- published comparisons (shapes)
+def _phase(rep, name):
+    return next(p for p in rep.phases if p["name"] == name)
+
+
+def _within2(sim, published):
+    return published / 2 <= sim <= published * 2
+
+
+def test_parallel_tdp_faults_2021():
+    """dirty_log_perf 96 vCPUs partitioned: populate legacy vs TDP MMU 110.19 s vs 16.11 s (6.8x)."""
+    t = {}
+    for tdp in (True, False):
+        rep = bm.run_scenario("dirty_log_perf", sets=["vcpus=96", "bytes_per_vcpu=1MiB", f"tdp_mmu={tdp}"], time=True)
+        t[tdp] = _phase(rep, "Populate memory")
+    assert _within2(t[False]["sim_seconds"] / t[True]["sim_seconds"], 110.19 / 16.11)
+    assert t[True]["sim"]["mmu_lock"]["write_acquisitions"] == 0 and t[False]["sim"]["mmu_lock"]["contended"] > 0
+
+
+def test_demand_paging_416_vcpus_2019():
+    """416 vCPUs: the legacy MMU waits on mmu_lock most of the time (98 % of a profile); the TDP MMU cuts the run
+    time by 89 % (9.1x)."""
+    t = {}
+    for tdp in (True, False):
+        rep = bm.run_scenario("demand_paging", sets=["vms=1", "vcpus=416", "bytes_per_vcpu=256KiB",
+                                                      f"tdp_mmu={tdp}"], time=True)
+        t[tdp] = rep.phases[0]
+    legacy = t[False]
+    vcpu_time = 416 * legacy["sim_seconds"]
+    assert legacy["sim"]["mmu_lock"]["wait_seconds"] / vcpu_time > 0.9
+    assert _within2(legacy["sim_seconds"] / t[True]["sim_seconds"], 1 / (1 - 0.89))
+
+
+def test_nested_dirty_logging_scaling_2022():
+    """dirty_log_perf -n: the dirty pass with write-protection faults grows 12x from 2 to 16 vCPUs and 55x to 64
+    (0.37, 4.6, 20.4 s): nested faults serialize on the write lock."""
+    t = {}
+    for v in (2, 16, 64):
+        rep = bm.run_scenario("dirty_log_perf", sets=["nested=true", "tdp_mmu=false", f"vcpus={v}",
+                                                      "bytes_per_vcpu=512KiB"], time=True)
+        t[v] = _phase(rep, "Iteration 2 dirty memory")["sim_seconds"]
+    assert _within2(t[16] / t[2], 4.6 / 0.37) and _within2(t[64] / t[2], 20.4 / 0.37)
