@@ -29,6 +29,7 @@ from .kernels.events import (
 )
 from .kernels.fault import access_batch
 from .kernels.guest_walk import X86_CR0_PG
+from .kernels.timeline import STOP_DEADLINE
 from .units import format_size
 
 
@@ -211,6 +212,8 @@ class Batches:
             if topup is not None:
                 topup()
             i, stop = run(i)
+            if stop == STOP_DEADLINE:   # the time model's deadline: the events not marked ran are left
+                return
             if stop == S.STOP_NEED_PAGES and topup is None:
                 if grow is not None:
                     grow(i)

@@ -215,7 +215,9 @@ def new_state(cm):
     cost, base, _, _ = cm.tables()
     z = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
     return T.TimeState(cost=cost, base=base, clock=z(16), vm=z(16, T.NTV), charged=z(16, S.NSTAT),
-                       hist=z(T.NBINS + 1), heap=z(16), head=np.full(16, -1, np.int64), ctl=z(T.NTCTL),
+                       hist=z(T.NBINS + 1), heap=z(16), head=np.full(16, -1, np.int64),
+                       ctl=np.array([0, -1], np.int64), race_key=np.full(T.NRACE, -1, np.int64),
+                       race_end=z(T.NRACE),
                        before=z(S.NSTAT), ev1=z(1, T.NEVF), res1=z(1, T.NRESF), vm1=z(1), vcpu1=z(1), addr1=z(1),
                        kind1=z(1), out1=np.zeros(1, np.int8), err1=z(1))
 
@@ -280,6 +282,7 @@ class Timing:
         tm.clock[:] = 0
         tm.vm[:, [T.TV_W_FREE, T.TV_R_FREE, T.TV_MM_FREE]] = 0
         tm.hist[:] = 0
+        tm.race_key[:] = -1
         n = self.nvm
         self._sim_host_ps[:] = 0
         self._sim_mark = (self.vt.stats[:n].copy(), tm.charged[:n].copy(), tm.vm[:n].copy())

@@ -20,9 +20,18 @@ from numba import njit
 from .batch import shadow_event_batch
 from .fault import access_batch
 from .jit import helper, kernel
-from .mmu_internal import EV_VM, NEVF, NRESF
+from .mmu_internal import EV_ADDR, EV_OP, EV_VM, NEVF, NRESF, OP_ACCESS
 from .nested import l2_batch
-from .state import NSTAT, ST_PF_TAKEN, ST_REMOTE_TLB_FLUSH, STOP_DONE
+from .state import (
+    NSTAT,
+    ST_PF_FAST,
+    ST_PF_FIXED,
+    ST_PF_RETRY,
+    ST_PF_SPURIOUS,
+    ST_PF_TAKEN,
+    ST_REMOTE_TLB_FLUSH,
+    STOP_DONE,
+)
 from .tdp2d import tdp2d_batch
 
 # cost parts
@@ -58,7 +67,15 @@ NTV = 15
 
 NBINS = 512          # fault-latency histogram: bin b holds latencies in [2^(b/8), 2^((b+1)/8)) ps
 CTL_HEAP = 0         # scheduler control: vCPUs on the heap
+CTL_DEADLINE = 1     # stop the batch when the earliest vCPU reaches this time (ps; -1: run it all)
 NTCTL = 2
+STOP_DEADLINE = 3    # a batch stopped at CTL_DEADLINE: the events not marked ``ran`` are still to run
+
+# Faults in flight: a fault that maps a page finishes at its lock release; another vCPU reaching the same page
+# (the event's address page) before that faults too and finds the page being mapped.  A direct-mapped table of
+# (VM, page) -> finish time, per batch.
+NRACE = 4096
+RACE_SHIFT = 40      # the key: vm << RACE_SHIFT | page
 
 
 class TimeState(NamedTuple):
@@ -73,6 +90,8 @@ class TimeState(NamedTuple):
     head: np.ndarray     # int64[vCPUs]: each vCPU's next event in the batch (-1: none)
     ctl: np.ndarray      # int64[NTCTL]
     before: np.ndarray   # int64[NSTAT]: the running VM's statistics before the event
+    race_key: np.ndarray  # int64[NRACE]: (vm, page) of a fault in flight (-1: none)
+    race_end: np.ndarray  # int64[NRACE]: when it finishes (ps)
     ev1: np.ndarray      # int64[1, NEVF]: one event for the batch kernels
     res1: np.ndarray     # int64[1, NRESF]
     vm1: np.ndarray      # int64[1]: one TDP access: its VM, vCPU, gpa, kind
@@ -177,10 +196,44 @@ def _charge(tm, stats, vm, g):
         tm.hist[NBINS] = max(tm.hist[NBINS], lat)
 
 
+@njit(inline="always", _nrt=False)
+def _race_slot(vm, addr):
+    key = (vm << RACE_SHIFT) | (addr >> 12)
+    return key, (key ^ (key >> 12) ^ (vm * 0x9E3779B1)) & (NRACE - 1)
+
+
 @helper
-def _next(tm, nxt, stats, vm, g, i):
-    """After event ``i`` of vCPU ``g``: its next event, and the heap reordered by its new clock."""
+def _raced(tm, stats, vm, g, addr):
+    """Whether vCPU ``g``'s access to ``addr`` meets a fault of another vCPU still mapping that page.  Then it
+    exits too, waits for that fault (on the page being faulted in, or on mmu_lock) and then, under the TDP MMU,
+    loses the cmpxchg (RET_PF_RETRY, ``pf_retry``) or, under write_lock(mmu_lock), finds the SPTE present
+    (RET_PF_SPURIOUS, ``pf_spurious``).  The vCPU is charged and runs the access again when the fault is done."""
+    key, h = _race_slot(vm, addr)
+    if tm.race_key[h] != key or tm.race_end[h] <= tm.clock[g]:
+        return False
+    for k in range(NSTAT):
+        tm.before[k] = stats[vm, k]
+    stats[vm, ST_PF_TAKEN] += 1
+    if tm.vm[vm, TV_KIND] == KIND_TDP_MMU:
+        stats[vm, ST_PF_RETRY] += 1
+    else:
+        stats[vm, ST_PF_SPURIOUS] += 1
     _charge(tm, stats, vm, g)
+    # it met the other fault (the page being faulted in, or mmu_lock held): it resumes when that one is done
+    tm.clock[g] = max(tm.clock[g], tm.race_end[h])
+    _sift_down(tm.heap, tm.ctl[CTL_HEAP], tm.clock, 0)
+    return True
+
+
+@helper
+def _next(tm, nxt, stats, vm, g, i, addr):
+    """After event ``i`` of vCPU ``g``: its next event, and the heap reordered by its new clock."""
+    fixed = stats[vm, ST_PF_FIXED] - tm.before[ST_PF_FIXED] - (stats[vm, ST_PF_FAST] - tm.before[ST_PF_FAST])
+    _charge(tm, stats, vm, g)
+    if fixed > 0 and addr >= 0:   # it mapped the page: in flight until now
+        key, h = _race_slot(vm, addr)
+        tm.race_key[h] = key
+        tm.race_end[h] = tm.clock[g]
     tm.head[g] = nxt[i]
     n = tm.ctl[CTL_HEAP]
     if nxt[i] < 0:
@@ -203,7 +256,11 @@ def timed_access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, o
     while tm.ctl[CTL_HEAP] > 0:
         g = tm.heap[0]
         i = tm.head[g]
+        if tm.ctl[CTL_DEADLINE] >= 0 and tm.clock[g] >= tm.ctl[CTL_DEADLINE]:
+            return i, STOP_DEADLINE
         vm = ev_vm[i]
+        if _raced(tm, vt.stats, vm, g, ev_addr[i]):
+            continue
         _before(tm, vt.stats, vm)
         tm.vm1[0], tm.vcpu1[0], tm.addr1[0], tm.kind1[0] = vm, ev_vcpu[i], ev_addr[i], ev_kind[i]
         _, stop = access_batch(pa, vt, st, ct, host, tm.vm1, tm.vcpu1, tm.addr1, tm.kind1, 0, tm.out1, tm.err1)
@@ -212,7 +269,7 @@ def timed_access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, o
         out[i] = tm.out1[0]
         err[i] = tm.err1[0]
         ran[i] = 1
-        _next(tm, nxt, vt.stats, vm, g, i)
+        _next(tm, nxt, vt.stats, vm, g, i, ev_addr[i])
     return ev_vm.shape[0], STOP_DONE
 
 
@@ -222,7 +279,11 @@ def _timed_records(batch, m, ev, res, tm, nxt, ran):
     while tm.ctl[CTL_HEAP] > 0:
         g = tm.heap[0]
         i = tm.head[g]
+        if tm.ctl[CTL_DEADLINE] >= 0 and tm.clock[g] >= tm.ctl[CTL_DEADLINE]:
+            return i, STOP_DEADLINE
         vm = ev[i, EV_VM]
+        if ev[i, EV_OP] == OP_ACCESS and _raced(tm, stats, vm, g, ev[i, EV_ADDR]):
+            continue
         _before(tm, stats, vm)
         for c in range(NEVF):
             tm.ev1[0, c] = ev[i, c]
@@ -234,7 +295,7 @@ def _timed_records(batch, m, ev, res, tm, nxt, ran):
         for c in range(NRESF):
             res[i, c] = tm.res1[0, c]
         ran[i] = 1
-        _next(tm, nxt, stats, vm, g, i)
+        _next(tm, nxt, stats, vm, g, i, ev[i, EV_ADDR] if ev[i, EV_OP] == OP_ACCESS else -1)
     return ev.shape[0], STOP_DONE
 
 

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from batchmmu.kernels import state as S
 from batchmmu.kernels import timeline as T
 from reference.timeline import ref_timed_run
 
@@ -56,6 +57,8 @@ def test_scheduler_matches_reference(tdp_mmu, seed):
         assert tv[v, T.TV_HOLD] == lock[v]["hold"] and tv[v, T.TV_WAIT] == lock[v]["wait"]
         assert tv[v, T.TV_MM_ACQ] == lock[v]["mm_acq"] and tv[v, T.TV_MM_WAIT] == lock[v]["mm_wait"]
     assert fig["sim_ps"] == max(clock.values())
+    if tdp_mmu:   # vCPUs met each other's faults in flight on shared pages
+        assert timed.vt.stats[:2, S.ST_PF_RETRY].sum() > 0
     assert (fig["mmu_lock"]["wait_ps"] > 0) == (not tdp_mmu)   # 4 writers on one lock wait; readers never do
 
 
@@ -71,6 +74,17 @@ def test_time_model_leaves_partitioned_results_unchanged(mmu):
     (a, ra), (b, rb) = hosts
     assert np.array_equal(ra.outcome, rb.outcome) and np.array_equal(ra.error_code, rb.error_code)
     assert np.array_equal(a.vt.stats[:1], b.vt.stats[:1])
+
+
+def test_overlapping_faults_race_only_in_time():
+    """dirty_log_perf -o: every vCPU populates the whole region; under the time model the vCPUs that reach a page
+    while another vCPU's fault maps it exit too and retry (TDP MMU: pf_retry), as in KVM; without it they cannot."""
+    sets = ["vcpus=8", "bytes_per_vcpu=256KiB", "overlap=true", "iterations=2"]
+    timed = bm.run_scenario("dirty_log_perf", sets=sets, time=True)
+    plain = bm.run_scenario("dirty_log_perf", sets=sets)
+    assert timed.totals["pf_retry"] > 0 and plain.totals["pf_retry"] == 0
+    assert timed.totals["pages_4k"] == plain.totals["pages_4k"]
+    assert timed.totals["pf_taken"] - timed.totals["pf_retry"] == plain.totals["pf_taken"]
 
 
 def test_scenario_time_is_deterministic_over_workers():

@@ -22,14 +22,23 @@ def ref_timed_run(host, cm, vm, vcpu, addr, kind, kinds):
         queues.setdefault(g, []).append(i)
     clock = {g: 0 for g in queues}
     lock = {}   # vm -> dict
+    race = {}   # slot of the direct-mapped table -> (key, finish time)
     out = np.zeros(n, np.int8)
     while any(queues.values()):
         g = min((g for g in queues if queues[g]), key=lambda g: (clock[g], g))
-        i = queues[g].pop(0)
+        i = queues[g][0]
         v = int(vm[i])
         kd = kinds[v]
+        key = (v << T.RACE_SHIFT) | (int(addr[i]) >> 12)
+        slot = (key ^ (key >> 12) ^ (v * 0x9E3779B1)) & (T.NRACE - 1)
         before = host.vt.stats[v].copy()
-        out[i] = host.access(v, int(vcpu[i]), int(addr[i]), int(kind[i])).outcome[0]
+        raced = slot in race and race[slot][0] == key and race[slot][1] > clock[g]
+        if raced:   # another vCPU's fault is still mapping this page: exit, wait for it, retry / spurious
+            host.vt.stats[v, S.ST_PF_TAKEN] += 1
+            host.vt.stats[v, S.ST_PF_RETRY if kd == T.KIND_TDP_MMU else S.ST_PF_SPURIOUS] += 1
+        else:
+            queues[g].pop(0)
+            out[i] = host.access(v, int(vcpu[i]), int(addr[i]), int(kind[i])).outcome[0]
         d = host.vt.stats[v] - before
         a = np.abs(d)
         own = int(base[kd, T.BASE_EVENT]) + int((a * cost[kd, T.PART_VCPU]).sum())
@@ -58,5 +67,9 @@ def ref_timed_run(host, cm, vm, vcpu, addr, kind, kinds):
             L["hold"] += lk
             L["wait"] += at - t
             t = at + lk
+        if raced:
+            t = max(t, race[slot][1])
+        elif d[S.ST_PF_FIXED] - d[S.ST_PF_FAST] > 0:
+            race[slot] = (key, t)
         clock[g] = t
     return out, clock, lock
