@@ -194,6 +194,7 @@ class Batches:
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int64)
         nxt, ran = self._sched(vm_a, vcpu_a)
+        self._last_ran = ran
         self._resume(n, lambda i: timed_access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
                                                      addr_a, kind_a, out, err, self._tm, nxt, ran),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", ran.astype(bool),

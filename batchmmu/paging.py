@@ -343,6 +343,7 @@ class GuestPaging:
         timed = {K.shadow_event_batch: TL.timed_shadow_batch, TL.tdp2d_batch: TL.timed_tdp2d_batch,
                  TL.l2_batch: TL.timed_l2_batch}[kernel]
         nxt, ran = self._sched(ev[:, MI.EV_VM], ev[:, MI.EV_VCPU])
+        self._last_ran = ran   # the migration op's deadline runs take one VM, so one kernel, at a time
         return (lambda i: timed(self._mmu_bundle(), ev, res, self._tm, nxt, ran)), (lambda i: ran.astype(bool))
 
     # ------------------------------------------------------------------ shadow events

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import guestos, hostops, warm
+from . import guestos, hostops, migrate, warm
 from .errors import BatchMMUError, HostMemoryExhausted
 from .kernels.state import GAUGE_STATS, STAT_NAMES
 from .progress import PhaseProgress
@@ -146,7 +146,10 @@ def phase_work(spec, k):
 def _merge_extras(rec, results):
     for r in results:
         for key, v in r["extra"].items():
-            rec[key] = max(rec.get(key, 0), v) if key in SHARED_EXTRAS else rec.get(key, 0) + v
+            if isinstance(v, list):   # per-VM records: in VM order, whatever the shards
+                rec[key] = sorted(rec.get(key, []) + v, key=lambda x: x["vm"])
+            else:
+                rec[key] = max(rec.get(key, 0), v) if key in SHARED_EXTRAS else rec.get(key, 0) + v
 
 
 def _vector(stats):
@@ -179,6 +182,10 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
         raise BatchMMUError(f"workers={workers!r}: must be a positive integer", field="workers", value=workers)
     prep = scenario if isinstance(scenario, Prepared) else prepare(scenario, sets, seed)
     cm = cost_model_arg(time)
+    timed_ops = [ph["op"] for ph in prep.spec["phases"] if ph["op"] in migrate.OPS]
+    if timed_ops and cm is None:
+        raise BatchMMUError(f"phase.op={timed_ops[0]!r}: runs on simulated time: use --time (or time=True)",
+                            field="phase.op", value=timed_ops[0])
     if cm is not None:
         prep = prep._replace(spec=dict(prep.spec, time={"values": cm.to_dict(), "source": cm.source}))
     spec = prep.spec
@@ -241,7 +248,7 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
                 rec["skipped"] = _memslot_skip_reason(rec)
             phases.append(rec)
             say(_phase_line(rec))
-            for line in hostops.report_lines(rec) + guestos.report_lines(rec):
+            for line in hostops.report_lines(rec) + guestos.report_lines(rec) + migrate.report_lines(rec):
                 say(line)
         for line in _iteration_totals(phases) + hostops.closing_lines(phases):
             say(line)

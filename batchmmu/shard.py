@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import constants as _constants
-from . import guestos, hostops, trace
+from . import guestos, hostops, migrate, trace
 from . import memstress as ms
 from .constants import ACC_FETCH, ACC_WRITE, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES
 from .errors import BatchMMUError
@@ -196,6 +196,9 @@ class Shard:
         self.last_get = {}              # (local vm, slot index) -> bitmap words of the last GET
         # verification: pages written since they were last collected, per VM (flat over the VMs)
         self.verify = spec.get("verify", "off")
+        # pages each VM's guest ever wrote (QEMU's sampled dirty rate sees only changed contents)
+        self.ever_written = [np.zeros(int(p), bool) for p in self.region_pages] \
+            if any(ph.get("op") == "dirty_rate" for ph in spec["phases"]) else None
         self.roff = np.concatenate([[0], np.cumsum(self.region_pages)]).astype(np.int64)
         if self.verify != "off":
             self.pending = np.zeros(int(self.roff[-1]), bool)
@@ -248,6 +251,11 @@ class Shard:
         """Count the writes that ran; with verification, note their pages as written."""
         w = (kind & ACC_WRITE) != 0
         extra["writes"] += int(w.sum())
+        if self.ever_written is not None and w.any():   # a dirty_rate phase samples pages as QEMU does
+            for v in np.unique(vm[w]):
+                sel = w & (vm == v)
+                page = (addr[sel] - self.test_base[v]) >> 12
+                self.ever_written[v][page[(page >= 0) & (page < self.region_pages[v])]] = True
         if self.verify == "off" or not w.any():
             return
         vm, addr = vm[w], addr[w]
@@ -329,13 +337,14 @@ class Shard:
         vcpu = np.tile(np.arange(v, dtype=np.int64), m)
         return np.full(v * m, lvm, np.int64), vcpu, addr2d.T.ravel(), kind2d.T.ravel()
 
-    def memstress_events(self, write_percent, random_access):
-        """One memstress pass of every vCPU of every VM (each vCPU's stream advances by one pass)."""
+    def memstress_events(self, write_percent, random_access, only=None):
+        """One memstress pass of every vCPU of every VM, or of local VM ``only`` (each vCPU's stream advances by
+        one pass)."""
         spec = self.spec
         overlap = bool(spec.get("overlap"))
         memo = {}
         for lvm in range(self.gids.size):
-            if not self._runs(lvm):
+            if not self._runs(lvm) or (only is not None and lvm != only):
                 continue
             v = int(self.vcpus[lvm])
             st = self.rng[lvm]
@@ -622,6 +631,8 @@ class Shard:
             events += guestos.run(self, ph, extra, progress)
         elif op in hostops.OPS:
             events += hostops.run(self, ph, extra, progress)
+        elif op in migrate.OPS:
+            events += migrate.run(self, ph, extra, progress)
         elif op == "advance_time":
             extra["nx_recovery_passes"] = self.host.advance_time(float(ph.get("seconds", 0)))
         stats = self.host.vt.stats[:self.host.nvm].copy()

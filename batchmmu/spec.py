@@ -52,7 +52,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from . import guestos, hostops, trace
+from . import guestos, hostops, migrate, trace
 from .errors import BatchMMUError
 from .memstress import GUEST_RANDOM_SEED
 from .units import format_size, parse_size
@@ -196,13 +196,13 @@ _KNOWN = {
                  "dirty_ring", "verify"} | trace.KEYS,
     "phase": {"name", "op", "passes", "enable", "when", "unless", "repeat", "iterations", "phase",
               "write_percent", "random_access", "writes", "stage", "kind", "offsets", "seconds", "epochs",
-              "groups"} | hostops.KEYS | guestos.PHASE_KEYS,
+              "groups"} | hostops.KEYS | guestos.PHASE_KEYS | migrate.KEYS,
     "guest_os": set(guestos.DEFAULTS),
 }
 
 OPS = ("access", "populate", "dirty_pass", "random_writes", "kvm_page_table", "dirty_log", "enable_logging",
        "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats",
-       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS + guestos.OPS
+       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS + guestos.OPS + migrate.OPS
 # ops that collect the dirty log (their phase records carry ``dirty_pages``)
 COLLECT_OPS = ("get_dirty_log", "harvest_dirty_ring", "collect_dirty_log")
 VERIFY_MODES = ("off", "writes", "exact")
@@ -303,6 +303,8 @@ def _flatten_phases(phases, text, origin, out, iteration=None, depth=0):
                                or not all(isinstance(g, int) and not isinstance(g, bool) for g in ph["groups"])):
             raise BatchMMUError(f"phase.groups={ph['groups']!r}: must be a list of vm_group indices",
                                 field="phase.groups", value=ph["groups"])
+        if op in migrate.OPS:
+            migrate.check(ph)
         if op == "kvm_page_table" and ph.get("stage") not in ("create", "update", "adjust"):
             raise BatchMMUError(f"phase.stage={ph.get('stage')!r}: use create, update or adjust",
                                 field="phase.stage", value=ph.get("stage"))

@@ -325,6 +325,21 @@ class Timing:
         self._sim_mark = None
         return out
 
+    def _sim_settle(self, vm):
+        """The ioctl work VM ``vm``'s thread did since the last settle (or sim_begin), in ps, now charged (sim_end
+        leaves it out): the migration and dirty-rate ops time their syncs with it."""
+        tm = self._tm
+        st0, ch0, _ = self._sim_mark
+        base0 = st0[vm] if vm < st0.shape[0] else 0
+        c0 = ch0[vm] if vm < ch0.shape[0] else 0
+        rest = (self.vt.stats[vm] - base0) - (tm.charged[vm] - c0)
+        kd = tm.vm[vm, T.TV_KIND]
+        ps = int((np.abs(rest) * tm.cost[kd].sum(axis=0)).sum()) + int(self._sim_host_ps[vm]) \
+            + max(int(rest[S.ST_REMOTE_TLB_FLUSH]), 0) * int(tm.vm[vm, T.TV_FLUSH])
+        tm.charged[vm] += rest
+        self._sim_host_ps[vm] = 0
+        return ps
+
     def _need_time(self):
         if self._tm is None:
             raise BatchMMUError("the time model is off: create the Host with time=True (or a bm.CostModel)",

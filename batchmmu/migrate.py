@@ -1,0 +1,243 @@
+"""Scenario ops on simulated time (docs/time.md): ``dirty_rate`` (what the dirty log and QEMU's sampled
+``calc-dirty-rate`` say about the guest's dirty rate) and ``migrate`` (QEMU-style precopy live migration over the
+VM's dirty-tracking mechanism: the bitmap, manual protect with CLEAR in chunks, or the dirty ring).
+
+Both run each VM of the shard on its own (VMs are independent): the VM's memstress guest runs until a simulated
+deadline (kernels/timeline.py stops the batch there; the events left run first next time, so every vCPU keeps its
+program order), while the VMM side (GET/CLEAR/harvest, page sends) advances the VM's own time.
+"""
+
+import itertools
+import math
+
+import numpy as np
+
+from .constants import ACC_WRITE, RING_FULL
+from .errors import BatchMMUError
+from .kernels import state as S
+from .kernels import timeline as TL
+from .units import parse_size
+
+OPS = ("migrate", "dirty_rate")
+KEYS = {"bandwidth", "max_downtime", "max_iterations", "auto_converge", "throttle_after", "throttle_initial",
+        "throttle_step", "throttle_max", "clear_chunk", "sample_pages_per_gib", "guest_ns"}
+PS = 10 ** 12
+PAGE = 4096
+DEFAULTS = {"bandwidth": "1GiB", "max_downtime": 0.3, "max_iterations": 30, "auto_converge": False,
+            "throttle_after": 2, "throttle_initial": 20, "throttle_step": 10, "throttle_max": 99, "clear_chunk": 0,
+            "seconds": 0.01, "sample_pages_per_gib": 512, "guest_ns": None}
+
+
+def check(ph):
+    """The phase's keys, checked before anything runs (spec.prepare)."""
+    def num(key, lo, hi):
+        v = ph.get(key, DEFAULTS[key])
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            raise BatchMMUError(f"phase.{key}={v!r}: must be a number in [{lo}, {hi}]", field=f"phase.{key}", value=v)
+        return v
+    if ph.get("guest_ns") is not None:
+        num("guest_ns", 0, 1e9)
+    if ph["op"] == "migrate":
+        bw = parse_size(ph.get("bandwidth", DEFAULTS["bandwidth"]), "phase.bandwidth")
+        if not 0 < bw <= 1 << 50:
+            raise BatchMMUError(f"phase.bandwidth={bw}: bytes per simulated second, in (0, 2**50]",
+                                field="phase.bandwidth", value=bw)
+        num("max_downtime", 0, 3600)
+        num("max_iterations", 1, 100000)
+        num("throttle_after", 0, 100000)
+        for k in ("throttle_initial", "throttle_step", "throttle_max"):
+            num(k, 0, 99)
+        chunk = parse_size(ph.get("clear_chunk", 0), "phase.clear_chunk")
+        if chunk % (64 * PAGE):
+            raise BatchMMUError(f"phase.clear_chunk={chunk}: a multiple of 256KiB (64 pages: KVM_CLEAR_DIRTY_LOG "
+                                "clears whole 64-page words)", field="phase.clear_chunk", value=chunk)
+    else:
+        num("seconds", 1e-9, 3600)
+        num("sample_pages_per_gib", 1, 1 << 18)
+
+
+def run(shard, ph, extra, progress):
+    if not shard.host.timed:
+        raise BatchMMUError(f"phase.op={ph['op']!r}: runs on simulated time: use --time (or time=True)",
+                            field="phase.op", value=ph["op"])
+    for lvm in range(shard.gids.size):
+        if not shard.logging[lvm]:
+            shard._set_logging(True)
+            break
+    events = 0
+    for lvm in range(shard.gids.size):
+        g = _Guest(shard, lvm, ph)
+        if ph["op"] == "migrate":
+            rec = _migrate(shard, g, ph)
+            extra["migration"] = extra.get("migration", []) + [rec]
+        else:
+            rec = _dirty_rate(shard, g, ph)
+            extra["dirty_rate"] = extra.get("dirty_rate", []) + [rec]
+        events += g.events
+    return events
+
+
+class _Guest:
+    """One VM's memstress guest, run in simulated time (passes of the workload, one after the other)."""
+
+    def __init__(self, shard, lvm, ph):
+        self.shard, self.lvm, self.host = shard, lvm, shard.host
+        wp = int(ph.get("write_percent", shard.spec["write_percent"]))
+        ra = bool(ph.get("random_access", shard.spec.get("random_access", False)))
+        self.gen = itertools.chain.from_iterable(shard.memstress_events(wp, ra, only=lvm) for _ in itertools.count())
+        self.left = None
+        self.events = 0
+        self.writes = 0
+        v = int(shard.vcpus[lvm])
+        off = int(self.host.vt.vcpu_off[lvm])
+        self.vcpus = slice(off, off + v)
+        self.written = np.zeros(int(shard.region_pages[lvm]), bool)   # pages written since the op started
+        # the guest's own time per access (its think time), else the cost table's guest.access
+        ns = ph.get("guest_ns")
+        self.base = None if ns is None else int(round(float(ns) * 1000))
+
+    def now(self):
+        return int(self.host._tm.clock[self.vcpus].max())
+
+    def run_until(self, deadline, sleep_to=None):
+        """Run the guest until every vCPU's clock reaches ``deadline`` (ps); then, throttled, sleep to
+        ``sleep_to``.  Returns the pages written (a bool array over the region)."""
+        tm = self.host._tm
+        wrote = np.zeros(self.written.size, bool)
+        tm.ctl[TL.CTL_DEADLINE] = deadline
+        base = tm.base[:, TL.BASE_EVENT].copy()
+        if self.base is not None:
+            tm.base[:, TL.BASE_EVENT] = self.base
+        try:
+            while int(tm.clock[self.vcpus].min()) < deadline:
+                vm, vc, addr, kind = self.left if self.left is not None else next(self.gen)
+                self.left = None
+                res = self.host.access(vm, vc, addr, kind)
+                ran = self.host._last_ran.astype(bool) & (res.outcome != RING_FULL)
+                if (res.outcome == RING_FULL).any():
+                    self.shard._harvest(self.lvm, {}, stopped=True)
+                if not ran.all():
+                    keep = ~ran
+                    self.left = (vm[keep], vc[keep], addr[keep], kind[keep])
+                w = ran & ((kind & ACC_WRITE) != 0)
+                page = (addr[w] - int(self.shard.test_base[self.lvm])) >> 12
+                wrote[page[(page >= 0) & (page < wrote.size)]] = True
+                self.events += int(ran.sum())
+                self.writes += int(w.sum())
+        finally:
+            tm.ctl[TL.CTL_DEADLINE] = -1
+            tm.base[:, TL.BASE_EVENT] = base
+        if sleep_to is not None:
+            np.maximum(tm.clock[self.vcpus], sleep_to, out=tm.clock[self.vcpus])
+        return wrote
+
+    def sync(self, chunk_pages=0):
+        """migration_bitmap_sync: the pages dirtied since the last sync (GET, CLEAR in chunks, or the rings)
+        and the VMM thread's time for it (ps)."""
+        sh, lvm, host = self.shard, self.lvm, self.host
+        n = int(sh.slot_pages[lvm])
+        dirty = np.zeros(self.written.size, bool)
+        if sh.spec.get("dirty_ring"):
+            host.kick_vcpus(lvm)
+            for c in range(int(sh.vcpus[lvm])):
+                e = np.asarray(host.harvest_dirty_ring(lvm, c), np.int64).reshape(-1, 2)
+                inside = np.isin(e[:, 0], sh.slot_ids) & (e[:, 1] >= 0) & (e[:, 1] < n)
+                dirty[(e[inside, 0] - sh.slot) * n + e[inside, 1]] = True
+            host.reset_dirty_rings(lvm)
+        else:
+            for si, slot in enumerate(sh.slot_ids):
+                words = np.asarray(host.get_dirty_log(lvm, slot), np.uint64)
+                bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool)
+                dirty[si * n:(si + 1) * n] = bits
+                if sh.spec.get("manual_protect"):
+                    step = chunk_pages or n
+                    for p0 in range(0, n, step):
+                        cnt = min(step, n - p0)
+                        host.clear_dirty_log(lvm, slot, p0, cnt, words[p0 // 64:(p0 + cnt + 63) // 64])
+        return dirty, host._sim_settle(lvm)
+
+
+def _dirty_rate(shard, g, ph):
+    """One window of ``seconds``: the exact rate from the dirty log, and QEMU's page-sampling estimate
+    (``sample_pages_per_gib`` random pages, compared before and after: a page written with the value it already
+    held does not count, and memstress always writes the same value).  The log also holds pages a read faulted
+    in: KVM maps them writable and marks them dirty (make_spte); ``pages_written`` counts the written ones."""
+    window = int(round(float(ph.get("seconds", DEFAULTS["seconds"])) * PS))
+    lvm = g.lvm
+    g.sync()   # start from a clean log
+    t0 = g.now()
+    pages = g.written.size
+    rng = np.random.default_rng([int(shard.seed), int(shard.gids[lvm]), 0x0D1])
+    nsample = max(1, min(pages, int(round(pages * PAGE / (1 << 30) * float(ph.get("sample_pages_per_gib", 512))))))
+    sample = rng.choice(pages, nsample, replace=False)
+    held = shard.ever_written[lvm][sample].copy()   # the sampled pages already hold memstress's value
+    wrote = g.run_until(t0 + window)
+    shard.ever_written[lvm] |= wrote
+    dirty, _ = g.sync()
+    secs = (g.now() - t0) / PS
+    changed = int((wrote[sample] & ~held).sum())
+    mib = PAGE / (1 << 20)
+    return {"vm": int(shard.gids[lvm]), "window_seconds": secs, "dirty_pages": int(dirty.sum()),
+            "pages_per_second": dirty.sum() / secs, "mib_per_second": dirty.sum() * mib / secs,
+            "writes_per_second": g.writes / secs, "pages_written": int(wrote.sum()),
+            "sampled_pages": nsample, "sampled_changed": changed,
+            "sampled_mib_per_second": changed / nsample * pages * mib / secs}
+
+
+def _migrate(shard, g, ph):
+    """Precopy: send every page, then the pages dirtied meanwhile, until the rest fits ``max_downtime`` at
+    ``bandwidth`` (or ``max_iterations``); then stop the guest and send the rest.  Auto-converge throttles the
+    vCPUs from iteration ``throttle_after``: ``throttle_initial`` %, ``throttle_step`` % more each iteration."""
+    bw = parse_size(ph.get("bandwidth", DEFAULTS["bandwidth"]), "phase.bandwidth")
+    max_down = float(ph.get("max_downtime", DEFAULTS["max_downtime"]))
+    max_it = int(ph.get("max_iterations", DEFAULTS["max_iterations"]))
+    auto = bool(ph.get("auto_converge", DEFAULTS["auto_converge"]))
+    chunk = parse_size(ph.get("clear_chunk", 0), "phase.clear_chunk") // PAGE
+    host, lvm = g.host, g.lvm
+    send = lambda npages: int(npages) * PAGE * PS // bw  # noqa: E731
+    start = g.now()
+    g.sync(chunk)   # the log starts clean: the first iteration sends everything
+    t = g.now() + host._sim_settle(lvm)
+    pending = g.written.size
+    throttle, sent, its = 0, 0, []
+    st0 = host.vt.stats[lvm].copy()
+    while True:
+        s0 = host.vt.stats[lvm].copy()
+        end = t + send(pending)
+        g.run_until(t + (end - t) * (100 - throttle) // 100, sleep_to=end)
+        sent += pending * PAGE
+        dirty, sync_ps = g.sync(chunk)
+        t = max(end, g.now()) + sync_ps
+        d = host.vt.stats[lvm] - s0
+        its.append({"pages_sent": int(pending), "dirty_pages": int(dirty.sum()), "send_seconds": send(pending) / PS,
+                    "sync_seconds": sync_ps / PS, "throttle_percent": throttle,
+                    "wrprot_faults": int(d[S.ST_PF_TAKEN] - d[S.ST_PF_RETRY])})
+        pending = int(dirty.sum())
+        if send(pending) <= max_down * PS or len(its) >= max_it:
+            break
+        if auto and len(its) >= int(ph.get("throttle_after", 2)):
+            throttle = int(ph.get("throttle_initial", 20)) if not throttle else \
+                min(int(ph.get("throttle_max", 99)), throttle + int(ph.get("throttle_step", 10)))
+    down = send(pending)
+    sent += pending * PAGE
+    stop = t + down
+    np.maximum(host._tm.clock[g.vcpus], stop, out=host._tm.clock[g.vcpus])   # paused, then resumed at the target
+    d = host.vt.stats[lvm] - st0
+    return {"vm": int(shard.gids[lvm]), "converged": send(pending) <= max_down * PS, "iterations": len(its),
+            "bytes_sent": int(sent), "downtime_seconds": down / PS, "total_seconds": (stop - start) / PS,
+            "throttle_percent": throttle, "wrprot_faults": int(d[S.ST_PF_TAKEN] - d[S.ST_PF_RETRY]),
+            "per_iteration": its}
+
+
+def report_lines(rec):
+    out = []
+    for m in rec.get("migration", []):
+        out.append(f"    VM {m['vm']}: {'converged' if m['converged'] else 'NOT converged'} after {m['iterations']} "
+                   f"iterations, {m['bytes_sent'] / (1 << 20):,.1f} MiB sent, downtime "
+                   f"{m['downtime_seconds'] * 1e3:.3f} ms, total {m['total_seconds']:.6f} s (simulated), throttle "
+                   f"{m['throttle_percent']} %")
+    for r in rec.get("dirty_rate", []):
+        out.append(f"    VM {r['vm']}: dirty rate {r['mib_per_second']:,.1f} MiB/s ({r['pages_per_second']:,.0f} "
+                   f"pages/s) from the log; QEMU page sampling ({r['sampled_pages']} pages): "
+                   f"{r['sampled_mib_per_second']:,.1f} MiB/s")
+    return out
