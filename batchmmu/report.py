@@ -284,19 +284,59 @@ def _footprint_per_vm(ax, results, names):
     ax.legend(fontsize=7)
 
 
+def _sim_times(ax, results, names):
+    """Simulated time of each phase, one bar per result (the time model's runs)."""
+    phases = [p["name"] for p in results[0]["phases"]]
+    width = 0.8 / len(results)
+    for k, (d, name) in enumerate(zip(results, names, strict=True)):
+        sim = {p["name"]: p.get("sim_seconds", 0.0) for p in d["phases"]}
+        ax.bar([i + k * width for i in range(len(phases))], [sim.get(n, 0.0) for n in phases], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))], phases, rotation=30, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("simulated seconds")
+    ax.set_title("simulated time per phase (docs/time.md)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _latency_cdf(ax, results, names):
+    """Fault latency CDF of each result's phases that took faults."""
+    for d, name in zip(results, names, strict=True):
+        for p in d["phases"]:
+            h = p.get("sim", {}).get("fault_latency_hist")
+            if not h:
+                continue
+            total = sum(c for _, c in h)
+            acc, xs, ys = 0, [], []
+            for edge, c in h:
+                acc += c
+                xs.append(edge / 1e3)
+                ys.append(acc / total)
+            ax.step(xs, ys, where="post", label=f"{name}: {p['name']}" if len(results) > 1 else p["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel("fault latency, us (exit to resume, lock waits included)")
+    ax.set_ylabel("fraction of faults")
+    ax.set_title("fault latency CDF", fontsize=9)
+    ax.legend(fontsize=6)
+
+
 def plot(results, path, names=None):
     """Per result: each phase's changes and the page-table bytes per VM (by VM group); with several
-    results a last panel puts their totals side by side."""
+    results a panel puts their totals side by side; with simulated time a last row shows time per phase and
+    the fault-latency CDF."""
     plt = _pyplot(path)
     names = [str(n) for n in (names or [d["scenario"] for d in results])]
-    rows = len(results) + (1 if len(results) > 1 else 0)
+    timed = any("sim_seconds" in p for d in results for p in d["phases"])
+    rows = len(results) + (1 if len(results) > 1 else 0) + int(timed)
     fig, axes = plt.subplots(rows, 2, figsize=(13, 4.2 * rows), squeeze=False)
     for r, (d, name) in enumerate(zip(results, names, strict=True)):
         _phase_bars(axes[r][0], d, f"{name}: changes during each phase")
         _page_tables(axes[r][1], d)
     if len(results) > 1:
-        _totals(axes[-1][0], results, names)
-        _footprint_per_vm(axes[-1][1], results, names)
+        _totals(axes[len(results)][0], results, names)
+        _footprint_per_vm(axes[len(results)][1], results, names)
+    if timed:
+        _sim_times(axes[-1][0], results, names)
+        _latency_cdf(axes[-1][1], results, names)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

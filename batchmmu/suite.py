@@ -23,7 +23,10 @@ SMALL = {
     "memslot_modification_stress": ["bytes_per_vcpu=8MiB", "ops=4", "passes=1"],
     "memslot_perf": ["slots=64", "loops=1"],
     "overcommit": ["busy_vms=4", "idle_vms=4", "bytes_per_vcpu=8MiB", "memory=48MiB", "epochs=2", "passes=1"],
+    "migrate": ["bytes_per_vcpu=8MiB"],
 }
+# scenarios with ops on simulated time: the suite runs them with the default cost table
+TIMED = {"migrate"}
 
 
 def _phase_stat(rep, stat):
@@ -63,7 +66,13 @@ def _check_trace(rep):
     return None
 
 
-CHECKS = {"nx_huge_pages": _check_nx, "demand_paging": _check_demand_paging, "trace_replay": _check_trace}
+def _check_migrate(rep):
+    bad = [m["vm"] for p in rep.phases for m in p.get("migration", []) if not m["converged"]]
+    return f"VMs {bad} did not converge with the scenario's defaults" if bad else None
+
+
+CHECKS = {"nx_huge_pages": _check_nx, "demand_paging": _check_demand_paging, "trace_replay": _check_trace,
+          "migrate": _check_migrate}
 
 
 def run_all(small=False, workers=1, backend="serial", seed=0, out=sys.stdout, names=None):
@@ -78,7 +87,8 @@ def run_all(small=False, workers=1, backend="serial", seed=0, out=sys.stdout, na
         t = time.perf_counter()
         why = None
         try:
-            rep = run_scenario(name, workers=workers, backend=backend, seed=seed, sets=sets, quiet=True)
+            rep = run_scenario(name, workers=workers, backend=backend, seed=seed, sets=sets, quiet=True,
+                               time=name in TIMED or None)
             check = CHECKS.get(name)
             why = check(rep) if check else None
         except BatchMMUError as e:

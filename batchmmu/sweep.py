@@ -11,7 +11,7 @@ import csv
 import itertools
 import re
 import sys
-import time
+import time as _clock
 from pathlib import Path
 
 from .errors import BatchMMUError
@@ -200,21 +200,24 @@ def check_out(out):
 
 
 def sweep(scenario, grid, repeat=1, workers=1, backend="serial", seed=0, sets=(), out=None, progress=False,
-          keep_going=False, ray_address=None):
+          keep_going=False, ray_address=None, time=None):
     """Run ``scenario`` for every combination of ``grid`` (``{key: [values]}``), ``repeat`` times each
     (seeds ``seed``, ``seed + 1``, ...).  Returns a pandas DataFrame when pandas is installed, else a list
-    of dicts; ``out`` (.csv / .parquet) also writes the table, rewritten after every run."""
+    of dicts; ``out`` (.csv / .parquet) also writes the table, rewritten after every run.  ``time``: the time
+    model (True, a ``bm.CostModel`` or a path; docs/time.md) adds ``phase.<slug>.sim_seconds`` columns."""
     from . import scenario as sc
+    from .timemodel import cost_model_arg
+    time = cost_model_arg(time)
     if out is not None:
         check_out(out)
     data, runs = plan(scenario, grid, repeat, sets, seed, _check_count(workers, "workers", 1), backend, ray_address)
     rows = []
     for i, run in enumerate(runs):
         label = " ".join(f"{k}={v}" for k, v in run["params"].items())
-        t = time.perf_counter()
+        t = _clock.perf_counter()
         try:
             rep = sc.run_scenario(data, workers=workers, backend=backend, seed=run["seed"], sets=run["sets"],
-                                  quiet=True, ray_address=ray_address)
+                                  quiet=True, ray_address=ray_address, time=time)
         except BatchMMUError as e:
             if not keep_going:
                 if rows and out is not None:
@@ -227,7 +230,7 @@ def sweep(scenario, grid, repeat=1, workers=1, backend="serial", seed=0, sets=()
                 print(f"sweep [{i + 1}/{len(runs)}] {label} repeat {run['repeat']}: FAILED: {e}", file=sys.stderr,
                       flush=True)
             continue
-        wall = time.perf_counter() - t
+        wall = _clock.perf_counter() - t
         r = row(rep, run, wall, backend, workers)
         r = {"run": i, **r}
         rows.append(r)
@@ -263,12 +266,16 @@ def add_parser(sub):
                    help="table path (.csv; .parquet too when pyarrow is installed)")
     p.add_argument("--keep-going", action="store_true", help="record a failed run in an 'error' column and go on")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--time", action="store_true", help="simulated time (docs/time.md): phase.<slug>.sim_seconds")
+    p.add_argument("--cost-model", metavar="FILE", default=None, help="simulated time with this cost table")
     p.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args):
     from . import warmup
+    from .timemodel import CostModel
     check_out(args.out)
+    cm = CostModel.load(args.cost_model) if args.cost_model else (CostModel() if args.time else None)
     grid = parse_grid(args.grid)
     _, runs = plan(args.scenario, grid, args.repeat, args.set, args.seed, args.workers, args.backend,
                    args.ray_address)
@@ -278,7 +285,7 @@ def cmd_sweep(args):
               flush=True)
     warmup()
     sweep(args.scenario, grid, args.repeat, args.workers, args.backend, args.seed, args.set, args.out,
-          progress=not args.quiet, keep_going=args.keep_going, ray_address=args.ray_address)
+          progress=not args.quiet, keep_going=args.keep_going, ray_address=args.ray_address, time=cm)
     if not args.quiet:
         import importlib.util
         paths = [Path(args.out).with_suffix(".csv")]

@@ -395,10 +395,14 @@ def chain(a, b):
 
 def phase_record(fig):
     """The ``sim_*`` fields of a phase record (JSON) from merged figures."""
+    h = fig["hist"]
     rec = {"sim_seconds": fig["sim_ps"] / 1e12,
            "sim": {"vcpu_seconds": {"min": fig["vcpu_ps"][0] / 1e12, "max": fig["vcpu_ps"][1] / 1e12},
                    "host_seconds": fig["host_ps"] / 1e12,
-                   "fault_latency": latency(fig["hist"]),
+                   "fault_latency": latency(h),
+                   # [bin's upper edge in ns, faults] of every non-empty bin: the latency CDF
+                   "fault_latency_hist": [[round(2.0 ** ((b + 1) / 8) / PS, 3), int(h[b])] for b in range(T.NBINS)
+                                          if h[b]],
                    "per_vm_seconds": [x / 1e12 for x in fig["sim_ps_per_vm"]]}}
     for lock in _LOCK_COLS:
         d = fig[lock]

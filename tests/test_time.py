@@ -180,3 +180,21 @@ def test_nested_dirty_logging_scaling_2022():
                                                       "bytes_per_vcpu=512KiB"], time=True)
         t[v] = _phase(rep, "Iteration 2 dirty memory")["sim_seconds"]
     assert _within2(t[16] / t[2], 4.6 / 0.37) and _within2(t[64] / t[2], 20.4 / 0.37)
+
+
+def test_sweep_and_report_plot_with_time(tmp_path):
+    """Time vs vCPUs from a sweep (phase.<slug>.sim_seconds), and the report's time panels."""
+    pytest.importorskip("matplotlib")
+    from batchmmu import report
+    from batchmmu.sweep import sweep
+    rows = sweep("dirty_log_perf", {"vcpus": [1, 8], "tdp_mmu": [True, False]}, sets=["bytes_per_vcpu=512KiB"],
+                 time=True, out=tmp_path / "s.csv")
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
+    t = {(r["vcpus"], r["tdp_mmu"]): r["phase.populate_memory.sim_seconds"] for r in rows}
+    assert t[(8, False)] / t[(1, False)] > 2 * t[(8, True)] / t[(1, True)]   # the write lock serializes
+    rep = bm.run_scenario("dirty_log_perf", sets=["vcpus=4", "bytes_per_vcpu=512KiB"], time=True)
+    d = json.loads(rep.to_json())
+    h = d["phases"][0]["sim"]["fault_latency_hist"]
+    assert sum(c for _, c in h) == d["phases"][0]["sim"]["fault_latency"]["count"] == 4 * 128
+    report.plot([d], tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10000
