@@ -38,6 +38,10 @@ any other value written as ``"${name}"`` takes the parameter's value.  Sections:
                    batchmmu.hostops: ``add_slots``, ``sweep``, ``toggle_cr0_wp``, ``delete_slots``,
                    ``discard``, ``release`` (max_guest_memory), ``memslot_perf`` (``test``, ``loops``,
                    ``slots``), ``memslot_stress`` (``ops``, ``passes``);
+                  batchmmu.migrate (on simulated time: ``--time``): ``dirty_rate`` (``seconds``: the window,
+                  ``sample_pages_per_gib``, ``guest_ns``), ``migrate`` (``bandwidth``, ``max_downtime``,
+                  ``max_iterations``, ``auto_converge``, ``throttle_after`` / ``throttle_initial`` /
+                  ``throttle_step`` / ``throttle_max``, ``clear_chunk``, ``guest_ns``);
                    ``when`` / ``unless`` (a value, usually ``"${param}"``) keep or drop a phase;
                    ``repeat = N`` (or ``iterations = N``) with sub-phases ``[[phase.phase]]`` runs them N
                    times; ``{i}`` in their names is the iteration (1..N);
