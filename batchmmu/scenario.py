@@ -33,7 +33,7 @@ from .spec import (  # noqa: F401 - the scenario API, re-exported
     truthy,
     vm_groups,
 )
-from .timemodel import cost_model_arg, merge, phase_record
+from .timemodel import cost_model_arg, merge, phase_record, timed_kernels_cold
 from .units import format_size
 
 # phase-record keys that every shard reports alike (a count per VM or per host, not a sum over shards)
@@ -198,6 +198,8 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
         tw = _clock.perf_counter()
         warm.warmup()
         say(f"kernels ready in {_clock.perf_counter() - tw:.1f} s")
+    if cm is not None and timed_kernels_cold():
+        say("compiling the time model's kernels (first timed run only: up to a minute on 2 cores) ...")
     bar = PhaseProgress(not quiet and progress)
     t0 = _clock.perf_counter()
     prov = provenance(prep.seed, backend, len(parts), argv)

@@ -190,6 +190,15 @@ def _line(text, word):
     return "?"
 
 
+def timed_kernels_cold():
+    """Whether numba's cache holds none of the time model's wrappers (kernels/timeline.py ``timed_*``): the first
+    timed run then compiles them (each links its batch kernel's code: 10-25 s apiece on 2 cores)."""
+    from pathlib import Path as _P
+
+    from .kernels import CACHE_DIR
+    return not any(_P(CACHE_DIR).rglob("timeline.timed_*.nbi"))
+
+
 def cost_model_arg(time, field="time"):
     """``Host(time=...)``: None/False (off), True (the default table), a CostModel or a TOML path."""
     if time is None or time is False or (isinstance(time, np.bool_) and not time):
