@@ -133,6 +133,7 @@ class Batches:
         err = np.zeros(n, np.int64)
         fgpa = np.full(n, -1, np.int64)
         done = np.zeros(n, bool)  # events of the sub-batches that completed (VMs are independent)
+        ran = np.zeros(n, np.int8)   # time model: the events that ran before a deadline stopped the batch
         for idx, run in ((np.nonzero(shadow)[0], "shadow"), (np.nonzero(twod)[0], "2d"),
                          (np.nonzero(~shadow & ~twod)[0], "tdp")):
             if not idx.size:
@@ -149,6 +150,10 @@ class Batches:
                 raise self._partial(exc, idx, n, out, err, done) from None
             out[idx], err[idx], fgpa[idx] = o, e, f
             done[idx] = True
+            if self._tm is not None:
+                ran[idx] = self._last_ran
+        if self._tm is not None:
+            self._last_ran = ran
         return AccessResult(out, err, fgpa)
 
     def _run_tdp_accesses(self, vm_a, vcpu_a, addr_a, kind_a):

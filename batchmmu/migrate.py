@@ -8,7 +8,6 @@ program order), while the VMM side (GET/CLEAR/harvest, page sends) advances the 
 """
 
 import itertools
-import math
 
 import numpy as np
 
@@ -29,12 +28,12 @@ DEFAULTS = {"bandwidth": "1GiB", "max_downtime": 0.3, "max_iterations": 30, "aut
 
 
 def check(ph):
-    """The phase's keys, checked before anything runs (spec.prepare)."""
+    """The phase's keys, checked before anything runs (spec.prepare); normalizes ``auto_converge``."""
+    from . import args as A
+    from .spec import _bool, _int
+
     def num(key, lo, hi):
-        v = ph.get(key, DEFAULTS[key])
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-            raise BatchMMUError(f"phase.{key}={v!r}: must be a number in [{lo}, {hi}]", field=f"phase.{key}", value=v)
-        return v
+        return A.number(ph.get(key, DEFAULTS[key]), f"phase.{key}", lo, hi)
     if ph.get("guest_ns") is not None:
         num("guest_ns", 0, 1e9)
     if ph["op"] == "migrate":
@@ -43,10 +42,15 @@ def check(ph):
             raise BatchMMUError(f"phase.bandwidth={bw}: bytes per simulated second, in (0, 2**50]",
                                 field="phase.bandwidth", value=bw)
         num("max_downtime", 0, 3600)
-        num("max_iterations", 1, 100000)
-        num("throttle_after", 0, 100000)
+        _int(ph.get("max_iterations", DEFAULTS["max_iterations"]), "phase.max_iterations", 1, 100000)
+        _int(ph.get("throttle_after", DEFAULTS["throttle_after"]), "phase.throttle_after", 0, 100000)
         for k in ("throttle_initial", "throttle_step", "throttle_max"):
-            num(k, 0, 99)
+            _int(ph.get(k, DEFAULTS[k]), f"phase.{k}", 0 if k == "throttle_step" else 1, 99)
+        if ph.get("throttle_initial", DEFAULTS["throttle_initial"]) > ph.get("throttle_max", DEFAULTS["throttle_max"]):
+            raise BatchMMUError(f"phase.throttle_initial={ph.get('throttle_initial', DEFAULTS['throttle_initial'])}: "
+                                "above throttle_max", field="phase.throttle_initial",
+                                value=ph.get("throttle_initial", DEFAULTS["throttle_initial"]))
+        ph["auto_converge"] = _bool(ph.get("auto_converge", DEFAULTS["auto_converge"]), "phase.auto_converge")
         chunk = parse_size(ph.get("clear_chunk", 0), "phase.clear_chunk")
         if chunk % (64 * PAGE):
             raise BatchMMUError(f"phase.clear_chunk={chunk}: a multiple of 256KiB (64 pages: KVM_CLEAR_DIRTY_LOG "
@@ -60,12 +64,20 @@ def run(shard, ph, extra, progress):
     if not shard.host.timed:
         raise BatchMMUError(f"phase.op={ph['op']!r}: runs on simulated time: use --time (or time=True)",
                             field="phase.op", value=ph["op"])
+    cm = shard.host.cost_model
+    if (ph.get("guest_ns") is None and cm["guest.access"] == 0) or ph.get("guest_ns") == 0:
+        if cm["guest.walk_ref"] == 0:
+            raise BatchMMUError(f"phase.op={ph['op']!r}: a guest access that hits costs no time (guest.access and "
+                                "guest.walk_ref are 0), so the guest never reaches a deadline; set guest_ns > 0",
+                                field="phase.guest_ns", value=ph.get("guest_ns"))
     for lvm in range(shard.gids.size):
         if not shard.logging[lvm]:
             shard._set_logging(True)
             break
     events = 0
     for lvm in range(shard.gids.size):
+        if not shard._runs(lvm):
+            continue
         g = _Guest(shard, lvm, ph)
         if ph["op"] == "migrate":
             rec = _migrate(shard, g, ph)
@@ -109,8 +121,13 @@ class _Guest:
         if self.base is not None:
             tm.base[:, TL.BASE_EVENT] = self.base
         try:
+            stalled = False
             while int(tm.clock[self.vcpus].min()) < deadline:
-                vm, vc, addr, kind = self.left if self.left is not None else next(self.gen)
+                if self.left is None:
+                    self.left = next(self.gen)
+                elif stalled:   # the vCPUs behind the deadline have no events left here: the next pass's follow
+                    self.left = tuple(np.concatenate([a, b]) for a, b in zip(self.left, next(self.gen), strict=True))
+                vm, vc, addr, kind = self.left
                 self.left = None
                 res = self.host.access(vm, vc, addr, kind)
                 ran = self.host._last_ran.astype(bool) & (res.outcome != RING_FULL)
@@ -124,6 +141,7 @@ class _Guest:
                 wrote[page[(page >= 0) & (page < wrote.size)]] = True
                 self.events += int(ran.sum())
                 self.writes += int(w.sum())
+                stalled = not ran.any()
         finally:
             tm.ctl[TL.CTL_DEADLINE] = -1
             tm.base[:, TL.BASE_EVENT] = base
@@ -156,6 +174,11 @@ class _Guest:
                         host.clear_dirty_log(lvm, slot, p0, cnt, words[p0 // 64:(p0 + cnt + 63) // 64])
         return dirty, host._sim_settle(lvm)
 
+    def pause(self, ps):
+        """The VM's thread works ``ps`` (an ioctl) with the vCPUs out of the guest: their clocks move past it."""
+        tm = self.host._tm
+        np.maximum(tm.clock[self.vcpus], self.now() + ps, out=tm.clock[self.vcpus])
+
 
 def _dirty_rate(shard, g, ph):
     """One window of ``seconds``: the exact rate from the dirty log, and QEMU's page-sampling estimate
@@ -164,7 +187,7 @@ def _dirty_rate(shard, g, ph):
     in: KVM maps them writable and marks them dirty (make_spte); ``pages_written`` counts the written ones."""
     window = int(round(float(ph.get("seconds", DEFAULTS["seconds"])) * PS))
     lvm = g.lvm
-    g.sync()   # start from a clean log
+    g.pause(g.sync()[1])   # enabling logging and a first sync: the window starts from a clean log
     t0 = g.now()
     pages = g.written.size
     rng = np.random.default_rng([int(shard.seed), int(shard.gids[lvm]), 0x0D1])
@@ -173,8 +196,9 @@ def _dirty_rate(shard, g, ph):
     held = shard.ever_written[lvm][sample].copy()   # the sampled pages already hold memstress's value
     wrote = g.run_until(t0 + window)
     shard.ever_written[lvm] |= wrote
-    dirty, _ = g.sync()
+    dirty, ps = g.sync()
     secs = (g.now() - t0) / PS
+    g.pause(ps)
     changed = int((wrote[sample] & ~held).sum())
     mib = PAGE / (1 << 20)
     return {"vm": int(shard.gids[lvm]), "window_seconds": secs, "dirty_pages": int(dirty.sum()),
@@ -196,8 +220,8 @@ def _migrate(shard, g, ph):
     host, lvm = g.host, g.lvm
     send = lambda npages: int(npages) * PAGE * PS // bw  # noqa: E731
     start = g.now()
-    g.sync(chunk)   # the log starts clean: the first iteration sends everything
-    t = g.now() + host._sim_settle(lvm)
+    _, ps = g.sync(chunk)   # enabling logging, and a clean log: the first iteration sends everything
+    t = g.now() + ps
     pending = g.written.size
     throttle, sent, its = 0, 0, []
     st0 = host.vt.stats[lvm].copy()

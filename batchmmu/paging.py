@@ -315,9 +315,12 @@ class GuestPaging:
         vg = self.vt.vcpu_off[vm_a] + ev[:, MI.EV_VCPU]
         l2 = (self.vr.guest_mode[vg] != 0) & (self.vr.eptp[vg] >= 0)
         cuts = [0, *(np.nonzero(l2[1:] != l2[:-1])[0] + 1).tolist(), n]
+        ran = np.zeros(n, np.int8)
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             if b <= a:
                 continue
+            if self._tm is not None and self._tm.ctl[1] >= 0 and a > 0 and not ran[:a].all():
+                break   # the time model's deadline (CTL_DEADLINE) stopped an earlier run: the rest waits, in order
             if l2[a]:
                 from .kernels.nested import l2_batch as kernel
             else:
@@ -331,6 +334,10 @@ class GuestPaging:
                              *results(res)[:2]),
                          topup, oom_vm=lambda i, a=a: int(vm_a[a + i]),
                          oom_gpa=lambda i: int(self.sh.scratch[MI.SC_OOM_GPA]))
+            if self._tm is not None:
+                ran[a:b] = self._last_ran
+        if self._tm is not None:
+            self._last_ran = ran
         return results(res)
 
     def _timed_run(self, kernel, ev, res):

@@ -242,7 +242,7 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
                 rec["dirty_pages"] = 0
             _merge_extras(rec, results)
             if "sim" in results[0]:
-                rec.update(phase_record(merge([r["sim"] for r in results])))
+                rec.update(phase_record(merge([r["sim"] for r in results], parts)))
             rec["stats"] = _vector(stats)
             rec["delta"] = {n: rec["stats"][n] - before[n] for n in STAT_NAMES}
             rec.update(host_rec)

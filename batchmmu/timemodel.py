@@ -97,7 +97,7 @@ ENTRIES = (
     ("nx", "recover", 500.0, "nx_lpage_recovered", _L, _BOTH, "zapping one NX-split page for recovery"),
 )
 _KEYS = {f"{sec}.{key}": i for i, (sec, key, *_rest) in enumerate(ENTRIES)}
-MAX_NS = 1e12   # one cost at most 1000 s
+MAX_NS = 1e9    # one cost at most 1 s per unit (kernels multiply per-event counts by it in int64 ps)
 
 
 class CostModel:
@@ -109,6 +109,8 @@ class CostModel:
     def __init__(self, values=None, source="default"):
         self.values = {k: e[2] for k, e in zip(_KEYS, ENTRIES, strict=True)}
         self.source = str(source)
+        if values is not None and not isinstance(values, dict):
+            raise bad("cost_model", values, "must be a dict of {\"section.key\": nanoseconds}")
         for key, v in (values or {}).items():
             if key not in _KEYS:
                 raise bad("cost_model", key, "no such cost key (CostModel.keys() lists them)")
@@ -126,8 +128,9 @@ class CostModel:
         try:
             text = p.read_text()
             data = tomllib.loads(text)
-        except OSError as e:
-            raise BatchMMUError(f"cost model {str(p)!r}: {e.strerror or e}", field="cost_model", value=str(p)) from None
+        except (OSError, ValueError) as e:   # ValueError: a path with a NUL byte
+            raise BatchMMUError(f"cost model {str(p)!r}: {getattr(e, 'strerror', None) or e}", field="cost_model",
+                                value=str(p)) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise BatchMMUError(f"cost model {str(p)!r}: not TOML: {e}", field="cost_model", value=str(p)) from None
         flat = {}
@@ -206,7 +209,7 @@ def cost_model_arg(time, field="time"):
     if time is True or (isinstance(time, np.bool_) and time):
         return CostModel()
     if isinstance(time, CostModel):
-        return time
+        return CostModel(time.values, time.source)   # a copy: the kernels' tables are made from it once
     if isinstance(time, (str, os.PathLike)):
         return CostModel.load(time)
     raise bad(field, time, "must be True, False, a bm.CostModel or the path of a cost-model TOML file")
@@ -225,8 +228,8 @@ def new_state(cm):
     z = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
     return T.TimeState(cost=cost, base=base, clock=z(16), vm=z(16, T.NTV), charged=z(16, S.NSTAT),
                        hist=z(T.NBINS + 1), heap=z(16), head=np.full(16, -1, np.int64),
-                       ctl=np.array([0, -1], np.int64), race_key=np.full(T.NRACE, -1, np.int64),
-                       race_end=z(T.NRACE),
+                       ctl=np.array([0, -1], np.int64), race_key=np.full((16, T.NRACE), -1, np.int64),
+                       race_end=z(16, T.NRACE),
                        before=z(S.NSTAT), ev1=z(1, T.NEVF), res1=z(1, T.NRESF), vm1=z(1), vcpu1=z(1), addr1=z(1),
                        kind1=z(1), out1=np.zeros(1, np.int8), err1=z(1))
 
@@ -243,12 +246,12 @@ class Timing:
         self.cost_model = cost_model_arg(time)
         self._tm = new_state(self.cost_model) if self.cost_model is not None else None
         self._sim_mark = None
-        self._sim_host_ps = np.zeros(16, np.int64)   # ioctl work charged outside the statistics, per VM
+        self._sim_host_ps = {}   # VM -> ioctl work charged outside the statistics (Python ints: no wrap-around)
 
     def _sim_charge(self, vm, key, units=1):
         """Charge ``units`` of ``key`` (a cost-table key without a statistic) to VM ``vm``'s own thread."""
         if self._tm is not None:
-            self._sim_host_ps[vm] += int(round(self.cost_model[key] * PS)) * int(units)
+            self._sim_host_ps[vm] = self._sim_host_ps.get(vm, 0) + int(round(self.cost_model[key] * PS)) * int(units)
 
     @property
     def timed(self):
@@ -263,13 +266,13 @@ class Timing:
         _, _, flush, per = self.cost_model.tables()
         self._tm = tm = tm._replace(clock=_grow(tm.clock, nvcpu), heap=_grow(tm.heap, nvcpu),
                                     head=_grow(tm.head, nvcpu, -1), vm=_grow(tm.vm, self.nvm),
-                                    charged=_grow(tm.charged, self.nvm))
+                                    charged=_grow(tm.charged, self.nvm), race_key=_grow(tm.race_key, self.nvm, -1),
+                                    race_end=_grow(tm.race_end, self.nvm))
         tm.vm[vms] = 0
         tm.vm[vms, T.TV_KIND] = T.KIND_TDP_MMU if kind == S.MMU_TDP else T.KIND_SHADOW
         tm.vm[vms, T.TV_FLUSH] = flush + per * (int(vcpus) - 1)
         tm.charged[vms] = 0
-        self._sim_host_ps = _grow(self._sim_host_ps, self.nvm)
-        self._sim_host_ps[vms] = 0
+        tm.race_key[vms] = -1
 
     def _sched(self, ev_vm, ev_vcpu):
         """Program order and the scheduler heap for a batch: (nxt, ran) for a timed kernel."""
@@ -293,7 +296,7 @@ class Timing:
         tm.hist[:] = 0
         tm.race_key[:] = -1
         n = self.nvm
-        self._sim_host_ps[:] = 0
+        self._sim_host_ps = {}
         self._sim_mark = (self.vt.stats[:n].copy(), tm.charged[:n].copy(), tm.vm[:n].copy())
 
     def sim_end(self):
@@ -309,28 +312,26 @@ class Timing:
         st0 = np.concatenate([st0, np.zeros((n - k, S.NSTAT), np.int64)])
         ch0 = np.concatenate([ch0, np.zeros((n - k, S.NSTAT), np.int64)])
         tv0 = np.concatenate([tv0, np.zeros((n - k, T.NTV), np.int64)])
-        # ioctl work no event was charged for, on each VM's own thread (no vCPU runs meanwhile in a phase)
-        rest = np.abs((self.vt.stats[:n] - st0) - (tm.charged[:n] - ch0))
-        kinds = tm.vm[:n, T.TV_KIND]
-        per_unit = tm.cost.sum(axis=1)[kinds]                     # [n, NSTAT]
-        host_ps = (rest * per_unit).sum(axis=1) + rest[:, S.ST_REMOTE_TLB_FLUSH] * tm.vm[:n, T.TV_FLUSH] \
-            + self._sim_host_ps[:n]
+        # ioctl work no event was charged for, on each VM's own thread (no vCPU runs meanwhile in a phase);
+        # Python ints: a huge cost table cannot wrap around
+        rest = np.abs((self.vt.stats[:n] - st0) - (tm.charged[:n] - ch0)).astype(object)
+        per_unit = tm.cost.sum(axis=1)[tm.vm[:n, T.TV_KIND]].astype(object)     # [n, NSTAT]
+        host_ps = [int(x) for x in (rest * per_unit).sum(axis=1)] if n else []
+        for v in range(n):
+            host_ps[v] += int(rest[v, S.ST_REMOTE_TLB_FLUSH]) * int(tm.vm[v, T.TV_FLUSH]) + self._sim_host_ps.get(v, 0)
         off = self.vt.vcpu_off[:n]
-        nv = self._vcpus[:n]
-        vcpu_ps = tm.clock[:self.vr.rec.shape[0]]
-        vm_vcpu_max = np.array([int(vcpu_ps[o:o + c].max()) if c else 0 for o, c in zip(off, nv, strict=True)],
-                               np.int64)
-        vm_ps = vm_vcpu_max + host_ps
+        clock = tm.clock
+        vmin = [int(clock[o:o + c].min()) if c else 0 for o, c in zip(off, self._vcpus[:n], strict=True)]
+        vmax = [int(clock[o:o + c].max()) if c else 0 for o, c in zip(off, self._vcpus[:n], strict=True)]
         d = tm.vm[:n] - tv0
-        out = {"sim_ps": int(vm_ps.max()) if n else 0, "sim_ps_per_vm": vm_ps.tolist(),
-               "vcpu_ps": _spread(vcpu_ps, off, nv),
+        # per VM: its end (last vCPU, then its thread's ioctl work), its thread's work, its vCPUs' min and max
+        out = {"per_vm": [[vmax[v] + host_ps[v], host_ps[v], vmin[v], vmax[v]] for v in range(n)],
                "hist": tm.hist.tolist(), "faults": int(d[:, T.TV_FAULTS].sum())}
         for lock, cols in _LOCK_COLS.items():
             rd, wr, hold, wait, cont = cols
             out[lock] = {"read_acquisitions": int(d[:, rd].sum()) if rd is not None else 0,
                          "write_acquisitions": int(d[:, wr].sum()), "hold_ps": int(d[:, hold].sum()),
                          "wait_ps": int(d[:, wait].sum()), "contended": int(d[:, cont].sum())}
-        out["host_ps"] = int(host_ps.max()) if n else 0
         self._sim_mark = None
         return out
 
@@ -343,24 +344,15 @@ class Timing:
         c0 = ch0[vm] if vm < ch0.shape[0] else 0
         rest = (self.vt.stats[vm] - base0) - (tm.charged[vm] - c0)
         kd = tm.vm[vm, T.TV_KIND]
-        ps = int((np.abs(rest) * tm.cost[kd].sum(axis=0)).sum()) + int(self._sim_host_ps[vm]) \
-            + max(int(rest[S.ST_REMOTE_TLB_FLUSH]), 0) * int(tm.vm[vm, T.TV_FLUSH])
+        ps = int((np.abs(rest).astype(object) * tm.cost[kd].sum(axis=0).astype(object)).sum()) \
+            + self._sim_host_ps.pop(vm, 0) + abs(int(rest[S.ST_REMOTE_TLB_FLUSH])) * int(tm.vm[vm, T.TV_FLUSH])
         tm.charged[vm] += rest
-        self._sim_host_ps[vm] = 0
         return ps
 
     def _need_time(self):
         if self._tm is None:
             raise BatchMMUError("the time model is off: create the Host with time=True (or a bm.CostModel)",
                                 field="time", value=None)
-
-
-def _spread(clock, off, nv):
-    """[min, max] of the VMs' vCPU times in ps."""
-    if not len(off):
-        return [0, 0]
-    idx = np.concatenate([np.arange(o, o + c) for o, c in zip(off, nv, strict=True)])
-    return [int(clock[idx].min()), int(clock[idx].max())]
 
 
 def latency(hist):
@@ -377,24 +369,26 @@ def latency(hist):
             "max_ns": round(int(hist[T.NBINS]) / PS, 3)}
 
 
-def merge(figs):
-    """One phase's figures over shards (VMs are independent: the phase ends with the last VM)."""
-    out = {"sim_ps": max(f["sim_ps"] for f in figs), "host_ps": max(f["host_ps"] for f in figs),
-           "faults": sum(f["faults"] for f in figs),
+def merge(figs, parts):
+    """One phase's figures over shards, ``figs[i]`` from the shard of global VM ids ``parts[i]``: per VM in VM order
+    (VMs are independent: the phase ends with the last VM)."""
+    nvm = sum(len(p) for p in parts)
+    out = {"per_vm": [None] * nvm, "faults": sum(f["faults"] for f in figs),
            "hist": np.sum([f["hist"] for f in figs], axis=0).tolist()}
+    for f, part in zip(figs, parts, strict=True):
+        for v, row in zip(part, f["per_vm"], strict=True):
+            out["per_vm"][int(v)] = row
     out["hist"][T.NBINS] = max(f["hist"][T.NBINS] for f in figs)
     for lock in _LOCK_COLS:
         out[lock] = {k: sum(f[lock][k] for f in figs) for k in figs[0][lock]}
-    out["vcpu_ps"] = [min(f["vcpu_ps"][0] for f in figs), max(f["vcpu_ps"][1] for f in figs)]
-    out["sim_ps_per_vm"] = [x for f in figs for x in f["sim_ps_per_vm"]]
     return out
 
 
 def chain(a, b):
-    """Figures of two steps of one shard run one after the other (the epochs of a phase)."""
-    out = {k: a[k] + b[k] for k in ("sim_ps", "host_ps", "faults")}
-    out["sim_ps_per_vm"] = [x + y for x, y in zip(a["sim_ps_per_vm"], b["sim_ps_per_vm"], strict=True)]
-    out["vcpu_ps"] = [x + y for x, y in zip(a["vcpu_ps"], b["vcpu_ps"], strict=True)]
+    """Figures of two steps of one shard run one after the other (the epochs of a phase): per VM, the sums."""
+    out = {"faults": a["faults"] + b["faults"],
+           "per_vm": [[x + y for x, y in zip(ra, rb, strict=True)]
+                      for ra, rb in zip(a["per_vm"], b["per_vm"], strict=True)]}
     out["hist"] = [x + y for x, y in zip(a["hist"], b["hist"], strict=True)]
     out["hist"][T.NBINS] = max(a["hist"][T.NBINS], b["hist"][T.NBINS])
     for lock in _LOCK_COLS:
@@ -405,14 +399,15 @@ def chain(a, b):
 def phase_record(fig):
     """The ``sim_*`` fields of a phase record (JSON) from merged figures."""
     h = fig["hist"]
-    rec = {"sim_seconds": fig["sim_ps"] / 1e12,
-           "sim": {"vcpu_seconds": {"min": fig["vcpu_ps"][0] / 1e12, "max": fig["vcpu_ps"][1] / 1e12},
-                   "host_seconds": fig["host_ps"] / 1e12,
+    rows = fig["per_vm"] or [[0, 0, 0, 0]]
+    rec = {"sim_seconds": max(r[0] for r in rows) / 1e12,
+           "sim": {"vcpu_seconds": {"min": min(r[2] for r in rows) / 1e12, "max": max(r[3] for r in rows) / 1e12},
+                   "host_seconds": max(r[1] for r in rows) / 1e12,
                    "fault_latency": latency(h),
                    # [bin's upper edge in ns, faults] of every non-empty bin: the latency CDF
                    "fault_latency_hist": [[round(2.0 ** ((b + 1) / 8) / PS, 3), int(h[b])] for b in range(T.NBINS)
                                           if h[b]],
-                   "per_vm_seconds": [x / 1e12 for x in fig["sim_ps_per_vm"]]}}
+                   "per_vm_seconds": [r[0] / 1e12 for r in rows]}}
     for lock in _LOCK_COLS:
         d = fig[lock]
         rec["sim"][lock] = {"read_acquisitions": d["read_acquisitions"], "write_acquisitions": d["write_acquisitions"],

@@ -20,10 +20,11 @@ from numba import njit
 from .batch import shadow_event_batch
 from .fault import access_batch
 from .jit import helper, kernel
-from .mmu_internal import EV_ADDR, EV_OP, EV_VM, NEVF, NRESF, OP_ACCESS
+from .mmu_internal import EV_ADDR, EV_OP, EV_VM, NEVF, NRESF, OP_ACCESS, RES_OUTCOME
 from .nested import l2_batch
 from .state import (
     NSTAT,
+    OUT_RING_FULL,
     ST_PF_FAST,
     ST_PF_FIXED,
     ST_PF_RETRY,
@@ -73,9 +74,8 @@ STOP_DEADLINE = 3    # a batch stopped at CTL_DEADLINE: the events not marked ``
 
 # Faults in flight: a fault that maps a page finishes at its lock release; another vCPU reaching the same page
 # (the event's address page) before that faults too and finds the page being mapped.  A direct-mapped table of
-# (VM, page) -> finish time, per batch.
-NRACE = 4096
-RACE_SHIFT = 40      # the key: vm << RACE_SHIFT | page
+# page -> finish time per VM (a VM's figures never depend on the other VMs of its Host).
+NRACE = 256
 
 
 class TimeState(NamedTuple):
@@ -90,8 +90,8 @@ class TimeState(NamedTuple):
     head: np.ndarray     # int64[vCPUs]: each vCPU's next event in the batch (-1: none)
     ctl: np.ndarray      # int64[NTCTL]
     before: np.ndarray   # int64[NSTAT]: the running VM's statistics before the event
-    race_key: np.ndarray  # int64[NRACE]: (vm, page) of a fault in flight (-1: none)
-    race_end: np.ndarray  # int64[NRACE]: when it finishes (ps)
+    race_key: np.ndarray  # int64[VMs, NRACE]: the page of a fault in flight (-1: none)
+    race_end: np.ndarray  # int64[VMs, NRACE]: when it finishes (ps)
     ev1: np.ndarray      # int64[1, NEVF]: one event for the batch kernels
     res1: np.ndarray     # int64[1, NRESF]
     vm1: np.ndarray      # int64[1]: one TDP access: its VM, vCPU, gpa, kind
@@ -142,8 +142,9 @@ def sched_build(ev_vm, ev_vcpu, vcpu_off, clock, head, nxt, heap, ctl):
 
 
 @helper
-def _charge(tm, stats, vm, g):
-    """Advance vCPU ``g``'s clock by the event just run (its change to ``stats[vm]``) through KVM's locks."""
+def _charge(tm, stats, vm, g, floor):
+    """Advance vCPU ``g``'s clock by the event just run (its change to ``stats[vm]``) through KVM's locks, to
+    ``floor`` at least."""
     tv = tm.vm
     kd = tv[vm, TV_KIND]
     cost = tm.cost
@@ -187,6 +188,7 @@ def _charge(tm, stats, vm, g):
             tv[vm, TV_WAIT] += a - t
             tv[vm, TV_CONTENDED] += 1
         t = a + lk
+    t = max(t, floor)
     tm.clock[g] = t
     if stats[vm, ST_PF_TAKEN] > tm.before[ST_PF_TAKEN]:
         tv[vm, TV_FAULTS] += 1
@@ -197,9 +199,9 @@ def _charge(tm, stats, vm, g):
 
 
 @njit(inline="always", _nrt=False)
-def _race_slot(vm, addr):
-    key = (vm << RACE_SHIFT) | (addr >> 12)
-    return key, (key ^ (key >> 12) ^ (vm * 0x9E3779B1)) & (NRACE - 1)
+def _race_slot(addr):
+    page = addr >> 12
+    return page, (page ^ (page >> 8) ^ (page >> 16)) & (NRACE - 1)
 
 
 @helper
@@ -208,8 +210,9 @@ def _raced(tm, stats, vm, g, addr):
     exits too, waits for that fault (on the page being faulted in, or on mmu_lock) and then, under the TDP MMU,
     loses the cmpxchg (RET_PF_RETRY, ``pf_retry``) or, under write_lock(mmu_lock), finds the SPTE present
     (RET_PF_SPURIOUS, ``pf_spurious``).  The vCPU is charged and runs the access again when the fault is done."""
-    key, h = _race_slot(vm, addr)
-    if tm.race_key[h] != key or tm.race_end[h] <= tm.clock[g]:
+    key, h = _race_slot(addr)
+    end = tm.race_end[vm, h]
+    if tm.race_key[vm, h] != key or end <= tm.clock[g]:
         return False
     for k in range(NSTAT):
         tm.before[k] = stats[vm, k]
@@ -218,9 +221,8 @@ def _raced(tm, stats, vm, g, addr):
         stats[vm, ST_PF_RETRY] += 1
     else:
         stats[vm, ST_PF_SPURIOUS] += 1
-    _charge(tm, stats, vm, g)
     # it met the other fault (the page being faulted in, or mmu_lock held): it resumes when that one is done
-    tm.clock[g] = max(tm.clock[g], tm.race_end[h])
+    _charge(tm, stats, vm, g, end)
     _sift_down(tm.heap, tm.ctl[CTL_HEAP], tm.clock, 0)
     return True
 
@@ -229,11 +231,17 @@ def _raced(tm, stats, vm, g, addr):
 def _next(tm, nxt, stats, vm, g, i, addr):
     """After event ``i`` of vCPU ``g``: its next event, and the heap reordered by its new clock."""
     fixed = stats[vm, ST_PF_FIXED] - tm.before[ST_PF_FIXED] - (stats[vm, ST_PF_FAST] - tm.before[ST_PF_FAST])
-    _charge(tm, stats, vm, g)
+    _charge(tm, stats, vm, g, 0)
     if fixed > 0 and addr >= 0:   # it mapped the page: in flight until now
-        key, h = _race_slot(vm, addr)
-        tm.race_key[h] = key
-        tm.race_end[h] = tm.clock[g]
+        key, h = _race_slot(addr)
+        tm.race_key[vm, h] = key
+        tm.race_end[vm, h] = tm.clock[g]
+    _advance(tm, nxt, g, i)
+
+
+@helper
+def _advance(tm, nxt, g, i):
+    """vCPU ``g`` is past event ``i``: its next event, the heap reordered by its clock (or without it)."""
     tm.head[g] = nxt[i]
     n = tm.ctl[CTL_HEAP]
     if nxt[i] < 0:
@@ -266,6 +274,16 @@ def timed_access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, o
         _, stop = access_batch(pa, vt, st, ct, host, tm.vm1, tm.vcpu1, tm.addr1, tm.kind1, 0, tm.out1, tm.err1)
         if stop != STOP_DONE:
             return i, stop
+        if tm.out1[0] == OUT_RING_FULL:
+            # KVM_EXIT_DIRTY_RING_FULL: the vCPU stops; its events from here wait for the VMM (not run)
+            _charge(tm, vt.stats, vm, g, 0)
+            j = i
+            while j >= 0:
+                out[j] = OUT_RING_FULL
+                j = nxt[j]
+            nxt[i] = -1
+            _advance(tm, nxt, g, i)
+            continue
         out[i] = tm.out1[0]
         err[i] = tm.err1[0]
         ran[i] = 1
@@ -292,6 +310,16 @@ def _timed_records(batch, m, ev, res, tm, nxt, ran):
         _, stop = batch(m, tm.ev1, 0, tm.res1)
         if stop != STOP_DONE:
             return i, stop
+        if tm.res1[0, RES_OUTCOME] == OUT_RING_FULL:
+            # KVM_EXIT_DIRTY_RING_FULL: the vCPU stops; its events from here wait for the VMM (not run)
+            _charge(tm, stats, vm, g, 0)
+            j = i
+            while j >= 0:
+                res[j, RES_OUTCOME] = OUT_RING_FULL
+                j = nxt[j]
+            nxt[i] = -1
+            _advance(tm, nxt, g, i)
+            continue
         for c in range(NRESF):
             res[i, c] = tm.res1[0, c]
         ran[i] = 1

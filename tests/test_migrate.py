@@ -90,3 +90,20 @@ def test_migration_refusals():
         _run("bandwidth=0")
     with pytest.raises(bm.BatchMMUError, match="max_downtime"):
         _run("max_downtime=-1")
+
+
+def test_phase_keys_are_checked_and_groups_respected():
+    for bad in ("max_downtime=1e400", "max_iterations=2.5", "auto_converge=maybe"):
+        with pytest.raises(bm.BatchMMUError):
+            _run(bad)
+    data = load_scenario("migrate")[0]
+    data = dict(data, phase=[dict(p, **({"groups": [0]} if p["op"] != "populate" else {})) for p in data["phase"]])
+    data["vm_group"] = [dict(data["vm_group"][0], count=1), dict(data["vm_group"][0], count=1)]
+    rep = bm.run_scenario(data, sets=["bytes_per_vcpu=4MiB"], time=True)
+    assert [m["vm"] for m in _rec(rep, "migrate")["migration"]] == [0]
+
+
+def test_sync_time_is_charged():
+    """Review regression: enabling logging and the syncs of a dirty-rate window cost the VM's thread time."""
+    r = _rec(_run(phases=("populate", "dirty_rate")), "dirty_rate")
+    assert r["sim_seconds"] > r["dirty_rate"][0]["window_seconds"]

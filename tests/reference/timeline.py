@@ -22,15 +22,15 @@ def ref_timed_run(host, cm, vm, vcpu, addr, kind, kinds):
         queues.setdefault(g, []).append(i)
     clock = {g: 0 for g in queues}
     lock = {}   # vm -> dict
-    race = {}   # slot of the direct-mapped table -> (key, finish time)
+    race = {}   # (vm, slot of its direct-mapped table) -> (page, finish time)
     out = np.zeros(n, np.int8)
     while any(queues.values()):
         g = min((g for g in queues if queues[g]), key=lambda g: (clock[g], g))
         i = queues[g][0]
         v = int(vm[i])
         kd = kinds[v]
-        key = (v << T.RACE_SHIFT) | (int(addr[i]) >> 12)
-        slot = (key ^ (key >> 12) ^ (v * 0x9E3779B1)) & (T.NRACE - 1)
+        key = int(addr[i]) >> 12
+        slot = (v, (key ^ (key >> 8) ^ (key >> 16)) & (T.NRACE - 1))   # a direct-mapped table per VM
         before = host.vt.stats[v].copy()
         raced = slot in race and race[slot][0] == key and race[slot][1] > clock[g]
         if raced:   # another vCPU's fault is still mapping this page: exit, wait for it, retry / spurious
@@ -67,7 +67,7 @@ def ref_timed_run(host, cm, vm, vcpu, addr, kind, kinds):
             L["hold"] += lk
             L["wait"] += at - t
             t = at + lk
-        if raced:
+        if raced:   # it waited for the fault in flight
             t = max(t, race[slot][1])
         elif d[S.ST_PF_FIXED] - d[S.ST_PF_FAST] > 0:
             race[slot] = (key, t)
