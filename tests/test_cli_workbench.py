@@ -407,7 +407,7 @@ def test_real_ctrl_c_with_process_workers(tmp_path):
     import os
     import signal
     out = tmp_path / "r.json"
-    argv = ["run", "dirty_log_perf", "--set", "bytes_per_vcpu=64MiB", "--set", "iterations=200", "--workers", "2",
+    argv = ["run", "dirty_log_perf", "--set", "bytes_per_vcpu=64MiB", "--set", "iterations=2000", "--workers", "2",
             "--backend", "process", "--json", str(out)]
     p = subprocess.Popen([sys.executable, "-m", "batchmmu.cli", *argv], stderr=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, start_new_session=True)

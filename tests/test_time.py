@@ -251,3 +251,15 @@ def test_cost_model_rejects_wrong_types_and_keeps_its_own_copy():
     h = bm.Host(memory="1GiB", time=cm)
     cm.values["dirty_log.ioctl"] = 1e9
     assert h.cost_model["dirty_log.ioctl"] == CostModel()["dirty_log.ioctl"]
+
+
+def test_full_dirty_rings_stop_vcpus_once_and_lose_no_write():
+    """A vCPU whose ring fills stops (one exit), the VMM harvests, its events run on: verify=exact checks every
+    collection against the writes made, timed and untimed alike."""
+    sets = ["vcpus=4", "bytes_per_vcpu=4MiB", "dirty_ring=512", "manual_protect=false", "verify=exact"]
+    timed = bm.run_scenario("dirty_log_perf", sets=sets, time=True)
+    plain = bm.run_scenario("dirty_log_perf", sets=sets)
+    for p, q in zip(timed.phases, plain.phases, strict=True):
+        assert p.get("dirty_pages") == q.get("dirty_pages") and p.get("ring_full_exits") == q.get("ring_full_exits")
+    stops = _phase(timed, "Iteration 1 dirty memory")
+    assert stops["delta"]["dirty_ring_full"] == stops["ring_full_exits"] > 0
