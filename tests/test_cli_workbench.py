@@ -417,13 +417,15 @@ def test_real_ctrl_c_with_process_workers(tmp_path):
             lines.append(line)
             if "Iteration 1 dirty memory time" in line:
                 break
+        with open(f"/proc/{p.pid}/status") as f:   # for the failure message: is SIGINT caught (SigCgt bit 1)?
+            sig = " ".join(ln for ln in f.read().splitlines() if ln.startswith(("SigIgn", "SigBlk", "SigCgt")))
         os.killpg(p.pid, signal.SIGINT)
         _, rest = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     err = "".join(lines) + rest
-    assert p.returncode == 130, err
+    assert p.returncode == 130, f"{sig}\n" + "\n".join(err.splitlines()[-5:])
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert re.match(r"batchmmu: interrupted after \d+ of \d+ phases; the finished phases are in .*r\.json\.partial$",
