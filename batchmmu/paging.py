@@ -15,6 +15,7 @@ from .kernels import gmem as GM
 from .kernels import mmu_internal as MI
 from .kernels import shadow as K
 from .kernels import state as S
+from .kernels import timeline as TL
 from .kernels.guest_walk import EFER_LMA, X86_CR0_PG, X86_CR4_LA57, X86_CR4_PAE, cpu_mode, mode_levels
 
 
@@ -319,8 +320,8 @@ class GuestPaging:
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             if b <= a:
                 continue
-            if self._tm is not None and self._tm.ctl[1] >= 0 and a > 0 and not ran[:a].all():
-                break   # the time model's deadline (CTL_DEADLINE) stopped an earlier run: the rest waits, in order
+            if self._tm is not None and self._tm.ctl[TL.CTL_DEADLINE] >= 0 and a > 0 and not ran[:a].all():
+                break   # the time model's deadline stopped an earlier run: the rest waits, in order
             if l2[a]:
                 from .kernels.nested import l2_batch as kernel
             else:
@@ -346,7 +347,6 @@ class GuestPaging:
         n = ev.shape[0]
         if self._tm is None:
             return (lambda i: kernel(self._mmu_bundle(), ev, i, res)), (lambda i: np.arange(n) < i)
-        from .kernels import timeline as TL
         timed = {K.shadow_event_batch: TL.timed_shadow_batch, TL.tdp2d_batch: TL.timed_tdp2d_batch,
                  TL.l2_batch: TL.timed_l2_batch}[kernel]
         nxt, ran = self._sched(ev[:, MI.EV_VM], ev[:, MI.EV_VCPU])

@@ -141,6 +141,18 @@ def sched_build(ev_vm, ev_vcpu, vcpu_off, clock, head, nxt, heap, ctl):
         _sift_down(heap, k, clock, j)
 
 
+@njit(inline="always", _nrt=False)
+def _held(rec, t, granted, hold, acq, held, waited, contended):
+    """A lock asked for at ``t`` and granted at ``granted``, held ``hold``: its counters in the VM's time record
+    ``rec``; returns when it is released."""
+    rec[acq] += 1
+    rec[held] += hold
+    if granted > t:
+        rec[waited] += granted - t
+        rec[contended] += 1
+    return granted + hold
+
+
 @helper
 def _charge(tm, stats, vm, g, floor):
     """Advance vCPU ``g``'s clock by the event just run (its change to ``stats[vm]``) through KVM's locks, to
@@ -166,28 +178,16 @@ def _charge(tm, stats, vm, g, floor):
     t0 = tm.clock[g]
     t = t0 + own
     if mm > 0:   # the host fault's serialized share (mmap_lock cacheline, LRU and zone locks)
-        a = max(t, tv[vm, TV_MM_FREE])
-        tv[vm, TV_MM_ACQ] += 1
-        tv[vm, TV_MM_HOLD] += mm
-        if a > t:
-            tv[vm, TV_MM_WAIT] += a - t
-            tv[vm, TV_MM_CONTENDED] += 1
-        t = a + mm
+        t = _held(tv[vm], t, max(t, tv[vm, TV_MM_FREE]), mm, TV_MM_ACQ, TV_MM_HOLD, TV_MM_WAIT, TV_MM_CONTENDED)
         tv[vm, TV_MM_FREE] = t
     if lk > 0:
         if kd == KIND_TDP_MMU:   # read_lock: waits for writers queued before it only
-            a = max(t, tv[vm, TV_W_FREE])
-            tv[vm, TV_R_FREE] = max(tv[vm, TV_R_FREE], a + lk)
-            tv[vm, TV_RD_ACQ] += 1
+            t = _held(tv[vm], t, max(t, tv[vm, TV_W_FREE]), lk, TV_RD_ACQ, TV_HOLD, TV_WAIT, TV_CONTENDED)
+            tv[vm, TV_R_FREE] = max(tv[vm, TV_R_FREE], t)
         else:                    # write_lock: waits for every holder queued before it
-            a = max(t, tv[vm, TV_W_FREE], tv[vm, TV_R_FREE])
-            tv[vm, TV_W_FREE] = a + lk
-            tv[vm, TV_WR_ACQ] += 1
-        tv[vm, TV_HOLD] += lk
-        if a > t:
-            tv[vm, TV_WAIT] += a - t
-            tv[vm, TV_CONTENDED] += 1
-        t = a + lk
+            t = _held(tv[vm], t, max(t, tv[vm, TV_W_FREE], tv[vm, TV_R_FREE]), lk, TV_WR_ACQ, TV_HOLD, TV_WAIT,
+                      TV_CONTENDED)
+            tv[vm, TV_W_FREE] = t
     t = max(t, floor)
     tm.clock[g] = t
     if stats[vm, ST_PF_TAKEN] > tm.before[ST_PF_TAKEN]:
@@ -240,6 +240,15 @@ def _next(tm, nxt, stats, vm, g, i, addr):
 
 
 @helper
+def _ring_full(tm, stats, nxt, vm, g, i):
+    """KVM_EXIT_DIRTY_RING_FULL at event ``i``: the vCPU exits once and stops; its events from ``i`` on (the
+    caller marks them OUT_RING_FULL first) wait for the VMM, not run."""
+    _charge(tm, stats, vm, g, 0)
+    nxt[i] = -1
+    _advance(tm, nxt, g, i)
+
+
+@helper
 def _advance(tm, nxt, g, i):
     """vCPU ``g`` is past event ``i``: its next event, the heap reordered by its clock (or without it)."""
     tm.head[g] = nxt[i]
@@ -275,14 +284,11 @@ def timed_access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, o
         if stop != STOP_DONE:
             return i, stop
         if tm.out1[0] == OUT_RING_FULL:
-            # KVM_EXIT_DIRTY_RING_FULL: the vCPU stops; its events from here wait for the VMM (not run)
-            _charge(tm, vt.stats, vm, g, 0)
             j = i
             while j >= 0:
                 out[j] = OUT_RING_FULL
                 j = nxt[j]
-            nxt[i] = -1
-            _advance(tm, nxt, g, i)
+            _ring_full(tm, vt.stats, nxt, vm, g, i)
             continue
         out[i] = tm.out1[0]
         err[i] = tm.err1[0]
@@ -311,14 +317,11 @@ def _timed_records(batch, m, ev, res, tm, nxt, ran):
         if stop != STOP_DONE:
             return i, stop
         if tm.res1[0, RES_OUTCOME] == OUT_RING_FULL:
-            # KVM_EXIT_DIRTY_RING_FULL: the vCPU stops; its events from here wait for the VMM (not run)
-            _charge(tm, stats, vm, g, 0)
             j = i
             while j >= 0:
                 res[j, RES_OUTCOME] = OUT_RING_FULL
                 j = nxt[j]
-            nxt[i] = -1
-            _advance(tm, nxt, g, i)
+            _ring_full(tm, stats, nxt, vm, g, i)
             continue
         for c in range(NRESF):
             res[i, c] = tm.res1[0, c]
