@@ -4,7 +4,9 @@ VM's dirty-tracking mechanism: the bitmap, manual protect with CLEAR in chunks, 
 
 Both run each VM of the shard on its own (VMs are independent): the VM's memstress guest runs until a simulated
 deadline (kernels/timeline.py stops the batch there; the events left run first next time, so every vCPU keeps its
-program order), while the VMM side (GET/CLEAR/harvest, page sends) advances the VM's own time.
+program order), while the VMM side (GET/CLEAR/harvest, page sends) advances the VM's own time.  During a
+migration the VMM's ioctls run while the guest runs: the guest is run up to each ioctl, and an ioctl's work
+under mmu_lock holds the lock among the vCPUs' faults (``Timing._sim_hold``).
 """
 
 import itertools
@@ -104,6 +106,8 @@ class _Guest:
         off = int(self.host.vt.vcpu_off[lvm])
         self.vcpus = slice(off, off + v)
         self.written = np.zeros(int(shard.region_pages[lvm]), bool)   # pages written since the op started
+        self.vmm_wait = 0   # ps the VMM's ioctls waited for mmu_lock
+        self.vmm_hold = 0   # ps they held it
         # the guest's own time per access (its think time), else the cost table's guest.access
         ns = ph.get("guest_ns")
         self.base = None if ns is None else int(round(float(ns) * 1000))
@@ -149,30 +153,56 @@ class _Guest:
             np.maximum(tm.clock[self.vcpus], sleep_to, out=tm.clock[self.vcpus])
         return wrote
 
-    def sync(self, chunk_pages=0):
-        """migration_bitmap_sync: the pages dirtied since the last sync (GET, CLEAR in chunks, or the rings)
-        and the VMM thread's time for it (ps)."""
+    def ioctl(self, t, fn, write=True, yields=False):
+        """One VMM ioctl at ``t`` ps while the guest runs: the guest first runs up to ``t``, then ``fn()`` does
+        the work, which takes mmu_lock for what it did under it.  Returns (fn's result, when the ioctl ends)."""
+        self.run_until(t)
+        r = fn()
+        out, lock = self.host._sim_settle(self.lvm, split=True)
+        end, wait = self.host._sim_hold(self.lvm, t + out, lock, write, yields)
+        self.vmm_wait += wait
+        self.vmm_hold += lock
+        return r, end
+
+    def sync(self, chunk_pages=0, at=None):
+        """migration_bitmap_sync: the pages dirtied since the last sync (GET, CLEAR in chunks, or the rings).
+        Without ``at`` the guest is stopped: returns (pages, the VMM thread's time in ps).  With ``at`` (ps) the
+        ioctls run from then on while the guest runs (``ioctl``): returns (pages, when the sync ended)."""
         sh, lvm, host = self.shard, self.lvm, self.host
         n = int(sh.slot_pages[lvm])
         dirty = np.zeros(self.written.size, bool)
+        t = 0 if at is None else int(at)
+
+        def call(fn, yields=False):
+            nonlocal t
+            if at is None:
+                r = fn()
+                t += host._sim_settle(lvm)
+                return r
+            r, t = self.ioctl(t, fn, yields=yields)
+            return r
+
         if sh.spec.get("dirty_ring"):
-            host.kick_vcpus(lvm)
-            for c in range(int(sh.vcpus[lvm])):
-                e = np.asarray(host.harvest_dirty_ring(lvm, c), np.int64).reshape(-1, 2)
-                inside = np.isin(e[:, 0], sh.slot_ids) & (e[:, 1] >= 0) & (e[:, 1] < n)
-                dirty[(e[inside, 0] - sh.slot) * n + e[inside, 1]] = True
-            host.reset_dirty_rings(lvm)
+            def reap():   # kvm_dirty_ring_reap: kick the vCPUs, collect every ring, KVM_RESET_DIRTY_RINGS
+                host.kick_vcpus(lvm)
+                for c in range(int(sh.vcpus[lvm])):
+                    e = np.asarray(host.harvest_dirty_ring(lvm, c), np.int64).reshape(-1, 2)
+                    inside = np.isin(e[:, 0], sh.slot_ids) & (e[:, 1] >= 0) & (e[:, 1] < n)
+                    dirty[(e[inside, 0] - sh.slot) * n + e[inside, 1]] = True
+                host.reset_dirty_rings(lvm)
+            call(reap, yields=True)   # kvm_dirty_ring_reset takes mmu_lock per 64-gfn mask: short holds
         else:
             for si, slot in enumerate(sh.slot_ids):
-                words = np.asarray(host.get_dirty_log(lvm, slot), np.uint64)
+                words = np.asarray(call(lambda s=slot: host.get_dirty_log(lvm, s)), np.uint64)
                 bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool)
                 dirty[si * n:(si + 1) * n] = bits
                 if sh.spec.get("manual_protect"):
                     step = chunk_pages or n
                     for p0 in range(0, n, step):
                         cnt = min(step, n - p0)
-                        host.clear_dirty_log(lvm, slot, p0, cnt, words[p0 // 64:(p0 + cnt + 63) // 64])
-        return dirty, host._sim_settle(lvm)
+                        w = words[p0 // 64:(p0 + cnt + 63) // 64]
+                        call(lambda s=slot, p=p0, c=cnt, w=w: host.clear_dirty_log(lvm, s, p, c, w))
+        return dirty, t
 
     def pause(self, ps):
         """The VM's thread works ``ps`` (an ioctl) with the vCPUs out of the guest: their clocks move past it."""
@@ -220,22 +250,28 @@ def _migrate(shard, g, ph):
     host, lvm = g.host, g.lvm
     send = lambda npages: int(npages) * PAGE * PS // bw  # noqa: E731
     start = g.now()
-    _, ps = g.sync(chunk)   # enabling logging, and a clean log: the first iteration sends everything
-    t = g.now() + ps
+    tv = host._tm.vm[lvm]
+    # enabling dirty logging (KVM_SET_USER_MEMORY_REGION): write-protection or eager splitting, which yield
+    # mmu_lock to waiting vCPUs (read lock under the TDP MMU, write lock otherwise); then a clean log: the first
+    # iteration sends everything
+    _, t = g.ioctl(start, lambda: None, write=host._sim_writer(lvm), yields=True)
+    _, t = g.sync(chunk, at=t)
     pending = g.written.size
     throttle, sent, its = 0, 0, []
     st0 = host.vt.stats[lvm].copy()
     while True:
         s0 = host.vt.stats[lvm].copy()
+        w0, vw0, vh0 = int(tv[TL.TV_WAIT]), g.vmm_wait, g.vmm_hold
         end = t + send(pending)
         g.run_until(t + (end - t) * (100 - throttle) // 100, sleep_to=end)
         sent += pending * PAGE
-        dirty, sync_ps = g.sync(chunk)
-        t = max(end, g.now()) + sync_ps
+        dirty, t = g.sync(chunk, at=end)
         d = host.vt.stats[lvm] - s0
         its.append({"pages_sent": int(pending), "dirty_pages": int(dirty.sum()), "send_seconds": send(pending) / PS,
-                    "sync_seconds": sync_ps / PS, "throttle_percent": throttle,
-                    "wrprot_faults": int(d[S.ST_PF_TAKEN] - d[S.ST_PF_RETRY])})
+                    "sync_seconds": (t - end) / PS, "throttle_percent": throttle,
+                    "wrprot_faults": int(d[S.ST_PF_TAKEN] - d[S.ST_PF_RETRY]),
+                    "sync_mmu_lock_seconds": (g.vmm_hold - vh0) / PS,
+                    "vcpu_mmu_lock_wait_seconds": (int(tv[TL.TV_WAIT]) - w0 - (g.vmm_wait - vw0)) / PS})
         pending = int(dirty.sum())
         if send(pending) <= max_down * PS or len(its) >= max_it:
             break
@@ -259,7 +295,8 @@ def report_lines(rec):
         out.append(f"    VM {m['vm']}: {'converged' if m['converged'] else 'NOT converged'} after {m['iterations']} "
                    f"iterations, {m['bytes_sent'] / (1 << 20):,.1f} MiB sent, downtime "
                    f"{m['downtime_seconds'] * 1e3:.3f} ms, total {m['total_seconds']:.6f} s (simulated), throttle "
-                   f"{m['throttle_percent']} %")
+                   f"{m['throttle_percent']} %, vCPUs waited "
+                   f"{sum(i['vcpu_mmu_lock_wait_seconds'] for i in m['per_iteration']) * 1e6:,.1f} us for mmu_lock")
     for r in rec.get("dirty_rate", []):
         out.append(f"    VM {r['vm']}: dirty rate {r['mib_per_second']:,.1f} MiB/s ({r['pages_per_second']:,.0f} "
                    f"pages/s) from the log; QEMU page sampling ({r['sampled_pages']} pages): "

@@ -85,10 +85,10 @@ ENTRIES = (
     ("dirty_log", "ioctl", 2000.0, None, _V, _BOTH,
      "one KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG / KVM_RESET_DIRTY_RINGS: the ioctl, slots_lock, SRCU"),
     ("dirty_log", "bitmap_word", 4.0, None, _V, _BOTH, "one 64-page word of a dirty bitmap copied out (GET)"),
-    ("dirty_log", "clear_word", 120.0, None, _V, _BOTH,
+    ("dirty_log", "clear_word", 120.0, None, _L, _BOTH,
      "one 64-page word of KVM_CLEAR_DIRTY_LOG: kvm_arch_mmu_enable_log_dirty_pt_masked walks its SPTEs: the "
      "eager-split series' first CLEAR without splitting, 0.05 s for 96 GiB"),
-    ("dirty_log", "ring_entry", 20.0, None, _V, _BOTH, "one dirty-ring entry reset"),
+    ("dirty_log", "ring_entry", 20.0, None, _L, _BOTH, "one dirty-ring entry reset (under mmu_lock)"),
     ("memslot", "update", 20000.0, None, _V, _BOTH,
      "KVM_SET_USER_MEMORY_REGION that changes a slot: kvm_swap_active_memslots, synchronize_srcu_expedited"),
     ("notifier", "zap", 100.0, "mmu_notifier_zapped", _L, _BOTH, "one SPTE zapped by an MMU notifier"),
@@ -246,12 +246,14 @@ class Timing:
         self.cost_model = cost_model_arg(time)
         self._tm = new_state(self.cost_model) if self.cost_model is not None else None
         self._sim_mark = None
-        self._sim_host_ps = {}   # VM -> ioctl work charged outside the statistics (Python ints: no wrap-around)
+        # VM -> [outside, under mmu_lock]: ioctl work charged outside the statistics (Python ints: no wrap-around)
+        self._sim_host_ps = {}
 
     def _sim_charge(self, vm, key, units=1):
         """Charge ``units`` of ``key`` (a cost-table key without a statistic) to VM ``vm``'s own thread."""
         if self._tm is not None:
-            self._sim_host_ps[vm] = self._sim_host_ps.get(vm, 0) + int(round(self.cost_model[key] * PS)) * int(units)
+            acc = self._sim_host_ps.setdefault(vm, [0, 0])
+            acc[ENTRIES[_KEYS[key]][4] == _L] += int(round(self.cost_model[key] * PS)) * int(units)
 
     @property
     def timed(self):
@@ -318,7 +320,8 @@ class Timing:
         per_unit = tm.cost.sum(axis=1)[tm.vm[:n, T.TV_KIND]].astype(object)     # [n, NSTAT]
         host_ps = [int(x) for x in (rest * per_unit).sum(axis=1)] if n else []
         for v in range(n):
-            host_ps[v] += int(rest[v, S.ST_REMOTE_TLB_FLUSH]) * int(tm.vm[v, T.TV_FLUSH]) + self._sim_host_ps.get(v, 0)
+            host_ps[v] += int(rest[v, S.ST_REMOTE_TLB_FLUSH]) * int(tm.vm[v, T.TV_FLUSH]) + \
+                sum(self._sim_host_ps.get(v, ()))
         off = self.vt.vcpu_off[:n]
         clock = tm.clock
         vmin = [int(clock[o:o + c].min()) if c else 0 for o, c in zip(off, self._vcpus[:n], strict=True)]
@@ -335,19 +338,50 @@ class Timing:
         self._sim_mark = None
         return out
 
-    def _sim_settle(self, vm):
+    def _sim_settle(self, vm, split=False):
         """The ioctl work VM ``vm``'s thread did since the last settle (or sim_begin), in ps, now charged (sim_end
-        leaves it out): the migration and dirty-rate ops time their syncs with it."""
+        leaves it out): the migration and dirty-rate ops time their syncs with it.  ``split``: (outside
+        mmu_lock, under it) instead of the sum."""
         tm = self._tm
         st0, ch0, _ = self._sim_mark
         base0 = st0[vm] if vm < st0.shape[0] else 0
         c0 = ch0[vm] if vm < ch0.shape[0] else 0
         rest = (self.vt.stats[vm] - base0) - (tm.charged[vm] - c0)
-        kd = tm.vm[vm, T.TV_KIND]
-        ps = int((np.abs(rest).astype(object) * tm.cost[kd].sum(axis=0).astype(object)).sum()) \
-            + self._sim_host_ps.pop(vm, 0) + abs(int(rest[S.ST_REMOTE_TLB_FLUSH])) * int(tm.vm[vm, T.TV_FLUSH])
+        units = np.abs(rest).astype(object)
+        cost = tm.cost[tm.vm[vm, T.TV_KIND]].astype(object)
+        out, lock = self._sim_host_ps.pop(vm, (0, 0))
+        out += int((units * (cost[T.PART_VCPU] + cost[T.PART_MM])).sum())
+        lock += int((units * cost[T.PART_LOCK]).sum()) + int(units[S.ST_REMOTE_TLB_FLUSH]) * int(tm.vm[vm, T.TV_FLUSH])
         tm.charged[vm] += rest
-        return ps
+        return (out, lock) if split else out + lock
+
+    def _sim_hold(self, vm, at, hold, write=True, yields=False):
+        """VM ``vm``'s own thread (an ioctl) asks for mmu_lock at ``at`` ps and holds it ``hold`` ps, among the
+        vCPUs' holders: the fair rwlock of kernels/timeline.py (a writer waits for every holder before it, a
+        reader for the writers), counted in the VM's lock figures.  A holder that ``yields``
+        (cond_resched_rwlock_*, tdp_mmu_iter_cond_resched) lets a waiting vCPU in at its next step, so it holds
+        no vCPU up.  Returns (when it releases the lock, how long it waited)."""
+        tv = self._tm.vm[vm]
+        at, hold = int(at), int(hold)
+        if hold <= 0:
+            return at, 0
+        granted = max(at, int(tv[T.TV_W_FREE]), int(tv[T.TV_R_FREE]) if write else 0)
+        tv[T.TV_WR_ACQ if write else T.TV_RD_ACQ] += 1
+        tv[T.TV_HOLD] += hold
+        if granted > at:
+            tv[T.TV_WAIT] += granted - at
+            tv[T.TV_CONTENDED] += 1
+        end = granted + hold
+        if not yields:
+            if write:
+                tv[T.TV_W_FREE] = end
+            else:
+                tv[T.TV_R_FREE] = max(int(tv[T.TV_R_FREE]), end)
+        return end, granted - at
+
+    def _sim_writer(self, vm):
+        """Whether VM ``vm``'s MMU takes mmu_lock for write where the TDP MMU takes it for read."""
+        return int(self._tm.vm[vm, T.TV_KIND]) != T.KIND_TDP_MMU
 
     def _need_time(self):
         if self._tm is None:

@@ -263,3 +263,30 @@ def test_full_dirty_rings_stop_vcpus_once_and_lose_no_write():
         assert p.get("dirty_pages") == q.get("dirty_pages") and p.get("ring_full_exits") == q.get("ring_full_exits")
     stops = _phase(timed, "Iteration 1 dirty memory")
     assert stops["delta"]["dirty_ring_full"] == stops["ring_full_exits"] > 0
+
+
+@pytest.mark.parametrize("tdp_mmu", [True, False])
+def test_an_ioctl_holding_mmu_lock_holds_up_vcpu_faults(tdp_mmu):
+    """The VMM's thread holding mmu_lock for write (CLEAR_DIRTY_LOG's walk) makes a vCPU fault that reaches the
+    lock meanwhile wait for it, exactly; a holder that yields (cond_resched_rwlock_*) holds no vCPU up."""
+    hold = 50_000_000   # 50 us in ps
+
+    def run(how):
+        h = _host(tdp_mmu, time=True, vcpus=1)
+        h.sim_begin()
+        if how:
+            assert h._sim_hold(0, 0, hold, write=True, yields=how == "yields") == (hold, 0)
+        h.access(0, 0, 0x300 << 12, bm.ACC_WRITE)
+        fig = h.sim_end()
+        return int(h._tm.clock[0]), fig["mmu_lock"]
+
+    free, lk0 = run(None)
+    held, lk = run("holds")
+    yielded, lky = run("yields")
+    lock_ps = lk0["hold_ps"]
+    assert lock_ps > 0 and free > lock_ps
+    reach = free - lock_ps   # when the fault asks for the lock
+    assert held == hold + lock_ps and lk["wait_ps"] == hold - reach and lk["contended"] == 1
+    assert lk["write_acquisitions"] == lk0["write_acquisitions"] + 1 and lk["hold_ps"] == lock_ps + hold
+    assert yielded == free and lky["wait_ps"] == 0 and lky["hold_ps"] == lock_ps + hold
+
