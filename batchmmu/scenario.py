@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import guestos, hostops, migrate, warm
+from . import guestos, hostops, migrate, nestedops, warm
 from .errors import BatchMMUError, HostMemoryExhausted
 from .kernels.state import GAUGE_STATS, STAT_NAMES
 from .progress import PhaseProgress
@@ -250,7 +250,8 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
                 rec["skipped"] = _memslot_skip_reason(rec)
             phases.append(rec)
             say(_phase_line(rec))
-            for line in hostops.report_lines(rec) + guestos.report_lines(rec) + migrate.report_lines(rec):
+            for line in (hostops.report_lines(rec) + guestos.report_lines(rec) + migrate.report_lines(rec)
+                         + nestedops.report_lines(rec)):
                 say(line)
         for line in _iteration_totals(phases) + hostops.closing_lines(phases):
             say(line)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import constants as _constants
-from . import guestos, hostops, migrate, trace
+from . import guestos, hostops, migrate, nestedops, trace
 from . import memstress as ms
 from .constants import ACC_FETCH, ACC_WRITE, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES
 from .errors import BatchMMUError
@@ -163,6 +163,7 @@ class Shard:
                 j += 1
             g = dict(spec["groups"][gi])
             g.pop("count", None)
+            l2 = g.pop("l2", "identity")
             size = _region_bytes(spec, g)
             if region == "slot0":
                 g["memory"] = max(parse_size(g.get("memory", 0), "vm_group.memory"), size)
@@ -180,7 +181,7 @@ class Shard:
                     for s in range(self.nslots):
                         self.host.set_memslot(int(vm), TEST_SLOT + s, gpa + s * per, per, backing=backing)
                 self.test_base[i:j] = gpa
-            if g.get("nested"):
+            if g.get("nested") and l2 == "identity":
                 for vm in local:   # memstress_setup_nested: every vCPU runs L2 on an identity EPT12
                     enter_identity_l2(self.host, int(vm), [(0, 1 << 32), (int(self.test_base[i]), size)])
             self.region_pages[i:j] = size // 4096
@@ -638,6 +639,8 @@ class Shard:
             events += hostops.run(self, ph, extra, progress)
         elif op in migrate.OPS:
             events += migrate.run(self, ph, extra, progress)
+        elif op in nestedops.OPS:
+            events += nestedops.run(self, ph, extra, progress)
         elif op == "advance_time":
             extra["nx_recovery_passes"] = self.host.advance_time(float(ph.get("seconds", 0)))
         stats = self.host.vt.stats[:self.host.nvm].copy()

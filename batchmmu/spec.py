@@ -6,8 +6,10 @@ any other value written as ``"${name}"`` takes the parameter's value.  Sections:
 ``[host]``         Host(...) keyword arguments (``memory`` may be ``"auto"``: what the VMs need).
 ``[[vm_group]]``   create_vms(...) arguments: count, memory (slot 0 at gpa 0), vcpus, mmu, tdp_format,
                    tdp_levels, maxphyaddr, backing, ept_ad, tdp_mmu (false: the legacy TDP MMU; the
-                   default is ``[host] tdp_mmu``, true unless set), nested (true: every vCPU runs an L2 guest
-                   under nested EPT that L1 maps 1:1 with 1G pages, as memstress ``-n`` does).
+                   default is ``[host] tdp_mmu``, true unless set), nested (true: VMX or SVM for the guest;
+                   with ``l2 = "identity"``, the default, every vCPU runs an L2 guest under nested EPT that L1
+                   maps 1:1 with 1G pages, as memstress ``-n`` does; with ``l2 = "none"`` L1 runs and the
+                   nested ops, batchmmu/nestedops.py, enter L2 themselves).
 ``[workload]``     the test region and the guest that runs on it: ``bytes_per_vcpu``, ``region`` "top"
                    (memstress: test memslots at the top of guest physical memory) or "slot0",
                    ``region_bytes`` or ``region_pages`` (the whole region, instead of vCPUs x
@@ -56,7 +58,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from . import guestos, hostops, migrate, trace
+from . import guestos, hostops, migrate, nestedops, trace
 from .errors import BatchMMUError
 from .memstress import GUEST_RANDOM_SEED
 from .units import format_size, parse_size
@@ -194,7 +196,7 @@ _KNOWN = {
              "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms", "overcommit", "watermarks",
              "tdp_mmu"},
     "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
-                 "ept_ad", "tdp_mmu", "nested"},
+                 "ept_ad", "tdp_mmu", "nested", "l2"},
     "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",
                  "write_percent", "stride", "seed", "random_access", "overlap", "manual_protect", "initially_set",
                  "dirty_ring", "verify"} | trace.KEYS,
@@ -206,7 +208,7 @@ _KNOWN = {
 
 OPS = ("access", "populate", "dirty_pass", "random_writes", "kvm_page_table", "dirty_log", "enable_logging",
        "disable_logging", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring", "collect_dirty_log", "stats",
-       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS + guestos.OPS + migrate.OPS
+       "touch", "mark_idle", "check_idle", "advance_time") + hostops.OPS + guestos.OPS + migrate.OPS + nestedops.OPS
 # ops that collect the dirty log (their phase records carry ``dirty_pages``)
 COLLECT_OPS = ("get_dirty_log", "harvest_dirty_ring", "collect_dirty_log")
 VERIFY_MODES = ("off", "writes", "exact")
@@ -327,7 +329,7 @@ def region_bytes(spec, g):
 _BACKINGS = ("4k", "thp", "hugetlb-2m", "hugetlb-1g")   # kernels/state.py BACKING_NAMES (checked by a test)
 _HUGETLB = {"hugetlb-2m": 2 << 20, "hugetlb-1g": 1 << 30}
 _GROUP_CHOICES = {"mmu": ("tdp", "shadow"), "tdp_format": ("ept", "npt"), "tdp_levels": (4, 5),
-                  "backing": _BACKINGS}
+                  "backing": _BACKINGS, "l2": ("identity", "none")}
 
 
 def _check_group(g):
@@ -363,9 +365,15 @@ def resolve(data, text="", origin="<dict>", used=None):
     for g in groups:
         _check_keys("vm_group", g, text, origin)
         _check_group(g)
-        if g.get("nested") and (group_mmu(r, g) != "legacy" or g.get("tdp_format", "ept") != "ept"):
-            raise BatchMMUError("vm_group.nested=true: nested EPT runs on EPT VMs of the legacy TDP MMU for now "
+        if g.get("nested") and group_mmu(r, g) != "legacy":
+            raise BatchMMUError("vm_group.nested=true: nested EPT/NPT runs on the legacy TDP MMU for now "
                                 "(set tdp_mmu=false; docs/nested.md)", field="vm_group.nested", value=True)
+        if g.get("nested") and g.get("l2", "identity") == "identity" and g.get("tdp_format", "ept") != "ept":
+            raise BatchMMUError("vm_group.nested=true with l2=\"identity\" (memstress -n): an L2 on an identity "
+                                "EPT12, so an EPT VM; an NPT VM takes l2=\"none\"", field="vm_group.l2",
+                                value="identity")
+        if "l2" in g and not g.get("nested"):
+            raise BatchMMUError(f"vm_group.l2={g['l2']!r}: only for nested = true", field="vm_group.l2", value=g["l2"])
     raw = r.get("phase", [])
     if not raw:
         raise BatchMMUError(f"{origin}: needs at least one [[phase]]", field="phase", value=None)

@@ -13,6 +13,7 @@ from batchmmu.kernels import state as S
 from reference.nested_ept import MISCONFIG, ref_ept_walk, ref_l2_access, ref_npt_walk
 
 import batchmmu as bm
+from batchmmu.l1 import L1
 
 R, W, X = 1, 2, 4
 WB = 6 << 3
@@ -26,65 +27,17 @@ QV, QT = 0x80, 0x100          # GVA_IS_VALID, GVA_TRANSLATED
 OK = (bm.HIT, bm.FIXED, bm.SPURIOUS)
 
 
-class Nest:
-    """A nested VM (VMX, legacy TDP MMU) whose EPT12 and L2 page tables the test writes into L1 memory.
-
-    ``mem`` mirrors what the test wrote (L1 gpa -> word); ``flush`` copies it into the VM."""
+class Nest(L1):
+    """A nested VM (VMX, legacy TDP MMU) whose EPT12 and L2 page tables the test writes into L1 memory
+    (batchmmu.l1.L1), with L2 gpa -> L1 gpa from the reference's walk of what was written."""
 
     def __init__(self, ept_ad=True, memory="64MiB", host_ad=True, svm=False, **host):
-        self.h = bm.Host(memory="4GiB", tdp_mmu=False, **host)
-        self.svm = svm
-        if svm:   # SVM: an NPT VM whose L1 runs in long mode with EFER.NX (its NPT12 is 4-level x86 paging)
-            self.vm = int(self.h.create_vms(1, memory=memory, nested=True, tdp_format="npt")[0])
-            self.h.set_vcpu_regs(self.vm, 0, cr0=CR0_PG_PE, cr3=0x80000, cr4=CR4_PAE, efer=EFER_LME_LMA | 0x800)
-            # L1's own tables: the first 4 GiB 1:1 with 1G pages (its stores into NPT12 use gvas = gpas)
-            self.h.write_guest_memory(self.vm, 0x80000, [0x81000 | 7])
-            self.h.write_guest_memory(self.vm, 0x81000, [(k << 30) | 0x87 for k in range(4)])
-        else:
-            self.vm = int(self.h.create_vms(1, memory=memory, nested=True, ept_ad=host_ad)[0])
-        self.ad = ept_ad
-        self.mem = {}
-        self.dirty_pages = set()
-        self.next = 0x100000                 # EPT12 tables and L1 pages behind L2's tables from 1 MiB
-        self.root = self.page()
-        self.l2_next = 0x10000               # L2 gpas of L2's page tables
-        self.cr3 = None
+        h = bm.Host(memory="4GiB", tdp_mmu=False, **host)
+        vm = h.create_vms(1, memory=memory, nested=True, **({"tdp_format": "npt"} if svm else {"ept_ad": host_ad}))
+        super().__init__(h, vm[0], ept_ad=ept_ad)
 
-    def page(self):
-        p = self.next
-        self.next += 4096
-        return p
-
-    def put(self, gpa, word):
-        self.mem[gpa] = word & ((1 << 64) - 1)
-        self.dirty_pages.add(gpa & ~4095)
-
-    @property
-    def eptp(self):
-        """vmcs12's EPTP (WB, 4-level, A/D as asked) or, for SVM, vmcb12's nCR3."""
-        return self.root if self.svm else self.root | 6 | (3 << 3) | (0x40 if self.ad else 0)
-
-    def ept_entry_gpa(self, l2gpa, level=1, table_perms=R | W | X):
-        """The L1 gpa of the EPT12 entry for ``l2gpa`` at ``level`` (tables made on the way)."""
-        table = self.root
-        for lv in range(4, level, -1):
-            e = table + 8 * ((l2gpa >> (12 + 9 * (lv - 1))) & 511)
-            if not self.mem.get(e, 0) & 7:
-                self.put(e, self.page() | table_perms)
-            table = self.mem[e] & ~0xFFF & ((1 << 52) - 1)
-        return table + 8 * ((l2gpa >> (12 + 9 * (level - 1))) & 511)
-
-    def ept_map(self, l2gpa, l1gpa, perms=R | W | X, level=1, extra=None):
-        """The EPT12 leaf (``perms``: R/W/X, memory type WB) or for SVM the NPT12 leaf (``perms``: P/RW/US)."""
-        extra = (0 if self.svm else WB) if extra is None else extra
-        self.put(self.ept_entry_gpa(l2gpa, level), l1gpa | perms | extra | (LARGE if level > 1 else 0))
-
-    def l2_table(self, perms=R | W | X):
-        """A page for L2's page tables: an L2 gpa, mapped by EPT12 to a fresh L1 page."""
-        l2 = self.l2_next
-        self.l2_next += 4096
-        self.ept_map(l2, self.page(), perms)
-        return l2
+    ept_entry_gpa = L1.entry_gpa
+    ept_map = L1.map
 
     def l1_of(self, l2gpa):
         if self.svm:
@@ -97,39 +50,6 @@ class Nest:
     def npt(self):
         """The reference's NPT12 walk mode: L1's CR4 and EFER, or None for VMX."""
         return (CR4_PAE, EFER_LME_LMA | 0x800) if self.svm else None
-
-    def reenter(self):
-        """VM-entry again with the registers of the last ``enter``."""
-        kw = {"ncr3" if self.svm else "eptp": self.eptp}
-        self.h.nested_enter(self.vm, 0, cr0=self.regs[0], cr3=self.regs[1], cr4=self.regs[2], efer=self.regs[3],
-                            **kw)
-
-    def l2_map(self, gva, l2gpa, flags=P | RW | US):
-        """L2's 4-level tables: ``gva`` -> ``l2gpa`` (tables get P|RW|US)."""
-        if self.cr3 is None:
-            self.cr3 = self.l2_table()
-        table = self.cr3
-        for lv in range(4, 1, -1):
-            e = self.l1_of(table) + 8 * ((gva >> (12 + 9 * (lv - 1))) & 511)
-            if not self.mem.get(e, 0) & P:
-                self.put(e, self.l2_table() | P | RW | US)
-            table = self.mem[e] & ~0xFFF & ((1 << 52) - 1)
-        self.put(self.l1_of(table) + 8 * ((gva >> 12) & 511), l2gpa | flags)
-
-    def flush(self):
-        for pg in sorted(self.dirty_pages):
-            self.h.write_guest_memory(self.vm, pg, [self.mem.get(pg + 8 * i, 0) for i in range(512)])
-        self.dirty_pages.clear()
-
-    def enter(self, paging=True, **kw):
-        self.flush()
-        regs = dict(cr0=CR0_PG_PE, cr3=self.cr3, cr4=CR4_PAE, efer=EFER_LME_LMA) if paging else \
-            dict(cr0=0x11, cr3=0, cr4=0, efer=0)
-        self.regs = (regs["cr0"], regs["cr3"], regs["cr4"], regs["efer"])
-        self.h.nested_enter(self.vm, 0, **{"ncr3" if self.svm else "eptp": self.eptp}, **regs, **kw)
-
-    def read(self, gpa):
-        return int(self.h.read_guest_memory(self.vm, gpa, 1)[0])
 
 
 def _outcome(o):
@@ -732,3 +652,54 @@ def test_refusals_found_by_review():
     n.enter(paging=False)
     with pytest.raises(bm.BatchMMUError, match="runs L2"):
         n.h.set_vcpu_regs(n.vm, 0, cr4=CR4_PAE | 0x20)
+
+
+# ------------------------------------------------------------------ the bundled scenarios
+def _cases(name, *sets, workers=1):
+    rep = bm.run_scenario(name, sets=list(sets), workers=workers)
+    return rep.phases[0]["nested_cases"]
+
+
+def _want(want, bits):
+    return "ok" if want is None else "misconfig" if want == MISCONFIG else want | bits
+
+
+@pytest.mark.parametrize("fmt", ["ept", "npt"])
+def test_ept_access_scenario_reports_what_the_tests_here_expect(fmt):
+    """`batchmmu run ept_access` (both vendors, 2 VMs over 2 shards): every case of every VM, against this file's
+    own tables of kvm-unit-tests' expectations."""
+    cases = _cases("ept_access", f"tdp_format={fmt}", "vms=2", workers=2)
+    if fmt == "ept":
+        want = [(f"ept_access_test_{name}", op, _want(w, QV | QT)) for _level in range(4)
+                for name, _perms, expect in EPT_ACCESS for op, w in expect.items()]
+        want += [(f"ept_access_test_{name}", op, _want(w, QV)) for name, _ad, _perms, w in PADDR for op in OPS]
+    else:
+        kinds = {0: "read", bm.ACC_WRITE: "write", bm.ACC_FETCH: "exec"}
+        want = [(name, kinds[kind], w) for name, _flags, kind, w in NPT_CASES] + \
+            [("npt_rw_pfwalk", "read", NPF_PAGE | 0x7)]
+    assert [c["vm"] for c in cases] == [0] * len(want) + [1] * len(want)
+    assert [(c["case"], c["access"], c["got"]) for c in cases] == want * 2
+
+
+@pytest.mark.parametrize("fmt", ["ept", "npt"])
+def test_nested_tdp_fault_scenario(fmt):
+    cases = _cases("nested_tdp_fault", f"tdp_format={fmt}")
+    want = [0x181, 0x083, 0x1AA, 0x0AB] if fmt == "ept" else \
+        [NPF_FINAL | 0x4, NPF_PAGE | 0x6, NPF_FINAL | 0x7, NPF_PAGE | 0x7]
+    assert [c["got"] for c in cases] == want
+    assert [c["access"] for c in cases] == ["read", "read", "write", "read"]
+
+
+def test_nested_dirty_log_scenario_and_a_case_that_disagrees(monkeypatch):
+    from batchmmu import nestedops
+    cases = _cases("nested_dirty_log")
+    assert [c["got"] for c in cases] == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0],
+                                         [0, 0, 0, 0]]
+    with pytest.raises(bm.BatchMMUError, match="nested_dirty_log.*is a VMX test"):
+        bm.run_scenario("nested_dirty_log", sets=["vm_group.tdp_format=npt"])
+    # an expectation the simulator does not meet stops the run, naming the case
+    monkeypatch.setattr(nestedops, "TDP_FAULT", (("final_page_not_present", "read", 0x182, 0),))
+    with pytest.raises(bm.BatchMMUError, match="1 of 1 cases.*final_page_not_present"):
+        _cases("nested_tdp_fault")
+    with pytest.raises(bm.BatchMMUError, match="l2"):
+        bm.run_scenario("ept_access", sets=["vm_group.l2=identity", "tdp_format=npt"])

@@ -1,0 +1,251 @@
+"""Scenario ops that run KVM's nested-paging tests on each nested VM (docs/nested.md): the modelled L1
+(batchmmu.l1) writes EPT12 / NPT12 and L2's tables, enters L2, and L2's accesses must end as the tests expect.
+
+- ``nested_tdp_fault``: the selftest nested_tdp_fault_test (final page unmapped / table page unmapped / final page
+  write-protected / table page write-protected): exit qualification (VMX) or exit_info_1 (SVM) and the exit gpa;
+- ``ept_access``: kvm-unit-tests' ``ept_access_test_*`` (x86/vmx_tests.c: the 8 permissions at each EPT level
+  and the ``paddr_*`` cases) on a VMX VM, ``npt_*`` (x86/svm_npt.c) on an SVM VM;
+- ``nested_dirty_log``: the selftest nested_dirty_log_test: two L2 pages aliased onto one L1 page; the dirty log
+  shows L1 gpas only.
+
+Every case goes into the phase record (``nested_cases``: expected and simulated outcome per VM); a case that ends
+otherwise than KVM's tests expect stops the run with the list of them.  The VMs must be ``nested = true`` with
+``l2 = "none"`` (L1 runs: these ops enter L2 themselves) on the legacy TDP MMU.
+"""
+
+import numpy as np
+
+from .constants import ACC_FETCH, ACC_WRITE, FIXED, HIT, L1_EXIT, MEM_LOG_DIRTY_PAGES, SPURIOUS
+from .errors import BatchMMUError
+from .kernels.state import VR_GUEST_MODE
+from .l1 import A_, D_, L1, NX, RW, US, WB, P, R, W, X
+
+OPS = ("nested_tdp_fault", "ept_access", "nested_dirty_log")
+KEYS = set()
+QV, QT = 0x80, 0x100             # exit qualification: GVA_IS_VALID, GVA_TRANSLATED
+NPF_FINAL, NPF_PAGE = 1 << 32, 1 << 33
+OK = (HIT, FIXED, SPURIOUS)
+GVA = 0x7f0000000000
+ACCESS = {"read": 0, "write": ACC_WRITE, "exec": ACC_FETCH}
+SETUP = 0x10000                  # L1 memory each case's fresh tables use (its EPTP differs from every other's)
+
+# kvm-unit-tests x86/vmx_tests.c ept_access_test_*: EPT permissions of the data page -> expected per access
+# ("ok", "misconfig", or the violation's qualification without GVA_IS_VALID | GVA_TRANSLATED)
+EPT_ACCESS = (
+    ("not_present", 0, {"read": 0x1, "write": 0x2, "exec": 0x4}),
+    ("read_only", R, {"read": "ok", "write": 0x2 | 0x8, "exec": 0x4 | 0x8}),
+    ("write_only", W, {"read": "misconfig", "write": "misconfig", "exec": "misconfig"}),
+    ("read_write", R | W, {"read": "ok", "write": "ok", "exec": 0x4 | 0x8 | 0x10}),
+    ("execute_only", X, {"read": 0x1 | 0x20, "write": 0x2 | 0x20, "exec": "ok"}),
+    ("read_execute", R | X, {"read": "ok", "write": 0x2 | 0x8 | 0x20, "exec": "ok"}),
+    ("write_execute", W | X, {"read": "misconfig", "write": "misconfig", "exec": "misconfig"}),
+    ("read_write_execute", R | W | X, {"read": "ok", "write": "ok", "exec": "ok"}),
+)
+# ept_access_test_paddr_*: (name, EPTP A/D, EPT permissions of L2's level-1 page-table page, qualification)
+PADDR = (
+    ("paddr_not_present_ad_disabled", False, 0, 0x1),
+    ("paddr_not_present_ad_enabled", True, 0, 0x3),
+    ("paddr_read_only_ad_enabled", True, R, 0x3 | 0x8),
+    ("paddr_read_execute_ad_enabled", True, R | X, 0x3 | 0x8 | 0x20),
+    ("paddr_read_write", False, R | W, "ok"),
+    ("paddr_read_write_execute", False, R | W | X, "ok"),
+)
+# x86/svm_npt.c: (name, NPT12 leaf flags of the data page, access, exit_info_1)
+NPT = (
+    ("npt_np", 0, "read", NPF_FINAL | 0x4),
+    ("npt_us", P | RW, "read", NPF_FINAL | 0x5),
+    ("npt_rw", P | US, "write", NPF_FINAL | 0x7),
+    ("npt_nx", P | RW | US | NX, "exec", NPF_FINAL | 0x15),
+    ("npt_rsvd_pte", P | RW | US | (1 << 50), "read", NPF_FINAL | 0xD),
+)
+# nested_tdp_fault_test: case -> (access, VMX qualification, SVM exit_info_1)
+TDP_FAULT = (
+    ("final_page_not_present", "read", 0x181, NPF_FINAL | 0x4),
+    ("page_table_not_present", "read", 0x083, NPF_PAGE | 0x6),
+    ("final_page_write_protected", "write", 0x1AA, NPF_FINAL | 0x7),
+    ("page_table_write_protected", "read", 0x0AB, NPF_PAGE | 0x7),
+)
+
+
+def run(shard, ph, extra, progress):
+    host = shard.host
+    out = []
+    for lvm in range(shard.gids.size):
+        if not shard._runs(lvm):
+            continue
+        if not host._nested[lvm]:
+            raise BatchMMUError(f"phase.op={ph['op']!r}: VM {int(shard.gids[lvm])} is not nested (vm_group.nested = "
+                                "true, l2 = \"none\")", field="phase.op", value=ph["op"])
+        for vc in range(int(shard.vcpus[lvm])):
+            if host.vr.rec[int(host.vt.vcpu_off[lvm]) + vc, VR_GUEST_MODE]:
+                host.nested_exit(lvm, vc)
+        cases = _CASES[ph["op"]](_Setups(host, lvm))
+        out += [dict(c, vm=int(shard.gids[lvm])) for c in cases]
+    extra["nested_cases"] = extra.get("nested_cases", []) + out
+    bad = [c for c in out if c["got"] != c["want"]]
+    if bad:
+        raise BatchMMUError(f"phase.op={ph['op']!r}: {len(bad)} of {len(out)} cases end otherwise than KVM's tests "
+                            f"expect: {bad[:4]}", field="phase.op", value=ph["op"])
+    return len(out)
+
+
+class _Setups:
+    """A fresh L1 for each case, its tables in L1 memory no earlier case used (so no shadow page or cached root
+    of an earlier case's tables applies), entered after leaving the last case's L2."""
+
+    def __init__(self, host, vm):
+        self.h, self.vm, self.n = host, vm, 0
+
+    def __call__(self, ept_ad=False):
+        if self.n:
+            self.h.nested_exit(self.vm, 0)
+        l1 = L1(self.h, self.vm, ept_ad=ept_ad)
+        l1.next = 0x100000 + self.n * SETUP
+        l1.root = l1.page()
+        self.n += 1
+        return l1
+
+
+def _result(r, svm):
+    """(outcome as the tests name it: "ok", "misconfig", or the exit qualification / exit_info_1; exit gpa)."""
+    o = int(r.outcome[0])
+    if o in OK:
+        return "ok", -1
+    if o != L1_EXIT:
+        return f"outcome {o}", -1
+    code = int(r.error_code[0])
+    if not svm and code == 0:
+        return "misconfig", -1
+    return code, int(r.fault_gpa[0])
+
+
+def _q(want, bits):
+    """An expected EPT violation's qualification with the GVA bits the processor sets."""
+    return want | bits if isinstance(want, int) else want
+
+
+def _case(name, access, want, got, gpa=-1, want_gpa=-1, **more):
+    return dict(case=name, access=access, want=want, got=got if gpa == want_gpa else (got, hex(gpa)), **more)
+
+
+def ept_access(new):
+    l1 = new()
+    if l1.svm:
+        return _npt_cases(new, l1)
+    out = []
+    data = 1 << 39                       # a data page with its own EPT12 entry at every level, as KUT's
+    for level in (1, 2, 3, 4):
+        for name, perms, expect in EPT_ACCESS:
+            l1 = l1 or new()
+            l1.map(data, 0x2000000)
+            l1.l2_map(GVA, data)
+            e = l1.entry_gpa(data, level)
+            l1.put(e, (l1.mem[e] & ~7) | perms)
+            l1.enter()
+            for op, want in expect.items():
+                got, gpa = _result(l1.h.access(l1.vm, 0, GVA + 8, ACCESS[op]), False)
+                out.append(_case(f"ept_access_test_{name}", op, _q(want, QV | QT), got, gpa,
+                                 data + 8 if isinstance(want, int) else -1, level=level))
+            l1 = None
+    for name, ad, perms, want in PADDR:
+        for op in ACCESS:
+            l1 = new(ept_ad=ad)
+            l1.map(data, 0x2000000)
+            l1.l2_map(GVA, data, P | RW | US | A_ | D_)
+            pt = l1.l2_tables()[-1]      # L2's level-1 page table
+            l1.map(pt, l1.l1_of(pt), perms)
+            l1.enter()
+            got, gpa = _result(l1.h.access(l1.vm, 0, GVA, ACCESS[op]), False)
+            # a fault on a paging-structure access: GVA_TRANSLATED clear
+            out.append(_case(f"ept_access_test_{name}", op, _q(want, QV), got, gpa,
+                             pt if isinstance(want, int) else -1))
+    return out
+
+
+def _npt_cases(new, l1):
+    out = []
+    data = 1 << 39
+    for name, flags, op, want in NPT:
+        l1 = l1 or new()
+        l1.map(data, 0x2000000, flags)
+        l1.l2_map(GVA, data)
+        l1.enter()
+        got, gpa = _result(l1.h.access(l1.vm, 0, GVA + 8, ACCESS[op]), True)
+        out.append(_case(name, op, want, got, gpa, data + 8))
+        l1 = None
+    l1 = new()                             # npt_rw_pfwalk: L2's top page table read-only in NPT12
+    l1.map(data, 0x2000000)
+    l1.l2_map(GVA, data)
+    l1.map(l1.cr3, l1.l1_of(l1.cr3), P | US)
+    l1.enter()
+    got, gpa = _result(l1.h.access(l1.vm, 0, GVA, 0), True)
+    out.append(_case("npt_rw_pfwalk", "read", NPF_PAGE | 0x7, got, gpa, l1.cr3 + 8 * ((GVA >> 39) & 511)))
+    return out
+
+
+def nested_tdp_fault(new):
+    out = []
+    gpa = 0x40000000
+    for name, op, vmx_want, svm_want in TDP_FAULT:
+        l1 = new(ept_ad=True)
+        full, wrprot = (P | RW | US, P | US) if l1.svm else (R | W | X, R | X)
+        l1.map(gpa, 0x2000000, full)
+        l1.l2_map(GVA, gpa)
+        pt = l1.l2_tables()[-1]
+        if name == "final_page_not_present":
+            l1.map(gpa, 0x2000000, 0)
+        elif name == "final_page_write_protected":
+            l1.map(gpa, 0x2000000, wrprot)
+        elif name == "page_table_not_present":
+            l1.map(pt, l1.l1_of(pt), 0)
+        else:
+            l1.map(pt, l1.l1_of(pt), wrprot)
+        l1.enter()
+        got, at = _result(l1.h.access(l1.vm, 0, GVA, ACCESS[op]), l1.svm)
+        out.append(_case(f"nested_tdp_fault_test {name}", op, svm_want if l1.svm else vmx_want, got, at,
+                         gpa if name.startswith("final") else pt))
+    return out
+
+
+def nested_dirty_log(new):
+    """L2 gpas base+2/+3 pages alias L1 base+0/+1 (EPT12 leaves with D preset); after each step the log of slot
+    NESTED_SLOT (by L1 gpa) holds exactly the page that step dirtied."""
+    l1 = new(ept_ad=True)
+    h, vm = l1.h, l1.vm
+    if l1.svm:
+        raise BatchMMUError("phase.op='nested_dirty_log': nested_dirty_log_test is a VMX test (an EPT VM)",
+                            field="phase.op", value="nested_dirty_log")
+    base = 0xc0000000
+    if any(m["slot"] == NESTED_SLOT for m in h.memslots(vm)):
+        raise BatchMMUError(f"phase.op='nested_dirty_log': memslot {NESTED_SLOT} is taken (use [workload] region = "
+                            "\"slot0\")", field="phase.op", value="nested_dirty_log")
+    h.set_memslot(vm, NESTED_SLOT, base, 4 * 4096, flags=MEM_LOG_DIRTY_PAGES)
+    for k in range(4):   # EPT12 leaves with the dirty bit preset (EPT A/D on)
+        l1.map(base + 4096 * k, base + 4096 * (k if k < 2 else k - 2), None, extra=WB | (1 << 9))
+        l1.l2_map(base + 4096 * k, base + 4096 * k)
+    l1.enter()
+    h.get_dirty_log(vm, NESTED_SLOT)
+    out = []
+    for page, write, want in ((0, False, [1, 0, 0, 0]), (0, True, [1, 0, 0, 0]), (0, False, [0, 0, 0, 0]),
+                              (1, True, [0, 1, 0, 0]), (1, True, [0, 1, 0, 0]), (1, False, [0, 0, 0, 0])):
+        gva = base + 4096 * (2 + page)
+        r = h.store(vm, 0, gva, 1) if write else h.access(vm, 0, gva, 0)
+        log = [int(b) for b in np.unpackbits(h.get_dirty_log(vm, NESTED_SLOT).view(np.uint8), bitorder="little")[:4]]
+        out.append(_case(f"nested_dirty_log_test L2 page {2 + page}", "write" if write else "read", want,
+                         log if int(r.outcome[0]) in OK else _result(r, l1.svm)[0]))
+    return out
+
+
+NESTED_SLOT = 1
+_CASES = {"nested_tdp_fault": nested_tdp_fault, "ept_access": ept_access, "nested_dirty_log": nested_dirty_log}
+
+
+def report_lines(rec):
+    cases = rec.get("nested_cases", [])
+    if not cases:
+        return []
+    by = {}
+    for c in cases:
+        by.setdefault(c["vm"], []).append(c)
+    return [f"    VM {vm}: {sum(c['got'] == c['want'] for c in cs)}/{len(cs)} cases end as KVM's tests expect"
+            for vm, cs in by.items()]
