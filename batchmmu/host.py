@@ -50,6 +50,9 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
     ``watermarks``: (low, high) fractions of ``memory`` for reclaim.
     ``time``: the time model (docs/time.md): True (the default cost table), a ``bm.CostModel`` or the path of a
     cost-model TOML file; vCPUs of a VM then interleave by simulated clocks (``sim_begin`` / ``sim_end``).
+    ``huge_page_split_on_fault``: True (KVM v6.2+): a TDP-MMU fault that must break a huge SPTE (dirty logging,
+    NX) splits it into a table of smaller SPTEs; False models KVM before v6.2, which zapped it and mapped only
+    the faulting page, so the rest of its range faulted again.
     """
 
     # KVM's ioctls in order, and where they are: KVM_CREATE_VM + KVM_CREATE_VCPU (create_vms, here);
@@ -62,7 +65,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
     def __init__(self, memory="64GiB", backing="thp", *, mmio_caching=True, nx_huge_pages=False,
                  nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
                  tdp_huge_page_level=3, eager_page_split=True, pml=False, overcommit=False,
-                 watermarks=(0.90, 0.95), tdp_mmu=True, time=None):
+                 watermarks=(0.90, 0.95), tdp_mmu=True, time=None, huge_page_split_on_fault=True):
         self.memory = parse_size(memory, "memory")
         if not 0 < self.memory <= A.I64_MAX:
             raise bad("memory", memory, "must be positive and below 2**63 bytes")
@@ -71,7 +74,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
                                           why="must be 1 (4K), 2 (2M) or 3 (1G)")
         flags = {name: A.bool_arg(v, name) for name, v in (
             ("mmio_caching", mmio_caching), ("nx_huge_pages", nx_huge_pages),
-            ("eager_page_split", eager_page_split), ("pml", pml), ("tdp_mmu", tdp_mmu))}
+            ("eager_page_split", eager_page_split), ("pml", pml), ("tdp_mmu", tdp_mmu),
+            ("huge_page_split_on_fault", huge_page_split_on_fault))}
         self.tdp_mmu = flags["tdp_mmu"]   # kvm.tdp_mmu: False builds TDP VMs' tables with the shadow MMU's code
         self.nx_recovery_ratio = A.exact_int(nx_huge_pages_recovery_ratio, "nx_huge_pages_recovery_ratio", 0,
                                              1 << 32)
@@ -87,6 +91,8 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
         self._nx_next_ms = None
         self.cfg[S.CFG_EAGER_SPLIT] = int(flags["eager_page_split"])
         self.cfg[S.CFG_PML] = int(pml)
+        # KVM v6.2+ (c4b33d28ea51): the TDP MMU splits a huge SPTE a fault must break; before, it zapped it
+        self.cfg[S.CFG_SPLIT_ON_FAULT] = int(flags["huge_page_split_on_fault"])
         self.arena = Arena(pml=bool(pml))
         self.nvm = 0
         self.nrec = 0

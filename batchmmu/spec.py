@@ -194,7 +194,7 @@ SECTIONS = ("name", "description", "params", "host", "vm_group", "workload", "ph
 _KNOWN = {
     "host": {"memory", "backing", "mmio_caching", "nx_huge_pages", "tdp_huge_page_level", "eager_page_split",
              "pml", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms", "overcommit", "watermarks",
-             "tdp_mmu"},
+             "tdp_mmu", "huge_page_split_on_fault"},
     "vm_group": {"count", "memory", "vcpus", "mmu", "tdp_format", "tdp_levels", "maxphyaddr", "backing",
                  "ept_ad", "tdp_mmu", "nested", "l2"},
     "workload": {"pattern", "bytes_per_vcpu", "region", "region_bytes", "region_pages", "slots", "slot_backing",

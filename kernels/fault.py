@@ -57,6 +57,7 @@ from .state import (
     CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
     CFG_PML,
+    CFG_SPLIT_ON_FAULT,
     CFG_TDP_MAX_LEVEL,
     CTL_FREE_TOP,
     DM_PML_ACTIVE,
@@ -254,7 +255,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, rec, pres
                 goal_level = req_level
     # one call site: the map tree is inlined once
     return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
-                           huge_page_disallowed, nx_huge_pages, mmio_caching, write)
+                           huge_page_disallowed, nx_huge_pages, mmio_caching, write, host[CFG_SPLIT_ON_FAULT] != 0)
 
 
 @njit(inline="always", _nrt=False)

@@ -50,7 +50,8 @@ CFG_NX_HUGE_PAGES = 4
 CFG_TDP_MAX_LEVEL = 5      # max_huge_page_level for TDP (3 = 1G)
 CFG_EAGER_SPLIT = 6        # kvm.eager_page_split
 CFG_PML = 7                # VMX page-modification logging (cpu_dirty_log_size = 512)
-NHOST = 8
+CFG_SPLIT_ON_FAULT = 8     # the TDP MMU splits a huge SPTE a fault must break (v6.2+); 0: zaps it (before)
+NHOST = 9
 
 PML_ENTITY_NUM = 512
 KVM_DIRTY_RING_RSVD_ENTRIES = 64

@@ -240,10 +240,12 @@ def disallowed_child(pa, spte):
 
 @njit(inline="always", _nrt=False)
 def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
-                    huge_page_disallowed, nx_huge_pages, mmio_caching, write):
+                    huge_page_disallowed, nx_huge_pages, mmio_caching, write, split_on_fault):
     """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.
 
-    ``pfn4k`` is the host pfn of the faulting 4K gfn; the goal level aligns it.
+    ``pfn4k`` is the host pfn of the faulting 4K gfn; the goal level aligns it.  A present huge SPTE above the
+    goal level is split (``split_on_fault``, v6.2+) or, as before v6.2, zapped (tdp_mmu_zap_spte_atomic, with
+    its remote flush) and replaced by an empty table, so the rest of its range faults again.
     """
     row = vt.rec[vm, VM_ROOT]
     level = np.int64(vt.rec[vm, VM_LEVELS])
@@ -265,9 +267,12 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
         child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, child_gfn, role, row, idx)
         if huge_page_disallowed:
             pa.meta[child, SP_FLAGS] = SPF_NX_DISALLOWED
-        if is_shadow_present_pte(old):
+        if is_shadow_present_pte(old) and split_on_fault:
             tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages)
         else:
+            if is_shadow_present_pte(old):   # before v6.2: tdp_mmu_zap_spte_atomic
+                tdp_set_spte(pa, vt, vm, row, idx, level, SHADOW_NONPRESENT_VALUE)
+                kvm_flush_remote_tlbs(vt, vm)   # kvm_flush_remote_tlbs_gfn
             tdp_mmu_link_sp(pa, vt, vm, fmt, row, idx, level, child)
         if huge_page_disallowed and req_level >= level:
             account_nx_huge_page(pa, vt, vm, child, True)

@@ -46,7 +46,8 @@ KIND_SHADOW = 1      # write_lock(mmu_lock): the shadow MMU, the legacy TDP MMU,
 NKIND = 2
 # base costs per event, per kind
 BASE_EVENT = 0       # the guest's own work per access (loop body, TLB-hit path)
-NBASE = 1
+BASE_READ_WORD = 1   # read_lock + read_unlock of mmu_lock: the lock word's cacheline, one holder at a time
+NBASE = 2
 
 # per-VM time record (TimeState.vm columns)
 TV_KIND = 0          # KIND_*
@@ -64,7 +65,8 @@ TV_MM_HOLD = 11
 TV_MM_WAIT = 12
 TV_MM_CONTENDED = 13
 TV_FAULTS = 14       # events that exited (pf_taken rose)
-NTV = 15
+TV_WORD_FREE = 15    # mmu_lock's word (its cacheline): when the last reader's atomic on it is done
+NTV = 16
 
 NBINS = 512          # fault-latency histogram: bin b holds latencies in [2^(b/8), 2^((b+1)/8)) ps
 CTL_HEAP = 0         # scheduler control: vCPUs on the heap
@@ -182,7 +184,14 @@ def _charge(tm, stats, vm, g, floor):
         tv[vm, TV_MM_FREE] = t
     if lk > 0:
         if kd == KIND_TDP_MMU:   # read_lock: waits for writers queued before it only
-            t = _held(tv[vm], t, max(t, tv[vm, TV_W_FREE]), lk, TV_RD_ACQ, TV_HOLD, TV_WAIT, TV_CONTENDED)
+            # the atomics of read_lock / read_unlock on the lock word: its cacheline serves one reader at a time,
+            # so with many readers they queue for it (counted as waiting for the lock)
+            word = tm.base[kd, BASE_READ_WORD]
+            w = max(t, tv[vm, TV_WORD_FREE]) if word > 0 else t
+            tv[vm, TV_WORD_FREE] = w + word
+            granted = max(w + word, tv[vm, TV_W_FREE])
+            # waited: for the word (w - t) and then for the writers (granted - w - word)
+            t = _held(tv[vm], t, granted - word, lk, TV_RD_ACQ, TV_HOLD, TV_WAIT, TV_CONTENDED) + word
             tv[vm, TV_R_FREE] = max(tv[vm, TV_R_FREE], t)
         else:                    # write_lock: waits for every holder queued before it
             t = _held(tv[vm], t, max(t, tv[vm, TV_W_FREE], tv[vm, TV_R_FREE]), lk, TV_WR_ACQ, TV_HOLD, TV_WAIT,

@@ -228,6 +228,7 @@ def random_host_kw(d, small_budget=True):
     return {"memory": budget, "backing": d.pick(["4k", "thp", "thp", "hugetlb-2m"]),
             "mmio_caching": d.pick([True, True, True, False]), "nx_huge_pages": d.pick([False, True]),
             "tdp_huge_page_level": d.pick([3, 3, 2, 1]), "eager_page_split": d.pick([True, False]),
+            "huge_page_split_on_fault": d.pick([True, True, False]),
             "nx_huge_pages_recovery_ratio": d.pick([60, 60, 1, 2, 3, 0]),
             "nx_huge_pages_recovery_period_ms": d.pick([0, 0, 1000, 250])}
 
@@ -596,9 +597,12 @@ def test_stale_mmio_over_readonly_slot(fmt):
 @pytest.mark.nojit
 @pytest.mark.parametrize("eager_page_split", [True, False])
 @pytest.mark.parametrize("fmt", ["ept", "npt"])
-def test_dirty_log_cycle(fmt, eager_page_split):
-    """Enable logging over huge mappings, write, harvest, write again, disable (huge pages come back)."""
-    p = Pair(memory=8 * GiB, backing="thp", eager_page_split=eager_page_split)
+@pytest.mark.parametrize("split_on_fault", [True, False])
+def test_dirty_log_cycle(fmt, eager_page_split, split_on_fault):
+    """Enable logging over huge mappings, write, harvest, write again, disable (huge pages come back); a write
+    fault on a huge page splits it (v6.2+) or zaps it (before)."""
+    p = Pair(memory=8 * GiB, backing="thp", eager_page_split=eager_page_split,
+             huge_page_split_on_fault=split_on_fault)
     vm = p.create_vms(1, memory=8 * MiB, tdp_format=fmt)[0]
     p.access([vm] * 4, [0x1000, 0x201000, 0x400000, 0x600000], [W_, R_, W_, R_])
     p.set_memslot(vm, 0, 0, 8 * MiB, LOG)
@@ -608,6 +612,24 @@ def test_dirty_log_cycle(fmt, eager_page_split):
     p.get_dirty_log(vm, 0)
     p.set_memslot(vm, 0, 0, 8 * MiB, 0)
     p.access([vm] * 3, [0x1000, 0x201000, 0x3000], [W_, W_, R_])
+
+
+@pytest.mark.parametrize("split_on_fault", [True, False])
+def test_write_fault_on_a_logged_huge_page_splits_or_zaps(split_on_fault):
+    """With eager splitting off, the first write to a write-protected 2M page: v6.2+ splits it into 512
+    write-protected 4K SPTEs (a read elsewhere in the range hits); before v6.2 KVM zapped it (one remote flush)
+    and mapped only the written page, so a read elsewhere faults again."""
+    h = bm.Host(memory="8GiB", backing="thp", eager_page_split=False, huge_page_split_on_fault=split_on_fault)
+    vm = h.create_vms(1, memory="8MiB")[0]
+    h.access(vm, 0, 0x200000, W_)
+    h.set_memslot(vm, 0, 0, 8 * MiB, LOG)
+    before = h.stats(vm)
+    assert h.access(vm, 0, 0x201000, W_).outcome[0] == bm.FIXED
+    after = h.stats(vm)
+    assert after["pages_2m"] == before["pages_2m"] - 1
+    assert after["pages_4k"] - before["pages_4k"] == (512 if split_on_fault else 1)
+    assert after["remote_tlb_flush"] - before["remote_tlb_flush"] == (0 if split_on_fault else 1)
+    assert h.access(vm, 0, 0x3ff000, R_).outcome[0] == (bm.HIT if split_on_fault else bm.FIXED)
 
 
 @pytest.mark.nojit

@@ -219,7 +219,7 @@ class RefHost:
     def __init__(self, memory=64 << 30, backing="thp", *, mmio_caching=True, nx_huge_pages=False,
                  nx_huge_pages_recovery_ratio=60, nx_huge_pages_recovery_period_ms=0,
                  tdp_huge_page_level=3, eager_page_split=True, pml=False, overcommit=False,
-                 watermarks=(0.90, 0.95)):
+                 watermarks=(0.90, 0.95), huge_page_split_on_fault=True):
         if not _is_int(memory) or memory <= 0:
             raise RefError(f"memory={memory!r}")
         for x in (nx_huge_pages_recovery_ratio, nx_huge_pages_recovery_period_ms):
@@ -243,6 +243,7 @@ class RefHost:
         self.nx_huge_pages = bool(nx_huge_pages)
         self.max_huge_page_level = tdp_huge_page_level
         self.eager_page_split = bool(eager_page_split)
+        self.split_on_fault = bool(huge_page_split_on_fault)
         if pml:
             raise NotImplementedError("the reference model write-protects for dirty logging (no PML)")
         self.vms = []
@@ -719,6 +720,10 @@ class RefHost:
                 continue
             child = Table(level - 1, gfn & ~(_pages(level) - 1), t, idx)
             child.nx_disallowed = huge_page_disallowed
+            if self._present(old) and not self.split_on_fault:   # before v6.2: tdp_mmu_zap_spte_atomic
+                self._set_spte(v, t, idx, None)
+                self._flush_remote_tlbs(v)
+                old = None
             if self._present(old):               # tdp_mmu_split_huge_page: no flush
                 for i in range(512):
                     child.entries[i] = self._make_small_spte(v, old, level - 1, i)

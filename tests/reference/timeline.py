@@ -47,7 +47,7 @@ def ref_timed_run(host, cm, vm, vcpu, addr, kind, kinds):
         if d[S.ST_REMOTE_TLB_FLUSH] > 0:
             lk += int(d[S.ST_REMOTE_TLB_FLUSH]) * (flush + per * (int(host._vcpus[v]) - 1))
         L = lock.setdefault(v, {"w_free": 0, "r_free": 0, "mm_free": 0, "rd": 0, "wr": 0, "hold": 0, "wait": 0,
-                                "mm_acq": 0, "mm_wait": 0})
+                                "mm_acq": 0, "mm_wait": 0, "word_free": 0})
         t = clock[g] + own
         if mm > 0:
             at = max(t, L["mm_free"])
@@ -56,10 +56,15 @@ def ref_timed_run(host, cm, vm, vcpu, addr, kind, kinds):
             t = at + mm
             L["mm_free"] = t
         if lk > 0:
-            if kd == T.KIND_TDP_MMU:
-                at = max(t, L["w_free"])
+            if kd == T.KIND_TDP_MMU:   # first the lock word's cacheline, one reader at a time
+                word = int(base[kd, T.BASE_READ_WORD])
+                w = max(t, L["word_free"])
+                L["word_free"] = w + word
+                at = max(w + word, L["w_free"])
                 L["r_free"] = max(L["r_free"], at + lk)
                 L["rd"] += 1
+                L["wait"] += w - t   # and then for the writers, below
+                t = w + word
             else:
                 at = max(t, L["w_free"], L["r_free"])
                 L["w_free"] = at + lk
