@@ -96,8 +96,10 @@ class DirtyLog:
             raise bad("bitmap", f"{bm.size} words", f"needs at least {words} words")
         bm = bm[:words].view(np.int64)
         self._sim_charge(vm, "dirty_log.ioctl")
-        self._sim_charge(vm, "dirty_log.clear_word", words)
         self._sync_pml(vm)
+        if self.timed:   # kvm_clear_dirty_log_protect walks SPTEs only for words with bits to clear
+            off = int(self.st.dirty_off[rec]) + first_page // 64
+            self._sim_charge(vm, "dirty_log.clear_word", int(np.count_nonzero(bm & self.st.dirty[off:off + words])))
         if int(self.st.slot_id[rec]) >> 16:  # SMM slot: clear the bits, nothing to re-protect
             off = int(self.st.dirty_off[rec]) + first_page // 64
             live = self.st.dirty[off:off + words]

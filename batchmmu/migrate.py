@@ -106,8 +106,11 @@ class _Guest:
         off = int(self.host.vt.vcpu_off[lvm])
         self.vcpus = slice(off, off + v)
         self.written = np.zeros(int(shard.region_pages[lvm]), bool)   # pages written since the op started
+        self.found = np.zeros(self.written.size, bool)     # pages a sync (or a full ring's harvest) found dirty
+        self.ring_dirty = np.zeros(self.written.size, bool)   # harvested from full rings since the last sync
         self.vmm_wait = 0   # ps the VMM's ioctls waited for mmu_lock
         self.vmm_hold = 0   # ps they held it
+        self.throttle = 0   # auto-converge: percent of each stretch the vCPUs sleep
         # the guest's own time per access (its think time), else the cost table's guest.access
         ns = ph.get("guest_ns")
         self.base = None if ns is None else int(round(float(ns) * 1000))
@@ -135,8 +138,10 @@ class _Guest:
                 self.left = None
                 res = self.host.access(vm, vc, addr, kind)
                 ran = self.host._last_ran.astype(bool) & (res.outcome != RING_FULL)
-                if (res.outcome == RING_FULL).any():
-                    self.shard._harvest(self.lvm, {}, stopped=True)
+                if (res.outcome == RING_FULL).any():   # KVM_EXIT_DIRTY_RING_FULL: the VMM reaps the rings now
+                    self.reap_rings()
+                    out, lock, after = self.host._sim_settle(self.lvm, split=True)
+                    self.host._sim_hold(self.lvm, self.now() + out, lock, yields=True)
                 if not ran.all():
                     keep = ~ran
                     self.left = (vm[keep], vc[keep], addr[keep], kind[keep])
@@ -151,18 +156,39 @@ class _Guest:
             tm.base[:, TL.BASE_EVENT] = base
         if sleep_to is not None:
             np.maximum(tm.clock[self.vcpus], sleep_to, out=tm.clock[self.vcpus])
+        self.written |= wrote
         return wrote
 
-    def ioctl(self, t, fn, write=True, yields=False):
+    def advance(self, t):
+        """The guest runs until ``t`` (ps), throttled: each vCPU sleeps ``throttle`` % of the stretch."""
+        if self.throttle:
+            s = int(self.host._tm.clock[self.vcpus].min())
+            return self.run_until(s + max(0, t - s) * (100 - self.throttle) // 100, sleep_to=t)
+        return self.run_until(t)
+
+    def reap_rings(self):
+        """kvm_dirty_ring_reap: kick the vCPUs, collect every ring into ``ring_dirty``, KVM_RESET_DIRTY_RINGS."""
+        sh, lvm, host = self.shard, self.lvm, self.host
+        n = int(sh.slot_pages[lvm])
+        host.kick_vcpus(lvm)
+        for c in range(int(sh.vcpus[lvm])):
+            e = np.asarray(host.harvest_dirty_ring(lvm, c), np.int64).reshape(-1, 2)
+            inside = np.isin(e[:, 0], sh.slot_ids) & (e[:, 1] >= 0) & (e[:, 1] < n)
+            self.ring_dirty[(e[inside, 0] - sh.slot) * n + e[inside, 1]] = True
+        host.reset_dirty_rings(lvm)
+
+    def ioctl(self, t, fn, write=True, yields=False, always=False):
         """One VMM ioctl at ``t`` ps while the guest runs: the guest first runs up to ``t``, then ``fn()`` does
-        the work, which takes mmu_lock for what it did under it.  Returns (fn's result, when the ioctl ends)."""
-        self.run_until(t)
+        the work; the ioctl asks for mmu_lock once its work before the lock is done (the guest runs up to then
+        too), holds it for its work under it, and flushes remote TLBs after.  Returns (fn's result, its end)."""
+        self.advance(t)
         r = fn()
-        out, lock = self.host._sim_settle(self.lvm, split=True)
-        end, wait = self.host._sim_hold(self.lvm, t + out, lock, write, yields)
+        out, lock, after = self.host._sim_settle(self.lvm, split=True)
+        self.advance(t + out)
+        end, wait = self.host._sim_hold(self.lvm, t + out, lock, write, yields, always)
         self.vmm_wait += wait
         self.vmm_hold += lock
-        return r, end
+        return r, end + after
 
     def sync(self, chunk_pages=0, at=None):
         """migration_bitmap_sync: the pages dirtied since the last sync (GET, CLEAR in chunks, or the rings).
@@ -173,35 +199,37 @@ class _Guest:
         dirty = np.zeros(self.written.size, bool)
         t = 0 if at is None else int(at)
 
-        def call(fn, yields=False):
+        manual = bool(sh.spec.get("manual_protect"))
+
+        def call(fn, yields=False, always=False):
             nonlocal t
-            if at is None:
+            if at is None:   # the vCPUs are stopped: the ioctl's time, and its lock use in the figures
                 r = fn()
-                t += host._sim_settle(lvm)
+                out, lock, after = host._sim_settle(lvm, split=True)
+                host._sim_hold(lvm, self.now() + t + out, lock, yields=True, always=always)
+                t += out + lock + after
                 return r
-            r, t = self.ioctl(t, fn, yields=yields)
+            r, t = self.ioctl(t, fn, yields=yields, always=always)
             return r
 
         if sh.spec.get("dirty_ring"):
-            def reap():   # kvm_dirty_ring_reap: kick the vCPUs, collect every ring, KVM_RESET_DIRTY_RINGS
-                host.kick_vcpus(lvm)
-                for c in range(int(sh.vcpus[lvm])):
-                    e = np.asarray(host.harvest_dirty_ring(lvm, c), np.int64).reshape(-1, 2)
-                    inside = np.isin(e[:, 0], sh.slot_ids) & (e[:, 1] >= 0) & (e[:, 1] < n)
-                    dirty[(e[inside, 0] - sh.slot) * n + e[inside, 1]] = True
-                host.reset_dirty_rings(lvm)
-            call(reap, yields=True)   # kvm_dirty_ring_reset takes mmu_lock per 64-gfn mask: short holds
+            call(self.reap_rings, yields=True)   # kvm_dirty_ring_reset takes mmu_lock per 64-gfn mask: short holds
+            dirty |= self.ring_dirty
+            self.ring_dirty[:] = False
         else:
-            for si, slot in enumerate(sh.slot_ids):
-                words = np.asarray(call(lambda s=slot: host.get_dirty_log(lvm, s)), np.uint64)
+            for si, slot in enumerate(sh.slot_ids):   # GET write-protects under mmu_lock unless manual protect
+                words = np.asarray(call(lambda s=slot: host.get_dirty_log(lvm, s), always=not manual), np.uint64)
                 bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool)
                 dirty[si * n:(si + 1) * n] = bits
-                if sh.spec.get("manual_protect"):
+                if manual:
                     step = chunk_pages or n
                     for p0 in range(0, n, step):
                         cnt = min(step, n - p0)
                         w = words[p0 // 64:(p0 + cnt + 63) // 64]
-                        call(lambda s=slot, p=p0, c=cnt, w=w: host.clear_dirty_log(lvm, s, p, c, w))
+                        call(lambda s=slot, p=p0, c=cnt, w=w: host.clear_dirty_log(lvm, s, p, c, w), always=True)
+        if at is not None:   # the faults the sync's last hold kept waiting finish inside this iteration
+            self.advance(t)
+        self.found |= dirty
         return dirty, t
 
     def pause(self, ps):
@@ -263,7 +291,8 @@ def _migrate(shard, g, ph):
         s0 = host.vt.stats[lvm].copy()
         w0, vw0, vh0 = int(tv[TL.TV_WAIT]), g.vmm_wait, g.vmm_hold
         end = t + send(pending)
-        g.run_until(t + (end - t) * (100 - throttle) // 100, sleep_to=end)
+        g.throttle = throttle
+        g.advance(end)
         sent += pending * PAGE
         dirty, t = g.sync(chunk, at=end)
         d = host.vt.stats[lvm] - s0
@@ -278,15 +307,22 @@ def _migrate(shard, g, ph):
         if auto and len(its) >= int(ph.get("throttle_after", 2)):
             throttle = int(ph.get("throttle_initial", 20)) if not throttle else \
                 min(int(ph.get("throttle_max", 99)), throttle + int(ph.get("throttle_step", 10)))
-    down = send(pending)
-    sent += pending * PAGE
+    converged = send(pending) <= max_down * PS
+    # migration_completion: stop the vCPUs, a last sync (what they dirtied since the last one), send the rest
+    np.maximum(host._tm.clock[g.vcpus], t, out=host._tm.clock[g.vcpus])
+    g.throttle = 0
+    last, ps = g.sync(chunk)
+    rest = int((dirty | last).sum())
+    down = ps + send(rest)
+    sent += rest * PAGE
     stop = t + down
     np.maximum(host._tm.clock[g.vcpus], stop, out=host._tm.clock[g.vcpus])   # paused, then resumed at the target
     d = host.vt.stats[lvm] - st0
-    return {"vm": int(shard.gids[lvm]), "converged": send(pending) <= max_down * PS, "iterations": len(its),
+    return {"vm": int(shard.gids[lvm]), "converged": converged, "iterations": len(its),
             "bytes_sent": int(sent), "downtime_seconds": down / PS, "total_seconds": (stop - start) / PS,
             "throttle_percent": throttle, "wrprot_faults": int(d[S.ST_PF_TAKEN] - d[S.ST_PF_RETRY]),
-            "per_iteration": its}
+            "final_sync_pages": int(last.sum()), "pages_written": int(g.written.sum()),
+            "lost_writes": int((g.written & ~g.found).sum()), "per_iteration": its}
 
 
 def report_lines(rec):

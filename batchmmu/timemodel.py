@@ -90,8 +90,9 @@ ENTRIES = (
      "one KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG / KVM_RESET_DIRTY_RINGS: the ioctl, slots_lock, SRCU"),
     ("dirty_log", "bitmap_word", 4.0, None, _V, _BOTH, "one 64-page word of a dirty bitmap copied out (GET)"),
     ("dirty_log", "clear_word", 120.0, None, _L, _BOTH,
-     "one 64-page word of KVM_CLEAR_DIRTY_LOG: kvm_arch_mmu_enable_log_dirty_pt_masked walks its SPTEs: the "
-     "eager-split series' first CLEAR without splitting, 0.05 s for 96 GiB"),
+     "one 64-page word of KVM_CLEAR_DIRTY_LOG with bits to clear: kvm_arch_mmu_enable_log_dirty_pt_masked walks "
+     "its SPTEs (words with none are skipped): the eager-split series' first CLEAR without splitting, 0.05 s for "
+     "96 GiB"),
     ("dirty_log", "ring_entry", 20.0, None, _L, _BOTH, "one dirty-ring entry reset (under mmu_lock)"),
     ("memslot", "update", 20000.0, None, _V, _BOTH,
      "KVM_SET_USER_MEMORY_REGION that changes a slot: kvm_swap_active_memslots, synchronize_srcu_expedited"),
@@ -346,8 +347,8 @@ class Timing:
 
     def _sim_settle(self, vm, split=False):
         """The ioctl work VM ``vm``'s thread did since the last settle (or sim_begin), in ps, now charged (sim_end
-        leaves it out): the migration and dirty-rate ops time their syncs with it.  ``split``: (outside
-        mmu_lock, under it) instead of the sum."""
+        leaves it out): the migration and dirty-rate ops time their syncs with it.  ``split``: (before mmu_lock,
+        under it, after it: the remote TLB flushes, which the ioctls do once they unlock) instead of the sum."""
         tm = self._tm
         st0, ch0, _ = self._sim_mark
         base0 = st0[vm] if vm < st0.shape[0] else 0
@@ -357,19 +358,21 @@ class Timing:
         cost = tm.cost[tm.vm[vm, T.TV_KIND]].astype(object)
         out, lock = self._sim_host_ps.pop(vm, (0, 0))
         out += int((units * (cost[T.PART_VCPU] + cost[T.PART_MM])).sum())
-        lock += int((units * cost[T.PART_LOCK]).sum()) + int(units[S.ST_REMOTE_TLB_FLUSH]) * int(tm.vm[vm, T.TV_FLUSH])
+        lock += int((units * cost[T.PART_LOCK]).sum())
+        after = int(units[S.ST_REMOTE_TLB_FLUSH]) * int(tm.vm[vm, T.TV_FLUSH])
         tm.charged[vm] += rest
-        return (out, lock) if split else out + lock
+        return (out, lock, after) if split else out + lock + after
 
-    def _sim_hold(self, vm, at, hold, write=True, yields=False):
+    def _sim_hold(self, vm, at, hold, write=True, yields=False, always=False):
         """VM ``vm``'s own thread (an ioctl) asks for mmu_lock at ``at`` ps and holds it ``hold`` ps, among the
         vCPUs' holders: the fair rwlock of kernels/timeline.py (a writer waits for every holder before it, a
         reader for the writers), counted in the VM's lock figures.  A holder that ``yields``
         (cond_resched_rwlock_*, tdp_mmu_iter_cond_resched) lets a waiting vCPU in at its next step, so it holds
-        no vCPU up.  Returns (when it releases the lock, how long it waited)."""
+        no vCPU up.  An ioctl with no work under the lock takes it only if ``always`` (CLEAR_DIRTY_LOG does).
+        Returns (when it releases the lock, how long it waited)."""
         tv = self._tm.vm[vm]
         at, hold = int(at), int(hold)
-        if hold <= 0:
+        if hold <= 0 and not always:
             return at, 0
         granted = max(at, int(tv[T.TV_W_FREE]), int(tv[T.TV_R_FREE]) if write else 0)
         tv[T.TV_WR_ACQ if write else T.TV_RD_ACQ] += 1
