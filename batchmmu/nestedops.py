@@ -3,21 +3,25 @@
 
 - ``nested_tdp_fault``: the selftest nested_tdp_fault_test (final page unmapped / table page unmapped / final page
   write-protected / table page write-protected): exit qualification (VMX) or exit_info_1 (SVM) and the exit gpa;
-- ``ept_access``: kvm-unit-tests' ``ept_access_test_*`` (x86/vmx_tests.c: the 8 permissions at each EPT level
-  and the ``paddr_*`` cases) on a VMX VM, ``npt_*`` (x86/svm_npt.c) on an SVM VM;
-- ``nested_dirty_log``: the selftest nested_dirty_log_test: two L2 pages aliased onto one L1 page; the dirty log
-  shows L1 gpas only.
+- ``ept_access``: kvm-unit-tests' ``ept_access_test_*`` (x86/vmx_tests.c: the 8 permissions at each EPT level,
+  4K leaves, and 6 ``paddr_*`` cases with the PTE's A and D set) on a VMX VM; ``npt_np``, ``npt_us``,
+  ``npt_rw``, ``npt_nx``, ``npt_rw_pfwalk`` and ``svm_npt_rsvd_bits_test``'s PTE case (x86/svm_npt.c) on an SVM
+  VM;
+- ``nested_dirty_log``: the selftest nested_dirty_log_test (VMX or SVM): L2 pages 2 and 3 alias L1 pages 0 and
+  1; the dirty log shows L1 gpas only.
 
 Every case goes into the phase record (``nested_cases``: expected and simulated outcome per VM); a case that ends
 otherwise than KVM's tests expect stops the run with the list of them.  The VMs must be ``nested = true`` with
-``l2 = "none"`` (L1 runs: these ops enter L2 themselves) on the legacy TDP MMU.
+``l2 = "none"`` (L1 runs: these ops enter L2 themselves, and leave it after) on the legacy TDP MMU, with slot 0 of
+at least 32 MiB + 8 KiB, MAXPHYADDR of 40 or more and, on VMX, EPT A/D bits.
 """
 
 import numpy as np
 
-from .constants import ACC_FETCH, ACC_WRITE, FIXED, HIT, L1_EXIT, MEM_LOG_DIRTY_PAGES, SPURIOUS
+from .constants import ACC_FETCH, ACC_WRITE, FIXED, HIT, L1_EXIT, MEM_LOG_DIRTY_PAGES, OUTCOME_NAMES, SPURIOUS
 from .errors import BatchMMUError
-from .kernels.state import VR_GUEST_MODE
+from .kernels.spte import FMT_EPT
+from .kernels.state import VM_FMT, VR_GUEST_MODE
 from .l1 import A_, D_, L1, NX, RW, US, WB, P, R, W, X
 
 OPS = ("nested_tdp_fault", "ept_access", "nested_dirty_log")
@@ -27,7 +31,9 @@ NPF_FINAL, NPF_PAGE = 1 << 32, 1 << 33
 OK = (HIT, FIXED, SPURIOUS)
 GVA = 0x7f0000000000
 ACCESS = {"read": 0, "write": ACC_WRITE, "exec": ACC_FETCH}
-SETUP = 0x10000                  # L1 memory each case's fresh tables use (its EPTP differs from every other's)
+SETUP = 0xC000                   # L1 memory each case's fresh tables use (its EPTP differs from every other's)
+FIRST = 0x100000                 # the first case's tables; the data pages are at L1 gpa DATA
+DATA = 0x2000000
 
 # kvm-unit-tests x86/vmx_tests.c ept_access_test_*: EPT permissions of the data page -> expected per access
 # ("ok", "misconfig", or the violation's qualification without GVA_IS_VALID | GVA_TRANSLATED)
@@ -56,7 +62,7 @@ NPT = (
     ("npt_us", P | RW, "read", NPF_FINAL | 0x5),
     ("npt_rw", P | US, "write", NPF_FINAL | 0x7),
     ("npt_nx", P | RW | US | NX, "exec", NPF_FINAL | 0x15),
-    ("npt_rsvd_pte", P | RW | US | (1 << 50), "read", NPF_FINAL | 0xD),
+    ("svm_npt_rsvd_bits_test_pte", P | RW | US | (1 << 50), "exec", NPF_FINAL | 0x1D),   # L1 has EFER.NX
 )
 # nested_tdp_fault_test: case -> (access, VMX qualification, SVM exit_info_1)
 TDP_FAULT = (
@@ -73,37 +79,79 @@ def run(shard, ph, extra, progress):
     for lvm in range(shard.gids.size):
         if not shard._runs(lvm):
             continue
-        if not host._nested[lvm]:
-            raise BatchMMUError(f"phase.op={ph['op']!r}: VM {int(shard.gids[lvm])} is not nested (vm_group.nested = "
-                                "true, l2 = \"none\")", field="phase.op", value=ph["op"])
+        _check_vm(shard, lvm, ph["op"])
         for vc in range(int(shard.vcpus[lvm])):
             if host.vr.rec[int(host.vt.vcpu_off[lvm]) + vc, VR_GUEST_MODE]:
                 host.nested_exit(lvm, vc)
-        cases = _CASES[ph["op"]](_Setups(host, lvm))
+        setups = _Setups(host, lvm, shard.l1_cursor)
+        cases = _CASES[ph["op"]](setups)
+        setups.done()   # L1 runs again after the op
         out += [dict(c, vm=int(shard.gids[lvm])) for c in cases]
     extra["nested_cases"] = extra.get("nested_cases", []) + out
     bad = [c for c in out if c["got"] != c["want"]]
     if bad:
         raise BatchMMUError(f"phase.op={ph['op']!r}: {len(bad)} of {len(out)} cases end otherwise than KVM's tests "
-                            f"expect: {bad[:4]}", field="phase.op", value=ph["op"])
+                            f"expect: " + "; ".join(_show(c) for c in bad[:4]), field="phase.op", value=ph["op"])
     return len(out)
 
 
-class _Setups:
-    """A fresh L1 for each case, its tables in L1 memory no earlier case used (so no shadow page or cached root
-    of an earlier case's tables applies), entered after leaving the last case's L2."""
+def _show(c):
+    def v(x):
+        return hex(x) if isinstance(x, int) else str(x)
+    got = c["got"]
+    got = f"{v(got[0])} at {got[1]}" if isinstance(got, tuple) else v(got)
+    return f"VM {c['vm']} {c['case']} {c['access']}{' level ' + str(c['level']) if 'level' in c else ''}: " \
+        f"want {v(c['want'])}, got {got}"
 
-    def __init__(self, host, vm):
-        self.h, self.vm, self.n = host, vm, 0
+
+def _check_vm(shard, lvm, op):
+    """The VM fits the tests: nested, its L1 memory holds the tables and the data pages, L2 gpas up to 2^40."""
+    host, vm = shard.host, int(shard.gids[lvm])
+    if not host._nested[lvm]:
+        raise BatchMMUError(f"phase.op={op!r}: VM {vm} is not nested (vm_group.nested = true, l2 = \"none\")",
+                            field="vm_group.nested", value=False)
+    slot0 = next((m for m in host.memslots(lvm) if m["slot"] == 0), None)
+    if slot0 is None or slot0["gpa"] != 0 or slot0["size"] < DATA + 2 * 4096:
+        raise BatchMMUError(f"phase.op={op!r}: VM {vm}: the tests' L1 needs slot 0 of at least "
+                            f"{(DATA + 2 * 4096) >> 20} MiB + 8 KiB at gpa 0 (its tables from 1 MiB, data at 32 MiB); "
+                            "raise vm_group.memory", field="vm_group.memory", value=slot0 and slot0["size"])
+    bits = int(host.vt.maxphyaddr[lvm])
+    if bits < 40:
+        raise BatchMMUError(f"phase.op={op!r}: VM {vm}: the tests' L2 data page is at gpa 2^39: vm_group.maxphyaddr "
+                            "must be at least 40", field="vm_group.maxphyaddr", value=bits)
+    if int(host.vt.rec[lvm, VM_FMT]) == FMT_EPT and host.vt.ad_disabled[lvm]:
+        raise BatchMMUError(f"phase.op={op!r}: VM {vm} has no EPT A/D bits; these cases need them (kvm-unit-tests "
+                            "skip them without): drop vm_group.ept_ad = false", field="vm_group.ept_ad", value=False)
+
+
+class _Setups:
+    """A fresh L1 for each case, its tables in L1 memory no earlier case used, in this op or an earlier one on the
+    VM (``cursor``: the next fresh page per VM), so no shadow page or cached root of an earlier case's tables
+    applies; entered after leaving the last case's L2."""
+
+    def __init__(self, host, vm, cursor):
+        self.h, self.vm, self.cursor, self.l1 = host, vm, cursor, None
 
     def __call__(self, ept_ad=False):
-        if self.n:
-            self.h.nested_exit(self.vm, 0)
+        self.done()
+        base = self.cursor.get(self.vm, FIRST)
+        if base + SETUP > DATA:
+            raise BatchMMUError(f"VM {self.vm}: the nested test ops ran out of fresh L1 memory for their tables "
+                                f"({(DATA - FIRST) // SETUP} cases per VM)", field="phase.op", value=None)
         l1 = L1(self.h, self.vm, ept_ad=ept_ad)
-        l1.next = 0x100000 + self.n * SETUP
+        l1.next = base
         l1.root = l1.page()
-        self.n += 1
+        self.cursor[self.vm] = base + SETUP
+        self.l1 = (l1, base)
         return l1
+
+    def done(self):
+        """Back to L1 after a case (its tables must have fit its share of memory)."""
+        if self.l1 is not None:
+            l1, base = self.l1
+            assert l1.next <= base + SETUP, "a nested test case outgrew its tables' memory"
+            self.h.nested_exit(self.vm, 0)
+            self.l1 = None
 
 
 def _result(r, svm):
@@ -112,7 +160,7 @@ def _result(r, svm):
     if o in OK:
         return "ok", -1
     if o != L1_EXIT:
-        return f"outcome {o}", -1
+        return OUTCOME_NAMES[o] if 0 <= o < len(OUTCOME_NAMES) else f"outcome {o}", -1
     code = int(r.error_code[0])
     if not svm and code == 0:
         return "misconfig", -1
@@ -212,16 +260,14 @@ def nested_dirty_log(new):
     NESTED_SLOT (by L1 gpa) holds exactly the page that step dirtied."""
     l1 = new(ept_ad=True)
     h, vm = l1.h, l1.vm
-    if l1.svm:
-        raise BatchMMUError("phase.op='nested_dirty_log': nested_dirty_log_test is a VMX test (an EPT VM)",
-                            field="phase.op", value="nested_dirty_log")
     base = 0xc0000000
     if any(m["slot"] == NESTED_SLOT for m in h.memslots(vm)):
         raise BatchMMUError(f"phase.op='nested_dirty_log': memslot {NESTED_SLOT} is taken (use [workload] region = "
                             "\"slot0\")", field="phase.op", value="nested_dirty_log")
     h.set_memslot(vm, NESTED_SLOT, base, 4 * 4096, flags=MEM_LOG_DIRTY_PAGES)
-    for k in range(4):   # EPT12 leaves with the dirty bit preset (EPT A/D on)
-        l1.map(base + 4096 * k, base + 4096 * (k if k < 2 else k - 2), None, extra=WB | (1 << 9))
+    for k in range(4):   # EPT12 / NPT12 leaves with the dirty bit preset
+        l1.map(base + 4096 * k, base + 4096 * (k if k < 2 else k - 2), None,
+               extra=D_ if l1.svm else WB | (1 << 9))
         l1.l2_map(base + 4096 * k, base + 4096 * k)
     l1.enter()
     h.get_dirty_log(vm, NESTED_SLOT)

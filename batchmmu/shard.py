@@ -187,6 +187,7 @@ class Shard:
             self.region_pages[i:j] = size // 4096
             self.large_page[i:j] = page
             i = j
+        self.l1_cursor = {}   # nested test ops (batchmmu/nestedops.py): the next fresh L1 page per local VM
         self.slot = TEST_SLOT if region == "top" else 0
         self.slot_ids = [self.slot + s for s in range(self.nslots)]
         self.slot_pages = self.region_pages // self.nslots
