@@ -151,7 +151,9 @@ def _within2(sim, published):
 
 
 def test_parallel_tdp_faults_2021():
-    """dirty_log_perf 96 vCPUs partitioned: populate legacy vs TDP MMU 110.19 s vs 16.11 s (6.8x)."""
+    """dirty_log_perf 96 vCPUs partitioned: populate 110.19 s vs 16.11 s (6.8x), the TDP MMU before its parallel
+    faults series (faults under the spinlock: here the legacy MMU's write-locked faults stand in) and after it
+    (read lock)."""
     t = {}
     for tdp in (True, False):
         rep = bm.run_scenario("dirty_log_perf", sets=["vcpus=96", "bytes_per_vcpu=1MiB", f"tdp_mmu={tdp}"], time=True)
