@@ -106,7 +106,9 @@ class _Guest:
         off = int(self.host.vt.vcpu_off[lvm])
         self.vcpus = slice(off, off + v)
         self.written = np.zeros(int(shard.region_pages[lvm]), bool)   # pages written since the op started
-        self.found = np.zeros(self.written.size, bool)     # pages a sync (or a full ring's harvest) found dirty
+        # pages written since the VMM last took them from the log (a GET, a CLEAR with manual protect: QEMU sends
+        # a page after clearing it, or a ring reap): what is left after the final sync was lost
+        self.unsynced = np.zeros(self.written.size, bool)
         self.ring_dirty = np.zeros(self.written.size, bool)   # harvested from full rings since the last sync
         self.vmm_wait = 0   # ps the VMM's ioctls waited for mmu_lock
         self.vmm_hold = 0   # ps they held it
@@ -138,16 +140,16 @@ class _Guest:
                 self.left = None
                 res = self.host.access(vm, vc, addr, kind)
                 ran = self.host._last_ran.astype(bool) & (res.outcome != RING_FULL)
-                if (res.outcome == RING_FULL).any():   # KVM_EXIT_DIRTY_RING_FULL: the VMM reaps the rings now
-                    self.reap_rings()
-                    out, lock, after = self.host._sim_settle(self.lvm, split=True)
-                    self.host._sim_hold(self.lvm, self.now() + out, lock, yields=True)
+                w = ran & ((kind & ACC_WRITE) != 0)
+                page = (addr[w] - int(self.shard.test_base[self.lvm])) >> 12
+                page = page[(page >= 0) & (page < wrote.size)]
+                wrote[page] = True
+                self.unsynced[page] = True   # before a reap below takes them from the rings
+                if (res.outcome == RING_FULL).any():
+                    self._ring_full(vc[res.outcome == RING_FULL])
                 if not ran.all():
                     keep = ~ran
                     self.left = (vm[keep], vc[keep], addr[keep], kind[keep])
-                w = ran & ((kind & ACC_WRITE) != 0)
-                page = (addr[w] - int(self.shard.test_base[self.lvm])) >> 12
-                wrote[page[(page >= 0) & (page < wrote.size)]] = True
                 self.events += int(ran.sum())
                 self.writes += int(w.sum())
                 stalled = not ran.any()
@@ -158,6 +160,19 @@ class _Guest:
             np.maximum(tm.clock[self.vcpus], sleep_to, out=tm.clock[self.vcpus])
         self.written |= wrote
         return wrote
+
+    def _ring_full(self, vcpus):
+        """KVM_EXIT_DIRTY_RING_FULL: the stopped vCPU's thread reaps every ring (QEMU's kvm_dirty_ring_reap) and
+        resumes when that is done; the reset yields mmu_lock."""
+        tm = self.host._tm
+        g = np.unique(np.asarray(vcpus, np.int64)) + self.vcpus.start
+        t = int(tm.clock[g].max())
+        self.reap_rings()
+        out, lock, after = self.host._sim_settle(self.lvm, split=True)
+        end, wait = self.host._sim_hold(self.lvm, t + out, lock, yields=True)
+        self.vmm_wait += wait
+        self.vmm_hold += lock
+        np.maximum(tm.clock[g], end + after, out=tm.clock[g])
 
     def advance(self, t):
         """The guest runs until ``t`` (ps), throttled: each vCPU sleeps ``throttle`` % of the stretch."""
@@ -174,7 +189,9 @@ class _Guest:
         for c in range(int(sh.vcpus[lvm])):
             e = np.asarray(host.harvest_dirty_ring(lvm, c), np.int64).reshape(-1, 2)
             inside = np.isin(e[:, 0], sh.slot_ids) & (e[:, 1] >= 0) & (e[:, 1] < n)
-            self.ring_dirty[(e[inside, 0] - sh.slot) * n + e[inside, 1]] = True
+            flat = (e[inside, 0] - sh.slot) * n + e[inside, 1]
+            self.ring_dirty[flat] = True
+            self.unsynced[flat] = False
         host.reset_dirty_rings(lvm)
 
     def ioctl(self, t, fn, write=True, yields=False, always=False):
@@ -221,15 +238,17 @@ class _Guest:
                 words = np.asarray(call(lambda s=slot: host.get_dirty_log(lvm, s), always=not manual), np.uint64)
                 bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool)
                 dirty[si * n:(si + 1) * n] = bits
-                if manual:
-                    step = chunk_pages or n
-                    for p0 in range(0, n, step):
-                        cnt = min(step, n - p0)
-                        w = words[p0 // 64:(p0 + cnt + 63) // 64]
-                        call(lambda s=slot, p=p0, c=cnt, w=w: host.clear_dirty_log(lvm, s, p, c, w), always=True)
+                if not manual:
+                    self.unsynced[si * n:(si + 1) * n] &= ~bits
+                    continue
+                step = chunk_pages or n
+                for p0 in range(0, n, step):
+                    cnt = min(step, n - p0)
+                    w = words[p0 // 64:(p0 + cnt + 63) // 64]
+                    call(lambda s=slot, p=p0, c=cnt, w=w: host.clear_dirty_log(lvm, s, p, c, w), always=True)
+                    self.unsynced[si * n + p0:si * n + p0 + cnt] &= ~bits[p0:p0 + cnt]   # sent after its CLEAR
         if at is not None:   # the faults the sync's last hold kept waiting finish inside this iteration
             self.advance(t)
-        self.found |= dirty
         return dirty, t
 
     def pause(self, ps):
@@ -322,7 +341,7 @@ def _migrate(shard, g, ph):
             "bytes_sent": int(sent), "downtime_seconds": down / PS, "total_seconds": (stop - start) / PS,
             "throttle_percent": throttle, "wrprot_faults": int(d[S.ST_PF_TAKEN] - d[S.ST_PF_RETRY]),
             "final_sync_pages": int(last.sum()), "pages_written": int(g.written.sum()),
-            "lost_writes": int((g.written & ~g.found).sum()), "per_iteration": its}
+            "lost_writes": int(g.unsynced.sum()), "per_iteration": its}
 
 
 def report_lines(rec):

@@ -65,7 +65,7 @@ def comparisons(quick):
                                      "write_percent=5", "host.eager_page_split=false",
                                      "host.huge_page_split_on_fault=false"])
     zap = _phase(rep, "Iteration 1 dirty memory")["sim_seconds"] * 1024 / 32
-    out.append(("2022 split on fault: zap-on-fault pass, s for 1 GiB per vCPU", 3.0165, zap,
+    out.append(("2022 split on fault: zap pass, s per GiB/vCPU (consistency)", 3.0165, zap,
                 f"dirty_log_perf vcpus=96 bytes_per_vcpu={zb} (x32) hugetlb-1g manual_protect=false write_percent=5 "
                 "huge_page_split_on_fault=false", w))
     en, wall = {}, 0.0

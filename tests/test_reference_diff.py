@@ -493,7 +493,8 @@ def test_random_streams_nx_huge_pages(data):
     """The iTLB-multihit mitigation: fetches map 4K, split huge pages, nx_lpage_splits."""
     d = HypDraw(data)
     p = Pair(memory=64 * GiB, backing=d.pick(["thp", "hugetlb-2m"]), nx_huge_pages=True,
-             tdp_huge_page_level=d.pick([3, 2]), mmio_caching=d.pick([True, False]))
+             tdp_huge_page_level=d.pick([3, 2]), mmio_caching=d.pick([True, False]),
+             huge_page_split_on_fault=d.pick([True, False]))
     for fmt in ("ept", "npt"):
         p.create_vms(1, memory=d.pick([4 * MiB, 8 * MiB]), tdp_format=fmt, tdp_levels=d.pick([4, 5]),
                      backing=d.pick([None, "hugetlb-1g"]) if fmt == "npt" else None)
@@ -519,7 +520,8 @@ def test_random_streams_nx_recovery(data):
     p = Pair(memory=64 * GiB, backing=d.pick(["thp", "hugetlb-2m", "4k"]), nx_huge_pages=True,
              nx_huge_pages_recovery_ratio=d.pick([1, 2, 3, 4, 60]),
              nx_huge_pages_recovery_period_ms=d.pick([0, 1000, 300]),
-             tdp_huge_page_level=d.pick([3, 3, 2]), eager_page_split=d.pick([True, False]))
+             tdp_huge_page_level=d.pick([3, 3, 2]), eager_page_split=d.pick([True, False]),
+             huge_page_split_on_fault=d.pick([True, False]))
     for fmt in d.pick([("ept",), ("npt",), ("ept", "npt")]):
         backing = d.pick([None, None, "hugetlb-1g"])
         p.create_vms(1, memory=d.pick([GiB, 2 * GiB]) if backing else d.pick([4 * MiB, 8 * MiB]), tdp_format=fmt,

@@ -58,7 +58,7 @@ def ref_timed_run(host, cm, vm, vcpu, addr, kind, kinds):
         if lk > 0:
             if kd == T.KIND_TDP_MMU:   # first the lock word's cacheline, one reader at a time
                 word = int(base[kd, T.BASE_READ_WORD])
-                w = max(t, L["word_free"])
+                w = max(t, L["word_free"]) if word > 0 else t
                 L["word_free"] = w + word
                 at = max(w + word, L["w_free"])
                 L["r_free"] = max(L["r_free"], at + lk)
