@@ -43,14 +43,15 @@ __all__ = [
 ]
 
 
-def warmup(progress=None, jobs=None):
+def warmup(progress=None, jobs=None, time_model=False):
     """Compile (or load from numba's cache) every kernel on tiny batches; returns seconds taken.
 
     ``progress(done, total, group, seconds)``, if given, is called after each kernel group.  With an empty
     cache the kernel groups compile in ``jobs`` processes at once (default: the usable CPUs).
+    ``time_model=True``: the time model's kernels too (docs/time.md).
     """
     from .warm import warmup as _warmup
-    return _warmup(progress, jobs)
+    return _warmup(progress, jobs, time_model)
 
 
 def __getattr__(name):

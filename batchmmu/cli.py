@@ -283,7 +283,8 @@ def _cmd_warmup(args):
     jobs = warm_jobs(args.jobs)
     how = f"compiling kernels in {jobs} process{'es' if jobs > 1 else ''}" if cold else "loading kernels"
     print(f"{how} (cache {CACHE_DIR}) ...", flush=True)
-    t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True), jobs=jobs)
+    t = warmup(lambda done, total, name, s: print(f"[{done}/{total}] {name}: {s:.1f} s", flush=True), jobs=jobs,
+               time_model=args.time)
     print(f"kernels ready in {t:.1f} s")
     return 0
 
@@ -292,6 +293,7 @@ def _add_warmup(sub):
     w = sub.add_parser("warmup", help="compile every kernel now (or load them from the cache), with progress")
     w.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="compile an empty cache in N processes at once (default: the usable CPUs, at most 3)")
+    w.add_argument("--time", action="store_true", help="the time model's kernels too (--time runs need them)")
     w.set_defaults(func=_cmd_warmup)
 
 

@@ -198,8 +198,11 @@ def run_scenario(scenario, workers=1, backend="serial", seed=None, sets=(), quie
         tw = _clock.perf_counter()
         warm.warmup()
         say(f"kernels ready in {_clock.perf_counter() - tw:.1f} s")
-    if cm is not None and timed_kernels_cold():
+    if cm is not None and timed_kernels_cold():   # before any phase, and never in each process worker at once
         say("compiling the time model's kernels (first timed run only: up to a minute on 2 cores) ...")
+        tw = _clock.perf_counter()
+        warm.warmup(time_model=True)
+        say(f"time model's kernels ready in {_clock.perf_counter() - tw:.1f} s")
     bar = PhaseProgress(not quiet and progress)
     t0 = _clock.perf_counter()
     prov = provenance(prep.seed, backend, len(parts), argv)

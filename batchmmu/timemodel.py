@@ -201,12 +201,14 @@ def _line(text, word):
 
 
 def timed_kernels_cold():
-    """Whether numba's cache holds none of the time model's wrappers (kernels/timeline.py ``timed_*``): the first
-    timed run then compiles them (each links its batch kernel's code: 10-25 s apiece on 2 cores)."""
+    """Whether numba's cache lacks one of the time model's four wrappers (kernels/timeline.py ``timed_*``): they
+    are then compiled (each links its batch kernel's code: 10-25 s apiece on 2 cores)."""
     from pathlib import Path as _P
 
     from .kernels import CACHE_DIR
-    return not any(_P(CACHE_DIR).rglob("timeline.timed_*.nbi"))
+    found = _P(CACHE_DIR).rglob("timeline.timed_*.nbi") if _P(CACHE_DIR).exists() else ()
+    have = {p.name.split(".")[1].split("-")[0] for p in found}   # timeline.<name>-<line>.py311.nbi
+    return not {"timed_access_batch", "timed_shadow_batch", "timed_tdp2d_batch", "timed_l2_batch"} <= have
 
 
 def cost_model_arg(time, field="time"):

@@ -297,13 +297,41 @@ GROUPS = (
 _INDEPENDENT = sum(1 for g in GROUPS if not g[2])   # groups that can start at once
 
 
+def _timed_tdp_shadow():
+    """The time model's wrappers of the TDP-MMU access batch and of the shadow MMU's event batch."""
+    h = Host(memory="256MiB", backing="4k", time=True)
+    vm = int(h.create_vms(1, memory="8MiB", vcpus=2)[0])
+    h.access([vm, vm], [0, 1], [0x1000, 0x1000], [ACC_WRITE, 0])
+    s = int(h.create_vms(1, memory="8MiB", mmu="shadow")[0])
+    _paging_guest(h, s, 0x80010011, 0x20, 0xD00, 4, 8)
+    h.access(s, 0, [_DATA, _DATA], [ACC_WRITE, 0])
+
+
+def _timed_2d_l2():
+    """The time model's wrappers of the 2D-walk batch and of the L2 batch (nested paging)."""
+    h = Host(memory="256MiB", backing="4k", time=True)
+    vm = int(h.create_vms(1, memory="8MiB")[0])
+    _paging_guest(h, vm, 0x80010011, 0x20, 0xD00, 4, 8)
+    h.access(vm, 0, [_DATA, _DATA], [ACC_WRITE, 0])
+    _nested(Host(memory="64MiB", backing="thp", tdp_mmu=False, time=True))
+
+
+# the time model's kernels (kernels/timeline.py: each links its batch kernel's code, ~15-25 s apiece), compiled
+# only with warmup(time=True): after the groups whose batch kernels they call
+TIME_GROUPS = (
+    ("time model: TDP and shadow MMU", _timed_tdp_shadow, (0, 2)),
+    ("time model: 2D walks, L2 guests", _timed_2d_l2, (3, 9)),
+)
+
+
 def _run_group(i):
-    """Run group ``i`` with the collector off (numba's compiler makes millions of objects); its seconds."""
+    """Run group ``i`` (of GROUPS, then TIME_GROUPS) with the collector off (numba's compiler makes millions of
+    objects); its seconds."""
     t = time.perf_counter()
     gc_on = gc.isenabled()
     gc.disable()
     try:
-        GROUPS[i][1]()
+        (GROUPS + TIME_GROUPS)[i][1]()
     finally:
         if gc_on:
             gc.enable()
@@ -333,14 +361,19 @@ def _spawn(i):
                             stderr=err), err
 
 
-def _compile_in_processes(jobs, progress):
-    """Run every group in its own process, ``jobs`` at a time, each as soon as the groups it reuses are done (the
-    independent ones first, longest first), so that no kernel is compiled twice and no CPU waits for a stage.
-    Reports each group as it ends; a failed group stops the others and raises."""
-    pending, finished, running = list(range(len(GROUPS))), set(), {}
+def _compile_in_processes(jobs, progress, todo=None, total=None):
+    """Run every group (or the groups ``todo``, of GROUPS then TIME_GROUPS) in its own process, ``jobs`` at a time,
+    each as soon as the groups it reuses are done (the independent ones first, longest first), so that no kernel
+    is compiled twice and no CPU waits for a stage.  Reports each group as it ends; a failed group stops the
+    others and raises."""
+    groups = GROUPS + TIME_GROUPS
+    todo = list(range(len(GROUPS))) if todo is None else list(todo)
+    total = len(todo) if total is None else total
+    pending, finished, running = todo, set(range(len(groups))) - set(todo), {}
+    done = 0
     try:
         while pending or running:
-            for i in [i for i in pending if finished.issuperset(GROUPS[i][2])]:
+            for i in [i for i in pending if finished.issuperset(groups[i][2])]:
                 if len(running) >= jobs:
                     break
                 pending.remove(i)
@@ -353,12 +386,13 @@ def _compile_in_processes(jobs, progress):
                 if proc.returncode != 0:
                     err.seek(0)
                     tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
-                    raise RuntimeError(f"warm-up group {GROUPS[i][0]!r} failed in its process (exit status "
+                    raise RuntimeError(f"warm-up group {groups[i][0]!r} failed in its process (exit status "
                                        f"{proc.returncode}):\n" + "\n".join(tail))
                 err.close()
                 finished.add(i)
+                done += 1
                 if progress is not None:
-                    progress(len(finished), len(GROUPS), GROUPS[i][0], time.perf_counter() - t)
+                    progress(done, total, groups[i][0], time.perf_counter() - t)
     finally:
         for proc, err, _ in running.values():
             proc.kill()
@@ -366,28 +400,32 @@ def _compile_in_processes(jobs, progress):
             err.close()
 
 
-def warmup(progress=None, jobs=None):
+def warmup(progress=None, jobs=None, time_model=False):
     """Compile (or load from numba's cache) every kernel on tiny batches; returns seconds taken.
 
     ``progress(done, total, group, seconds)`` is called after each kernel group.  With an empty cache the
     groups compile in up to ``jobs`` processes at once (default: the CPUs this process may use), then load
     here from the cache; ``jobs=1``, a daemonic pool worker and numba's JIT switched off run them one after
-    the other in this process.
+    the other in this process.  ``time_model``: the time model's kernels too (TIME_GROUPS).
     """
     global READY
     import numba
+
+    from .timemodel import timed_kernels_cold
     t0 = time.perf_counter()
     jobs = warm_jobs(jobs)
-    if jobs > 1 and not numba.config.DISABLE_JIT and not multiprocessing.current_process().daemon \
-            and cache_is_cold():
-        _compile_in_processes(jobs, progress)
-        for i in range(len(GROUPS)):   # load what the workers compiled
+    n = len(GROUPS) + (len(TIME_GROUPS) if time_model else 0)
+    main_cold = cache_is_cold()
+    todo = [i for i in range(n) if (main_cold if i < len(GROUPS) else timed_kernels_cold())]
+    if jobs > 1 and todo and not numba.config.DISABLE_JIT and not multiprocessing.current_process().daemon:
+        _compile_in_processes(jobs, progress, todo, n)
+        for i in range(n):   # load what the workers compiled (and what was cached already)
             _run_group(i)
     else:
-        for i in range(len(GROUPS)):
+        for i in range(n):
             seconds = _run_group(i)
             if progress is not None:
-                progress(i + 1, len(GROUPS), GROUPS[i][0], seconds)
+                progress(i + 1, n, (GROUPS + TIME_GROUPS)[i][0], seconds)
     READY = True
     return time.perf_counter() - t0
 

@@ -22,7 +22,7 @@ def pytest_sessionstart(session):
 
     from batchmmu.warm import cache_is_cold
     if os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0") and cache_is_cold():
-        print(f"\nempty kernel cache: compiling every kernel first ({bm.warmup():.0f} s)", flush=True)
+        print(f"\nempty kernel cache: compiling every kernel first ({bm.warmup(time_model=True):.0f} s)", flush=True)
 
 
 def u64(x):

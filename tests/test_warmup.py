@@ -62,6 +62,14 @@ def test_warmup_progress_and_cli(capsys):
     assert [line.split("]")[0] for line in out[1:-1]] == [f"[{i}/{len(warm.GROUPS)}" for i in
                                                           range(1, len(warm.GROUPS) + 1)]
     assert out[-1].startswith("kernels ready in ")
+    # with the time model's kernels: two more groups, after the others
+    seen.clear()
+    bm.warmup(lambda done, total, name, s: seen.append((done, total, name)), time_model=True)
+    n = len(warm.GROUPS) + len(warm.TIME_GROUPS)
+    assert [(d, t) for d, t, _ in seen] == [(i, n) for i in range(1, n + 1)]
+    assert [name for *_, name in seen[-2:]] == [g[0] for g in warm.TIME_GROUPS]
+    assert main(["warmup", "--time"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith(f"[{n}/{n}] time model")
 
 
 @pytest.mark.nojit
@@ -186,10 +194,14 @@ def test_a_failed_warmup_process_stops_the_others_and_says_which(monkeypatch):
 
 
 def test_a_warmup_group_runs_as_its_own_program():
-    """``python -m batchmmu.warm I``, what the parallel warm-up starts (the reclaim group: small)."""
-    r = subprocess.run([sys.executable, "-m", "batchmmu.warm", str(len(warm.GROUPS) - 1)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr
+    """``python -m batchmmu.warm I``, what the parallel warm-up starts (the last group; and a time-model group,
+    whose wrappers must then be in the cache)."""
+    from batchmmu.timemodel import timed_kernels_cold
+    for i in (len(warm.GROUPS) - 1, len(warm.GROUPS) + 1):
+        r = subprocess.run([sys.executable, "-m", "batchmmu.warm", str(i)], capture_output=True, text=True, cwd=ROOT,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+    assert not timed_kernels_cold()
 
 
 _INLINE_TREE = r"""
