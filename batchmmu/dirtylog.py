@@ -97,12 +97,11 @@ class DirtyLog:
         bm = bm[:words].view(np.int64)
         self._sim_charge(vm, "dirty_log.ioctl")
         self._sync_pml(vm)
+        off = int(self.st.dirty_off[rec]) + first_page // 64
+        live = self.st.dirty[off:off + words]
         if self.timed:   # kvm_clear_dirty_log_protect walks SPTEs only for words with bits to clear
-            off = int(self.st.dirty_off[rec]) + first_page // 64
-            self._sim_charge(vm, "dirty_log.clear_word", int(np.count_nonzero(bm & self.st.dirty[off:off + words])))
+            self._sim_charge(vm, "dirty_log.clear_word", int(np.count_nonzero(bm & live)))
         if int(self.st.slot_id[rec]) >> 16:  # SMM slot: clear the bits, nothing to re-protect
-            off = int(self.st.dirty_off[rec]) + first_page // 64
-            live = self.st.dirty[off:off + words]
             mask = bm & live
             live &= ~mask
             cleared = int(np.unpackbits(mask.view(np.uint8)).sum())

@@ -12,6 +12,7 @@ from .errors import bad
 R, W, X = 1, 2, 4                 # EPT permissions
 WB = 6 << 3                       # EPT memory type
 LARGE = 1 << 7
+EPT_D = 1 << 9                    # EPT dirty flag (with EPT A/D)
 P, RW, US, A_, D_ = 1, 2, 4, 32, 64
 NX = 1 << 63
 CR0_PG_PE = 0x80000011
@@ -25,24 +26,23 @@ U64 = (1 << 64) - 1
 class L1:
     """L1 of nested VM ``vm`` (created with ``nested=True``): the tables it writes (``mem``: L1 gpa -> word, copied
     into the VM by ``flush``) and its VM-entries: EPT12 on an EPT VM (VMX, EPT A/D as ``ept_ad``), NPT12 on an
-    NPT VM (SVM)."""
+    NPT VM (SVM).  Its EPT12/NPT12 tables and the L1 pages behind L2's tables are taken from ``base`` up."""
 
-    def __init__(self, host, vm, ept_ad=True):
+    def __init__(self, host, vm, ept_ad=True, base=0x100000):
         from .kernels.spte import FMT_NPT
         from .kernels.state import VM_FMT
         if not host._nested[int(vm)]:
             raise bad("vm", vm, "is not a nested VM (create it with nested=True)")
         self.h, self.vm, self.ad = host, int(vm), bool(ept_ad)
         self.svm = int(host.vt.rec[self.vm, VM_FMT]) == FMT_NPT
-        svm = self.svm
-        if svm:   # L1 in long mode with EFER.NX; its own tables map the first 4 GiB 1:1 (its stores use gva = gpa)
+        if self.svm:   # L1 in long mode with EFER.NX; its own tables map the first 4 GiB 1:1 (its stores use gva = gpa)
             host.set_vcpu_regs(self.vm, 0, cr0=CR0_PG_PE, cr3=0x80000, cr4=CR4_PAE, efer=EFER_LME_LMA | EFER_NX)
             host.write_guest_memory(self.vm, 0x80000, [0x81000 | 7])
             host.write_guest_memory(self.vm, 0x81000, [(k << 30) | 0x87 for k in range(4)])
         self.mem = {}
         self.dirty_pages = set()
         self.l1_page = {}                 # L2 gpa page -> the L1 page a 4K EPT12/NPT12 leaf maps it to
-        self.next = 0x100000
+        self.next = base
         self.root = self.page()
         self.l2_next = 0x10000
         self.cr3 = None
@@ -64,8 +64,9 @@ class L1:
         return self.root if self.svm else self.root | 6 | (3 << 3) | (0x40 if self.ad else 0)
 
     @property
-    def present(self):
-        return P if self.svm else R | W | X
+    def full(self):
+        """Every access: an NPT12 entry's P|RW|US, an EPT12 entry's R|W|X."""
+        return P | RW | US if self.svm else R | W | X
 
     def entry_gpa(self, l2gpa, level=1):
         """The L1 gpa of the EPT12/NPT12 entry for ``l2gpa`` at ``level`` (tables made on the way, all access)."""
@@ -73,13 +74,13 @@ class L1:
         for lv in range(4, level, -1):
             e = table + 8 * ((l2gpa >> (12 + 9 * (lv - 1))) & 511)
             if not self.mem.get(e, 0) & 7:
-                self.put(e, self.page() | (P | RW | US if self.svm else R | W | X))
+                self.put(e, self.page() | self.full)
             table = self.mem[e] & ADDR
         return table + 8 * ((l2gpa >> (12 + 9 * (level - 1))) & 511)
 
     def map(self, l2gpa, l1gpa, perms=None, level=1, extra=None):
         """The EPT12 leaf (``perms``: R/W/X, WB) or NPT12 leaf (``perms``: P/RW/US, NX) of ``l2gpa``."""
-        perms = (P | RW | US if self.svm else R | W | X) if perms is None else perms
+        perms = self.full if perms is None else perms
         extra = (0 if self.svm else WB) if extra is None else extra
         self.put(self.entry_gpa(l2gpa, level), l1gpa | perms | extra | (LARGE if level > 1 else 0))
         if level == 1:

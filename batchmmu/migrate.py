@@ -169,10 +169,15 @@ class _Guest:
         t = int(tm.clock[g].max())
         self.reap_rings()
         out, lock, after = self.host._sim_settle(self.lvm, split=True)
-        end, wait = self.host._sim_hold(self.lvm, t + out, lock, yields=True)
+        np.maximum(tm.clock[g], self._hold(t + out, lock, yields=True) + after, out=tm.clock[g])
+
+    def _hold(self, at, lock, write=True, yields=False, always=False):
+        """The VMM's ioctl takes mmu_lock at ``at`` ps for ``lock`` ps (Timing._sim_hold), counted in its own
+        figures (``vmm_wait``, ``vmm_hold``); returns when it releases the lock."""
+        end, wait = self.host._sim_hold(self.lvm, at, lock, write, yields, always)
         self.vmm_wait += wait
         self.vmm_hold += lock
-        np.maximum(tm.clock[g], end + after, out=tm.clock[g])
+        return end
 
     def advance(self, t):
         """The guest runs until ``t`` (ps), throttled: each vCPU sleeps ``throttle`` % of the stretch."""
@@ -202,10 +207,7 @@ class _Guest:
         r = fn()
         out, lock, after = self.host._sim_settle(self.lvm, split=True)
         self.advance(t + out)
-        end, wait = self.host._sim_hold(self.lvm, t + out, lock, write, yields, always)
-        self.vmm_wait += wait
-        self.vmm_hold += lock
-        return r, end + after
+        return r, self._hold(t + out, lock, write, yields, always) + after
 
     def sync(self, chunk_pages=0, at=None):
         """migration_bitmap_sync: the pages dirtied since the last sync (GET, CLEAR in chunks, or the rings).
@@ -215,7 +217,6 @@ class _Guest:
         n = int(sh.slot_pages[lvm])
         dirty = np.zeros(self.written.size, bool)
         t = 0 if at is None else int(at)
-
         manual = bool(sh.spec.get("manual_protect"))
 
         def call(fn, yields=False, always=False):
@@ -223,7 +224,7 @@ class _Guest:
             if at is None:   # the vCPUs are stopped: the ioctl's time, and its lock use in the figures
                 r = fn()
                 out, lock, after = host._sim_settle(lvm, split=True)
-                host._sim_hold(lvm, self.now() + t + out, lock, yields=True, always=always)
+                self._hold(self.now() + t + out, lock, yields=True, always=always)
                 t += out + lock + after
                 return r
             r, t = self.ioctl(t, fn, yields=yields, always=always)

@@ -22,7 +22,7 @@ from .constants import ACC_FETCH, ACC_WRITE, FIXED, HIT, L1_EXIT, MEM_LOG_DIRTY_
 from .errors import BatchMMUError
 from .kernels.spte import FMT_EPT
 from .kernels.state import VM_FMT, VR_GUEST_MODE
-from .l1 import A_, D_, L1, NX, RW, US, WB, P, R, W, X
+from .l1 import A_, D_, EPT_D, L1, NX, RW, US, WB, P, R, W, X
 
 OPS = ("nested_tdp_fault", "ept_access", "nested_dirty_log")
 KEYS = set()
@@ -138,9 +138,7 @@ class _Setups:
         if base + SETUP > DATA:
             raise BatchMMUError(f"VM {self.vm}: the nested test ops ran out of fresh L1 memory for their tables "
                                 f"({(DATA - FIRST) // SETUP} cases per VM)", field="phase.op", value=None)
-        l1 = L1(self.h, self.vm, ept_ad=ept_ad)
-        l1.next = base
-        l1.root = l1.page()
+        l1 = L1(self.h, self.vm, ept_ad=ept_ad, base=base)
         self.cursor[self.vm] = base + SETUP
         self.l1 = (l1, base)
         return l1
@@ -187,7 +185,7 @@ def ept_access(new):
     for level in (1, 2, 3, 4):
         for name, perms, expect in EPT_ACCESS:
             l1 = l1 or new()
-            l1.map(data, 0x2000000)
+            l1.map(data, DATA)
             l1.l2_map(GVA, data)
             e = l1.entry_gpa(data, level)
             l1.put(e, (l1.mem[e] & ~7) | perms)
@@ -200,7 +198,7 @@ def ept_access(new):
     for name, ad, perms, want in PADDR:
         for op in ACCESS:
             l1 = new(ept_ad=ad)
-            l1.map(data, 0x2000000)
+            l1.map(data, DATA)
             l1.l2_map(GVA, data, P | RW | US | A_ | D_)
             pt = l1.l2_tables()[-1]      # L2's level-1 page table
             l1.map(pt, l1.l1_of(pt), perms)
@@ -217,14 +215,14 @@ def _npt_cases(new, l1):
     data = 1 << 39
     for name, flags, op, want in NPT:
         l1 = l1 or new()
-        l1.map(data, 0x2000000, flags)
+        l1.map(data, DATA, flags)
         l1.l2_map(GVA, data)
         l1.enter()
         got, gpa = _result(l1.h.access(l1.vm, 0, GVA + 8, ACCESS[op]), True)
         out.append(_case(name, op, want, got, gpa, data + 8))
         l1 = None
     l1 = new()                             # npt_rw_pfwalk: L2's top page table read-only in NPT12
-    l1.map(data, 0x2000000)
+    l1.map(data, DATA)
     l1.l2_map(GVA, data)
     l1.map(l1.cr3, l1.l1_of(l1.cr3), P | US)
     l1.enter()
@@ -238,14 +236,14 @@ def nested_tdp_fault(new):
     gpa = 0x40000000
     for name, op, vmx_want, svm_want in TDP_FAULT:
         l1 = new(ept_ad=True)
-        full, wrprot = (P | RW | US, P | US) if l1.svm else (R | W | X, R | X)
-        l1.map(gpa, 0x2000000, full)
+        wrprot = P | US if l1.svm else R | X
+        l1.map(gpa, DATA)
         l1.l2_map(GVA, gpa)
         pt = l1.l2_tables()[-1]
         if name == "final_page_not_present":
-            l1.map(gpa, 0x2000000, 0)
+            l1.map(gpa, DATA, 0)
         elif name == "final_page_write_protected":
-            l1.map(gpa, 0x2000000, wrprot)
+            l1.map(gpa, DATA, wrprot)
         elif name == "page_table_not_present":
             l1.map(pt, l1.l1_of(pt), 0)
         else:
@@ -269,7 +267,7 @@ def nested_dirty_log(new):
     h.set_memslot(vm, NESTED_SLOT, base, 4 * 4096, flags=MEM_LOG_DIRTY_PAGES)
     for k in range(4):   # EPT12 / NPT12 leaves with the dirty bit preset
         l1.map(base + 4096 * k, base + 4096 * (k if k < 2 else k - 2), None,
-               extra=D_ if l1.svm else WB | (1 << 9))
+               extra=D_ if l1.svm else WB | EPT_D)
         l1.l2_map(base + 4096 * k, base + 4096 * k)
     l1.enter()
     h.get_dirty_log(vm, NESTED_SLOT)
