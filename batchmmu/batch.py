@@ -122,13 +122,22 @@ class Batches:
 
     def _run_accesses(self, vm_a, vcpu_a, addr_a, kind_a, value_a=None, size_a=None):
         """Route a validated batch: shadow-MMU VMs to the shadow kernels, the rest to the TDP kernels."""
-        shadow = self._mmu_kind[vm_a] == S.MMU_SHADOW
+        n = vm_a.size
+        if n >= self.nvm and not (self._mmu_kind[:self.nvm] == S.MMU_SHADOW).any():
+            shadow = np.zeros(n, bool)   # no shadow VM on this host: no per-event look-up
+        else:
+            shadow = self._mmu_kind[vm_a] == S.MMU_SHADOW
+        if shadow.all():   # one kernel for the whole batch: its results are the batch's
+            try:
+                return AccessResult(*self._run_shadow(
+                    self._event_record(vm_a, vcpu_a, addr_a, kind_a, value_a, size_a), checked=True))
+            except HostMemoryExhausted as exc:
+                z = np.zeros(n, np.int8)
+                raise self._partial(exc, slice(None), n, z, z.astype(np.int64), z.astype(bool)) from None
         twod = self._tdp2d_mask(vm_a, vcpu_a, shadow, stores=value_a is not None)  # TDP with guest paging
         if not shadow.any() and not twod.any():
             return self._run_tdp_accesses(vm_a, vcpu_a, addr_a, kind_a)
-        n = vm_a.size
-        ev = event_record(vm_a, vcpu_a, addr_a, kind_a, MI.OP_ACCESS, 0 if value_a is None else value_a,
-                          0 if size_a is None else size_a)
+        ev = self._event_record(vm_a, vcpu_a, addr_a, kind_a, value_a, size_a)
         out = np.zeros(n, np.int8)
         err = np.zeros(n, np.int64)
         fgpa = np.full(n, -1, np.int64)
@@ -155,6 +164,12 @@ class Batches:
         if self._tm is not None:
             self._last_ran = ran
         return AccessResult(out, err, fgpa)
+
+    @staticmethod
+    def _event_record(vm_a, vcpu_a, addr_a, kind_a, value_a, size_a):
+        """The OP_ACCESS event record of a validated batch (``value_a``/``size_a`` None: plain accesses)."""
+        return event_record(vm_a, vcpu_a, addr_a, kind_a, MI.OP_ACCESS, 0 if value_a is None else value_a,
+                            0 if size_a is None else size_a)
 
     def _run_tdp_accesses(self, vm_a, vcpu_a, addr_a, kind_a):
         """Run a validated batch.  VMs are independent, so a batch that interleaves VMs runs

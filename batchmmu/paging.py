@@ -278,11 +278,22 @@ class GuestPaging:
         return (self.vr.cr0[vg] & int(X86_CR0_PG)) != 0
 
     # ------------------------------------------------------------------ TDP with guest paging (2D walks)
+    def _any_tdp2d_vm(self):
+        """Whether some VM could take the 2D kernel: a legacy-TDP VM, or a TDP VM with a paging vCPU."""
+        kind = self._mmu_kind[:self.nvm]
+        if (kind == S.MMU_LEGACY).any():
+            return True
+        off, cnt = self.vt.vcpu_off[:self.nvm], self._vcpus[:self.nvm]
+        pg = np.concatenate(([0], np.cumsum((self.vr.cr0[:int((off + cnt).max(initial=0))] & int(X86_CR0_PG)) != 0)))
+        return bool(((pg[off + cnt] - pg[off]) > 0)[kind == S.MMU_TDP].any())
+
     def _tdp2d_mask(self, vm_a, vcpu_a, shadow, stores=False):
         """Events for kernels/tdp2d.py: every event of a TDP VM that has a paging vCPU in the batch (so a
         VM's events keep their order), and with ``stores`` every TDP event (the kernel writes values)."""
         if stores:
             return ~shadow
+        if vm_a.size >= self.nvm and not self._any_tdp2d_vm():   # a check per VM costs less than per event
+            return np.zeros(vm_a.size, bool)
         # and every event of a legacy-TDP VM (its faults are there, whatever the guest's paging)
         pg = ~shadow & (self._guest_paging_on(vm_a, vcpu_a) | (self._mmu_kind[vm_a] == S.MMU_LEGACY))
         if not pg.any():
@@ -354,13 +365,15 @@ class GuestPaging:
         return (lambda i: timed(self._mmu_bundle(), ev, res, self._tm, nxt, ran)), (lambda i: ran.astype(bool))
 
     # ------------------------------------------------------------------ shadow events
-    def _run_shadow(self, ev):
-        """Run an EV_* record batch of shadow-MMU VMs; returns (outcome, error code)."""
+    def _run_shadow(self, ev, checked=False):
+        """Run an EV_* record batch of shadow-MMU VMs (``checked``: the caller knows they are); returns
+        (outcome, error code, fault gpa)."""
         n = ev.shape[0]
         vm_a = ev[:, MI.EV_VM]
-        other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
-        if other.size:
-            raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
+        if not checked:
+            other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
+            if other.size:
+                raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
         res = result_record(n)
         run, applied = self._timed_run(K.shadow_event_batch, ev, res)
         # a host out of memory: direct reclaim for the gpa the fault could not back, then the event again
