@@ -238,12 +238,10 @@ def gm_read64(gm, sm, vm, gpa):
 
 
 @njit(inline="always", _nrt=False)
-def gm_read_group(gm, sm, vm, base, size, n, out, off):
-    """``n`` consecutive ``size``-byte (4 or 8) entries from ``base`` (aligned, within one page) into
-    ``out[off:off + n]``, zero-extended: one memslot and hash lookup for the group (FNAME(prefetch_gpte)
-    reads the 8 gptes of a prefetch group with one kvm_read_guest_atomic)."""
-    k = gm_page_key(sm, vm, base)
-    r = gm_find(gm.hash, k) if k >= 0 else np.int64(-1)
+def gm_read_group(gm, r, base, size, n, out, off):
+    """``n`` consecutive ``size``-byte (4 or 8) entries from ``base`` (aligned, within one page, held in row ``r``,
+    -1: zeros) into ``out[off:off + n]``, zero-extended: one look-up for the group (FNAME(prefetch_gpte) reads
+    the 8 gptes of a prefetch group with one kvm_read_guest_atomic)."""
     for i in range(n):
         a = base + size * i
         w = gm.page[r, (a >> 3) & 511] if r >= 0 else np.int64(0)

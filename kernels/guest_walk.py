@@ -16,8 +16,9 @@ gptes are int64 (bit 63 = XD makes them negative); 4-byte gptes are zero-extende
 import numpy as np
 from numba import njit
 
-from .gmem import gm_read32, gm_read64, gm_write32, gm_write64
+from .gmem import gm_find, gm_page_key, gm_slot, gm_write32, gm_write64
 from .jit import kernel
+from .state import GMH_KEY, GMH_ROW, VM_MEMSLOTS_GEN
 
 
 def _bits(lo, hi):
@@ -120,6 +121,15 @@ WK_GPTE = 18  # + level: its value (PAE level 3: the cached PDPTE); guest_set_ad
 WK_TABLE_GFN = 24  # + level: gfn of the table holding it (-1 not walked)
 WK_PT_ACCESS = 30  # + level: walker->pt_access[level-1], ACC bits of the levels above (not incl.) it; PAE 3: 7
 WK_SIZE = 36
+# --- the walker's table-row cache (the simulator's, not KVM's), after the walker's words in a ``wk`` of at least
+# WKC_END words (the shadow scratch); per level the last table page looked up: its gfn, guest-memory key and
+# key-table slot, for one VM and memslot generation.  A shorter ``wk`` walks without it.
+WKC_VM = 40  # VM id + 1 of the cached entries (0: none)
+WKC_GEN = 41  # that VM's memslot generation when they were cached
+WKC_GFN = 42  # + level: the table's gfn (-1: nothing cached)
+WKC_KEY = 48  # + level: its key (GuestMem)
+WKC_SLOT = 54  # + level: the key-table slot the key was found in
+WKC_END = 60
 
 # guest_walk's result for a refused access: the error code with this flag (a not-present fault on a
 # supervisor read has error code 0, so the code alone cannot say "refused")
@@ -298,6 +308,50 @@ def gpte_rsvd_mask(mode, maxphyaddr, level, gpte):
 
 
 @njit(inline="always", _nrt=False)
+def walk_table_row(gm, sm, vm, gpa, wk, level):
+    """Row of the guest-memory page holding the gpte at ``gpa`` (level ``level`` of a walk), -1 when it reads as
+    zeros: gm_find(gm_page_key()), remembered per level in wk[WKC_*].  An entry holds while the VM's memslot
+    generation is unchanged (gpa -> hva is fixed) and the key table still has the key in the remembered slot (so
+    removals, re-adds and a rehash are seen).  Walks of L2 memory (``sm.root`` >= 0) do not use it."""
+    if sm.root >= 0 or wk.shape[0] < WKC_END:
+        k = gm_page_key(sm, vm, gpa)
+        return gm_find(gm.hash, k) if k >= 0 else np.int64(-1)
+    ht = gm.hash
+    gfn = gpa >> 12
+    gen = sm.vrec[vm, VM_MEMSLOTS_GEN]
+    if wk[WKC_VM] != vm + 1 or wk[WKC_GEN] != gen:
+        wk[WKC_VM] = vm + 1
+        wk[WKC_GEN] = gen
+        for lv in range(6):
+            wk[WKC_GFN + lv] = -1
+    elif wk[WKC_GFN + level] == gfn:
+        h = wk[WKC_SLOT + level]
+        if h < ht.shape[0] and ht[h, GMH_KEY] == wk[WKC_KEY + level]:
+            return ht[h, GMH_ROW]
+    k = gm_page_key(sm, vm, gpa)
+    if k < 0:
+        return np.int64(-1)
+    h = gm_slot(ht, k)
+    if ht[h, GMH_KEY] == -1:
+        return np.int64(-1)   # never written: not remembered (a write gives it a row)
+    wk[WKC_GFN + level] = gfn
+    wk[WKC_KEY + level] = k
+    wk[WKC_SLOT + level] = h
+    return ht[h, GMH_ROW]
+
+
+@njit(inline="always", _nrt=False)
+def row_read(gm, r, gpa, size):
+    """The ``size``-byte (4 or 8) gpte at aligned ``gpa`` in guest-memory row ``r`` (-1: zeros), zero-extended."""
+    if r < 0:
+        return np.int64(0)
+    w = gm.page[r, (gpa >> 3) & 511]
+    if size == 4:
+        return (w >> 32) & 0xFFFFFFFF if gpa & 4 else w & 0xFFFFFFFF
+    return w
+
+
+@njit(inline="always", _nrt=False)
 def _walk_error(mode, pfec, errcode, wk):
     # paging_tmpl.h FNAME(walk_addr_generic), label error
     errcode |= pfec & (PFERR_WRITE | PFERR_USER)
@@ -371,10 +425,7 @@ def guest_walk(gm, sm, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, wk):
         wk[WK_TABLE_GFN + level] = table_gfn
         wk[WK_PTE_GPA + level] = pte_gpa
         wk[WK_LEAF_LEVEL] = level
-        if four:
-            pte = gm_read32(gm, sm, vm, pte_gpa)
-        else:
-            pte = gm_read64(gm, sm, vm, pte_gpa)
+        pte = row_read(gm, walk_table_row(gm, sm, vm, pte_gpa, wk, level), pte_gpa, 4 if four else 8)
         wk[WK_GPTE + level] = pte
         if not pte & PT_PRESENT_MASK:
             return _walk_error(mode, pfec, np.int64(0), wk)
@@ -447,10 +498,21 @@ def guest_set_ad(gm, sm, vm, wk, pfec):
         if new == old:
             continue
         gpa = wk[WK_PTE_GPA + level]
-        if wk[WK_GPTE_SIZE] == 4:
-            gm_write32(gm, sm, vm, gpa, new)
+        r = walk_table_row(gm, sm, vm, gpa, wk, level)   # the walk just read it there
+        i = (gpa >> 3) & 511
+        if r < 0:   # (a gpte read as 0 is not present: the walk would have stopped there)
+            if wk[WK_GPTE_SIZE] == 4:
+                gm_write32(gm, sm, vm, gpa, new)
+            else:
+                gm_write64(gm, sm, vm, gpa, new)
+        elif wk[WK_GPTE_SIZE] == 4:
+            w = gm.page[r, i]
+            if gpa & 4:
+                gm.page[r, i] = (w & 0xFFFFFFFF) | (np.int64(new & 0xFFFFFFFF) << np.int64(32))
+            else:
+                gm.page[r, i] = (w & ~0xFFFFFFFF) | (new & 0xFFFFFFFF)
         else:
-            gm_write64(gm, sm, vm, gpa, new)
+            gm.page[r, i] = new
         wk[WK_GPTE + level] = new
         changed |= np.int64(1) << np.int64(level)
     return changed

@@ -59,7 +59,7 @@ SC_MARK_STACK_LEN = 80
 SC_SIZE = 256
 SC_OOM_GPA = WK_SIZE   # a host-OOM stop leaves the gpa it could not back here (after the walker's words)
 # kvm_get_running_vcpu(): the global vCPU index while a shadow event runs, else -1 (the last word of the
-# walker's block: the walk uses WK_SIZE words, SC_OOM_GPA one more)
+# walker's block: the walk uses WK_SIZE words, SC_OOM_GPA one more, its table-row cache WKC_VM..WKC_END)
 SC_RUNNING_VCPU = 63
 
 

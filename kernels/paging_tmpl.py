@@ -29,6 +29,7 @@ from .guest_walk import (
     guest_set_ad,
     guest_walk,
     mode_levels,
+    walk_table_row,
 )
 from .jit import helper
 from .memslot import (
@@ -640,7 +641,8 @@ def page_fault_walked(m, vm, vg, gva, err, mode, maxphyaddr):
     if wk[WK_LEAF_LEVEL] == 1:
         size = 4 if mode_levels(mode) == 2 else 8
         base = wk[WK_PTE_GPA + 1] & ~np.int64(size * PTE_PREFETCH_NUM - 1)
-        gm_read_group(m.gm, slot_map(m.vt, m.st), vm, base, size, PTE_PREFETCH_NUM, scratch(m.sh), SC_PREFETCH)
+        gm_read_group(m.gm, walk_table_row(m.gm, slot_map(m.vt, m.st), vm, base, wk, 1), base, size, PTE_PREFETCH_NUM,
+                      scratch(m.sh), SC_PREFETCH)
     r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
     if r != RET_PF_CONTINUE:
         return r, np.int64(0)

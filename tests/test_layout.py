@@ -53,6 +53,18 @@ def test_field_views_write_the_records():
     assert gm.hash[2].tolist() == [11, 3] and sh.ctl[S.SH_SCRATCH + MI.SC_RUNNING_VCPU] == 4
 
 
+@pytest.mark.nojit
+def test_walker_block_of_the_scratch():
+    """The walker's words, the OOM gpa, the walker's table-row cache and the running vCPU do not overlap, and
+    all of it lies below the next scratch array."""
+    from batchmmu.kernels import guest_walk as G
+    spans = [(MI.SC_WK, MI.SC_WK + G.WK_SIZE), (MI.SC_OOM_GPA, MI.SC_OOM_GPA + 1), (G.WKC_VM, G.WKC_END),
+             (MI.SC_RUNNING_VCPU, MI.SC_RUNNING_VCPU + 1)]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)) and spans[-1][1] <= MI.SC_PVEC_SP
+    assert G.WKC_GEN == G.WKC_VM + 1 and G.WKC_GFN + 6 <= G.WKC_KEY and G.WKC_KEY + 6 <= G.WKC_SLOT \
+        and G.WKC_SLOT + 6 <= G.WKC_END
+
+
 def _spt_stores():
     """{(file, function)} of every store into a page-table array (``spt[...] = / &= / |=``) in kernels/."""
     import ast

@@ -429,3 +429,32 @@ def test_pae_guest_pdptes_come_from_registers():
     h.mov_cr3(vm, 0, 0x20000)
     assert one(h, vm, (3 << 21) | (4 << 12)) == (bm.HIT, 0)
     assert gpte(h, vm, pt + 8 * 4) & (A | D) == A | D
+
+
+# ----------------------------------------------------------------------------- where the tables live
+@pytest.mark.nojit
+@pytest.mark.parametrize("mmu", ["tdp", "shadow"])
+def test_walks_follow_their_table_pages_through_memslot_changes_and_discards(mmu):
+    # the walker remembers where each level's table page was (kernels/guest_walk.py walk_table_row): a table
+    # slot recreated over other host memory, recreated over the old memory, and a table page dropped by
+    # MADV_DONTNEED must each be what the next walk reads
+    h = bm.Host(memory="1GiB", backing="4k")
+    vm = int(h.create_vms(1, memory=64 * MiB, mmu=mmu)[0])
+    base, hva0, hva1 = 64 * MiB, 1 << 40, (1 << 40) + 16 * MiB
+    h.set_memslot(vm, 1, base, 2 * MiB, hva=hva0)
+    t = Tables(4, base=base)
+    t.map(0x5000, 0x800000)
+    t.map(0x6000, 0x801000)
+    go(h, vm, t, regs(cr3=t.root))
+    assert one(h, vm, 0x5000)[0] == bm.FIXED
+    h.set_memslot(vm, 1, base, 0)                      # delete, then the same gpas over other host memory
+    h.set_memslot(vm, 1, base, 2 * MiB, hva=hva1)
+    assert one(h, vm, 0x6000) == (bm.GUEST_FAULT, 0)   # its tables read as zeros: not present
+    h.set_memslot(vm, 1, base, 0)
+    h.set_memslot(vm, 1, base, 2 * MiB, hva=hva0)      # the old host pages, contents kept
+    assert one(h, vm, 0x6000)[0] in (bm.FIXED, bm.HIT)
+    t.write(h, vm)
+    h.discard_hva_range(vm, hva0, hva0 + 2 * MiB)      # every table page gone: zeros again
+    assert one(h, vm, 0x5000) == (bm.GUEST_FAULT, 0)
+    go(h, vm, t, regs(cr3=t.root))                               # written back: walks again
+    assert one(h, vm, 0x5000)[0] in (bm.FIXED, bm.HIT)
