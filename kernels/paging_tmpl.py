@@ -444,7 +444,7 @@ def mmu_set_spte(m, vm, rec, row, idx, pte_access, gfn, pfn, is_fault, write_fau
         flush_remote_tlbs(m, vm)  # kvm_flush_remote_tlbs_gfn
     if not was_rmapped:
         rmap_add(m, vm, rec, row, idx, gfn, pte_access)
-    else:
+    elif sp_has_gptes(m.pa.meta[row, SP_ROLE]):
         m.sh.trans[row, idx] = (gfn << 12) | pte_access  # kvm_mmu_page_set_access
     return ret
 

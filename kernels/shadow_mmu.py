@@ -204,8 +204,10 @@ def is_writable_spte(spte):
 def rmap_add(m, vm, rec, row, idx, gfn, access):
     # __rmap_add: record the translation, count the page, chain the SPTE
     sh = m.sh
-    sh.trans[row, idx] = (gfn << 12) | access
-    level = role_level(m.pa.meta[row, SP_ROLE])
+    role = m.pa.meta[row, SP_ROLE]
+    if sp_has_gptes(role):   # kvm_mmu_page_set_translation: a direct page's gfn and access follow from its role
+        sh.trans[row, idx] = (gfn << 12) | access
+    level = role_level(role)
     m.vt.stats[vm, ST_PAGES_4K + level - 1] += 1
     m.vt.stats[vm, ST_RMAP_ENTRIES] += 1
     h = rmap_index(sh, m.st, rec, level, gfn)
