@@ -56,6 +56,8 @@ MODE_AC = np.int64(1 << 10)
 # 36-bit PSE (PDE bits 13..16 -> gpa bits 32..35, bits 17..21 reserved) whatever MAXPHYADDR is.
 # Without it a 4M page follows the SDM (bits 13..(M-20) -> gpa 32..(M-1), M = min(MAXPHYADDR, 40)).
 MODE_PSE36_KVM = np.int64(1 << 11)
+# the guest's CPU is AMD (guest_cpuid_is_amd_compatible): the VM's host has NPT; set by the callers, not cpu_mode
+MODE_AMD = np.int64(1 << 15)
 MODE_LEVELS_SHIFT = 12
 MODE_LEVELS_MASK = np.int64(7)
 
@@ -285,7 +287,8 @@ def permission_fault(mode, pte_access, pkey, pkru, pfec):
 
 @njit(inline="always", _nrt=False)
 def gpte_rsvd_mask(mode, maxphyaddr, level, gpte):
-    """Reserved bits of ``gpte`` at ``level`` (mmu.c __reset_rsvds_bits_mask, Intel, 1G pages supported)."""
+    """Reserved bits of ``gpte`` at ``level`` (mmu.c __reset_rsvds_bits_mask, 1G pages supported; with MODE_AMD
+    bit 8 of a PML4E / PML5E too, nonleaf_bit8_rsvd)."""
     levels = mode_levels(mode)
     large = (gpte & PT_PAGE_SIZE_MASK) != 0
     if levels == 2:
@@ -299,7 +302,8 @@ def gpte_rsvd_mask(mode, maxphyaddr, level, gpte):
     if not mode & MODE_NXE:
         high |= PT64_NX_MASK
     if level >= 4:
-        return high | PT_PAGE_SIZE_MASK  # PML4E/PML5E: PS reserved
+        high |= PT_PAGE_SIZE_MASK  # PML4E/PML5E: PS reserved
+        return high | _rsvd(8, 8) if mode & MODE_AMD else high
     if large and level == 3:
         return high | _rsvd(13, 29)  # 1G page: bits 13..29 (bit 12 = PAT)
     if large and level == 2:

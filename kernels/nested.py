@@ -19,6 +19,7 @@ from .emulate import emulated_tracked_write
 from .fault import WALK_OK, exit_error_code, tdp_hw_walk
 from .gmem import gm_write_bytes
 from .guest_walk import (
+    MODE_AMD,
     MODE_NXE,
     PFERR_MASK,
     WK_AD_NEEDED,
@@ -134,10 +135,11 @@ PFERR_GUEST_PAGE = np.int64(1 << 33)    # PFERR_GUEST_PAGE_MASK: on a guest pagi
 @njit(inline="always", _nrt=False)
 def nested_mmu_mode(vt, vr, vm, vg):
     """The mode word of guest_mmu: for VMX the vmcs12 EPTP's (execute-only translations are offered to L1); for
-    SVM L1's paging mode from vmcb01, CR0 = PG alone (kvm_init_shadow_npt_mmu), MODE_NPT set."""
+    SVM L1's paging mode from vmcb01, CR0 = PG alone (kvm_init_shadow_npt_mmu), MODE_NPT and MODE_AMD set."""
     if vt.rec[vm, VM_FMT] == FMT_EPT:
         return ept_mode(vr.rec[vg, VR_EPTP], True)
-    return cpu_mode(X86_CR0_PG, vr.rec[vg, VR_L1_CR0 + 2], vr.rec[vg, VR_L1_CR0 + 3], np.int64(0)) | MODE_NPT
+    return cpu_mode(X86_CR0_PG, vr.rec[vg, VR_L1_CR0 + 2], vr.rec[vg, VR_L1_CR0 + 3], np.int64(0)) | MODE_NPT | \
+        MODE_AMD
 
 
 @helper
@@ -187,6 +189,8 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     write = (kind & PFERR_WRITE_MASK) != 0
     fetch_ = (kind & PFERR_FETCH_MASK) != 0
     mode = cpu_mode(vr.rec[vg, VR_CR0], vr.rec[vg, VR_CR4], vr.rec[vg, VR_EFER], vr.rec[vg, VR_RFLAGS])
+    if svm:
+        mode |= MODE_AMD   # an SVM guest's CPU is AMD
     glevels = mode_levels(mode)
     if glevels == 2:
         mode &= ~MODE_NXE   # as tdp2d.access_2d

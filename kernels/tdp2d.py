@@ -38,6 +38,7 @@ from .emulate import emulated_tracked_write
 from .fault import WALK_OK, WALK_RSVD, kvm_handle_exit, tdp_hw_walk
 from .gmem import gm_room, gm_write32, gm_write64, gm_write_bytes
 from .guest_walk import (
+    MODE_AMD,
     MODE_NXE,
     MODE_SMEP,
     PFERR_MASK,
@@ -217,6 +218,8 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     write = (kind & PFERR_WRITE_MASK) != 0
     fetch = (kind & PFERR_FETCH_MASK) != 0
     mode = cpu_mode(vr.rec[vcpu_g, VR_CR0], vr.rec[vcpu_g, VR_CR4], vr.rec[vcpu_g, VR_EFER], vr.rec[vcpu_g, VR_RFLAGS])
+    if fmt != FMT_EPT:
+        mode |= MODE_AMD   # NPT: an AMD host, and the guest's CPU is AMD
     glevels = mode_levels(mode)
     if glevels == 2:
         # SDM 4.7: the I/D error-code bit needs CR4.SMEP, or EFER.NXE with PAE-format tables; 32-bit

@@ -536,7 +536,8 @@ def run_cases(cases):
             gvas.append(c["gva"])
             pfecs.append(pf)
         acc_start.append(len(pfecs))
-        modes.append(regs_mode(c["cr0"], c["cr4"], c["efer"], c["rflags"], c["pse36_kvm"]))
+        modes.append(regs_mode(c["cr0"], c["cr4"], c["efer"], c["rflags"], c["pse36_kvm"])
+                     | (int(G.MODE_AMD) if c.get("amd") else 0))
         cr3s.append(c["cr3"])
         pdptrs.append([s64(x) for x in c["pdptrs"]])
         pkrus.append(c["pkru"])
@@ -551,7 +552,8 @@ def run_cases(cases):
         mem = c["mem"]
         for a in range(acc_start[i], acc_start[i + 1]):
             err, gpa, level, new = ref_walk(mem, c["cr0"], c["cr4"], c["efer"], c["rflags"], c["cr3"], c["pdptrs"],
-                                            c["pkru"], c["maxphyaddr"], c["gva"], pfecs[a], pse36_kvm=c["pse36_kvm"])
+                                            c["pkru"], c["maxphyaddr"], c["gva"], pfecs[a], pse36_kvm=c["pse36_kvm"],
+                                            amd=bool(c.get("amd")))
             got = tuple(int(x) for x in out[a, :3])
             ok = gpa is not None
             want = (0, gpa, level) if ok else (err | WALK_FAULT, -1, level)
@@ -619,7 +621,7 @@ def access_case(levels, f, maxphyaddr):
             up = P | RW | US | (A if f["upper.a"] else 0)
             if levels == 5:
                 mem[0x6000 + 8 * 2] = 0x1000 | up
-            mem[0x1000 + 8 * 3] = 0x2000 | up
+            mem[0x1000 + 8 * 3] = 0x2000 | up | ((1 << 8) if f.get("pml4e.8") else 0)   # reserved on AMD only
             pdpte = 0x3000 | (up & ~RW if f["pdpte.ro"] else up) | (0 if f["pdpte.p"] else 0)
             if f["huge1g"]:
                 pdpte = _entry(f, "pde", 0x80000000 | PS | pkey) & ~(RW if f["pdpte.ro"] else 0)
@@ -633,7 +635,8 @@ def access_case(levels, f, maxphyaddr):
         mem[0x4000 + 8 * 9] = _entry(f, "pte", 0x7654000 | (0 if large else pkey))
     pkru = (4 if f["pku.ad"] else 0) | (8 if f["pku.wd"] else 0)
     return dict(mem=mem, cr0=cr0, cr4=cr4, efer=efer, rflags=RFLAGS_AC if f["rflags.ac"] else 0, cr3=cr3,
-                pdptrs=pdptrs, pkru=pkru, maxphyaddr=maxphyaddr, pse36_kvm=bool(f["pse36_kvm"]), gva=gva,
+                pdptrs=pdptrs, pkru=pkru, maxphyaddr=maxphyaddr, pse36_kvm=bool(f["pse36_kvm"]), amd=bool(f.get("amd")),
+                gva=gva,
                 pfecs=[0, pfec] if f["twice"] else [pfec], name=(levels, maxphyaddr, sorted(k for k in f if f[k])))
 
 
@@ -650,6 +653,8 @@ def _random_flags(rng, core=None):
     f["huge1g"] = bool(rng.random() < 0.1)
     f["pdpte.ro"] = bool(rng.random() < 0.2)
     f["pde.pse"] = bool(rng.random() < 0.3)
+    f["amd"] = bool(rng.random() < 0.5)            # the guest's CPU (PML4E bit 8: reserved on AMD, ignored on Intel)
+    f["pml4e.8"] = bool(rng.random() < 0.1)
     if core:
         f.update(core)
     if f["write"] and f["fetch"]:

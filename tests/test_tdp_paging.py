@@ -458,3 +458,15 @@ def test_walks_follow_their_table_pages_through_memslot_changes_and_discards(mmu
     assert one(h, vm, 0x5000) == (bm.GUEST_FAULT, 0)
     go(h, vm, t, regs(cr3=t.root))                               # written back: walks again
     assert one(h, vm, 0x5000)[0] in (bm.FIXED, bm.HIT)
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("fmt", ["ept", "npt"])
+def test_pml4e_bit8_is_reserved_for_an_amd_guest_only(fmt):
+    # KVM's nonleaf_bit8_rsvd: an AMD CPU (an NPT host's guest) reserves bit 8 of a PML4E; Intel ignores it
+    h, vm, t, r = setup(fmt=fmt)
+    path = t.map(0x5000, 0x800000)
+    t.mem[path[0]] |= 1 << 8
+    go(h, vm, t, r)
+    got = one(h, vm, 0x5000)
+    assert got == (bm.GUEST_FAULT, PF_P | PF_RSVD) if fmt == "npt" else got[0] == bm.FIXED

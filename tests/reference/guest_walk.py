@@ -52,8 +52,9 @@ def _write(mem, gpa, size, value):
     mem[gpa & ~7] = (word & ~(0xFFFFFFFF << shift) & MASK64) | ((value & 0xFFFFFFFF) << shift)
 
 
-def _reserved(mode, entry, level, is_large, m, pse, nxe, pse36_kvm):
-    """The reserved bits set in ``entry`` (a nonzero result means a RSVD fault)."""
+def _reserved(mode, entry, level, is_large, m, pse, nxe, pse36_kvm, amd=False):
+    """The reserved bits set in ``entry`` (a nonzero result means a RSVD fault); ``amd``: the guest's CPU is
+    AMD, whose PML4Es and PML5Es also reserve bit 8 (KVM: nonleaf_bit8_rsvd)."""
     if mode == "32bit":
         # SDM table 4-4: only a 4M PDE has reserved bits: 21:(M-19) with M capped at 40
         if level == 2 and is_large and pse:
@@ -66,6 +67,8 @@ def _reserved(mode, entry, level, is_large, m, pse, nxe, pse36_kvm):
         rsvd |= XD
     if level >= 4:
         rsvd |= PS  # PML5E / PML4E: bit 7 reserved
+        if amd:
+            rsvd |= 1 << 8
     elif level == 3 and is_large:
         rsvd |= _range(13, 29)  # 1G page, bit 12 is PAT
     elif level == 2 and is_large:
@@ -73,12 +76,13 @@ def _reserved(mode, entry, level, is_large, m, pse, nxe, pse36_kvm):
     return entry & rsvd
 
 
-def ref_walk(mem, cr0, cr4, efer, rflags, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, *, pse36_kvm=False):
+def ref_walk(mem, cr0, cr4, efer, rflags, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, *, pse36_kvm=False, amd=False):
     """Translate ``gva`` for an access of kind ``pfec`` (W=2, U=4, fetch=0x10).
 
     Returns ``(error_code, gpa, level, new_mem)``: error_code 0 when allowed; gpa None on a fault;
     level = level of the leaf (1 4K, 2 2M/4M, 3 1G) or of the entry where the walk stopped (0 with
-    paging off); new_mem = a copy of ``mem`` with A/D bits set by a successful access.
+    paging off); new_mem = a copy of ``mem`` with A/D bits set by a successful access.  ``amd``: the guest's
+    CPU is AMD (bit 8 of a PML4E / PML5E is reserved).
     """
     write, user, fetch = bool(pfec & PF_W), bool(pfec & PF_U), bool(pfec & 0x10)
     pg, wp = _bit(cr0, 31), _bit(cr0, 16)
@@ -129,7 +133,7 @@ def ref_walk(mem, cr0, cr4, efer, rflags, cr3, pdptrs, pkru, maxphyaddr, gva, pf
         if not entry & P:
             return fault(0, level)
         is_large = level > 1 and bool(entry & PS) and (mode != "32bit" or (level == 2 and pse))
-        if _reserved(mode, entry, level, is_large, maxphyaddr, pse, nxe, pse36_kvm):
+        if _reserved(mode, entry, level, is_large, maxphyaddr, pse, nxe, pse36_kvm, amd):
             return fault(PF_P | PF_RSVD, level)
         used.append((level, entry_gpa, entry))
         if level == 1 or is_large:

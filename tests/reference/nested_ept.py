@@ -69,9 +69,9 @@ def ref_ept_walk(mem, eptp, gpa, read, write, fetch, maxphyaddr=46, execonly=Tru
 
 def ref_npt_walk(mem, ncr3, gpa, write, fetch, l1_cr4, l1_efer, maxphyaddr=46):
     """Translate L2 gpa ``gpa`` through L1's NPT12 at ``ncr3``: an x86 walk in L1's paging mode (CR0 = PG alone),
-    always a user access.  Returns ``(l1_gpa, None)`` or ``(None, error code)`` (the #NPF's low bits)."""
+    on an AMD CPU, always a user access.  Returns ``(l1_gpa, None)`` or ``(None, error code)`` (the #NPF's low bits)."""
     err, out, _, new = ref_walk(mem, 1 << 31, l1_cr4, l1_efer, 0, ncr3, [0] * 4, 0, maxphyaddr, gpa,
-                                4 | (2 if write else 0) | (0x10 if fetch else 0))
+                                4 | (2 if write else 0) | (0x10 if fetch else 0), amd=True)
     if out is None:
         return None, err
     mem.update(new)   # NPT has A/D bits: a translation L0 makes sets them
@@ -117,7 +117,8 @@ def ref_l2_access(l1mem, eptp, regs, gva, kind, maxphyaddr=46, ept_ad=None, valu
         return None, 0 if q == MISCONFIG else q | Q_GVA_VALID | (Q_GVA_TRANSLATED if final else 0)
 
     cr0, cr3, cr4, efer = regs
-    err, gpa, stop, new_view = ref_walk(view, cr0, cr4, efer, 0x2, cr3, [0] * 4, 0, maxphyaddr, gva, kind)
+    err, gpa, stop, new_view = ref_walk(view, cr0, cr4, efer, 0x2, cr3, [0] * 4, 0, maxphyaddr, gva, kind,
+                                        amd=npt is not None)   # an SVM guest's CPU is AMD
     # the table entries the processor read, top down to the level where the walk ended
     steps = [s for s in _table_entries(view, cr0, cr4, efer, cr3, gva) if s[3] >= stop]
     for entry_gpa, entry, is_leaf, _ in steps:
