@@ -311,7 +311,7 @@ def dirty_ring_reset(ct, vcpu_g, masks):
                     continue
                 if -64 < delta < 0:
                     shifted = mask << (-delta)
-                    if (shifted >> (-delta)) & ((np.int64(1) << (64 + delta)) - 1) == mask:
+                    if (shifted >> (-delta)) & ~(np.int64(-1) << np.int64(64 + delta)) == mask:
                         cur_off = noff
                         mask = shifted | 1
                         continue

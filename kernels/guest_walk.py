@@ -375,7 +375,8 @@ def guest_walk(gm, sm, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, wk):
     Guest memory ``gm`` (GuestMem) is read through the memslots in ``sm`` (SlotMap): a gpte in no memslot
     reads as 0 (KVM: an error hva, the same not-present fault).  ``pfec``: access kind (PFERR_WRITE |
     PFERR_USER | PFERR_FETCH; other bits ignored).  ``pdptrs``
-    int64[4] (PAE only).  Fills ``wk`` (WK_*), writes nothing else.
+    int64[4] (PAE only).  Fills ``wk`` (WK_*, and with WKC_END words or more its table-row cache WKC_*),
+    writes nothing else.
     """
     # paging_tmpl.h FNAME(walk_addr_generic)
     pfec = pfec & PFERR_ACCESS_MASK

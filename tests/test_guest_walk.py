@@ -501,8 +501,9 @@ def test_permission_fault_helper():
 @njit
 def _drive(gm, sm, mem_start, mem_gpa, mem_val, acc_start, modes, cr3s, pdptrs, pkrus, maxphys,
            gvas, pfecs, out, mem_out):
-    """Per case: fresh guest memory, its accesses in order (walk, A/D on success), memory read back."""
-    wk = np.zeros(G.WK_SIZE, np.int64)
+    """Per case: fresh guest memory, its accesses in order (walk, A/D on success), memory read back.  The walker's
+    table-row cache (a ``wk`` of WKC_END words) lives across the cases: every case's fresh memory must be seen."""
+    wk = np.full(G.WKC_END, -1, np.int64)
     for c in range(modes.shape[0]):
         gm.hash[:, S.GMH_KEY] = -1
         gm.ctl[:] = 0
