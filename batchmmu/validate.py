@@ -20,9 +20,10 @@ from .workload import GuestRun, compile_workload, describe, load
 
 COMPARED = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "invlpg", "mmu_cache_miss", "mmu_shadow_zapped",
             "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_unsync", "pages_4k", "pages_2m",
-            "max_mmu_rmap_size", "remote_tlb_flush_requests")
+            "max_mmu_rmap_size", "remote_tlb_flush_requests", "max_mmu_page_hash_collisions")
 SHOWN = ("exits", "insn_emulation", "tlb_flush")
-GAUGES = frozenset({"pages_4k", "pages_2m", "pages_1g", "mmu_unsync", "max_mmu_rmap_size", "nx_lpage_splits"})
+GAUGES = frozenset({"pages_4k", "pages_2m", "pages_1g", "mmu_unsync", "max_mmu_rmap_size", "nx_lpage_splits",
+                    "max_mmu_page_hash_collisions"})
 
 EXIT_OK, EXIT_DIFF, EXIT_INCOMPLETE = 0, 1, 3
 

@@ -134,6 +134,7 @@ from .state import (
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
     SPF_NX_DISALLOWED,
+    ST_MAX_MMU_PAGE_HASH_COLLISIONS,
     ST_MMU_CACHE_MISS,
     ST_MMU_UNSYNC,
     ST_PF_MMIO_SPTE_CREATED,
@@ -258,13 +259,17 @@ def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
 
 @helper
 def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
-    """kvm_mmu_find_shadow_page: the valid page with this gfn and role, or -1 (mmu_cache_miss)."""
+    """kvm_mmu_find_shadow_page: the valid page with this gfn and role, or -1 (mmu_cache_miss); the valid pages of
+    other gfns met in the bucket before it are its collisions (max_mmu_page_hash_collisions)."""
     sh, pa = m.sh, m.pa
     row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
     found = -1
+    collisions = 0
     while row >= 0:
         nxt = m.pa.meta[row, SP_HNEXT]
-        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn:
+        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] != gfn:
+            collisions += 1
+        elif sp_valid(m, vm, row):
             if pa.meta[row, SP_ROLE] != role:
                 # the guest reuses an unsync page as an upper-level table: zap it
                 if role_level(role) > 1 and m.pa.meta[row, SP_UNSYNC]:
@@ -284,6 +289,8 @@ def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     if found < 0:
         m.vt.stats[vm, ST_MMU_CACHE_MISS] += 1
     commit_zap_page(m, vm)
+    if collisions > m.vt.stats[vm, ST_MAX_MMU_PAGE_HASH_COLLISIONS]:
+        m.vt.stats[vm, ST_MAX_MMU_PAGE_HASH_COLLISIONS] = collisions
     return found
 
 

@@ -51,7 +51,6 @@ from .spte import (
 from .state import (
     CTL_FREE_TOP,
     CTL_USED,
-    KVM_MMU_HASH_SIZE,
     RM_HEAD,
     SL_BASE_GFN,
     SL_LPAGE_OFF,
@@ -116,10 +115,21 @@ def sp_valid(m, vm, row):
     return (m.pa.meta[row, SP_ROLE] & ROLE_INVALID) == 0 and m.pa.meta[row, SP_GEN] == m.vt.rec[vm, VM_VALID_GEN]
 
 
+_GOLDEN_HI = np.int64(0x61C88646)   # GOLDEN_RATIO_64 (0x61C8864680B583EB) in 32-bit halves
+_GOLDEN_LO = np.int64(0x80B583EB)
+
+
 @njit(inline="always", _nrt=False)
 def hash_bucket(gfn):
-    # kvm_page_table_hashfn: any good spread of gfns over 4096 buckets (collisions are not a stat here)
-    return (gfn ^ (gfn >> 12) ^ (gfn >> 24)) & (KVM_MMU_HASH_SIZE - 1)
+    """kvm_page_table_hashfn: hash_64(gfn, KVM_MMU_HASH_SHIFT), the top 12 bits of the low 64 of gfn *
+    GOLDEN_RATIO_64, in 32-bit pieces so that nothing wraps (gfn < 2**52)."""
+    xl = gfn & 0xFFFFFFFF
+    xh = (gfn >> 32) & 0xFFFFF
+    lo_b = (xl & 0xFFFF) * _GOLDEN_LO          # xl * GOLDEN_LO, 16 bits of xl at a time (< 2**48 each)
+    lo_a = (xl >> 16) * _GOLDEN_LO
+    carry = ((lo_b & 0xFFFFFFFF) + ((lo_a & 0xFFFF) << 16)) >> 32
+    high = (lo_b >> 32) + (lo_a >> 16) + carry     # bits 32.. of xl * GOLDEN_LO
+    return ((high + xh * _GOLDEN_LO + xl * _GOLDEN_HI) & 0xFFFFFFFF) >> 20
 
 
 @njit(inline="always", _nrt=False)

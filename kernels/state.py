@@ -19,7 +19,7 @@ STAT_NAMES = (
     "host_pages_faulted_in", "pages_write_protected", "pml_flushes", "pml_full_exits", "dirty_ring_full",
     "pages_split", "pf_retry", "mmu_notifier_zapped", "pages_aged", "nx_lpage_recovered",
     "host_major_faults", "host_pages_reclaimed", "host_pages_swapped", "host_thp_splits",
-    "nested_run", "guest_mode",
+    "nested_run", "guest_mode", "max_mmu_page_hash_collisions",
 )
 for _i, _n in enumerate(STAT_NAMES):
     globals()["ST_" + _n.upper()] = _i
@@ -27,7 +27,7 @@ NSTAT = len(STAT_NAMES)
 # Gauges (instant values) as opposed to counters; sums over VMs are still meaningful.
 GAUGE_STATS = frozenset({"pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "mmu_unsync",
                          "mmu_pages", "rmap_entries", "max_mmu_rmap_size", "host_pages_swapped",
-                         "guest_mode"})
+                         "guest_mode", "max_mmu_page_hash_collisions"})
 
 # --- page arena control words --------------------------------------------------------
 CTL_FREE_TOP = 0     # number of rows on the free stack

@@ -362,3 +362,39 @@ def test_zapping_a_table_leaves_its_unsync_children_alone():
     run3(host, vm, [DATA + 0x1000])
     got = d()
     assert got["mmu_cache_miss"] == 1 and "mmu_unsync" not in got
+
+
+def test_hash_buckets_and_collisions_are_kvms():
+    """mmu_page_hash buckets are hash_64(gfn, 12) (kvm_page_table_hashfn); max_mmu_page_hash_collisions counts the
+    valid pages of other gfns a look-up passes in its bucket.  Guest tables at gfns 0x20 and 0xa38 share bucket 913:
+    the second table's look-up passes the first table's page."""
+    from batchmmu.kernels.shadow_mmu import hash_bucket
+    from numba import njit
+    from reference.shadow_model import hash_bucket as kvm_bucket
+
+    @njit
+    def buckets(gfns, out):
+        for i in range(gfns.shape[0]):
+            out[i] = hash_bucket(gfns[i])
+
+    gfns = np.concatenate([np.random.default_rng(3).integers(0, 1 << 52, 5000), [0, 1, (1 << 32) - 1, 1 << 32,
+                                                                               (1 << 52) - 1]]).astype(np.int64)
+    out = np.zeros_like(gfns)
+    buckets(gfns, out)
+    assert out.tolist() == [kvm_bucket(int(g)) for g in gfns]
+    assert kvm_bucket(0x20) == kvm_bucket(0xa38) == 913
+    assert len({kvm_bucket(g) for g in (0x10, 0x11, 0x12, 0x20)}) == 4
+    host = bm.Host(memory="1GiB", backing="4k", mmio_caching=False)
+    vm = int(host.create_vms(1, memory=MEM, mmu="shadow")[0])
+    nl, leaf = P | W | U | A, P | W | U | A | D
+    host.write_guest_memory(vm, PML4, [PDPT | nl])
+    host.write_guest_memory(vm, PDPT, [PD | nl])
+    host.write_guest_memory(vm, PD, [0x20000 | nl, 0xa38000 | nl])
+    host.write_guest_memory(vm, 0x20000, [(i << 12) | leaf for i in range(512)])
+    host.write_guest_memory(vm, 0xa38000, [((512 + i) << 12) | leaf for i in range(512)])
+    host.touch_host_memory(vm, 0, MEM)
+    host.set_vcpu_regs(vm, 0, cr0=0x80010033, cr4=0x20, efer=0xD01, cr3=PML4)
+    assert host.access(vm, 0, 0x1000, bm.ACC_USER).outcome[0] == bm.FIXED
+    assert host.stats(vm)["max_mmu_page_hash_collisions"] == 0
+    assert host.access(vm, 0, 0x201000, bm.ACC_USER).outcome[0] == bm.FIXED
+    assert host.stats(vm)["max_mmu_page_hash_collisions"] == 1

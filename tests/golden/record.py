@@ -40,6 +40,12 @@ SCENARIOS = [
     ("tdp_vs_legacy", "pml-thp", ["vms=1", "bytes_per_vcpu=4MiB", "pml=true", "backing=thp", "manual_protect=false"]),
     ("trace_replay", "", ["vms=2", "vcpus=2"]),
     ("trace_replay", "thp-npt", ["backing=thp", "tdp_format=npt", "repeat=2", "vcpus=2"]),
+    ("ept_access", "", []),
+    ("migrate", "", ["bytes_per_vcpu=16MiB"]),
+    ("nested_dirty_log", "", []),
+    ("nested_dirty_log", "svm", ["tdp_format=npt"]),
+    ("nested_tdp_fault", "", []),
+    ("nested_tdp_fault", "svm", ["tdp_format=npt"]),
 ]
 VALIDATE = ["random:0:200", "random:1:200"]
 SEED = 7
@@ -48,9 +54,12 @@ SEED = 7
 def scenario_stats(name, sets):
     """The deterministic part of a run's report (no timings)."""
     from batchmmu import scenario as sc
+    from batchmmu.migrate import OPS as TIMED_OPS
     # one seed per run (docs/scenarios.md): a scenario that declares one (its memstress guest's) runs with it
-    seed = None if "seed" in sc.load_scenario(name)[0].get("params", {}) else SEED
-    rep = sc.run_scenario(name, workers=1, backend="serial", seed=seed, sets=sets)
+    spec = sc.load_scenario(name)[0]
+    seed = None if "seed" in spec.get("params", {}) else SEED
+    timed = any(ph.get("op") in TIMED_OPS for ph in spec.get("phase", []))   # migrate: on the default cost model
+    rep = sc.run_scenario(name, workers=1, backend="serial", seed=seed, sets=sets, time=True if timed else None)
     drop = {"seconds", "worker_seconds", "events_per_s", "wall_seconds", "sim_seconds"}
     phases = [{k: v for k, v in p.items() if k not in drop and not k.endswith("_seconds") and not k.endswith("_time")}
               for p in rep.phases]

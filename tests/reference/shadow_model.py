@@ -42,7 +42,13 @@ LOG_DIRTY = 1
 STATS = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast", "pf_guest", "invlpg", "mmu_cache_miss",
          "mmu_shadow_zapped", "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_unsync", "mmu_recycled",
          "pages_4k", "pages_2m", "pages_1g", "max_mmu_rmap_size", "remote_tlb_flush_requests", "mmu_pages",
-         "rmap_entries")
+         "rmap_entries", "max_mmu_page_hash_collisions")
+GOLDEN_RATIO_64 = 0x61C8864680B583EB
+
+
+def hash_bucket(gfn):
+    """kvm_page_table_hashfn: hash_64(gfn, 12)."""
+    return ((gfn * GOLDEN_RATIO_64) % (1 << 64)) >> 52
 
 
 def _bit(x, n):
@@ -118,6 +124,7 @@ class RefShadowHost:
         self.prev = [None, None, None]            # prev_roots: (pgd, SP)
         self.requests = set()
         self.hash = {}                            # gfn -> [SP], newest first
+        self.buckets = {}                         # hash_bucket(gfn) -> [SP], newest first (mmu_page_hash)
         self.active = []                          # active_mmu_pages, oldest first
         self.valid_gen = 0
         self.indirect_shadow_pages = 0
@@ -261,9 +268,12 @@ class RefShadowHost:
 
     def _get_shadow_page(self, gfn, role):
         """kvm_mmu_find_shadow_page, else kvm_mmu_alloc_shadow_page."""
-        invalid, found = [], None
-        for sp in list(self.hash.get(gfn, [])):
+        invalid, found, collisions = [], None, 0
+        for sp in list(self.buckets.get(hash_bucket(gfn), [])):
             if self._obsolete(sp):
+                continue
+            if sp.gfn != gfn:
+                collisions += 1
                 continue
             if sp.role != role:
                 if (role & 15) > 1 and sp.unsync:
@@ -284,12 +294,14 @@ class RefShadowHost:
         if found is None:
             self.st["mmu_cache_miss"] += 1
         self._commit_zap(invalid)
+        self.st["max_mmu_page_hash_collisions"] = max(self.st["max_mmu_page_hash_collisions"], collisions)
         if found is not None:
             return found
         sp = SP(gfn, role, self.valid_gen)
         self.active.append(sp)
         self.st["mmu_pages"] += 1
         self.hash.setdefault(gfn, []).insert(0, sp)
+        self.buckets.setdefault(hash_bucket(gfn), []).insert(0, sp)
         if not sp.direct:
             self._account_shadowed(sp)
         return sp
@@ -958,6 +970,7 @@ class RefShadowHost:
             self.hash[sp.gfn].remove(sp)
             if not self.hash[sp.gfn]:
                 del self.hash[sp.gfn]
+            self.buckets[hash_bucket(sp.gfn)].remove(sp)
         invalid.clear()
 
     def _zap_oldest(self, nr):
