@@ -40,7 +40,8 @@ def test_two_nodes_identical_statistics_and_a_lost_node_is_reported(cluster):
     assert dist.footprint["guest_memory"] == serial.footprint["guest_memory"]
 
     data, text, origin = load_scenario("demand_paging")
-    spec = resolve(apply_overrides(data, ["vms=2", "vcpus=2", "bytes_per_vcpu=1GiB", "passes=40"]), text, origin)
+    # a phase far longer than the second before the node goes (it ends when the node is lost, ~3 s later)
+    spec = resolve(apply_overrides(data, ["vms=2", "vcpus=2", "bytes_per_vcpu=1GiB", "passes=400"]), text, origin)
     be = RayBackend(spec, 0, split(spec, 2), address=c.address)
     assert len(set(be.nodes())) == 2                   # one shard on each node
     removed = {}
