@@ -226,15 +226,41 @@ def gm_rehash(old, ht):
 
 
 @njit(inline="always", _nrt=False)
-def gm_read64(gm, sm, vm, gpa):
-    """The 8-byte word at 8-aligned ``gpa`` (0 for a page never written or in no memslot)."""
-    k = gm_page_key(sm, vm, gpa)
-    if k < 0:
-        return np.int64(0)
-    r = gm_find(gm.hash, k)
+def gm_row_read(gm, r, gpa, size):
+    """The ``size``-byte (4 or 8) word at aligned ``gpa`` of the page in row ``r`` (-1: a page that reads as
+    zeros), zero-extended."""
     if r < 0:
         return np.int64(0)
-    return gm.page[r, (gpa >> 3) & 511]
+    w = gm.page[r, (gpa >> 3) & 511]
+    if size == 4:
+        return (w >> 32) & 0xFFFFFFFF if gpa & 4 else w & 0xFFFFFFFF
+    return w
+
+
+@njit(inline="always", _nrt=False)
+def gm_row_write(gm, r, gpa, value, size):
+    """Store the ``size``-byte (4 or 8) ``value`` at aligned ``gpa`` of the page in row ``r``."""
+    i = (gpa >> 3) & 511
+    if size == 8:
+        gm.page[r, i] = value
+        return
+    w = gm.page[r, i]
+    if gpa & 4:
+        gm.page[r, i] = (w & 0xFFFFFFFF) | (np.int64(value & 0xFFFFFFFF) << np.int64(32))
+    else:
+        gm.page[r, i] = (w & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
+
+
+@njit(inline="always", _nrt=False)
+def _gm_read(gm, sm, vm, gpa, size):
+    k = gm_page_key(sm, vm, gpa)
+    return gm_row_read(gm, gm_find(gm.hash, k) if k >= 0 else np.int64(-1), gpa, size)
+
+
+@njit(inline="always", _nrt=False)
+def gm_read64(gm, sm, vm, gpa):
+    """The 8-byte word at 8-aligned ``gpa`` (0 for a page never written or in no memslot)."""
+    return _gm_read(gm, sm, vm, gpa, 8)
 
 
 @njit(inline="always", _nrt=False)
@@ -243,20 +269,13 @@ def gm_read_group(gm, r, base, size, n, out, off):
     -1: zeros) into ``out[off:off + n]``, zero-extended: one look-up for the group (FNAME(prefetch_gpte) reads
     the 8 gptes of a prefetch group with one kvm_read_guest_atomic)."""
     for i in range(n):
-        a = base + size * i
-        w = gm.page[r, (a >> 3) & 511] if r >= 0 else np.int64(0)
-        if size == 4:
-            w = (w >> 32) & 0xFFFFFFFF if a & 4 else w & 0xFFFFFFFF
-        out[off + i] = w
+        out[off + i] = gm_row_read(gm, r, base + size * i, size)
 
 
 @njit(inline="always", _nrt=False)
 def gm_read32(gm, sm, vm, gpa):
     """The 4-byte word at 4-aligned ``gpa``, zero-extended."""
-    w = gm_read64(gm, sm, vm, gpa & ~7)
-    if gpa & 4:
-        return (w >> 32) & 0xFFFFFFFF
-    return w & 0xFFFFFFFF
+    return _gm_read(gm, sm, vm, gpa, 4)
 
 
 @njit(inline="always", _nrt=False)
@@ -264,21 +283,15 @@ def gm_write64(gm, sm, vm, gpa, value):
     """Store the word at 8-aligned ``gpa`` (nothing when no memslot maps it)."""
     k = gm_page_key(sm, vm, gpa)
     if k >= 0:
-        gm.page[gm_get_or_add(gm, k), (gpa >> 3) & 511] = value
+        gm_row_write(gm, gm_get_or_add(gm, k), gpa, value, 8)
 
 
 @njit(inline="always", _nrt=False)
 def gm_write32(gm, sm, vm, gpa, value):
+    """Store the 4-byte ``value`` at 4-aligned ``gpa`` (nothing when no memslot maps it)."""
     k = gm_page_key(sm, vm, gpa)
-    if k < 0:
-        return
-    r = gm_get_or_add(gm, k)
-    i = (gpa >> 3) & 511
-    w = gm.page[r, i]
-    if gpa & 4:
-        gm.page[r, i] = (w & 0xFFFFFFFF) | (np.int64(value & 0xFFFFFFFF) << np.int64(32))
-    else:
-        gm.page[r, i] = (w & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
+    if k >= 0:
+        gm_row_write(gm, gm_get_or_add(gm, k), gpa, value, 4)
 
 
 @njit(inline="always", _nrt=False)

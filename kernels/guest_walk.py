@@ -16,7 +16,7 @@ gptes are int64 (bit 63 = XD makes them negative); 4-byte gptes are zero-extende
 import numpy as np
 from numba import njit
 
-from .gmem import gm_find, gm_page_key, gm_slot, gm_write32, gm_write64
+from .gmem import gm_find, gm_page_key, gm_row_read, gm_row_write, gm_slot, gm_write_bytes
 from .jit import kernel
 from .state import GMH_KEY, GMH_ROW, VM_MEMSLOTS_GEN
 
@@ -345,17 +345,6 @@ def walk_table_row(gm, sm, vm, gpa, wk, level):
 
 
 @njit(inline="always", _nrt=False)
-def row_read(gm, r, gpa, size):
-    """The ``size``-byte (4 or 8) gpte at aligned ``gpa`` in guest-memory row ``r`` (-1: zeros), zero-extended."""
-    if r < 0:
-        return np.int64(0)
-    w = gm.page[r, (gpa >> 3) & 511]
-    if size == 4:
-        return (w >> 32) & 0xFFFFFFFF if gpa & 4 else w & 0xFFFFFFFF
-    return w
-
-
-@njit(inline="always", _nrt=False)
 def _walk_error(mode, pfec, errcode, wk):
     # paging_tmpl.h FNAME(walk_addr_generic), label error
     errcode |= pfec & (PFERR_WRITE | PFERR_USER)
@@ -430,7 +419,7 @@ def guest_walk(gm, sm, vm, mode, cr3, pdptrs, pkru, maxphyaddr, gva, pfec, wk):
         wk[WK_TABLE_GFN + level] = table_gfn
         wk[WK_PTE_GPA + level] = pte_gpa
         wk[WK_LEAF_LEVEL] = level
-        pte = row_read(gm, walk_table_row(gm, sm, vm, pte_gpa, wk, level), pte_gpa, 4 if four else 8)
+        pte = gm_row_read(gm, walk_table_row(gm, sm, vm, pte_gpa, wk, level), pte_gpa, 4 if four else 8)
         wk[WK_GPTE + level] = pte
         if not pte & PT_PRESENT_MASK:
             return _walk_error(mode, pfec, np.int64(0), wk)
@@ -504,20 +493,10 @@ def guest_set_ad(gm, sm, vm, wk, pfec):
             continue
         gpa = wk[WK_PTE_GPA + level]
         r = walk_table_row(gm, sm, vm, gpa, wk, level)   # the walk just read it there
-        i = (gpa >> 3) & 511
-        if r < 0:   # (a gpte read as 0 is not present: the walk would have stopped there)
-            if wk[WK_GPTE_SIZE] == 4:
-                gm_write32(gm, sm, vm, gpa, new)
-            else:
-                gm_write64(gm, sm, vm, gpa, new)
-        elif wk[WK_GPTE_SIZE] == 4:
-            w = gm.page[r, i]
-            if gpa & 4:
-                gm.page[r, i] = (w & 0xFFFFFFFF) | (np.int64(new & 0xFFFFFFFF) << np.int64(32))
-            else:
-                gm.page[r, i] = (w & ~0xFFFFFFFF) | (new & 0xFFFFFFFF)
-        else:
-            gm.page[r, i] = new
+        if r >= 0:
+            gm_row_write(gm, r, gpa, new, wk[WK_GPTE_SIZE])
+        else:   # (not reached: a gpte read as 0 is not present, the walk stopped there)
+            gm_write_bytes(gm, sm, vm, gpa, new, wk[WK_GPTE_SIZE])
         wk[WK_GPTE + level] = new
         changed |= np.int64(1) << np.int64(level)
     return changed

@@ -267,9 +267,11 @@ def find_shadow_page(m, vm, vg, gfn, role, mode, maxphyaddr):
     collisions = 0
     while row >= 0:
         nxt = m.pa.meta[row, SP_HNEXT]
-        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] != gfn:
+        if not sp_valid(m, vm, row):
+            pass
+        elif pa.meta[row, SP_GFN] != gfn:
             collisions += 1
-        elif sp_valid(m, vm, row):
+        else:
             if pa.meta[row, SP_ROLE] != role:
                 # the guest reuses an unsync page as an upper-level table: zap it
                 if role_level(role) > 1 and m.pa.meta[row, SP_UNSYNC]:
