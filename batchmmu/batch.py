@@ -198,7 +198,7 @@ class Batches:
         def grow(i):   # the page arena sized from the events left, not doubled
             self.arena.grow_pages_for(tdp_rows_bound(self.vt, self.st, self.nrec, self.nvm, vm_a[i:]))
 
-        self._resume(n, lambda i: access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
+        self._resume(n, lambda i: access_batch(self.pa, self.vt, self.st, self.ct, self.sh, self.host_ctl, vm_a, vcpu_a,
                                                addr_a, kind_a, i, out, err),
                      fail, grow=grow, oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(addr_a[i]))
         if perm is not None:
@@ -215,8 +215,8 @@ class Batches:
         err = np.zeros(n, np.int64)
         nxt, ran = self._sched(vm_a, vcpu_a)
         self._last_ran = ran
-        self._resume(n, lambda i: timed_access_batch(self.pa, self.vt, self.st, self.ct, self.host_ctl, vm_a, vcpu_a,
-                                                     addr_a, kind_a, out, err, self._tm, nxt, ran),
+        self._resume(n, lambda i: timed_access_batch(self.pa, self.vt, self.st, self.ct, self.sh, self.host_ctl, vm_a,
+                                                     vcpu_a, addr_a, kind_a, out, err, self._tm, nxt, ran),
                      lambda i: self._budget_exhausted(int(vm_a[i]), f"gpa {int(addr_a[i]):#x}", ran.astype(bool),
                                                       " (err.applied says which)", out, err),
                      oom_vm=lambda i: int(vm_a[i]), oom_gpa=lambda i: int(addr_a[i]))
@@ -289,7 +289,8 @@ class Batches:
             val = np.full(vm_a.size, val[0], np.uint64)
         if val.size != vm_a.size:
             raise bad("value", f"length {val.size}", "must match the addresses")
-        if np.any(self._mmu_kind[vm_a] != S.MMU_TDP) or self._guest_paging_on(vm_a, vcpu_a).any():
+        if np.any(self._mmu_kind[vm_a] != S.MMU_TDP) or np.any(self._nested[vm_a]) or \
+                self._guest_paging_on(vm_a, vcpu_a).any():
             return self._shadow_store(vm_a, vcpu_a, addr_a, kind_a, val.view(np.int64))
         # A host out-of-memory stop keeps what ran: the stores that completed get their values written and
         # err.applied names them; a page-crossing store whose second page was not backed wrote nothing.

@@ -149,7 +149,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
         picks the TDP MMU (True) or the legacy one (False: the shadow MMU's code with direct pages) for these
         VMs; it means nothing for ``mmu="shadow"`` (KVM ignores kvm.tdp_mmu without TDP).  ``nested=True`` offers
         VMX (an EPT VM) or SVM (an NPT VM) to the guest, which may then run L2 guests (``nested_enter``;
-        docs/nested.md): for now on the legacy TDP MMU (``tdp_mmu=False``) of a Host without PML.
+        docs/nested.md), on either TDP MMU of a Host without PML.
         """
         count = A.exact_int(count, "count", 1, A.I64_MAX, why="must be a positive integer")
         size = parse_size(memory, "memory")
@@ -170,9 +170,6 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
             if tdp_format == "npt" and tdp_levels != 4:
                 raise bad("tdp_levels", tdp_levels, "nested NPT under a 4-level L1 on 5-level NPT (passthrough "
                           "roots) is not modelled: use tdp_levels=4")
-            if kind == S.MMU_TDP:
-                raise bad("nested", nested, "nested EPT is modelled on the legacy TDP MMU for now: pass "
-                          "tdp_mmu=False (docs/nested.md)")
             if self.cfg[S.CFG_PML]:
                 raise bad("nested", nested, "nested EPT with PML (write-protected guest_mode SPTEs) is not "
                           "modelled yet: use a Host(pml=False)")
@@ -307,9 +304,10 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
             live = np.nonzero(st.vm[:self.nrec] >= 0)[0]
         else:
             live = np.array(sorted(r for _, r in self._slot_rec.of_vm(int(vms[0]))), np.int64)
-        shadow_vms = vms[self._mmu_kind[vms] != S.MMU_TDP]   # the shadow MMU's pages: shadow paging, legacy TDP
+        # the shadow MMU code's pages and rmaps: shadow paging, legacy TDP, a TDP-MMU VM's guest_mmu
+        shadow_vms = np.array([v for v in vms if self._rmaps(int(v))], np.int64)
         pages = int(self.vt.stats[vms, S.ST_MMU_PAGES].sum())
-        spages = int(self.vt.stats[shadow_vms, S.ST_MMU_PAGES].sum())
+        spages = int(self.vt.n_used[vms].sum())
         counts = np.zeros(5, np.int64)
         if shadow_vms.size:
             self._paging_topup()

@@ -268,32 +268,32 @@ class Memslots:
                 self._flush_remote_tlbs(vm)
             return
         base, n = int(st.base_gfn[rec]), int(st.npages[rec])
-        if self._rmaps(vm):
-            m = self._mmu_bundle()
-            if not logging_on:
-                if SK.shadow_zap_collapsible(m, vm, rec):
-                    self._flush_remote_tlbs(vm)
-            elif not self._initially_set(vm):
-                if self.cfg[S.CFG_PML] and self._mmu_kind[vm] == S.MMU_LEGACY:
-                    SK.shadow_slot_leaf_clear_dirty(m, vm, rec)   # kvm_mmu_slot_leaf_clear_dirty
-                    SK.shadow_slot_wrprot(m, vm, rec, 2)
-                else:
-                    SK.shadow_slot_wrprot(m, vm, rec, 1)  # kvm_mmu_slot_remove_write_access
+        # the shadow MMU code's pages (rmaps) first, then the TDP MMU's, as KVM orders them; a TDP-MMU VM running
+        # nested EPT / NPT has both
+        rmaps, tdp = self._rmaps(vm), self._tdp_mmu(vm)
+        m = self._mmu_bundle() if rmaps else None
+        if not logging_on:   # kvm_mmu_recover_huge_pages (kvm_mmu_zap_collapsible_sptes before v6.13)
+            if rmaps and SK.shadow_zap_collapsible(m, vm, rec):
                 self._flush_remote_tlbs(vm)
-            return
-        if not logging_on:
-            if tdp_recover_huge_pages(self.pa, self.vt, self.st, self.cfg, vm, rec):
+            if tdp and tdp_recover_huge_pages(self.pa, self.vt, self.st, self.cfg, vm, rec):
                 self._flush_remote_tlbs(vm)  # kvm_flush_remote_tlbs_memslot
             return
         if self._initially_set(vm):
             return  # everything counts as dirty; pages are protected at CLEAR time
-        if self.cfg[S.CFG_EAGER_SPLIT]:
-            self._split_huge(vm, base, base + n)  # kvm_mmu_slot_try_split_huge_pages
-        if self.cfg[S.CFG_PML]:
-            tdp_clear_dirty_gfn_range(self.pa, self.vt, vm, base, base + n)  # kvm_mmu_slot_leaf_clear_dirty
-            tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, 2)
+        if tdp and self.cfg[S.CFG_EAGER_SPLIT]:
+            self._split_huge(vm, base, base + n)  # kvm_mmu_slot_try_split_huge_pages (the TDP MMU only)
+        if self.cfg[S.CFG_PML] and self._mmu_kind[vm] != S.MMU_SHADOW:
+            if rmaps:
+                SK.shadow_slot_leaf_clear_dirty(m, vm, rec)   # kvm_mmu_slot_leaf_clear_dirty
+            if tdp:
+                tdp_clear_dirty_gfn_range(self.pa, self.vt, vm, base, base + n)
+            level = 2
         else:
-            tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, 1)
+            level = 1
+        if rmaps:
+            SK.shadow_slot_wrprot(m, vm, rec, level)  # kvm_mmu_slot_remove_write_access
+        if tdp:
+            tdp_wrprot_gfn_range(self.pa, self.vt, vm, base, base + n, level)
         self._flush_remote_tlbs(vm)  # "unconditionally flush the TLBs after enabling"
 
     def memslots(self, vm):
@@ -367,7 +367,7 @@ class Memslots:
         # Each address space has its own generation (AS0 even, AS1 odd); vCPUs here run in AS0.
         gen = (int(self.vt.memslots_gen[vm]) if as_id == 0 else int(self._gen_as1[vm])) + GEN_STEP
         if (gen & int(MMIO_SPTE_GEN_MASK)) & ~(KVM_ADDRESS_SPACE_NUM - 1) == 0:
-            tdp_mmu_zap_all(self.pa, self.vt, vm)
+            self._zap_all(vm)   # kvm_mmu_invalidate_mmio_sptes: kvm_mmu_zap_all_fast at the wrap
         if as_id == 0:
             self.vt.memslots_gen[vm] = gen
         else:
@@ -408,5 +408,5 @@ class Memslots:
         """kvm_arch_flush_shadow_memslot: the fast zap of every MMU page of the VM."""
         if self._rmaps(vm):
             SK.shadow_zap_all_fast(self._mmu_bundle(), vm)
-        else:
+        if self._tdp_mmu(vm):
             tdp_mmu_zap_all(self.pa, self.vt, vm)

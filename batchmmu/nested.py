@@ -101,6 +101,10 @@ class Nested:
             raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} is already running L2 (VMLAUNCH in guest mode exits "
                       "to L1; call nested_exit first)")
         pgd = eptp if eptp is not None else ncr3
+        if pgd is None and self._tdp_mmu(vm):
+            raise bad("eptp" if not svm else "ncr3", None, f"VM {vm} is on the TDP MMU: an L2 without nested paging "
+                      "runs on a second TDP MMU root (role.guest_mode), which is not modelled; give "
+                      f"{'ncr3' if svm else 'eptp'} or create the VM with tdp_mmu=False")
         if pgd is not None:
             self._first_shadow_root_alloc(vm)   # (allocations first: a refusal leaves the vCPU in L1)
         self.arena.topup_shadow()

@@ -35,9 +35,10 @@ class Notifiers:
                 vt.inval_start[vm] = min(int(vt.inval_start[vm]), g0)
                 vt.inval_end[vm] = max(int(vt.inval_end[vm]), g1)
             if int(self.st.slot_id[rec]) >> 16 == 0:
+                # kvm_unmap_gfn_range: the rmaps (shadow paging, legacy TDP, guest_mmu), then the TDP MMU
                 if self._rmaps(vm):
-                    zapped += int(SK.shadow_zap_gfn_range(self._mmu_bundle(), vm, rec, g0, g1))  # kvm_unmap_gfn_range
-                else:
+                    zapped += int(SK.shadow_zap_gfn_range(self._mmu_bundle(), vm, rec, g0, g1))
+                if self._tdp_mmu(vm):
                     zapped += int(tdp_zap_leafs(self.pa, self.vt, vm, g0, g1))
         if zapped:
             self._flush_remote_tlbs(vm)
@@ -107,7 +108,7 @@ class Notifiers:
             part = np.zeros(g1 - g0, np.int64)   # (int64: the young maps of every aging kernel)
             if self._rmaps(vm):
                 flush |= bool(SK.shadow_age_gfn_range(self._mmu_bundle(), vm, rec, g0, g1, clear, part))
-            else:
+            if self._tdp_mmu(vm):
                 flush |= bool(tdp_age_range(self.pa, self.vt, vm, g0, g1, clear, part))
             off = (hva0 - start) >> 12
             lo = max(0, -off)

@@ -82,8 +82,13 @@ class GuestPaging:
         return nv_old
 
     def _rmaps(self, vm):
-        """kvm_memslots_have_rmaps: the shadow MMU's code builds the VM's tables (shadow paging, legacy TDP)."""
-        return self._mmu_kind[vm] != S.MMU_TDP
+        """kvm_memslots_have_rmaps: the shadow MMU's code builds the VM's tables (shadow paging, legacy TDP), or a
+        TDP-MMU VM has made its first shadow root (nested EPT / NPT: shadow_root_allocated)."""
+        return self._mmu_kind[vm] != S.MMU_TDP or bool(self._write_tracking[vm])
+
+    def _tdp_mmu(self, vm):
+        """The TDP MMU builds the VM's own (L1) tables: host-side operations walk its roots (tdp_mmu_enabled)."""
+        return self._mmu_kind[vm] == S.MMU_TDP
 
     def _paging_new_records(self, first, k):
         """Rmap heads and write-track counts for new memslot records of rmap VMs (kvm_alloc_memslot_metadata)."""
@@ -95,26 +100,49 @@ class GuestPaging:
             vm = int(st.vm[rec])
             if not self._rmaps(vm):
                 continue
-            base, n = int(st.base_gfn[rec]), int(st.npages[rec])
-            for level in (1, 2, 3):
-                shift = 9 * (level - 1)
-                cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
-                st.rmap_off[rec, level - 1] = self.arena.alloc("rmap", cnt, fill=(-1, 0))  # RM_HEAD, RM_COUNT
+            self._alloc_rmaps(rec)
             if self._mmu_kind[vm] == S.MMU_SHADOW or self._write_tracking[vm]:
-                # kvm_page_track_write_tracking_enabled: with TDP (the legacy MMU) only once a shadow root exists
-                st.wtrack_off[rec] = self.arena.alloc("wtrack", n, fill=0)
+                # kvm_page_track_write_tracking_enabled: with TDP only once a shadow root exists
+                st.wtrack_off[rec] = self.arena.alloc("wtrack", int(st.npages[rec]), fill=0)
+
+    def _rmap_heads(self, rec):
+        base, n = int(self.st.base_gfn[rec]), int(self.st.npages[rec])
+        return sum(((base + n - 1) >> s) - (base >> s) + 1 for s in (0, 9, 18))
+
+    def _alloc_rmaps(self, rec):
+        """memslot_rmap_alloc: rmap heads of a memslot record at 4K, 2M and 1G."""
+        st = self.st
+        base, n = int(st.base_gfn[rec]), int(st.npages[rec])
+        for level in (1, 2, 3):
+            shift = 9 * (level - 1)
+            cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
+            st.rmap_off[rec, level - 1] = self.arena.alloc("rmap", cnt, fill=(-1, 0))  # RM_HEAD, RM_COUNT
 
     def _first_shadow_root_alloc(self, vm):
-        """mmu_first_shadow_root_alloc for a TDP VM whose guest_mmu gets its first root (nested EPT): the
-        gfn_write_track arrays of every memslot (the rmaps exist already on the legacy TDP MMU)."""
+        """mmu_first_shadow_root_alloc for a TDP VM whose guest_mmu gets its first root (nested EPT / NPT): the
+        gfn_write_track arrays of every memslot and, on the TDP MMU, their rmaps (the legacy TDP MMU has them
+        already); from then on kvm_memslots_have_rmaps and host-side operations walk both MMUs."""
         if self._write_tracking[vm]:
             return
         st = self.st
         recs = [rec for _, rec in self._slot_rec.of_vm(vm)]
-        A.check_alloc(2 * sum(int(st.npages[r]) for r in recs), "vm", vm, f"write tracking of VM {vm}'s memslots")
+        tdp = self._tdp_mmu(vm)
+        need = 2 * sum(int(st.npages[r]) for r in recs)
+        if tdp:
+            need += 8 * S.KVM_MMU_HASH_SIZE + 16 * sum(self._rmap_heads(r) for r in recs)
+        A.check_alloc(need, "vm", vm, f"write tracking{' and rmaps' if tdp else ''} of VM {vm}'s memslots")
+        if tdp:   # mmu_page_hash (in struct kvm_arch: no allocation in KVM, a simulator arena here)
+            self.vt.hash_off[vm] = self.arena.alloc("hash", S.KVM_MMU_HASH_SIZE, fill=-1)
         for rec in recs:
+            if tdp:
+                self._alloc_rmaps(rec)   # memslot_rmap_alloc
             st.wtrack_off[rec] = self.arena.alloc("wtrack", int(st.npages[rec]), fill=0)
         self._write_tracking[vm] = 1
+        if tdp:   # n_max_mmu_pages, set at memslot commit or KVM_SET_NR_MMU_PAGES, matters from now on
+            if self._nr_requested.get(vm):
+                K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, int(self._nr_requested[vm]))
+            else:
+                self._default_mmu_pages(vm)
 
     def _paging_topup(self):
         """mmu_topup_memory_caches for a batch: rows, links, rmap nodes, guest-memory pages."""
@@ -161,10 +189,9 @@ class GuestPaging:
             K.kvm_mmu_change_mmu_pages(self._mmu_bundle(), vm, int(n))
 
     def shrink_count(self):
-        """mmu_shrink_count: shadow-MMU pages (shadow paging, legacy TDP) in use over all VMs (TDP MMU pages
-        are not counted)."""
-        shadow = np.nonzero(self._mmu_kind[:self.nvm] != S.MMU_TDP)[0]
-        return int(self.vt.stats[shadow, S.ST_MMU_PAGES].sum())
+        """mmu_shrink_count: shadow-MMU pages (shadow paging, legacy TDP, nested EPT/NPT's guest_mmu) in use over
+        all VMs (n_used_mmu_pages: TDP MMU pages are not counted)."""
+        return int(self.vt.n_used[:self.nvm].sum())
 
     def shrink(self, nr_to_scan, mode="zap"):
         """The MMU shrinker.  ``mode="zap"`` (KVM up to v6.9, mmu_shrink_scan): the first VM on
@@ -178,7 +205,7 @@ class GuestPaging:
             return 0
         order = self._vm_list()
         for k, vm in enumerate(order[:nr_to_scan]):
-            if not self._rmaps(vm) or self.vt.stats[vm, S.ST_MMU_PAGES] == 0:
+            if not self._rmaps(vm) or self.vt.n_used[vm] == 0:
                 continue
             freed = int(K.zap_oldest_mmu_pages(self._mmu_bundle(), vm, int(nr_to_scan)))
             self._vm_order = [v for v in order if v != vm] + [vm]  # list_move_tail
@@ -279,9 +306,9 @@ class GuestPaging:
 
     # ------------------------------------------------------------------ TDP with guest paging (2D walks)
     def _any_tdp2d_vm(self):
-        """Whether some VM could take the 2D kernel: a legacy-TDP VM, or a TDP VM with a paging vCPU."""
+        """Whether some VM could take the 2D kernel: a legacy-TDP or nested VM, or a TDP VM with a paging vCPU."""
         kind = self._mmu_kind[:self.nvm]
-        if (kind == S.MMU_LEGACY).any():
+        if (kind == S.MMU_LEGACY).any() or self._nested[:self.nvm].any():
             return True
         off, cnt = self.vt.vcpu_off[:self.nvm], self._vcpus[:self.nvm]
         pg = np.concatenate(([0], np.cumsum((self.vr.cr0[:int((off + cnt).max(initial=0))] & int(X86_CR0_PG)) != 0)))
@@ -294,8 +321,10 @@ class GuestPaging:
             return ~shadow
         if vm_a.size >= self.nvm and not self._any_tdp2d_vm():   # a check per VM costs less than per event
             return np.zeros(vm_a.size, bool)
-        # and every event of a legacy-TDP VM (its faults are there, whatever the guest's paging)
-        pg = ~shadow & (self._guest_paging_on(vm_a, vcpu_a) | (self._mmu_kind[vm_a] == S.MMU_LEGACY))
+        # and every event of a legacy-TDP VM or a nested one (their faults are there, whatever the guest's paging:
+        # the shadow MMU's code, an L2, the emulation of writes to write-tracked tables)
+        pg = ~shadow & (self._guest_paging_on(vm_a, vcpu_a) | (self._mmu_kind[vm_a] == S.MMU_LEGACY)
+                        | (self._nested[vm_a] != 0))
         if not pg.any():
             return pg
         return np.isin(vm_a, np.unique(vm_a[pg]))
@@ -313,10 +342,10 @@ class GuestPaging:
             raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
                       "(the vCPU has paging off)")
         res = result_record(n)
-        legacy = bool(np.any(self._mmu_kind[vm_a] == S.MMU_LEGACY))
+        legacy = bool(np.any(self._mmu_kind[vm_a] == S.MMU_LEGACY) or np.any(self._nested[vm_a]))
         def topup():
-            # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores; the legacy
-            # TDP MMU's links and rmap nodes
+            # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores; the shadow MMU
+            # code's links and rmap nodes (the legacy TDP MMU, guest_mmu)
             if self.pa.ctl[S.CTL_FREE_TOP] < 4 * S.MAX_ROWS_PER_EVENT:
                 self.arena.grow_pages(max(4 * S.MAX_ROWS_PER_EVENT, self.pa.spt.shape[0]))
             if legacy:

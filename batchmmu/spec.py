@@ -365,9 +365,9 @@ def resolve(data, text="", origin="<dict>", used=None):
     for g in groups:
         _check_keys("vm_group", g, text, origin)
         _check_group(g)
-        if g.get("nested") and group_mmu(r, g) != "legacy":
-            raise BatchMMUError("vm_group.nested=true: nested EPT/NPT runs on the legacy TDP MMU for now "
-                                "(set tdp_mmu=false; docs/nested.md)", field="vm_group.nested", value=True)
+        if g.get("nested") and group_mmu(r, g) == "shadow":
+            raise BatchMMUError("vm_group.nested=true: KVM offers nested EPT/NPT only on a TDP host (mmu = \"tdp\")",
+                                field="vm_group.nested", value=True)
         if g.get("nested") and g.get("l2", "identity") == "identity" and g.get("tdp_format", "ept") != "ept":
             raise BatchMMUError("vm_group.nested=true with l2=\"identity\" (memstress -n): an L2 on an identity "
                                 "EPT12, so an EPT VM; an NPT VM takes l2=\"none\"", field="vm_group.l2",

@@ -230,7 +230,7 @@ def enable_log_dirty_pt_masked(pa, vt, st, cfg, vm, rec, gfn_offset, mask):
         if cfg[CFG_EAGER_SPLIT]:
             tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end + 1, 1)
         tdp_write_protect_gfn(pa, vt, vm, start, 2)
-        if (start >> 9) != (end >> 9):  # the mask straddles two 2M pages
+        if (start + 511) >> 9 != (end + 511) >> 9:  # "Cross two large pages?": ALIGN(start) != ALIGN(end)
             tdp_write_protect_gfn(pa, vt, vm, end, 2)
     tdp_clear_dirty_pt_masked(pa, vt, vm, base, mask, cfg[CFG_PML] == 0)
 

@@ -24,6 +24,8 @@ from .memslot import (
     slot_readonly,
 )
 from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS
+from .paging_tmpl import try_to_unsync_pages
+from .shadow_mmu import write_tracked
 from .spte import (
     FMT_EPT,
     KVM_MAX_HUGEPAGE_LEVEL,
@@ -83,6 +85,7 @@ from .state import (
     VM_AD_DISABLED,
     VM_DIRTY_MODE,
     VM_FMT,
+    VM_HASH_OFF,
     VM_INVAL_COUNT,
     VM_INVAL_END,
     VM_INVAL_START,
@@ -217,9 +220,12 @@ def fast_page_fault(pa, st, ct, vcpu_g, fmt, root, root_level, gfn, rec, present
 
 
 @njit(inline="always", _nrt=False)
-def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
-    """kvm_tdp_mmu_page_fault: fast path, faultin, hugepage adjust, map."""
+def kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
+    """kvm_tdp_mmu_page_fault: page tracking, fast path, faultin, hugepage adjust, map.  ``sh`` is the shadow
+    MMU's state: a VM running nested EPT / NPT write-tracks L1's EPT12 / NPT12 tables and unsyncs their pages."""
     ad_enabled_vm = vt.rec[vm, VM_AD_DISABLED] == 0
+    if present and write and not rsvd and write_tracked(st, sh, rec, gfn):
+        return RET_PF_EMULATE   # page_fault_handle_page_track (RET_PF_WRITE_PROTECTED since v6.12)
     if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
         r = fast_page_fault(pa, st, ct, vcpu_g, fmt, vt.rec[vm, VM_ROOT], vt.rec[vm, VM_LEVELS], gfn, rec, present,
                             write, fetch, ad_enabled_vm)
@@ -253,9 +259,15 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, rec, pres
             req_level = invalidation_clamp_level(vt, vm, gfn, kvm_mmu_max_mapping_level(st, rec, gfn, max_level))
             if req_level > 1 and not huge_page_disallowed:
                 goal_level = req_level
+    # make_spte's mmu_try_to_unsync_pages, asked before the walk down: a writable SPTE for a gfn guest_mmu (nested
+    # EPT / NPT) shadows unsyncs its last-level pages, or stays write-protected if it is write-tracked.  Exact
+    # before the walk: such a gfn never has a writable SPTE, or a huge one over it (disallow_lpage), to skip it
+    wrprot = map_writable and vt.rec[vm, VM_HASH_OFF] >= 0 and \
+        try_to_unsync_pages(pa, vt, st, sh, vm, rec, gfn, False, False) != 0
     # one call site: the map tree is inlined once
-    return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
-                           huge_page_disallowed, nx_huge_pages, mmio_caching, write, host[CFG_SPLIT_ON_FAULT] != 0)
+    return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level,
+                           req_level, huge_page_disallowed, nx_huge_pages, mmio_caching, write,
+                           host[CFG_SPLIT_ON_FAULT] != 0)
 
 
 @njit(inline="always", _nrt=False)
@@ -295,7 +307,7 @@ MAX_EXITS_PER_ACCESS = 4
 
 
 @njit(inline="always", _nrt=False)
-def kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
+def kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
     """TDP exits of one access (EPT violation / misconfiguration, #NPF): kvm_mmu_page_fault, then
     the guest re-executes the access, which may exit again (a fault fixed for the access KVM saw
     is not always enough for the access the guest made).
@@ -324,7 +336,7 @@ def kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, re
         stats[vm, ST_WALK_REFS] += refs
         stats[vm, ST_PF_TAKEN] += 1
         present = (err & PFERR_PRESENT_MASK) != 0
-        r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, rec, present,
+        r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, rec, present,
                                    (err & PFERR_RSVD_MASK) != 0, (err & PFERR_WRITE_MASK) != 0,
                                    (err & PFERR_FETCH_MASK) != 0)
         if r == RET_PF_RETRY:
@@ -351,8 +363,9 @@ def _flush_pending(stats, vm, n_acc, n_refs):
 
 
 @kernel
-def access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, start, out_outcome, out_err):
-    """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*)."""
+def access_batch(pa, vt, st, ct, sh, host, ev_vm, ev_vcpu, ev_addr, ev_kind, start, out_outcome, out_err):
+    """Run accesses ev[start:] for paging-off vCPUs under TDP.  Returns (next_event, STOP_*).  (A VM running
+    nested EPT / NPT takes kernels/tdp2d.py, whose exits emulate the writes to write-tracked tables.)"""
     n = ev_vm.shape[0]
     # Hot arrays as locals: helpers that take whole bundles pay reference counting per call.
     spt, ctl, stats = pa.spt, pa.ctl, vt.stats
@@ -412,7 +425,7 @@ def access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, start, 
         pend_vm, pend_acc, pend_refs = -1, 0, 0
         memo_vm = -1
         # An exit: EPT violation / misconfig, or #NPF.
-        outcome, err = kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs,
+        outcome, err = kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs,
                                        spte)
         if outcome < 0:
             return i, STOP_HOST_OOM  # nothing applied for this event; pending stats flushed above

@@ -95,7 +95,6 @@ from .state import (
     MAX_RN_PER_EVENT,
     MAX_ROWS_PER_EVENT,
     MMU_LEGACY,
-    MMU_TDP,
     OUT_EMULATED,
     OUT_FIXED,
     OUT_MMIO,
@@ -113,6 +112,7 @@ from .state import (
     SP_UNSYNC,
     SP_UNSYNC_CHILDREN,
     SPF_NX_TRACKED,
+    SPF_TDP_MMU,
     ST_NX_LPAGE_RECOVERED,
     ST_PF_FAST,
     ST_PF_RETRY,
@@ -375,16 +375,22 @@ def vcpu_enter(m, vm, vg, mode, maxphyaddr):
         kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
 
 
+@helper
+def free_obsolete_alt_roots(m, vm, vg):
+    """KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for the MMU a vCPU is not on (guest_mmu's roots while L1 runs)."""
+    if m.vr.rec[vg, VR_ALT_ROOT] >= 0 or m.vr.rec[vg, VR_ALT_ROOT + (VR_PREV_ROOT - VR_ROOT)] >= 0:
+        swap_mmu_roots(m.vr, vg)
+        free_obsolete_roots(m, vm, vg)
+        swap_mmu_roots(m.vr, vg)
+
+
 @kernel
 def vcpu_reenter(m, vm, vg, mode, maxphyaddr):
     """vcpu_enter_guest after an exit: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (obsolete current and previous
     roots are put, of both MMUs of a vCPU that has run an L2 on nested paging), then kvm_mmu_reload (a root is
     loaded only when there is none)."""
     free_obsolete_roots(m, vm, vg)
-    if m.vr.rec[vg, VR_ALT_ROOT] >= 0 or m.vr.rec[vg, VR_ALT_ROOT + (VR_PREV_ROOT - VR_ROOT)] >= 0:
-        swap_mmu_roots(m.vr, vg)
-        free_obsolete_roots(m, vm, vg)
-        swap_mmu_roots(m.vr, vg)
+    free_obsolete_alt_roots(m, vm, vg)
     if m.vr.rec[vg, VR_ROOT] == -1:
         kvm_mmu_load(m, vm, vg, mode, maxphyaddr)
 
@@ -572,7 +578,7 @@ def recover_nx_huge_pages(m, vm, rows, to_zap):
         if rec >= 0 and slot_dirty_logging(m.st, rec):
             unaccount_nx_huge_page(m.pa, m.vt, vm, row)
             continue
-        if m.vt.rec[vm, VM_MMU] == MMU_TDP:
+        if m.pa.meta[row, SP_FLAGS] & SPF_TDP_MMU:
             tdp_set_spte(m.pa, m.vt, vm, m.pa.meta[row, SP_PARENT], m.pa.meta[row, SP_PARENT_INDEX],
                          m.pa.meta[row, SP_LEVEL] + 1, SHADOW_NONPRESENT_VALUE)
             tdp_flush = True

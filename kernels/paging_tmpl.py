@@ -81,6 +81,7 @@ from .shadow_mmu import (
     mmu_spte_set,
     mmu_spte_update,
     mmu_unsync_walk,
+    page_valid,
     prepare_zap_page,
     rmap_add,
     rmap_write_protect_gfn,
@@ -92,6 +93,7 @@ from .shadow_mmu import (
     sp_has_gptes,
     sp_valid,
     walk_start,
+    write_tracked,
 )
 from .spte import (
     ACC_EXEC_MASK,
@@ -326,7 +328,7 @@ def link_shadow_page(m, vm, prow, pidx, child):
             c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
             m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0:
-                mark_parents_unsync(m, prow)
+                mark_parents_unsync(m.pa, m.sh, prow)
 
 
 @njit(inline="always", _nrt=False)
@@ -369,25 +371,30 @@ def disallowed_hugepage_adjust(m, spte, level, goal_level):
 
 @njit(inline="always", _nrt=False)
 def mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):
-    """mmu_try_to_unsync_pages: 0 = may be writable; 1 = must stay write-protected."""
-    if gfn_write_tracked(m, rec, gfn):
+    return try_to_unsync_pages(m.pa, m.vt, m.st, m.sh, vm, rec, gfn, synchronizing, prefetch)
+
+
+@njit(inline="always", _nrt=False)
+def try_to_unsync_pages(pa, vt, st, sh, vm, rec, gfn, synchronizing, prefetch):
+    """mmu_try_to_unsync_pages (also the TDP MMU's make_spte's, kernels/fault.py): 0 = may be writable; 1 = must
+    stay write-protected."""
+    if write_tracked(st, sh, rec, gfn):
         return 1
-    if m.vt.rec[vm, VM_INDIRECT] == 0:
+    if vt.rec[vm, VM_INDIRECT] == 0:
         return 0   # no page with gptes anywhere (the legacy TDP MMU): the bucket holds none
-    sh, pa = m.sh, m.pa
-    row = sh.hash[m.vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
+    row = sh.hash[vt.rec[vm, VM_HASH_OFF] + hash_bucket(gfn)]
     while row >= 0:
-        if sp_valid(m, vm, row) and pa.meta[row, SP_GFN] == gfn and sp_has_gptes(pa.meta[row, SP_ROLE]):
+        if page_valid(pa, vt, vm, row) and pa.meta[row, SP_GFN] == gfn and sp_has_gptes(pa.meta[row, SP_ROLE]):
             if synchronizing:
                 return 1
-            if not m.pa.meta[row, SP_UNSYNC]:
+            if not pa.meta[row, SP_UNSYNC]:
                 if prefetch:
                     return 1
                 # kvm_unsync_page
-                m.vt.stats[vm, ST_MMU_UNSYNC] += 1
-                m.pa.meta[row, SP_UNSYNC] = 1
-                mark_parents_unsync(m, row)
-        row = m.pa.meta[row, SP_HNEXT]
+                vt.stats[vm, ST_MMU_UNSYNC] += 1
+                pa.meta[row, SP_UNSYNC] = 1
+                mark_parents_unsync(pa, sh, row)
+        row = pa.meta[row, SP_HNEXT]
     return 0
 
 

@@ -13,6 +13,7 @@ from numba import njit
 from .jit import kernel
 from .memslot import host_pfn_mapping_level
 from .notifier import tdp_age_range, tdp_zap_leafs
+from .shadow_mmu import memslots_have_rmaps
 from .slot_rmap import shadow_age_gfn_range, shadow_zap_gfn_range
 from .state import (
     BACKING_HUGETLB_1G,
@@ -108,18 +109,24 @@ def _next_resident(st, off, p, n):
 
 @njit(inline="always", _nrt=False)
 def _age_range(m, vm, rec, g0, g1, young):
-    # kvm_age_gfn for [g0, g1) of slot rec: the TDP MMU's walk, or the rmaps (shadow paging, legacy TDP)
+    # kvm_age_gfn for [g0, g1) of slot rec: the rmaps (shadow paging, legacy TDP, guest_mmu), then the TDP MMU
+    y = False
+    if memslots_have_rmaps(m.vt, vm):
+        y = shadow_age_gfn_range(m, vm, rec, g0, g1, np.bool_(True), young)
     if m.vt.rec[vm, VM_MMU] == MMU_TDP:
-        return tdp_age_range(m.pa, m.vt, vm, g0, g1, np.bool_(True), young)
-    return shadow_age_gfn_range(m, vm, rec, g0, g1, np.bool_(True), young)
+        y |= tdp_age_range(m.pa, m.vt, vm, g0, g1, np.bool_(True), young)
+    return y
 
 
 @njit(inline="always", _nrt=False)
 def _zap_range(m, vm, rec, g0, g1):
     # kvm_unmap_gfn_range for [g0, g1) of slot rec: SPTEs zapped
+    n = 0
+    if memslots_have_rmaps(m.vt, vm):
+        n = shadow_zap_gfn_range(m, vm, rec, g0, g1)
     if m.vt.rec[vm, VM_MMU] == MMU_TDP:
-        return tdp_zap_leafs(m.pa, m.vt, vm, g0, g1)
-    return shadow_zap_gfn_range(m, vm, rec, g0, g1)
+        n += tdp_zap_leafs(m.pa, m.vt, vm, g0, g1)
+    return n
 
 
 @njit(inline="always", _nrt=False)

@@ -11,6 +11,7 @@ invalidations.
 import numpy as np
 from numba import njit
 
+from .dirty import tdp_write_protect_gfn
 from .gmem import gm_read32, gm_read64
 from .jit import helper, kernel
 from .memslot import (
@@ -51,6 +52,7 @@ from .spte import (
 from .state import (
     CTL_FREE_TOP,
     CTL_USED,
+    MMU_TDP,
     RM_HEAD,
     SL_BASE_GFN,
     SL_LPAGE_OFF,
@@ -87,7 +89,9 @@ from .state import (
     VM_FMT,
     VM_HASH_OFF,
     VM_INDIRECT,
+    VM_MMU,
     VM_N_MAX,
+    VM_N_USED,
     VM_VALID_GEN,
     VR_PAE_ROOT,
     VR_ROOT,
@@ -111,8 +115,20 @@ def sp_has_gptes(role):
 
 @njit(inline="always", _nrt=False)
 def sp_valid(m, vm, row):
+    return page_valid(m.pa, m.vt, vm, row)
+
+
+@njit(inline="always", _nrt=False)
+def memslots_have_rmaps(vt, vm):
+    # kvm_memslots_have_rmaps: the shadow MMU's code has pages here (the hash exists: shadow paging, legacy TDP,
+    # or a TDP-MMU VM's first guest_mmu root, mmu_first_shadow_root_alloc)
+    return vt.rec[vm, VM_HASH_OFF] >= 0
+
+
+@njit(inline="always", _nrt=False)
+def page_valid(pa, vt, vm, row):
     # !is_obsolete_sp: not invalid and of the current generation
-    return (m.pa.meta[row, SP_ROLE] & ROLE_INVALID) == 0 and m.pa.meta[row, SP_GEN] == m.vt.rec[vm, VM_VALID_GEN]
+    return (pa.meta[row, SP_ROLE] & ROLE_INVALID) == 0 and pa.meta[row, SP_GEN] == vt.rec[vm, VM_VALID_GEN]
 
 
 _GOLDEN_HI = np.int64(0x61C88646)   # GOLDEN_RATIO_64 (0x61C8864680B583EB) in 32-bit halves
@@ -190,10 +206,15 @@ def walk_start(m, vg, gva):
 
 @njit(inline="always", _nrt=False)
 def gfn_write_tracked(m, rec, gfn):
+    return write_tracked(m.st, m.sh, rec, gfn)
+
+
+@njit(inline="always", _nrt=False)
+def write_tracked(st, sh, rec, gfn):
     # kvm_gfn_is_write_tracked
-    if rec < 0 or m.st.rec[rec, SL_WTRACK_OFF] < 0:
+    if rec < 0 or st.rec[rec, SL_WTRACK_OFF] < 0:
         return False
-    return m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] > 0
+    return sh.wtrack[st.rec[rec, SL_WTRACK_OFF] + gfn - st.rec[rec, SL_BASE_GFN]] > 0
 
 
 @njit(inline="always", _nrt=False)
@@ -310,10 +331,13 @@ def mmu_page_zap_pte(m, vm, row, idx):
 
 @helper
 def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
-    """kvm_mmu_slot_gfn_write_protect over the rmaps: True if a flush is needed."""
+    """kvm_mmu_slot_gfn_write_protect: over the rmaps and, for a TDP-MMU VM (nested EPT / NPT's guest_mmu beside
+    it), kvm_tdp_mmu_write_protect_gfn.  True if a flush is needed."""
+    flush = False
+    if m.vt.rec[vm, VM_MMU] == MMU_TDP:
+        flush = tdp_write_protect_gfn(m.pa, m.vt, vm, gfn, min_level)
     sh = m.sh
     fmt = m.vt.rec[vm, VM_FMT]
-    flush = False
     for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
         if m.st.rec[rec, SL_RMAP_OFF + (level - 1)] < 0:
             continue
@@ -401,6 +425,7 @@ def alloc_shadow_page(m, vm, gfn, role):
     m.pa.meta[row, SP_HNEXT] = sh.hash[b]
     sh.hash[b] = row
     m.vt.stats[vm, ST_MMU_PAGES] += 1
+    m.vt.rec[vm, VM_N_USED] += 1   # kvm_account_mmu_page
     if sp_has_gptes(role):
         account_shadowed(m, vm, row)
     return row
@@ -458,25 +483,24 @@ def clear_unsync_child_bit(m, row, idx):
 
 
 @helper
-def mark_parents_unsync(m, row):
+def mark_parents_unsync(pa, sh, row):
     """kvm_mmu_mark_parents_unsync: set the child bit in every parent, recursing on 0 -> 1."""
-    sh = m.sh
     sc = scratch(sh)
     sc[SC_MARK_STACK] = row
     sp_ = 1
     while sp_ > 0:
         sp_ -= 1
         r = sc[SC_MARK_STACK + sp_]
-        n = m.pa.meta[r, SP_PARENT_HEAD]
+        n = pa.meta[r, SP_PARENT_HEAD]
         while n >= 0:
             prow, pidx, n = rmap_get_next(sh.pl, n)
             w = pidx >> 6
             bit = np.int64(1) << np.int64(pidx & 63)
-            if m.pa.meta[prow, SP_UBITMAP + w] & bit:
+            if pa.meta[prow, SP_UBITMAP + w] & bit:
                 continue
-            m.pa.meta[prow, SP_UBITMAP + w] |= bit
-            c = m.pa.meta[prow, SP_UNSYNC_CHILDREN]
-            m.pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
+            pa.meta[prow, SP_UBITMAP + w] |= bit
+            c = pa.meta[prow, SP_UNSYNC_CHILDREN]
+            pa.meta[prow, SP_UNSYNC_CHILDREN] = c + 1
             if c == 0 and sp_ < SC_MARK_STACK_LEN:
                 sc[SC_MARK_STACK + sp_] = prow
                 sp_ += 1
@@ -621,6 +645,7 @@ def prepare_zap_one(m, vm, row):
         if not (role & ROLE_INVALID):
             active_list_del(m, vm, row)
         m.vt.stats[vm, ST_MMU_PAGES] -= 1
+        m.vt.rec[vm, VM_N_USED] -= 1
         invalid_list_add(m, row)
     elif not (role & ROLE_INVALID):
         active_list_del(m, vm, row)  # a pinned root stays allocated until its root_count drops
@@ -649,9 +674,9 @@ def zap_oldest_mmu_pages(m, vm, nr_to_zap):
             if m.pa.meta[row, SP_ROOT_COUNT] > 0:
                 row = prv
                 continue
-            used_before = m.vt.stats[vm, ST_MMU_PAGES]
+            used_before = m.vt.rec[vm, VM_N_USED]
             prepare_zap_page(m, vm, row)
-            nr = used_before - m.vt.stats[vm, ST_MMU_PAGES]  # unsync children zapped + the page itself
+            nr = used_before - m.vt.rec[vm, VM_N_USED]  # unsync children zapped + the page itself
             total += nr
             if total >= nr_to_zap:
                 break
@@ -668,20 +693,20 @@ def zap_oldest_mmu_pages(m, vm, nr_to_zap):
 def make_mmu_pages_available(m, vm):
     """make_mmu_pages_available: keep KVM_MIN_FREE_MMU_PAGES (5) below n_max, refilling 25 at a time.
     Returns False (-ENOSPC) if not even one page is available afterwards."""
-    used = m.vt.stats[vm, ST_MMU_PAGES]
+    used = m.vt.rec[vm, VM_N_USED]
     avail = m.vt.rec[vm, VM_N_MAX] - used if m.vt.rec[vm, VM_N_MAX] > used else 0
     if avail >= 5:
         return True
     zap_oldest_mmu_pages(m, vm, 25 - avail)
-    used = m.vt.stats[vm, ST_MMU_PAGES]
+    used = m.vt.rec[vm, VM_N_USED]
     return m.vt.rec[vm, VM_N_MAX] > used
 
 
 @kernel
 def kvm_mmu_change_mmu_pages(m, vm, goal):
     # kvm_mmu_change_mmu_pages
-    used = m.vt.stats[vm, ST_MMU_PAGES]
+    used = m.vt.rec[vm, VM_N_USED]
     if used > goal:
         zap_oldest_mmu_pages(m, vm, used - goal)
-        goal = m.vt.stats[vm, ST_MMU_PAGES]
+        goal = m.vt.rec[vm, VM_N_USED]
     m.vt.rec[vm, VM_N_MAX] = goal

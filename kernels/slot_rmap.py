@@ -5,7 +5,7 @@ aging, NX huge page recovery, the footprint of rmaps and shadow pages."""
 import numpy as np
 from numba import njit
 
-from .dirty import ring_mask_target
+from .dirty import ring_mask_target, tdp_clear_dirty_pt_masked, tdp_try_split_huge_pages
 from .jit import helper, kernel
 from .memslot import (
     kvm_mmu_max_mapping_level,
@@ -31,12 +31,14 @@ from .spte import (
     spte_ad_enabled,
 )
 from .state import (
+    CFG_EAGER_SPLIT,
     CFG_PML,
     CFG_TDP_MAX_LEVEL,
     DM_INITIALLY_SET,
     DM_MANUAL_PROTECT,
     MMU_LEGACY,
     MMU_SHADOW,
+    MMU_TDP,
     RM_COUNT,
     RM_HEAD,
     SL_BASE_GFN,
@@ -45,11 +47,13 @@ from .state import (
     SL_RMAP_OFF,
     SL_VM,
     SP_APREV,
+    SP_FLAGS,
     SP_GEN,
     SP_GFN,
     SP_PARENT_HEAD,
     SP_ROLE,
     SP_VM,
+    SPF_TDP_MMU,
     ST_MMU_NOTIFIER_ZAPPED,
     ST_PAGES_AGED,
     ST_PAGES_WRITE_PROTECTED,
@@ -149,6 +153,10 @@ def shadow_enable_log_dirty_pt_masked(m, vm, rec, first, mask):
             hi -= 1
         start = m.st.rec[rec, SL_BASE_GFN] + first + lo
         end = m.st.rec[rec, SL_BASE_GFN] + first + hi
+        if m.vt.rec[vm, VM_MMU] == MMU_TDP and m.host[CFG_EAGER_SPLIT]:
+            # kvm_mmu_try_split_huge_pages: the TDP MMU's (the shadow MMU's split of guest_mmu's huge SPTEs,
+            # kvm_shadow_mmu_try_split_huge_pages, is not modelled)
+            tdp_try_split_huge_pages(m.pa, m.vt, m.host, vm, start, end + 1, 1)
         rmap_write_protect_gfn(m, vm, rec, start, 2, True)  # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M)
         if (start + 511) >> 9 != (end + 511) >> 9:  # ALIGN(start, PMD_SIZE) != ALIGN(end, PMD_SIZE)
             rmap_write_protect_gfn(m, vm, rec, end, 2, True)
@@ -167,8 +175,10 @@ def shadow_ring_reset_masks(m, vm, masks, n, slot_recs):
 @helper
 def shadow_wrprot_masked(m, vm, rec, first, mask):
     """kvm_mmu_write_protect_pt_masked, or with PML kvm_mmu_clear_dirty_pt_masked: re-arm the 4K SPTEs of the
-    gfns in a 64-page mask."""
+    gfns in a 64-page mask (a TDP-MMU VM's own SPTEs first, then the rmaps)."""
     pml = vm_uses_pml(m, vm)
+    if m.vt.rec[vm, VM_MMU] == MMU_TDP:
+        tdp_clear_dirty_pt_masked(m.pa, m.vt, vm, m.st.rec[rec, SL_BASE_GFN] + first, mask, not pml)
     for b in range(64):
         if (mask >> np.int64(b)) & 1:
             gfn = m.st.rec[rec, SL_BASE_GFN] + first + b
@@ -314,7 +324,7 @@ def shadow_footprint_counts(m, vm, out):
     for k in range(5):
         out[k] = 0
     for row in range(m.pa.meta.shape[0]):
-        if m.pa.meta[row, SP_VM] != vm:
+        if m.pa.meta[row, SP_VM] != vm or m.pa.meta[row, SP_FLAGS] & SPF_TDP_MMU:
             continue
         if sp_has_gptes(m.pa.meta[row, SP_ROLE]):
             out[0] += 1

@@ -39,6 +39,7 @@ NCTL = 4
 # sp_flags bits
 SPF_NX_DISALLOWED = 1    # kvm_mmu_page.nx_huge_page_disallowed
 SPF_NX_TRACKED = 2       # on possible_nx_huge_pages (counted in nx_lpage_splits)
+SPF_TDP_MMU = 4          # a TDP MMU page (is_tdp_mmu_page), not one of the shadow MMU code's
 
 # --- host words (one int64 array, MMU.host): control words, then the configuration ------------
 HOST_USED_BYTES = 0
@@ -171,7 +172,8 @@ VM_N_MAX = 19          # n_max_mmu_pages
 VM_MAXPHYADDR = 20     # guest MAXPHYADDR (bits; kvm_vcpu_arch.maxphyaddr, the same for every vCPU here)
 VM_VCPU_OFF = 21       # global index of the VM's vCPU 0 (VcpuTable / VcpuRegs rows)
 VM_MMU = 22            # MMU_TDP, MMU_SHADOW or MMU_LEGACY (which MMU builds the VM's SPTEs)
-NVMF = 23
+VM_N_USED = 23         # n_used_mmu_pages: the shadow MMU code's pages (the mmu_pages stat adds the TDP MMU's)
+NVMF = 24
 
 
 class VMTable(NamedTuple):
@@ -201,6 +203,7 @@ class VMTable(NamedTuple):
     maxphyaddr = _cols("rec", VM_MAXPHYADDR)
     vcpu_off = _cols("rec", VM_VCPU_OFF)
     mmu = _cols("rec", VM_MMU)
+    n_used = _cols("rec", VM_N_USED)
 
 
 DM_MANUAL_PROTECT = 1

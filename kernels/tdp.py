@@ -44,6 +44,8 @@ from .spte import (
     make_small_spte,
     modify_spte_protections,
     pages_per_hpage,
+    shadow_dirty_mask,
+    shadow_mmu_writable_mask,
     shadow_nx_mask,
     shadow_x_mask,
     spte_index,
@@ -69,6 +71,7 @@ from .state import (
     SP_ROLE,
     SP_VM,
     SPF_NX_DISALLOWED,
+    SPF_TDP_MMU,
     ST_MMU_PAGES,
     ST_PAGES_4K,
     ST_PAGES_WRITE_PROTECTED,
@@ -139,7 +142,7 @@ def tdp_mmu_alloc_sp(pa, vt, vm, level, gfn, role, parent, parent_index):
     pa.meta[row, SP_ROLE] = (role & ~np.int32(0xF)) | level
     pa.meta[row, SP_PARENT] = parent
     pa.meta[row, SP_PARENT_INDEX] = parent_index
-    pa.meta[row, SP_FLAGS] = 0
+    pa.meta[row, SP_FLAGS] = SPF_TDP_MMU
     vt.stats[vm, ST_MMU_PAGES] += 1  # tdp_account_mmu_page
     return row
 
@@ -239,9 +242,10 @@ def disallowed_child(pa, spte):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, goal_level, req_level,
+def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level, req_level,
                     huge_page_disallowed, nx_huge_pages, mmio_caching, write, split_on_fault):
-    """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.
+    """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.  ``wrprot``: the new SPTE
+    stays write-protected (a gfn guest_mmu write-tracks), and a write fault is emulated.
 
     ``pfn4k`` is the host pfn of the faulting 4K gfn; the goal level aligns it.  A present huge SPTE above the
     goal level is split (``split_on_fault``, v6.2+) or, as before v6.2, zapped (tdp_mmu_zap_spte_atomic, with
@@ -266,7 +270,7 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
         child_gfn = (gfn >> shift) << shift
         child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, child_gfn, role, row, idx)
         if huge_page_disallowed:
-            pa.meta[child, SP_FLAGS] = SPF_NX_DISALLOWED
+            pa.meta[child, SP_FLAGS] |= SPF_NX_DISALLOWED
         if is_shadow_present_pte(old) and split_on_fault:
             tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx_huge_pages)
         else:
@@ -289,7 +293,9 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
     else:
         pfn = (pfn4k >> shift) << shift
         new = make_leaf_spte(fmt, level, ACC_ALL, pfn, map_writable, vt.rec[vm, VM_AD_DISABLED], nx_huge_pages)
-        if (new & 2) and slot_dirty_logging(st, rec):
+        if wrprot:   # make_spte: mmu_try_to_unsync_pages refused (the caller asked it: kernels/fault.py)
+            new &= ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(fmt) | shadow_dirty_mask(fmt))
+        if (new & PT_WRITABLE_MASK) and slot_dirty_logging(st, rec):
             mark_page_dirty(st, ct, vcpu_g, rec, iter_gfn)  # make_spte: writable SPTE in a logged slot
     ret = RET_PF_FIXED
     if new == old:
@@ -298,6 +304,8 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
         tdp_set_spte(pa, vt, vm, row, idx, level, new)
         if is_shadow_present_pte(old) and not is_last_spte(old, level):
             kvm_flush_remote_tlbs(vt, vm)  # kvm_flush_remote_tlbs_gfn
+    if wrprot and write:
+        ret = RET_PF_EMULATE   # a write to a write-protected gfn is emulated (RET_PF_WRITE_PROTECTED since v6.12)
     if is_mmio_spte(fmt, new, mmio_caching):
         vt.stats[vm, ST_PF_MMIO_SPTE_CREATED] += 1
         ret = RET_PF_EMULATE

@@ -59,7 +59,7 @@ from .guest_walk import (
 )
 from .jit import helper, kernel
 from .memslot import dirty_ring_soft_full, gfn_to_memslot, mark_page_dirty, slot_map, slot_readonly
-from .mmu import entry_work_needed, exit_room, legacy_tdp_exit, vcpu_reenter
+from .mmu import entry_work_needed, exit_room, free_obsolete_alt_roots, legacy_tdp_exit, vcpu_reenter
 from .mmu_internal import (
     EV_ADDR,
     EV_KIND,
@@ -111,6 +111,7 @@ from .state import (
     VM_AD_DISABLED,
     VM_DIRTY_MODE,
     VM_FMT,
+    VM_HASH_OFF,
     VM_INDIRECT,
     VM_LEVELS,
     VM_MAXPHYADDR,
@@ -133,7 +134,7 @@ _NEED_ROWS = -2
 
 
 @helper
-def tdp_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
+def tdp_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
     """One EPT violation / misconfiguration / #NPF of a 2D walk: kvm_handle_exit, not inlined.
 
     kvm_handle_exit counts the access and the references of its own re-walk of the one gpa (right
@@ -143,7 +144,7 @@ def tdp_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, spte
     """
     acc = vt.stats[vm, ST_ACCESSES]
     refs = vt.stats[vm, ST_WALK_REFS]
-    o, e = kvm_handle_exit(pa, vt, st, ct, host, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
+    o, e = kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
     vt.stats[vm, ST_ACCESSES] = acc
     vt.stats[vm, ST_WALK_REFS] = refs
     return o, e
@@ -289,7 +290,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
             if legacy:
                 o, e, done = legacy_tdp_exit(m, vm, vcpu_g, gfn, w, f, res, spte)
             else:
-                o, e = tdp_exit(pa, vt, st, ct, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
+                o, e = tdp_exit(pa, vt, st, ct, m.sh, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
             if o < 0:
                 wk[SC_OOM_GPA] = gfn << 12
                 return -1, err, refs
@@ -308,7 +309,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                 restart = True
                 break
             if step == nsteps:
-                if legacy and o == OUT_EMULATED and w and vt.rec[vm, VM_INDIRECT] > 0:
+                if o == OUT_EMULATED and w and vt.rec[vm, VM_INDIRECT] > 0:   # a write to an EPT12 / NPT12 page
                     emulated_tracked_write(m, vm, vcpu_g, gpa, value, nbytes, mode)
                 return o, err, refs  # the data gpa: MMIO or a write KVM emulates (read-only slot, tracked gfn)
             if res != WALK_RSVD and (e & (PFERR_PRESENT_MASK | PFERR_WRITE_MASK)) == \
@@ -337,7 +338,7 @@ def event_start(m, ev, i, res, ring_rsvd):
     wk = scratch(m.sh)
     wk[SC_RUNNING_VCPU] = -1
     vm = ev[i, EV_VM]
-    legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY
+    legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY or vt.rec[vm, VM_HASH_OFF] >= 0   # the shadow MMU's code may run
     if not exit_room(m, legacy) or not gm_room(m.gm, MAX_GM_PER_EVENT):
         return np.int64(-1)
     vcpu_g = vt.rec[vm, VM_VCPU_OFF] + ev[i, EV_VCPU]
@@ -390,8 +391,11 @@ def tdp2d_batch(m, ev, start, res):
         if vcpu_g == -2:
             continue
         vm = ev[i, EV_VM]
-        if vt.rec[vm, VM_MMU] == MMU_LEGACY and entry_work_needed(m, vm, vcpu_g):
-            vcpu_reenter(m, vm, vcpu_g, np.int64(0), np.int64(0))  # kvm_mmu_reload: the direct root
+        if vt.rec[vm, VM_MMU] == MMU_LEGACY:
+            if entry_work_needed(m, vm, vcpu_g):
+                vcpu_reenter(m, vm, vcpu_g, np.int64(0), np.int64(0))  # kvm_mmu_reload: the direct root
+        elif vt.rec[vm, VM_HASH_OFF] >= 0:
+            free_obsolete_alt_roots(m, vm, vcpu_g)   # guest_mmu's, on a TDP-MMU VM that runs nested EPT / NPT
         o, e, refs = access_2d(m, vm, vcpu_g, ev[i, EV_ADDR], ev[i, EV_KIND], ev[i, EV_VALUE], ev[i, EV_SIZE],
                                vt.rec[vm, VM_MAXPHYADDR], wk)
         stop = event_end(m, ev, i, res, o, e, refs)

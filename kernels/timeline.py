@@ -23,6 +23,7 @@ from .jit import helper, kernel
 from .mmu_internal import EV_ADDR, EV_OP, EV_VM, NEVF, NRESF, OP_ACCESS, RES_OUTCOME
 from .nested import l2_batch
 from .state import (
+    MMU_TDP,
     NSTAT,
     OUT_RING_FULL,
     ST_PF_FAST,
@@ -32,6 +33,7 @@ from .state import (
     ST_PF_TAKEN,
     ST_REMOTE_TLB_FLUSH,
     STOP_DONE,
+    VM_MMU,
 )
 from .tdp2d import tdp2d_batch
 
@@ -276,7 +278,7 @@ def _before(tm, stats, vm):
 
 
 @kernel
-def timed_access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, out, err, tm, nxt, ran):
+def timed_access_batch(pa, vt, st, ct, sh, host, ev_vm, ev_vcpu, ev_addr, ev_kind, out, err, tm, nxt, ran):
     """fault.access_batch in simulated-time order (sched_build first).  Returns (pending event, STOP_*):
     on a stop the pending event has not run and is run again on the next call."""
     while tm.ctl[CTL_HEAP] > 0:
@@ -289,7 +291,7 @@ def timed_access_batch(pa, vt, st, ct, host, ev_vm, ev_vcpu, ev_addr, ev_kind, o
             continue
         _before(tm, vt.stats, vm)
         tm.vm1[0], tm.vcpu1[0], tm.addr1[0], tm.kind1[0] = vm, ev_vcpu[i], ev_addr[i], ev_kind[i]
-        _, stop = access_batch(pa, vt, st, ct, host, tm.vm1, tm.vcpu1, tm.addr1, tm.kind1, 0, tm.out1, tm.err1)
+        _, stop = access_batch(pa, vt, st, ct, sh, host, tm.vm1, tm.vcpu1, tm.addr1, tm.kind1, 0, tm.out1, tm.err1)
         if stop != STOP_DONE:
             return i, stop
         if tm.out1[0] == OUT_RING_FULL:
@@ -353,6 +355,14 @@ def timed_tdp2d_batch(m, ev, res, tm, nxt, ran):
 
 @kernel
 def timed_l2_batch(m, ev, res, tm, nxt, ran):
-    """nested.l2_batch in simulated-time order (see timed_access_batch)."""
-    return _timed_records(l2_batch, m, ev, res, tm, nxt, ran)
+    """nested.l2_batch in simulated-time order (see timed_access_batch).  An L2's faults are guest_mmu's, the
+    shadow MMU's code under write_lock(mmu_lock), also on a VM whose L1 runs on the TDP MMU: their VMs are
+    charged as KIND_SHADOW for the batch."""
+    for i in range(ev.shape[0]):
+        tm.vm[ev[i, EV_VM], TV_KIND] = KIND_SHADOW
+    out = _timed_records(l2_batch, m, ev, res, tm, nxt, ran)
+    for i in range(ev.shape[0]):
+        vm = ev[i, EV_VM]
+        tm.vm[vm, TV_KIND] = KIND_TDP_MMU if m.vt.rec[vm, VM_MMU] == MMU_TDP else KIND_SHADOW
+    return out
 

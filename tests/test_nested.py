@@ -28,11 +28,14 @@ OK = (bm.HIT, bm.FIXED, bm.SPURIOUS)
 
 
 class Nest(L1):
-    """A nested VM (VMX, legacy TDP MMU) whose EPT12 and L2 page tables the test writes into L1 memory
-    (batchmmu.l1.L1), with L2 gpa -> L1 gpa from the reference's walk of what was written."""
+    """A nested VM (VMX, or SVM with ``svm``) whose EPT12 and L2 page tables the test writes into L1 memory
+    (batchmmu.l1.L1), with L2 gpa -> L1 gpa from the reference's walk of what was written.  L0 runs the TDP MMU
+    or the legacy one as the module's ``l0_mmu`` fixture says."""
+
+    tdp_mmu = False
 
     def __init__(self, ept_ad=True, memory="64MiB", host_ad=True, svm=False, **host):
-        h = bm.Host(memory="4GiB", tdp_mmu=False, **host)
+        h = bm.Host(memory="4GiB", tdp_mmu=host.pop("tdp_mmu", self.tdp_mmu), **host)
         vm = h.create_vms(1, memory=memory, nested=True, **({"tdp_format": "npt"} if svm else {"ept_ad": host_ad}))
         super().__init__(h, vm[0], ept_ad=ept_ad)
 
@@ -50,6 +53,19 @@ class Nest(L1):
     def npt(self):
         """The reference's NPT12 walk mode: L1's CR4 and EFER, or None for VMX."""
         return (CR4_PAE, EFER_LME_LMA | 0x800) if self.svm else None
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["legacy", "tdp_mmu"])
+def l0_mmu(request):
+    """Every test here runs with L0 on the legacy TDP MMU (kvm.tdp_mmu=N: L1's tables built by the shadow MMU's
+    code) and on the TDP MMU (KVM's default: both MMUs in one VM)."""
+    Nest.tdp_mmu = request.param
+    yield request.param
+    Nest.tdp_mmu = False
+
+
+def _mmu_set():
+    return f"tdp_mmu={str(Nest.tdp_mmu).lower()}"
 
 
 def _outcome(o):
@@ -363,11 +379,21 @@ def test_l1_edits_ept12_through_stores():
     assert r.outcome[0] == bm.EMULATED and n.h.stats(n.vm)["mmu_pte_write"] == before + 1
 
 
-def test_l2_without_nested_ept_gets_its_own_root():
+def _refused_without_nested_paging(h, vm):
+    """On the TDP MMU an L2 without nested paging would need a second TDP MMU root (role.guest_mode): refused, and
+    the vCPU stays in L1 with nothing counted."""
+    with pytest.raises(bm.BatchMMUError, match="second TDP MMU root"):
+        h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert not h.vr.guest_mode[0] and h.stats(vm)["nested_run"] == 0 and h.stats(vm)["guest_mode"] == 0
+
+
+def test_l2_without_nested_ept_gets_its_own_root(l0_mmu):
     """No EPTP: L2 runs on a direct root of role guest_mode (L1 gpas), apart from L1's."""
     n = Nest()
     h, vm = n.h, n.vm
     h.access(vm, 0, 0x3000000, 0)
+    if l0_mmu:
+        return _refused_without_nested_paging(h, vm)
     l1_root = int(h.vr.root[0])
     pages = h.stats(vm)["mmu_pages"]
     h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
@@ -400,8 +426,8 @@ def test_nested_api_refusals():
         h.nested_enter(vm, 0, eptp=0x1000 | 0x1E)
     with pytest.raises(bm.BatchMMUError, match="INVEPT in L2"):
         h.invept(vm, 0)
-    with pytest.raises(bm.BatchMMUError, match="legacy TDP MMU"):
-        bm.Host(memory="1GiB").create_vms(1, memory="16MiB", nested=True)
+    on_tdp = bm.Host(memory="1GiB")   # nested EPT on the TDP MMU: offered; an L2 without it is not modelled
+    _refused_without_nested_paging(on_tdp, int(on_tdp.create_vms(1, memory="16MiB", nested=True)[0]))
     with pytest.raises(bm.BatchMMUError, match="passthrough"):
         h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt", tdp_levels=5)
     svm = int(h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt")[0])
@@ -424,7 +450,7 @@ def test_dirty_log_perf_nested(manual):
     gpa (verify=exact fails the run on a lost or invented one); write-protection faults are nested faults
     (L0's shadow-EPT path: pf_fixed, never fast_page_fault)."""
     pages = 2 * 1024
-    rep = bm.run_scenario("dirty_log_perf", sets=["nested=true", "tdp_mmu=false", "bytes_per_vcpu=4MiB",
+    rep = bm.run_scenario("dirty_log_perf", sets=["nested=true", _mmu_set(), "bytes_per_vcpu=4MiB",
                                                   f"manual_protect={str(manual).lower()}", "verify=exact",
                                                   "iterations=3", "write_percent=50", "random_access=true"])
     ph = {p["name"]: p for p in rep.phases}
@@ -434,7 +460,7 @@ def test_dirty_log_perf_nested(manual):
         d = ph[f"Iteration {i} dirty memory"]["delta"]
         assert d.get("pf_fixed", 0) > 0 and d.get("pf_fast", 0) == 0
     with pytest.raises(bm.BatchMMUError, match="vm_group.nested"):
-        bm.run_scenario("dirty_log_perf", sets=["nested=true"])
+        bm.run_scenario("dirty_log_perf", sets=["nested=true", "vm_group.mmu=shadow"])
 
 
 # ------------------------------------------------------------------ SVM: nested NPT
@@ -632,7 +658,7 @@ def test_host_events_zap_the_shadow_ept():
 def test_spte_dump_while_a_vcpu_runs_l2():
     """spte_dump lists the VM's direct TDP mappings by L1 gfn, also while a vCPU runs L2 on the shadow EPT (a
     5-level VM with a 4-level EPTP once made it walk EPT02 as the direct root)."""
-    h = bm.Host(memory="1GiB", tdp_mmu=False)
+    h = bm.Host(memory="1GiB", tdp_mmu=Nest.tdp_mmu)
     vm = int(h.create_vms(1, memory="16MiB", tdp_levels=5, nested=True)[0])
     h.access(vm, 0, 0x5000, bm.ACC_WRITE)
     before = h.spte_dump(vm)
@@ -647,7 +673,7 @@ def test_spte_dump_while_a_vcpu_runs_l2():
     assert not after[0][1] & 2 and before[0][1] & 2
 
 
-def test_l2_without_nested_paging_keeps_guest_mmu_cached():
+def test_l2_without_nested_paging_keeps_guest_mmu_cached(l0_mmu):
     """An L2 without nested paging runs on root_mmu: guest_mmu's cached EPT02 root stays, and L1's root waits in
     root_mmu's prev_roots (fast_pgd_switch)."""
     n = Nest()
@@ -658,6 +684,11 @@ def test_l2_without_nested_paging_keeps_guest_mmu_cached():
     n.h.access(n.vm, 0, 0x200000, 0)
     ept_root = int(n.h.vr.root[0])
     n.h.nested_exit(n.vm, 0)
+    if l0_mmu:
+        with pytest.raises(bm.BatchMMUError, match="second TDP MMU root"):
+            n.h.nested_enter(n.vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+        assert int(n.h.vr.rec[0, S.VR_ALT_ROOT]) == ept_root and not n.h.vr.guest_mode[0]
+        return
     n.h.nested_enter(n.vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)           # no EPTP
     assert int(n.h.vr.rec[0, S.VR_ALT_ROOT]) == ept_root                 # guest_mmu untouched
     assert n.h.access(n.vm, 0, 0x3000000, 0).outcome[0] == bm.FIXED       # its own guest_mode root
@@ -681,7 +712,7 @@ def test_refusals_found_by_review():
 
 # ------------------------------------------------------------------ the bundled scenarios
 def _cases(name, *sets, workers=1):
-    rep = bm.run_scenario(name, sets=list(sets), workers=workers)
+    rep = bm.run_scenario(name, sets=[_mmu_set(), *sets], workers=workers)
     return rep.phases[0]["nested_cases"]
 
 
@@ -732,7 +763,7 @@ def test_nested_ops_in_one_scenario_use_fresh_tables(fmt):
     data = load_scenario("ept_access")[0]
     data = dict(data, phase=[{"name": "a", "op": "ept_access"}, {"name": "b", "op": "nested_tdp_fault"},
                              {"name": "c", "op": "ept_access"}])
-    rep = bm.run_scenario(data, sets=[f"tdp_format={fmt}"])
+    rep = bm.run_scenario(data, sets=[_mmu_set(), f"tdp_format={fmt}"])
     a, b, c = (p["nested_cases"] for p in rep.phases)
     assert [x["got"] for x in a] == [x["want"] for x in a] == [x["got"] for x in c]
     assert [x["got"] for x in b] == [x["want"] for x in b]
@@ -751,3 +782,4 @@ def test_nested_scenario_refusals_and_a_case_that_disagrees(monkeypatch):
                        ("vm_group.ept_ad=false", "EPT A/D")):
         with pytest.raises(bm.BatchMMUError, match=field):
             bm.run_scenario("ept_access", sets=[bad])
+

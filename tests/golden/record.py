@@ -41,11 +41,16 @@ SCENARIOS = [
     ("trace_replay", "", ["vms=2", "vcpus=2"]),
     ("trace_replay", "thp-npt", ["backing=thp", "tdp_format=npt", "repeat=2", "vcpus=2"]),
     ("ept_access", "", []),
+    ("ept_access", "legacy", ["tdp_mmu=false"]),
     ("migrate", "", ["bytes_per_vcpu=16MiB"]),
     ("nested_dirty_log", "", []),
     ("nested_dirty_log", "svm", ["tdp_format=npt"]),
+    ("nested_dirty_log", "legacy", ["tdp_mmu=false"]),
+    ("nested_dirty_log", "svm-legacy", ["tdp_format=npt", "tdp_mmu=false"]),
     ("nested_tdp_fault", "", []),
     ("nested_tdp_fault", "svm", ["tdp_format=npt"]),
+    ("nested_tdp_fault", "legacy", ["tdp_mmu=false"]),
+    ("nested_tdp_fault", "svm-legacy", ["tdp_format=npt", "tdp_mmu=false"]),
 ]
 VALIDATE = ["random:0:200", "random:1:200"]
 SEED = 7
