@@ -497,7 +497,7 @@ def direct_page_fault(m, vm, vg, gpa, err, max_level, mmio_caching):
             return RET_PF_EMULATE
         pfn, host_writable = np.int64(-1), False
     else:
-        r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
+        r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write, np.int64(0))
         if r != RET_PF_CONTINUE:
             return r
     if not make_mmu_pages_available(m, vm):

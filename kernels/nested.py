@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from .emulate import emulated_tracked_write
-from .fault import WALK_OK, exit_error_code, tdp_hw_walk
+from .fault import WALK_OK, WALK_RSVD, exit_error_code, handle_mmio_page_fault, tdp_hw_walk
 from .gmem import gm_write_bytes
 from .guest_walk import (
     MODE_AMD,
@@ -85,6 +85,7 @@ from .spte import (
     ROLE_GUEST_MODE,
 )
 from .state import (
+    CFG_MMIO_CACHING,
     CFG_PML,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     KVM_MMU_NUM_PREV_ROOTS,
@@ -249,6 +250,8 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
             # EPT violation / #NPF: handle_ept_violation's error code (a paging-structure access that writes is a
             # read and a write; #NPF: always a user access), then kvm_mmu_page_fault on guest_mmu
             e = exit_error_code(fmt, res, spte, w, f)
+            if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, m.host[CFG_MMIO_CACHING] != 0):
+                return OUT_MMIO, e, refs, np.int64(-1)   # an EPT02 / NPT02 MMIO SPTE: emulated, no page fault
             if table and w:
                 e |= PFERR_USER_MASK
             vt.stats[vm, ST_PF_TAKEN] += 1
@@ -282,14 +285,11 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
                 outcome = o
                 restart = True
                 break
-            if rpf == RET_PF_MMIO:
-                return OUT_MMIO, err, refs, np.int64(-1)
+            if rpf == RET_PF_MMIO or (rpf == RET_PF_EMULATE and gfn_to_memslot(vt, st, vm, wk[WK_GPA] >> 12) < 0):
+                return OUT_MMIO, err, refs, np.int64(-1)   # EPT12 maps the page outside L1's memslots
             if rpf == RET_PF_EMULATE and not table and w:
                 # the emulator writes L1's page (a write-tracked gfn: an EPT12 table) and tracks the write
-                l1gpa = wk[WK_GPA]
-                if gfn_to_memslot(vt, st, vm, l1gpa >> 12) < 0:
-                    return OUT_MMIO, err, refs, np.int64(-1)
-                emulated_tracked_write(m, vm, vg, l1gpa, value, nbytes, mode)
+                emulated_tracked_write(m, vm, vg, wk[WK_GPA], value, nbytes, mode)
             return OUT_EMULATED, err, refs, np.int64(-1)
         if not restart:
             break

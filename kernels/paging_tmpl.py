@@ -62,7 +62,7 @@ from .mmu_internal import (
     scratch,
 )
 from .page_track import clear_flood_on_walk
-from .paging_ept import MODE_EPT, ept_gpte_access, ept_prefetch_invalid, ept_protect_clean_gpte, ept_set_ad
+from .paging_ept import MODE_EPT, MODE_NPT, ept_gpte_access, ept_prefetch_invalid, ept_protect_clean_gpte, ept_set_ad
 from .rmap import parent_add
 from .shadow_mmu import (
     alloc_shadow_page,
@@ -78,6 +78,7 @@ from .shadow_mmu import (
     mark_parents_unsync,
     mmu_page_zap_pte,
     mmu_pages_clear_parents,
+    mmu_spte_clear_no_track,
     mmu_spte_set,
     mmu_spte_update,
     mmu_unsync_walk,
@@ -105,8 +106,10 @@ from .spte import (
     ROLE_DIRECT,
     ROLE_HAS_4_BYTE_GPTE,
     ROLE_PASSTHROUGH,
+    get_mmio_spte_gfn,
     is_large_pte,
     is_last_spte,
+    is_mmio_spte,
     is_shadow_present_pte,
     make_leaf_spte,
     make_mmio_spte,
@@ -119,6 +122,7 @@ from .spte import (
     spte_to_pfn,
 )
 from .state import (
+    CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
     KVM_MMU_NUM_PREV_ROOTS,
     PTE_PREFETCH_NUM,
@@ -146,6 +150,7 @@ from .state import (
     VM_INVAL_COUNT,
     VM_INVAL_END,
     VM_INVAL_START,
+    VM_MAX_GFN,
     VM_MEMSLOTS_GEN,
     VR_CR3,
     VR_PDPTR,
@@ -192,7 +197,9 @@ def protect_clean_gpte(access, gpte, mode):
 def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     """FNAME(sync_spte): re-derive SPTE ``i`` of an unsync page from its gpte; 1 = flush, 0, -1 = zap."""
     spte = m.pa.spt[row, i]
-    if not is_shadow_present_pte(spte):
+    fmt = m.vt.rec[vm, VM_FMT]
+    mmio = is_mmio_spte(fmt, spte, m.host[CFG_MMIO_CACHING] != 0)
+    if not mmio and not is_shadow_present_pte(spte):
         return 0
     gpte = sp_gpte(m, vm, row, i)
     if prefetch_invalid_gpte(m, vm, row, i, gpte, mode, maxphyaddr):
@@ -200,6 +207,13 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
     gfn = (gpte & GFN_MASK_64) >> 12
     access = role_access(m.pa.meta[row, SP_ROLE]) & gpte_access(gpte, mode)
     access = protect_clean_gpte(access, gpte, mode)
+    if mmio:
+        # sync_mmio_spte: the gpte now maps another gfn: cleared; else marked again with the gpte's access
+        if gfn != get_mmio_spte_gfn(spte):
+            mmu_spte_clear_no_track(m.pa.spt, row, i)
+        else:
+            m.pa.spt[row, i] = make_mmio_spte(fmt, gfn, access, m.vt.rec[vm, VM_MEMSLOTS_GEN])
+        return 0
     if gfn != sp_get_gfn(m, row, i):
         drop_spte(m, vm, row, i)
         return 1
@@ -207,7 +221,6 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
         return 0
     m.sh.trans[row, i] = (gfn << 12) | access
     rec = gfn_to_memslot(m.vt, m.st, vm, gfn)
-    fmt = m.vt.rec[vm, VM_FMT]
     new, wrprot = make_spte(m, vm, rec, row, access, gfn, spte_to_pfn(spte), spte, True, True,
                             (spte & shadow_host_writable_mask(fmt)) != 0)
     return 1 if mmu_spte_update(m.pa.spt, fmt, row, i, new) else 0
@@ -332,11 +345,15 @@ def link_shadow_page(m, vm, prow, pidx, child):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_mmu_faultin_pfn(m, vm, rec, gfn, write):
+def kvm_mmu_faultin_pfn(m, vm, rec, gfn, write, mode):
     """kvm_mmu_faultin_pfn for the shadow MMU: (RET_PF_CONTINUE, pfn, host_writable) once the host page is in;
-    RET_PF_MMIO without a memslot (emulated: MMIO caching is off on shadow hosts we model), RET_PF_RETRY while an
-    invalidation covers gfn, RET_PF_EMULATE for a write to a read-only slot."""
+    RET_PF_MMIO without a memslot (emulated: MMIO caching is off on shadow hosts we model) except for guest_mmu
+    on a TDP host with MMIO caching (kvm_handle_noslot_fault: pfn -1, and mmu_set_spte makes an MMIO SPTE);
+    RET_PF_RETRY while an invalidation covers gfn, RET_PF_EMULATE for a write to a read-only slot."""
     if rec < 0:
+        if (mode & (MODE_EPT | MODE_NPT)) != 0 and m.host[CFG_MMIO_CACHING] != 0 and \
+                gfn <= m.vt.rec[vm, VM_MAX_GFN]:
+            return RET_PF_CONTINUE, np.int64(-1), False
         return RET_PF_MMIO, np.int64(0), False
     if m.vt.rec[vm, VM_INVAL_COUNT] > 0 and m.vt.rec[vm, VM_INVAL_START] <= gfn < m.vt.rec[vm, VM_INVAL_END]:
         return RET_PF_RETRY, np.int64(0), False
@@ -659,7 +676,7 @@ def page_fault_walked(m, vm, vg, gva, err, mode, maxphyaddr):
         base = wk[WK_PTE_GPA + 1] & ~np.int64(size * PTE_PREFETCH_NUM - 1)
         gm_read_group(m.gm, walk_table_row(m.gm, slot_map(m.vt, m.st), vm, base, wk, 1), base, size, PTE_PREFETCH_NUM,
                       scratch(m.sh), SC_PREFETCH)
-    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write)
+    r, pfn, host_writable = kvm_mmu_faultin_pfn(m, vm, rec, gfn, write, mode)
     if r != RET_PF_CONTINUE:
         return r, np.int64(0)
     # CR0.WP=0: a supervisor write through a read-only gpte maps the page writable for the kernel only

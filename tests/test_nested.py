@@ -783,3 +783,47 @@ def test_nested_scenario_refusals_and_a_case_that_disagrees(monkeypatch):
         with pytest.raises(bm.BatchMMUError, match=field):
             bm.run_scenario("ept_access", sets=[bad])
 
+
+
+# ------------------------------------------------------------------ L2 MMIO: EPT02 / NPT02 MMIO SPTEs
+@pytest.mark.parametrize("svm", [False, True])
+def test_l2_mmio_sptes(svm):
+    """EPT12 / NPT12 maps an L2 page outside L1's memslots: L0's fault emulates it and, with MMIO caching, leaves
+    an MMIO SPTE in EPT02 (kvm_handle_noslot_fault, mark_mmio_spte); the next access is an EPT misconfiguration
+    (#NPF with RSVD) that handle_mmio_page_fault emulates at once, no page fault; a memslot change makes it
+    stale (the generation), and a sync of the unsync leaf table drops it once L1 maps the page elsewhere
+    (sync_mmio_spte).  Without MMIO caching every access is a page fault."""
+    mmio = 0x40000000                                   # an L1 gpa in no memslot (slot 0: 64 MiB)
+    gpa = 0x200000
+    n = Nest(svm=svm)
+    h, vm = n.h, n.vm
+    n.ept_map(gpa, mmio)
+    n.ept_map(gpa + 4096, 0x2000000)
+    n.enter(paging=False)
+
+    def counters():
+        s = h.stats(vm)
+        return s["pf_taken"], s["pf_emulate"], s["pf_mmio_spte_created"]
+
+    assert h.access(vm, 0, gpa, 0).outcome[0] == bm.MMIO and counters() == (1, 1, 1)
+    assert h.access(vm, 0, gpa, 0).outcome[0] == bm.MMIO and counters() == (1, 1, 1)    # the MMIO SPTE
+    r = h.store(vm, 0, gpa, 5)
+    assert r.outcome[0] == bm.MMIO and counters() == (1, 1, 1)
+    h.set_memslot(vm, 3, 1 << 31, 4096)                 # a new generation: the SPTE is stale, faulted again
+    assert h.access(vm, 0, gpa, 0).outcome[0] == bm.MMIO and counters() == (2, 2, 2)
+    # L1 points the leaf at memory: its table is unsync; a sync (new root, or SVM's VMRUN) drops the MMIO SPTE
+    h.nested_exit(vm, 0)
+    assert h.store(vm, 0, n.ept_entry_gpa(gpa), 0x2001000 | n.full | (0 if svm else WB)).outcome[0] in OK
+    if not svm:
+        h.invept(vm, 0)
+    n.reenter()
+    assert h.store(vm, 0, gpa, 7).outcome[0] == bm.FIXED and counters()[2] == 2
+    assert h.read_guest_memory(vm, 0x2001000, 1)[0] == 7
+    # without MMIO caching: no SPTE, every access faults
+    n2 = Nest(svm=svm, mmio_caching=False)
+    n2.ept_map(gpa, mmio)
+    n2.enter(paging=False)
+    for k in (1, 2):
+        assert n2.h.access(n2.vm, 0, gpa, 0).outcome[0] == bm.MMIO
+        s = n2.h.stats(n2.vm)
+        assert (s["pf_taken"], s["pf_mmio_spte_created"]) == (k, 0)
