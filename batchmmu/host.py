@@ -149,7 +149,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
         picks the TDP MMU (True) or the legacy one (False: the shadow MMU's code with direct pages) for these
         VMs; it means nothing for ``mmu="shadow"`` (KVM ignores kvm.tdp_mmu without TDP).  ``nested=True`` offers
         VMX (an EPT VM) or SVM (an NPT VM) to the guest, which may then run L2 guests (``nested_enter``;
-        docs/nested.md), on either TDP MMU of a Host without PML.
+        docs/nested.md), on either TDP MMU.
         """
         count = A.exact_int(count, "count", 1, A.I64_MAX, why="must be a positive integer")
         size = parse_size(memory, "memory")
@@ -170,9 +170,6 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
             if tdp_format == "npt" and tdp_levels != 4:
                 raise bad("tdp_levels", tdp_levels, "nested NPT under a 4-level L1 on 5-level NPT (passthrough "
                           "roots) is not modelled: use tdp_levels=4")
-            if self.cfg[S.CFG_PML]:
-                raise bad("nested", nested, "nested EPT with PML (write-protected guest_mode SPTEs) is not "
-                          "modelled yet: use a Host(pml=False)")
         if tdp_levels == 4 and maxphyaddr > 48:
             raise bad("maxphyaddr", maxphyaddr, "4-level TDP maps at most 48 physical address bits")
         if size > (1 << maxphyaddr):

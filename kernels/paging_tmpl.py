@@ -104,8 +104,10 @@ from .spte import (
     ROLE_ACCESS_SHIFT,
     ROLE_AD_DISABLED,
     ROLE_DIRECT,
+    ROLE_GUEST_MODE,
     ROLE_HAS_4_BYTE_GPTE,
     ROLE_PASSTHROUGH,
+    SPTE_TDP_AD_WRPROT_ONLY,
     get_mmio_spte_gfn,
     is_large_pte,
     is_last_spte,
@@ -124,6 +126,7 @@ from .spte import (
 from .state import (
     CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
+    CFG_PML,
     KVM_MMU_NUM_PREV_ROOTS,
     PTE_PREFETCH_NUM,
     SL_BASE_GFN,
@@ -418,13 +421,17 @@ def try_to_unsync_pages(pa, vt, st, sh, vm, rec, gfn, synchronizing, prefetch):
 @njit(inline="always", _nrt=False)
 def make_spte(m, vm, rec, row, pte_access, gfn, pfn, old_spte, prefetch, synchronizing, host_writable):
     """make_spte (spte.c) for a shadow page, in the VM's SPTE format (x86 for shadow paging, EPT or NPT for
-    the legacy TDP MMU): (spte, wrprot).  The bits are make_leaf_spte's; a fault's SPTE is accessed, a
+    the legacy TDP MMU and guest_mmu): (spte, wrprot).  The bits are make_leaf_spte's; a fault's SPTE is accessed, a
     prefetched one is not (mark_spte_for_access_track), and a gfn that is shadowed stays write-protected."""
     fmt = m.vt.rec[vm, VM_FMT]
     role = m.pa.meta[row, SP_ROLE]
     level = role_level(role)
-    spte = make_leaf_spte(fmt, level, pte_access, pfn, host_writable, (role & ROLE_AD_DISABLED) != 0,
-                          m.host[CFG_NX_HUGE_PAGES] != 0)
+    ad_disabled = (role & ROLE_AD_DISABLED) != 0
+    spte = make_leaf_spte(fmt, level, pte_access, pfn, host_writable, ad_disabled, m.host[CFG_NX_HUGE_PAGES] != 0)
+    if not ad_disabled and (role & ROLE_GUEST_MODE) and m.host[CFG_PML]:
+        # kvm_mmu_page_ad_need_write_protect: with PML the CPU would log L2 gpas, so guest_mode SPTEs (EPT02) log
+        # dirty pages through write protection (the D bit is preset on a writable one: PML never sees them)
+        spte |= SPTE_TDP_AD_WRPROT_ONLY
     wrprot = False
     if (spte & PT_WRITABLE_MASK) and (not is_last_spte(old_spte, level) or not is_writable_spte(old_spte)) and \
             mmu_try_to_unsync_pages(m, vm, rec, gfn, synchronizing, prefetch):

@@ -25,10 +25,11 @@ from .spte import (
     PT_WRITABLE_MASK,
     ROLE_DIRECT,
     ROLE_INVALID,
+    SPTE_TDP_AD_ENABLED,
+    SPTE_TDP_AD_MASK,
     is_accessed_spte,
     mark_spte_for_access_track,
     shadow_dirty_mask,
-    spte_ad_enabled,
 )
 from .state import (
     CFG_EAGER_SPLIT,
@@ -106,10 +107,12 @@ def shadow_slot_wrprot(m, vm, rec, min_level):
 
 @njit(inline="always", _nrt=False)
 def rmap_clear_dirty(m, vm, row, idx):
-    """__rmap_clear_dirty for one SPTE: the dirty bit off (the write-protect bit for SPTEs without A/D), so
-    the next write sets it again and PML logs the page.  True if it changed."""
+    """__rmap_clear_dirty for one SPTE: the dirty bit off, so the next write sets it again and PML logs the page;
+    the write-protect bit for SPTEs without A/D and for guest_mode ones (spte_ad_need_write_protect: EPT02 under
+    PML logs through write-protection faults).  True if it changed."""
     spte = m.pa.spt[row, idx]
-    dbit = shadow_dirty_mask(m.vt.rec[vm, VM_FMT]) if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+    dbit = PT_WRITABLE_MASK if (spte & SPTE_TDP_AD_MASK) != SPTE_TDP_AD_ENABLED else shadow_dirty_mask(
+        m.vt.rec[vm, VM_FMT])
     if not spte & dbit:
         return False
     mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~dbit)

@@ -444,14 +444,15 @@ def test_nested_api_refusals():
 
 
 # ------------------------------------------------------------------ scenario: dirty_log_perf -n
-@pytest.mark.parametrize("manual", [True, False])
-def test_dirty_log_perf_nested(manual):
+@pytest.mark.parametrize("manual,pml", [(True, False), (False, False), (True, True)])
+def test_dirty_log_perf_nested(manual, pml):
     """memstress -n: every vCPU in L2 on an identity EPT12 of 1G pages; every write is in the dirty log by L1
     gpa (verify=exact fails the run on a lost or invented one); write-protection faults are nested faults
     (L0's shadow-EPT path: pf_fixed, never fast_page_fault)."""
     pages = 2 * 1024
     rep = bm.run_scenario("dirty_log_perf", sets=["nested=true", _mmu_set(), "bytes_per_vcpu=4MiB",
                                                   f"manual_protect={str(manual).lower()}", "verify=exact",
+                                                  f"pml={str(pml).lower()}",
                                                   "iterations=3", "write_percent=50", "random_access=true"])
     ph = {p["name"]: p for p in rep.phases}
     assert ph["Populate memory"]["stats"]["pf_fixed"] == pages and ph["Populate memory"]["stats"]["nested_run"] == 2
@@ -827,3 +828,35 @@ def test_l2_mmio_sptes(svm):
         assert n2.h.access(n2.vm, 0, gpa, 0).outcome[0] == bm.MMIO
         s = n2.h.stats(n2.vm)
         assert (s["pf_taken"], s["pf_mmio_spte_created"]) == (k, 0)
+
+
+# ------------------------------------------------------------------ PML: guest_mode SPTEs log through write protection
+def test_l2_writes_are_logged_through_write_protection_under_pml():
+    """Host(pml=True): PML is never on in hardware while L2 runs (and would log L2 gpas), so KVM gives EPT02's
+    SPTEs SPTE_TDP_AD_WRPROT_ONLY (kvm_mmu_page_ad_need_write_protect): clearing the dirty log write-protects
+    them instead of clearing their D bit, and the next L2 write faults and is logged by L1 gpa.  L1's own
+    writes still go through PML."""
+    n = Nest(pml=True)
+    h, vm = n.h, n.vm
+    base = 0xc0000000
+    h.set_memslot(vm, 1, base, 4 * 4096, flags=bm.MEM_LOG_DIRTY_PAGES)
+    for k in range(2):
+        n.ept_map(base + 4096 * k, base + 4096 * k)
+    n.enter(paging=False)
+
+    def log():
+        return np.unpackbits(h.get_dirty_log(vm, 1).view(np.uint8), bitorder="little")[:4].tolist()
+
+    assert h.store(vm, 0, base, 1).outcome[0] == bm.FIXED and log() == [1, 0, 0, 0]
+    pte = h.stats(vm)["pf_fixed"]
+    assert h.store(vm, 0, base, 2).outcome[0] == bm.FIXED            # write-protected by the GET, not D-cleared
+    assert h.stats(vm)["pf_fixed"] == pte + 1 and log() == [1, 0, 0, 0]
+    assert h.store(vm, 0, base + 4096, 3).outcome[0] == bm.FIXED and log() == [0, 1, 0, 0]
+    h.nested_exit(vm, 0)
+    assert h.store(vm, 0, base + 2 * 4096, 4).outcome[0] in OK           # L1: a fault, then PML from the GET on
+    assert log() == [0, 0, 1, 0]
+    taken = h.stats(vm)["pf_taken"]
+    assert h.store(vm, 0, base + 2 * 4096, 5).outcome[0] == bm.HIT       # D cleared, still writable: PML logs it
+    h.kick_vcpus(vm)
+    assert log() == [0, 0, 1, 0] and h.stats(vm)["pf_taken"] == taken and h.stats(vm)["pml_flushes"] > 0
+    assert [n.read(base + 4096 * k) for k in range(3)] == [2, 3, 5]
