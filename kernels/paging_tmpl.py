@@ -215,7 +215,7 @@ def sync_spte(m, vm, vg, row, i, mode, maxphyaddr):
         if gfn != get_mmio_spte_gfn(spte):
             mmu_spte_clear_no_track(m.pa.spt, row, i)
         else:
-            m.pa.spt[row, i] = make_mmio_spte(fmt, gfn, access, m.vt.rec[vm, VM_MEMSLOTS_GEN])
+            mmu_spte_set(m.pa.spt, row, i, make_mmio_spte(fmt, gfn, access, m.vt.rec[vm, VM_MEMSLOTS_GEN]))
         return 0
     if gfn != sp_get_gfn(m, row, i):
         drop_spte(m, vm, row, i)
