@@ -47,7 +47,7 @@ class Nested:
         return eptp
 
     def nested_enter(self, vm, vcpu, *, eptp=None, ncr3=None, cr0=None, cr3=None, cr4=None, efer=None,
-                     flush=False):
+                     flush=False, pdptrs=None):
         """VM-entry to L2 (VMLAUNCH/VMRESUME, or VMRUN) on one vCPU of a nested VM.
 
         ``eptp`` (VMX): vmcs12's EPT pointer with nested EPT (memory type, walk length, A/D enable and the L1 gpa
@@ -56,8 +56,9 @@ class Nested:
         own TDP root, role.guest_mode).  ``cr0``..``efer``: L2's registers (None: L1's value).  ``flush`` (VMX):
         vmcs12 has no VPID, or a new one (nested_vmx_transition_tlb_flush: a guest TLB flush, counted in
         tlb_flush; it never syncs guest_mmu); SVM flushes and syncs at every VMRUN and #VMEXIT whatever
-        TLB_CONTROL says (KVM does not honour it).  Counts ``nested_run``; the vCPU is in guest mode until
-        ``nested_exit``.
+        TLB_CONTROL says (KVM does not honour it).  ``pdptrs`` (VMX, an L2 in PAE paging under nested EPT):
+        vmcs12's GUEST_PDPTR0-3, which VM-entry loads into the PDPTE registers (prepare_vmcs02; the processor checks
+        their reserved bits).  Counts ``nested_run``; the vCPU is in guest mode until ``nested_exit``.
         """
         i = self._vcpu_index(vm, vcpu)
         vm = int(vm)
@@ -86,9 +87,25 @@ class Nested:
                 raise bad("ncr3", ncr3, "its top table lies in no memslot (KVM runs L2 on a dummy root then; "
                           "not modelled)")
         check_sregs(l2["cr0"], l2["cr3"], l2["cr4"], l2["efer"], int(self._maxphyaddr[vm]))
-        if l2["cr0"] & int(X86_CR0_PG) and l2["cr4"] & int(X86_CR4_PAE) and not l2["efer"] & int(EFER_LMA):
-            raise bad("cr4", l2["cr4"], "an L2 in PAE paging takes its PDPTEs from vmcs12 (not modelled): use "
-                      "4- or 5-level paging, 32-bit paging or paging off")
+        pae = bool(l2["cr0"] & int(X86_CR0_PG) and l2["cr4"] & int(X86_CR4_PAE) and not l2["efer"] & int(EFER_LMA))
+        if pdptrs is not None:
+            pdptrs = A.u64_array(pdptrs, "pdptrs")
+            if pdptrs.size != 4:
+                raise bad("pdptrs", f"{pdptrs.size} values", "must be vmcs12's four GUEST_PDPTRs")
+            if not pae or eptp is None:
+                raise bad("pdptrs", pdptrs.tolist(), "only for an L2 in PAE paging under nested EPT (eptp): "
+                          "VM-entry loads vmcs12's GUEST_PDPTRs only then")
+            rsvd = ((-1 << int(self._maxphyaddr[vm])) | 0x1E6) & A.U64_MAX   # bits 1-2, 5-8, MAXPHYADDR and up
+            bad_k = [k for k, v in enumerate(pdptrs.tolist()) if v & 1 and v & rsvd]
+            if bad_k:
+                raise bad("pdptrs", pdptrs.tolist(), f"PDPTE {bad_k[0]} is present with reserved bits set: "
+                          "VM-entry fails")
+        if pae and ncr3 is not None:
+            raise bad("cr4", l2["cr4"], "an L2 in PAE paging under nested NPT (its PDPTEs read through NPT12) "
+                      "is not modelled: use 4-level paging, 32-bit paging or paging off")
+        if pae and eptp is not None and pdptrs is None:
+            raise bad("pdptrs", None, "an L2 in PAE paging under nested EPT takes its PDPTEs from vmcs12: give "
+                      "pdptrs=[GUEST_PDPTR0, .., GUEST_PDPTR3]")
         if ncr3 is not None and not svm:
             raise bad("ncr3", ncr3, f"VM {vm} offers VMX (an EPT VM): give eptp; ncr3 is SVM's nested CR3")
         if eptp is not None and svm:
@@ -113,6 +130,10 @@ class Nested:
         rec[i, S.VR_L1_PDPTR:S.VR_L1_PDPTR + 4] = rec[i, S.VR_PDPTR:S.VR_PDPTR + 4]
         for v, col in zip(l2.values(), _REGS, strict=True):
             rec[i, col] = np.uint64(v).view(np.int64)
+        if pdptrs is not None:
+            rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = pdptrs.view(np.int64)
+        elif pae:   # no nested paging: L2 gpas are L1 gpas, and nested_vmx_load_cr3 reads them (load_pdptrs)
+            rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = self._gm_read_words(vm, l2["cr3"] & 0xFFFFFFE0, 4).view(np.int64)
         if pgd is not None:   # vcpu->arch.mmu = &guest_mmu (without nested paging L2 stays on root_mmu)
             rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()
         rec[i, S.VR_GUEST_MODE] = 1

@@ -440,8 +440,12 @@ class GuestPaging:
         bits = int(self._maxphyaddr[vm]) if self.vr.efer[i] & int(EFER_LMA) else 32
         cr3 = A.exact_int(cr3, "cr3", 0, (1 << bits) - 1, why=f"must be a {bits}-bit guest-physical address")
         if self._mmu_kind[vm] != S.MMU_SHADOW:
+            pae = int(mode_levels(cpu_mode(self.vr.cr0[i], self.vr.cr4[i], self.vr.efer[i], self.vr.rflags[i]))) == 3
+            if pae and self.vr.guest_mode[i] and self.vr.eptp[i] >= 0:
+                raise bad("cr3", cr3, f"VM {vm} vCPU {vcpu} runs a PAE L2 under nested paging: its MOV CR3 loads "
+                          "PDPTEs through EPT12 (not modelled); VM-exit and enter again with pdptrs")
             self.vr.cr3[i] = cr3
-            if int(mode_levels(cpu_mode(self.vr.cr0[i], self.vr.cr4[i], self.vr.efer[i], self.vr.rflags[i]))) == 3:
+            if pae:
                 # PAE: the processor loads the four PDPTEs at MOV CR3 (no exit under TDP)
                 self.vr.pdptr[i] = self._gm_read_words(int(vm), int(cr3) & 0xFFFFFFE0, 4).view(np.int64)
             return

@@ -860,3 +860,93 @@ def test_l2_writes_are_logged_through_write_protection_under_pml():
     h.kick_vcpus(vm)
     assert log() == [0, 0, 1, 0] and h.stats(vm)["pf_taken"] == taken and h.stats(vm)["pml_flushes"] > 0
     assert [n.read(base + 4096 * k) for k in range(3)] == [2, 3, 5]
+
+
+# ------------------------------------------------------------------ an L2 in PAE paging under nested EPT
+def _pae_tables(rng, write, nmaps=32):
+    """32-bit PAE tables at L1 = L2 gpa 0x10000 (PDPT), 0x11000.. (PDs, PTs): ``nmaps`` random gvas below 4 GiB
+    -> data pages from 0x1000000, PDPTE 3 not present.  ``write(page, words)`` stores a table; returns (gvas,
+    the four PDPTEs)."""
+    pdpt = [0] * 4
+    tables, nxt = {}, [0x11000]
+
+    def table():
+        nxt[0] += 4096
+        return nxt[0] - 4096
+
+    gvas = []
+    for k in range(nmaps):
+        q, d, t = rng.randrange(3), rng.randrange(512), rng.randrange(512)
+        gva = (q << 30) | (d << 21) | (t << 12)
+        if not pdpt[q]:
+            pdpt[q] = table() | P
+            tables[pdpt[q] & ~0xFFF] = [0] * 512
+        pd = tables[pdpt[q] & ~0xFFF]
+        if not pd[d]:
+            pd[d] = table() | P | RW | US
+            tables[pd[d] & ~0xFFF] = [0] * 512
+        tables[pd[d] & ~0xFFF][t] = (0x1000000 + 4096 * k) | rng.choice([P | RW | US, P | US, P | RW, 0])
+        gvas.append(gva)
+    for page, words in tables.items():
+        write(page, words)
+    write(0x10000, pdpt + [0] * 508)
+    return gvas, pdpt
+
+
+def test_pae_l2_under_nested_ept():
+    """VM-entry loads the PDPTE registers from vmcs12 (``pdptrs``): an L2 in PAE paging walks from them, its
+    tables through EPT02, and gives the same outcomes, #PF error codes and guest memory as the same guest run as a
+    plain PAE VM; a PDPTE rewritten in memory changes nothing until L1 enters again with the new value."""
+    rng = random.Random(5)
+    n = Nest()
+    for k in range(32):                                   # EPT12 maps L2's first 64 MiB 1:1
+        n.ept_map(k << 21, k << 21, R | W | X, level=2)
+    n.flush()
+    gvas, pdpt = _pae_tables(rng, lambda pg, w: n.h.write_guest_memory(n.vm, pg, w))
+    regs = dict(cr0=CR0_PG_PE, cr3=0x10000, cr4=CR4_PAE, efer=0)
+    n.h.nested_enter(n.vm, 0, eptp=n.eptp, pdptrs=pdpt, **regs)
+    plain = bm.Host(memory="4GiB")
+    vm = int(plain.create_vms(1, memory="64MiB")[0])
+    _pae_tables(random.Random(5), lambda pg, w: plain.write_guest_memory(vm, pg, w))
+    plain.set_vcpu_regs(vm, 0, **regs)
+    for _ in range(300):
+        gva = rng.choice(gvas) + 8 * rng.randrange(512)
+        kind = rng.choice([0, 2, 4, 6])
+        val = rng.getrandbits(64)
+        if kind & 2:
+            a, b = n.h.store(n.vm, 0, gva, val, kind=kind), plain.store(vm, 0, gva, val, kind=kind)
+        else:
+            a, b = n.h.access(n.vm, 0, gva, kind), plain.access(vm, 0, gva, kind)
+        assert (_outcome(int(a.outcome[0])), int(a.error_code[0]) if a.outcome[0] == bm.GUEST_FAULT else 0) == \
+            (_outcome(int(b.outcome[0])), int(b.error_code[0]) if b.outcome[0] == bm.GUEST_FAULT else 0)
+    for pg in [0x1000000 + 4096 * k for k in range(32)] + list(range(0x10000, 0x20000, 4096)):
+        assert (n.h.read_guest_memory(n.vm, pg, 512) == plain.read_guest_memory(vm, pg, 512)).all(), hex(pg)
+    # PDPTE 0 cleared in memory: the registers still hold it until the next VM-entry loads the new one
+    q0 = next(g for g in gvas if g >> 30 == 0)
+    before = _outcome(int(n.h.access(n.vm, 0, q0, 0).outcome[0]))
+    n.h.write_guest_memory(n.vm, 0x10000, [0])
+    assert _outcome(int(n.h.access(n.vm, 0, q0, 0).outcome[0])) == before
+    n.h.nested_exit(n.vm, 0)
+    n.h.nested_enter(n.vm, 0, eptp=n.eptp, pdptrs=[0] + pdpt[1:], **regs)
+    r = n.h.access(n.vm, 0, q0, bm.ACC_WRITE)
+    assert r.outcome[0] == bm.GUEST_FAULT and r.error_code[0] == 0x2      # not present, a write
+    with pytest.raises(bm.BatchMMUError, match="PDPTEs through EPT12"):
+        n.h.mov_cr3(n.vm, 0, 0x10000)
+    n.h.nested_exit(n.vm, 0)
+    assert list(n.h.vr.pdptr[0]) == [0, 0, 0, 0]                         # L1's (no PAE) back
+
+
+def test_pae_l2_refusals():
+    n = Nest()
+    regs = dict(cr0=CR0_PG_PE, cr3=0x10000, cr4=CR4_PAE, efer=0)
+    for pdptrs, what in ((None, "takes its PDPTEs from vmcs12"), ([1, 0, 0], "four"),
+                         ([0x2000 | 1 | 2, 0, 0, 0], "reserved bits"), ([(1 << 50) | 1, 0, 0, 0], "reserved bits"),
+                         ([1.5, 0, 0, 0], "pdptrs")):
+        with pytest.raises(bm.BatchMMUError, match=what):
+            n.h.nested_enter(n.vm, 0, eptp=n.eptp, pdptrs=pdptrs, **regs)
+    with pytest.raises(bm.BatchMMUError, match="only for an L2 in PAE paging"):
+        n.h.nested_enter(n.vm, 0, eptp=n.eptp, pdptrs=[0, 0, 0, 0], cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert n.h.stats(n.vm)["nested_run"] == 0 and not n.h.vr.guest_mode[0]
+    s = Nest(svm=True)
+    with pytest.raises(bm.BatchMMUError, match="nested NPT"):
+        s.h.nested_enter(s.vm, 0, ncr3=s.root, **regs)
