@@ -38,7 +38,8 @@ def _grow_records(rec, new_cap, fills):
 
 
 SP_FILLS = {S.SP_VM: -1, S.SP_PARENT: -1, S.SP_HNEXT: -1, S.SP_ANEXT: -1, S.SP_APREV: -1, S.SP_PARENT_HEAD: -1}
-VM_FILLS = {S.VM_ROOT: -1, S.VM_SLOT_LAST: -1, S.VM_HASH_OFF: -1, S.VM_ACT_HEAD: -1, S.VM_ACT_TAIL: -1}
+VM_FILLS = {S.VM_ROOT: -1, S.VM_ROOT_L2: -1, S.VM_SLOT_LAST: -1, S.VM_HASH_OFF: -1, S.VM_ACT_HEAD: -1,
+            S.VM_ACT_TAIL: -1}
 SL_FILLS = {S.SL_VM: -1, S.SL_SLOT_ID: -1, S.SL_DIRTY_OFF: -1, S.SL_WTRACK_OFF: -1,
             **{S.SL_RMAP_OFF + i: -1 for i in range(3)}}
 

@@ -200,6 +200,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
         vms = np.arange(first, need, dtype=np.int64)
         vt = self.vt
         vt.root[vms] = -1
+        vt.root_l2[vms] = -1
         # shadow paging builds x86-format SPTEs with A/D bits (the NPT layout)
         vt.fmt[vms] = FMT_EPT if tdp_format == "ept" and kind != S.MMU_SHADOW else FMT_NPT
         vt.levels[vms] = tdp_levels

@@ -118,10 +118,6 @@ class Nested:
             raise bad("vcpu", vcpu, f"VM {vm} vCPU {vcpu} is already running L2 (VMLAUNCH in guest mode exits "
                       "to L1; call nested_exit first)")
         pgd = eptp if eptp is not None else ncr3
-        if pgd is None and self._tdp_mmu(vm):
-            raise bad("eptp" if not svm else "ncr3", None, f"VM {vm} is on the TDP MMU: an L2 without nested paging "
-                      "runs on a second TDP MMU root (role.guest_mode), which is not modelled; give "
-                      f"{'ncr3' if svm else 'eptp'} or create the VM with tdp_mmu=False")
         if pgd is not None:
             self._first_shadow_root_alloc(vm)   # (allocations first: a refusal leaves the vCPU in L1)
         self.arena.topup_shadow()
@@ -143,8 +139,9 @@ class Nested:
         st[vm, S.ST_GUEST_MODE] += 1
         if flush or svm:   # SVM: nested_svm_transition_tlb_flush on every VMRUN (TLB_CONTROL is not honoured)
             st[vm, S.ST_TLB_FLUSH] += 1
-        from .kernels.nested import nested_enter_mmu
-        nested_enter_mmu(self._mmu_bundle(), np.int64(vm), np.int64(i))
+        if pgd is not None or not self._tdp_mmu(vm):   # on the TDP MMU the vCPU's role picks its root (tdp.py)
+            from .kernels.nested import nested_enter_mmu
+            nested_enter_mmu(self._mmu_bundle(), np.int64(vm), np.int64(i))
 
     def nested_exit(self, vm, vcpu):
         """VM-exit from L2 to L1 on one vCPU: L1's registers and root_mmu come back; guest_mmu's roots stay
@@ -161,7 +158,7 @@ class Nested:
         rec[i, S.VR_EPTP] = -1
         if nested_paging:   # back to root_mmu; guest_mmu's roots stay cached for the next entry
             rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()
-        else:               # root_mmu back to L1's role
+        elif not self._tdp_mmu(vm):   # root_mmu back to L1's role (on the TDP MMU: L1's root, by the vCPU's role)
             from .kernels.nested import nested_exit_mmu
             self.arena.topup_shadow()
             nested_exit_mmu(self._mmu_bundle(), np.int64(vm), np.int64(i))

@@ -51,10 +51,16 @@ from .state import (
     VM_DIRTY_MODE,
     VM_FMT,
     VM_LEVELS,
-    VM_ROOT,
     VM_VCPU_OFF,
 )
-from .tdp import tdp_clear_spte_bits, tdp_mmu_alloc_sp, tdp_mmu_split_huge_page, tdp_set_spte
+from .tdp import (
+    NR_TDP_ROOTS,
+    tdp_clear_spte_bits,
+    tdp_mmu_alloc_sp,
+    tdp_mmu_split_huge_page,
+    tdp_root_field,
+    tdp_set_spte,
+)
 from .tdp_iter import tdp_iter_next_leaf, tdp_iter_run, tdp_iter_start_leaf, walk_to_leaf
 
 
@@ -92,27 +98,22 @@ def pml_flush_vm(vt, st, ct, vm, nvcpus):
 
 
 # ----------------------------------------------------------------------------- SPTE walks
-@njit(inline="always", _nrt=False)
-def _leaf_at(pa, vt, vm, gfn):
-    """(row, idx, level, spte) of the leaf (or the non-present entry) mapping gfn; row -1 if no root."""
-    if vt.rec[vm, VM_ROOT] < 0:
-        return np.int64(-1), np.int64(0), np.int64(vt.rec[vm, VM_LEVELS]), np.int64(0)
-    return walk_to_leaf(pa.spt, vt.rec[vm, VM_ROOT], np.int64(vt.rec[vm, VM_LEVELS]), gfn)
-
-
 @kernel
 def count_huge_leaves(pa, vt, vm, start, end):
     """Rows an eager split of [start, end) may need: 1 per 2M leaf, 513 per 1G leaf."""
     root_level = np.int64(vt.rec[vm, VM_LEVELS])
     spt, meta = pa.spt, pa.meta
     rows = 0
-    # a 4K leaf table holds nothing to split: the walk stays at 2M and above
-    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_2M)
-    while valid and gfn < end:
-        spte = spt[row, spte_index(gfn, level)]
-        if level > PG_LEVEL_4K and is_shadow_present_pte(spte) and is_last_spte(spte, level):
-            rows += 1 if level == PG_LEVEL_2M else 513
-        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M, end)
+    for r in range(NR_TDP_ROOTS):
+        # a 4K leaf table holds nothing to split: the walk stays at 2M and above
+        row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, tdp_root_field(r)], root_level, start,
+                                                          PG_LEVEL_2M)
+        while valid and gfn < end:
+            spte = spt[row, spte_index(gfn, level)]
+            if level > PG_LEVEL_4K and is_shadow_present_pte(spte) and is_last_spte(spte, level):
+                rows += 1 if level == PG_LEVEL_2M else 513
+            row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level,
+                                                             PG_LEVEL_2M, end)
     return rows
 
 
@@ -125,30 +126,40 @@ def tdp_try_split_huge_pages(pa, vt, cfg, vm, start, end, target_level):
     nx = cfg[CFG_NX_HUGE_PAGES] != 0
     root_level = np.int64(vt.rec[vm, VM_LEVELS])
     spt, meta = pa.spt, pa.meta
-    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, target_level + 1)
-    while valid and gfn < end:
-        idx = spte_index(gfn, level)
-        spte = spt[row, idx]
-        if is_shadow_present_pte(spte) and is_last_spte(spte, level):  # is_large_pte: level > target_level
-            child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, gfn, meta[row, SP_ROLE], row, idx)
-            tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
-            vt.stats[vm, ST_PAGES_SPLIT] += 1
-        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level,
-                                                         target_level + 1, end)
+    for r in range(NR_TDP_ROOTS):   # the VM's roots (for_each_valid_tdp_mmu_root)
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, start, target_level + 1)
+        while valid and gfn < end:
+            idx = spte_index(gfn, level)
+            spte = spt[row, idx]
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level):  # is_large_pte: level > target_level
+                child = tdp_mmu_alloc_sp(pa, vt, vm, level - 1, gfn, meta[row, SP_ROLE], row, idx)
+                tdp_mmu_split_huge_page(pa, vt, vm, fmt, row, idx, level, child, nx)
+                vt.stats[vm, ST_PAGES_SPLIT] += 1
+            row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level,
+                                                             target_level + 1, end)
 
 
 @helper
 def tdp_write_protect_gfn(pa, vt, vm, gfn, min_level):
-    """write_protect_gfn: clear W and MMU-writable on the leaf >= min_level mapping gfn."""
-    row, idx, level, spte = _leaf_at(pa, vt, vm, gfn)
-    if row < 0 or not is_shadow_present_pte(spte) or level < min_level:
-        return False
-    new = spte & ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(vt.rec[vm, VM_FMT]))
-    if new == spte:
-        return False
-    tdp_set_spte(pa, vt, vm, row, idx, level, new)
-    vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
-    return True
+    """write_protect_gfn: clear W and MMU-writable on the leaf >= min_level mapping gfn, in every root."""
+    done = False
+    for r in range(NR_TDP_ROOTS):
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        row, idx, level, spte = walk_to_leaf(pa.spt, root, np.int64(vt.rec[vm, VM_LEVELS]), gfn)
+        if not is_shadow_present_pte(spte) or level < min_level:
+            continue
+        new = spte & ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(vt.rec[vm, VM_FMT]))
+        if new == spte:
+            continue
+        tdp_set_spte(pa, vt, vm, row, idx, level, new)
+        vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += 1
+        done = True
+    return done
 
 
 @helper
@@ -167,24 +178,30 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
     end = gfn + 64
     count = 0
     # tdp_root_for_each_leaf_pte(gfn + __ffs(mask), gfn + BITS_PER_LONG); huge leaves are left alone
-    row, level, g, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, gfn + first, PG_LEVEL_4K)
-    while valid and g < end and mask != 0:
-        if level == PG_LEVEL_4K:
-            idx = spte_index(g, level)
-            b0 = g - gfn
-            run = tdp_iter_run(g, level, end)
-            for k in range(run):
-                if (mask >> (b0 + k)) & 1:
-                    spte = spt[row, idx + k]
-                    if is_shadow_present_pte(spte):
-                        dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
-                        if spte & dbit:
-                            tdp_clear_spte_bits(spt, row, idx + k, dbit)
-                            count += 1
-            # the bits of this run are done
-            mask = np.int64(0) if b0 + run >= 64 else mask & ~((np.int64(1) << (b0 + run)) - 1)
-            g += run - 1
-        row, level, g, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, g, nlg, root_level, PG_LEVEL_4K, end)
+    todo = mask
+    for r in range(NR_TDP_ROOTS):   # the VM's roots (for_each_valid_tdp_mmu_root)
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        mask = todo
+        row, level, g, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, gfn + first, PG_LEVEL_4K)
+        while valid and g < end and mask != 0:
+            if level == PG_LEVEL_4K:
+                idx = spte_index(g, level)
+                b0 = g - gfn
+                run = tdp_iter_run(g, level, end)
+                for k in range(run):
+                    if (mask >> (b0 + k)) & 1:
+                        spte = spt[row, idx + k]
+                        if is_shadow_present_pte(spte):
+                            dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
+                            if spte & dbit:
+                                tdp_clear_spte_bits(spt, row, idx + k, dbit)
+                                count += 1
+                # the bits of this run are done
+                mask = np.int64(0) if b0 + run >= 64 else mask & ~((np.int64(1) << (b0 + run)) - 1)
+                g += run - 1
+            row, level, g, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, g, nlg, root_level, PG_LEVEL_4K, end)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 
@@ -197,20 +214,24 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
     dmask = shadow_dirty_mask(fmt)
     count = 0
     # tdp_root_for_each_leaf_pte: leaves at every level (huge ones too)
-    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_4K)
-    while valid and gfn < end:
-        idx = spte_index(gfn, level)
-        run = tdp_iter_run(gfn, level, end)
-        for k in range(idx, idx + run):
-            spte = spt[row, k]
-            if is_shadow_present_pte(spte) and is_last_spte(spte, level):
-                dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
-                if spte & dbit:
-                    tdp_clear_spte_bits(spt, row, k, dbit)
-                    count += 1
-        gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
-                                                         end)
+    for r in range(NR_TDP_ROOTS):   # the VM's roots (for_each_valid_tdp_mmu_root)
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, start, PG_LEVEL_4K)
+        while valid and gfn < end:
+            idx = spte_index(gfn, level)
+            run = tdp_iter_run(gfn, level, end)
+            for k in range(idx, idx + run):
+                spte = spt[row, k]
+                if is_shadow_present_pte(spte) and is_last_spte(spte, level):
+                    dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+                    if spte & dbit:
+                        tdp_clear_spte_bits(spt, row, k, dbit)
+                        count += 1
+            gfn += run - 1
+            row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
+                                                             end)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
 
 

@@ -220,14 +220,14 @@ def fast_page_fault(pa, st, ct, vcpu_g, fmt, root, root_level, gfn, rec, present
 
 
 @njit(inline="always", _nrt=False)
-def kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
+def kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, rootf, vcpu_g, vm, fmt, gfn, rec, present, rsvd, write, fetch):
     """kvm_tdp_mmu_page_fault: page tracking, fast path, faultin, hugepage adjust, map.  ``sh`` is the shadow
     MMU's state: a VM running nested EPT / NPT write-tracks L1's EPT12 / NPT12 tables and unsyncs their pages."""
     ad_enabled_vm = vt.rec[vm, VM_AD_DISABLED] == 0
     if present and write and not rsvd and write_tracked(st, sh, rec, gfn):
         return RET_PF_EMULATE   # page_fault_handle_page_track (RET_PF_WRITE_PROTECTED since v6.12)
     if not rsvd:  # page_fault_can_be_fast: faults on MMIO SPTEs never are
-        r = fast_page_fault(pa, st, ct, vcpu_g, fmt, vt.rec[vm, VM_ROOT], vt.rec[vm, VM_LEVELS], gfn, rec, present,
+        r = fast_page_fault(pa, st, ct, vcpu_g, fmt, vt.rec[vm, rootf], vt.rec[vm, VM_LEVELS], gfn, rec, present,
                             write, fetch, ad_enabled_vm)
         if r != RET_PF_INVALID:
             vt.stats[vm, ST_PF_FAST] += 1
@@ -265,7 +265,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, rec, 
     wrprot = map_writable and vt.rec[vm, VM_HASH_OFF] >= 0 and \
         try_to_unsync_pages(pa, vt, st, sh, vm, rec, gfn, False, False) != 0
     # one call site: the map tree is inlined once
-    return kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level,
+    return kvm_tdp_mmu_map(pa, vt, st, ct, rootf, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level,
                            req_level, huge_page_disallowed, nx_huge_pages, mmio_caching, write,
                            host[CFG_SPLIT_ON_FAULT] != 0)
 
@@ -307,7 +307,7 @@ MAX_EXITS_PER_ACCESS = 4
 
 
 @njit(inline="always", _nrt=False)
-def kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
+def kvm_handle_exit(pa, vt, st, ct, sh, host, rootf, vcpu_g, vm, fmt, gfn, write, fetch, res, refs, spte):
     """TDP exits of one access (EPT violation / misconfiguration, #NPF): kvm_mmu_page_fault, then
     the guest re-executes the access, which may exit again (a fault fixed for the access KVM saw
     is not always enough for the access the guest made).
@@ -336,7 +336,7 @@ def kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch
         stats[vm, ST_WALK_REFS] += refs
         stats[vm, ST_PF_TAKEN] += 1
         present = (err & PFERR_PRESENT_MASK) != 0
-        r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, rec, present,
+        r = kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, rootf, vcpu_g, vm, fmt, gfn, rec, present,
                                    (err & PFERR_RSVD_MASK) != 0, (err & PFERR_WRITE_MASK) != 0,
                                    (err & PFERR_FETCH_MASK) != 0)
         if r == RET_PF_RETRY:
@@ -346,7 +346,7 @@ def kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch
         if outcome == OUT_EMULATED:
             return (OUT_MMIO if rec < 0 else OUT_EMULATED), err
         # The guest re-executes the access.
-        res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.rec[vm, VM_ROOT], vt.rec[vm, VM_LEVELS],
+        res, refs, row, idx, level, spte = tdp_hw_walk(pa.spt, fmt, vt.rec[vm, rootf], vt.rec[vm, VM_LEVELS],
                                                        gfn, write, fetch, vt.rec[vm, VM_AD_DISABLED] == 0)
         if res == WALK_OK:
             stats[vm, ST_WALK_REFS] += refs
@@ -406,7 +406,7 @@ def access_batch(pa, vt, st, ct, sh, host, ev_vm, ev_vcpu, ev_addr, ev_kind, sta
         else:
             root = vrec[vm, VM_ROOT]
             if root < 0:
-                root = mmu_alloc_root(pa, vt, vm)  # kvm_mmu_load at vCPU entry
+                root = mmu_alloc_root(pa, vt, vm, VM_ROOT)  # kvm_mmu_load at vCPU entry
             res, refs, row, idx, level, spte = tdp_hw_walk(spt, fmt, root, vrec[vm, VM_LEVELS], gfn, write,
                                                            fetch, ad_enabled_vm)
         if res == WALK_OK:
@@ -425,7 +425,7 @@ def access_batch(pa, vt, st, ct, sh, host, ev_vm, ev_vcpu, ev_addr, ev_kind, sta
         pend_vm, pend_acc, pend_refs = -1, 0, 0
         memo_vm = -1
         # An exit: EPT violation / misconfig, or #NPF.
-        outcome, err = kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, refs,
+        outcome, err = kvm_handle_exit(pa, vt, st, ct, sh, host, VM_ROOT, vcpu_g, vm, fmt, gfn, write, fetch, res, refs,
                                        spte)
         if outcome < 0:
             return i, STOP_HOST_OOM  # nothing applied for this event; pending stats flushed above

@@ -24,9 +24,8 @@ from .state import (
     ST_PAGES_AGED,
     VM_FMT,
     VM_LEVELS,
-    VM_ROOT,
 )
-from .tdp import tdp_clear_spte_bits, tdp_set_spte
+from .tdp import NR_TDP_ROOTS, tdp_clear_spte_bits, tdp_root_field, tdp_set_spte
 from .tdp_iter import tdp_iter_next_leaf, tdp_iter_run, tdp_iter_start_leaf
 
 
@@ -37,18 +36,22 @@ def tdp_zap_leafs(pa, vt, vm, start, end):
     root_level = np.int64(vt.rec[vm, VM_LEVELS])  # read once: a store to spt may alias the record for LLVM
     spt, meta = pa.spt, pa.meta
     n = 0
-    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_4K)
-    while valid and gfn < end:
-        idx = spte_index(gfn, level)
-        run = tdp_iter_run(gfn, level, end)
-        for k in range(idx, idx + run):
-            spte = spt[row, k]
-            if is_shadow_present_pte(spte) and is_last_spte(spte, level):
-                tdp_set_spte(pa, vt, vm, row, k, level, SHADOW_NONPRESENT_VALUE)
-                n += 1
-        gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
-                                                         end)
+    for r in range(NR_TDP_ROOTS):   # the VM's roots (for_each_valid_tdp_mmu_root)
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, start, PG_LEVEL_4K)
+        while valid and gfn < end:
+            idx = spte_index(gfn, level)
+            run = tdp_iter_run(gfn, level, end)
+            for k in range(idx, idx + run):
+                spte = spt[row, k]
+                if is_shadow_present_pte(spte) and is_last_spte(spte, level):
+                    tdp_set_spte(pa, vt, vm, row, k, level, SHADOW_NONPRESENT_VALUE)
+                    n += 1
+            gfn += run - 1
+            row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
+                                                             end)
     vt.stats[vm, ST_MMU_NOTIFIER_ZAPPED] += n
     return n
 
@@ -62,25 +65,29 @@ def tdp_age_range(pa, vt, vm, start, end, clear, young):
     spt, meta = pa.spt, pa.meta
     any_young = False
     # tdp_root_for_each_leaf_pte
-    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, PG_LEVEL_4K)
-    while valid and gfn < end:
-        idx = spte_index(gfn, level)
-        run = tdp_iter_run(gfn, level, end)
-        for k in range(idx, idx + run):
-            spte = spt[row, k]
-            if is_shadow_present_pte(spte) and is_last_spte(spte, level) and is_accessed_spte(fmt, spte):
-                any_young = True
-                g = gfn + (k - idx)
-                for y in range(max(g, start), min(g + pages_per_hpage(level), end)):
-                    young[y - start] = 1
-                if clear:
-                    # kvm_tdp_mmu_age_spte
-                    if spte_ad_enabled(spte):
-                        tdp_clear_spte_bits(spt, row, k, shadow_accessed_mask(fmt))
-                    else:
-                        tdp_set_spte(pa, vt, vm, row, k, level, mark_spte_for_access_track(fmt, spte))
-                    vt.stats[vm, ST_PAGES_AGED] += 1
-        gfn += run - 1
-        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
-                                                         end)
+    for r in range(NR_TDP_ROOTS):   # the VM's roots (for_each_valid_tdp_mmu_root)
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, start, PG_LEVEL_4K)
+        while valid and gfn < end:
+            idx = spte_index(gfn, level)
+            run = tdp_iter_run(gfn, level, end)
+            for k in range(idx, idx + run):
+                spte = spt[row, k]
+                if is_shadow_present_pte(spte) and is_last_spte(spte, level) and is_accessed_spte(fmt, spte):
+                    any_young = True
+                    g = gfn + (k - idx)
+                    for y in range(max(g, start), min(g + pages_per_hpage(level), end)):
+                        young[y - start] = 1
+                    if clear:
+                        # kvm_tdp_mmu_age_spte
+                        if spte_ad_enabled(spte):
+                            tdp_clear_spte_bits(spt, row, k, shadow_accessed_mask(fmt))
+                        else:
+                            tdp_set_spte(pa, vt, vm, row, k, level, mark_spte_for_access_track(fmt, spte))
+                        vt.stats[vm, ST_PAGES_AGED] += 1
+            gfn += run - 1
+            row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_4K,
+                                                             end)
     return any_young

@@ -173,7 +173,8 @@ VM_MAXPHYADDR = 20     # guest MAXPHYADDR (bits; kvm_vcpu_arch.maxphyaddr, the s
 VM_VCPU_OFF = 21       # global index of the VM's vCPU 0 (VcpuTable / VcpuRegs rows)
 VM_MMU = 22            # MMU_TDP, MMU_SHADOW or MMU_LEGACY (which MMU builds the VM's SPTEs)
 VM_N_USED = 23         # n_used_mmu_pages: the shadow MMU code's pages (the mmu_pages stat adds the TDP MMU's)
-NVMF = 24
+VM_ROOT_L2 = 24        # TDP MMU root of role guest_mode (an L2 without nested paging), -1 until one runs
+NVMF = 25
 
 
 class VMTable(NamedTuple):
@@ -204,6 +205,7 @@ class VMTable(NamedTuple):
     vcpu_off = _cols("rec", VM_VCPU_OFF)
     mmu = _cols("rec", VM_MMU)
     n_used = _cols("rec", VM_N_USED)
+    root_l2 = _cols("rec", VM_ROOT_L2)
 
 
 DM_MANUAL_PROTECT = 1

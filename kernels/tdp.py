@@ -33,6 +33,7 @@ from .spte import (
     ROLE_CR0_WP,
     ROLE_DIRECT,
     ROLE_EFER_NX,
+    ROLE_GUEST_MODE,
     SHADOW_NONPRESENT_VALUE,
     SPTE_ENT_PER_PAGE,
     is_last_spte,
@@ -86,6 +87,9 @@ from .state import (
     VM_LEVELS,
     VM_MEMSLOTS_GEN,
     VM_ROOT,
+    VM_ROOT_L2,
+    VR_EPTP,
+    VR_GUEST_MODE,
 )
 from .tdp_iter import tdp_iter_next, tdp_iter_next_leaf, tdp_iter_run, tdp_iter_start, tdp_iter_start_leaf
 
@@ -161,11 +165,28 @@ def tdp_mmu_free_sp(pa, vt, vm, row):
     pa.ctl[CTL_FREE_TOP] = top + 1
 
 
+NR_TDP_ROOTS = 2   # a VM's TDP MMU roots: L1's (VM_ROOT) and, for an L2 without nested paging, role.guest_mode's
+
+
+@njit(inline="always", _nrt=False)
+def tdp_root_field(k):
+    return VM_ROOT if k == 0 else VM_ROOT_L2
+
+
+@njit(inline="always", _nrt=False)
+def vcpu_root_field(vr, vg):
+    """The root a vCPU runs on: role.guest_mode's while it runs an L2 without nested paging, else L1's."""
+    return VM_ROOT_L2 if vr.rec[vg, VR_GUEST_MODE] != 0 and vr.rec[vg, VR_EPTP] < 0 else VM_ROOT
+
+
 @helper
-def mmu_alloc_root(pa, vt, vm):
-    # kvm_tdp_mmu_get_vcpu_root_hpa: roots are shared by all vCPUs of the VM
-    row = tdp_mmu_alloc_sp(pa, vt, vm, vt.rec[vm, VM_LEVELS], 0, tdp_mmu_root_role(vt, vm), -1, 0)
-    vt.rec[vm, VM_ROOT] = row
+def mmu_alloc_root(pa, vt, vm, rootf):
+    # kvm_tdp_mmu_get_vcpu_root_hpa: roots are shared by all vCPUs of the VM with the same role
+    role = tdp_mmu_root_role(vt, vm)
+    if rootf == VM_ROOT_L2:
+        role |= ROLE_GUEST_MODE
+    row = tdp_mmu_alloc_sp(pa, vt, vm, vt.rec[vm, VM_LEVELS], 0, role, -1, 0)
+    vt.rec[vm, rootf] = row
     return row
 
 
@@ -242,16 +263,17 @@ def disallowed_child(pa, spte):
 
 
 @njit(inline="always", _nrt=False)
-def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level, req_level,
-                    huge_page_disallowed, nx_huge_pages, mmio_caching, write, split_on_fault):
+def kvm_tdp_mmu_map(pa, vt, st, ct, rootf, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level,
+                    req_level, huge_page_disallowed, nx_huge_pages, mmio_caching, write, split_on_fault):
     """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.  ``wrprot``: the new SPTE
     stays write-protected (a gfn guest_mmu write-tracks), and a write fault is emulated.
 
-    ``pfn4k`` is the host pfn of the faulting 4K gfn; the goal level aligns it.  A present huge SPTE above the
+    ``rootf`` is the VM record field of the root the vCPU runs on (vcpu_root_field).  ``pfn4k`` is the host pfn
+    of the faulting 4K gfn; the goal level aligns it.  A present huge SPTE above the
     goal level is split (``split_on_fault``, v6.2+) or, as before v6.2, zapped (tdp_mmu_zap_spte_atomic, with
     its remote flush) and replaced by an empty table, so the rest of its range faults again.
     """
-    row = vt.rec[vm, VM_ROOT]
+    row = vt.rec[vm, rootf]
     level = np.int64(vt.rec[vm, VM_LEVELS])
     role = pa.meta[row, SP_ROLE]
     while True:
@@ -314,15 +336,15 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writab
 
 @kernel
 def tdp_mmu_zap_all(pa, vt, vm):
-    """kvm_mmu_zap_all_fast for the TDP MMU: invalidate the root and zap it (no flush).
+    """kvm_mmu_zap_all_fast for the TDP MMU: invalidate the roots and zap them (no flush).
 
     The vCPUs load a fresh root at their next entry.
     """
-    root = vt.rec[vm, VM_ROOT]
-    if root < 0:
-        return
-    handle_removed_pt(pa, vt, vm, root, np.int64(vt.rec[vm, VM_LEVELS]))
-    vt.rec[vm, VM_ROOT] = -1
+    for k in range(NR_TDP_ROOTS):
+        root = vt.rec[vm, tdp_root_field(k)]
+        if root >= 0:
+            handle_removed_pt(pa, vt, vm, root, np.int64(vt.rec[vm, VM_LEVELS]))
+            vt.rec[vm, tdp_root_field(k)] = -1
 
 
 @kernel
@@ -383,23 +405,28 @@ def tdp_wrprot_gfn_range(pa, vt, vm, start, end, min_level):
     root_level = np.int64(vt.rec[vm, VM_LEVELS])
     spt, meta = pa.spt, pa.meta
     count = 0
-    row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, vt.rec[vm, VM_ROOT], root_level, start, min_level)
-    while valid and gfn < end:
-        idx = spte_index(gfn, level)
-        if level == PG_LEVEL_4K:
-            # a run of 4K leaves: branch-free, 64 entries a word-pass (vectorised)
-            run = tdp_iter_run(gfn, level, end)
-            if run == SPTE_ENT_PER_PAGE:
-                count += _wrprot_leaf_run(spt, row, 0, SPTE_ENT_PER_PAGE)  # a constant trip count vectorises
+    for r in range(NR_TDP_ROOTS):   # the VM's roots (for_each_valid_tdp_mmu_root)
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        row, level, gfn, nlg, valid = tdp_iter_start_leaf(spt, root, root_level, start, min_level)
+        while valid and gfn < end:
+            idx = spte_index(gfn, level)
+            if level == PG_LEVEL_4K:
+                # a run of 4K leaves: branch-free, 64 entries a word-pass (vectorised)
+                run = tdp_iter_run(gfn, level, end)
+                if run == SPTE_ENT_PER_PAGE:
+                    count += _wrprot_leaf_run(spt, row, 0, SPTE_ENT_PER_PAGE)  # a constant trip count vectorises
+                else:
+                    count += _wrprot_leaf_run(spt, row, idx, run)
+                gfn += run - 1
             else:
-                count += _wrprot_leaf_run(spt, row, idx, run)
-            gfn += run - 1
-        else:
-            spte = spt[row, idx]
-            if is_shadow_present_pte(spte) and is_last_spte(spte, level) and (spte & PT_WRITABLE_MASK):
-                tdp_clear_spte_bits(spt, row, idx, PT_WRITABLE_MASK)
-                count += 1
-        row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, min_level, end)
+                spte = spt[row, idx]
+                if is_shadow_present_pte(spte) and is_last_spte(spte, level) and (spte & PT_WRITABLE_MASK):
+                    tdp_clear_spte_bits(spt, row, idx, PT_WRITABLE_MASK)
+                    count += 1
+            row, level, gfn, nlg, valid = tdp_iter_next_leaf(spt, meta, row, level, gfn, nlg, root_level, min_level,
+                                                             end)
     vt.stats[vm, ST_PAGES_WRITE_PROTECTED] += count
     return count
 
@@ -443,16 +470,21 @@ def tdp_recover_huge_pages(pa, vt, st, cfg, vm, rec):
     spt, meta = pa.spt, pa.meta
     flush = False
     # recover_huge_pages_range: for_each_tdp_pte_min_level(PG_LEVEL_2M)
-    row, level, gfn, nlg, valid = tdp_iter_start(vt.rec[vm, VM_ROOT], root_level, start)
-    while valid and gfn < end:
-        idx = spte_index(gfn, level)
-        spte = spt[row, idx]
-        if level <= KVM_MAX_HUGEPAGE_LEVEL and is_shadow_present_pte(spte) and not is_last_spte(spte, level) \
-                and start <= gfn < end \
-                and invalidation_clamp_level(vt, vm, gfn, kvm_mmu_max_mapping_level(st, rec, gfn, max_level)) >= level:
-            huge, found = tdp_mmu_make_huge_spte(pa, fmt, spte_to_child_row(spte), level, gfn, nx)
-            if found:
-                tdp_set_spte(pa, vt, vm, row, idx, level, huge)
-                flush = True
-        row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M)
+    for r in range(NR_TDP_ROOTS):   # the VM's roots (for_each_valid_tdp_mmu_root)
+        root = vt.rec[vm, tdp_root_field(r)]
+        if root < 0:
+            continue
+        row, level, gfn, nlg, valid = tdp_iter_start(root, root_level, start)
+        while valid and gfn < end:
+            idx = spte_index(gfn, level)
+            spte = spt[row, idx]
+            if level <= KVM_MAX_HUGEPAGE_LEVEL and is_shadow_present_pte(spte) and not is_last_spte(spte, level) \
+                    and start <= gfn < end \
+                    and invalidation_clamp_level(vt, vm, gfn,
+                                                 kvm_mmu_max_mapping_level(st, rec, gfn, max_level)) >= level:
+                huge, found = tdp_mmu_make_huge_spte(pa, fmt, spte_to_child_row(spte), level, gfn, nx)
+                if found:
+                    tdp_set_spte(pa, vt, vm, row, idx, level, huge)
+                    flush = True
+            row, level, gfn, nlg, valid = tdp_iter_next(spt, meta, row, level, gfn, nlg, root_level, PG_LEVEL_2M)
     return flush

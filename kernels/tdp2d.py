@@ -116,7 +116,6 @@ from .state import (
     VM_LEVELS,
     VM_MAXPHYADDR,
     VM_MMU,
-    VM_ROOT,
     VM_VCPU_OFF,
     VR_CR0,
     VR_CR3,
@@ -127,14 +126,14 @@ from .state import (
     VR_RFLAGS,
     VR_ROOT,
 )
-from .tdp import mmu_alloc_root
+from .tdp import mmu_alloc_root, vcpu_root_field
 
 # result of a step of the walk that needs KVM
 _NEED_ROWS = -2
 
 
 @helper
-def tdp_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
+def tdp_exit(pa, vt, st, ct, sh, host, rootf, vcpu_g, vm, fmt, gfn, write, fetch, res, spte):
     """One EPT violation / misconfiguration / #NPF of a 2D walk: kvm_handle_exit, not inlined.
 
     kvm_handle_exit counts the access and the references of its own re-walk of the one gpa (right
@@ -144,7 +143,7 @@ def tdp_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, 
     """
     acc = vt.stats[vm, ST_ACCESSES]
     refs = vt.stats[vm, ST_WALK_REFS]
-    o, e = kvm_handle_exit(pa, vt, st, ct, sh, host, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
+    o, e = kvm_handle_exit(pa, vt, st, ct, sh, host, rootf, vcpu_g, vm, fmt, gfn, write, fetch, res, 0, spte)
     vt.stats[vm, ST_ACCESSES] = acc
     vt.stats[vm, ST_WALK_REFS] = refs
     return o, e
@@ -216,6 +215,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
     ad_vm = vt.rec[vm, VM_AD_DISABLED] == 0
     pml = (vt.rec[vm, VM_DIRTY_MODE] & DM_PML_ACTIVE) != 0
     legacy = vt.rec[vm, VM_MMU] == MMU_LEGACY   # kvm.tdp_mmu=N: the vCPU's direct shadow root (tdp2d_batch loads it)
+    rootf = vcpu_root_field(vr, vcpu_g)         # the TDP MMU: L1's root, or role.guest_mode's for an L2
     write = (kind & PFERR_WRITE_MASK) != 0
     fetch = (kind & PFERR_FETCH_MASK) != 0
     mode = cpu_mode(vr.rec[vcpu_g, VR_CR0], vr.rec[vcpu_g, VR_CR4], vr.rec[vcpu_g, VR_EFER], vr.rec[vcpu_g, VR_RFLAGS])
@@ -267,11 +267,11 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
                 gfn = gpa >> 12
                 w = write
                 f = fetch
-            root = vr.rec[vcpu_g, VR_ROOT] if legacy else vt.rec[vm, VM_ROOT]
+            root = vr.rec[vcpu_g, VR_ROOT] if legacy else vt.rec[vm, rootf]
             if root < 0:
                 if pa.ctl[CTL_FREE_TOP] < MAX_ROWS_PER_EVENT:
                     return _NEED_ROWS, err, refs
-                root = mmu_alloc_root(pa, vt, vm)  # kvm_mmu_load at vCPU entry
+                root = mmu_alloc_root(pa, vt, vm, rootf)  # kvm_mmu_load at vCPU entry
             res, r, row, idx, lvl, spte = tdp_hw_walk(pa.spt, fmt, root, tdp_levels, gfn, w, f, ad_vm)
             refs += r
             if res == WALK_OK:
@@ -290,7 +290,7 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
             if legacy:
                 o, e, done = legacy_tdp_exit(m, vm, vcpu_g, gfn, w, f, res, spte)
             else:
-                o, e = tdp_exit(pa, vt, st, ct, m.sh, m.host, vcpu_g, vm, fmt, gfn, w, f, res, spte)
+                o, e = tdp_exit(pa, vt, st, ct, m.sh, m.host, rootf, vcpu_g, vm, fmt, gfn, w, f, res, spte)
             if o < 0:
                 wk[SC_OOM_GPA] = gfn << 12
                 return -1, err, refs

@@ -379,28 +379,59 @@ def test_l1_edits_ept12_through_stores():
     assert r.outcome[0] == bm.EMULATED and n.h.stats(n.vm)["mmu_pte_write"] == before + 1
 
 
-def _refused_without_nested_paging(h, vm):
-    """On the TDP MMU an L2 without nested paging would need a second TDP MMU root (role.guest_mode): refused, and
-    the vCPU stays in L1 with nothing counted."""
-    with pytest.raises(bm.BatchMMUError, match="second TDP MMU root"):
-        h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
-    assert not h.vr.guest_mode[0] and h.stats(vm)["nested_run"] == 0 and h.stats(vm)["guest_mode"] == 0
-
-
 def test_l2_without_nested_ept_gets_its_own_root(l0_mmu):
-    """No EPTP: L2 runs on a direct root of role guest_mode (L1 gpas), apart from L1's."""
+    """No EPTP: L2 runs on a direct root of role guest_mode (L1 gpas), apart from L1's: on the legacy MMU a
+    vCPU's direct shadow root, on the TDP MMU a second TDP MMU root (kvm_tdp_mmu_get_vcpu_root_hpa by role) that
+    every host-side operation walks too."""
     n = Nest()
     h, vm = n.h, n.vm
     h.access(vm, 0, 0x3000000, 0)
-    if l0_mmu:
-        return _refused_without_nested_paging(h, vm)
-    l1_root = int(h.vr.root[0])
+    l1_root = int(h.vt.root[vm]) if l0_mmu else int(h.vr.root[0])
     pages = h.stats(vm)["mmu_pages"]
     h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
     assert h.access(vm, 0, 0x3000000, 0).outcome[0] == bm.FIXED      # a new root: L1's mapping is not shared
-    assert int(h.vr.root[0]) != l1_root and h.stats(vm)["mmu_pages"] > pages
+    assert h.stats(vm)["mmu_pages"] > pages
+    if l0_mmu:
+        l2_root = int(h.vt.root_l2[vm])
+        assert l2_root >= 0 and l2_root != l1_root and int(h.vt.root[vm]) == l1_root
+        assert h.pa.meta[l2_root, S.SP_ROLE] & (1 << 17)              # role.guest_mode
+        assert h.shrink_count() == 0                                   # TDP MMU pages, not the shadow MMU's
+    else:
+        assert int(h.vr.root[0]) != l1_root
     h.nested_exit(vm, 0)
-    assert int(h.vr.root[0]) == l1_root and h.access(vm, 0, 0x3000000, 0).outcome[0] == bm.HIT
+    assert (int(h.vt.root[vm]) if l0_mmu else int(h.vr.root[0])) == l1_root
+    assert h.access(vm, 0, 0x3000000, 0).outcome[0] == bm.HIT
+
+
+def test_host_operations_reach_the_guest_mode_root(l0_mmu):
+    """An L2 without nested paging maps L1 gpas in its own root: MMU-notifier zaps, dirty logging and a memslot
+    deletion act on its SPTEs as on L1's (for_each_valid_tdp_mmu_root / the rmaps)."""
+    n = Nest(backing="4k")
+    h, vm = n.h, n.vm
+    base = 0x2000000
+    h.access(vm, 0, base + 4096 * np.arange(4), bm.ACC_WRITE)
+    h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+    r = h.access(vm, 0, base + 4096 * np.arange(4), bm.ACC_WRITE).outcome
+    assert r[0] == bm.FIXED and np.isin(r, OK).all()        # (the legacy MMU prefetches the neighbours)
+    hva = int(h.memslots(vm)[0]["hva"])
+    assert h.age_hva_range(vm, hva + base, hva + base + 4096).all()
+    if l0_mmu:
+        assert h.stats(vm)["pages_aged"] == 2                                   # the page in both roots
+    assert h.invalidate_hva_range(vm, hva + base, hva + base + 2 * 4096) == 4       # 2 pages x 2 roots
+    assert not h.age_hva_range(vm, hva + base, hva + base + 2 * 4096).any()
+    h.set_memslot(vm, 1, 0x4000000, 1 << 21, flags=bm.MEM_LOG_DIRTY_PAGES)
+    assert h.store(vm, 0, 0x4000000, 1).outcome[0] == bm.FIXED
+    assert h.get_dirty_log(vm, 1)[0] == 1
+    assert h.store(vm, 0, 0x4000000, 2).outcome[0] == bm.FIXED                # write-protected by the GET
+    h.nested_exit(vm, 0)
+    assert h.store(vm, 0, 0x4000000, 3).outcome[0] == bm.FIXED                # L1's root: its own fault
+    assert h.get_dirty_log(vm, 1)[0] == 1 and n.read(0x4000000) == 3
+    h.set_memslot(vm, 2, 1 << 30, 4096)
+    h.set_memslot(vm, 2, 1 << 30, 0)                                            # kvm_mmu_zap_all_fast: both
+    if l0_mmu:
+        assert int(h.vt.root[vm]) == int(h.vt.root_l2[vm]) == -1
+    h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert h.access(vm, 0, base, 0).outcome[0] == bm.FIXED
 
 
 # ------------------------------------------------------------------ the API refuses
@@ -426,8 +457,6 @@ def test_nested_api_refusals():
         h.nested_enter(vm, 0, eptp=0x1000 | 0x1E)
     with pytest.raises(bm.BatchMMUError, match="INVEPT in L2"):
         h.invept(vm, 0)
-    on_tdp = bm.Host(memory="1GiB")   # nested EPT on the TDP MMU: offered; an L2 without it is not modelled
-    _refused_without_nested_paging(on_tdp, int(on_tdp.create_vms(1, memory="16MiB", nested=True)[0]))
     with pytest.raises(bm.BatchMMUError, match="passthrough"):
         h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt", tdp_levels=5)
     svm = int(h.create_vms(1, memory="16MiB", nested=True, tdp_format="npt")[0])
@@ -685,10 +714,15 @@ def test_l2_without_nested_paging_keeps_guest_mmu_cached(l0_mmu):
     n.h.access(n.vm, 0, 0x200000, 0)
     ept_root = int(n.h.vr.root[0])
     n.h.nested_exit(n.vm, 0)
-    if l0_mmu:
-        with pytest.raises(bm.BatchMMUError, match="second TDP MMU root"):
-            n.h.nested_enter(n.vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
-        assert int(n.h.vr.rec[0, S.VR_ALT_ROOT]) == ept_root and not n.h.vr.guest_mode[0]
+    if l0_mmu:   # the TDP MMU: L1's and L2's roots are the VM's (vt), the vCPU's role picks one
+        l1_root = int(n.h.vt.root[n.vm])
+        n.h.nested_enter(n.vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+        assert int(n.h.vr.rec[0, S.VR_ALT_ROOT]) == ept_root                 # guest_mmu untouched
+        assert n.h.access(n.vm, 0, 0x3000000, 0).outcome[0] == bm.FIXED       # its own guest_mode root
+        n.h.nested_exit(n.vm, 0)
+        assert int(n.h.vt.root[n.vm]) == l1_root and n.h.access(n.vm, 0, 0x3000000, 0).outcome[0] == bm.HIT
+        n.reenter()
+        assert int(n.h.vr.root[0]) == ept_root and n.h.access(n.vm, 0, 0x200000, 0).outcome[0] == bm.HIT
         return
     n.h.nested_enter(n.vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)           # no EPTP
     assert int(n.h.vr.rec[0, S.VR_ALT_ROOT]) == ept_root                 # guest_mmu untouched

@@ -49,11 +49,21 @@ def _ept12_stream(n, rng, steps):
                 n.h.invept(n.vm, 0)
             n.reenter()
             in_l2 = True
-        elif r < 0.12:
+        elif r < 0.10:   # a stretch of L2 without nested paging (L1 gpas, its own guest_mode root), then back
+            if in_l2:
+                n.h.nested_exit(n.vm, 0)
+            n.h.nested_enter(n.vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+            for _ in range(rng.randrange(1, 12)):
+                res = n.h.store(n.vm, 0, rng.choice(backs) + 8 * rng.randrange(512), rng.getrandbits(64))
+                seen.append(("no nested paging", _outcome(int(res.outcome[0]))))
+            n.h.nested_exit(n.vm, 0)
+            n.reenter()
+            in_l2 = True
+        elif r < 0.14:
             g = rng.randrange(0, 32)
             seen.append(("zapped", n.h.invalidate_hva_range(n.vm, hva + 0x1000000 + 4096 * g,
                                                             hva + 0x1000000 + 4096 * (g + 4)) > 0))
-        elif r < 0.15:
+        elif r < 0.17:
             seen.append(("dirty", n.h.get_dirty_log(n.vm, 1).tolist()))
         else:
             gpa = data + 4096 * rng.randrange(48) + 8 * rng.randrange(512)
