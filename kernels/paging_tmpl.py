@@ -127,7 +127,9 @@ from .state import (
     CFG_MMIO_CACHING,
     CFG_NX_HUGE_PAGES,
     CFG_PML,
+    CFG_TDP_MAX_LEVEL,
     KVM_MMU_NUM_PREV_ROOTS,
+    MMU_SHADOW,
     PTE_PREFETCH_NUM,
     SL_BASE_GFN,
     SL_HOST_OFF,
@@ -155,6 +157,7 @@ from .state import (
     VM_INVAL_START,
     VM_MAX_GFN,
     VM_MEMSLOTS_GEN,
+    VM_MMU,
     VR_CR3,
     VR_PDPTR,
     VR_PKRU,
@@ -605,7 +608,10 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault
     req_level = 1
     huge_disallowed = exec_fault and m.host[CFG_NX_HUGE_PAGES] != 0
     if gw_level > 1 and rec >= 0 and not slot_dirty_logging(m.st, rec):
-        req_level = invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, gw_level))
+        max_level = gw_level
+        if m.vt.rec[vm, VM_MMU] != MMU_SHADOW:   # guest_mmu on a TDP host: max_huge_page_level is the TDP one
+            max_level = min(max_level, m.host[CFG_TDP_MAX_LEVEL])
+        req_level = invalidation_clamp_level(m.vt, vm, gfn, kvm_mmu_max_mapping_level(m.st, rec, gfn, max_level))
         if req_level > 1 and not huge_disallowed:
             goal_level = req_level
     direct_access = pte_access

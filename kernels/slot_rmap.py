@@ -37,7 +37,6 @@ from .state import (
     CFG_TDP_MAX_LEVEL,
     DM_INITIALLY_SET,
     DM_MANUAL_PROTECT,
-    MMU_LEGACY,
     MMU_SHADOW,
     MMU_TDP,
     RM_COUNT,
@@ -239,10 +238,10 @@ def shadow_clear_dirty_log(m, vm, rec, first_page, num_pages, bitmap):
 @kernel
 def shadow_zap_collapsible(m, vm, rec):
     """kvm_rmap_zap_collapsible_sptes: drop the 4K and 2M SPTEs of direct pages that could map a larger page
-    (kvm_mmu_max_mapping_level of the page's gfn, up to max_huge_page_level: the TDP one for the legacy MMU)."""
+    (kvm_mmu_max_mapping_level of the page's gfn, up to max_huge_page_level: the TDP one on a TDP host)."""
     flush = False
     cap = KVM_MAX_HUGEPAGE_LEVEL
-    if m.vt.rec[vm, VM_MMU] == MMU_LEGACY:
+    if m.vt.rec[vm, VM_MMU] != MMU_SHADOW:   # a TDP host (the legacy TDP MMU, guest_mmu beside the TDP MMU)
         cap = min(cap, m.host[CFG_TDP_MAX_LEVEL])
     for level in range(1, KVM_MAX_HUGEPAGE_LEVEL):
         off = m.st.rec[rec, SL_RMAP_OFF + (level - 1)]

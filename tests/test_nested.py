@@ -984,3 +984,21 @@ def test_pae_l2_refusals():
     s = Nest(svm=True)
     with pytest.raises(bm.BatchMMUError, match="nested NPT"):
         s.h.nested_enter(s.vm, 0, ncr3=s.root, **regs)
+
+
+def test_guest_mmu_keeps_to_the_tdp_huge_page_level():
+    """max_huge_page_level is the TDP one on a TDP host (__kvm_mmu_max_mapping_level): with tdp_huge_page_level=1
+    a 2M EPT12 leaf is shadowed with 4K SPTEs, and disabling dirty logging leaves those 4K SPTEs alone
+    (kvm_rmap_zap_collapsible_sptes sees nothing larger to make).  Review findings, on either L0 MMU."""
+    n = Nest(tdp_huge_page_level=1)
+    h, vm = n.h, n.vm
+    n.ept_map(0x40000000, 0x1000000, level=2)
+    n.enter(paging=False)
+    assert h.access(vm, 0, 0x40000000, 0).outcome[0] == bm.FIXED
+    assert h.stats(vm)["pages_2m"] == 0
+    h.nested_exit(vm, 0)
+    h.set_memslot(vm, 0, 0, 64 << 20, flags=bm.MEM_LOG_DIRTY_PAGES)
+    h.set_memslot(vm, 0, 0, 64 << 20, flags=0)
+    n.reenter()
+    taken = h.stats(vm)["pf_taken"]
+    assert h.access(vm, 0, 0x40000000, 0).outcome[0] == bm.HIT and h.stats(vm)["pf_taken"] == taken

@@ -80,7 +80,9 @@ def _ept12_stream(n, rng, steps):
 def test_legacy_and_tdp_mmu_give_l1_and_l2_the_same_run(seed, svm):
     """Legacy vs TDP MMU under nested EPT/NPT: L1 and L2 cannot tell (every outcome, exit qualification or
     exit_info_1, fault gpa, dirty bitmap and the guest memory are the same); the statistics differ where KVM's do
-    (L1's own tables: rmap entries on the legacy MMU only)."""
+    (L1's own tables: rmap entries on the legacy MMU only).  The stream keeps to what KVM's two MMUs also agree
+    on: L1 writes no logged memory itself (the legacy MMU's prefetch and the TDP MMU's writable read faults mark
+    different pages dirty), no page budget pressure, no eager splits of L1's huge pages."""
     runs, stats = [], []
     for tdp in (False, True):
         n = Nest(svm=svm, tdp_mmu=tdp)
