@@ -88,6 +88,11 @@ def acc_payload(res, store_l1, pressure):
         strict = (o, e if o in (bm.L1_EXIT, bm.GUEST_FAULT) else None, f)
     if pressure and store_l1 and (o in OKS or o == bm.EMULATED):
         strict = ("landed",)
+    if pressure and not store_l1 and o in (bm.MMIO, bm.L1_EXIT):
+        # budget pressure zaps different shadow pages on the two MMUs: an MMIO SPTE left from before an edit of
+        # L1's tables is emulated at once on one (handle_mmio_page_fault does not look at the tables again)
+        # while the other, its page gone, walks them anew and reflects their refusal to L1
+        strict = ("mmio or L1 exit",)
     return strict, (o, e, f)
 
 
