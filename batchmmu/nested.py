@@ -46,6 +46,14 @@ class Nested:
             raise bad(field, eptp, "EPT A/D bits (bit 6) are not offered to a VM made with ept_ad=False")
         return eptp
 
+    def _check_pdptes(self, vm, pdptes, field, value):
+        """The PDPTEs VM-entry loads (SDM 26.3.1.6, KVM's load_pdptrs): a present one with a reserved bit (bits 1-2,
+        5-8, MAXPHYADDR and up) fails the entry."""
+        rsvd = ((-1 << int(self._maxphyaddr[vm])) | 0x1E6) & A.U64_MAX
+        bad_k = [k for k, v in enumerate(np.asarray(pdptes, np.uint64).tolist()) if v & 1 and v & rsvd]
+        if bad_k:
+            raise bad(field, value, f"PDPTE {bad_k[0]} is present with reserved bits set: VM-entry fails")
+
     def nested_enter(self, vm, vcpu, *, eptp=None, ncr3=None, cr0=None, cr3=None, cr4=None, efer=None,
                      flush=False, pdptrs=None):
         """VM-entry to L2 (VMLAUNCH/VMRESUME, or VMRUN) on one vCPU of a nested VM.
@@ -95,17 +103,16 @@ class Nested:
             if not pae or eptp is None:
                 raise bad("pdptrs", pdptrs.tolist(), "only for an L2 in PAE paging under nested EPT (eptp): "
                           "VM-entry loads vmcs12's GUEST_PDPTRs only then")
-            rsvd = ((-1 << int(self._maxphyaddr[vm])) | 0x1E6) & A.U64_MAX   # bits 1-2, 5-8, MAXPHYADDR and up
-            bad_k = [k for k, v in enumerate(pdptrs.tolist()) if v & 1 and v & rsvd]
-            if bad_k:
-                raise bad("pdptrs", pdptrs.tolist(), f"PDPTE {bad_k[0]} is present with reserved bits set: "
-                          "VM-entry fails")
+            self._check_pdptes(vm, pdptrs, "pdptrs", pdptrs.tolist())
         if pae and ncr3 is not None:
             raise bad("cr4", l2["cr4"], "an L2 in PAE paging under nested NPT (its PDPTEs read through NPT12) "
                       "is not modelled: use 4-level paging, 32-bit paging or paging off")
         if pae and eptp is not None and pdptrs is None:
             raise bad("pdptrs", None, "an L2 in PAE paging under nested EPT takes its PDPTEs from vmcs12: give "
                       "pdptrs=[GUEST_PDPTR0, .., GUEST_PDPTR3]")
+        if pae and pdptrs is None:   # no nested paging: nested_vmx_load_cr3 / nested_svm_load_cr3 -> load_pdptrs
+            pdptrs = self._gm_read_words(vm, l2["cr3"] & 0xFFFFFFE0, 4)
+            self._check_pdptes(vm, pdptrs, "cr3", l2["cr3"])
         if ncr3 is not None and not svm:
             raise bad("ncr3", ncr3, f"VM {vm} offers VMX (an EPT VM): give eptp; ncr3 is SVM's nested CR3")
         if eptp is not None and svm:
@@ -128,8 +135,6 @@ class Nested:
             rec[i, col] = np.uint64(v).view(np.int64)
         if pdptrs is not None:
             rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = pdptrs.view(np.int64)
-        elif pae:   # no nested paging: L2 gpas are L1 gpas, and nested_vmx_load_cr3 reads them (load_pdptrs)
-            rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = self._gm_read_words(vm, l2["cr3"] & 0xFFFFFFE0, 4).view(np.int64)
         if pgd is not None:   # vcpu->arch.mmu = &guest_mmu (without nested paging L2 stays on root_mmu)
             rec[i, _ROOTS], rec[i, _ALT] = rec[i, _ALT].copy(), rec[i, _ROOTS].copy()
         rec[i, S.VR_GUEST_MODE] = 1
@@ -153,6 +158,10 @@ class Nested:
         rec = self.vr.rec
         rec[i, list(_REGS)] = rec[i, S.VR_L1_CR0:S.VR_L1_CR0 + 4]
         rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = rec[i, S.VR_L1_PDPTR:S.VR_L1_PDPTR + 4]
+        l1_cr0, l1_cr3, l1_cr4, l1_efer = (int(np.int64(v).view(np.uint64)) for v in rec[i, list(_REGS)])
+        if l1_cr0 & int(X86_CR0_PG) and l1_cr4 & int(X86_CR4_PAE) and not l1_efer & int(EFER_LMA):
+            # load_vmcs12_host_state / nested_svm_vmexit: nested_*_load_cr3(..., reload_pdptrs) reads L1's from memory
+            rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = self._gm_read_words(vm, l1_cr3 & 0xFFFFFFE0, 4).view(np.int64)
         nested_paging = rec[i, S.VR_EPTP] >= 0
         rec[i, S.VR_GUEST_MODE] = 0
         rec[i, S.VR_EPTP] = -1

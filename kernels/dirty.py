@@ -20,7 +20,7 @@ from .spte import (
     is_shadow_present_pte,
     shadow_dirty_mask,
     shadow_mmu_writable_mask,
-    spte_ad_enabled,
+    spte_ad_need_write_protect,
     spte_index,
 )
 from .state import (
@@ -194,7 +194,7 @@ def tdp_clear_dirty_pt_masked(pa, vt, vm, gfn, mask, wrprot):
                     if (mask >> (b0 + k)) & 1:
                         spte = spt[row, idx + k]
                         if is_shadow_present_pte(spte):
-                            dbit = PT_WRITABLE_MASK if (wrprot or not spte_ad_enabled(spte)) else dmask
+                            dbit = PT_WRITABLE_MASK if (wrprot or spte_ad_need_write_protect(spte)) else dmask
                             if spte & dbit:
                                 tdp_clear_spte_bits(spt, row, idx + k, dbit)
                                 count += 1
@@ -225,7 +225,7 @@ def tdp_clear_dirty_gfn_range(pa, vt, vm, start, end):
             for k in range(idx, idx + run):
                 spte = spt[row, k]
                 if is_shadow_present_pte(spte) and is_last_spte(spte, level):
-                    dbit = dmask if spte_ad_enabled(spte) else PT_WRITABLE_MASK
+                    dbit = PT_WRITABLE_MASK if spte_ad_need_write_protect(spte) else dmask
                     if spte & dbit:
                         tdp_clear_spte_bits(spt, row, k, dbit)
                         count += 1

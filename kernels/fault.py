@@ -93,6 +93,7 @@ from .state import (
     VM_MAX_GFN,
     VM_MEMSLOTS_GEN,
     VM_ROOT,
+    VM_ROOT_L2,
     VM_VCPU_OFF,
 )
 from .tdp import (
@@ -267,7 +268,7 @@ def kvm_tdp_mmu_page_fault(pa, vt, st, ct, sh, host, rootf, vcpu_g, vm, fmt, gfn
     # one call site: the map tree is inlined once
     return kvm_tdp_mmu_map(pa, vt, st, ct, rootf, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level,
                            req_level, huge_page_disallowed, nx_huge_pages, mmio_caching, write,
-                           host[CFG_SPLIT_ON_FAULT] != 0)
+                           host[CFG_SPLIT_ON_FAULT] != 0, rootf == VM_ROOT_L2 and host[CFG_PML] != 0)
 
 
 @njit(inline="always", _nrt=False)

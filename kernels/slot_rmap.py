@@ -25,11 +25,10 @@ from .spte import (
     PT_WRITABLE_MASK,
     ROLE_DIRECT,
     ROLE_INVALID,
-    SPTE_TDP_AD_ENABLED,
-    SPTE_TDP_AD_MASK,
     is_accessed_spte,
     mark_spte_for_access_track,
     shadow_dirty_mask,
+    spte_ad_need_write_protect,
 )
 from .state import (
     CFG_EAGER_SPLIT,
@@ -110,8 +109,7 @@ def rmap_clear_dirty(m, vm, row, idx):
     the write-protect bit for SPTEs without A/D and for guest_mode ones (spte_ad_need_write_protect: EPT02 under
     PML logs through write-protection faults).  True if it changed."""
     spte = m.pa.spt[row, idx]
-    dbit = PT_WRITABLE_MASK if (spte & SPTE_TDP_AD_MASK) != SPTE_TDP_AD_ENABLED else shadow_dirty_mask(
-        m.vt.rec[vm, VM_FMT])
+    dbit = PT_WRITABLE_MASK if spte_ad_need_write_protect(spte) else shadow_dirty_mask(m.vt.rec[vm, VM_FMT])
     if not spte & dbit:
         return False
     mmu_spte_update_no_track(m.pa.spt, row, idx, spte & ~dbit)

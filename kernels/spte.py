@@ -271,6 +271,12 @@ def spte_ad_enabled(spte):
 
 
 @njit(inline="always", _nrt=False)
+def spte_ad_need_write_protect(spte):
+    """Dirty tracking by write protection: A/D disabled, or an L2's SPTE on a PML host (SPTE_TDP_AD_WRPROT_ONLY)."""
+    return (spte & SPTE_TDP_AD_MASK) != SPTE_TDP_AD_ENABLED
+
+
+@njit(inline="always", _nrt=False)
 def is_access_track_spte(fmt, spte):
     return fmt == FMT_EPT and not spte_ad_enabled(spte) and (spte & EPT_RWX) == 0
 

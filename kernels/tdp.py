@@ -36,6 +36,7 @@ from .spte import (
     ROLE_GUEST_MODE,
     SHADOW_NONPRESENT_VALUE,
     SPTE_ENT_PER_PAGE,
+    SPTE_TDP_AD_WRPROT_ONLY,
     is_last_spte,
     is_mmio_spte,
     is_shadow_present_pte,
@@ -264,9 +265,10 @@ def disallowed_child(pa, spte):
 
 @njit(inline="always", _nrt=False)
 def kvm_tdp_mmu_map(pa, vt, st, ct, rootf, vcpu_g, vm, fmt, gfn, rec, pfn4k, map_writable, wrprot, goal_level,
-                    req_level, huge_page_disallowed, nx_huge_pages, mmio_caching, write, split_on_fault):
+                    req_level, huge_page_disallowed, nx_huge_pages, mmio_caching, write, split_on_fault, ad_wrprot):
     """kvm_tdp_mmu_map + tdp_mmu_map_handle_target_level.  Returns a RET_PF_* code.  ``wrprot``: the new SPTE
-    stays write-protected (a gfn guest_mmu write-tracks), and a write fault is emulated.
+    stays write-protected (a gfn guest_mmu write-tracks), and a write fault is emulated.  ``ad_wrprot``: the root
+    is an L2's (role.guest_mode) on a PML host, so its SPTEs log dirty pages through write protection.
 
     ``rootf`` is the VM record field of the root the vCPU runs on (vcpu_root_field).  ``pfn4k`` is the host pfn
     of the faulting 4K gfn; the goal level aligns it.  A present huge SPTE above the
@@ -315,6 +317,8 @@ def kvm_tdp_mmu_map(pa, vt, st, ct, rootf, vcpu_g, vm, fmt, gfn, rec, pfn4k, map
     else:
         pfn = (pfn4k >> shift) << shift
         new = make_leaf_spte(fmt, level, ACC_ALL, pfn, map_writable, vt.rec[vm, VM_AD_DISABLED], nx_huge_pages)
+        if ad_wrprot and not vt.rec[vm, VM_AD_DISABLED]:
+            new |= SPTE_TDP_AD_WRPROT_ONLY   # kvm_mmu_page_ad_need_write_protect: an L2's root under PML
         if wrprot:   # make_spte: mmu_try_to_unsync_pages refused (the caller asked it: kernels/fault.py)
             new &= ~(PT_WRITABLE_MASK | shadow_mmu_writable_mask(fmt) | shadow_dirty_mask(fmt))
         if (new & PT_WRITABLE_MASK) and slot_dirty_logging(st, rec):

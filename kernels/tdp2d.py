@@ -116,6 +116,7 @@ from .state import (
     VM_LEVELS,
     VM_MAXPHYADDR,
     VM_MMU,
+    VM_ROOT,
     VM_VCPU_OFF,
     VR_CR0,
     VR_CR3,
@@ -275,7 +276,8 @@ def access_2d(m, vm, vcpu_g, gva, kind, value, nbytes, maxphy, wk):
             res, r, row, idx, lvl, spte = tdp_hw_walk(pa.spt, fmt, root, tdp_levels, gfn, w, f, ad_vm)
             refs += r
             if res == WALK_OK:
-                if w and pml and spte_ad_enabled(spte) and not (spte & shadow_dirty_mask(fmt)):
+                if w and pml and rootf == VM_ROOT and spte_ad_enabled(spte) and not (spte & shadow_dirty_mask(fmt)):
+                    # (PML is never on in hardware while L2 runs: an L2's root logs through write protection)
                     pml_log(vt, st, ct, vm, vcpu_g, gfn)  # the CPU set the EPT D flag: PML logs the gpa
                 if step < nsteps:
                     refs += 1  # the gpte read

@@ -1002,3 +1002,46 @@ def test_guest_mmu_keeps_to_the_tdp_huge_page_level():
     n.reenter()
     taken = h.stats(vm)["pf_taken"]
     assert h.access(vm, 0, 0x40000000, 0).outcome[0] == bm.HIT and h.stats(vm)["pf_taken"] == taken
+
+
+def test_pae_pdptes_are_loaded_and_checked_at_entry_and_exit(l0_mmu):
+    """Review findings.  Without nested paging a PAE L2's PDPTEs come from L1 memory at its CR3 and a reserved bit
+    fails the VM-entry (nested_vmx_load_cr3 / nested_svm_load_cr3 -> load_pdptrs); at VM-exit a PAE L1's PDPTEs
+    are read again from memory (load_vmcs12_host_state, nested_svm_vmexit), not restored from before the entry."""
+    for svm in (False, True):
+        if l0_mmu and svm:
+            continue   # (the TDP MMU path is the same code)
+        n = Nest(svm=svm)
+        h, vm = n.h, n.vm
+        h.write_guest_memory(vm, 0x10000, [0x11000 | P | 0x6, 0, 0, 0])      # PDPTE 0 with bits 1-2 set
+        with pytest.raises(bm.BatchMMUError, match="reserved bits"):
+            h.nested_enter(vm, 0, cr0=CR0_PG_PE, cr3=0x10000, cr4=CR4_PAE, efer=0)
+        assert not h.vr.guest_mode[0] and h.stats(vm)["nested_run"] == 0
+    n = Nest()                                # L1 in PAE paging: PDPT 0x20000 -> PD 0x21000 -> PT 0x22000
+    h, vm = n.h, n.vm
+    h.write_guest_memory(vm, 0x21000, [0x22000 | P | RW | US])
+    h.write_guest_memory(vm, 0x22000, [0x3000000 | P | RW | US])
+    h.write_guest_memory(vm, 0x20000, [0x21000 | P, 0, 0, 0])
+    h.set_vcpu_regs(vm, 0, cr0=CR0_PG_PE, cr3=0x20000, cr4=CR4_PAE, efer=0)
+    assert h.access(vm, 0, 0, 0).outcome[0] in OK
+    h.write_guest_memory(vm, 0x20000, [0, 0, 0, 0])                         # L1 clears PDPTE 0 in memory
+    n.ept_map(0, 0)
+    n.flush()
+    h.nested_enter(vm, 0, eptp=n.eptp, cr0=0x11, cr3=0, cr4=0, efer=0)
+    h.nested_exit(vm, 0)
+    assert list(h.vr.pdptr[0]) == [0, 0, 0, 0] and h.access(vm, 0, 0, 0).outcome[0] == bm.GUEST_FAULT
+
+
+def test_pml_is_off_while_l2_runs_without_nested_paging(l0_mmu):
+    """Review finding: an L2 on its own guest_mode root (no nested paging) on a PML host: PML is never on while L2
+    runs, so its SPTEs log through write protection (SPTE_TDP_AD_WRPROT_ONLY on the TDP MMU's guest_mode root as
+    on the shadow MMU's pages): after a GET the next L2 write faults and is logged, with no PML flush."""
+    n = Nest(backing="4k", pml=True)
+    h, vm = n.h, n.vm
+    h.set_memslot(vm, 1, 0x4000000, 1 << 21, flags=bm.MEM_LOG_DIRTY_PAGES)
+    h.nested_enter(vm, 0, cr0=0x11, cr3=0, cr4=0, efer=0)
+    assert h.store(vm, 0, 0x4000000, 1).outcome[0] == bm.FIXED
+    assert h.get_dirty_log(vm, 1)[0] == 1
+    taken = h.stats(vm)["pf_taken"]
+    assert h.store(vm, 0, 0x4000000, 2).outcome[0] == bm.FIXED and h.stats(vm)["pf_taken"] == taken + 1
+    assert h.get_dirty_log(vm, 1)[0] == 1 and h.stats(vm)["pml_flushes"] == 0
