@@ -54,6 +54,7 @@ from .mmu_internal import (
     EV_VM,
     MAX_RESTARTS,
     RES_FAULT_GPA,
+    RET_PF_CONTINUE,
     RET_PF_EMULATE,
     RET_PF_GUEST,
     RET_PF_MMIO,
@@ -73,7 +74,7 @@ from .paging_ept import (
     ept_mode,
     ept_walk,
 )
-from .paging_tmpl import invalidate_addr, page_fault_walked
+from .paging_tmpl import invalidate_addr, page_fault_walked, set_ad_and_log
 from .spte import (
     FMT_EPT,
     PFERR_FETCH_MASK,
@@ -83,6 +84,7 @@ from .spte import (
     PFERR_WRITE_MASK,
     ROLE_DIRECT,
     ROLE_GUEST_MODE,
+    get_mmio_spte_gfn,
 )
 from .state import (
     CFG_MMIO_CACHING,
@@ -150,6 +152,18 @@ def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
     refusal goes to L1: RET_PF_GUEST with the EPT violation's qualification bits 0-5 (EPT_MISCONFIG for a
     misconfiguration) or the #NPF's error code; else FNAME(fetch) builds the shadow tables.
     Returns (RET_PF_*, qualification / error code or 0)."""
+    r, code = walk_nested(m, vm, vg, gpa, err, mode, maxphyaddr)
+    if r != RET_PF_CONTINUE:
+        return r, code
+    return page_fault_walked(m, vm, vg, gpa, err, mode, maxphyaddr)
+
+
+@njit(inline="always", _nrt=False)
+def walk_nested(m, vm, vg, gpa, err, mode, maxphyaddr):
+    """FNAME(walk_addr_generic) over L1's EPT12 (ept_walk) or NPT12 (x86 paging in L1's mode, a user access) for the
+    L2 gpa ``gpa`` (the walk in the scratch): (RET_PF_CONTINUE, 0), or (RET_PF_GUEST, the EPT violation's
+    qualification bits 0-5 / EPT_MISCONFIG, or the #NPF's error code) after kvm_inject_emulated_page_fault's
+    invalidation of the address."""
     wk = scratch(m.sh)
     ept = (mode & MODE_EPT) != 0
     pfec = err & (PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK)
@@ -167,7 +181,37 @@ def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
                 (not ept and (code & PFERR_PRESENT_MASK) != 0 and (code & PFERR_RSVD_MASK) == 0):
             invalidate_addr(m, vm, vg, gpa, mode, maxphyaddr, False)
         return RET_PF_GUEST, code
-    return page_fault_walked(m, vm, vg, gpa, err, mode, maxphyaddr)
+    return RET_PF_CONTINUE, np.int64(0)
+
+
+@helper
+def emulate_l2_mmio(m, vm, vg, gva, l2gpa, kind, emode, maxphyaddr, mode, mmio_gfn):
+    """x86_emulate_instruction for an L2 access whose L1 gfn ``mmio_gfn`` is MMIO: KVM keeps no MMIO gva for a
+    nested MMU (vcpu_cache_mmio_info: mmio_gva 0), so the emulator translates the access again: L2's gpa through
+    EPT12 / NPT12 with the access (translate_nested_gpa, a user access; EPT12's A/D set), and with L2 paging, L2's
+    own walk, whose A/D bits it sets once the final translation is allowed.  Returns (RET_PF_MMIO, 0); or
+    (RET_PF_GUEST, the code) when L1's tables refuse the access (reflected to L1); or (RET_PF_EMULATE, L1 gpa)
+    when they now map it to another gfn that has a memslot (vcpu_is_mmio_gpa: not the cached gfn), an emulated
+    memory access."""
+    pfec = (kind & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
+    r, code = walk_nested(m, vm, vg, l2gpa, pfec, emode, maxphyaddr)
+    if r != RET_PF_CONTINUE:
+        return r, code
+    wk = scratch(m.sh)
+    set_ad_and_log(m, vm, wk, pfec, emode)
+    l1gpa = wk[WK_GPA]
+    out, ret = RET_PF_MMIO, np.int64(0)
+    if l1gpa >> 12 != mmio_gfn and gfn_to_memslot(m.vt, m.st, vm, l1gpa >> 12) >= 0:
+        out, ret = RET_PF_EMULATE, l1gpa
+    if mode_levels(mode) != 0:
+        wk = scratch(m.sh)
+        vr = m.vr
+        sm = SlotMap(m.vt.rec, m.st.order, m.st.rec, m.pa.spt, vr.rec[vg, VR_ROOT],
+                     m.vt.rec[vm, VM_LEVELS] if (emode & MODE_EPT) == 0 else mode_levels(emode))
+        if guest_walk(m.gm, sm, vm, mode, vr.rec[vg, VR_CR3], vr.rec[vg, VR_PDPTR:VR_PDPTR + 4],
+                      vr.rec[vg, VR_PKRU], maxphyaddr, gva, kind, wk) == 0 and wk[WK_AD_NEEDED]:
+            guest_set_ad(m.gm, sm, vm, wk, kind)
+    return out, ret
 
 
 @njit(inline="always", _nrt=False)  # one call site (l2_batch)
@@ -250,16 +294,23 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
             # EPT violation / #NPF: handle_ept_violation's error code (a paging-structure access that writes is a
             # read and a write; #NPF: always a user access), then kvm_mmu_page_fault on guest_mmu
             e = exit_error_code(fmt, res, spte, w, f)
-            if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, m.host[CFG_MMIO_CACHING] != 0):
-                return OUT_MMIO, e, refs, np.int64(-1)   # an EPT02 / NPT02 MMIO SPTE: emulated, no page fault
-            if table and w:
-                e |= PFERR_USER_MASK
-            vt.stats[vm, ST_PF_TAKEN] += 1
             if svm:
                 hw_qual = PFERR_GUEST_PAGE if table else PFERR_GUEST_FINAL
             else:
                 hw_qual = EPT_VIOLATION_GVA_IS_VALID | (0 if table else EPT_VIOLATION_GVA_TRANSLATED)
-            rpf, qual = nested_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
+            mmio_fast = res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, m.host[CFG_MMIO_CACHING] != 0)
+            if mmio_fast:
+                # an EPT02 / NPT02 MMIO SPTE: emulated without a page fault; the emulator's own walk may refuse it
+                # (VMX: the EPT violation it injects takes the GVA bits of this exit, an EPT misconfiguration's: 0)
+                if not svm:
+                    hw_qual = np.int64(0)
+                rpf, qual = emulate_l2_mmio(m, vm, vg, gva, l2gpa, kind, emode, maxphy, mode,
+                                            get_mmio_spte_gfn(spte))
+            else:
+                if table and w:
+                    e |= PFERR_USER_MASK
+                vt.stats[vm, ST_PF_TAKEN] += 1
+                rpf, qual = nested_page_fault(m, vm, vg, l2gpa, e & ~PFERR_RSVD_MASK, emode, maxphy)
             if rpf == RET_PF_OOM:
                 vt.stats[vm, ST_PF_TAKEN] -= 1
                 return -1, err, refs, np.int64(-1)
@@ -280,13 +331,21 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
             if rpf == RET_PF_RETRY:
                 vt.stats[vm, ST_PF_RETRY] += 1
                 return OUT_RETRY, err, refs, np.int64(-1)
+            if mmio_fast:
+                if rpf == RET_PF_EMULATE:   # L1's tables now map the page to memory: an emulated access
+                    if w and not table:
+                        emulated_tracked_write(m, vm, vg, qual, value, nbytes, mode)
+                    return OUT_EMULATED, err, refs, np.int64(-1)
+                return OUT_MMIO, err, refs, np.int64(-1)
             o = account_pf_result(vt.stats, vm, rpf)
             if o == OUT_FIXED or o == OUT_SPURIOUS:
                 outcome = o
                 restart = True
                 break
             if rpf == RET_PF_MMIO or (rpf == RET_PF_EMULATE and gfn_to_memslot(vt, st, vm, wk[WK_GPA] >> 12) < 0):
-                return OUT_MMIO, err, refs, np.int64(-1)   # EPT12 maps the page outside L1's memslots
+                # EPT12 maps the page outside L1's memslots: the emulator's walk (it allows what the fault's did)
+                emulate_l2_mmio(m, vm, vg, gva, l2gpa, kind, emode, maxphy, mode, wk[WK_GPA] >> 12)
+                return OUT_MMIO, err, refs, np.int64(-1)
             if rpf == RET_PF_EMULATE and not table and w:
                 # the emulator writes L1's page (a write-tracked gfn: an EPT12 table) and tracks the write
                 emulated_tracked_write(m, vm, vg, wk[WK_GPA], value, nbytes, mode)

@@ -1045,3 +1045,35 @@ def test_pml_is_off_while_l2_runs_without_nested_paging(l0_mmu):
     taken = h.stats(vm)["pf_taken"]
     assert h.store(vm, 0, 0x4000000, 2).outcome[0] == bm.FIXED and h.stats(vm)["pf_taken"] == taken + 1
     assert h.get_dirty_log(vm, 1)[0] == 1 and h.stats(vm)["pml_flushes"] == 0
+
+
+@pytest.mark.parametrize("svm", [False, True])
+def test_l2_mmio_is_emulated_through_l1s_tables(svm):
+    """Review finding: KVM keeps no MMIO cache for a nested MMU (vcpu_cache_mmio_info: mmio_gva 0), so even an
+    access that meets an EPT02 / NPT02 MMIO SPTE is translated again by the emulator: EPT12 / NPT12 with the
+    access (A/D set in EPT12, a refusal reflected to L1: on VMX without the GVA bits, the exit being an EPT
+    misconfiguration) and, with L2 paging, L2's own walk (its A/D bits set)."""
+    mmio, gpa, gva = 0x40000000, 0x200000, 0x7f0000000000
+    n = Nest(svm=svm)
+    h, vm = n.h, n.vm
+    n.ept_map(gpa, mmio, (P | US) if svm else (R | X), extra=None if svm else WB)   # read-only in L1's tables
+    n.l2_map(gva, gpa, P | RW | US)
+    n.enter()
+    assert h.access(vm, 0, gva, 0).outcome[0] == bm.MMIO and h.stats(vm)["pf_mmio_spte_created"] == 1
+    taken = h.stats(vm)["pf_taken"]
+    r = h.store(vm, 0, gva, 5)
+    want = (NPF_FINAL | 0x7) if svm else (0x2 | 0x1 | 0x8 | 0x20)   # a (user) write; EPT12 R, X; no GVA bits
+    assert (r.outcome[0], r.error_code[0], r.fault_gpa[0]) == (bm.L1_EXIT, want, gpa)
+    assert h.stats(vm)["pf_taken"] == taken                                # no page fault: the MMIO SPTE
+    # writable now: the store is emulated as MMIO, EPT12's and L2's A/D bits set by the emulator's walks
+    h.nested_exit(vm, 0)
+    n.ept_map(gpa, mmio, n.full, extra=None if svm else WB | EPT_A)
+    n.flush()
+    if not svm:
+        h.invept(vm, 0)
+    n.reenter()
+    assert h.store(vm, 0, gva, 6).outcome[0] == bm.MMIO
+    leaf = n.read(n.ept_entry_gpa(gpa))
+    assert leaf & (A_ if svm else EPT_A) and (svm or leaf & EPT_D)          # EPT12's A/D (NPT12: A, D as x86)
+    l2pte = n.read(n.l1_of(n.l2_tables()[-1]) + 8 * ((gva >> 12) & 511))
+    assert l2pte & A_ and l2pte & D_                                         # L2's own A/D
