@@ -38,6 +38,11 @@ CR4_VALID_BITS = 0x1FFF | (1 << 13) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 
     | (1 << 23) | (1 << 28)
 
 
+# EFER bits a guest may set (kvm_valid_efer: x86's efer_reserved_bits less the bits KVM enables: SCE, LME, LMA,
+# NX, SVME, LMSLE, FFXSR, TCE); the rest are reserved
+EFER_VALID_BITS = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 14) | (1 << 15)
+
+
 def check_sregs(cr0, cr3, cr4, efer, maxphyaddr):
     """kvm_is_valid_sregs (with kvm_is_valid_cr0, kvm_is_valid_cr4, kvm_vcpu_is_legal_cr3): the register
     combinations KVM_SET_SREGS refuses with EINVAL."""
@@ -49,6 +54,8 @@ def check_sregs(cr0, cr3, cr4, efer, maxphyaddr):
         raise einval("cr0", cr0, "PG without PE")
     if cr4 & ~CR4_VALID_BITS:
         raise einval("cr4", cr4, f"reserved CR4 bits {cr4 & ~CR4_VALID_BITS:#x}")
+    if efer & ~EFER_VALID_BITS:
+        raise einval("efer", efer, f"reserved bits {efer & ~EFER_VALID_BITS:#x} set (kvm_valid_efer)")
     if efer & EFER_LME and cr0 & int(X86_CR0_PG):
         if not cr4 & int(X86_CR4_PAE):
             raise einval("cr4", cr4, "long mode (EFER.LME with CR0.PG) needs CR4.PAE")

@@ -470,6 +470,11 @@ def test_nested_api_refusals():
     no_ad = int(h.create_vms(1, memory="16MiB", nested=True, ept_ad=False)[0])
     with pytest.raises(bm.BatchMMUError, match="A/D"):
         h.nested_enter(no_ad, 0, eptp=0x1000 | 0x5E)
+    for call in (lambda: h.set_vcpu_regs(no_ad, 0, efer=1 << 40),           # kvm_valid_efer (review finding)
+                 lambda: h.nested_enter(no_ad, 0, eptp=0x1000 | 0x1E, cr0=0x11, cr3=0, cr4=0, efer=1 << 40)):
+        with pytest.raises(bm.BatchMMUError, match="reserved bits"):
+            call()
+    assert not h.vr.guest_mode[int(h.vt.vcpu_off[no_ad])] and int(h.vr.efer[int(h.vt.vcpu_off[no_ad])]) == 0
 
 
 # ------------------------------------------------------------------ scenario: dirty_log_perf -n
