@@ -620,6 +620,23 @@ def test_svm_vmrun_flushes_and_syncs():
 
 
 # ------------------------------------------------------------------ L2 cannot tell; host events reach EPT02
+def _same_as_plain(n, plain, vm, rng, gvas, kinds, pages, steps=300):
+    """The L2 of ``n`` and VM ``vm`` of ``plain`` (the same guest as a plain VM) make the same random accesses and
+    stores: the same outcome class and #PF error code each time, and the same ``pages`` of guest memory after."""
+    for _ in range(steps):
+        gva = rng.choice(gvas) + 8 * rng.randrange(512)
+        kind = rng.choice(kinds)
+        val = rng.getrandbits(64)
+        if kind & 2:
+            a, b = n.h.store(n.vm, 0, gva, val, kind=kind), plain.store(vm, 0, gva, val, kind=kind)
+        else:
+            a, b = n.h.access(n.vm, 0, gva, kind), plain.access(vm, 0, gva, kind)
+        assert (_outcome(int(a.outcome[0])), int(a.error_code[0]) if a.outcome[0] == bm.GUEST_FAULT else 0) == \
+            (_outcome(int(b.outcome[0])), int(b.error_code[0]) if b.outcome[0] == bm.GUEST_FAULT else 0)
+    for pg in pages:
+        assert (n.h.read_guest_memory(n.vm, pg, 512) == plain.read_guest_memory(vm, pg, 512)).all(), hex(pg)
+
+
 @pytest.mark.parametrize("svm", [False, True])
 def test_l2_cannot_tell_it_is_nested(svm):
     """An L2 guest on an identity EPT12/NPT12 and the same guest run as L1 of a plain VM with the same memory:
@@ -640,19 +657,9 @@ def test_l2_cannot_tell_it_is_nested(svm):
     for pg in sorted({a & ~4095 for a in n.mem}):
         plain.write_guest_memory(vm, pg, [n.mem.get(pg + 8 * i, 0) for i in range(512)])
     plain.set_vcpu_regs(vm, 0, cr0=n.regs[0], cr3=n.regs[1], cr4=n.regs[2], efer=n.regs[3])
-    for _ in range(300):
-        gva = rng.choice(gvas) + 8 * rng.randrange(512)
-        kind = rng.choice([0, 2, 4, 6, 0x10, 0x14])
-        val = rng.getrandbits(64)
-        if kind & 2:
-            a, b = n.h.store(n.vm, 0, gva, val, kind=kind), plain.store(vm, 0, gva, val, kind=kind)
-        else:
-            a, b = n.h.access(n.vm, 0, gva, kind), plain.access(vm, 0, gva, kind)
-        assert (_outcome(int(a.outcome[0])), int(a.error_code[0]) if a.outcome[0] == bm.GUEST_FAULT else 0) == \
-            (_outcome(int(b.outcome[0])), int(b.error_code[0]) if b.outcome[0] == bm.GUEST_FAULT else 0)
     tables = {n.l1_of(t) for t in range(0x10000, n.l2_next, 4096)}
-    for pg in sorted(tables | {0x1000000 + 4096 * k for k in range(32)}):
-        assert (n.h.read_guest_memory(n.vm, pg, 512) == plain.read_guest_memory(vm, pg, 512)).all(), hex(pg)
+    _same_as_plain(n, plain, vm, rng, gvas, [0, 2, 4, 6, 0x10, 0x14],
+                   sorted(tables | {0x1000000 + 4096 * k for k in range(32)}))
 
 
 def test_host_events_zap_the_shadow_ept():
@@ -948,18 +955,8 @@ def test_pae_l2_under_nested_ept():
     vm = int(plain.create_vms(1, memory="64MiB")[0])
     _pae_tables(random.Random(5), lambda pg, w: plain.write_guest_memory(vm, pg, w))
     plain.set_vcpu_regs(vm, 0, **regs)
-    for _ in range(300):
-        gva = rng.choice(gvas) + 8 * rng.randrange(512)
-        kind = rng.choice([0, 2, 4, 6])
-        val = rng.getrandbits(64)
-        if kind & 2:
-            a, b = n.h.store(n.vm, 0, gva, val, kind=kind), plain.store(vm, 0, gva, val, kind=kind)
-        else:
-            a, b = n.h.access(n.vm, 0, gva, kind), plain.access(vm, 0, gva, kind)
-        assert (_outcome(int(a.outcome[0])), int(a.error_code[0]) if a.outcome[0] == bm.GUEST_FAULT else 0) == \
-            (_outcome(int(b.outcome[0])), int(b.error_code[0]) if b.outcome[0] == bm.GUEST_FAULT else 0)
-    for pg in [0x1000000 + 4096 * k for k in range(32)] + list(range(0x10000, 0x20000, 4096)):
-        assert (n.h.read_guest_memory(n.vm, pg, 512) == plain.read_guest_memory(vm, pg, 512)).all(), hex(pg)
+    _same_as_plain(n, plain, vm, rng, gvas, [0, 2, 4, 6],
+                   [0x1000000 + 4096 * k for k in range(32)] + list(range(0x10000, 0x20000, 4096)))
     # PDPTE 0 cleared in memory: the registers still hold it until the next VM-entry loads the new one
     q0 = next(g for g in gvas if g >> 30 == 0)
     before = _outcome(int(n.h.access(n.vm, 0, q0, 0).outcome[0]))
