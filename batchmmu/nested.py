@@ -77,6 +77,10 @@ class Nested:
         if ncr3 is not None:
             ncr3 = A.exact_int(ncr3, "ncr3", 0, A.U64_MAX, why="must be the guest-physical address of L1's NPT "
                                "root (an unsigned 64-bit integer)")
+        if pdptrs is not None:
+            pdptrs = A.u64_array(pdptrs, "pdptrs")
+            if pdptrs.size != 4:
+                raise bad("pdptrs", f"{pdptrs.size} values", "must be vmcs12's four GUEST_PDPTRs")
         regs = {"cr0": cr0, "cr3": cr3, "cr4": cr4, "efer": efer}
         l2 = {}
         for (name, v), col in zip(regs.items(), _REGS, strict=True):
@@ -97,9 +101,6 @@ class Nested:
         check_sregs(l2["cr0"], l2["cr3"], l2["cr4"], l2["efer"], int(self._maxphyaddr[vm]))
         pae = bool(l2["cr0"] & int(X86_CR0_PG) and l2["cr4"] & int(X86_CR4_PAE) and not l2["efer"] & int(EFER_LMA))
         if pdptrs is not None:
-            pdptrs = A.u64_array(pdptrs, "pdptrs")
-            if pdptrs.size != 4:
-                raise bad("pdptrs", f"{pdptrs.size} values", "must be vmcs12's four GUEST_PDPTRs")
             if not pae or eptp is None:
                 raise bad("pdptrs", pdptrs.tolist(), "only for an L2 in PAE paging under nested EPT (eptp): "
                           "VM-entry loads vmcs12's GUEST_PDPTRs only then")

@@ -205,6 +205,8 @@ class Kinds:
             return self.npify(pick([0, 1]))
         if kind == "reg":
             return None if r.random() < 0.5 else self.npify(pick([CR0, CR4, EFER, 0x10000, 2]))
+        if kind == "efer":   # (valid EFERs: kvm_valid_efer refuses reserved bits)
+            return None if r.random() < 0.5 else self.npify(pick([EFER, 0]))
         if kind == "gpa8":
             return self.npify(8 * int(r.integers(1 << 17)))
         if kind == "gpa_any":
@@ -243,10 +245,12 @@ class Kinds:
             return self.npify(pick([0, bm.ACC_WRITE, bm.ACC_USER]))
         if kind == "cr3":
             return self.npify(pick([0x10000, 0x11000]))
-        if kind == "eptp_opt":
+        if kind in ("eptp_opt", "invept_eptp_opt"):
             return pick([None, self.npify(EPTP), self.npify(EPTP & ~0x40)])
         if kind == "ncr3_opt":
             return pick([None, None, None, self.npify(0x100000)])
+        if kind == "pdptrs_opt":
+            return None
         if kind == "count":
             return self.npify(1)
         if kind == "vmem":
@@ -286,9 +290,13 @@ class Kinds:
             "mflags": [-1, 4, 2 ** 64, 10 ** 30], "hva_opt": [-4096, 4095, 2 ** 63 - 8192, np.int64(2 ** 63 - 8192),
                                                             2 ** 64, 1 << 47],
             "backing_opt": ["x", 1, "THP"], "bool": ["no", "yes", 2, -1, 0.0, "True"], "as_id": [2, -1, *HUGE],
-            "reg": [2 ** 64, -1, 10 ** 30],
+            "reg": [2 ** 64, -1, 10 ** 30], "efer": [2 ** 64, -1, 10 ** 30, 1 << 40],
             "eptp_opt": [2 ** 64, -1, EPTP | 0x80, EPTP & ~7 | 1, 1 << 50, 0x40000000 | 0x5E, EPTP & ~0x38],
+            # INVEPT checks the EPTP's format only (nested_vmx_check_eptp): a table in no memslot is fine there
+            "invept_eptp_opt": [2 ** 64, -1, EPTP | 0x80, EPTP & ~7 | 1, 1 << 50, EPTP & ~0x38],
             "ncr3_opt": [2 ** 64, -1, 1 << 50, 0x40000000],
+            # vmcs12's GUEST_PDPTRs: only for a PAE L2 under nested EPT (the fuzzer's L2s are not), four of them
+            "pdptrs_opt": [[0, 0, 0, 0], [1.5, 0, 0, 0], [2 ** 64, 0, 0, 0], [0, 0, 0], "pdptrs", [[0, 0], [0, 0]]],
             "gpa8": [-8, 4, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
             "gpa_any": [-8, 1 << 60, 2 ** 64, np.int64(2 ** 63 - 8)],
             "words": [[2 ** 64], np.zeros((2, 2), np.int64), [[1], [2, 3]]],
@@ -303,7 +311,8 @@ class Kinds:
             "nvcpus": [0, 4097, -1, *HUGE], "mmu": ["x", 1, None, "TDP"], "fmt": ["x", None, 1],
             "levels": [3, 6, *HUGE], "maxphy": [35, 53, -1, *HUGE], "threshold": [-1, *HUGE[:-1]],
         }[kind]
-        if kind in ("reg", "hva_opt", "backing_opt", "vm_opt", "eptp_opt", "ncr3_opt"):
+        if kind in ("reg", "efer", "hva_opt", "backing_opt", "vm_opt", "eptp_opt", "invept_eptp_opt", "ncr3_opt",
+                    "pdptrs_opt"):
             pool = [v for v in pool if v is not None]
         if kind == "bool":
             pool = [v for v in pool if not isinstance(v, (bool, np.bool_))]
@@ -322,7 +331,7 @@ METHODS = [
     ("memslots", [("vm", "vm")]),
     ("memslots_generation", [("vm", "vm"), ("as_id", "as_id")]),
     ("set_vcpu_regs", [("vm", "vm"), ("vcpu", "vcpu"), ("cr0", "reg"), ("cr3", "reg"), ("cr4", "reg"),
-                       ("efer", "reg"), ("rflags", "reg"), ("pkru", "reg")]),
+                       ("efer", "efer"), ("rflags", "reg"), ("pkru", "reg")]),
     ("vcpu_regs", [("vm", "vm"), ("vcpu", "vcpu")]),
     ("write_guest_memory", [("vm", "vm"), ("gpa", "gpa8"), ("words", "words")]),
     ("read_guest_memory", [("vm", "vm"), ("gpa", "gpa8"), ("n", "n")]),
@@ -360,9 +369,9 @@ METHODS = [
                          ("size", "esize")]),
     ("mov_cr3", [("vm", "vm"), ("vcpu", "vcpu"), ("cr3", "cr3")]),
     ("nested_enter", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "eptp_opt"), ("ncr3", "ncr3_opt"), ("cr0", "reg"),
-                      ("cr3", "reg"), ("cr4", "reg"), ("efer", "reg"), ("flush", "bool")]),
+                      ("cr3", "reg"), ("cr4", "reg"), ("efer", "efer"), ("flush", "bool"), ("pdptrs", "pdptrs_opt")]),
     ("nested_exit", [("vm", "vm"), ("vcpu", "vcpu")]),
-    ("invept", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "eptp_opt")]),
+    ("invept", [("vm", "vm"), ("vcpu", "vcpu"), ("eptp", "invept_eptp_opt")]),
 ]
 # a length mismatch in a batch is reported on the first short array
 BATCH_FIELDS = {"vm", "vcpu", "addr", "kind", "value"}
