@@ -303,7 +303,7 @@ class Host(Memslots, Vcpus, Batches, DirtyLog, Notifiers, GuestPaging, Nested, T
         else:
             live = np.array(sorted(r for _, r in self._slot_rec.of_vm(int(vms[0]))), np.int64)
         # the shadow MMU code's pages and rmaps: shadow paging, legacy TDP, a TDP-MMU VM's guest_mmu
-        shadow_vms = np.array([v for v in vms if self._rmaps(int(v))], np.int64)
+        shadow_vms = vms[self._rmaps(vms)]
         pages = int(self.vt.stats[vms, S.ST_MMU_PAGES].sum())
         spages = int(self.vt.n_used[vms].sum())
         counts = np.zeros(5, np.int64)

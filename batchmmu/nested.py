@@ -22,6 +22,11 @@ _ALT = slice(S.VR_ALT_ROOT, S.VR_ALT_ROOT + 8)
 _REGS = (S.VR_CR0, S.VR_CR3, S.VR_CR4, S.VR_EFER)
 
 
+def is_pae_paging(cr0, cr4, efer):
+    """CR0.PG and CR4.PAE outside long mode: the PDPTEs are registers, loaded from memory or vmcs12."""
+    return bool(cr0 & int(X86_CR0_PG) and cr4 & int(X86_CR4_PAE) and not efer & int(EFER_LMA))
+
+
 class Nested:
     """Mixin of ``batchmmu.host.Host``: nested_enter, nested_exit, invept."""
 
@@ -99,7 +104,7 @@ class Nested:
                 raise bad("ncr3", ncr3, "its top table lies in no memslot (KVM runs L2 on a dummy root then; "
                           "not modelled)")
         check_sregs(l2["cr0"], l2["cr3"], l2["cr4"], l2["efer"], int(self._maxphyaddr[vm]))
-        pae = bool(l2["cr0"] & int(X86_CR0_PG) and l2["cr4"] & int(X86_CR4_PAE) and not l2["efer"] & int(EFER_LMA))
+        pae = is_pae_paging(l2["cr0"], l2["cr4"], l2["efer"])
         if pdptrs is not None:
             if not pae or eptp is None:
                 raise bad("pdptrs", pdptrs.tolist(), "only for an L2 in PAE paging under nested EPT (eptp): "
@@ -160,7 +165,7 @@ class Nested:
         rec[i, list(_REGS)] = rec[i, S.VR_L1_CR0:S.VR_L1_CR0 + 4]
         rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = rec[i, S.VR_L1_PDPTR:S.VR_L1_PDPTR + 4]
         l1_cr0, l1_cr3, l1_cr4, l1_efer = (int(np.int64(v).view(np.uint64)) for v in rec[i, list(_REGS)])
-        if l1_cr0 & int(X86_CR0_PG) and l1_cr4 & int(X86_CR4_PAE) and not l1_efer & int(EFER_LMA):
+        if is_pae_paging(l1_cr0, l1_cr4, l1_efer):
             # load_vmcs12_host_state / nested_svm_vmexit: nested_*_load_cr3(..., reload_pdptrs) reads L1's from memory
             rec[i, S.VR_PDPTR:S.VR_PDPTR + 4] = self._gm_read_words(vm, l1_cr3 & 0xFFFFFFE0, 4).view(np.int64)
         nested_paging = rec[i, S.VR_EPTP] >= 0

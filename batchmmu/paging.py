@@ -8,7 +8,7 @@ up before a batch and runs the shadow kernels (kernels/shadow.py re-exports them
 import numpy as np
 
 from . import args as A
-from .arena import CR0_RESET, _grow  # noqa: F401 (CR0_RESET: paging's public name)
+from .arena import CR0_RESET, _grow, lpage_entries  # noqa: F401 (CR0_RESET: paging's public name)
 from .batch import event_record, result_record, results
 from .errors import bad, einval
 from .kernels import gmem as GM
@@ -91,7 +91,7 @@ class GuestPaging:
     def _rmaps(self, vm):
         """kvm_memslots_have_rmaps: the shadow MMU's code builds the VM's tables (shadow paging, legacy TDP), or a
         TDP-MMU VM has made its first shadow root (nested EPT / NPT: shadow_root_allocated)."""
-        return self._mmu_kind[vm] != S.MMU_TDP or bool(self._write_tracking[vm])
+        return (self._mmu_kind[vm] != S.MMU_TDP) | (self._write_tracking[vm] != 0)   # (a VM id or an array)
 
     def _tdp_mmu(self, vm):
         """The TDP MMU builds the VM's own (L1) tables: host-side operations walk its roots (tdp_mmu_enabled)."""
@@ -112,18 +112,15 @@ class GuestPaging:
                 # kvm_page_track_write_tracking_enabled: with TDP only once a shadow root exists
                 st.wtrack_off[rec] = self.arena.alloc("wtrack", int(st.npages[rec]), fill=0)
 
-    def _rmap_heads(self, rec):
-        base, n = int(self.st.base_gfn[rec]), int(self.st.npages[rec])
-        return sum(((base + n - 1) >> s) - (base >> s) + 1 for s in (0, 9, 18))
+    def _rmap_heads(self, rec, level):
+        """__kvm_mmu_slot_lpages: a memslot record's rmap heads at ``level`` (1 = 4K, 2 = 2M, 3 = 1G)."""
+        return lpage_entries(int(self.st.base_gfn[rec]), int(self.st.npages[rec]), level)
 
     def _alloc_rmaps(self, rec):
         """memslot_rmap_alloc: rmap heads of a memslot record at 4K, 2M and 1G."""
-        st = self.st
-        base, n = int(st.base_gfn[rec]), int(st.npages[rec])
         for level in (1, 2, 3):
-            shift = 9 * (level - 1)
-            cnt = ((base + n - 1) >> shift) - (base >> shift) + 1
-            st.rmap_off[rec, level - 1] = self.arena.alloc("rmap", cnt, fill=(-1, 0))  # RM_HEAD, RM_COUNT
+            self.st.rmap_off[rec, level - 1] = self.arena.alloc("rmap", self._rmap_heads(rec, level),
+                                                                fill=(-1, 0))  # RM_HEAD, RM_COUNT
 
     def _first_shadow_root_alloc(self, vm):
         """mmu_first_shadow_root_alloc for a TDP VM whose guest_mmu gets its first root (nested EPT / NPT): the
@@ -136,7 +133,7 @@ class GuestPaging:
         tdp = self._tdp_mmu(vm)
         need = 2 * sum(int(st.npages[r]) for r in recs)
         if tdp:
-            need += 8 * S.KVM_MMU_HASH_SIZE + 16 * sum(self._rmap_heads(r) for r in recs)
+            need += 8 * S.KVM_MMU_HASH_SIZE + 16 * sum(self._rmap_heads(r, lv) for r in recs for lv in (1, 2, 3))
         A.check_alloc(need, "vm", vm, f"write tracking{' and rmaps' if tdp else ''} of VM {vm}'s memslots")
         if tdp:   # mmu_page_hash (in struct kvm_arch: no allocation in KVM, a simulator arena here)
             self.vt.hash_off[vm] = self.arena.alloc("hash", S.KVM_MMU_HASH_SIZE, fill=-1)

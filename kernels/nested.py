@@ -145,6 +145,14 @@ def nested_mmu_mode(vt, vr, vm, vg):
         MODE_AMD
 
 
+@njit(inline="always", _nrt=False)
+def l2_slot_map(m, vm, vg, emode):
+    """What the processor reads an L2's memory through: guest_mmu's current root (EPT02 / NPT02), as deep as the
+    EPTP's walk length or, for nested NPT, the host's TDP level."""
+    levels = m.vt.rec[vm, VM_LEVELS] if (emode & MODE_EPT) == 0 else mode_levels(emode)
+    return SlotMap(m.vt.rec, m.st.order, m.st.rec, m.pa.spt, m.vr.rec[vg, VR_ROOT], levels)
+
+
 @helper
 def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
     """FNAME(page_fault) for guest_mmu: ept_page_fault (PTTYPE_EPT: the EPT12 walk, EPT A/D) or, for nested NPT,
@@ -206,8 +214,7 @@ def emulate_l2_mmio(m, vm, vg, gva, l2gpa, kind, emode, maxphyaddr, mode, mmio_g
     if mode_levels(mode) != 0:
         wk = scratch(m.sh)
         vr = m.vr
-        sm = SlotMap(m.vt.rec, m.st.order, m.st.rec, m.pa.spt, vr.rec[vg, VR_ROOT],
-                     m.vt.rec[vm, VM_LEVELS] if (emode & MODE_EPT) == 0 else mode_levels(emode))
+        sm = l2_slot_map(m, vm, vg, emode)
         if guest_walk(m.gm, sm, vm, mode, vr.rec[vg, VR_CR3], vr.rec[vg, VR_PDPTR:VR_PDPTR + 4],
                       vr.rec[vg, VR_PKRU], maxphyaddr, gva, kind, wk) == 0 and wk[WK_AD_NEEDED]:
             guest_set_ad(m.gm, sm, vm, wk, kind)
@@ -228,8 +235,6 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
     emode = nested_mmu_mode(vt, vr, vm, vg)
     fmt = vt.rec[vm, VM_FMT]
     svm = fmt != FMT_EPT
-    # the shadow root's level: the EPTP's walk length, or the host's TDP level (nested NPT)
-    tdp_levels = vt.rec[vm, VM_LEVELS] if svm else mode_levels(emode)
     ad_hw = svm or ((emode & MODE_EPT_AD) != 0 and vt.rec[vm, VM_AD_DISABLED] == 0)
     write = (kind & PFERR_WRITE_MASK) != 0
     fetch_ = (kind & PFERR_FETCH_MASK) != 0
@@ -247,8 +252,8 @@ def access_l2(m, vm, vg, gva, kind, value, nbytes, maxphy, wk):
             return -2, err, refs, np.int64(-1)
         if entry_work_needed(m, vm, vg):
             vcpu_reenter(m, vm, vg, emode, maxphy)   # vcpu_enter_guest after the exit: kvm_mmu_reload
-        root = vr.rec[vg, VR_ROOT]
-        sm = SlotMap(vt.rec, st.order, st.rec, pa.spt, root, tdp_levels)   # what the processor reads
+        sm = l2_slot_map(m, vm, vg, emode)   # what the processor reads
+        root, tdp_levels = sm.root, sm.levels
         gerr = np.int64(0)
         top = 0
         stop = 1

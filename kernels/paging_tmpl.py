@@ -85,9 +85,9 @@ from .shadow_mmu import (
     page_valid,
     prepare_zap_page,
     rmap_add,
-    rmap_write_protect_gfn,
     role_access,
     role_level,
+    slot_gfn_write_protect,
     sp_get_access,
     sp_get_gfn,
     sp_gpte,
@@ -260,7 +260,7 @@ def mmu_sync_children(m, vm, vg, parent, mode, maxphyaddr):
             if role_level(m.pa.meta[sp, SP_ROLE]) == 1:
                 rec = gfn_to_memslot(m.vt, m.st, vm, m.pa.meta[sp, SP_GFN])
                 if rec >= 0:
-                    protected |= rmap_write_protect_gfn(m, vm, rec, m.pa.meta[sp, SP_GFN], 1, True)
+                    protected |= slot_gfn_write_protect(m, vm, rec, m.pa.meta[sp, SP_GFN], 1, True)
         if protected:
             # kvm_mmu_remote_flush_or_zap(..., true)
             if not commit_zap_page(m, vm):

@@ -330,7 +330,7 @@ def mmu_page_zap_pte(m, vm, row, idx):
 
 
 @helper
-def rmap_write_protect_gfn(m, vm, rec, gfn, min_level, pt_protect):
+def slot_gfn_write_protect(m, vm, rec, gfn, min_level, pt_protect):
     """kvm_mmu_slot_gfn_write_protect: over the rmaps and, for a TDP-MMU VM (nested EPT / NPT's guest_mmu beside
     it), kvm_tdp_mmu_write_protect_gfn.  True if a flush is needed."""
     flush = False
@@ -368,11 +368,11 @@ def account_shadowed(m, vm, row):
         if m.st.rec[rec, SL_WTRACK_OFF] >= 0:
             m.sh.wtrack[m.st.rec[rec, SL_WTRACK_OFF] + gfn - m.st.rec[rec, SL_BASE_GFN]] += 1
         update_disallow_lpage(m, rec, gfn, 1)
-        if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
+        if slot_gfn_write_protect(m, vm, rec, gfn, 1, True):
             flush_remote_tlbs(m, vm)
         return
     update_disallow_lpage(m, rec, gfn, 1)
-    if rmap_write_protect_gfn(m, vm, rec, gfn, 1, True):
+    if slot_gfn_write_protect(m, vm, rec, gfn, 1, True):
         flush_remote_tlbs(m, vm)  # kvm_flush_remote_tlbs_gfn
 
 

@@ -16,8 +16,8 @@ from .shadow_mmu import (
     drop_spte,
     mmu_spte_update_no_track,
     prepare_zap_page,
-    rmap_write_protect_gfn,
     role_level,
+    slot_gfn_write_protect,
     sp_has_gptes,
 )
 from .spte import (
@@ -157,9 +157,9 @@ def shadow_enable_log_dirty_pt_masked(m, vm, rec, first, mask):
             # kvm_mmu_try_split_huge_pages: the TDP MMU's (the shadow MMU's split of guest_mmu's huge SPTEs,
             # kvm_shadow_mmu_try_split_huge_pages, is not modelled)
             tdp_try_split_huge_pages(m.pa, m.vt, m.host, vm, start, end + 1, 1)
-        rmap_write_protect_gfn(m, vm, rec, start, 2, True)  # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M)
+        slot_gfn_write_protect(m, vm, rec, start, 2, True)  # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M)
         if (start + 511) >> 9 != (end + 511) >> 9:  # ALIGN(start, PMD_SIZE) != ALIGN(end, PMD_SIZE)
-            rmap_write_protect_gfn(m, vm, rec, end, 2, True)
+            slot_gfn_write_protect(m, vm, rec, end, 2, True)
     shadow_wrprot_masked(m, vm, rec, first, mask)
 
 
