@@ -18,7 +18,10 @@ ROW_BYTES = 512 * 8
 
 
 def _grow(arr, new_len, fill=0):
-    out = np.full((new_len,) + arr.shape[1:], fill, dtype=arr.dtype)
+    # np.zeros (calloc): the kernel zeroes a page of the new part only when a kernel touches it (shadowed
+    # translations of direct or TDP MMU pages, unused pool rows never are)
+    shape = (new_len,) + arr.shape[1:]
+    out = np.zeros(shape, dtype=arr.dtype) if fill == 0 else np.full(shape, fill, dtype=arr.dtype)
     out[: arr.shape[0]] = arr
     return out
 

@@ -10,7 +10,7 @@ import numpy as np
 from . import args as A
 from .arena import CR0_RESET, _grow, lpage_entries  # noqa: F401 (CR0_RESET: paging's public name)
 from .batch import event_record, result_record, results
-from .errors import bad, einval
+from .errors import HostMemoryExhausted, bad, einval
 from .kernels import gmem as GM
 from .kernels import mmu_internal as MI
 from .kernels import shadow as K
@@ -335,7 +335,38 @@ class GuestPaging:
 
     def _run_tdp2d(self, ev):
         """Run TDP events (an EV_* record batch, accesses) through the 2D-walk kernel; EV_SIZE > 0 makes an
-        event a store.  Returns (outcome, error code)."""
+        event a store.  Returns (outcome, error code, fault gpa)."""
+        return self._vm_by_vm(self._run_tdp2d_ordered, ev)
+
+    def _vm_by_vm(self, run, ev):
+        """``run(ev)`` (per-event result arrays) for an EV_* record batch.  Without the time model a batch that
+        interleaves VMs runs grouped by VM, as _run_tdp_accesses does: each VM's events keep their order, the
+        VM's tables stay in cache, the results come back in the caller's order, and a host memory budget
+        error's ``applied`` says which events ran."""
+        vm_a = ev[:, MI.EV_VM]
+        n = ev.shape[0]
+        if self._tm is not None or n < 2 or not np.any(vm_a[1:] < vm_a[:-1]):
+            return run(ev)
+        from .kernels.events import group_records_by_vm
+        grouped, perm = np.empty_like(ev), np.empty(n, np.int64)
+        group_records_by_vm(ev, self.nvm, np.empty(self.nvm + 1, np.int64), grouped, perm)
+        try:
+            got = run(grouped)
+        except HostMemoryExhausted as exc:
+            back = np.empty(n, bool)
+            back[perm] = exc.applied
+            out, err = np.zeros(n, np.int8), np.zeros(n, np.int64)
+            out[perm], err[perm] = exc.outcome, exc.error_code
+            raise self._exhausted_over(exc, back, out, err) from None
+        res = []
+        for a in got:
+            b = np.empty_like(a)
+            b[perm] = a
+            res.append(b)
+        return tuple(res)
+
+    def _run_tdp2d_ordered(self, ev):
+        """_run_tdp2d in the batch's order."""
         from .kernels.tdp2d import tdp2d_batch
         n = ev.shape[0]
         vm_a, addr_a = ev[:, MI.EV_VM], ev[:, MI.EV_ADDR]
@@ -399,14 +430,18 @@ class GuestPaging:
 
     # ------------------------------------------------------------------ shadow events
     def _run_shadow(self, ev, checked=False):
-        """Run an EV_* record batch of shadow-MMU VMs (``checked``: the caller knows they are); returns
-        (outcome, error code, fault gpa)."""
+        """Run an EV_* record batch of shadow-MMU VMs (``checked``: the caller knows they are), VM by VM
+        (_vm_by_vm); returns (outcome, error code, fault gpa)."""
+        if not checked:
+            other = np.nonzero(self._mmu_kind[ev[:, MI.EV_VM]] != S.MMU_SHADOW)[0]
+            if other.size:
+                raise bad("vm", int(ev[other[0], MI.EV_VM]), "not a shadow-MMU VM")
+        return self._vm_by_vm(self._run_shadow_ordered, ev)
+
+    def _run_shadow_ordered(self, ev):
+        """_run_shadow in the batch's order."""
         n = ev.shape[0]
         vm_a = ev[:, MI.EV_VM]
-        if not checked:
-            other = np.nonzero(self._mmu_kind[vm_a] != S.MMU_SHADOW)[0]
-            if other.size:
-                raise bad("vm", int(vm_a[other[0]]), "not a shadow-MMU VM")
         res = result_record(n)
         run, applied = self._timed_run(K.shadow_event_batch, ev, res)
         # a host out of memory: direct reclaim for the gpa the fault could not back, then the event again

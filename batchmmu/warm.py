@@ -101,6 +101,8 @@ def _legacy():
             h.access([vm, vm, vm], [0, 1, 0], [0, 0x1000, 1 << 30], [ACC_FETCH, ACC_WRITE, 0])
             h.spte_dump(vm)
             _dirty_modes(h, vm, 1 << 30)
+        if not pml:
+            h.access([vm, vm - 1], 0, 0x2000, ACC_WRITE)   # VMs interleaved: grouped by VM (group_records_by_vm)
         h.advance_time(3600)
         h.age_hva_range(vm, 1 << 40, (1 << 40) + (4 << 20))
         h.invalidate_hva_range(vm, 1 << 40, (1 << 40) + (1 << 20))

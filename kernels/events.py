@@ -53,6 +53,24 @@ def group_by_vm(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, counts, g_vm, g_vcpu, g_a
         orig[j] = i
 
 
+@kernel
+def group_records_by_vm(ev, nvm, counts, g_ev, orig):
+    """group_by_vm for an event record (int64[n, NEVF]): the rows, stably sorted by VM, into ``g_ev``."""
+    n = ev.shape[0]
+    for v in range(nvm + 1):
+        counts[v] = 0
+    for i in range(n):
+        counts[ev[i, EV_VM] + 1] += 1
+    for v in range(nvm):
+        counts[v + 1] += counts[v]
+    for i in range(n):
+        j = counts[ev[i, EV_VM]]
+        counts[ev[i, EV_VM]] = j + 1
+        for f in range(ev.shape[1]):
+            g_ev[j, f] = ev[i, f]
+        orig[j] = i
+
+
 @njit(inline="always", _nrt=False)
 def _at(a, i):
     """a[i], or a[0] for a one-element array (a scalar broadcast over the batch)."""

@@ -58,7 +58,7 @@ from .paging_tmpl import (
     kvm_mmu_child_role,
     kvm_mmu_faultin_pfn,
     link_shadow_page,
-    mmu_set_spte,
+    mmu_set_spte_inline,
     mmu_sync_children,
 )
 from .shadow_mmu import (
@@ -458,8 +458,8 @@ def direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal_level, req_level, write, host
         row = child
         level -= 1
     pfn_al = gfn_round_for_level(pfn, level)
-    ret = mmu_set_spte(m, vm, rec, row, idx, np.int64(ACC_ALL), gfn_round_for_level(gfn, level), pfn_al,
-                       np.bool_(True), write, host_writable)
+    ret = mmu_set_spte_inline(m, vm, rec, row, idx, np.int64(ACC_ALL), gfn_round_for_level(gfn, level), pfn_al,
+                              np.bool_(True), write, host_writable)
     if ret == RET_PF_SPURIOUS:
         return ret
     # direct_pte_prefetch
@@ -513,6 +513,11 @@ def direct_page_fault(m, vm, vg, gpa, err, max_level, mmio_caching):
     return direct_map(m, vm, vg, gpa, gfn, rec, pfn, goal, req, write, np.bool_(host_writable), huge_disallowed)
 
 
+# the same function inlined into the legacy TDP MMU's exit (tdp2d_batch): a call pushes the whole MMU bundle, which
+# cost more than half of a legacy fault (bench/README.md, session 14); nonpaging_page_fault keeps the call
+direct_page_fault_inline = njit(inline="always", _nrt=False)(getattr(direct_page_fault, "py_func", direct_page_fault))
+
+
 @njit(inline="always", _nrt=False)
 def nonpaging_page_fault(m, vm, vg, gpa, err):
     # nonpaging_page_fault: gva == gpa below a PAE-shaped root (2M pages at most); MMIO is emulated
@@ -539,7 +544,7 @@ def legacy_tdp_exit(m, vm, vg, gfn, write, fetch, res, spte):
         if res == WALK_RSVD and handle_mmio_page_fault(vt, vm, fmt, spte, mmio_caching):
             return OUT_MMIO, err, np.int64(-1)
         vt.stats[vm, ST_PF_TAKEN] += 1
-        r = direct_page_fault(m, vm, vg, gfn << 12, err, max_level, mmio_caching)
+        r = direct_page_fault_inline(m, vm, vg, gfn << 12, err, max_level, mmio_caching)
         if r == RET_PF_OOM:
             vt.stats[vm, ST_PF_TAKEN] -= 1
             return -1, err, np.int64(-1)  # only a first exit needs a new host page: nothing has changed

@@ -153,7 +153,7 @@ def l2_slot_map(m, vm, vg, emode):
     return SlotMap(m.vt.rec, m.st.order, m.st.rec, m.pa.spt, m.vr.rec[vg, VR_ROOT], levels)
 
 
-@helper
+@njit(inline="always", _nrt=False)  # one call site (l2_batch): no bundle pushed for it
 def nested_page_fault(m, vm, vg, gpa, err, mode, maxphyaddr):
     """FNAME(page_fault) for guest_mmu: ept_page_fault (PTTYPE_EPT: the EPT12 walk, EPT A/D) or, for nested NPT,
     paging64's over L1's NPT12 at nCR3 as a user access (NPT walks are user walks: translate_nested_gpa).  A

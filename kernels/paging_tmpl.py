@@ -574,7 +574,12 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
                      np.bool_(False), np.bool_(True))
 
 
-@helper   # out of line: shadow_page_fault and nested.nested_page_fault call one compiled copy
+# mmu_set_spte inlined where a fault installs its leaf (fetch, direct_map): no bundle pushed per fault; the
+# prefetch and sync paths call the compiled copy
+mmu_set_spte_inline = njit(inline="always", _nrt=False)(getattr(mmu_set_spte, "py_func", mmu_set_spte))
+
+
+@njit(inline="always", _nrt=False)   # no bundle pushed per fault: compiled into shadow_page_fault and nested_page_fault
 def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""
@@ -641,8 +646,8 @@ def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault
         idx = (gva >> (12 + 9 * (level - 1))) & 511
     base_gfn = gfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
     pfn_al = pfn & ~((np.int64(1) << np.int64(9 * (level - 1))) - 1)
-    ret = mmu_set_spte(m, vm, rec, row, idx, pte_access, base_gfn, pfn_al, np.bool_(True), write_fault,
-                       host_writable)
+    ret = mmu_set_spte_inline(m, vm, rec, row, idx, pte_access, base_gfn, pfn_al, np.bool_(True), write_fault,
+                              host_writable)
     if ret == RET_PF_SPURIOUS:
         return ret
     pte_prefetch(m, vm, row, idx, mode, maxphyaddr, 0)

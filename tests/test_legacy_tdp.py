@@ -386,3 +386,81 @@ def test_tdp_vs_legacy_scenario_is_the_same_for_any_worker_count():
         if name not in LEGACY_ONLY | {"mmu_shadow_zapped"}:
             assert vals[tdp] == vals[legacy], name
     assert all(v > 0 for v in a.per_vm["rmap_entries"][legacy]) and not any(a.per_vm["rmap_entries"][tdp])
+
+
+def _fleet_2d(tdp_mmu):
+    """Legacy-TDP VMs of each format, a TDP MMU VM, and a nested VM whose vCPU 0 runs an L2 (paging off) under
+    nested EPT mapping L2's first 2 MiB 1:1 with 4K entries (EPT12 at 4 MiB)."""
+    h = bm.Host(memory="2GiB", backing="4k", tdp_mmu=tdp_mmu)
+    vms = []
+    for kw in (dict(tdp_mmu=False), dict(tdp_mmu=False, tdp_format="npt"), dict(tdp_mmu=False, ept_ad=False),
+               dict(tdp_mmu=True)):
+        vms += [int(v) for v in h.create_vms(2, memory=8 * MiB, vcpus=2, **kw)]
+    nv = int(h.create_vms(1, memory=8 * MiB, vcpus=2, nested=True)[0])
+    root = 4 * MiB
+    words = np.zeros(4 * 512, np.int64)
+    words[0] = (root + 4096) | 7                                   # PML4E -> PDPT
+    words[512] = (root + 2 * 4096) | 7                             # PDPTE -> PD
+    words[1024] = (root + 3 * 4096) | 7                            # PDE -> PT
+    words[1536:2048] = (np.arange(512, dtype=np.int64) << 12) | 7 | (6 << 3)
+    h.write_guest_memory(nv, root, words.view(np.uint64))
+    h.nested_enter(nv, 0, eptp=root | 6 | (3 << 3) | 0x40, cr0=0x11, cr3=0, cr4=0, efer=0)
+    return h, vms + [nv]
+
+
+@pytest.mark.parametrize("tdp_mmu", [False, True])
+def test_interleaved_2d_batch_equals_each_vm_alone(tdp_mmu):
+    """Without the time model a batch of the 2D kernels (legacy-TDP VMs, an L2 on nested EPT, stores) that
+    interleaves VMs runs VM by VM, as the TDP MMU's does: outcomes, error codes, fault gpas, statistics, SPTEs and
+    dirty bitmaps equal those of each VM's events run alone, and come back in the caller's order."""
+    rng = np.random.default_rng(7)
+    n = 4000
+    h1, vms = _fleet_2d(tdp_mmu)
+    h2, _ = _fleet_2d(tdp_mmu)
+    for h in (h1, h2):
+        for v in vms:
+            h.set_memslot(v, 2, SLOT1_GPA, 2 * MiB, flags=bm.MEM_LOG_DIRTY_PAGES, hva=SLOT1_HVA + v * 4 * MiB)
+    ev_vm = rng.choice(np.array(vms), n)
+    assert np.any(ev_vm[1:] < ev_vm[:-1])
+    region = rng.choice(np.array([0, SLOT1_GPA, MMIO]), n)
+    addr = region + rng.integers(0, 2 * MiB // 8, n) * 8
+    vcpu = rng.integers(0, 2, n)
+    kind = rng.choice(np.array([0, bm.ACC_WRITE, bm.ACC_FETCH]), n)
+    value = rng.integers(0, 1 << 62, n)
+    for op in ("access", "store"):
+        if op == "access":
+            res = h1.access(ev_vm, vcpu, addr, kind)
+        else:
+            res = h1.store(ev_vm, vcpu, addr, value)
+        for v in vms:
+            sel = ev_vm == v
+            r = h2.access(v, vcpu[sel], addr[sel], kind[sel]) if op == "access" else \
+                h2.store(v, vcpu[sel], addr[sel], value[sel])
+            for a, b in ((res.outcome, r.outcome), (res.error_code, r.error_code), (res.fault_gpa, r.fault_gpa)):
+                np.testing.assert_array_equal(a[sel], b)
+    for v in vms:
+        assert h1.stats(v) == h2.stats(v)
+        assert h1.spte_dump(v) == h2.spte_dump(v)
+        np.testing.assert_array_equal(h1.get_dirty_log(v, 2), h2.get_dirty_log(v, 2))
+        np.testing.assert_array_equal(h1.read_guest_memory(v, SLOT1_GPA, 2 * MiB // 8),
+                                      h2.read_guest_memory(v, SLOT1_GPA, 2 * MiB // 8))
+    s = h1.stats()
+    assert s["pf_fixed"].sum() > 0 and s["pf_mmio_spte_created"].sum() > 0 and s["nested_run"].sum() > 0
+    assert s["rmap_entries"][vms[0]] > 0
+
+
+def test_budget_exhausted_in_an_interleaved_2d_batch_applies_vm_by_vm():
+    """HostMemoryExhausted from the 2D kernel of an interleaved batch: each VM's events ran in order, VM by VM,
+    and ``applied`` marks them in the caller's order."""
+    h = bm.Host(memory="64KiB", backing="4k", tdp_mmu=False)       # 16 host pages
+    v0, v1 = (int(v) for v in h.create_vms(2, memory="1MiB"))
+    vms = np.array([v1, v0] * 10)
+    addrs = np.repeat(np.arange(10) * 4096, 2)
+    with pytest.raises(bm.HostMemoryExhausted) as ei:
+        h.access(vms, 0, addrs, bm.ACC_WRITE)
+    # v0 (the lower id) runs first and takes ten pages, v1 the six left
+    for v, k in ((v0, 10), (v1, 6)):
+        assert h.stats(v)["pf_fixed"] == k
+    assert list(ei.value.applied) == [True, True] * 6 + [False, True] * 4
+    assert list(ei.value.outcome) == [bm.FIXED, bm.FIXED] * 6 + [0, bm.FIXED] * 4
+    assert "events were applied" in str(ei.value)

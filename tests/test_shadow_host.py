@@ -128,3 +128,48 @@ def test_huge_guest_pages_map_2m_with_thp_except_over_shadowed_tables():
     host.access(vm, 0, CODE, bm.ACC_FETCH | bm.ACC_USER)
     s = host.stats(vm)
     assert s["pages_2m"] == 1 and s["pages_4k"] >= 1
+
+
+def _shadow_fleet(memory="1GiB"):
+    h = bm.Host(memory=memory, backing="4k")
+    vms = [guest(h, 32 << 20, ad=ad) for ad in (True, False, True)]
+    nonpaging = int(h.create_vms(1, memory=8 << 20, mmu="shadow")[0])   # CR0.PG=0 after RESET
+    return h, vms + [nonpaging]
+
+
+def test_interleaved_shadow_batch_equals_each_vm_alone():
+    """A batch that interleaves shadow-MMU VMs runs VM by VM (each VM's events in order): results in the
+    caller's order, statistics, SPTEs and guest memory equal those of each VM's events alone."""
+    rng = np.random.default_rng(11)
+    n = 1500
+    h1, vms = _shadow_fleet()
+    h2, _ = _shadow_fleet()
+    ev_vm = rng.choice(np.array(vms), n)
+    addr = rng.integers(0, (8 << 20) // 8, n) * 8
+    kind = rng.choice(np.array([0, bm.ACC_WRITE, bm.ACC_USER, bm.ACC_WRITE | bm.ACC_USER]), n)
+    value = rng.integers(0, 1 << 62, n)
+    for op in ("access", "store"):
+        res = h1.access(ev_vm, 0, addr, kind) if op == "access" else h1.store(ev_vm, 0, addr, value)
+        for v in vms:
+            sel = ev_vm == v
+            r = h2.access(v, 0, addr[sel], kind[sel]) if op == "access" else h2.store(v, 0, addr[sel], value[sel])
+            np.testing.assert_array_equal(res.outcome[sel], r.outcome)
+            np.testing.assert_array_equal(res.error_code[sel], r.error_code)
+    for v in vms:
+        assert h1.stats(v) == h2.stats(v)
+        assert h1.spte_dump(v) == h2.spte_dump(v)
+        np.testing.assert_array_equal(h1.read_guest_memory(v, 0, (8 << 20) // 8),
+                                      h2.read_guest_memory(v, 0, (8 << 20) // 8))
+    assert h1.stats()["pf_fixed"].sum() > 0
+
+
+def test_budget_exhausted_in_an_interleaved_shadow_batch_applies_vm_by_vm():
+    h = bm.Host(memory="64KiB", backing="4k")                            # 16 host pages
+    v0, v1 = (int(v) for v in h.create_vms(2, memory="1MiB", mmu="shadow"))   # paging off
+    vms = np.array([v1, v0] * 10)
+    addrs = np.repeat(np.arange(10) * 0x10000, 2)                        # 64 KiB apart: no prefetched neighbour
+    with pytest.raises(bm.HostMemoryExhausted) as ei:
+        h.access(vms, 0, addrs, bm.ACC_WRITE)
+    for v, k in ((v0, 10), (v1, 6)):
+        assert h.stats(v)["pf_fixed"] == k
+    assert list(ei.value.applied) == [True, True] * 6 + [False, True] * 4
