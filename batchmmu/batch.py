@@ -143,8 +143,15 @@ class Batches:
         fgpa = np.full(n, -1, np.int64)
         done = np.zeros(n, bool)  # events of the sub-batches that completed (VMs are independent)
         ran = np.zeros(n, np.int8)   # time model: the events that ran before a deadline stopped the batch
-        for idx, run in ((np.nonzero(shadow)[0], "shadow"), (np.nonzero(twod)[0], "2d"),
-                         (np.nonzero(~shadow & ~twod)[0], "tdp")):
+        route = np.where(shadow, 0, np.where(twod, 1, 2))
+        if self._tm is None and not self._groups_by_vm():
+            # direct reclaim: the caller's order across MMUs too, as runs of consecutive events of one kernel
+            cuts = [0, *(np.flatnonzero(route[1:] != route[:-1]) + 1).tolist(), n]
+            parts = [(np.arange(a, b), route[a]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        else:
+            parts = [(np.flatnonzero(route == k), k) for k in range(3)]
+        for idx, k in parts:
+            run = ("shadow", "2d", "tdp")[k]
             if not idx.size:
                 continue
             try:
@@ -172,14 +179,14 @@ class Batches:
                             0 if size_a is None else size_a)
 
     def _run_tdp_accesses(self, vm_a, vcpu_a, addr_a, kind_a):
-        """Run a validated batch.  VMs are independent, so a batch that interleaves VMs runs
-        grouped by VM (a stable sort: each VM's events keep their order) and the results go
+        """Run a validated batch.  A batch that interleaves VMs runs grouped by VM where no other order could
+        be seen (``_groups_by_vm``: a stable sort, each VM's events keep their order) and the results go
         back to the caller's order; grouped batches keep each VM's tables in cache."""
         n = vm_a.size
         if self._tm is not None:
             return self._run_tdp_timed(vm_a, vcpu_a, addr_a, kind_a)
         perm = None
-        if n > 1 and np.any(vm_a[1:] < vm_a[:-1]):
+        if n > 1 and self._groups_by_vm() and np.any(vm_a[1:] < vm_a[:-1]):
             grouped = [np.empty(n, np.int64) for _ in range(5)]
             group_by_vm(vm_a, vcpu_a, addr_a, kind_a, self.nvm, np.empty(self.nvm + 1, np.int64), *grouped)
             vm_a, vcpu_a, addr_a, kind_a, perm = grouped

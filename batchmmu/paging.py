@@ -338,14 +338,20 @@ class GuestPaging:
         event a store.  Returns (outcome, error code, fault gpa)."""
         return self._vm_by_vm(self._run_tdp2d_ordered, ev)
 
+    def _groups_by_vm(self):
+        """Whether a batch may run VM by VM instead of in the caller's order: not under the time model (the vCPUs
+        interleave by their clocks) nor with direct reclaim (overcommit=True: a fault that finds the host full
+        evicts pages of every VM, so the order of two VMs' events decides what each finds resident)."""
+        return self._tm is None and self.overcommit != "direct"
+
     def _vm_by_vm(self, run, ev):
-        """``run(ev)`` (per-event result arrays) for an EV_* record batch.  Without the time model a batch that
-        interleaves VMs runs grouped by VM, as _run_tdp_accesses does: each VM's events keep their order, the
-        VM's tables stay in cache, the results come back in the caller's order, and a host memory budget
-        error's ``applied`` says which events ran."""
+        """``run(ev)`` (per-event result arrays) for an EV_* record batch.  A batch that interleaves VMs runs
+        grouped by VM where no other order could be seen (_groups_by_vm), as _run_tdp_accesses does: each VM's
+        events keep their order, the VM's tables stay in cache, the results come back in the caller's order,
+        and a host memory budget error's ``applied`` says which events ran."""
         vm_a = ev[:, MI.EV_VM]
         n = ev.shape[0]
-        if self._tm is not None or n < 2 or not np.any(vm_a[1:] < vm_a[:-1]):
+        if not self._groups_by_vm() or n < 2 or not np.any(vm_a[1:] < vm_a[:-1]):
             return run(ev)
         from .kernels.events import group_records_by_vm
         grouped, perm = np.empty_like(ev), np.empty(n, np.int64)

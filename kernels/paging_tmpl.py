@@ -579,7 +579,9 @@ def pte_prefetch(m, vm, row, idx, mode, maxphyaddr, gpte_base_gpa):
 mmu_set_spte_inline = njit(inline="always", _nrt=False)(getattr(mmu_set_spte, "py_func", mmu_set_spte))
 
 
-@njit(inline="always", _nrt=False)   # no bundle pushed per fault: compiled into shadow_page_fault and nested_page_fault
+# out of line: shadow_page_fault and nested_page_fault call one compiled copy (inlined into both, it cost 18 s of
+# cold compile for 0-10 % of a nested fault: bench/README.md, session 14)
+@helper
 def fetch(m, vm, vg, gva, wk, gfn, rec, pfn, pte_access, write_fault, exec_fault, host_writable, mode, maxphyaddr):
     """FNAME(fetch): link indirect pages down to the guest's leaf level, direct pages below it,
     then mmu_set_spte and the prefetch.  Returns RET_PF_*."""

@@ -173,3 +173,28 @@ def test_budget_exhausted_in_an_interleaved_shadow_batch_applies_vm_by_vm():
     for v, k in ((v0, 10), (v1, 6)):
         assert h.stats(v)["pf_fixed"] == k
     assert list(ei.value.applied) == [True, True] * 6 + [False, True] * 4
+
+
+@pytest.mark.parametrize("kinds", [("shadow", "shadow"), ("legacy", "legacy"), ("tdp", "tdp"), ("tdp", "shadow"),
+                                   ("legacy", "shadow")])
+def test_direct_reclaim_batches_run_in_the_callers_order(kinds):
+    """With overcommit=True a fault that finds the host full evicts pages of every VM, so a batch runs in the
+    caller's order, across VMs and MMUs: the same as its events one at a time."""
+    def fleet():
+        h = bm.Host(memory="64KiB", backing="4k", overcommit=True, tdp_mmu="legacy" not in kinds)
+        return h, [int(h.create_vms(1, memory="1MiB", **({"mmu": "shadow"} if k == "shadow" else {}))[0])
+                   for k in kinds]
+    h1, vms = fleet()
+    h2, _ = fleet()
+    rng = np.random.default_rng(3)
+    n = 60
+    vm = rng.choice(np.array(vms), n)
+    addr = rng.integers(0, 24, n) * 0x10000 % (1 << 20)
+    kind = rng.choice(np.array([0, bm.ACC_WRITE]), n)
+    r1 = h1.access(vm, 0, addr, kind)
+    r2 = [h2.access(int(v), 0, int(a), int(k)) for v, a, k in zip(vm, addr, kind, strict=True)]
+    assert r1.outcome.tolist() == [int(r.outcome[0]) for r in r2]
+    assert r1.error_code.tolist() == [int(r.error_code[0]) for r in r2]
+    for v in vms:
+        assert h1.stats(v) == h2.stats(v)
+    assert sum(h1.stats(v)["host_pages_reclaimed"] for v in vms) > 0
