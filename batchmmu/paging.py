@@ -327,11 +327,15 @@ class GuestPaging:
             return np.zeros(vm_a.size, bool)
         # and every event of a legacy-TDP VM or a nested one (their faults are there, whatever the guest's paging:
         # the shadow MMU's code, an L2, the emulation of writes to write-tracked tables)
-        pg = ~shadow & (self._guest_paging_on(vm_a, vcpu_a) | (self._mmu_kind[vm_a] == S.MMU_LEGACY)
-                        | (self._nested[vm_a] != 0))
+        always = (self._mmu_kind[:self.nvm] == S.MMU_LEGACY) | (self._nested[:self.nvm] != 0)
+        if always.all():
+            return ~shadow
+        pg = ~shadow & (self._guest_paging_on(vm_a, vcpu_a) | always[vm_a])
         if not pg.any():
             return pg
-        return np.isin(vm_a, np.unique(vm_a[pg]))
+        vm_2d = np.zeros(self.nvm, bool)   # per VM, so that a VM's events all go one way
+        vm_2d[vm_a[pg]] = True
+        return vm_2d[vm_a]
 
     def _run_tdp2d(self, ev):
         """Run TDP events (an EV_* record batch, accesses) through the 2D-walk kernel; EV_SIZE > 0 makes an
@@ -376,14 +380,16 @@ class GuestPaging:
         from .kernels.tdp2d import tdp2d_batch
         n = ev.shape[0]
         vm_a, addr_a = ev[:, MI.EV_VM], ev[:, MI.EV_ADDR]
-        pg = self._guest_paging_on(vm_a, ev[:, MI.EV_VCPU])
-        big = ~pg & ((addr_a >> self._maxphyaddr[vm_a]) != 0)
-        if big.any():
-            j = int(np.nonzero(big)[0][0])
-            raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
-                      "(the vCPU has paging off)")
+        vg = self.vt.vcpu_off[vm_a] + ev[:, MI.EV_VCPU]
+        # a gpa beyond MAXPHYADDR with paging off (checked per event only if some address is beyond the least)
+        if np.any((addr_a >> int(self._maxphyaddr[:self.nvm].min(initial=64))) != 0):
+            big = ((self.vr.cr0[vg] & int(X86_CR0_PG)) == 0) & ((addr_a >> self._maxphyaddr[vm_a]) != 0)
+            if big.any():
+                j = int(np.nonzero(big)[0][0])
+                raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
+                          "(the vCPU has paging off)")
         res = result_record(n)
-        legacy = bool(np.any(self._mmu_kind[vm_a] == S.MMU_LEGACY) or np.any(self._nested[vm_a]))
+        legacy = bool(((self._mmu_kind[:self.nvm] == S.MMU_LEGACY) | (self._nested[:self.nvm] != 0))[vm_a].any())
         def topup():
             # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores; the shadow MMU
             # code's links and rmap nodes (the legacy TDP MMU, guest_mmu)
@@ -394,7 +400,6 @@ class GuestPaging:
             self._gm_reserve(S.MAX_GM_PER_EVENT * 4)
         # vCPUs running an L2 on nested paging go to nested.l2_batch; the batch runs in order, as runs of
         # consecutive events of one kernel
-        vg = self.vt.vcpu_off[vm_a] + ev[:, MI.EV_VCPU]
         l2 = (self.vr.guest_mode[vg] != 0) & (self.vr.eptp[vg] >= 0)
         cuts = [0, *(np.nonzero(l2[1:] != l2[:-1])[0] + 1).tolist(), n]
         ran = np.zeros(n, np.int8)
