@@ -416,9 +416,9 @@ def run(seed, cases, counts=None, rebuild_every=25, methods=None):
         if name in ("access", "store", "emulated_access", "invlpg") and bad_at < 0:
             kw["vm"] = kinds.npify(int(rng.integers(min(h.nvm, 4))))
         bad_name = spec[bad_at][0] if bad_at >= 0 else None
-        if name == "nested_enter" and bad_name not in ("cr0", "cr4", "efer") and kw["efer"] is not None and \
-                int(kw["efer"]) & 0x400 and (kw["cr0"] is None or not int(kw["cr0"]) & (1 << 31)):
-            kw["efer"] = 0   # EFER.LMA needs CR0.PG: KVM checks the saved state before the controls
+        if name == "nested_enter" and bad_name not in (None, "cr0", "cr3", "cr4", "efer"):
+            # L2's registers valid together (paging off): KVM checks the saved state before the controls
+            kw.update(cr0=0x11, cr3=0, cr4=0, efer=0)
         if name == "nested_enter" and bad_name != "vm" and h.nvm > 5:
             kw["vm"] = 5   # the nested VM (a VM without VMX / SVM is refused first)
         if name == "set_memslot" and bad_name == "gpa" and isinstance(kw["gpa"], (int, np.integer)) and \
