@@ -309,10 +309,14 @@ class GuestPaging:
         return (self.vr.cr0[vg] & int(X86_CR0_PG)) != 0
 
     # ------------------------------------------------------------------ TDP with guest paging (2D walks)
+    def _shadow_code_vms(self):
+        """Per VM: a legacy-TDP or nested VM, whose faults the shadow MMU's code serves in the 2D kernels."""
+        return (self._mmu_kind[:self.nvm] == S.MMU_LEGACY) | (self._nested[:self.nvm] != 0)
+
     def _any_tdp2d_vm(self):
         """Whether some VM could take the 2D kernel: a legacy-TDP or nested VM, or a TDP VM with a paging vCPU."""
         kind = self._mmu_kind[:self.nvm]
-        if (kind == S.MMU_LEGACY).any() or self._nested[:self.nvm].any():
+        if self._shadow_code_vms().any():
             return True
         off, cnt = self.vt.vcpu_off[:self.nvm], self._vcpus[:self.nvm]
         pg = np.concatenate(([0], np.cumsum((self.vr.cr0[:int((off + cnt).max(initial=0))] & int(X86_CR0_PG)) != 0)))
@@ -327,7 +331,7 @@ class GuestPaging:
             return np.zeros(vm_a.size, bool)
         # and every event of a legacy-TDP VM or a nested one (their faults are there, whatever the guest's paging:
         # the shadow MMU's code, an L2, the emulation of writes to write-tracked tables)
-        always = (self._mmu_kind[:self.nvm] == S.MMU_LEGACY) | (self._nested[:self.nvm] != 0)
+        always = self._shadow_code_vms()
         if always.all():
             return ~shadow
         pg = ~shadow & (self._guest_paging_on(vm_a, vcpu_a) | always[vm_a])
@@ -389,7 +393,7 @@ class GuestPaging:
                 raise bad("addr", int(addr_a[j]), f"outside VM {int(vm_a[j])}'s guest physical address space "
                           "(the vCPU has paging off)")
         res = result_record(n)
-        legacy = bool(((self._mmu_kind[:self.nvm] == S.MMU_LEGACY) | (self._nested[:self.nvm] != 0))[vm_a].any())
+        legacy = bool(self._shadow_code_vms()[vm_a].any())
         def topup():
             # table rows (doubling, as _run_tdp_accesses) and guest-memory rows for A/D and stores; the shadow MMU
             # code's links and rmap nodes (the legacy TDP MMU, guest_mmu)

@@ -31,18 +31,23 @@ def validate_events(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, vcpus, maxphyaddr, ki
     return -1, EV_OK
 
 
+@njit(inline="always", _nrt=False)
+def _vm_starts(vms, nvm, counts):
+    """The counting sort's first pass: ``counts[v]`` = where VM v's events start in the grouped batch."""
+    for v in range(nvm + 1):
+        counts[v] = 0
+    for i in range(vms.shape[0]):
+        counts[vms[i] + 1] += 1
+    for v in range(nvm):
+        counts[v + 1] += counts[v]
+
+
 @kernel
 def group_by_vm(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, counts, g_vm, g_vcpu, g_addr, g_kind, orig):
     """Stable counting sort of a batch by VM into the g_* arrays; ``orig[j]`` is the input index of
     grouped event j.  ``counts`` (int64[nvm + 1]) is scratch."""
-    n = ev_vm.shape[0]
-    for v in range(nvm + 1):
-        counts[v] = 0
-    for i in range(n):
-        counts[ev_vm[i] + 1] += 1
-    for v in range(nvm):
-        counts[v + 1] += counts[v]
-    for i in range(n):
+    _vm_starts(ev_vm, nvm, counts)
+    for i in range(ev_vm.shape[0]):
         v = ev_vm[i]
         j = counts[v]
         counts[v] = j + 1
@@ -56,14 +61,8 @@ def group_by_vm(ev_vm, ev_vcpu, ev_addr, ev_kind, nvm, counts, g_vm, g_vcpu, g_a
 @kernel
 def group_records_by_vm(ev, nvm, counts, g_ev, orig):
     """group_by_vm for an event record (int64[n, NEVF]): the rows, stably sorted by VM, into ``g_ev``."""
-    n = ev.shape[0]
-    for v in range(nvm + 1):
-        counts[v] = 0
-    for i in range(n):
-        counts[ev[i, EV_VM] + 1] += 1
-    for v in range(nvm):
-        counts[v + 1] += counts[v]
-    for i in range(n):
+    _vm_starts(ev[:, EV_VM], nvm, counts)
+    for i in range(ev.shape[0]):
         j = counts[ev[i, EV_VM]]
         counts[ev[i, EV_VM]] = j + 1
         for f in range(ev.shape[1]):
